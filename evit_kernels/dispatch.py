@@ -1,0 +1,156 @@
+"""Backend choice for every evit op.
+
+Each op registers one :class:`Backend` per implementation: ``torch`` (the eager reference, any device),
+``triton`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and ``cuda`` (the compiled
+``evit_kernels._C``). A backend says why it cannot run (:meth:`Backend.not_supported_reasons`), as in
+xformers. The automatic choice takes the first usable backend in :data:`PREFERENCE` among those validated
+on a GPU, falls back with a reason logged once, and never hands a user an unvalidated kernel. An explicit
+request (``backend=`` or ``EVIT_BACKEND``) that cannot be met raises with every reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from evit_kernels import _extension
+
+log = logging.getLogger("evit_kernels")
+
+PREFERENCE = ("cuda", "triton", "torch")
+"""Backend names, fastest first."""
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run these inputs."""
+
+
+def environment_reasons(name: str) -> list[str]:
+    """Why backend ``name`` cannot run on this machine at all (empty when it can)."""
+    if name == "torch":
+        return []
+    reasons = []
+    if name == "cuda":
+        if _extension.load_error() is not None:
+            reasons.append(f"evit_kernels._C is not available: {_extension.load_error()}")
+        if not torch.cuda.is_available():
+            reasons.append("no CUDA GPU is visible to torch")
+    elif name == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            reasons.append(f"triton cannot be imported: {exc}")
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            reasons.append("no CUDA GPU is visible to torch (CPU tensors need TRITON_INTERPRET=1)")
+    else:
+        raise ValueError(f"unknown backend {name!r}; expected one of {PREFERENCE}")
+    return reasons
+
+
+def device_reasons(name: str, tensor: torch.Tensor) -> list[str]:
+    """Why backend ``name`` cannot take ``tensor``'s device (the kernels need CUDA tensors; Triton's interpreter
+    also takes CPU ones)."""
+    if name == "torch" or tensor.device.type == "cuda":
+        return []
+    if name == "triton" and tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return []
+    return [f"tensors on {tensor.device.type} (the {name} kernels need CUDA tensors)"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of one op.
+
+    ``forward`` takes the op's arguments. ``input_reasons`` takes the same arguments and lists what this
+    implementation cannot handle (dtype, device, shape, gradients). ``validated_on`` records the GPU run whose
+    tests passed ("<commit> <GPU>"); until it is set the backend runs only when asked for by name.
+    """
+
+    name: str
+    forward: Callable[..., Any]
+    input_reasons: Callable[..., list[str]] = lambda *args, **kwargs: []
+    validated_on: str | None = None
+
+    def not_supported_reasons(self, *args: Any, **kwargs: Any) -> list[str]:
+        # Input checks only run where the backend can run at all (they may import its kernels).
+        return environment_reasons(self.name) or self.input_reasons(*args, **kwargs)
+
+
+_REGISTRY: dict[str, dict[str, Backend]] = {}
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def register(op: str, backend: Backend) -> None:
+    if backend.name not in PREFERENCE:
+        raise ValueError(f"unknown backend {backend.name!r}; expected one of {PREFERENCE}")
+    _REGISTRY.setdefault(op, {})[backend.name] = backend
+
+
+def ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(op: str, name: str) -> Backend:
+    return _REGISTRY[op][name]
+
+
+def requested(backend: str = "auto") -> str:
+    """The backend asked for: ``backend`` unless it is "auto", then ``EVIT_BACKEND``, then "auto"."""
+    choice = backend if backend != "auto" else os.environ.get("EVIT_BACKEND", "auto") or "auto"
+    if choice != "auto" and choice not in PREFERENCE:
+        raise ValueError(f"unknown backend {choice!r}; expected 'auto' or one of {PREFERENCE}")
+    return choice
+
+
+def status(op: str) -> dict[str, list[str]]:
+    """For each backend name: the reasons it cannot be chosen automatically here (empty = usable)."""
+    out = {}
+    for name in PREFERENCE:
+        backend = _REGISTRY[op].get(name)
+        if backend is None:
+            out[name] = [f"no {name} implementation of {op} yet"]
+            continue
+        reasons = environment_reasons(name)
+        if backend.validated_on is None and name != "torch":
+            reasons.append("not yet validated on a GPU (runs only when requested by name)")
+        out[name] = reasons
+    return out
+
+
+def choose(op: str, *args: Any, backend: str = "auto", **kwargs: Any) -> Backend:
+    """The backend that runs ``op`` on these arguments (see the module docstring for the rules)."""
+    choice = requested(backend)
+    backends = _REGISTRY[op]
+    if choice != "auto":
+        chosen = backends.get(choice)
+        reasons = ([f"no {choice} implementation of {op} yet"] if chosen is None
+                   else chosen.not_supported_reasons(*args, **kwargs))
+        if reasons:
+            raise BackendUnavailable(f"{op}: backend {choice!r} was requested but cannot run: " + "; ".join(reasons))
+        return chosen
+    passed_over = []
+    for name in PREFERENCE:
+        candidate = backends.get(name)
+        if candidate is None:
+            continue
+        if candidate.validated_on is None and name != "torch":
+            continue
+        reasons = candidate.not_supported_reasons(*args, **kwargs)
+        if not reasons:
+            if passed_over:
+                _log_once(op, f"{op}: using {name}; " + "; ".join(passed_over))
+            return candidate
+        passed_over.append(f"{name} skipped: " + ", ".join(reasons))
+    raise BackendUnavailable(f"{op}: no backend can run these inputs: " + "; ".join(passed_over))
+
+
+def _log_once(op: str, message: str) -> None:
+    if torch.compiler.is_compiling() or (op, message) in _LOGGED:
+        return
+    _LOGGED.add((op, message))
+    log.info(message)

@@ -1,0 +1,1 @@
+"""Drop-in modules (``Fused<Original>``) built from existing modules, sharing their parameters."""
