@@ -1,0 +1,64 @@
+"""``FusedNormLinear``: BatchNorm1d → (dropout) → linear heads, timm ``efficientvit_msra.NormLinear`` (``bn``,
+``drop``, ``linear``) and Cream ``BN_Linear`` (``bn``, ``l``), as one linear layer with the BatchNorm folded in
+whenever the BatchNorm normalises with its running statistics."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.dropout import _DropoutNd
+
+from evit_kernels.nn._base import FusedModule, Unsupported
+from evit_kernels.nn._fold import FoldCache, fold_bn_before_linear, uses_running_stats
+
+# Role → the child names the two containers use for it, in the order the originals apply them.
+_CHILD_NAMES = {"norm": ("bn",), "dropout": ("drop",), "linear": ("linear", "l")}
+
+
+class FusedNormLinear(FusedModule):
+    """Drop-in for BatchNorm1d → dropout → linear on (N, C) inputs.
+
+    Eval (BatchNorm on running statistics, dropout inactive, 2-D input): one ``F.linear`` with the BatchNorm
+    folded into its weight and bias (cached until a parameter, buffer or ``bn.eps`` changes). Anything else:
+    the original's children in the original's order.
+    """
+
+    def __init__(self, original: nn.Module, backend: str = "auto"):
+        super().__init__(original, backend)
+        self._child_names = {role: next((n for n in names if n in self._modules), None)
+                             for role, names in _CHILD_NAMES.items()}
+        unknown = set(self._modules) - set(self._child_names.values())
+        if unknown:
+            raise Unsupported(f"{type(original).__qualname__} has children {sorted(unknown)} that a norm + linear "
+                              f"block does not have")
+        norm, dropout, linear = (self._child(role) for role in _CHILD_NAMES)
+        if not isinstance(norm, (nn.BatchNorm1d, nn.SyncBatchNorm)):
+            raise Unsupported(f"expected a BatchNorm1d child, got {norm!r}")
+        if type(linear) is not nn.Linear:
+            raise Unsupported(f"expected a plain nn.Linear child, got {linear!r}")
+        if norm.num_features != linear.in_features:
+            raise Unsupported(f"BatchNorm1d has {norm.num_features} features but the linear layer takes "
+                              f"{linear.in_features}")
+        if dropout is not None and not isinstance(dropout, (_DropoutNd, nn.Identity)):
+            raise Unsupported(f"expected a dropout child, got {dropout!r}")
+        self._fold_cache = FoldCache()
+
+    def _child(self, role: str) -> nn.Module | None:
+        """The live child for ``role`` (looked up on each call: SyncBatchNorm conversion swaps children)."""
+        name = self._child_names[role]
+        return None if name is None else self._modules[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm, dropout, linear = (self._child(role) for role in _CHILD_NAMES)
+        dropout_active = isinstance(dropout, _DropoutNd) and dropout.training and dropout.p > 0
+        if x.dim() == 2 and uses_running_stats(norm) and not dropout_active:
+            weight, bias = self._fold_cache.get(
+                lambda: fold_bn_before_linear(linear.weight, linear.bias, norm),
+                [linear.weight, linear.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var],
+                key=(norm.eps,))
+            return F.linear(x, weight, bias)
+        x = norm(x)
+        if dropout is not None:
+            x = dropout(x)
+        return linear(x)
