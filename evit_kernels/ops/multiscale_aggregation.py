@@ -1,0 +1,73 @@
+"""``evit::multiscale_aggregation``: one scale of LiteMLA's multi-scale token aggregation, a depthwise k×k conv
+(zero padding k//2) followed by a grouped 1×1 conv with one d×d matrix per q/k/v block of each head
+(SPEC.md §1.1 step 2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from evit_kernels import dispatch
+from evit_kernels.ops._library import autocast_inputs, check_floating_same_dtype, register_reference_autograd
+
+
+def multiscale_aggregation_reference(qkv: Tensor, dw_weight: Tensor, dw_bias: Tensor | None, pw_weight: Tensor,
+                                     pw_bias: Tensor | None, groups: int) -> Tensor:
+    """Eager PyTorch: ``conv1x1(dwconv_k(qkv), groups=groups)``, in NCHW layout (the layout the attention reads:
+    one row of H·W tokens per channel)."""
+    channels, kernel = qkv.shape[1], dw_weight.shape[-1]
+    local = F.conv2d(qkv, dw_weight, dw_bias, padding=kernel // 2, groups=channels)
+    return F.conv2d(local, pw_weight, pw_bias, groups=groups).contiguous()
+
+
+@torch.library.custom_op("evit::multiscale_aggregation", mutates_args=())
+def _multiscale_aggregation_op(qkv: Tensor, dw_weight: Tensor, dw_bias: Tensor | None, pw_weight: Tensor,
+                               pw_bias: Tensor | None, groups: int, backend: str) -> Tensor:
+    return dispatch.get("multiscale_aggregation", backend).forward(qkv, dw_weight, dw_bias, pw_weight, pw_bias,
+                                                                   groups)
+
+
+@torch.library.register_fake("evit::multiscale_aggregation")
+def _multiscale_aggregation_fake(qkv, dw_weight, dw_bias, pw_weight, pw_bias, groups, backend):
+    return qkv.new_empty(qkv.shape)
+
+
+# The op's trailing `backend` argument names an implementation; the gradient is the reference's either way.
+register_reference_autograd("evit::multiscale_aggregation",
+                            lambda *args: multiscale_aggregation_reference(*args[:-1]))
+dispatch.register("multiscale_aggregation", dispatch.Backend("torch", multiscale_aggregation_reference))
+
+
+def multiscale_aggregation(qkv: Tensor, dw_weight: Tensor, dw_bias: Tensor | None, pw_weight: Tensor,
+                           pw_bias: Tensor | None, groups: int, backend: str = "auto") -> Tensor:
+    """Aggregate ``qkv`` (B, C, H, W) over a k×k neighbourhood: depthwise conv with ``dw_weight`` (C, 1, k, k),
+    k odd, zero padding k//2, then a 1×1 conv with ``pw_weight`` (C, C / groups, 1, 1) and ``groups`` groups
+    (3·heads in LiteMLA). Returns (B, C, H, W), contiguous, in ``qkv``'s dtype."""
+    _check_shapes(qkv, dw_weight, dw_bias, pw_weight, pw_bias, groups)
+    qkv, dw_weight, dw_bias, pw_weight, pw_bias = autocast_inputs(qkv, dw_weight, dw_bias, pw_weight, pw_bias)
+    check_floating_same_dtype("multiscale_aggregation", qkv, dw_weight=dw_weight, dw_bias=dw_bias,
+                              pw_weight=pw_weight, pw_bias=pw_bias)
+    args = (qkv, dw_weight, dw_bias, pw_weight, pw_bias, groups)
+    chosen = dispatch.choose("multiscale_aggregation", *args, backend=backend)
+    return torch.ops.evit.multiscale_aggregation(*args, chosen.name)
+
+
+def _check_shapes(qkv: Tensor, dw_weight: Tensor, dw_bias: Tensor | None, pw_weight: Tensor,
+                  pw_bias: Tensor | None, groups: int) -> None:
+    if qkv.dim() != 4:
+        raise ValueError(f"multiscale_aggregation: qkv must be (B, C, H, W), got shape {tuple(qkv.shape)}")
+    channels = qkv.shape[1]
+    if dw_weight.dim() != 4 or dw_weight.shape[:2] != (channels, 1) or dw_weight.shape[2] != dw_weight.shape[3] \
+            or dw_weight.shape[2] % 2 == 0:
+        raise ValueError(f"multiscale_aggregation: dw_weight must be ({channels}, 1, k, k) with k odd for "
+                         f"{channels} input channels, got {tuple(dw_weight.shape)}")
+    if not isinstance(groups, int) or groups < 1 or channels % groups:
+        raise ValueError(f"multiscale_aggregation: groups={groups!r} must be a positive int dividing the "
+                         f"{channels} channels")
+    if tuple(pw_weight.shape) != (channels, channels // groups, 1, 1):
+        raise ValueError(f"multiscale_aggregation: pw_weight must be ({channels}, {channels // groups}, 1, 1) for "
+                         f"{channels} channels in {groups} groups, got {tuple(pw_weight.shape)}")
+    for name, bias in (("dw_bias", dw_bias), ("pw_bias", pw_bias)):
+        if bias is not None and tuple(bias.shape) != (channels,):
+            raise ValueError(f"multiscale_aggregation: {name} must have shape ({channels},), got {tuple(bias.shape)}")
