@@ -1,0 +1,205 @@
+"""The CLI's main job: a real model run eager, under torch.compile and patched, timed and checked side by side."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import evit_kernels
+from evit_kernels.info import info
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Largest relative error (max |y - y_eager| / max |y_eager|) still called agreement, per dtype.
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
+
+
+@dataclass
+class Result:
+    variant: str
+    ms_per_batch: float
+    images_per_s: float
+    speedup: float = 1.0
+    max_abs_err: float = 0.0
+    rel_err: float = 0.0
+    agrees: bool = True
+
+
+@dataclass
+class Report:
+    model: str
+    batch: int
+    res: tuple[int, int]
+    dtype: str
+    device: str
+    environment: dict
+    commit: str | None
+    results: list[Result] = field(default_factory=list)
+    patch_report: str | None = None
+
+
+class Progress:
+    """One status line per phase on stderr, updated in place on a terminal, with elapsed seconds."""
+
+    def __init__(self, total_phases: int):
+        self.total, self.phase = total_phases, 0
+
+    def start(self, label: str) -> Callable[[str], None]:
+        self.phase += 1
+        began = time.perf_counter()
+        prefix = f"[{self.phase}/{self.total}] {label}"
+        tty = sys.stderr.isatty()
+
+        def update(detail: str = "") -> None:
+            text = f"{prefix} {detail} ({time.perf_counter() - began:.1f} s)"
+            print(("\r" + text) if tty else text, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+        update("...")
+        return update
+
+    def done(self, update: Callable[[str], None], detail: str) -> None:
+        update(detail)
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+
+
+def build_model(name: str) -> nn.Module:
+    """A timm EfficientViT (``efficientvit_*``) or an efficientsam image encoder (``efficientvit-sam-*``), built
+    offline with random weights, in eval mode, with :func:`randomize_untrained_state` applied."""
+    if name.startswith("efficientvit-sam-"):
+        from efficientsam.sam_model_zoo import create_efficientvit_sam_model
+
+        model = create_efficientvit_sam_model(name, pretrained=False).image_encoder
+    else:
+        import timm
+
+        model = timm.create_model(name, pretrained=False)
+    randomize_untrained_state(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def randomize_untrained_state(model: nn.Module, seed: int = 0) -> None:
+    """Give the state a fresh model leaves trivial a random value: BatchNorm statistics and affine parameters
+    (identity BN would hide folding mistakes) and attention bias tables (zero-initialised)."""
+    generator = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(getattr(m, "attention_biases", None), torch.Tensor):
+            m.attention_biases.copy_(torch.randn(m.attention_biases.shape, generator=generator))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=generator) * 0.1)
+            m.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+            if m.affine:
+                m.weight.copy_(torch.rand(c, generator=generator) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=generator) * 0.1)
+
+
+def time_per_batch(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, iters: int,
+                   tick: Callable[[str], None]) -> float:
+    """Median milliseconds per call; CUDA events on a GPU, wall clock on CPU."""
+    for i in range(warmup):
+        fn()
+        tick(f"warm-up {i + 1}/{warmup}")
+    times = []
+    for i in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            began = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - began) * 1e3)
+        tick(f"timing {i + 1}/{iters}")
+    return statistics.median(times)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def run(model_name: str, batch: int, res: tuple[int, int], dtype: str, device: str, compile_mode: str | None,
+        warmup: int, iters: int) -> Report:
+    dev = torch.device(device)
+    torch_dtype = DTYPES[dtype]
+    variants = ["eager"] + (["torch.compile"] if compile_mode else []) + ["patched"]
+    progress = Progress(len(variants) + 1)
+
+    tick = progress.start(f"building {model_name}")
+    model = build_model(model_name).to(dev, torch_dtype)
+    x = torch.randn(batch, 3, *res, device=dev, dtype=torch_dtype)
+    progress.done(tick, "done")
+
+    report = Report(model_name, batch, res, dtype, device, info(), _git_commit())
+    reference = None
+    for variant in variants:
+        tick = progress.start(variant)
+        if variant == "eager":
+            fn_model = model
+        elif variant == "torch.compile":
+            fn_model = torch.compile(model, mode=compile_mode)
+        else:
+            fn_model = copy.deepcopy(model)
+            report.patch_report = str(evit_kernels.patch(fn_model))
+        with torch.inference_mode():
+            out = fn_model(x)  # first call also compiles
+            ms = time_per_batch(functools.partial(fn_model, x), dev, warmup, iters, tick)
+        out = _first_tensor(out).float()
+        if reference is None:
+            reference = out
+        result = Result(variant, ms, batch / ms * 1e3)
+        result.max_abs_err = (out - reference).abs().max().item()
+        result.rel_err = result.max_abs_err / max(reference.abs().max().item(), 1e-30)
+        result.agrees = bool(torch.isfinite(out).all()) and result.rel_err <= TOLERANCE[torch_dtype]
+        result.speedup = report.results[0].ms_per_batch / ms if report.results else 1.0
+        report.results.append(result)
+        progress.done(tick, f"{ms:.2f} ms per batch")
+    return report
+
+
+def _first_tensor(out) -> torch.Tensor:
+    """Models return a tensor, a list of feature maps or a dict; compare on the first tensor."""
+    while not isinstance(out, torch.Tensor):
+        out = next(iter(out.values())) if isinstance(out, dict) else out[0]
+    return out
+
+
+def format_report(report: Report) -> str:
+    env = report.environment
+    where = env["gpu"]["name"] if report.device.startswith("cuda") and env["gpu"] else "CPU"
+    lines = [
+        f"{report.model}  batch {report.batch}  {report.res[0]}x{report.res[1]}  {report.dtype}  on {where}  "
+        f"(torch {env['torch']}, evit_kernels {env['evit_kernels']}{', ' + report.commit if report.commit else ''})",
+        "",
+        f"{'variant':<15}{'ms/batch':>10}{'images/s':>12}{'speedup':>9}{'max abs err':>13}{'rel err':>10}  agrees",
+    ]
+    for r in report.results:
+        lines.append(f"{r.variant:<15}{r.ms_per_batch:>10.2f}{r.images_per_s:>12.1f}{r.speedup:>8.2f}x"
+                     f"{r.max_abs_err:>13.2e}{r.rel_err:>10.2e}  {'yes' if r.agrees else 'NO'}")
+    if report.patch_report:
+        lines += ["", report.patch_report]
+    return "\n".join(lines)
+
+
+def save_json(report: Report, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(asdict(report), indent=2))
