@@ -1,0 +1,38 @@
+SHELL := /bin/bash
+# Two entry points for a fresh machine (see README): `make demo` and `make test`. Both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.14.1 is a CUDA build: the extension compiles against it even on a machine without a GPU.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+MODEL ?= efficientvit_b1
+
+.PHONY: setup demo test lint gpu-pass
+
+$(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q timm efficientsam pytest pytest-benchmark ninja ruff setuptools wheel
+	# --no-build-isolation: build against the torch installed above, not a fresh copy in an isolated env
+	$(PY) -m pip install -v --no-build-isolation --no-deps -e . > $(VENV)/build.log 2>&1 || (cat $(VENV)/build.log; exit 1)
+	grep -E "evit_kernels:|/nvcc |c\+\+ .*csrc|Successfully installed" $(VENV)/build.log | cut -c1-160
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m evit_kernels info
+	$(PY) -m evit_kernels bench --model $(MODEL)
+
+test: setup
+	$(PY) -m pytest -q --benchmark-disable
+
+lint: setup
+	$(PY) -m ruff check evit_kernels tests benchmarks python setup.py
+
+# Wheels for the GPU machine, which has torch but no network (carried by the device call; see gpu_pass.sh).
+gpu-wheels: setup
+	$(PY) -m pip download -q -d .gpu_wheels timm efficientsam pytest-benchmark --no-deps
+	$(PY) -m pip download -q -d .gpu_wheels huggingface_hub safetensors pyyaml py-cpuinfo
+
+gpu-pass:
+	bash benchmarks/gpu_pass.sh

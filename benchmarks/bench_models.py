@@ -1,0 +1,49 @@
+"""Whole models: eager vs torch.compile vs patched vs patched + torch.compile, inference.
+
+On a GPU: bf16, 224 px, batch 1 / 64 / 256. On CPU (CI, with --benchmark-disable): fp32, 64 px, batch 1, a
+smoke run of the same code paths.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import evit_kernels
+from evit_kernels.bench import build_model
+
+from .common import DEVICE, DTYPE, ON_GPU
+
+MODELS = ["efficientvit_b1", "efficientvit_b3", "efficientvit_l1", "efficientvit_l2", "efficientvit_m4"] if ON_GPU \
+    else ["efficientvit_b0", "efficientvit_m0"]
+BATCHES = [1, 64, 256] if ON_GPU else [1]
+RES = 224 if ON_GPU else 64
+VARIANTS = ["eager", "compile", "patched", "patched+compile"] if ON_GPU else ["eager", "patched"]
+
+
+def _variant(model: torch.nn.Module, variant: str) -> torch.nn.Module:
+    if variant.startswith("patched"):
+        model = copy.deepcopy(model)
+        evit_kernels.patch(model)
+    if variant.endswith("compile"):
+        model = torch.compile(model)
+    return model
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("name", MODELS)
+def test_model_inference(measure, name, batch, variant):
+    model = build_model(name).to(DEVICE, DTYPE)
+    x = torch.randn(batch, 3, RES, RES, device=DEVICE, dtype=DTYPE)
+    run = _variant(model, variant)
+    with torch.inference_mode():
+        expected = model(x)
+        got = run(x)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.float(), expected.float(), rtol=0.05 if ON_GPU else 1e-4,
+                                   atol=0.05 * expected.abs().max().item() if ON_GPU else 1e-4)
+        measure(lambda: run(x), model=name, batch=batch, res=RES, variant=variant,
+                images=batch)

@@ -1,0 +1,57 @@
+"""Command line: `python -m evit_kernels info` and `python -m evit_kernels bench --model efficientvit_b1`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m evit_kernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_info = sub.add_parser("info", help="versions, GPU, compiled extension and usable backends per op")
+    p_info.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p_bench = sub.add_parser("bench", help="time a real model: eager vs torch.compile vs patched")
+    p_bench.add_argument("--model", default="efficientvit_b1",
+                         help="timm name (efficientvit_b0..b3, l1..l3, m0..m5) or efficientvit-sam-l0/l1/l2/xl0/xl1")
+    p_bench.add_argument("--batch", type=int, default=8)
+    p_bench.add_argument("--res", type=int, nargs=2, metavar=("H", "W"), default=None,
+                         help="input size (default 224 224; 512 512 for SAM encoders)")
+    p_bench.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                         help="default bf16 on a GPU, fp32 on CPU")
+    p_bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p_bench.add_argument("--compile-mode", default="default",
+                         help="torch.compile mode (default, max-autotune, ...); 'none' skips torch.compile")
+    p_bench.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p_bench.add_argument("--warmup", type=int, default=3)
+    p_bench.add_argument("--iters", type=int, default=10)
+    p_bench.add_argument("--json", metavar="PATH", help="also save the numbers as JSON")
+
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        from evit_kernels.info import format_info, info
+
+        report = info()
+        print(json.dumps(report, indent=2) if args.json else format_info(report))
+        return 0
+
+    from evit_kernels import bench
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    res = tuple(args.res) if args.res else ((512, 512) if args.model.startswith("efficientvit-sam") else (224, 224))
+    compile_mode = None if args.no_compile or args.compile_mode == "none" else args.compile_mode
+    report = bench.run(args.model, args.batch, res, dtype, device, compile_mode, args.warmup, args.iters)
+    print(bench.format_report(report))
+    if args.json:
+        bench.save_json(report, args.json)
+    return 0 if all(r.agrees for r in report.results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""`python -m evit_kernels bench` on a tiny real model, on CPU."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_prints_table_and_saves_json(tmp_path):
+    out_json = tmp_path / "m0.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "evit_kernels", "bench", "--model", "efficientvit_m0", "--batch", "2",
+         "--res", "64", "64", "--device", "cpu", "--no-compile", "--warmup", "1", "--iters", "2",
+         "--json", str(out_json)],
+        capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "efficientvit_m0  batch 2  64x64  fp32" in run.stdout
+    for variant in ("eager", "patched"):
+        assert variant in run.stdout
+    assert "patch: swapped" in run.stdout
+    assert "[1/3] building efficientvit_m0" in run.stderr  # progress goes to stderr
+    saved = json.loads(out_json.read_text())
+    assert [r["variant"] for r in saved["results"]] == ["eager", "patched"]
+    assert all(r["agrees"] and r["ms_per_batch"] > 0 for r in saved["results"])
+    assert saved["results"][1]["rel_err"] < 1e-4
+
+
+def test_bench_rejects_unknown_dtype():
+    run = subprocess.run([sys.executable, "-m", "evit_kernels", "bench", "--dtype", "fp8"], capture_output=True,
+                         text=True)
+    assert run.returncode != 0 and "invalid choice" in run.stderr
