@@ -1,0 +1,308 @@
+"""Triton kernels of ReLU linear attention (LiteMLA's core), forward and backward.
+
+Each source tensor (the module's qkv map, then each aggregated map) is (B, 3·heads·d, H, W) with the channels
+of head h at [h·3d, h·3d + 3d) ordered q, k, v. Per (batch, head), with q and k through ReLU:
+
+    kv = Σ_n k_n v_nᵀ (d×d),  z = Σ_n k_n (d),  out_n = kvᵀ q_n / (z·q_n + eps)
+
+Two passes each way, both split over N so that batch 1 at high resolution and large batches at 7×7 fill the
+GPU: a reduction pass writes per-chunk fp32 partial sums (scratch O(B·heads·chunks·d²), chunks bounded by
+``_TARGET_PROGRAMS``, never O(N)); an apply pass sums them and streams the tokens once. Inputs are read in
+place (any batch/channel stride, H·W flattenable: contiguous or channels_last), nothing is concatenated,
+padded or copied to fp32; ReLU, the fp32 accumulation and the fp32 division happen in registers. fp32 dot
+products use IEEE precision (no TF32), so fp32 results match the reference to rounding.
+
+Backward (g = ∂L/∂out): with den_n = z·q_n + eps, o_n = out_n, gnum_n = g_n / den_n and
+gden_n = -(g_n·o_n) / den_n, the reduction pass accumulates gkv = Σ_n q_n gnum_nᵀ and gz = Σ_n q_n gden_n; the
+apply pass writes ∂q_n = (kv gnum_n + z gden_n)·[q_n > 0], ∂k_n = (gkv v_n + gz)·[k_n > 0], ∂v_n = gkvᵀ k_n.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_TARGET_PROGRAMS = 512  # about four waves of 132 SMs: split N until (batch·heads·chunks) reaches this
+BLOCK_N = 64
+
+
+def flattenable(t: torch.Tensor) -> bool:
+    """Whether (H, W) can be walked as one token index n with a single stride (contiguous or channels_last)."""
+    return t.dim() == 4 and (t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3))
+
+
+def _backward_block(d_pad: int, dtype: torch.dtype) -> int:
+    """Token tile of the backward kernels: they hold four d×d fp32 matrices, so wide heads take fewer tokens
+    (at d = 32 a 64-token tile spills registers on sm_90, and a 32-token one still does for fp32 inputs)."""
+    if d_pad <= 16:
+        return BLOCK_N
+    return BLOCK_N // 4 if dtype == torch.float32 else BLOCK_N // 2
+
+
+def _padded_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))  # tl.dot needs every dimension >= 16
+
+
+def _chunking(n_tokens: int, programs: int) -> tuple[int, int]:
+    """(tokens per chunk, chunks) for ``programs`` (batch·heads) independent reductions over ``n_tokens``."""
+    blocks = triton.cdiv(n_tokens, BLOCK_N)
+    chunks = max(1, min(blocks, triton.cdiv(_TARGET_PROGRAMS, programs)))
+    per_chunk = triton.cdiv(blocks, chunks) * BLOCK_N
+    return per_chunk, triton.cdiv(n_tokens, per_chunk)
+
+
+@triton.jit
+def _relu(x):
+    return tl.where(x > 0, x, tl.zeros_like(x))
+
+
+@triton.jit
+def _load_role(base, role, offs_d, offs_n, mask, stride_c, stride_n, D: tl.constexpr):
+    """The (D_PAD, BLOCK_N) tile of role 0 (q), 1 (k) or 2 (v) of one head, zero outside ``mask``."""
+    ptrs = base + (role * D + offs_d)[:, None] * stride_c + offs_n[None, :] * stride_n
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _sum_partials(ptr, row, chunks, offs_d, D_PAD: tl.constexpr):
+    """Σ over chunks of the (D_PAD, D_PAD) fp32 partial matrices and (D_PAD,) partial vectors of ``row``."""
+    mat = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
+    vec = tl.zeros((D_PAD,), dtype=tl.float32)
+    stride_chunk = D_PAD * D_PAD + D_PAD
+    for c in range(0, chunks):
+        at = ptr + (row * chunks + c) * stride_chunk
+        mat += tl.load(at + offs_d[:, None] * D_PAD + offs_d[None, :])
+        vec += tl.load(at + D_PAD * D_PAD + offs_d)
+    return mat, vec
+
+
+@triton.jit
+def _store_partial(ptr, row, chunk, chunks, mat, vec, offs_d, D_PAD: tl.constexpr):
+    at = ptr + (row * chunks + chunk) * (D_PAD * D_PAD + D_PAD)
+    tl.store(at + offs_d[:, None] * D_PAD + offs_d[None, :], mat)
+    tl.store(at + D_PAD * D_PAD + offs_d, vec)
+
+
+@triton.jit
+def _output_terms(q, kv, z, eps, PRECISION: tl.constexpr):
+    """(numerator kvᵀq, denominator z·q + eps) in fp32 for a ReLU'd q tile (D_PAD, BLOCK_N)."""
+    qf = q.to(tl.float32)
+    num = tl.dot(tl.trans(kv), qf, input_precision=PRECISION)
+    den = tl.sum(z[:, None] * qf, axis=0) + eps
+    return num, den
+
+
+@triton.jit
+def _rla_fwd_reduce_kernel(src, partial, heads, n_tokens, per_chunk, chunks, stride_b, stride_c, stride_n,
+                           D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                           UPCAST: tl.constexpr):
+    row = tl.program_id(0)  # batch · heads + head
+    chunk = tl.program_id(1)
+    base = src + (row // heads) * stride_b + (row % heads) * 3 * D * stride_c
+    offs_d = tl.arange(0, D_PAD)
+    kv = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
+    z = tl.zeros((D_PAD,), dtype=tl.float32)
+    start = chunk * per_chunk
+    end = tl.minimum(start + per_chunk, n_tokens)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
+        k = _relu(_load_role(base, 1, offs_d, offs_n, mask, stride_c, stride_n, D))
+        v = _load_role(base, 2, offs_d, offs_n, mask, stride_c, stride_n, D)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        kv += tl.dot(k, tl.trans(v), input_precision=PRECISION)
+        z += tl.sum(k.to(tl.float32), axis=1)
+    _store_partial(partial, row, chunk, chunks, kv, z, offs_d, D_PAD)
+
+
+@triton.jit
+def _rla_fwd_apply_kernel(src, partial, out, heads, first_head, n_tokens, per_chunk, chunks, eps,
+                          stride_b, stride_c, stride_n, out_stride_b, out_stride_c, out_stride_n,
+                          D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b, h = row // heads, row % heads
+    base = src + b * stride_b + h * 3 * D * stride_c
+    out_base = out + b * out_stride_b + (first_head + h) * D * out_stride_c
+    offs_d = tl.arange(0, D_PAD)
+    kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
+    start = chunk * per_chunk
+    end = tl.minimum(start + per_chunk, n_tokens)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
+        q = _relu(_load_role(base, 0, offs_d, offs_n, mask, stride_c, stride_n, D))
+        num, den = _output_terms(q, kv, z, eps, PRECISION)
+        result = num / den[None, :]
+        ptrs = out_base + offs_d[:, None] * out_stride_c + offs_n[None, :] * out_stride_n
+        tl.store(ptrs, result.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rla_bwd_reduce_kernel(src, grad, partial, grad_partial, heads, first_head, n_tokens, per_chunk, chunks, eps,
+                           stride_b, stride_c, stride_n, g_stride_b, g_stride_c, g_stride_n,
+                           D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b, h = row // heads, row % heads
+    base = src + b * stride_b + h * 3 * D * stride_c
+    g_base = grad + b * g_stride_b + (first_head + h) * D * g_stride_c
+    offs_d = tl.arange(0, D_PAD)
+    kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
+    gkv = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
+    gz = tl.zeros((D_PAD,), dtype=tl.float32)
+    start = chunk * per_chunk
+    end = tl.minimum(start + per_chunk, n_tokens)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
+        q = _relu(_load_role(base, 0, offs_d, offs_n, mask, stride_c, stride_n, D)).to(tl.float32)
+        g = tl.load(g_base + offs_d[:, None] * g_stride_c + offs_n[None, :] * g_stride_n, mask=mask,
+                    other=0.0).to(tl.float32)
+        num, den = _output_terms(q, kv, z, eps, "ieee")
+        gnum = g / den[None, :]
+        gden = -tl.sum(gnum * num, axis=0) / den  # -(g·o)/den with o = num/den
+        gkv += tl.dot(q, tl.trans(gnum), input_precision="ieee")
+        gz += tl.sum(q * gden[None, :], axis=1)
+    _store_partial(grad_partial, row, chunk, chunks, gkv, gz, offs_d, D_PAD)
+
+
+@triton.jit
+def _rla_bwd_apply_kernel(src, grad, partial, grad_partial, grad_src, heads, first_head, n_tokens, per_chunk,
+                          chunks, eps, stride_b, stride_c, stride_n, g_stride_b, g_stride_c, g_stride_n,
+                          gs_stride_b, gs_stride_c, gs_stride_n,
+                          D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b, h = row // heads, row % heads
+    base = src + b * stride_b + h * 3 * D * stride_c
+    g_base = grad + b * g_stride_b + (first_head + h) * D * g_stride_c
+    gs_base = grad_src + b * gs_stride_b + h * 3 * D * gs_stride_c
+    offs_d = tl.arange(0, D_PAD)
+    kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
+    gkv, gz = _sum_partials(grad_partial, row, chunks, offs_d, D_PAD)
+    start = chunk * per_chunk
+    end = tl.minimum(start + per_chunk, n_tokens)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
+        q_raw = _load_role(base, 0, offs_d, offs_n, mask, stride_c, stride_n, D).to(tl.float32)
+        k_raw = _load_role(base, 1, offs_d, offs_n, mask, stride_c, stride_n, D).to(tl.float32)
+        v = _load_role(base, 2, offs_d, offs_n, mask, stride_c, stride_n, D).to(tl.float32)
+        g = tl.load(g_base + offs_d[:, None] * g_stride_c + offs_n[None, :] * g_stride_n, mask=mask,
+                    other=0.0).to(tl.float32)
+        q = _relu(q_raw)
+        k = _relu(k_raw)
+        num, den = _output_terms(q, kv, z, eps, "ieee")
+        gnum = g / den[None, :]
+        gden = -tl.sum(gnum * num, axis=0) / den
+        gq = tl.dot(kv, gnum, input_precision="ieee") + z[:, None] * gden[None, :]
+        gq = tl.where(q_raw > 0, gq, 0.0)
+        gk = tl.dot(gkv, v, input_precision="ieee") + gz[:, None]
+        gk = tl.where(k_raw > 0, gk, 0.0)
+        gv = tl.dot(tl.trans(gkv), k, input_precision="ieee")
+        ty = grad_src.dtype.element_ty
+        ptrs = gs_base + offs_d[:, None] * gs_stride_c + offs_n[None, :] * gs_stride_n
+        tl.store(ptrs, gq.to(ty), mask=mask)
+        tl.store(ptrs + D * gs_stride_c, gk.to(ty), mask=mask)
+        tl.store(ptrs + 2 * D * gs_stride_c, gv.to(ty), mask=mask)
+
+
+def _token_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, channel, token) strides of a flattenable (B, C, H, W) tensor."""
+    return t.stride(0), t.stride(1), t.stride(3)
+
+
+def _dot_mode(t: torch.Tensor) -> dict:
+    """How the kv reduction multiplies: fp32 in IEEE precision; fp16 on fp16 tensor cores; bf16 upcast to fp32 on
+    TF32 tensor cores, which is exact for bf16 values (8-bit mantissas fit TF32's 10) and avoids the Triton
+    interpreter's broken bf16 dot, so CI checks the same arithmetic the GPU runs."""
+    if t.dtype == torch.float32:
+        return {"PRECISION": "ieee", "UPCAST": False}
+    return {"PRECISION": "tf32", "UPCAST": t.dtype == torch.bfloat16}
+
+
+def _partials(src: torch.Tensor, dim: int, per_chunk: int, chunks: int) -> torch.Tensor:
+    """Per-chunk fp32 partial sums of kv and z for every (batch, head) of one source tensor."""
+    batch, channels, height, width = src.shape
+    heads, d_pad = channels // (3 * dim), _padded_dim(dim)
+    partial = torch.empty(batch * heads, chunks, d_pad * d_pad + d_pad, device=src.device, dtype=torch.float32)
+    _rla_fwd_reduce_kernel[(batch * heads, chunks)](
+        src, partial, heads, height * width, per_chunk, chunks, *_token_strides(src),
+        D=dim, D_PAD=d_pad, BLOCK_N=BLOCK_N, **_dot_mode(src))
+    return partial
+
+
+def forward(sources: list[torch.Tensor], dim: int, eps: float) -> torch.Tensor:
+    """Output (B, Σ heads·dim, H, W), contiguous, in the sources' dtype."""
+    first = sources[0]
+    batch, channels, height, width = first.shape
+    n_tokens, heads, d_pad = height * width, channels // (3 * dim), _padded_dim(dim)
+    out = torch.empty(batch, heads * dim * len(sources), height, width, device=first.device, dtype=first.dtype)
+    per_chunk, chunks = _chunking(n_tokens, batch * heads)
+    for index, src in enumerate(sources):
+        partial = _partials(src, dim, per_chunk, chunks)
+        _rla_fwd_apply_kernel[(batch * heads, chunks)](
+            src, partial, out, heads, index * heads, n_tokens, per_chunk, chunks, eps,
+            *_token_strides(src), *_token_strides(out), D=dim, D_PAD=d_pad, BLOCK_N=BLOCK_N, PRECISION="ieee")
+    return out
+
+
+def backward(sources: list[torch.Tensor], grad_out: torch.Tensor, dim: int, eps: float) -> list[torch.Tensor]:
+    """Gradients of every source tensor, each shaped and laid out like its source. kv and z are recomputed
+    (one more read of k and v) rather than saved, so training keeps no state between the passes."""
+    batch, channels, height, width = sources[0].shape
+    n_tokens, heads, d_pad = height * width, channels // (3 * dim), _padded_dim(dim)
+    per_chunk, chunks = _chunking(n_tokens, batch * heads)
+    block = _backward_block(d_pad, sources[0].dtype)
+    if not flattenable(grad_out):  # e.g. the stride-0 gradient of y.sum()
+        grad_out = grad_out.contiguous()
+    grads = []
+    for index, src in enumerate(sources):
+        partial = _partials(src, dim, per_chunk, chunks)
+        grad_partial = torch.empty_like(partial)
+        grad_src = torch.empty_like(src)
+        grid = (batch * heads, chunks)
+        _rla_bwd_reduce_kernel[grid](src, grad_out, partial, grad_partial, heads, index * heads, n_tokens, per_chunk,
+                                     chunks, eps, *_token_strides(src), *_token_strides(grad_out),
+                                     D=dim, D_PAD=d_pad, BLOCK_N=block)
+        _rla_bwd_apply_kernel[grid](src, grad_out, partial, grad_partial, grad_src, heads, index * heads, n_tokens,
+                                    per_chunk, chunks, eps, *_token_strides(src), *_token_strides(grad_out),
+                                    *_token_strides(grad_src), D=dim, D_PAD=d_pad, BLOCK_N=block)
+        grads.append(grad_src)
+    return grads
+
+
+def compile_configs():
+    """Every (kernel, signature, constexprs) the launchers above can request: CI compiles each one ahead of time
+    for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
+    index = dict(heads="i32", first_head="i32", n_tokens="i32", per_chunk="i32", chunks="i32", eps="fp32")
+    strides = {f"{p}stride_{a}": "i32" for p in ("", "out_", "g_", "gs_") for a in "bcn"}
+    kernels = {
+        _rla_fwd_reduce_kernel: ("src", "partial"),
+        _rla_fwd_apply_kernel: ("src", "partial", "out"),
+        _rla_bwd_reduce_kernel: ("src", "grad", "partial", "grad_partial"),
+        _rla_bwd_apply_kernel: ("src", "grad", "partial", "grad_partial", "grad_src"),
+    }
+    for dtype, ptr in ((torch.float32, "*fp32"), (torch.float16, "*fp16"), (torch.bfloat16, "*bf16")):
+        for dim in (8, 16, 32):
+            for kernel, pointers in kernels.items():
+                signature = {}
+                for name in kernel.arg_names:
+                    if name in pointers:
+                        signature[name] = "*fp32" if "partial" in name or name == "grad" else ptr
+                    elif name in ("D", "D_PAD", "BLOCK_N", "PRECISION", "UPCAST"):
+                        signature[name] = "constexpr"
+                    else:
+                        signature[name] = index.get(name) or strides[name]
+                constexprs = {"D": dim, "D_PAD": _padded_dim(dim), "BLOCK_N": BLOCK_N}
+                if kernel is _rla_fwd_reduce_kernel:
+                    constexprs.update(_dot_mode(torch.empty(0, dtype=dtype)))
+                elif kernel is _rla_fwd_apply_kernel:
+                    constexprs["PRECISION"] = "ieee"
+                else:
+                    constexprs["BLOCK_N"] = _backward_block(_padded_dim(dim), dtype)
+                yield kernel, signature, constexprs

@@ -1,0 +1,116 @@
+"""The Triton backend of evit::relu_linear_attention against a float64 reference (on CPU through the Triton
+interpreter on tiny grids; on a GPU with realistic shapes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evit_kernels import dispatch
+from evit_kernels.ops.relu_linear_attention import relu_linear_attention, relu_linear_attention_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sources(batch, heads, dim, height, width, scales, dtype, scale=1.0, channels_last=False):
+    shape = (batch, 3 * heads * dim, height, width)
+    sources = [(torch.randn(shape, device=DEVICE) * scale).to(dtype) for _ in range(1 + scales)]
+    if channels_last:
+        sources = [s.contiguous(memory_format=torch.channels_last) for s in sources]
+    return sources
+
+
+def _max_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return (got.double() - expected).abs().max().item()
+
+
+def _ulp(expected: torch.Tensor, dtype: torch.dtype) -> float:
+    """One unit in the last place of ``dtype`` at the largest magnitude: the 2x-eager criterion's floor, for
+    cases where eager happens to round exactly (the Triton interpreter also truncates when it narrows to bf16,
+    where a GPU rounds to nearest)."""
+    return torch.finfo(dtype).eps * expected.abs().max().item()
+
+
+# (batch, heads, dim, H, W, scales, channels_last): prime N, N < d, 1×1 maps, non-square, every supported d.
+SHAPES = [
+    (2, 2, 8, 5, 7, 1, False),
+    (1, 3, 16, 3, 3, 0, True),
+    (1, 1, 32, 11, 13, 2, False),
+    (3, 2, 8, 1, 1, 1, False),
+    (1, 1, 16, 2, 1, 1, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch, heads, dim, height, width, scales, channels_last", SHAPES)
+def test_forward_and_gradients_within_twice_eager_error(poisoned_empty, batch, heads, dim, height, width, scales,
+                                                        channels_last, dtype):
+    eps = 1e-5
+    sources = _sources(batch, heads, dim, height, width, scales, dtype, channels_last=channels_last)
+    exact_inputs = [s.detach().double().requires_grad_() for s in sources]
+    expected = relu_linear_attention_reference(exact_inputs[0], exact_inputs[1:], dim, eps)
+    grad_out = torch.randn_like(expected)
+    exact_grads = torch.autograd.grad(expected, exact_inputs, grad_out)
+
+    def run(backend):
+        inputs = [s.detach().clone().requires_grad_() for s in sources]
+        out = relu_linear_attention(inputs[0], inputs[1:], dim, eps, backend=backend)
+        grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+        return out, grads
+
+    out, grads = run("triton")
+    eager_out, eager_grads = run("torch")
+    assert out.dtype == dtype and out.shape == expected.shape and torch.isfinite(out).all()
+    assert _max_err(out, expected) <= 2 * _max_err(eager_out, expected) + _ulp(expected, dtype)
+    for got, eager, exact in zip(grads, eager_grads, exact_grads):
+        assert torch.isfinite(got).all()
+        assert _max_err(got, exact) <= 2 * _max_err(eager, exact) + _ulp(exact, dtype)
+
+
+def test_stride_zero_gradient_of_sum():
+    sources = [s.requires_grad_() for s in _sources(1, 2, 8, 3, 5, 1, torch.float32)]
+    relu_linear_attention(sources[0], sources[1:], 8, 1e-5, backend="triton").sum().backward()
+    exact = [s.detach().double().requires_grad_() for s in sources]
+    relu_linear_attention_reference(exact[0], exact[1:], 8, 1e-5).sum().backward()
+    for got, ref in zip(sources, exact):
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_fp16_large_activations_with_mit_han_lab_eps():
+    # Sums over N overflow fp16 (65504) and eps 1e-15 is 0 in fp16: eager without fp32 copies gives inf/NaN.
+    eps = 1e-15
+    sources = _sources(1, 2, 16, 7, 7, 1, torch.float16, scale=300.0)
+    qkv = sources[0].float().reshape(1, 2, 3, 16, 49)
+    naive_kv = qkv[:, :, 1].relu().half() @ qkv[:, :, 2].half().transpose(-1, -2)
+    assert not torch.isfinite(naive_kv).all(), "the test input must overflow a plain fp16 computation"
+
+    out = relu_linear_attention(sources[0], sources[1:], 16, eps, backend="triton")
+    expected = relu_linear_attention_reference(sources[0].double(), [s.double() for s in sources[1:]], 16, eps)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, rtol=2e-3, atol=2e-3 * expected.abs().max().item())
+
+
+def test_all_zero_query_gives_zero_not_nan():
+    qkv = _sources(1, 1, 8, 2, 3, 0, torch.float32)[0]
+    qkv[:, :8] = -1.0  # every q entry is negative: relu(q) = 0, out = 0 / eps
+    out = relu_linear_attention(qkv, [], 8, 1e-15, backend="triton")
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_opcheck_triton_backend():
+    sources = [s.requires_grad_() for s in _sources(1, 2, 8, 3, 3, 1, torch.float32)]
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    if DEVICE == "cpu":  # the interpreter cannot read the storage of the tensors AOT tracing hands the kernel
+        tests = tests[:-1]
+    torch.library.opcheck(torch.ops.evit.relu_linear_attention, (sources[0], sources[1:], 8, 1e-5, "triton"),
+                          test_utils=tests)
+
+
+def test_unsupported_inputs_fall_back_or_raise_with_reasons():
+    qkv = _sources(1, 1, 8, 4, 4, 0, torch.float32)[0].double()
+    with pytest.raises(dispatch.BackendUnavailable, match="float64"):
+        relu_linear_attention(qkv, [], 8, 1e-5, backend="triton")
+    strided = _sources(1, 1, 8, 4, 8, 0, torch.float32)[0].transpose(2, 3)  # (H, W) not walkable as one index
+    with pytest.raises(dispatch.BackendUnavailable, match="stride"):
+        relu_linear_attention(strided, [], 8, 1e-5, backend="triton")
+    assert torch.isfinite(relu_linear_attention(strided, [], 8, 1e-5)).all()  # auto: the reference runs it

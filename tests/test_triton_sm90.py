@@ -1,0 +1,59 @@
+"""Every Triton kernel configuration the dispatcher can pick compiles for the H100 (sm_90) without a GPU,
+within its shared memory and without register spills (run in a subprocess: the interpreter that the other
+tests use replaces @triton.jit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+MODULES = ["evit_kernels.triton.relu_linear_attention"]
+H100_SHARED_BYTES = 228 * 1024
+
+_SCRIPT = textwrap.dedent("""
+    import importlib, json, re, subprocess, sys, tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    ptxas = sys.argv[2]
+    module = importlib.import_module(sys.argv[1])
+    results = []
+    for kernel, signature, constexprs in module.compile_configs():
+        compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32))
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+            ptx.write(compiled.asm["ptx"]); ptx.flush()
+            log = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx.name, "-o", "/dev/null"],
+                                 capture_output=True, text=True).stderr
+        spills = sum(int(n) for n in re.findall(r"(\\d+) bytes spill", log))
+        results.append({"kernel": kernel.__name__, "config": {k: str(v) for k, v in constexprs.items()},
+                        "dtype": signature[kernel.arg_names[0]], "shared": compiled.metadata.shared,
+                        "spill_bytes": spills})
+    print(json.dumps(results))
+""")
+
+
+PTXAS = shutil.which("ptxas") or next(
+    (p for p in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "ptxas"),) if os.path.exists(p)),
+    None)
+
+
+@pytest.mark.skipif(PTXAS is None, reason="needs ptxas from a CUDA toolkit")
+@pytest.mark.parametrize("module", MODULES)
+def test_kernels_compile_for_sm90(module):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _SCRIPT, module, PTXAS], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.splitlines()[-1])
+    assert results
+    for r in results:
+        assert r["shared"] <= H100_SHARED_BYTES, r
+        assert r["spill_bytes"] == 0, r
