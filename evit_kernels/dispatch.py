@@ -99,9 +99,16 @@ def get(op: str, name: str) -> Backend:
     return _REGISTRY[op][name]
 
 
-def requested(backend: str = "auto") -> str:
-    """The backend asked for: ``backend`` unless it is "auto", then ``EVIT_BACKEND``, then "auto"."""
+def requested(op: str, backend: str = "auto") -> str:
+    """The backend asked for ``op``: ``backend`` unless it is "auto", then ``EVIT_BACKEND``, then "auto".
+
+    Either names one backend for every op ("triton") or lists some ops ("relu_linear_attention=triton,
+    conv_bn_act=torch"), the others staying automatic.
+    """
     choice = backend if backend != "auto" else os.environ.get("EVIT_BACKEND", "auto") or "auto"
+    if "=" in choice:
+        per_op = dict(item.strip().split("=", 1) for item in choice.split(","))
+        choice = per_op.get(op, "auto")
     if choice != "auto" and choice not in PREFERENCE:
         raise ValueError(f"unknown backend {choice!r}; expected 'auto' or one of {PREFERENCE}")
     return choice
@@ -124,7 +131,7 @@ def status(op: str) -> dict[str, list[str]]:
 
 def choose(op: str, *args: Any, backend: str = "auto", **kwargs: Any) -> Backend:
     """The backend that runs ``op`` on these arguments (see the module docstring for the rules)."""
-    choice = requested(backend)
+    choice = requested(op, backend)
     backends = _REGISTRY[op]
     if choice != "auto":
         chosen = backends.get(choice)

@@ -1,0 +1,37 @@
+"""Backend choice: automatic choice, explicit requests (argument, EVIT_BACKEND, per op) and their errors."""
+
+import pytest
+import torch
+
+from evit_kernels import dispatch
+from evit_kernels.ops.relu_linear_attention import relu_linear_attention
+
+
+def test_requested_resolves_argument_then_environment(monkeypatch):
+    monkeypatch.delenv("EVIT_BACKEND", raising=False)
+    assert dispatch.requested("conv_bn_act") == "auto"
+    monkeypatch.setenv("EVIT_BACKEND", "torch")
+    assert dispatch.requested("conv_bn_act") == "torch"
+    assert dispatch.requested("conv_bn_act", "triton") == "triton"  # the argument wins
+    monkeypatch.setenv("EVIT_BACKEND", "relu_linear_attention=triton, conv_bn_act=torch")
+    assert dispatch.requested("relu_linear_attention") == "triton"
+    assert dispatch.requested("conv_bn_act") == "torch"
+    assert dispatch.requested("cascaded_group_attention") == "auto"
+    monkeypatch.setenv("EVIT_BACKEND", "fast")
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        dispatch.requested("conv_bn_act")
+
+
+def test_automatic_choice_never_picks_an_unvalidated_kernel(monkeypatch):
+    monkeypatch.delenv("EVIT_BACKEND", raising=False)
+    qkv = torch.randn(1, 24, 3, 3)
+    assert dispatch.choose("relu_linear_attention", qkv, [], 8, 1e-5).name == "torch"
+    statuses = dispatch.status("relu_linear_attention")
+    assert statuses["torch"] == []
+    assert any("not yet validated" in r or "GPU" in r for r in statuses["triton"])
+
+
+def test_environment_request_reaches_the_op(monkeypatch):
+    monkeypatch.setenv("EVIT_BACKEND", "cuda")
+    with pytest.raises(dispatch.BackendUnavailable, match="backend 'cuda' was requested"):
+        relu_linear_attention(torch.randn(1, 24, 3, 3), [], 8, 1e-5)
