@@ -1,13 +1,7 @@
-"""Test setup: Triton runs through its interpreter on CPU-only machines; `gpu` tests skip without CUDA."""
-
-import os
+"""Test setup: `gpu` tests skip without CUDA (the Triton interpreter is set up by the root conftest.py)."""
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # Must be set before any @triton.jit kernel is defined, i.e. before evit_kernels' Triton modules import.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_CUDA = torch.cuda.is_available()
 
