@@ -3,6 +3,7 @@ activation block once the BatchNorm is folded into ``weight`` and ``bias`` (SPEC
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
 
@@ -119,3 +120,51 @@ def _check_shapes(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[i
                          f"does not fit the {tuple(x.shape[2:])} input")
     if residual is not None and list(residual.shape) != shape:
         raise ValueError(f"conv_bn_act: residual has shape {tuple(residual.shape)} but the output is {tuple(shape)}")
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRITON_DEPTHWISE_SIZES = (3, 5, 7)
+
+
+def _triton_kind(x: Tensor, weight: Tensor, stride: list[int], padding: list[int], groups: int) -> str | None:
+    """Which Triton kernel computes this conv: "depthwise", "pointwise" (1×1) or None."""
+    out_channels, in_per_group, kernel_h, kernel_w = weight.shape
+    if groups == 1 and (kernel_h, kernel_w) == (1, 1) and list(stride) == [1, 1] and list(padding) == [0, 0]:
+        return "pointwise"
+    if (groups == x.shape[1] == out_channels and in_per_group == 1 and kernel_h == kernel_w
+            and kernel_h in _TRITON_DEPTHWISE_SIZES and all(s in (1, 2) for s in stride)):
+        return "depthwise"
+    return None
+
+
+def _triton_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
+                    dilation: list[int], groups: int, activation: str, residual: Tensor | None) -> Tensor:
+    from evit_kernels.triton import conv_bn_act as kernels
+
+    shape = conv_output_shape(x, weight, stride, padding, dilation)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    if _triton_kind(x, weight, stride, padding, groups) == "depthwise":
+        return kernels.depthwise(x, weight, bias, stride, padding, activation, residual, out)
+    return kernels.pointwise(x, weight, bias, activation, residual, out)
+
+
+def _triton_reasons(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
+                    dilation: list[int], groups: int, activation: str, residual: Tensor | None) -> list[str]:
+    from evit_kernels.triton.conv_bn_act import fits_int32
+
+    reasons = dispatch.device_reasons("triton", x)
+    if x.dtype not in _TRITON_DTYPES:
+        reasons.append(f"{x.dtype} inputs (the Triton kernels take float32, float16 and bfloat16)")
+    if list(dilation) != [1, 1]:
+        reasons.append(f"dilation {list(dilation)} (the Triton kernels take dilation 1)")
+    if _triton_kind(x, weight, stride, padding, groups) is None:
+        reasons.append(f"a conv with weight {tuple(weight.shape)}, groups={groups}, stride={list(stride)}, "
+                       f"padding={list(padding)} (the Triton kernels take a depthwise 3×3, 5×5 or 7×7 conv with "
+                       f"stride 1 or 2, or a 1×1 conv with groups 1, stride 1 and padding 0)")
+    out_numel = math.prod(conv_output_shape(x, weight, stride, padding, dilation))
+    if out_numel >= 2**31 or not all(fits_int32(t) for t in (x, weight, bias, residual) if t is not None):
+        reasons.append("a tensor of 2^31 elements or more (the kernels index with 32 bits)")
+    return reasons
+
+
+dispatch.register("conv_bn_act", dispatch.Backend("triton", _triton_forward, _triton_reasons))

@@ -1,0 +1,242 @@
+"""The Triton backend of evit::conv_bn_act (depthwise k×k and 1×1 kernels) against a float64 reference (on CPU
+through the Triton interpreter on tiny grids; on a GPU also with realistic shapes)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+from timm.layers import GELUTanh
+from timm.models.efficientvit_mit import ConvNormAct
+from torch import nn
+
+from evit_kernels import dispatch
+from evit_kernels.nn.conv_bn_act import FusedConvNormAct
+from evit_kernels.ops.conv_bn_act import ACTIVATIONS, conv_bn_act, conv_bn_act_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+# (batch, channels, H, W, k, stride, padding, bias, residual, layout): several pixel and channel blocks, prime and
+# non-square maps, a 1×1 map, batch 1, explicit and asymmetric padding, per-axis strides.
+DEPTHWISE = {
+    "k3_s1_prime_blocks": (2, 37, 11, 13, 3, 1, 1, True, True, "channels_last"),
+    "k5_s2": (1, 6, 7, 9, 5, 2, 2, True, False, "nchw"),
+    "k7_s2": (1, 8, 9, 6, 7, 2, 3, False, True, "channels_last"),
+    "k3_map_1x1": (3, 5, 1, 1, 3, 1, 1, True, True, "channels_last"),
+    "k5_strided_input": (2, 4, 5, 8, 5, 1, 2, False, True, "strided"),
+    "k3_pad0_stride_1x2": (1, 4, 6, 7, 3, (1, 2), (0, 1), True, False, "nchw"),
+}
+# (batch, C_in, C_out, H, W, bias, residual, layout): several M, N and K blocks, C_in < 16 (dot padding).
+POINTWISE = {
+    "blocks": (2, 40, 70, 3, 5, True, True, "channels_last"),
+    "small_c_in": (1, 3, 5, 7, 11, False, True, "nchw"),
+    "map_1x1": (3, 17, 9, 1, 1, True, False, "channels_last"),
+    "strided_input": (2, 6, 8, 5, 4, True, True, "strided"),
+}
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # every other column of a wider tensor: no dense layout at all
+        wide = torch.empty(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.contiguous()
+
+
+def _inputs(batch, c_in, c_out, height, width, k, stride, padding, groups, bias, residual, layout, dtype):
+    """(x, weight, bias, residual, conv kwargs); the residual is transposed in memory for strided layouts."""
+    x = _layout(torch.randn(batch, c_in, height, width, device=DEVICE), layout)
+    weight = torch.randn(c_out, c_in // groups, k, k, device=DEVICE) / math.sqrt(c_in // groups * k * k)
+    b = torch.randn(c_out, device=DEVICE) if bias else None
+    stride, padding = ((v, v) if isinstance(v, int) else v for v in (stride, padding))
+    out_hw = [(n + 2 * p - k) // s + 1 for n, p, s in zip((height, width), padding, stride)]
+    r = None
+    if residual:
+        r = torch.randn(batch, c_out, *out_hw, device=DEVICE)
+        r = r.transpose(2, 3).contiguous().transpose(2, 3) if layout == "strided" else _layout(r, layout)
+    tensors = [None if t is None else t.to(dtype) for t in (x, weight, b, r)]
+    return (*tensors, dict(stride=stride, padding=padding, groups=groups))
+
+
+def _depthwise_inputs(name, dtype):
+    batch, channels, height, width, k, stride, padding, bias, residual, layout = DEPTHWISE[name]
+    return _inputs(batch, channels, channels, height, width, k, stride, padding, channels, bias, residual, layout,
+                   dtype)
+
+
+def _pointwise_inputs(name, dtype):
+    batch, c_in, c_out, height, width, bias, residual, layout = POINTWISE[name]
+    return _inputs(batch, c_in, c_out, height, width, 1, 1, 0, 1, bias, residual, layout, dtype)
+
+
+def _max_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return (got.double() - expected).abs().max().item()
+
+
+def _ulp(expected: torch.Tensor, dtype: torch.dtype) -> float:
+    """One unit in the last place of ``dtype`` at the largest magnitude: the 2x-eager criterion's floor (the Triton
+    interpreter also truncates when it narrows to bf16, where a GPU rounds to nearest)."""
+    return torch.finfo(dtype).eps * expected.abs().max().item()
+
+
+def _check_against_float64(x, weight, bias, residual, conv, activation):
+    dtype = x.dtype
+    out = conv_bn_act(x, weight, bias, activation=activation, residual=residual, backend="triton", **conv)
+    eager = conv_bn_act(x, weight, bias, activation=activation, residual=residual, backend="torch", **conv)
+    f64 = [None if t is None else t.double() for t in (x, weight, bias, residual)]
+    expected = conv_bn_act_reference(f64[0], f64[1], f64[2], conv["stride"], conv["padding"], [1, 1], conv["groups"],
+                                     activation, f64[3])
+    assert out.dtype == dtype and out.shape == eager.shape and out.stride() == eager.stride()
+    assert torch.isfinite(out).all()
+    assert _max_err(out, expected) <= 2 * _max_err(eager, expected) + _ulp(expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("name", DEPTHWISE)
+def test_depthwise_within_twice_eager_error(poisoned_empty, name, activation, dtype):
+    x, weight, bias, residual, conv = _depthwise_inputs(name, dtype)
+    _check_against_float64(x, weight, bias, residual, conv, activation)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("name", POINTWISE)
+def test_pointwise_within_twice_eager_error(poisoned_empty, name, activation, dtype):
+    x, weight, bias, residual, conv = _pointwise_inputs(name, dtype)
+    _check_against_float64(x, weight, bias, residual, conv, activation)
+
+
+# exp(-y) overflowing to inf is how silu and tanh-GELU saturate to -0 for very negative y (numpy warns on it).
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+def test_large_activations_stay_finite_in_fp16():
+    # Pre-activations far outside the exp/erf ranges: silu and the GELUs must give 0 or y, never NaN.
+    x, weight, bias, residual, conv = _pointwise_inputs("small_c_in", torch.float16)
+    x = x * 200
+    for activation in ("gelu", "gelu_tanh", "silu", "hardswish"):
+        _check_against_float64(x, weight, bias, residual, conv, activation)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: ConvNormAct(8, 8, 3, groups=8, act_layer=nn.Hardswish),
+    lambda: ConvNormAct(8, 8, 5, stride=2, groups=8, act_layer=GELUTanh),
+    lambda: ConvNormAct(8, 20, 1, act_layer=nn.ReLU),
+    lambda: ConvNormAct(8, 20, 1, act_layer=None),
+], ids=["dw3_hardswish", "dw5_s2_gelu_tanh", "pw_relu", "pw_norm_only"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@torch.no_grad()
+def test_fused_module_matches_timm_block(build, layout):
+    original = build().to(DEVICE)
+    for bn in original.modules():  # a fresh BatchNorm hides folding mistakes
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0), bn.weight.normal_(), bn.bias.normal_()
+    original.eval()
+    fused = FusedConvNormAct(copy.deepcopy(original), backend="triton").eval()
+    x = _layout(torch.randn(2, 8, 9, 7, device=DEVICE), layout)
+    torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["depthwise", "pointwise"])
+def test_reference_gradients_after_triton_forward(kind):
+    x, weight, bias, residual, conv = (_depthwise_inputs("k5_s2", torch.float32) if kind == "depthwise"
+                                       else _pointwise_inputs("blocks", torch.float32))
+    residual = residual if residual is not None else torch.randn_like(
+        conv_bn_act(x, weight, bias, backend="torch", **conv))
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias, residual)]
+    conv_bn_act(leaves[0], leaves[1], leaves[2], activation="gelu", residual=leaves[3], backend="triton",
+                **conv).sum().backward()  # a stride-0 grad_output
+    exact = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
+    conv_bn_act_reference(exact[0], exact[1], exact[2], conv["stride"], conv["padding"], [1, 1], conv["groups"],
+                          "gelu", exact[3]).sum().backward()
+    for got, ref in zip(leaves, exact):
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["depthwise", "pointwise"])
+def test_opcheck_triton_backend(kind):
+    x, weight, bias, residual, conv = (_depthwise_inputs("k3_s1_prime_blocks", torch.float32) if kind == "depthwise"
+                                       else _pointwise_inputs("blocks", torch.float32))
+    x, weight, bias, residual = (t.requires_grad_() for t in (x, weight, bias, residual))
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    if DEVICE == "cpu":  # the interpreter cannot read the storage of the tensors AOT tracing hands the kernel
+        tests = tests[:-1]
+    args = (x, weight, bias, list(conv["stride"]), list(conv["padding"]), [1, 1], conv["groups"], "silu", residual,
+            "triton")
+    torch.library.opcheck(torch.ops.evit.conv_bn_act.default, args, test_utils=tests)
+
+
+def _conv_args(c_in=4, c_out=4, k=3, groups=4, stride=1, padding=1, dilation=1, dtype=torch.float32):
+    x = torch.randn(1, c_in, 6, 5, device=DEVICE, dtype=dtype)
+    weight = torch.randn(c_out, c_in // groups, k, k, device=DEVICE, dtype=dtype)
+    return dict(x=x, weight=weight, stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+UNSUPPORTED = {
+    "dense_k3": (dict(groups=1), "depthwise"),
+    "grouped": (dict(c_in=4, c_out=6, groups=2), "depthwise"),
+    "depthwise_k9": (dict(k=9, padding=4), "depthwise"),
+    "depthwise_k1": (dict(k=1, padding=0), "depthwise"),
+    "depthwise_stride3": (dict(stride=3), "depthwise"),
+    "pointwise_stride2": (dict(k=1, groups=1, stride=2, padding=0), "1×1"),
+    "pointwise_padded": (dict(k=1, groups=1, padding=1), "1×1"),
+    "dilation2": (dict(dilation=2, padding=2), "dilation"),
+    "float64": (dict(dtype=torch.float64), "float64"),
+}
+
+
+@pytest.mark.parametrize("name", UNSUPPORTED)
+def test_unsupported_inputs_raise_on_request_and_fall_back_under_auto(name, monkeypatch):
+    change, reason = UNSUPPORTED[name]
+    args = _conv_args(**change)
+    with pytest.raises(dispatch.BackendUnavailable, match=reason):
+        conv_bn_act(**args, activation="relu", backend="triton")
+    # Pretend the backend was validated, so that "auto" considers it: it must pass these inputs over.
+    validated = dataclasses.replace(dispatch.get("conv_bn_act", "triton"), validated_on="test")
+    monkeypatch.setitem(dispatch._REGISTRY["conv_bn_act"], "triton", validated)
+    out = conv_bn_act(**args, activation="relu")
+    torch.testing.assert_close(out, conv_bn_act(**args, activation="relu", backend="torch"))
+
+
+def test_validated_backend_is_chosen_under_auto_for_supported_inputs(monkeypatch):
+    validated = dataclasses.replace(dispatch.get("conv_bn_act", "triton"), validated_on="test")
+    monkeypatch.setitem(dispatch._REGISTRY["conv_bn_act"], "triton", validated)
+    args = _conv_args()
+    conv = [args["x"], args["weight"], None, [1, 1], [1, 1], [1, 1], 4, "relu", None]
+    assert dispatch.choose("conv_bn_act", *conv).name == "triton"
+
+
+def test_refuses_tensors_beyond_32_bit_indexing():
+    x = torch.zeros(1, 1, 1, 1, device=DEVICE).expand(1, 2**15, 2**8, 2**8)  # 2^31 elements, no memory
+    weight = torch.randn(2**15, 1, 3, 3, device=DEVICE)
+    with pytest.raises(dispatch.BackendUnavailable, match="2\\^31"):
+        dispatch.choose("conv_bn_act", x, weight, None, [1, 1], [1, 1], [1, 1], 2**15, "relu", None,
+                        backend="triton")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors")
+def test_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    args = _conv_args()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reasons = dispatch.get("conv_bn_act", "triton").input_reasons(
+        args["x"], args["weight"], None, [1, 1], [1, 1], [1, 1], 4, "relu", None)
+    assert any("cpu" in r for r in reasons)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", ["depthwise", "pointwise"])
+def test_realistic_shapes_on_gpu(poisoned_empty, kind, dtype):
+    # EfficientViT-B1 stage 3 at 224 px, batch 8: a 5×5 depthwise and a 256 → 1024 expansion.
+    if kind == "depthwise":
+        x, weight, bias, residual, conv = _inputs(8, 256, 256, 14, 14, 5, 1, 2, 256, True, True, "channels_last",
+                                                  dtype)
+    else:
+        x, weight, bias, residual, conv = _inputs(8, 256, 1024, 14, 14, 1, 1, 0, 1, True, True, "nchw", dtype)
+    _check_against_float64(x, weight, bias, residual, conv, "hardswish")
