@@ -17,6 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 def _first(out):
+    """The output to compare: the tensor itself, a list's first, a backbone dict's last stage."""
+    if isinstance(out, dict):
+        return list(out.values())[-1]
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
@@ -116,13 +119,17 @@ def test_state_dict_unpatch_and_idempotence(name):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_stays_finite(name, dtype):
     model = build(name)
+    if name.startswith("efficientvit-sam") and dtype == torch.float16:
+        # The LiteMLAs with eps 1e-15 are in the backbone. The whole encoder runs low precision only under
+        # autocast (its neck upsamples in fp32), and CPU fp16 autocast of the neck's convs takes minutes.
+        model = model.backbone
     patched = copy.deepcopy(model)
     evit_kernels.patch(patched)
     x = torch.randn(1, 3, *input_sizes(name)[0]) * 4
     with torch.no_grad():
         expected = _first(model(x))
         assert torch.isfinite(expected).all()
-        if name.startswith("efficientvit-sam"):  # its UpSampleLayer computes in fp32: autocast is how it runs
+        if name.startswith("efficientvit-sam") and dtype == torch.bfloat16:
             with torch.autocast("cpu", dtype=dtype):
                 got = _first(patched(x))
         else:
