@@ -114,3 +114,27 @@ def test_unsupported_inputs_fall_back_or_raise_with_reasons():
     with pytest.raises(dispatch.BackendUnavailable, match="stride"):
         relu_linear_attention(strided, [], 8, 1e-5, backend="triton")
     assert torch.isfinite(relu_linear_attention(strided, [], 8, 1e-5)).all()  # auto: the reference runs it
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch, heads, dim, height, width", [
+    (64, 8, 16, 14, 14),    # B1 stage 3 at 224 px
+    (256, 16, 32, 7, 7),    # B3 / L1 stage 4 at 224 px
+    (1, 8, 16, 64, 128),    # B1 stage 3 at 1024x2048: N = 8192, one image must still fill the GPU
+])
+def test_realistic_shapes_on_gpu(batch, heads, dim, height, width, dtype):
+    sources = _sources(batch, heads, dim, height, width, 1, dtype)
+    exact = [s.detach().double().requires_grad_() for s in sources]
+    expected = relu_linear_attention_reference(exact[0], exact[1:], dim, 1e-5)
+    grad_out = torch.randn_like(expected)
+    exact_grads = torch.autograd.grad(expected, exact, grad_out)
+    for backend in ("triton", "torch"):
+        inputs = [s.detach().clone().requires_grad_() for s in sources]
+        out = relu_linear_attention(inputs[0], inputs[1:], dim, 1e-5, backend=backend)
+        grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+        if backend == "triton":
+            got, got_grads = out, grads
+    assert _max_err(got, expected) <= 2 * _max_err(out, expected) + _ulp(expected, dtype)
+    for g, eager, ref in zip(got_grads, grads, exact_grads):
+        assert _max_err(g, ref) <= 2 * _max_err(eager, ref) + _ulp(ref, dtype)
