@@ -15,7 +15,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-MODULES = ["evit_kernels.triton.relu_linear_attention", "evit_kernels.triton.conv_bn_act"]
+MODULES = ["evit_kernels.triton.relu_linear_attention", "evit_kernels.triton.conv_bn_act",
+           "evit_kernels.triton.cascaded_group_attention"]
 H100_SHARED_BYTES = 228 * 1024
 
 _SCRIPT = textwrap.dedent("""

@@ -129,8 +129,8 @@ class FusedCascadedGroupAttention(FusedModule):
                              f"{tuple(x.shape)}; use forward_map for a whole feature map")
         if self._foldable():
             return self._fused(x, R)
-        biases = self.attention_biases[:, attention_bias_index(R, x.device)]
-        return self.proj(cascade_heads(x, self.qkvs, self.dws, biases, self.key_dim))
+        return self.proj(cascade_heads(x, self.qkvs, self.dws, self.attention_biases, self.key_dim,
+                                       backend=self.backend))
 
     def forward_map(self, x: Tensor, window: int) -> Tensor:
         """x: a whole (B, C, H, W) map, zero padded bottom/right and split into window×window windows."""

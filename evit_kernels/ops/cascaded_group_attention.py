@@ -6,11 +6,15 @@ to a multiple of the window and split into windows; padded tokens are not masked
 window, head i reads the previous head's output plus its own input chunk (the cascade), so heads run in order.
 
 The pieces shared with the modules' training path (partition/merge, bias index, head cascade, attention core)
-live here so the two paths cannot drift apart.
+live here so the two paths cannot drift apart. The attention core of one head over a window batch is its own op,
+``evit::window_attention`` (with a Triton forward and backward), so the training path, which runs the convs
+and BatchNorms as they are, also gets the fused core; the whole-map op's Triton backend is the same Python
+composition with that core on Triton.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -26,6 +30,7 @@ from evit_kernels.ops._library import (
 )
 
 OP = "cascaded_group_attention"
+WINDOW_OP = "window_attention"
 
 WindowMeta = tuple[int, int, int, int, int]
 """``(B, H, W, pH, pW)``: batch, map size and padded map size of a partitioned map."""
@@ -70,12 +75,118 @@ def attention_core(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) 
     return v @ attn.transpose(-2, -1)
 
 
+def window_attention_reference(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, resolution: int,
+                               scale: float) -> Tensor:
+    """:func:`attention_core` with the (N, N) bias gathered from one head's (R²,) row of ``attention_biases``."""
+    return attention_core(q, k, v, bias_row[attention_bias_index(resolution, q.device)], scale)
+
+
+@torch.library.custom_op("evit::window_attention", mutates_args=())
+def _window_attention_op(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, resolution: int, scale: float,
+                         backend: str) -> Tensor:
+    return dispatch.get(WINDOW_OP, backend).forward(q, k, v, bias_row, resolution, scale)
+
+
+@torch.library.register_fake("evit::window_attention")
+def _(q, k, v, bias_row, resolution, scale, backend):
+    return q.new_empty((q.shape[0], v.shape[1], q.shape[2]))
+
+
+def _window_setup_context(ctx, inputs, output):
+    q, k, v, bias_row, ctx.resolution, ctx.scale, ctx.backend = inputs
+    ctx.save_for_backward(q, k, v, bias_row)
+
+
+def _window_backward(ctx, grad):
+    q, k, v, bias_row = ctx.saved_tensors
+    if ctx.backend == "triton":
+        from evit_kernels.triton import cascaded_group_attention as kernels
+
+        grad_q, grad_k, grad_v, grad_bias = kernels.backward(q, k, v, bias_row, grad, ctx.resolution, ctx.scale)
+        grads = (grad_q, grad_k, grad_v, grad_bias.to(bias_row.dtype))
+    else:
+        reference = functools.partial(window_attention_reference, resolution=ctx.resolution, scale=ctx.scale)
+        _, vjp = torch.func.vjp(reference, q, k, v, bias_row)
+        grads = vjp(grad)
+    return (*grads, None, None, None)
+
+
+def _window_triton_forward(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, resolution: int,
+                           scale: float) -> Tensor:
+    from evit_kernels.triton import cascaded_group_attention as kernels
+
+    return kernels.forward(q, k, v, bias_row, resolution, scale)
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _window_triton_reasons(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, resolution: int,
+                           scale: float) -> list[str]:
+    from evit_kernels.triton.cascaded_group_attention import MAX_RESOLUTION, span
+
+    reasons = dispatch.device_reasons("triton", q)
+    if q.dtype not in _TRITON_DTYPES or bias_row.dtype not in _TRITON_DTYPES:
+        reasons.append(f"{q.dtype} inputs with a {bias_row.dtype} bias row (the Triton kernels take float32, "
+                       f"float16 and bfloat16)")
+    if resolution > MAX_RESOLUTION:
+        reasons.append(f"window {resolution}×{resolution} > {MAX_RESOLUTION}×{MAX_RESOLUTION} (the kernels keep "
+                       f"the N×N scores in registers)")
+    if max(span(q), span(k), span(v), q.shape[0] * v.shape[1] * q.shape[2]) >= 2**31:
+        reasons.append("a tensor spanning 2^31 elements or more (the kernels index with 32 bits)")
+    return reasons
+
+
+torch.library.register_autograd("evit::window_attention", _window_backward, setup_context=_window_setup_context)
+dispatch.register(WINDOW_OP, dispatch.Backend("torch", window_attention_reference))
+dispatch.register(WINDOW_OP, dispatch.Backend("triton", _window_triton_forward, _window_triton_reasons))
+
+
+def window_attention(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, resolution: int, scale: float,
+                     backend: str = "auto") -> Tensor:
+    """One head's attention over a batch of R×R windows: ``v · softmax(scale·qᵀk + B)ᵀ``.
+
+    q, k (B', kd, N) and v (B', vd, N) with N = R² tokens in row-major order; ``bias_row`` (R²,) is the head's
+    row of ``attention_biases``, gathered as ``B[i, j] = bias_row[|y_i − y_j|·R + |x_i − x_j|]``. The softmax
+    is computed in fp32 for fp16/bf16 inputs; ``bias_row`` may be in fp32 (the parameter under autocast) or in
+    the input dtype. Returns (B', vd, N) in q's dtype.
+    """
+    _check_window_shapes(q, k, v, bias_row, resolution)
+    q, k, v = autocast_inputs(q, k, v)
+    check_floating_same_dtype(WINDOW_OP, q, k=k, v=v)
+    if not bias_row.is_floating_point():
+        raise TypeError(f"{WINDOW_OP}: bias_row must be a floating tensor, got {bias_row.dtype}")
+    if bias_row.device != q.device:
+        raise ValueError(f"{WINDOW_OP}: bias_row is on {bias_row.device} but q is on {q.device}")
+    scale = float(scale)
+    chosen = dispatch.choose(WINDOW_OP, q, k, v, bias_row, resolution, scale, backend=backend)
+    if chosen.name == "torch":
+        # Plain autograd through the eager ops: the custom op's recomputing backward would only add work here.
+        return window_attention_reference(q, k, v, bias_row, resolution, scale)
+    return torch.ops.evit.window_attention(q, k, v, bias_row, resolution, scale, chosen.name)
+
+
+def _check_window_shapes(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, resolution: int) -> None:
+    if not all(isinstance(t, Tensor) and t.dim() == 3 for t in (q, k, v)):
+        raise ValueError(f"{WINDOW_OP}: q, k and v must be (B', channels, N) tensors")
+    if not isinstance(resolution, (int, torch.SymInt)) or resolution < 1:
+        raise ValueError(f"{WINDOW_OP}: resolution must be a positive int, got {resolution!r}")
+    n = resolution * resolution
+    if q.shape != k.shape or v.shape[0] != q.shape[0] or q.shape[2] != n or v.shape[2] != n:
+        raise ValueError(f"{WINDOW_OP}: expected q and k (B', kd, {n}) and v (B', vd, {n}) for a {resolution}×"
+                         f"{resolution} window, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if tuple(bias_row.shape) != (n,):
+        raise ValueError(f"{WINDOW_OP}: bias_row must be one head's ({n},) row of attention_biases, got shape "
+                         f"{tuple(bias_row.shape)}")
+
+
 def cascade_heads(x: Tensor, qkvs: Sequence[Callable[[Tensor], Tensor]], dws: Sequence[Callable[[Tensor], Tensor]],
-                  biases: Tensor, key_dim: int) -> Tensor:
+                  attention_biases: Tensor, key_dim: int, backend: str = "auto") -> Tensor:
     """Run the heads of a window batch ``x`` (B', C, R, R) in cascade and concatenate their outputs.
 
     ``qkvs[i]`` maps a (B', C/h, R, R) input to (B', 2·kd + vd, R, R); ``dws[i]`` is the depthwise conv on q;
-    ``biases`` (h, N, N) are the gathered position biases. Returns (B', h·vd, R, R), before the projection.
+    ``attention_biases`` (h, R²) is the position-bias table. ``backend`` picks the attention core's
+    implementation (:func:`window_attention`). Returns (B', h·vd, R, R), before the projection.
     """
     B, _, H, W = x.shape
     chunks = x.chunk(len(qkvs), dim=1)
@@ -88,7 +199,8 @@ def cascade_heads(x: Tensor, qkvs: Sequence[Callable[[Tensor], Tensor]], dws: Se
         qkv_out = qkv(feat)
         q, k, v = qkv_out.split([key_dim, key_dim, qkv_out.shape[1] - 2 * key_dim], dim=1)
         q = dw(q)
-        feat = attention_core(q.flatten(2), k.flatten(2), v.flatten(2), biases[i], scale).view(B, -1, H, W)
+        feat = window_attention(q.flatten(2), k.flatten(2), v.flatten(2), attention_biases[i], H, scale,
+                                backend=backend).view(B, -1, H, W)
         outs.append(feat)
     return torch.cat(outs, dim=1)
 
@@ -96,14 +208,18 @@ def cascade_heads(x: Tensor, qkvs: Sequence[Callable[[Tensor], Tensor]], dws: Se
 def cascaded_group_attention_reference(
         x: Tensor, qkv_weights: list[Tensor], qkv_biases: list[Tensor], dw_weights: list[Tensor],
         dw_biases: list[Tensor], attention_biases: Tensor, proj_weight: Tensor, proj_bias: Tensor,
-        key_dim: int, window: int, backend: str = "torch") -> Tensor:
-    """Eager PyTorch cascaded group attention with folded weights (``backend`` is ignored)."""
+        key_dim: int, window: int, backend: str = "torch", *, core: str = "torch") -> Tensor:
+    """Cascaded group attention with folded weights as a composition of PyTorch ops (convs through F.conv2d).
+
+    With the default ``core`` this is the eager reference; with ``core="triton"`` it is the op's Triton
+    backend: the same composition with the attention core (:func:`window_attention`) on the Triton kernels.
+    ``backend`` (the op's backend, which the autograd registration passes along) is ignored.
+    """
     windows, meta = window_partition(x, window)
-    biases = attention_biases[:, attention_bias_index(window, x.device)]
     qkvs = [lambda t, w=w, b=b: F.conv2d(t, w, b) for w, b in zip(qkv_weights, qkv_biases, strict=True)]
     dws = [lambda t, w=w, b=b: F.conv2d(t, w, b, padding=w.shape[-1] // 2, groups=w.shape[0])
            for w, b in zip(dw_weights, dw_biases, strict=True)]
-    heads = cascade_heads(windows, qkvs, dws, biases, key_dim)
+    heads = cascade_heads(windows, qkvs, dws, attention_biases, key_dim, backend=core)
     out = F.conv2d(F.relu(heads), proj_weight, proj_bias)
     return window_merge(out, meta).contiguous()
 
@@ -123,8 +239,31 @@ def _(x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_biases, proj_
     return x.new_empty((x.shape[0], proj_weight.shape[0], x.shape[2], x.shape[3]))
 
 
+def _triton_reasons(x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_biases, proj_weight, proj_bias,
+                    key_dim, window) -> list[str]:
+    """What keeps the Triton attention core from running every head (the convs run through PyTorch)."""
+    from evit_kernels.triton.cascaded_group_attention import MAX_RESOLUTION
+
+    reasons = dispatch.device_reasons("triton", x)
+    if x.dtype not in _TRITON_DTYPES:
+        reasons.append(f"{x.dtype} inputs (the Triton kernels take float32, float16 and bfloat16)")
+    if window > MAX_RESOLUTION:
+        reasons.append(f"window {window}×{window} > {MAX_RESOLUTION}×{MAX_RESOLUTION} (the kernels keep the N×N "
+                       f"scores in registers)")
+    B, _, H, W = x.shape
+    per_head = B * -(-H // window) * -(-W // window) * window * window * qkv_weights[0].shape[0]
+    if per_head >= 2**31:
+        reasons.append("a head's qkv map of 2^31 elements or more (the kernels index with 32 bits)")
+    return reasons
+
+
+# Every backend's gradient is the VJP of the eager composition: torch.func cannot transform through
+# evit::window_attention's own autograd. This op serves inference (the modules' training path calls
+# window_attention directly and so trains through its Triton backward).
 register_reference_autograd("evit::cascaded_group_attention", cascaded_group_attention_reference)
 dispatch.register(OP, dispatch.Backend("torch", cascaded_group_attention_reference))
+dispatch.register(OP, dispatch.Backend("triton", functools.partial(cascaded_group_attention_reference, core="triton"),
+                                       _triton_reasons))
 
 
 def cascaded_group_attention(
