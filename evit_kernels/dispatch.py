@@ -156,6 +156,16 @@ def choose(op: str, *args: Any, backend: str = "auto", **kwargs: Any) -> Backend
     raise BackendUnavailable(f"{op}: no backend can run these inputs: " + "; ".join(passed_over))
 
 
+def call(library_op: Callable[..., Any], chosen: Backend, *args: Any) -> Any:
+    """Run ``chosen`` on ``args``. The reference runs as the plain PyTorch ops it is made of: autograd, autocast
+    and torch.compile see through it (the compiler can fuse it), and no custom-op call is paid per layer. A
+    kernel runs through its ``torch.library`` op (``library_op``, which takes the backend name last), so
+    torch.compile and export see one node with its fake implementation and autograd."""
+    if chosen.name == "torch":
+        return chosen.forward(*args)
+    return library_op(*args, chosen.name)
+
+
 def _log_once(op: str, message: str) -> None:
     if torch.compiler.is_compiling() or (op, message) in _LOGGED:
         return

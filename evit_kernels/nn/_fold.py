@@ -58,7 +58,8 @@ class FoldCache:
         tensors = [t for t in sources if t is not None]
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             return compute()
-        full_key = key + tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+        # A new dtype or device means new storage, so the data pointer covers those too.
+        full_key = (*key, *(t._version for t in tensors), *(t.data_ptr() for t in tensors))
         if full_key != self._key:
             with torch.no_grad():
                 self._value = compute()

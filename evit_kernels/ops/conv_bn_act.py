@@ -90,7 +90,7 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: i
     check_floating_same_dtype("conv_bn_act", x, weight=weight, bias=bias, residual=residual)
     args = (x, weight, bias, stride, padding, dilation, groups, activation, residual)
     chosen = dispatch.choose("conv_bn_act", *args, backend=backend)
-    return torch.ops.evit.conv_bn_act(*args, chosen.name)
+    return dispatch.call(torch.ops.evit.conv_bn_act, chosen, *args)
 
 
 def _pair(name: str, value: int | Sequence[int], minimum: int) -> list[int]:

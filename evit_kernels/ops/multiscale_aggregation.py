@@ -50,7 +50,7 @@ def multiscale_aggregation(qkv: Tensor, dw_weight: Tensor, dw_bias: Tensor | Non
                               pw_weight=pw_weight, pw_bias=pw_bias)
     args = (qkv, dw_weight, dw_bias, pw_weight, pw_bias, groups)
     chosen = dispatch.choose("multiscale_aggregation", *args, backend=backend)
-    return torch.ops.evit.multiscale_aggregation(*args, chosen.name)
+    return dispatch.call(torch.ops.evit.multiscale_aggregation, chosen, *args)
 
 
 def _check_shapes(qkv: Tensor, dw_weight: Tensor, dw_bias: Tensor | None, pw_weight: Tensor,
