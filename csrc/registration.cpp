@@ -4,15 +4,38 @@
 
 #include <torch/library.h>
 
+#include <optional>
+
 namespace evit {
 std::vector<int64_t> cuda_build_archs();
 int64_t cuda_build_version();
+
+// csrc/cascaded_group_attention_cuda.cu
+at::Tensor cga_window_cuda(const at::Tensor& x, at::TensorList qkv_w, at::TensorList qkv_b, at::TensorList dw_w,
+                           at::TensorList dw_b, const at::Tensor& attention_biases, const at::Tensor& proj_w,
+                           const at::Tensor& proj_b, int64_t key_dim, int64_t window,
+                           const std::optional<at::Tensor>& residual);
+
+// Shape only, for fake tensors (torch.compile, export): (B, C_out, H, W) in x's dtype.
+at::Tensor cga_window_meta(const at::Tensor& x, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                           const at::Tensor&, const at::Tensor& proj_w, const at::Tensor&, int64_t, int64_t,
+                           const std::optional<at::Tensor>&) {
+  return x.new_empty_symint({x.sym_size(0), proj_w.sym_size(0), x.sym_size(2), x.sym_size(3)});
+}
 }  // namespace evit
 
 TORCH_LIBRARY_FRAGMENT(evit, m) {
   m.def("cuda_build_archs() -> int[]", &evit::cuda_build_archs);
   m.def("cuda_build_version() -> int", &evit::cuda_build_version);
+  // Cascaded group attention of a whole map, BatchNorm folded, inference only (no autograd); see the .cu file.
+  m.def("cga_window_cuda(Tensor x, Tensor[] qkv_w, Tensor[] qkv_b, Tensor[] dw_w, Tensor[] dw_b, "
+        "Tensor attention_biases, Tensor proj_w, Tensor proj_b, int key_dim, int window, "
+        "Tensor? residual=None) -> Tensor");
 }
+
+TORCH_LIBRARY_IMPL(evit, CUDA, m) { m.impl("cga_window_cuda", &evit::cga_window_cuda); }
+
+TORCH_LIBRARY_IMPL(evit, Meta, m) { m.impl("cga_window_cuda", &evit::cga_window_meta); }
 
 // `import evit_kernels._C` only needs a module object; loading the library runs the registration above.
 PyMODINIT_FUNC PyInit__C(void) {

@@ -160,10 +160,7 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, resoluti
         raise ValueError(f"{WINDOW_OP}: bias_row is on {bias_row.device} but q is on {q.device}")
     scale = float(scale)
     chosen = dispatch.choose(WINDOW_OP, q, k, v, bias_row, resolution, scale, backend=backend)
-    if chosen.name == "torch":
-        # Plain autograd through the eager ops: the custom op's recomputing backward would only add work here.
-        return window_attention_reference(q, k, v, bias_row, resolution, scale)
-    return torch.ops.evit.window_attention(q, k, v, bias_row, resolution, scale, chosen.name)
+    return dispatch.call(torch.ops.evit.window_attention, chosen, q, k, v, bias_row, resolution, scale)
 
 
 def _check_window_shapes(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, resolution: int) -> None:
@@ -257,13 +254,71 @@ def _triton_reasons(x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention
     return reasons
 
 
+def _cuda_forward(x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_biases, proj_weight, proj_bias,
+                  key_dim, window) -> Tensor:
+    """The whole op in one kernel launch: one CUDA block per window (csrc/cascaded_group_attention_cuda.cu)."""
+    return torch.ops.evit.cga_window_cuda(x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_biases,
+                                          proj_weight, proj_bias, key_dim, window)
+
+
+# The envelope the CUDA kernel was written and tested for (the released M0-M5 attentions: key_dim 16, value dims
+# 16-112, 2-4 heads with 3/5/7 depthwise kernels, windows of 7 and 4). The kernel's loops take any size; what
+# bounds it is shared memory, which holds one window's activations in fp32.
+CUDA_KEY_DIM = 16
+CUDA_MAX_WINDOW = 8
+CUDA_MAX_VAL_DIM = 128
+CUDA_MAX_HEADS = 8
+CUDA_KERNEL_SIZES = (1, 3, 5, 7)
+H100_SHARED_MEMORY_PER_BLOCK = 227 * 1024
+
+
+def cuda_shared_memory_bytes(window: int, heads: int, in_width: int, key_dim: int, val_dim: int) -> int:
+    """Shared memory of one block of the CUDA kernel (mirrors ``shared_floats`` in the .cu file): the head input,
+    the qkv output, the convolved q, the N×(N|1) attention and every head's output, all fp32."""
+    n = window * window
+    return 4 * (n * (in_width + 3 * key_dim + val_dim + heads * val_dim) + n * (n | 1))
+
+
+def _cuda_reasons(x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_biases, proj_weight, proj_bias,
+                  key_dim, window) -> list[str]:
+    reasons = dispatch.device_reasons("cuda", x)
+    tensors = [x, *qkv_weights, *qkv_biases, *dw_weights, *dw_biases, attention_biases, proj_weight, proj_bias]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        reasons.append("inference-only kernel (no backward): an input requires grad; run under torch.no_grad() or "
+                       "torch.inference_mode(), or use the torch or triton backend to train")
+    if x.dtype not in _TRITON_DTYPES:
+        reasons.append(f"{x.dtype} inputs (the CUDA kernel takes float32, float16 and bfloat16)")
+    heads, C = len(qkv_weights), x.shape[1]
+    val_dim = qkv_weights[0].shape[0] - 2 * key_dim
+    if window > CUDA_MAX_WINDOW:
+        reasons.append(f"window {window}×{window} > {CUDA_MAX_WINDOW}×{CUDA_MAX_WINDOW}")
+    if key_dim != CUDA_KEY_DIM:
+        reasons.append(f"key_dim {key_dim} (the CUDA kernel is built for key_dim {CUDA_KEY_DIM})")
+    if not 1 <= val_dim <= CUDA_MAX_VAL_DIM:
+        reasons.append(f"value dim {val_dim} outside 1..{CUDA_MAX_VAL_DIM}")
+    if C != heads * val_dim:
+        reasons.append(f"{C} input channels ≠ heads·value dim = {heads}·{val_dim}")
+    if heads > CUDA_MAX_HEADS:
+        reasons.append(f"{heads} heads > {CUDA_MAX_HEADS}")
+    sizes = sorted({w.shape[-1] for w in dw_weights})
+    if any(k not in CUDA_KERNEL_SIZES for k in sizes):
+        reasons.append(f"depthwise kernel sizes {sizes} (the CUDA kernel takes {CUDA_KERNEL_SIZES})")
+    limit = (torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin if x.device.type == "cuda"
+             else H100_SHARED_MEMORY_PER_BLOCK)
+    needed = cuda_shared_memory_bytes(window, heads, C // heads, key_dim, val_dim)
+    if needed > limit:
+        reasons.append(f"{needed} bytes of shared memory per window > the GPU's {limit}")
+    return reasons
+
+
 # Every backend's gradient is the VJP of the eager composition: torch.func cannot transform through
 # evit::window_attention's own autograd. This op serves inference (the modules' training path calls
-# window_attention directly and so trains through its Triton backward).
+# window_attention directly and so trains through its Triton backward); the cuda backend refuses gradients.
 register_reference_autograd("evit::cascaded_group_attention", cascaded_group_attention_reference)
 dispatch.register(OP, dispatch.Backend("torch", cascaded_group_attention_reference))
 dispatch.register(OP, dispatch.Backend("triton", functools.partial(cascaded_group_attention_reference, core="triton"),
                                        _triton_reasons))
+dispatch.register(OP, dispatch.Backend("cuda", _cuda_forward, _cuda_reasons))
 
 
 def cascaded_group_attention(
@@ -286,7 +341,7 @@ def cascaded_group_attention(
     args = (x, list(qkv_weights), list(qkv_biases), list(dw_weights), list(dw_biases), attention_biases,
             proj_weight, proj_bias, key_dim, window)
     chosen = dispatch.choose(OP, *args, backend=backend)
-    return torch.ops.evit.cascaded_group_attention(*args, chosen.name)
+    return dispatch.call(torch.ops.evit.cascaded_group_attention, chosen, *args)
 
 
 def _check_shapes(x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_biases, proj_weight, proj_bias,

@@ -1,0 +1,343 @@
+// evit::cga_window_cuda: MSRA EfficientViT's cascaded group attention over a whole (B, C, H, W) map, inference
+// only (every BatchNorm folded into its conv), one CUDA block per window.
+//
+// The block reads its window straight from the map (tokens past H/W are zeros that still go through the convs
+// and the softmax, as in the reference: the map is zero padded, not masked), runs the heads in order with the
+// cascade in shared memory (head i reads head i-1's output + its own input chunk), and writes the projected,
+// cropped window (plus an optional residual). Everything on chip is fp32; fp16/bf16 are rounded once, on store.
+//
+// Shared memory (fp32), N = R² tokens, kd/vd = key/value dims, in_w = C/heads, ld = N|1 (odd, so that reading
+// a column of the N×N attention is free of bank conflicts):
+//   feat  in_w × N          the current head's input
+//   qkv   (2kd + vd) × N    the 1×1 conv's output: q before its depthwise conv, k, v
+//   q     kd × N            q after the depthwise conv, times the scale
+//   attn  N × ld            logits, then probabilities
+//   outs  heads·vd × N      every head's output (the projection reads them all)
+// Weights are read from global memory: they are shared by every block and stay in L2.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <optional>
+
+namespace evit {
+namespace {
+
+constexpr int kMaxHeads = 8;
+constexpr int kMaxThreads = 512;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// e^x to about 2 ulp for the softmax. The build's --use_fast_math turns expf into 2^(x·log2 e) whose rounded
+// argument costs |x|·2^-24 of relative error (several ulp at the logits' range); reducing x by j·ln 2 first
+// (ln 2 split in two, Cody-Waite) leaves exp2f an argument in [-1/2, 1/2].
+__device__ __forceinline__ float accurate_exp(float x) {
+  const float j = rintf(x * 1.44269504f);
+  const float r = fmaf(j, -1.42860677e-6f, fmaf(j, -6.93145752e-1f, x));
+  return ldexpf(exp2f(r * 1.44269504f), static_cast<int>(j));
+}
+
+template <typename T>
+struct Params {
+  const T* x;
+  int64_t x_stride[4];
+  const T* residual;  // nullptr when there is none
+  int64_t residual_stride[4];
+  T* out;  // contiguous (B, c_out, H, W)
+  const T* qkv_w[kMaxHeads];  // (2kd + vd, in_w) each
+  const T* qkv_b[kMaxHeads];
+  const T* dw_w[kMaxHeads];  // (kd, k, k) each
+  const T* dw_b[kMaxHeads];
+  int dw_k[kMaxHeads];
+  const T* attention_biases;  // (heads, R²)
+  const T* proj_w;            // (c_out, heads·vd)
+  const T* proj_b;
+  int H, W, heads, in_w, key_dim, val_dim, c_out, R, windows_h, windows_w;
+  float scale;
+};
+
+// store(o, n, init(o) + Σ_c weight(o, c)·src(c, n)) for o < O, n < N. Each thread owns four consecutive rows o
+// of one column n, so one src value feeds four FMAs; neighbouring threads take neighbouring n, so a warp's
+// weight loads are (nearly) one broadcast address and its src loads are consecutive.
+template <typename Init, typename Weight, typename Src, typename Store>
+__device__ __forceinline__ void gemm_rows4(int O, int K, int N, Init init, Weight weight, Src src, Store store) {
+  const int groups = (O + 3) / 4;
+  for (int idx = threadIdx.x; idx < groups * N; idx += blockDim.x) {
+    const int o0 = idx / N * 4, n = idx % N;
+    int rows[4];
+    float acc[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      rows[j] = min(o0 + j, O - 1);  // rows past O repeat the last one and are not stored
+      acc[j] = init(rows[j]);
+    }
+    for (int c = 0; c < K; ++c) {
+      const float s = src(c, n);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[j] = fmaf(weight(rows[j], c), s, acc[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (o0 + j < O) store(o0 + j, n, acc[j]);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T> p) {
+  extern __shared__ float smem[];
+  const int R = p.R, N = R * R, kd = p.key_dim, vd = p.val_dim, in_w = p.in_w, ld = N | 1;
+  const int qkv_rows = 2 * kd + vd;
+  float* feat = smem;
+  float* qkv = feat + in_w * N;
+  float* q = qkv + qkv_rows * N;
+  float* attn = q + kd * N;
+  float* outs = attn + N * ld;
+
+  int window = blockIdx.x;
+  const int wx = window % p.windows_w;
+  window /= p.windows_w;
+  const int wy = window % p.windows_h;
+  const int b = window / p.windows_h;
+  const int y0 = wy * R, x0 = wx * R;
+  const T* x = p.x + b * p.x_stride[0];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+
+  for (int head = 0; head < p.heads; ++head) {
+    // The cascade: this head's input chunk (zeros past the map's edge) plus the previous head's output.
+    for (int idx = threadIdx.x; idx < in_w * N; idx += blockDim.x) {
+      const int c = idx / N, n = idx % N, y = y0 + n / R, xx = x0 + n % R;
+      float v = 0.f;
+      if (y < p.H && xx < p.W)
+        v = to_float(x[(head * in_w + c) * p.x_stride[1] + y * p.x_stride[2] + xx * p.x_stride[3]]);
+      if (head > 0) v += outs[((head - 1) * vd + c) * N + n];
+      feat[idx] = v;
+    }
+    __syncthreads();
+
+    const T* qkv_w = p.qkv_w[head];
+    const T* qkv_b = p.qkv_b[head];
+    gemm_rows4(
+        qkv_rows, in_w, N, [&](int o) { return to_float(qkv_b[o]); },
+        [&](int o, int c) { return to_float(qkv_w[o * in_w + c]); }, [&](int c, int n) { return feat[c * N + n]; },
+        [&](int o, int n, float v) { qkv[o * N + n] = v; });
+    __syncthreads();
+
+    // Depthwise k×k conv of q inside the window, zero padded at the window's edge.
+    const int k = p.dw_k[head], half = k / 2;
+    const T* dw_w = p.dw_w[head];
+    const T* dw_b = p.dw_b[head];
+    for (int idx = threadIdx.x; idx < kd * N; idx += blockDim.x) {
+      const int c = idx / N, ty = idx % N / R, tx = idx % R;
+      float acc = to_float(dw_b[c]);
+      for (int dy = 0; dy < k; ++dy) {
+        const int sy = ty + dy - half;
+        if (sy < 0 || sy >= R) continue;
+        for (int dx = 0; dx < k; ++dx) {
+          const int sx = tx + dx - half;
+          if (sx >= 0 && sx < R) acc = fmaf(to_float(dw_w[(c * k + dy) * k + dx]), qkv[c * N + sy * R + sx], acc);
+        }
+      }
+      q[idx] = acc * p.scale;
+    }
+    __syncthreads();
+
+    // Logits (queries n × keys m) plus the position bias, gathered by |Δy|·R + |Δx|.
+    const float* keys = qkv + kd * N;
+    const T* bias = p.attention_biases + head * N;
+    gemm_rows4(
+        N, kd, N, [](int) { return 0.f; }, [&](int n, int c) { return q[c * N + n]; },
+        [&](int c, int m) { return keys[c * N + m]; },
+        [&](int n, int m, float v) {
+          const int dy = abs(n / R - m / R), dx = abs(n % R - m % R);
+          attn[n * ld + m] = v + to_float(bias[dy * R + dx]);
+        });
+    __syncthreads();
+
+    // Softmax over keys in fp32, one warp per query.
+    for (int n = warp; n < N; n += warps) {
+      float* row = attn + n * ld;
+      float peak = -INFINITY;
+      for (int m = lane; m < N; m += 32) peak = fmaxf(peak, row[m]);
+      for (int offset = 16; offset > 0; offset /= 2) peak = fmaxf(peak, __shfl_xor_sync(0xffffffffu, peak, offset));
+      float sum = 0.f;
+      for (int m = lane; m < N; m += 32) {
+        const float e = accurate_exp(row[m] - peak);
+        row[m] = e;
+        sum += e;
+      }
+      for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+      const float inv = __frcp_rn(sum);
+      for (int m = lane; m < N; m += 32) row[m] *= inv;
+    }
+    __syncthreads();
+
+    // out[c, n] = Σ_m v[c, m]·attn[n, m]
+    const float* values = qkv + 2 * kd * N;
+    float* out = outs + head * vd * N;
+    gemm_rows4(
+        vd, N, N, [](int) { return 0.f; }, [&](int c, int m) { return values[c * N + m]; },
+        [&](int m, int n) { return attn[n * ld + m]; }, [&](int c, int n, float v) { out[c * N + n] = v; });
+    __syncthreads();
+  }
+
+  // ReLU, the projection, the crop to the map and the optional residual.
+  const int K = p.heads * vd;
+  T* y_out = p.out + int64_t(b) * p.c_out * p.H * p.W;
+  const T* residual = p.residual ? p.residual + b * p.residual_stride[0] : nullptr;
+  gemm_rows4(
+      p.c_out, K, N, [&](int o) { return to_float(p.proj_b[o]); },
+      [&](int o, int c) { return to_float(p.proj_w[o * K + c]); },
+      [&](int c, int n) { return fmaxf(outs[c * N + n], 0.f); },
+      [&](int o, int n, float v) {
+        const int y = y0 + n / R, xx = x0 + n % R;
+        if (y >= p.H || xx >= p.W) return;
+        if (residual)
+          v += to_float(residual[o * p.residual_stride[1] + y * p.residual_stride[2] + xx * p.residual_stride[3]]);
+        y_out[(int64_t(o) * p.H + y) * p.W + xx] = from_float<T>(v);
+      });
+}
+
+int64_t shared_floats(int64_t N, int64_t heads, int64_t in_w, int64_t kd, int64_t vd) {
+  return N * (in_w + 2 * kd + vd + kd + heads * vd) + N * (N | 1);
+}
+
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.const_data_ptr());
+}
+
+template <typename T>
+void launch(const at::Tensor& x, const std::vector<at::Tensor>& qkv_w, const std::vector<at::Tensor>& qkv_b,
+            const std::vector<at::Tensor>& dw_w, const std::vector<at::Tensor>& dw_b, const at::Tensor& biases,
+            const at::Tensor& proj_w, const at::Tensor& proj_b, const std::optional<at::Tensor>& residual,
+            at::Tensor& out, int64_t key_dim, int64_t window, int64_t smem_bytes, int blocks) {
+  Params<T> p{};
+  p.x = ptr<T>(x);
+  p.residual = residual ? ptr<T>(*residual) : nullptr;
+  for (int d = 0; d < 4; ++d) {
+    p.x_stride[d] = x.stride(d);
+    p.residual_stride[d] = residual ? residual->stride(d) : 0;
+  }
+  p.out = reinterpret_cast<T*>(out.data_ptr());
+  const int heads = static_cast<int>(qkv_w.size());
+  for (int i = 0; i < heads; ++i) {
+    p.qkv_w[i] = ptr<T>(qkv_w[i]);
+    p.qkv_b[i] = ptr<T>(qkv_b[i]);
+    p.dw_w[i] = ptr<T>(dw_w[i]);
+    p.dw_b[i] = ptr<T>(dw_b[i]);
+    p.dw_k[i] = static_cast<int>(dw_w[i].size(-1));
+  }
+  p.attention_biases = ptr<T>(biases);
+  p.proj_w = ptr<T>(proj_w);
+  p.proj_b = ptr<T>(proj_b);
+  p.H = static_cast<int>(x.size(2));
+  p.W = static_cast<int>(x.size(3));
+  p.heads = heads;
+  p.in_w = static_cast<int>(x.size(1) / heads);
+  p.key_dim = static_cast<int>(key_dim);
+  p.val_dim = static_cast<int>(qkv_w[0].size(0) - 2 * key_dim);
+  p.c_out = static_cast<int>(proj_w.size(0));
+  p.R = static_cast<int>(window);
+  p.windows_h = static_cast<int>((p.H + window - 1) / window);
+  p.windows_w = static_cast<int>((p.W + window - 1) / window);
+  p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(key_dim)));  // as key_dim ** -0.5
+
+  // Past 48 KB a kernel must opt in; where only one block fits on an SM anyway, more threads hide latency.
+  if (smem_bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(cga_window_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem_bytes)));
+  const int threads = smem_bytes > 112 * 1024 ? kMaxThreads : 256;
+  cga_window_kernel<T><<<blocks, threads, smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::vector<at::Tensor> contiguous(at::TensorList tensors) {
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (const auto& t : tensors) out.push_back(t.contiguous());
+  return out;
+}
+
+}  // namespace
+
+at::Tensor cga_window_cuda(const at::Tensor& x, at::TensorList qkv_w, at::TensorList qkv_b, at::TensorList dw_w,
+                           at::TensorList dw_b, const at::Tensor& attention_biases, const at::Tensor& proj_w,
+                           const at::Tensor& proj_b, int64_t key_dim, int64_t window,
+                           const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 4, "cga_window_cuda: x must be a (B, C, H, W) CUDA tensor");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "cga_window_cuda: x must be float32, float16 or bfloat16, got ", dtype);
+  const int64_t heads = static_cast<int64_t>(qkv_w.size());
+  TORCH_CHECK(heads >= 1 && heads <= kMaxHeads, "cga_window_cuda: 1 to ", kMaxHeads, " heads, got ", heads);
+  TORCH_CHECK(qkv_b.size() == qkv_w.size() && dw_w.size() == qkv_w.size() && dw_b.size() == qkv_w.size(),
+              "cga_window_cuda: qkv_w, qkv_b, dw_w and dw_b need one tensor per head");
+  TORCH_CHECK(key_dim >= 1 && window >= 1, "cga_window_cuda: key_dim and window must be positive");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(C % heads == 0, "cga_window_cuda: ", C, " channels do not split into ", heads, " heads");
+  const int64_t in_w = C / heads, rows = qkv_w[0].size(0), vd = rows - 2 * key_dim, N = window * window;
+  TORCH_CHECK(vd >= 1 && (heads == 1 || vd == in_w), "cga_window_cuda: the qkv conv's ", rows,
+              " outputs must be 2·key_dim + value dim with value dim = C/heads = ", in_w);
+  auto same = [&](const at::Tensor& t, at::IntArrayRef shape, const std::string& name) {
+    TORCH_CHECK(t.sizes() == shape, "cga_window_cuda: ", name, " has shape ", t.sizes(), ", expected ", shape);
+    TORCH_CHECK(t.scalar_type() == dtype && t.device() == x.device(), "cga_window_cuda: ", name,
+                " must have x's dtype and device");
+  };
+  for (int64_t i = 0; i < heads; ++i) {
+    same(qkv_w[i], {rows, in_w, 1, 1}, c10::str("qkv_w[", i, "]"));
+    same(qkv_b[i], {rows}, c10::str("qkv_b[", i, "]"));
+    const int64_t k = dw_w[i].dim() == 4 ? dw_w[i].size(-1) : 0;
+    TORCH_CHECK(k % 2 == 1, "cga_window_cuda: depthwise kernels must be odd");
+    same(dw_w[i], {key_dim, 1, k, k}, c10::str("dw_w[", i, "]"));
+    same(dw_b[i], {key_dim}, c10::str("dw_b[", i, "]"));
+  }
+  same(attention_biases, {heads, N}, "attention_biases");
+  const int64_t c_out = proj_w.dim() == 4 ? proj_w.size(0) : 0;
+  same(proj_w, {c_out, heads * vd, 1, 1}, "proj_w");
+  same(proj_b, {c_out}, "proj_b");
+  if (residual) same(*residual, {B, c_out, H, W}, "residual");
+
+  c10::cuda::CUDAGuard guard(x.device());
+  int device = 0, max_smem = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int64_t smem_bytes = shared_floats(N, heads, in_w, key_dim, vd) * int64_t(sizeof(float));
+  TORCH_CHECK(smem_bytes <= max_smem, "cga_window_cuda: this configuration needs ", smem_bytes,
+              " bytes of shared memory per block, the GPU has ", max_smem);
+  const int64_t blocks = B * ((H + window - 1) / window) * ((W + window - 1) / window);
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "cga_window_cuda: too many windows");
+
+  at::Tensor out = x.new_empty({B, c_out, H, W});
+  if (blocks == 0) return out;
+  const auto qkv_wc = contiguous(qkv_w), qkv_bc = contiguous(qkv_b), dw_wc = contiguous(dw_w),
+             dw_bc = contiguous(dw_b);
+  const auto biases = attention_biases.contiguous(), pw = proj_w.contiguous(), pb = proj_b.contiguous();
+  const int n_blocks = static_cast<int>(blocks);
+  if (dtype == at::kFloat)
+    launch<float>(x, qkv_wc, qkv_bc, dw_wc, dw_bc, biases, pw, pb, residual, out, key_dim, window, smem_bytes,
+                  n_blocks);
+  else if (dtype == at::kHalf)
+    launch<__half>(x, qkv_wc, qkv_bc, dw_wc, dw_bc, biases, pw, pb, residual, out, key_dim, window, smem_bytes,
+                   n_blocks);
+  else
+    launch<__nv_bfloat16>(x, qkv_wc, qkv_bc, dw_wc, dw_bc, biases, pw, pb, residual, out, key_dim, window,
+                          smem_bytes, n_blocks);
+  return out;
+}
+
+}  // namespace evit

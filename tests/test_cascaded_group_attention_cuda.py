@@ -1,0 +1,233 @@
+"""The CUDA backend of evit::cascaded_group_attention (csrc/cascaded_group_attention_cuda.cu, exposed as
+evit::cga_window_cuda): on a GPU, every released EfficientViT M0-M5 attention against a float64 reference; here,
+without a GPU, its registration, fake (meta) implementation and refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evit_kernels import _extension, dispatch
+from evit_kernels.ops.cascaded_group_attention import (
+    H100_SHARED_MEMORY_PER_BLOCK,
+    OP,
+    cascaded_group_attention,
+    cascaded_group_attention_reference,
+    cuda_shared_memory_bytes,
+)
+
+needs_extension = pytest.mark.skipif(_extension.load_error() is not None,
+                                     reason=f"evit_kernels._C is not built: {_extension.load_error()}")
+
+# (channels, heads, depthwise kernel per head) of every stage of timm's efficientvit_m0..m5 (key_dim 16 and value
+# dim channels/heads everywhere); test_released_configurations_match_timm keeps this in step with timm.
+RELEASED = {
+    "m0": [(64, 4, (5, 5, 5, 5)), (128, 4, (5, 5, 5, 5)), (192, 4, (5, 5, 5, 5))],
+    "m1": [(128, 2, (7, 5)), (144, 3, (7, 5, 3)), (192, 3, (7, 5, 3))],
+    "m2": [(128, 4, (7, 5, 3, 3)), (192, 3, (7, 5, 3)), (224, 2, (7, 5))],
+    "m3": [(128, 4, (5, 5, 5, 5)), (240, 3, (5, 5, 5)), (320, 4, (5, 5, 5, 5))],
+    "m4": [(128, 4, (7, 5, 3, 3)), (256, 4, (7, 5, 3, 3)), (384, 4, (7, 5, 3, 3))],
+    "m5": [(192, 3, (7, 5, 3)), (288, 3, (7, 5, 3)), (384, 4, (7, 5, 3, 3))],
+}
+CONFIGS = sorted({config for stages in RELEASED.values() for config in stages})
+KEY_DIM = 16
+
+# (H, W, window): the 224 px stage maps (14×14: four windows; 7×7: one; 4×4: stage 3, whose attention is built
+# with a 4×4 window) and maps that need zero padding (9×11 → 14×14, 8×8 → 14×14, 5×6 → 8×8).
+MAPS = [(14, 14, 7), (7, 7, 7), (4, 4, 4), (9, 11, 7), (8, 8, 7), (5, 6, 4)]
+
+
+def _inputs(config, H, W, window, dtype, device, batch=2, requires_grad=False):
+    """Random folded weights scaled so that every activation, and the logits, are of order one."""
+    channels, heads, kernels = config
+    val_dim = channels // heads
+    rows = 2 * KEY_DIM + val_dim
+
+    def t(*shape, std):
+        return (torch.randn(*shape, device=device) * std).to(dtype).requires_grad_(requires_grad)
+
+    return (t(batch, channels, H, W, std=1.0),
+            [t(rows, val_dim, 1, 1, std=val_dim ** -0.5) for _ in range(heads)],
+            [t(rows, std=0.1) for _ in range(heads)],
+            [t(KEY_DIM, 1, k, k, std=1.0 / k) for k in kernels],
+            [t(KEY_DIM, std=0.1) for _ in kernels],
+            t(heads, window * window, std=1.0),
+            t(channels, channels, 1, 1, std=channels ** -0.5),
+            t(channels, std=0.1),
+            KEY_DIM, window)
+
+
+def _to(args, dtype):
+    return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.detach().to(dtype), args)
+
+
+def _max_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return (got.double() - expected).abs().max().item()
+
+
+def _ulp(expected: torch.Tensor, dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps * expected.abs().max().item()
+
+
+def _poison_next_allocation(shape, dtype) -> int:
+    """Leave a NaN-filled block of this size in the caching allocator, which hands it to the next allocation of
+    the same size (the kernel's output, allocated in C++ where the poisoned_empty fixture cannot reach). The
+    cache is emptied first so that no other free block of that size comes first; callers check the address."""
+    torch.cuda.empty_cache()
+    block = torch.full(shape, float("nan"), device="cuda", dtype=dtype)
+    address = block.data_ptr()
+    del block
+    return address
+
+
+# --- on a GPU ------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("H, W, window", MAPS)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_released_attentions_within_twice_eager_error(config, H, W, window, dtype):
+    args = _inputs(config, H, W, window, dtype, "cuda")
+    expected = cascaded_group_attention_reference(*_to(args, torch.float64))
+    with torch.no_grad():
+        eager = cascaded_group_attention(*args, backend="torch")
+        poisoned = _poison_next_allocation(expected.shape, dtype)
+        out = cascaded_group_attention(*args, backend="cuda")
+    assert out.data_ptr() == poisoned, "the output did not reuse the NaN-poisoned block"
+    assert out.dtype == dtype and out.shape == expected.shape and out.is_contiguous()
+    assert torch.isfinite(out).all()
+    assert _max_err(out, expected) <= 2 * _max_err(eager, expected) + _ulp(expected, dtype)
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_input_and_residual(dtype):
+    """channels_last and sliced maps are read through their strides; the residual is added before rounding."""
+    config = (192, 3, (7, 5, 3))
+    args = list(_inputs(config, 9, 11, 7, dtype, "cuda", batch=3))
+    args[0] = args[0].to(memory_format=torch.channels_last)
+    residual = torch.randn(3, 192, 9, 13, device="cuda").to(dtype)[..., 1:12]
+    exact = _to(args, torch.float64)
+    expected = cascaded_group_attention_reference(*exact) + residual.double()
+    eager = cascaded_group_attention_reference(*args) + residual
+    out = torch.ops.evit.cga_window_cuda(*args, residual=residual)
+    assert torch.isfinite(out).all()
+    assert _max_err(out, expected) <= 2 * _max_err(eager, expected) + _ulp(expected, dtype)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_opcheck_on_gpu():
+    args = _inputs((64, 4, (5, 5, 5, 5)), 9, 11, 7, torch.float32, "cuda")
+    torch.library.opcheck(torch.ops.evit.cga_window_cuda, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_empty_batch():
+    args = _inputs((64, 4, (5, 5, 5, 5)), 7, 7, 7, torch.float16, "cuda", batch=0)
+    with torch.no_grad():
+        assert cascaded_group_attention(*args, backend="cuda").shape == (0, 64, 7, 7)
+
+
+# --- without a GPU ---------------------------------------------------------------------------------------------
+
+def test_released_configurations_match_timm():
+    timm = pytest.importorskip("timm")
+    for name, stages in RELEASED.items():
+        model = timm.create_model(f"efficientvit_{name}", pretrained=False)
+        found = {(a.val_dim * a.num_heads, a.num_heads, tuple(dw.conv.kernel_size[0] for dw in a.dws))
+                 for a in model.modules() if type(a).__name__ == "CascadedGroupAttention"}
+        assert found == set(stages), name
+        assert {a.key_dim for a in model.modules() if type(a).__name__ == "CascadedGroupAttention"} == {KEY_DIM}
+
+
+def test_every_released_configuration_fits_in_shared_memory_and_is_accepted():
+    reasons = dispatch.get(OP, "cuda").input_reasons
+    for config in CONFIGS:
+        channels, heads, _ = config
+        assert cuda_shared_memory_bytes(7, heads, channels // heads, KEY_DIM, channels // heads) \
+            <= H100_SHARED_MEMORY_PER_BLOCK
+        with torch.no_grad():
+            assert reasons(*_inputs(config, 9, 11, 7, torch.float16, "cpu", batch=1)) == [
+                "tensors on cpu (the cuda kernels need CUDA tensors)"]
+
+
+@needs_extension
+def test_schema_and_meta_implementation_are_registered():
+    schema = str(torch.ops.evit.cga_window_cuda.default._schema)
+    assert schema.startswith("evit::cga_window_cuda(Tensor x, Tensor[] qkv_w, Tensor[] qkv_b, Tensor[] dw_w")
+    assert "Tensor? residual=None" in schema
+    args = _inputs((144, 3, (7, 5, 3)), 9, 11, 7, torch.bfloat16, "meta", batch=3)
+    out = torch.ops.evit.cga_window_cuda(*args)
+    assert out.shape == (3, 144, 9, 11) and out.dtype == torch.bfloat16 and out.device.type == "meta"
+
+
+@needs_extension
+def test_extension_op_rejects_cpu_tensors():
+    args = _inputs((64, 4, (5, 5, 5, 5)), 7, 7, 7, torch.float32, "cpu", batch=1)
+    with pytest.raises(NotImplementedError, match="cga_window_cuda"):
+        torch.ops.evit.cga_window_cuda(*args)
+
+
+def _reasons(args) -> str:
+    return "; ".join(dispatch.get(OP, "cuda").input_reasons(*args))
+
+
+def test_reasons_refuse_cpu_tensors_and_gradients():
+    args = _inputs((64, 4, (5, 5, 5, 5)), 7, 7, 7, torch.float32, "cpu", batch=1, requires_grad=True)
+    refused = _reasons(args)
+    assert "tensors on cpu" in refused and "inference-only kernel" in refused
+    with torch.no_grad():
+        assert "inference-only" not in _reasons(args)
+    with torch.inference_mode():
+        assert "inference-only" not in _reasons(args)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(dtype=torch.float64), "torch.float64 inputs"),
+    (dict(window=9), "window 9×9 > 8×8"),
+    (dict(key_dim=8), "key_dim 8"),
+    (dict(config=(288, 2, (7, 5))), "value dim 144 outside 1..128"),
+    (dict(config=(64, 4, (5, 9, 5, 5))), "depthwise kernel sizes [5, 9]"),
+    (dict(config=(144, 9, (3,) * 9)), "9 heads > 8"),
+    (dict(config=(1024, 8, (3,) * 8), window=8), "bytes of shared memory per window"),
+])
+def test_reasons_refuse_unsupported_shapes(change, message):
+    config, window = change.get("config", (64, 4, (5, 5, 5, 5))), change.get("window", 7)
+    args = list(_inputs(config, 7, 7, window, change.get("dtype", torch.float32), "cpu", batch=1))
+    if "key_dim" in change:
+        heads, kd = config[1], change["key_dim"]
+        args[1] = [w[2 * (KEY_DIM - kd):] for w in args[1]]
+        args[2] = [b[2 * (KEY_DIM - kd):] for b in args[2]]
+        args[3], args[4] = [w[:kd] for w in args[3]], [b[:kd] for b in args[4]]
+        args[8] = kd
+        assert len(args[1]) == heads
+    assert message in _reasons(args)
+
+
+def test_reasons_refuse_value_dim_other_than_channels_over_heads():
+    """One head whose value dim differs from its input width: the reference allows it, the kernel does not."""
+    x, _, _, dw_w, dw_b, biases, _, _, kd, window = _inputs((64, 1, (5,)), 7, 7, 7, torch.float32, "cpu", batch=1)
+    qkv_w, qkv_b = [torch.randn(2 * kd + 32, 64, 1, 1)], [torch.randn(2 * kd + 32)]
+    proj_w, proj_b = torch.randn(64, 32, 1, 1), torch.randn(64)
+    refused = _reasons((x, qkv_w, qkv_b, dw_w, dw_b, biases, proj_w, proj_b, kd, window))
+    assert "64 input channels ≠ heads·value dim = 1·32" in refused
+
+
+def test_explicit_request_without_a_gpu_raises_and_auto_falls_back():
+    if torch.cuda.is_available():
+        pytest.skip("checks the behaviour without a GPU")
+    args = _inputs((64, 4, (5, 5, 5, 5)), 9, 11, 7, torch.float32, "cpu", batch=1)
+    with torch.no_grad(), pytest.raises(dispatch.BackendUnavailable, match="backend 'cuda' was requested"):
+        cascaded_group_attention(*args, backend="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(cascaded_group_attention(*args), cascaded_group_attention_reference(*args))
+
+
+def test_cuda_backend_is_registered_but_not_a_default():
+    assert dispatch.get(OP, "cuda").validated_on is None
+    assert "not yet validated on a GPU (runs only when requested by name)" in dispatch.status(OP)["cuda"]
