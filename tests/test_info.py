@@ -10,8 +10,8 @@ import evit_kernels
 from evit_kernels import dispatch
 from evit_kernels.info import format_info
 
-EXPECTED_OPS = {"relu_linear_attention", "multiscale_aggregation", "cascaded_group_attention", "window_attention",
-                "conv_bn_act"}
+EXPECTED_OPS = {"relu_linear_attention", "relu_linear_attention_aggregated", "multiscale_aggregation",
+                "cascaded_group_attention", "window_attention", "conv_bn_act"}
 
 
 def test_info_reports_versions_and_every_op():

@@ -208,7 +208,7 @@ def test_autocast_casts_inputs_but_not_the_fp32_accumulation():
     groups = [g.requires_grad_() for g in make_groups(1, dim=8)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = attention(groups, 8, 1e-5)
-        out.sum().backward()
+    out.sum().backward()  # outside autocast, as PyTorch recommends
     assert out.dtype == torch.bfloat16
     expected_grads = _gradients([g.bfloat16() for g in groups], 8, 1e-5, attention, lambda y: y.sum())
     torch.testing.assert_close(out, attention([g.bfloat16() for g in groups], 8, 1e-5), rtol=0, atol=0)

@@ -3,19 +3,26 @@ its multi-scale aggregation and ReLU linear attention through the evit ops (SPEC
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from evit_kernels.nn._base import FusedModule, Unsupported
 from evit_kernels.ops.multiscale_aggregation import multiscale_aggregation
-from evit_kernels.ops.relu_linear_attention import relu_linear_attention
+from evit_kernels.ops.relu_linear_attention import (
+    relu_linear_attention,
+    relu_linear_attention_aggregated,
+    relu_linear_attention_aggregated_backend,
+)
 
 _REQUIRED_ATTRIBUTES = ("qkv", "aggreg", "kernel_func", "proj", "dim", "eps")
 
 
 class FusedLiteMLA(FusedModule):
     """Drop-in for a LiteMLA. ``qkv`` and ``proj`` stay the original children (they may be fused modules
-    themselves, and they own the BatchNorms), so training and inference take the same path: LiteMLA's own
-    parameters (the aggregation convs) have no BatchNorm to fold."""
+    themselves, and they own the BatchNorms): LiteMLA's own parameters (the aggregation convs) have no BatchNorm
+    to fold. When no gradient is needed and ``evit::relu_linear_attention_aggregated`` resolves to a kernel
+    backend, the aggregation and the attention run as that one op and the aggregated maps are never written;
+    otherwise (training, or the reference backend) as ``multiscale_aggregation`` then ``relu_linear_attention``."""
 
     def __init__(self, original: nn.Module, backend: str = "auto"):
         missing = [name for name in _REQUIRED_ATTRIBUTES if not hasattr(original, name)]
@@ -37,10 +44,21 @@ class FusedLiteMLA(FusedModule):
 
     def forward(self, x: Tensor) -> Tensor:
         qkv = self.qkv(x)
+        if not self._needs_attention_grad(qkv):
+            dws, pws = [scale[0] for scale in self.aggreg], [scale[1] for scale in self.aggreg]
+            args = (qkv, [dw.weight for dw in dws], [dw.bias for dw in dws], [pw.weight for pw in pws],
+                    [pw.bias for pw in pws], self.dim, self.eps)
+            # The fused op's reference backend is this same composition: take the op only for a kernel.
+            if relu_linear_attention_aggregated_backend(*args, backend=self.backend) != "torch":
+                return self.proj(relu_linear_attention_aggregated(*args, backend=self.backend))
         aggregated = [multiscale_aggregation(qkv, dw.weight, dw.bias, pw.weight, pw.bias, pw.groups,
                                              backend=self.backend)
                       for dw, pw in self.aggreg]
         return self.proj(relu_linear_attention(qkv, aggregated, self.dim, self.eps, backend=self.backend))
+
+    def _needs_attention_grad(self, qkv: Tensor) -> bool:
+        """Whether autograd needs the attention's backward: the fused op has only the reference's (slow)."""
+        return torch.is_grad_enabled() and (qkv.requires_grad or any(p.requires_grad for p in self.aggreg.parameters()))
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, dim={self.dim}, eps={self.eps}, " + super().extra_repr()

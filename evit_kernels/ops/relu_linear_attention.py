@@ -1,5 +1,7 @@
 """``evit::relu_linear_attention``: LiteMLA's ReLU linear attention over the qkv map and its multi-scale
-aggregations (SPEC.md §1.1 steps 3–6), with an explicit backward.
+aggregations (SPEC.md §1.1 steps 3–6), with an explicit backward; and
+``evit::relu_linear_attention_aggregated``, the same attention taking the aggregation weights instead of the
+aggregated maps (steps 2–6), so that a kernel can compute the aggregated q, k, v on the fly (inference).
 
 Per (batch, head) with q = relu(q), k = relu(k), v as is, over the N = H·W tokens:
 ``kv = Σ_n k_n v_nᵀ`` (d×d), ``z = Σ_n k_n`` (d), ``out_n = kvᵀ q_n / (z·q_n + eps)``.
@@ -15,7 +17,9 @@ import torch
 from torch import Tensor
 
 from evit_kernels import dispatch
-from evit_kernels.ops._library import autocast_inputs, check_floating_same_dtype
+from evit_kernels.ops._library import autocast_inputs, check_floating_same_dtype, register_reference_autograd
+from evit_kernels.ops.multiscale_aggregation import _check_shapes as _check_aggregation_shapes
+from evit_kernels.ops.multiscale_aggregation import multiscale_aggregation_reference
 
 
 def relu_linear_attention_reference(qkv: Tensor, aggregated: Sequence[Tensor], dim: int, eps: float) -> Tensor:
@@ -162,7 +166,7 @@ def relu_linear_attention(qkv: Tensor, aggregated: Sequence[Tensor], dim: int, e
     check_floating_same_dtype("relu_linear_attention", qkv, aggregated=aggregated)
     eps = float(eps)
     chosen = dispatch.choose("relu_linear_attention", qkv, aggregated, dim, eps, backend=backend)
-    return torch.ops.evit.relu_linear_attention(qkv, aggregated, dim, eps, chosen.name)
+    return dispatch.call(torch.ops.evit.relu_linear_attention, chosen, qkv, aggregated, dim, eps)
 
 
 def _check_shapes(qkv: Tensor, aggregated: list[Tensor], dim: int) -> None:
@@ -177,3 +181,99 @@ def _check_shapes(qkv: Tensor, aggregated: list[Tensor], dim: int) -> None:
         if tensor.shape != qkv.shape:
             raise ValueError(f"relu_linear_attention: aggregated[{index}] has shape {tuple(tensor.shape)} but qkv "
                              f"has {tuple(qkv.shape)}")
+
+
+# --- evit::relu_linear_attention_aggregated ---------------------------------------------------------------------
+
+_AGGREGATED = "relu_linear_attention_aggregated"
+
+
+def relu_linear_attention_aggregated_reference(qkv: Tensor, dw_weights: Sequence[Tensor],
+                                               dw_biases: Sequence[Tensor | None], pw_weights: Sequence[Tensor],
+                                               pw_biases: Sequence[Tensor | None], dim: int, eps: float) -> Tensor:
+    """Eager PyTorch: :func:`relu_linear_attention_reference` over ``qkv`` and its
+    :func:`multiscale_aggregation_reference` per scale (pointwise groups = 3·heads)."""
+    groups = qkv.shape[1] // dim
+    aggregated = [multiscale_aggregation_reference(qkv, dw, dw_b, pw, pw_b, groups)
+                  for dw, dw_b, pw, pw_b in zip(dw_weights, dw_biases, pw_weights, pw_biases)]
+    return relu_linear_attention_reference(qkv, aggregated, dim, eps)
+
+
+@torch.library.custom_op(f"evit::{_AGGREGATED}", mutates_args=())
+def _relu_linear_attention_aggregated_op(qkv: Tensor, dw_weights: list[Tensor], dw_biases: list[Tensor | None],
+                                         pw_weights: list[Tensor], pw_biases: list[Tensor | None], dim: int,
+                                         eps: float, backend: str) -> Tensor:
+    return dispatch.get(_AGGREGATED, backend).forward(qkv, dw_weights, dw_biases, pw_weights, pw_biases, dim, eps)
+
+
+@torch.library.register_fake(f"evit::{_AGGREGATED}")
+def _relu_linear_attention_aggregated_fake(qkv, dw_weights, dw_biases, pw_weights, pw_biases, dim, eps, backend):
+    batch, channels, height, width = qkv.shape
+    return qkv.new_empty(batch, (1 + len(dw_weights)) * (channels // 3), height, width)
+
+
+def _triton_aggregated_forward(qkv: Tensor, dw_weights: list[Tensor], dw_biases: list[Tensor | None],
+                               pw_weights: list[Tensor], pw_biases: list[Tensor | None], dim: int,
+                               eps: float) -> Tensor:
+    from evit_kernels.triton import relu_linear_attention as kernels
+
+    return kernels.forward_aggregated(qkv, list(zip(dw_weights, dw_biases, pw_weights, pw_biases)), dim, eps)
+
+
+def _triton_aggregated_reasons(qkv: Tensor, dw_weights: list[Tensor], dw_biases: list[Tensor | None],
+                               pw_weights: list[Tensor], pw_biases: list[Tensor | None], dim: int,
+                               eps: float) -> list[str]:
+    from evit_kernels.triton.conv_bn_act import fits_int32
+    from evit_kernels.triton.relu_linear_attention import AGGREGATION_KERNEL_SIZES
+
+    reasons = _triton_reasons(qkv, [], dim, eps)  # device, dtype, head dim, walkable strides
+    sizes = sorted({w.shape[-1] for w in dw_weights} - set(AGGREGATION_KERNEL_SIZES))
+    if sizes:
+        reasons.append(f"depthwise kernel size(s) {sizes} (the Triton kernels take {AGGREGATION_KERNEL_SIZES})")
+    if not fits_int32(qkv) or qkv.numel() // 3 * (1 + len(dw_weights)) >= 2**31:
+        reasons.append("qkv or the output spans 2^31 elements or more (the kernels index with 32 bits)")
+    return reasons
+
+
+# The trailing `backend` argument names an implementation; the gradient is the reference's either way (this op
+# is for inference: FusedLiteMLA takes it only when no gradient is needed).
+register_reference_autograd(f"evit::{_AGGREGATED}",
+                            lambda *args: relu_linear_attention_aggregated_reference(*args[:-1]))
+dispatch.register(_AGGREGATED, dispatch.Backend("torch", relu_linear_attention_aggregated_reference))
+dispatch.register(_AGGREGATED, dispatch.Backend("triton", _triton_aggregated_forward, _triton_aggregated_reasons))
+
+
+def relu_linear_attention_aggregated(qkv: Tensor, dw_weights: Sequence[Tensor], dw_biases: Sequence[Tensor | None],
+                                     pw_weights: Sequence[Tensor], pw_biases: Sequence[Tensor | None], dim: int,
+                                     eps: float, backend: str = "auto") -> Tensor:
+    """``relu_linear_attention(qkv, [multiscale_aggregation(qkv, dw_weights[s], dw_biases[s], pw_weights[s],
+    pw_biases[s], 3·heads) for each scale s], dim, eps)`` as one op, so that a backend may compute the aggregated
+    maps on the fly instead of writing them. Per scale: ``dw_weights[s]`` (C, 1, k, k) with k odd, ``pw_weights[s]``
+    (C, dim, 1, 1), biases (C,) or None. Returns (B, (1+S)·TD, H, W) in ``qkv``'s dtype."""
+    args = _aggregated_args(qkv, dw_weights, dw_biases, pw_weights, pw_biases, dim, eps)
+    chosen = dispatch.choose(_AGGREGATED, *args, backend=backend)
+    return dispatch.call(torch.ops.evit.relu_linear_attention_aggregated, chosen, *args)
+
+
+def relu_linear_attention_aggregated_backend(qkv: Tensor, dw_weights: Sequence[Tensor],
+                                             dw_biases: Sequence[Tensor | None], pw_weights: Sequence[Tensor],
+                                             pw_biases: Sequence[Tensor | None], dim: int, eps: float,
+                                             backend: str = "auto") -> str:
+    """The backend :func:`relu_linear_attention_aggregated` would run these arguments on (raises as it would)."""
+    args = _aggregated_args(qkv, dw_weights, dw_biases, pw_weights, pw_biases, dim, eps)
+    return dispatch.choose(_AGGREGATED, *args, backend=backend).name
+
+
+def _aggregated_args(qkv, dw_weights, dw_biases, pw_weights, pw_biases, dim, eps) -> tuple:
+    """The op's arguments, shape-checked, cast as autocast would, and dtype-checked."""
+    scales = [list(t) for t in (dw_weights, dw_biases, pw_weights, pw_biases)]
+    if len({len(s) for s in scales}) != 1:
+        raise ValueError(f"{_AGGREGATED}: dw_weights, dw_biases, pw_weights and pw_biases must have one entry per "
+                         f"scale, got lengths {[len(s) for s in scales]}")
+    _check_shapes(qkv, [], dim)
+    for dw, dw_b, pw, pw_b in zip(*scales):
+        _check_aggregation_shapes(qkv, dw, dw_b, pw, pw_b, qkv.shape[1] // dim)
+    qkv, *scales = autocast_inputs(qkv, *scales)
+    check_floating_same_dtype(_AGGREGATED, qkv, dw_weights=scales[0], dw_biases=scales[1], pw_weights=scales[2],
+                              pw_biases=scales[3])
+    return (qkv, *scales, dim, float(eps))

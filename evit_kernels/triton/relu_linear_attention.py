@@ -15,6 +15,12 @@ products use IEEE precision (no TF32), so fp32 results match the reference to ro
 Backward (g = ∂L/∂out): with den_n = z·q_n + eps, o_n = out_n, gnum_n = g_n / den_n and
 gden_n = -(g_n·o_n) / den_n, the reduction pass accumulates gkv = Σ_n q_n gnum_nᵀ and gz = Σ_n q_n gden_n; the
 apply pass writes ∂q_n = (kv gnum_n + z gden_n)·[q_n > 0], ∂k_n = (gkv v_n + gz)·[k_n > 0], ∂v_n = gkvᵀ k_n.
+
+Aggregated sources (inference, :func:`forward_aggregated`): an aggregated map is a depthwise K×K conv of qkv
+(zero padding K//2) followed by one d×d matrix per (head, role), so each token tile of one head's q, k or v is
+computed on the fly from qkv (K² masked neighbour loads of that role's d channels, then a d×d dot) and the map
+is never written. q and k/v use disjoint channels: the reduction pass computes only k and v, the apply pass
+only q. The kv/z accumulation and the output are the same helpers as for a stored source.
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ def flattenable(t: torch.Tensor) -> bool:
     return t.dim() == 4 and (t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3))
 
 
-def _backward_block(d_pad: int, dtype: torch.dtype) -> int:
-    """Token tile of the backward kernels: they hold four d×d fp32 matrices, so wide heads take fewer tokens
-    (at d = 32 a 64-token tile spills registers on sm_90, and a 32-token one still does for fp32 inputs)."""
+def _heavy_block(d_pad: int, dtype: torch.dtype) -> int:
+    """Token tile of the kernels that hold several fp32 tiles at once (the backward ones: four d×d matrices; the
+    aggregated-source ones: the depthwise tile, its pointwise product and kv): wide heads take fewer tokens (at
+    d = 32 a 64-token tile spills registers on sm_90, and a 32-token one still does for fp32 inputs)."""
     if d_pad <= 16:
         return BLOCK_N
     return BLOCK_N // 4 if dtype == torch.float32 else BLOCK_N // 2
@@ -94,6 +101,23 @@ def _output_terms(q, kv, z, eps, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _accumulate_kv(k, v, kv, z, PRECISION: tl.constexpr):
+    """kv + k vᵀ and z + Σ_n k for a ReLU'd k tile and a v tile (D_PAD, BLOCK_N), zero outside the tokens."""
+    kv += tl.dot(k, tl.trans(v), input_precision=PRECISION)
+    z += tl.sum(k.to(tl.float32), axis=1)
+    return kv, z
+
+
+@triton.jit
+def _store_output(q, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n,
+                  PRECISION: tl.constexpr):
+    """Write kvᵀ q_n / (z·q_n + eps) for a ReLU'd q tile (D_PAD, BLOCK_N), rounded once to the output dtype."""
+    num, den = _output_terms(q, kv, z, eps, PRECISION)
+    ptrs = out_base + offs_d[:, None] * out_stride_c + offs_n[None, :] * out_stride_n
+    tl.store(ptrs, (num / den[None, :]).to(out_base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rla_fwd_reduce_kernel(src, partial, heads, n_tokens, per_chunk, chunks, stride_b, stride_c, stride_n,
                            D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
                            UPCAST: tl.constexpr):
@@ -113,8 +137,7 @@ def _rla_fwd_reduce_kernel(src, partial, heads, n_tokens, per_chunk, chunks, str
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        kv += tl.dot(k, tl.trans(v), input_precision=PRECISION)
-        z += tl.sum(k.to(tl.float32), axis=1)
+        kv, z = _accumulate_kv(k, v, kv, z, PRECISION)
     _store_partial(partial, row, chunk, chunks, kv, z, offs_d, D_PAD)
 
 
@@ -135,10 +158,7 @@ def _rla_fwd_apply_kernel(src, partial, out, heads, first_head, n_tokens, per_ch
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
         q = _relu(_load_role(base, 0, offs_d, offs_n, mask, stride_c, stride_n, D))
-        num, den = _output_terms(q, kv, z, eps, PRECISION)
-        result = num / den[None, :]
-        ptrs = out_base + offs_d[:, None] * out_stride_c + offs_n[None, :] * out_stride_n
-        tl.store(ptrs, result.to(out.dtype.element_ty), mask=mask)
+        _store_output(q, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n, PRECISION)
 
 
 @triton.jit
@@ -211,43 +231,188 @@ def _rla_bwd_apply_kernel(src, grad, partial, grad_partial, grad_src, heads, fir
         tl.store(ptrs + 2 * D * gs_stride_c, gv.to(ty), mask=mask)
 
 
+@triton.jit
+def _aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, height, width, stride_c, stride_n,
+                    has_dw_bias, has_pw_bias, role: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                    K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Role ``role`` (0 q, 1 k, 2 v) of one head of the aggregated map at the tokens ``offs_n``, as an fp32
+    (D_PAD, BLOCK_N) tile that is zero on padded channels and on tokens outside ``valid``: the depthwise K×K
+    conv (zero padding K//2) of the role's D channels of ``base`` (the head's first channel), then the
+    role's D×D pointwise matrix. The depthwise result stays in fp32 registers (the unfused path rounds it to the
+    input dtype); the pointwise dot rounds its operands only as ``PRECISION`` says."""
+    mask_d = offs_d < D
+    chan = (head * 3 + role) * D + offs_d  # same channel index in qkv, the weights and the aggregated map
+    rows = base + (role * D + offs_d)[:, None] * stride_c
+    tok_y = offs_n // width
+    tok_x = offs_n % width
+    local = tl.zeros((D_PAD, BLOCK_N), dtype=tl.float32)
+    for t in range(K * K):  # one tap in flight at a time: unrolled, the K² tiles would spill
+        dy = t // K - K // 2
+        dx = t % K - K // 2
+        y = tok_y + dy
+        x = tok_x + dx
+        inside = valid & (y >= 0) & (y < height) & (x >= 0) & (x < width)  # zero padding: nothing read outside
+        tap = tl.load(rows + (offs_n + dy * width + dx)[None, :] * stride_n, mask=mask_d[:, None] & inside[None, :],
+                      other=0.0)
+        weight = tl.load(dw_w + chan * (K * K) + t, mask=mask_d, other=0.0)
+        local += tap.to(tl.float32) * weight.to(tl.float32)[:, None]
+    if has_dw_bias != 0:
+        local += tl.load(dw_b + chan, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+    mix = tl.load(pw_w + chan[:, None] * D + offs_d[None, :], mask=mask_d[:, None] & mask_d[None, :], other=0.0)
+    agg = tl.dot(mix.to(tl.float32), local, input_precision=PRECISION)
+    if has_pw_bias != 0:
+        agg += tl.load(pw_b + chan, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+    return tl.where(valid[None, :], agg, 0.0)
+
+
+@triton.jit
+def _rla_agg_fwd_reduce_kernel(src, dw_w, dw_b, pw_w, pw_b, partial, heads, height, width, per_chunk, chunks,
+                               has_dw_bias, has_pw_bias, stride_b, stride_c, stride_n,
+                               D: tl.constexpr, D_PAD: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                               PRECISION: tl.constexpr):
+    """The reduction pass over one scale's aggregated map, computed from ``src`` (qkv): only k and v."""
+    row = tl.program_id(0)  # batch · heads + head
+    chunk = tl.program_id(1)
+    head = row % heads
+    base = src + (row // heads) * stride_b + head * 3 * D * stride_c
+    offs_d = tl.arange(0, D_PAD)
+    kv = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
+    z = tl.zeros((D_PAD,), dtype=tl.float32)
+    start = chunk * per_chunk
+    end = tl.minimum(start + per_chunk, height * width)
+    # No software pipelining: it would stage every neighbour tile in shared memory (over 228 KB for fp32, K = 5).
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=1):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < end
+        k = _relu(_aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, height, width,
+                                  stride_c, stride_n, has_dw_bias, has_pw_bias, 1, D, D_PAD, K, BLOCK_N, PRECISION))
+        v = _aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, height, width,
+                            stride_c, stride_n, has_dw_bias, has_pw_bias, 2, D, D_PAD, K, BLOCK_N, PRECISION)
+        kv, z = _accumulate_kv(k, v, kv, z, PRECISION)
+    _store_partial(partial, row, chunk, chunks, kv, z, offs_d, D_PAD)
+
+
+@triton.jit
+def _rla_agg_fwd_apply_kernel(src, dw_w, dw_b, pw_w, pw_b, partial, out, heads, first_head, height, width,
+                              per_chunk, chunks, eps, has_dw_bias, has_pw_bias, stride_b, stride_c, stride_n,
+                              out_stride_b, out_stride_c, out_stride_n,
+                              D: tl.constexpr, D_PAD: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                              PRECISION: tl.constexpr):
+    """The apply pass over one scale's aggregated map, computed from ``src`` (qkv): only q."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b, head = row // heads, row % heads
+    base = src + b * stride_b + head * 3 * D * stride_c
+    out_base = out + b * out_stride_b + (first_head + head) * D * out_stride_c
+    offs_d = tl.arange(0, D_PAD)
+    kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
+    start = chunk * per_chunk
+    end = tl.minimum(start + per_chunk, height * width)
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=1):  # not pipelined, as in the reduction pass
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < end
+        q = _relu(_aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, height, width,
+                                  stride_c, stride_n, has_dw_bias, has_pw_bias, 0, D, D_PAD, K, BLOCK_N, PRECISION))
+        mask = (offs_d < D)[:, None] & valid[None, :]
+        _store_output(q, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n, "ieee")
+
+
 def _token_strides(t: torch.Tensor) -> tuple[int, int, int]:
     """(batch, channel, token) strides of a flattenable (B, C, H, W) tensor."""
     return t.stride(0), t.stride(1), t.stride(3)
 
 
-def _dot_mode(t: torch.Tensor) -> dict:
+def _dot_mode(dtype: torch.dtype) -> dict:
     """How the kv reduction multiplies: fp32 in IEEE precision; fp16 on fp16 tensor cores; bf16 upcast to fp32 on
     TF32 tensor cores, which is exact for bf16 values (8-bit mantissas fit TF32's 10) and avoids the Triton
     interpreter's broken bf16 dot, so CI checks the same arithmetic the GPU runs."""
-    if t.dtype == torch.float32:
+    if dtype == torch.float32:
         return {"PRECISION": "ieee", "UPCAST": False}
-    return {"PRECISION": "tf32", "UPCAST": t.dtype == torch.bfloat16}
+    return {"PRECISION": "tf32", "UPCAST": dtype == torch.bfloat16}
+
+
+def _empty_partials(src: torch.Tensor, dim: int, chunks: int) -> torch.Tensor:
+    """Scratch for the per-chunk fp32 partial sums of kv and z of every (batch, head) of one source."""
+    batch, channels = src.shape[:2]
+    d_pad = _padded_dim(dim)
+    return torch.empty(batch * (channels // (3 * dim)), chunks, d_pad * d_pad + d_pad, device=src.device,
+                       dtype=torch.float32)
 
 
 def _partials(src: torch.Tensor, dim: int, per_chunk: int, chunks: int) -> torch.Tensor:
     """Per-chunk fp32 partial sums of kv and z for every (batch, head) of one source tensor."""
     batch, channels, height, width = src.shape
-    heads, d_pad = channels // (3 * dim), _padded_dim(dim)
-    partial = torch.empty(batch * heads, chunks, d_pad * d_pad + d_pad, device=src.device, dtype=torch.float32)
-    _rla_fwd_reduce_kernel[(batch * heads, chunks)](
-        src, partial, heads, height * width, per_chunk, chunks, *_token_strides(src),
-        D=dim, D_PAD=d_pad, BLOCK_N=BLOCK_N, **_dot_mode(src))
+    partial = _empty_partials(src, dim, chunks)
+    _rla_fwd_reduce_kernel[(partial.shape[0], chunks)](
+        src, partial, channels // (3 * dim), height * width, per_chunk, chunks, *_token_strides(src),
+        D=dim, D_PAD=_padded_dim(dim), BLOCK_N=BLOCK_N, **_dot_mode(src.dtype))
     return partial
+
+
+def _empty_output(qkv: torch.Tensor, dim: int, groups: int) -> torch.Tensor:
+    """(B, groups·heads·dim, H, W), contiguous, in ``qkv``'s dtype."""
+    batch, channels, height, width = qkv.shape
+    return torch.empty(batch, channels // 3 * groups, height, width, device=qkv.device, dtype=qkv.dtype)
+
+
+def _attend(src: torch.Tensor, out: torch.Tensor, index: int, dim: int, eps: float) -> None:
+    """Write the attention over source ``src`` into head group ``index`` of ``out``."""
+    batch, channels, height, width = src.shape
+    heads = channels // (3 * dim)
+    per_chunk, chunks = _chunking(height * width, batch * heads)
+    partial = _partials(src, dim, per_chunk, chunks)
+    _rla_fwd_apply_kernel[(batch * heads, chunks)](
+        src, partial, out, heads, index * heads, height * width, per_chunk, chunks, eps,
+        *_token_strides(src), *_token_strides(out), D=dim, D_PAD=_padded_dim(dim), BLOCK_N=BLOCK_N,
+        PRECISION="ieee")
 
 
 def forward(sources: list[torch.Tensor], dim: int, eps: float) -> torch.Tensor:
     """Output (B, Σ heads·dim, H, W), contiguous, in the sources' dtype."""
-    first = sources[0]
-    batch, channels, height, width = first.shape
-    n_tokens, heads, d_pad = height * width, channels // (3 * dim), _padded_dim(dim)
-    out = torch.empty(batch, heads * dim * len(sources), height, width, device=first.device, dtype=first.dtype)
-    per_chunk, chunks = _chunking(n_tokens, batch * heads)
+    out = _empty_output(sources[0], dim, len(sources))
     for index, src in enumerate(sources):
-        partial = _partials(src, dim, per_chunk, chunks)
-        _rla_fwd_apply_kernel[(batch * heads, chunks)](
-            src, partial, out, heads, index * heads, n_tokens, per_chunk, chunks, eps,
-            *_token_strides(src), *_token_strides(out), D=dim, D_PAD=d_pad, BLOCK_N=BLOCK_N, PRECISION="ieee")
+        _attend(src, out, index, dim, eps)
+    return out
+
+
+AGGREGATION_KERNEL_SIZES = (3, 5)
+
+
+def _aggregated_constexprs(dim: int, dtype: torch.dtype, kernel_size: int) -> dict:
+    """Compile-time parameters of the aggregated-source kernels. They multiply fp32 tiles (the depthwise result
+    is never rounded to the input dtype): in IEEE precision for fp32 inputs, on TF32 tensor cores for fp16 and
+    bf16 ones, whose 10-bit mantissa holds at least the input's precision."""
+    d_pad = _padded_dim(dim)
+    return dict(D=dim, D_PAD=d_pad, K=kernel_size, BLOCK_N=_heavy_block(d_pad, dtype),
+                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def forward_aggregated(qkv: torch.Tensor, scales: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
+                                                           torch.Tensor | None]],
+                       dim: int, eps: float) -> torch.Tensor:
+    """The output of :func:`forward` over ``qkv`` and its aggregated maps, each aggregated map computed on the
+    fly from ``qkv``, one token tile at a time, and never written. ``scales`` holds (depthwise weight
+    (C, 1, k, k), its bias or None, pointwise weight (C, dim, 1, 1), its bias or None) per scale, k in
+    :data:`AGGREGATION_KERNEL_SIZES`."""
+    batch, channels, height, width = qkv.shape
+    heads = channels // (3 * dim)
+    out = _empty_output(qkv, dim, 1 + len(scales))
+    _attend(qkv, out, 0, dim, eps)
+    per_chunk, chunks = _chunking(height * width, batch * heads)
+    grid = (batch * heads, chunks)
+    for index, (dw_w, dw_b, pw_w, pw_b) in enumerate(scales, start=1):
+        flags = (int(dw_b is not None), int(pw_b is not None))
+        # The weights are tiny: made contiguous (a no-op for parameters) so the kernels index them densely;
+        # an absent bias passes its weight as a never-read pointer.
+        dw_w, pw_w = dw_w.contiguous(), pw_w.contiguous()
+        weights = (dw_w, dw_w if dw_b is None else dw_b.contiguous(), pw_w, pw_w if pw_b is None else pw_b.contiguous())
+        partial = _empty_partials(qkv, dim, chunks)
+        constexprs = _aggregated_constexprs(dim, qkv.dtype, dw_w.shape[-1])
+        _rla_agg_fwd_reduce_kernel[grid](qkv, *weights, partial, heads, height, width, per_chunk, chunks, *flags,
+                                         *_token_strides(qkv), **constexprs)
+        _rla_agg_fwd_apply_kernel[grid](qkv, *weights, partial, out, heads, index * heads, height, width,
+                                        per_chunk, chunks, eps, *flags, *_token_strides(qkv),
+                                        *_token_strides(out), **constexprs)
     return out
 
 
@@ -257,7 +422,7 @@ def backward(sources: list[torch.Tensor], grad_out: torch.Tensor, dim: int, eps:
     batch, channels, height, width = sources[0].shape
     n_tokens, heads, d_pad = height * width, channels // (3 * dim), _padded_dim(dim)
     per_chunk, chunks = _chunking(n_tokens, batch * heads)
-    block = _backward_block(d_pad, sources[0].dtype)
+    block = _heavy_block(d_pad, sources[0].dtype)
     if not flattenable(grad_out):  # e.g. the stride-0 gradient of y.sum()
         grad_out = grad_out.contiguous()
     grads = []
@@ -276,33 +441,36 @@ def backward(sources: list[torch.Tensor], grad_out: torch.Tensor, dim: int, eps:
     return grads
 
 
+_TENSOR_ARGS = ("src", "out", "grad", "grad_src", "dw_w", "dw_b", "pw_w", "pw_b")
+
+
+def _signature(kernel, ptr: str) -> dict[str, str]:
+    """Triton types of ``kernel``'s arguments for tensors of pointer type ``ptr``: partial sums are fp32, the
+    upper-case arguments constexprs, ``eps`` fp32 and every other scalar (sizes, strides, flags) i32."""
+    def kind(name: str) -> str:
+        if name.isupper():
+            return "constexpr"
+        if "partial" in name:
+            return "*fp32"
+        if name in _TENSOR_ARGS:
+            return ptr
+        return "fp32" if name == "eps" else "i32"
+
+    return {name: kind(name) for name in kernel.arg_names}
+
+
 def compile_configs():
     """Every (kernel, signature, constexprs) the launchers above can request: CI compiles each one ahead of time
     for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
-    index = dict(heads="i32", first_head="i32", n_tokens="i32", per_chunk="i32", chunks="i32", eps="fp32")
-    strides = {f"{p}stride_{a}": "i32" for p in ("", "out_", "g_", "gs_") for a in "bcn"}
-    kernels = {
-        _rla_fwd_reduce_kernel: ("src", "partial"),
-        _rla_fwd_apply_kernel: ("src", "partial", "out"),
-        _rla_bwd_reduce_kernel: ("src", "grad", "partial", "grad_partial"),
-        _rla_bwd_apply_kernel: ("src", "grad", "partial", "grad_partial", "grad_src"),
-    }
     for dtype, ptr in ((torch.float32, "*fp32"), (torch.float16, "*fp16"), (torch.bfloat16, "*bf16")):
         for dim in (8, 16, 32):
-            for kernel, pointers in kernels.items():
-                signature = {}
-                for name in kernel.arg_names:
-                    if name in pointers:
-                        signature[name] = "*fp32" if "partial" in name or name == "grad" else ptr
-                    elif name in ("D", "D_PAD", "BLOCK_N", "PRECISION", "UPCAST"):
-                        signature[name] = "constexpr"
-                    else:
-                        signature[name] = index.get(name) or strides[name]
-                constexprs = {"D": dim, "D_PAD": _padded_dim(dim), "BLOCK_N": BLOCK_N}
-                if kernel is _rla_fwd_reduce_kernel:
-                    constexprs.update(_dot_mode(torch.empty(0, dtype=dtype)))
-                elif kernel is _rla_fwd_apply_kernel:
-                    constexprs["PRECISION"] = "ieee"
-                else:
-                    constexprs["BLOCK_N"] = _backward_block(_padded_dim(dim), dtype)
-                yield kernel, signature, constexprs
+            plain = {"D": dim, "D_PAD": _padded_dim(dim), "BLOCK_N": BLOCK_N}
+            backward = {**plain, "BLOCK_N": _heavy_block(plain["D_PAD"], dtype)}
+            configs = [(_rla_fwd_reduce_kernel, {**plain, **_dot_mode(dtype)}),
+                       (_rla_fwd_apply_kernel, {**plain, "PRECISION": "ieee"}),
+                       (_rla_bwd_reduce_kernel, backward), (_rla_bwd_apply_kernel, backward)]
+            configs += [(kernel, _aggregated_constexprs(dim, dtype, k))
+                        for kernel in (_rla_agg_fwd_reduce_kernel, _rla_agg_fwd_apply_kernel)
+                        for k in AGGREGATION_KERNEL_SIZES]
+            for kernel, constexprs in configs:
+                yield kernel, _signature(kernel, ptr), constexprs
