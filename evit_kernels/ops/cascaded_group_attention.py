@@ -59,7 +59,28 @@ def window_merge(windows: Tensor, meta: WindowMeta) -> Tensor:
 
 
 def attention_bias_index(resolution: int, device: torch.device | str | None = None) -> Tensor:
-    """(R², R²) index into a (heads, R²) bias table: ``|y1 − y2|·R + |x1 − x2|`` for row-major points."""
+    """(R², R²) index into a (heads, R²) bias table: ``|y1 − y2|·R + |x1 − x2|`` for row-major points.
+
+    Built once per (R, device) when running eagerly (every head of every call needs it), as a normal tensor
+    even under inference mode (autograd saves it when the bias needs a gradient). Built afresh whenever the
+    call is being traced (torch.compile, or any dispatch mode such as fake tensors or make_fx), where a cached
+    real tensor would not belong.
+    """
+    eager = (type(resolution) is int and not torch.compiler.is_compiling()
+             and torch._C._len_torch_dispatch_stack() == 0)
+    if not eager:
+        return _bias_index(resolution, device)
+    key = (resolution, str(torch.device(device) if device is not None else torch.device("cpu")))
+    if key not in _BIAS_INDEX_CACHE:
+        with torch.inference_mode(False):
+            _BIAS_INDEX_CACHE[key] = _bias_index(resolution, device)
+    return _BIAS_INDEX_CACHE[key]
+
+
+_BIAS_INDEX_CACHE: dict[tuple[int, str], Tensor] = {}
+
+
+def _bias_index(resolution: int, device: torch.device | str | None) -> Tensor:
     coords = torch.arange(resolution, device=device)
     y = coords.repeat_interleave(resolution)
     x = coords.repeat(resolution)
