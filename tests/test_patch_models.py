@@ -174,3 +174,19 @@ def test_fold_bn_is_destructive_but_exact():
         assert rel_err(model(x), expected_model(x)) < 1e-4
         evit_kernels.patch(model)
         assert rel_err(model(x), expected_model(x)) < 1e-4
+
+
+def test_model_built_under_inference_mode():
+    """Parameters created under inference mode have no version counter: folding must still track them."""
+    with torch.inference_mode():
+        model = build("efficientvit_m0")
+        patched = copy.deepcopy(model)
+        evit_kernels.patch(patched)
+        x = torch.randn(1, 3, 64, 64)
+        assert rel_err(patched(x), model(x)) < 1e-4
+        before = patched(x)
+        for m in [*model.modules(), *patched.modules()]:  # an in-place update must show up in the next call
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.add_(0.5)
+        after, expected = patched(x), model(x)
+    assert rel_err(after, expected) < 1e-4 and rel_err(after, before) > 1e-3

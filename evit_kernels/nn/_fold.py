@@ -46,8 +46,10 @@ class FoldCache:
     """Caches folded tensors until a source tensor changes (in-place update, ``.to()``, a new dtype) or a
     constant in ``key`` does (e.g. ``bn.eps``).
 
-    Folding is recomputed, never cached, under ``torch.compile`` (the compiler fuses it) and when gradients
-    must flow into the sources (eval-mode fine-tuning), so the cache can never hide a gradient.
+    Folding is recomputed, never cached, under ``torch.compile`` (the compiler fuses it), when gradients
+    must flow into the sources (eval-mode fine-tuning), so the cache can never hide a gradient, and when a
+    source is an inference tensor (a model built under ``torch.inference_mode``), which has no version counter
+    to tell an in-place update.
     """
 
     def __init__(self) -> None:
@@ -56,7 +58,8 @@ class FoldCache:
 
     def get(self, compute: Callable[[], object], sources: list[torch.Tensor | None], key: tuple = ()) -> object:
         tensors = [t for t in sources if t is not None]
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        if (torch.compiler.is_compiling() or any(t.is_inference() for t in tensors)
+                or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
             return compute()
         # A new dtype or device means new storage, so the data pointer covers those too.
         full_key = (*key, *(t._version for t in tensors), *(t.data_ptr() for t in tensors))
