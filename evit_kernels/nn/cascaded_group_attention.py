@@ -92,32 +92,30 @@ class FusedCascadedGroupAttention(FusedModule):
         if not torch.equal(idxs.cpu(), attention_bias_index(R)):
             raise Unsupported("attention_bias_idxs is not the |dy|·R + |dx| offset index")
 
-    def _blocks(self) -> list[nn.Module]:
-        return [*self.qkvs, *self.dws, self.proj[1]]
+    def _conv_bn_pairs(self) -> list[tuple[nn.Conv2d, _BatchNorm]]:
+        """(conv, bn) of every qkv, then every dw, then the proj block: looked up on each call (SyncBatchNorm
+        conversion swaps children), without the structural checks the constructor already made."""
+        blocks = [*self.qkvs, *self.dws, self.proj[1]]
+        return [(b._modules.get("conv") or b._modules["c"], b._modules["bn"]) for b in blocks]
 
-    def _foldable(self) -> bool:
-        return not self.training and all(uses_running_stats(conv_bn(b)[1]) for b in self._blocks())
+    def _foldable(self, pairs: list[tuple[nn.Conv2d, _BatchNorm]]) -> bool:
+        return not self.training and all(uses_running_stats(bn) for _, bn in pairs)
 
-    def _folded(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], Tensor, Tensor]:
-        def fold(block: nn.Module) -> tuple[Tensor, Tensor]:
-            conv, bn = conv_bn(block)
-            return fold_bn_into(conv.weight, conv.bias, bn)
+    def _folded(self, pairs: list[tuple[nn.Conv2d, _BatchNorm]]
+                ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], Tensor, Tensor]:
+        heads = self.num_heads
 
         def compute():
-            qkv = [fold(b) for b in self.qkvs]
-            dw = [fold(b) for b in self.dws]
-            proj_w, proj_b = fold(self.proj[1])
+            folded = [fold_bn_into(conv.weight, conv.bias, bn) for conv, bn in pairs]
+            qkv, dw, (proj_w, proj_b) = folded[:heads], folded[heads:2 * heads], folded[-1]
             return ([w for w, _ in qkv], [b for _, b in qkv], [w for w, _ in dw], [b for _, b in dw], proj_w, proj_b)
 
-        sources, eps = [], []
-        for block in self._blocks():
-            conv, bn = conv_bn(block)
-            sources += [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
-            eps.append(bn.eps)
-        return self._fold_cache.get(compute, sources, key=tuple(eps))
+        sources = [t for conv, bn in pairs
+                   for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)]
+        return self._fold_cache.get(compute, sources, key=tuple(bn.eps for _, bn in pairs))
 
-    def _fused(self, x: Tensor, window: int) -> Tensor:
-        qkv_w, qkv_b, dw_w, dw_b, proj_w, proj_b = self._folded()
+    def _fused(self, x: Tensor, window: int, pairs: list[tuple[nn.Conv2d, _BatchNorm]]) -> Tensor:
+        qkv_w, qkv_b, dw_w, dw_b, proj_w, proj_b = self._folded(pairs)
         return cascaded_group_attention(x, qkv_w, qkv_b, dw_w, dw_b, self.attention_biases, proj_w, proj_b,
                                         self.key_dim, window, backend=self.backend)
 
@@ -127,8 +125,9 @@ class FusedCascadedGroupAttention(FusedModule):
         if x.dim() != 4 or x.shape[-2:] != (R, R):
             raise ValueError(f"{type(self).__name__}: expected a (B, C, {R}, {R}) window batch, got shape "
                              f"{tuple(x.shape)}; use forward_map for a whole feature map")
-        if self._foldable():
-            return self._fused(x, R)
+        pairs = self._conv_bn_pairs()
+        if self._foldable(pairs):
+            return self._fused(x, R, pairs)
         return self.proj(cascade_heads(x, self.qkvs, self.dws, self.attention_biases, self.key_dim,
                                        backend=self.backend))
 
@@ -139,8 +138,9 @@ class FusedCascadedGroupAttention(FusedModule):
                              f"resolution {self.resolution}")
         if x.dim() != 4:
             raise ValueError(f"{type(self).__name__}: expected a (B, C, H, W) map, got shape {tuple(x.shape)}")
-        if self._foldable():
-            return self._fused(x, window)
+        pairs = self._conv_bn_pairs()
+        if self._foldable(pairs):
+            return self._fused(x, window, pairs)
         windows, meta = window_partition(x, window)
         return window_merge(self(windows), meta)
 
