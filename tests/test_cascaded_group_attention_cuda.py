@@ -15,6 +15,7 @@ from evit_kernels.ops.cascaded_group_attention import (
     cascaded_group_attention_reference,
     cuda_shared_memory_bytes,
 )
+from tests.numerics import max_err, ulp
 
 needs_extension = pytest.mark.skipif(_extension.load_error() is not None,
                                      reason=f"evit_kernels._C is not built: {_extension.load_error()}")
@@ -61,14 +62,6 @@ def _to(args, dtype):
     return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.detach().to(dtype), args)
 
 
-def _max_err(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return (got.double() - expected).abs().max().item()
-
-
-def _ulp(expected: torch.Tensor, dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps * expected.abs().max().item()
-
-
 def _poison_next_allocation(shape, dtype) -> int:
     """Leave a NaN-filled block of this size in the caching allocator, which hands it to the next allocation of
     the same size (the kernel's output, allocated in C++ where the poisoned_empty fixture cannot reach). The
@@ -97,7 +90,7 @@ def test_released_attentions_within_twice_eager_error(config, H, W, window, dtyp
     assert out.data_ptr() == poisoned, "the output did not reuse the NaN-poisoned block"
     assert out.dtype == dtype and out.shape == expected.shape and out.is_contiguous()
     assert torch.isfinite(out).all()
-    assert _max_err(out, expected) <= 2 * _max_err(eager, expected) + _ulp(expected, dtype)
+    assert max_err(out, expected) <= 2 * max_err(eager, expected) + ulp(expected, dtype)
 
 
 @pytest.mark.gpu
@@ -114,7 +107,7 @@ def test_strided_input_and_residual(dtype):
     eager = cascaded_group_attention_reference(*args) + residual
     out = torch.ops.evit.cga_window_cuda(*args, residual=residual)
     assert torch.isfinite(out).all()
-    assert _max_err(out, expected) <= 2 * _max_err(eager, expected) + _ulp(expected, dtype)
+    assert max_err(out, expected) <= 2 * max_err(eager, expected) + ulp(expected, dtype)
 
 
 @pytest.mark.gpu

@@ -18,19 +18,9 @@ from evit_kernels.ops.cascaded_group_attention import (
     window_attention,
     window_attention_reference,
 )
+from tests.numerics import max_err, ulp
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _max_err(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return (got.double() - expected).abs().max().item()
-
-
-def _ulp(expected: torch.Tensor, dtype: torch.dtype) -> float:
-    """One unit in the last place of ``dtype`` at the largest magnitude: the 2x-eager criterion's floor, for
-    cases where eager happens to round exactly (the Triton interpreter also truncates when it narrows to bf16,
-    where a GPU rounds to nearest)."""
-    return torch.finfo(dtype).eps * expected.abs().max().item()
 
 
 def _window_inputs(windows, key_dim, val_dim, resolution, dtype, bias_dtype=None, strided=False):
@@ -78,10 +68,10 @@ def test_core_and_gradients_within_twice_eager_error(poisoned_empty, windows, ke
     out, grads = _run(inputs, resolution, scale, grad_out, "triton")
     eager_out, eager_grads = _run(inputs, resolution, scale, grad_out, "torch")
     assert out.dtype == dtype and out.shape == expected.shape and torch.isfinite(out).all()
-    assert _max_err(out, expected) <= 2 * _max_err(eager_out, expected) + _ulp(expected, dtype)
+    assert max_err(out, expected) <= 2 * max_err(eager_out, expected) + ulp(expected, dtype)
     for got, eager, exact, leaf in zip(grads, eager_grads, exact_grads, inputs, strict=True):
         assert got.dtype == leaf.dtype and got.shape == leaf.shape and torch.isfinite(got).all()
-        assert _max_err(got, exact) <= 2 * _max_err(eager, exact) + _ulp(exact, leaf.dtype)
+        assert max_err(got, exact) <= 2 * max_err(eager, exact) + ulp(exact, leaf.dtype)
 
 
 def test_stride_zero_gradient_and_deterministic_bias_gradient():
@@ -208,7 +198,7 @@ def test_patched_timm_m0_attention_trains_through_triton_core():
     # (the kernel itself is held to 2x eager's error above).
     for want, eager, got in zip(*results, strict=True):
         assert got.dtype == torch.float32 and torch.isfinite(got).all()
-        assert _max_err(got, want) <= max(2 * _max_err(eager, want), 1e-5 * want.abs().max().item())
+        assert max_err(got, want) <= max(2 * max_err(eager, want), 1e-5 * want.abs().max().item())
 
 
 def test_patched_module_requesting_triton_raises_for_unsupported_dtype():

@@ -16,6 +16,7 @@ from torch import nn
 from evit_kernels import dispatch
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct
 from evit_kernels.ops.conv_bn_act import ACTIVATIONS, conv_bn_act, conv_bn_act_reference
+from tests.numerics import max_err, ulp
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -76,16 +77,6 @@ def _pointwise_inputs(name, dtype):
     return _inputs(batch, c_in, c_out, height, width, 1, 1, 0, 1, bias, residual, layout, dtype)
 
 
-def _max_err(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return (got.double() - expected).abs().max().item()
-
-
-def _ulp(expected: torch.Tensor, dtype: torch.dtype) -> float:
-    """One unit in the last place of ``dtype`` at the largest magnitude: the 2x-eager criterion's floor (the Triton
-    interpreter also truncates when it narrows to bf16, where a GPU rounds to nearest)."""
-    return torch.finfo(dtype).eps * expected.abs().max().item()
-
-
 def _check_against_float64(x, weight, bias, residual, conv, activation):
     dtype = x.dtype
     out = conv_bn_act(x, weight, bias, activation=activation, residual=residual, backend="triton", **conv)
@@ -95,7 +86,7 @@ def _check_against_float64(x, weight, bias, residual, conv, activation):
                                      activation, f64[3])
     assert out.dtype == dtype and out.shape == eager.shape and out.stride() == eager.stride()
     assert torch.isfinite(out).all()
-    assert _max_err(out, expected) <= 2 * _max_err(eager, expected) + _ulp(expected, dtype)
+    assert max_err(out, expected) <= 2 * max_err(eager, expected) + ulp(expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -16,6 +16,7 @@ from evit_kernels.ops.relu_linear_attention import (
     relu_linear_attention_aggregated_reference,
 )
 from evit_kernels.triton import relu_linear_attention as kernels
+from tests.numerics import max_err, ulp
 from tests.test_lite_mla import CHANNELS, build
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,16 +45,6 @@ def _double(values):
     return [None if v is None else v.double() for v in values]
 
 
-def _max_err(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return (got.double() - expected).abs().max().item()
-
-
-def _ulp(expected: torch.Tensor, dtype: torch.dtype) -> float:
-    """One unit in the last place of ``dtype`` at the largest magnitude (the interpreter truncates when it
-    narrows to bf16, where a GPU rounds to nearest)."""
-    return torch.finfo(dtype).eps * expected.abs().max().item()
-
-
 # (batch, heads, dim, H, W, depthwise kernel sizes (one per scale), biases, channels_last): k 3 and 5, S 0 to 2,
 # every supported d, 1×1 / 2×3 / 5×7 maps, 99 tokens (two chunks), fp32 d = 32 (16-token tiles, so the
 # depthwise taps cross tiles), batch 2.
@@ -78,7 +69,7 @@ def test_matches_float64_composition_within_twice_eager_error(poisoned_empty, ba
     out = relu_linear_attention_aggregated(qkv, *scales, dim, eps, backend="triton")
     eager = relu_linear_attention_aggregated(qkv, *scales, dim, eps, backend="torch")
     assert out.dtype == dtype and out.shape == expected.shape and torch.isfinite(out).all()
-    assert _max_err(out, expected) <= 2 * _max_err(eager, expected) + _ulp(expected, dtype)
+    assert max_err(out, expected) <= 2 * max_err(eager, expected) + ulp(expected, dtype)
 
 
 def test_fp16_large_activations_with_mit_han_lab_eps():

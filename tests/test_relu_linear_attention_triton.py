@@ -8,6 +8,7 @@ import torch
 
 from evit_kernels import dispatch
 from evit_kernels.ops.relu_linear_attention import relu_linear_attention, relu_linear_attention_reference
+from tests.numerics import max_err, ulp
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -18,17 +19,6 @@ def _sources(batch, heads, dim, height, width, scales, dtype, scale=1.0, channel
     if channels_last:
         sources = [s.contiguous(memory_format=torch.channels_last) for s in sources]
     return sources
-
-
-def _max_err(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return (got.double() - expected).abs().max().item()
-
-
-def _ulp(expected: torch.Tensor, dtype: torch.dtype) -> float:
-    """One unit in the last place of ``dtype`` at the largest magnitude: the 2x-eager criterion's floor, for
-    cases where eager happens to round exactly (the Triton interpreter also truncates when it narrows to bf16,
-    where a GPU rounds to nearest)."""
-    return torch.finfo(dtype).eps * expected.abs().max().item()
 
 
 # (batch, heads, dim, H, W, scales, channels_last): prime N, N < d, 1×1 maps, non-square, every supported d.
@@ -61,10 +51,10 @@ def test_forward_and_gradients_within_twice_eager_error(poisoned_empty, batch, h
     out, grads = run("triton")
     eager_out, eager_grads = run("torch")
     assert out.dtype == dtype and out.shape == expected.shape and torch.isfinite(out).all()
-    assert _max_err(out, expected) <= 2 * _max_err(eager_out, expected) + _ulp(expected, dtype)
+    assert max_err(out, expected) <= 2 * max_err(eager_out, expected) + ulp(expected, dtype)
     for got, eager, exact in zip(grads, eager_grads, exact_grads):
         assert torch.isfinite(got).all()
-        assert _max_err(got, exact) <= 2 * _max_err(eager, exact) + _ulp(exact, dtype)
+        assert max_err(got, exact) <= 2 * max_err(eager, exact) + ulp(exact, dtype)
 
 
 def test_stride_zero_gradient_of_sum():
@@ -135,6 +125,6 @@ def test_realistic_shapes_on_gpu(batch, heads, dim, height, width, dtype):
         grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
         if backend == "triton":
             got, got_grads = out, grads
-    assert _max_err(got, expected) <= 2 * _max_err(out, expected) + _ulp(expected, dtype)
+    assert max_err(got, expected) <= 2 * max_err(out, expected) + ulp(expected, dtype)
     for g, eager, ref in zip(got_grads, grads, exact_grads):
-        assert _max_err(g, ref) <= 2 * _max_err(eager, ref) + _ulp(ref, dtype)
+        assert max_err(g, ref) <= 2 * max_err(eager, ref) + ulp(ref, dtype)
