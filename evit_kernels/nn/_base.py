@@ -34,6 +34,23 @@ class FusedModule(nn.Module):
             self._buffers[name] = buf
         self._non_persistent_buffers_set = set(original._non_persistent_buffers_set)
 
+    def _bind_roles(self, roles: dict[str, tuple[str, ...]], block: str) -> None:
+        """For containers whose libraries name the same child differently (timm ``conv`` / Cream ``c``): bind each
+        role to the first of its names present, and refuse a child that no role takes."""
+        self._role_names = {role: next((n for n in names if n in self._modules), None)
+                            for role, names in roles.items()}
+        unknown = set(self._modules) - set(self._role_names.values())
+        if unknown:
+            raise Unsupported(f"{type(self.original).__qualname__} has children {sorted(unknown)} that a {block} "
+                              "block does not have")
+
+    def _child(self, role: str) -> nn.Module | None:
+        """The live child bound to ``role`` (looked up on each call: SyncBatchNorm conversion and ``fold_bn`` swap
+        children); None when absent or an ``nn.Identity``."""
+        name = self._role_names[role]
+        child = None if name is None else self._modules[name]
+        return None if isinstance(child, nn.Identity) else child
+
     @property
     def original(self) -> nn.Module:
         return self.__dict__["_evit_original"]

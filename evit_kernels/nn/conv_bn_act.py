@@ -51,12 +51,7 @@ class FusedConvNormAct(FusedModule):
 
     def __init__(self, original: nn.Module, backend: str = "auto"):
         super().__init__(original, backend)
-        self._child_names = {role: next((n for n in names if n in self._modules), None)
-                             for role, names in _CHILD_NAMES.items()}
-        unknown = set(self._modules) - set(self._child_names.values())
-        if unknown:
-            raise Unsupported(f"{type(original).__qualname__} has children {sorted(unknown)} that a conv + norm + "
-                              f"activation block does not have")
+        self._bind_roles(_CHILD_NAMES, "conv + norm + activation")
         conv = self._child("conv")
         if type(conv) is not nn.Conv2d:
             raise Unsupported(f"expected a plain nn.Conv2d child, got {conv!r}")
@@ -68,13 +63,6 @@ class FusedConvNormAct(FusedModule):
             raise Unsupported(f"norm {type(norm).__qualname__} is not a BatchNorm2d, so it cannot fold into the conv")
         self.activation = activation_name(self._child("act"))
         self._fold_cache = FoldCache()
-
-    def _child(self, role: str) -> nn.Module | None:
-        """The live child for ``role`` (looked up on each call: SyncBatchNorm conversion swaps children);
-        None when absent or an nn.Identity."""
-        name = self._child_names[role]
-        child = None if name is None else self._modules[name]
-        return None if isinstance(child, nn.Identity) else child
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dropout, conv, norm, act = (self._child(role) for role in _CHILD_NAMES)

@@ -26,12 +26,7 @@ class FusedNormLinear(FusedModule):
 
     def __init__(self, original: nn.Module, backend: str = "auto"):
         super().__init__(original, backend)
-        self._child_names = {role: next((n for n in names if n in self._modules), None)
-                             for role, names in _CHILD_NAMES.items()}
-        unknown = set(self._modules) - set(self._child_names.values())
-        if unknown:
-            raise Unsupported(f"{type(original).__qualname__} has children {sorted(unknown)} that a norm + linear "
-                              f"block does not have")
+        self._bind_roles(_CHILD_NAMES, "norm + linear")
         norm, dropout, linear = (self._child(role) for role in _CHILD_NAMES)
         if not isinstance(norm, (nn.BatchNorm1d, nn.SyncBatchNorm)):
             raise Unsupported(f"expected a BatchNorm1d child, got {norm!r}")
@@ -40,14 +35,9 @@ class FusedNormLinear(FusedModule):
         if norm.num_features != linear.in_features:
             raise Unsupported(f"BatchNorm1d has {norm.num_features} features but the linear layer takes "
                               f"{linear.in_features}")
-        if dropout is not None and not isinstance(dropout, (_DropoutNd, nn.Identity)):
+        if dropout is not None and not isinstance(dropout, _DropoutNd):
             raise Unsupported(f"expected a dropout child, got {dropout!r}")
         self._fold_cache = FoldCache()
-
-    def _child(self, role: str) -> nn.Module | None:
-        """The live child for ``role`` (looked up on each call: SyncBatchNorm conversion swaps children)."""
-        name = self._child_names[role]
-        return None if name is None else self._modules[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm, dropout, linear = (self._child(role) for role in _CHILD_NAMES)
@@ -58,7 +48,7 @@ class FusedNormLinear(FusedModule):
                 [linear.weight, linear.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var],
                 key=(norm.eps,))
             return F.linear(x, weight, bias)
-        x = norm(x)
-        if dropout is not None:
-            x = dropout(x)
+        for child in (norm, dropout):  # the original sequence, less what fold_bn may have replaced by Identity
+            if child is not None:
+                x = child(x)
         return linear(x)
