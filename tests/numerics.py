@@ -14,3 +14,13 @@ def ulp(expected: torch.Tensor, dtype: torch.dtype) -> float:
     cases where eager happens to round exactly (the Triton interpreter also truncates when it narrows to bf16,
     where a GPU rounds to nearest)."""
     return torch.finfo(dtype).eps * expected.abs().max().item()
+
+
+def assert_same_grads_and_buffers(original: torch.nn.Module, fused: torch.nn.Module) -> None:
+    """After the same training steps: the same parameter gradients and buffers, under the same names."""
+    for (name_o, p_o), (name_f, p_f) in zip(original.named_parameters(), fused.named_parameters(), strict=True):
+        assert name_o == name_f
+        torch.testing.assert_close(p_f.grad, p_o.grad, rtol=1e-5, atol=1e-5)
+    for (name_o, b_o), (name_f, b_f) in zip(original.named_buffers(), fused.named_buffers(), strict=True):
+        assert name_o == name_f
+        torch.testing.assert_close(b_f, b_o, rtol=1e-5, atol=1e-6)

@@ -12,6 +12,7 @@ from torch import nn
 from evit_kernels.nn._base import Unsupported
 from evit_kernels.nn._fold import fold_bn_before_linear
 from evit_kernels.nn.norm_linear import FusedNormLinear
+from tests.numerics import assert_same_grads_and_buffers
 
 
 class BN_Linear(nn.Sequential):  # noqa: N801 - Cream's name
@@ -123,12 +124,7 @@ def test_module_train_matches_original(name, momentum):
             x_grads.append(x_in.grad)
         torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(x_grads[1], x_grads[0], rtol=1e-5, atol=1e-5)
-    for (name_o, p_o), (name_f, p_f) in zip(original.named_parameters(), fused.named_parameters(), strict=True):
-        assert name_o == name_f
-        torch.testing.assert_close(p_f.grad, p_o.grad, rtol=1e-5, atol=1e-5)
-    for (name_o, b_o), (name_f, b_f) in zip(original.named_buffers(), fused.named_buffers(), strict=True):
-        assert name_o == name_f
-        torch.testing.assert_close(b_f, b_o, rtol=1e-5, atol=1e-6)
+    assert_same_grads_and_buffers(original, fused)
 
 
 @pytest.mark.parametrize("eps", [1e-7, 1e-3])
