@@ -15,51 +15,15 @@ from evit_kernels.ops.cascaded_group_attention import (
     cascaded_group_attention_reference,
     cuda_shared_memory_bytes,
 )
+from tests.cga_configs import CONFIGS, KEY_DIM, RELEASED, cast, folded_inputs
 from tests.numerics import max_err, ulp
 
 needs_extension = pytest.mark.skipif(_extension.load_error() is not None,
                                      reason=f"evit_kernels._C is not built: {_extension.load_error()}")
 
-# (channels, heads, depthwise kernel per head) of every stage of timm's efficientvit_m0..m5 (key_dim 16 and value
-# dim channels/heads everywhere); test_released_configurations_match_timm keeps this in step with timm.
-RELEASED = {
-    "m0": [(64, 4, (5, 5, 5, 5)), (128, 4, (5, 5, 5, 5)), (192, 4, (5, 5, 5, 5))],
-    "m1": [(128, 2, (7, 5)), (144, 3, (7, 5, 3)), (192, 3, (7, 5, 3))],
-    "m2": [(128, 4, (7, 5, 3, 3)), (192, 3, (7, 5, 3)), (224, 2, (7, 5))],
-    "m3": [(128, 4, (5, 5, 5, 5)), (240, 3, (5, 5, 5)), (320, 4, (5, 5, 5, 5))],
-    "m4": [(128, 4, (7, 5, 3, 3)), (256, 4, (7, 5, 3, 3)), (384, 4, (7, 5, 3, 3))],
-    "m5": [(192, 3, (7, 5, 3)), (288, 3, (7, 5, 3)), (384, 4, (7, 5, 3, 3))],
-}
-CONFIGS = sorted({config for stages in RELEASED.values() for config in stages})
-KEY_DIM = 16
-
 # (H, W, window): the 224 px stage maps (14×14: four windows; 7×7: one; 4×4: stage 3, whose attention is built
 # with a 4×4 window) and maps that need zero padding (9×11 → 14×14, 8×8 → 14×14, 5×6 → 8×8).
 MAPS = [(14, 14, 7), (7, 7, 7), (4, 4, 4), (9, 11, 7), (8, 8, 7), (5, 6, 4)]
-
-
-def _inputs(config, H, W, window, dtype, device, batch=2, requires_grad=False):
-    """Random folded weights scaled so that every activation, and the logits, are of order one."""
-    channels, heads, kernels = config
-    val_dim = channels // heads
-    rows = 2 * KEY_DIM + val_dim
-
-    def t(*shape, std):
-        return (torch.randn(*shape, device=device) * std).to(dtype).requires_grad_(requires_grad)
-
-    return (t(batch, channels, H, W, std=1.0),
-            [t(rows, val_dim, 1, 1, std=val_dim ** -0.5) for _ in range(heads)],
-            [t(rows, std=0.1) for _ in range(heads)],
-            [t(KEY_DIM, 1, k, k, std=1.0 / k) for k in kernels],
-            [t(KEY_DIM, std=0.1) for _ in kernels],
-            t(heads, window * window, std=1.0),
-            t(channels, channels, 1, 1, std=channels ** -0.5),
-            t(channels, std=0.1),
-            KEY_DIM, window)
-
-
-def _to(args, dtype):
-    return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.detach().to(dtype), args)
 
 
 def _poison_next_allocation(shape, dtype) -> int:
@@ -81,8 +45,8 @@ def _poison_next_allocation(shape, dtype) -> int:
 @pytest.mark.parametrize("H, W, window", MAPS)
 @pytest.mark.parametrize("config", CONFIGS)
 def test_released_attentions_within_twice_eager_error(config, H, W, window, dtype):
-    args = _inputs(config, H, W, window, dtype, "cuda")
-    expected = cascaded_group_attention_reference(*_to(args, torch.float64))
+    args = folded_inputs(config, H, W, window, dtype, "cuda")
+    expected = cascaded_group_attention_reference(*cast(args, torch.float64))
     with torch.no_grad():
         eager = cascaded_group_attention(*args, backend="torch")
         poisoned = _poison_next_allocation(expected.shape, dtype)
@@ -99,10 +63,10 @@ def test_released_attentions_within_twice_eager_error(config, H, W, window, dtyp
 def test_strided_input_and_residual(dtype):
     """channels_last and sliced maps are read through their strides; the residual is added before rounding."""
     config = (192, 3, (7, 5, 3))
-    args = list(_inputs(config, 9, 11, 7, dtype, "cuda", batch=3))
+    args = list(folded_inputs(config, 9, 11, 7, dtype, "cuda", batch=3))
     args[0] = args[0].to(memory_format=torch.channels_last)
     residual = torch.randn(3, 192, 9, 13, device="cuda").to(dtype)[..., 1:12]
-    exact = _to(args, torch.float64)
+    exact = cast(args, torch.float64)
     expected = cascaded_group_attention_reference(*exact) + residual.double()
     eager = cascaded_group_attention_reference(*args) + residual
     out = torch.ops.evit.cga_window_cuda(*args, residual=residual)
@@ -113,7 +77,7 @@ def test_strided_input_and_residual(dtype):
 @pytest.mark.gpu
 @needs_extension
 def test_opcheck_on_gpu():
-    args = _inputs((64, 4, (5, 5, 5, 5)), 9, 11, 7, torch.float32, "cuda")
+    args = folded_inputs((64, 4, (5, 5, 5, 5)), 9, 11, 7, torch.float32, "cuda")
     torch.library.opcheck(torch.ops.evit.cga_window_cuda, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -121,7 +85,7 @@ def test_opcheck_on_gpu():
 @pytest.mark.gpu
 @needs_extension
 def test_empty_batch():
-    args = _inputs((64, 4, (5, 5, 5, 5)), 7, 7, 7, torch.float16, "cuda", batch=0)
+    args = folded_inputs((64, 4, (5, 5, 5, 5)), 7, 7, 7, torch.float16, "cuda", batch=0)
     with torch.no_grad():
         assert cascaded_group_attention(*args, backend="cuda").shape == (0, 64, 7, 7)
 
@@ -145,7 +109,7 @@ def test_every_released_configuration_fits_in_shared_memory_and_is_accepted():
         assert cuda_shared_memory_bytes(7, heads, channels // heads, KEY_DIM, channels // heads) \
             <= H100_SHARED_MEMORY_PER_BLOCK
         with torch.no_grad():
-            assert reasons(*_inputs(config, 9, 11, 7, torch.float16, "cpu", batch=1)) == [
+            assert reasons(*folded_inputs(config, 9, 11, 7, torch.float16, "cpu", batch=1)) == [
                 "tensors on cpu (the cuda kernels need CUDA tensors)"]
 
 
@@ -154,14 +118,14 @@ def test_schema_and_meta_implementation_are_registered():
     schema = str(torch.ops.evit.cga_window_cuda.default._schema)
     assert schema.startswith("evit::cga_window_cuda(Tensor x, Tensor[] qkv_w, Tensor[] qkv_b, Tensor[] dw_w")
     assert "Tensor? residual=None" in schema
-    args = _inputs((144, 3, (7, 5, 3)), 9, 11, 7, torch.bfloat16, "meta", batch=3)
+    args = folded_inputs((144, 3, (7, 5, 3)), 9, 11, 7, torch.bfloat16, "meta", batch=3)
     out = torch.ops.evit.cga_window_cuda(*args)
     assert out.shape == (3, 144, 9, 11) and out.dtype == torch.bfloat16 and out.device.type == "meta"
 
 
 @needs_extension
 def test_extension_op_rejects_cpu_tensors():
-    args = _inputs((64, 4, (5, 5, 5, 5)), 7, 7, 7, torch.float32, "cpu", batch=1)
+    args = folded_inputs((64, 4, (5, 5, 5, 5)), 7, 7, 7, torch.float32, "cpu", batch=1)
     with pytest.raises(NotImplementedError, match="cga_window_cuda"):
         torch.ops.evit.cga_window_cuda(*args)
 
@@ -171,7 +135,7 @@ def _reasons(args) -> str:
 
 
 def test_reasons_refuse_cpu_tensors_and_gradients():
-    args = _inputs((64, 4, (5, 5, 5, 5)), 7, 7, 7, torch.float32, "cpu", batch=1, requires_grad=True)
+    args = folded_inputs((64, 4, (5, 5, 5, 5)), 7, 7, 7, torch.float32, "cpu", batch=1, requires_grad=True)
     refused = _reasons(args)
     assert "tensors on cpu" in refused and "inference-only kernel" in refused
     with torch.no_grad():
@@ -191,7 +155,7 @@ def test_reasons_refuse_cpu_tensors_and_gradients():
 ])
 def test_reasons_refuse_unsupported_shapes(change, message):
     config, window = change.get("config", (64, 4, (5, 5, 5, 5))), change.get("window", 7)
-    args = list(_inputs(config, 7, 7, window, change.get("dtype", torch.float32), "cpu", batch=1))
+    args = list(folded_inputs(config, 7, 7, window, change.get("dtype", torch.float32), "cpu", batch=1))
     if "key_dim" in change:
         heads, kd = config[1], change["key_dim"]
         args[1] = [w[2 * (KEY_DIM - kd):] for w in args[1]]
@@ -204,7 +168,7 @@ def test_reasons_refuse_unsupported_shapes(change, message):
 
 def test_reasons_refuse_value_dim_other_than_channels_over_heads():
     """One head whose value dim differs from its input width: the reference allows it, the kernel does not."""
-    x, _, _, dw_w, dw_b, biases, _, _, kd, window = _inputs((64, 1, (5,)), 7, 7, 7, torch.float32, "cpu", batch=1)
+    x, _, _, dw_w, dw_b, biases, _, _, kd, window = folded_inputs((64, 1, (5,)), 7, 7, 7, torch.float32, "cpu", batch=1)
     qkv_w, qkv_b = [torch.randn(2 * kd + 32, 64, 1, 1)], [torch.randn(2 * kd + 32)]
     proj_w, proj_b = torch.randn(64, 32, 1, 1), torch.randn(64)
     refused = _reasons((x, qkv_w, qkv_b, dw_w, dw_b, biases, proj_w, proj_b, kd, window))
@@ -214,7 +178,7 @@ def test_reasons_refuse_value_dim_other_than_channels_over_heads():
 def test_explicit_request_without_a_gpu_raises_and_auto_falls_back():
     if torch.cuda.is_available():
         pytest.skip("checks the behaviour without a GPU")
-    args = _inputs((64, 4, (5, 5, 5, 5)), 9, 11, 7, torch.float32, "cpu", batch=1)
+    args = folded_inputs((64, 4, (5, 5, 5, 5)), 9, 11, 7, torch.float32, "cpu", batch=1)
     with torch.no_grad(), pytest.raises(dispatch.BackendUnavailable, match="backend 'cuda' was requested"):
         cascaded_group_attention(*args, backend="cuda")
     with torch.no_grad():

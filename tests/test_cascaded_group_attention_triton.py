@@ -15,9 +15,11 @@ from evit_kernels import dispatch
 from evit_kernels.nn.cascaded_group_attention import FusedCascadedGroupAttention, FusedLocalWindowAttention
 from evit_kernels.ops.cascaded_group_attention import (
     cascaded_group_attention,
+    cascaded_group_attention_reference,
     window_attention,
     window_attention_reference,
 )
+from tests.cga_configs import CONFIGS, cast, folded_inputs
 from tests.numerics import max_err, ulp
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -207,3 +209,17 @@ def test_patched_module_requesting_triton_raises_for_unsupported_dtype():
     patched.attn = FusedCascadedGroupAttention(patched.attn, backend="triton")
     with pytest.raises(dispatch.BackendUnavailable, match="float64"):
         patched(torch.randn(1, original.dim, 7, 7, dtype=torch.float64, device=DEVICE))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_whole_map_triton_on_every_released_configuration(config):
+    """The whole-map op with the attention core on Triton, for every released M0-M5 attention (heads, kernels,
+    value dims), at a stage map with 4 windows (14x14), a map needing padding (9x11) and the 4x4 stage."""
+    torch.manual_seed(0)
+    for H, W, window in ((14, 14, 7), (9, 11, 7), (4, 4, 4)):
+        args = folded_inputs(config, H, W, window, torch.float32, DEVICE, batch=1)
+        expected = cascaded_group_attention_reference(*cast(args, torch.float64))
+        out = cascaded_group_attention(*args, backend="triton")
+        eager = cascaded_group_attention(*args, backend="torch")
+        assert max_err(out, expected) <= 2 * max_err(eager, expected) + ulp(expected, torch.float32), (H, W)
