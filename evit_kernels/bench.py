@@ -105,27 +105,34 @@ def randomize_untrained_state(model: nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(torch.randn(c, generator=generator) * 0.1)
 
 
-def time_per_batch(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, iters: int,
-                   tick: Callable[[str], None]) -> float:
-    """Median milliseconds per call; CUDA events on a GPU, wall clock on CPU."""
-    for i in range(warmup):
+def _time_once(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+    """Milliseconds of one call: CUDA events on a GPU, wall clock on CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    began = time.perf_counter()
+    fn()
+    return (time.perf_counter() - began) * 1e3
+
+
+def time_interleaved(fns: dict[str, Callable[[], torch.Tensor]], device: torch.device, warmup: int, iters: int,
+                     tick: Callable[[str], None]) -> dict[str, float]:
+    """Median milliseconds per call of each function, timed round-robin (one call of each per round) so that a
+    change in machine load or clocks affects every variant alike."""
+    for i in range(warmup):
+        for fn in fns.values():
+            fn()
         tick(f"warm-up {i + 1}/{warmup}")
-    times = []
+    times = {name: [] for name in fns}
     for i in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - began) * 1e3)
-        tick(f"timing {i + 1}/{iters}")
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(_time_once(fn, device))
+        tick(f"round {i + 1}/{iters}")
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _git_commit() -> str | None:
@@ -142,7 +149,7 @@ def run(model_name: str, batch: int, res: tuple[int, int], dtype: str, device: s
     dev = torch.device(device)
     torch_dtype = DTYPES[dtype]
     variants = ["eager"] + (["torch.compile"] if compile_mode else []) + ["patched"]
-    progress = Progress(len(variants) + 1)
+    progress = Progress(len(variants) + 2)
 
     tick = progress.start(f"building {model_name}")
     model = build_model(model_name).to(dev, torch_dtype)
@@ -150,9 +157,9 @@ def run(model_name: str, batch: int, res: tuple[int, int], dtype: str, device: s
     progress.done(tick, "done")
 
     report = Report(model_name, batch, res, dtype, device, info(), _git_commit())
-    reference = None
+    calls, outputs = {}, {}
     for variant in variants:
-        tick = progress.start(variant)
+        tick = progress.start(f"preparing {variant}")
         if variant == "eager":
             fn_model = model
         elif variant == "torch.compile":
@@ -161,18 +168,23 @@ def run(model_name: str, batch: int, res: tuple[int, int], dtype: str, device: s
             fn_model = copy.deepcopy(model)
             report.patch_report = str(evit_kernels.patch(fn_model))
         with torch.inference_mode():
-            out = fn_model(x)  # first call also compiles
-            ms = time_per_batch(functools.partial(fn_model, x), dev, warmup, iters, tick)
-        out = _first_tensor(out).float()
-        if reference is None:
-            reference = out
-        result = Result(variant, ms, batch / ms * 1e3)
+            outputs[variant] = _first_tensor(fn_model(x)).float()  # the first call also compiles
+        calls[variant] = functools.partial(fn_model, x)
+        progress.done(tick, "done")
+
+    tick = progress.start("timing, one call of each variant per round")
+    with torch.inference_mode():
+        ms = time_interleaved(calls, dev, warmup, iters, tick)
+    progress.done(tick, ", ".join(f"{v} {t:.2f} ms" for v, t in ms.items()))
+
+    reference = outputs["eager"]
+    for variant in variants:
+        out = outputs[variant]
+        result = Result(variant, ms[variant], batch / ms[variant] * 1e3, speedup=ms["eager"] / ms[variant])
         result.max_abs_err = (out - reference).abs().max().item()
         result.rel_err = result.max_abs_err / max(reference.abs().max().item(), 1e-30)
         result.agrees = bool(torch.isfinite(out).all()) and result.rel_err <= TOLERANCE[torch_dtype]
-        result.speedup = report.results[0].ms_per_batch / ms if report.results else 1.0
         report.results.append(result)
-        progress.done(tick, f"{ms:.2f} ms per batch")
     return report
 
 

@@ -20,7 +20,7 @@ def test_bench_prints_table_and_saves_json(tmp_path):
     for variant in ("eager", "patched"):
         assert variant in run.stdout
     assert "patch: swapped" in run.stdout
-    assert "[1/3] building efficientvit_m0" in run.stderr  # progress goes to stderr
+    assert "[1/4] building efficientvit_m0" in run.stderr and "round 2/2" in run.stderr  # progress on stderr
     saved = json.loads(out_json.read_text())
     assert [r["variant"] for r in saved["results"]] == ["eager", "patched"]
     assert all(r["agrees"] and r["ms_per_batch"] > 0 for r in saved["results"])
