@@ -9,6 +9,7 @@ untouched, and the report says why when the class name looked like ours.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,7 @@ from evit_kernels.nn._base import FusedModule, Unsupported
 from evit_kernels.nn._fold import fold_bn_before_linear, fold_bn_into, uses_running_stats
 from evit_kernels.nn.cascaded_group_attention import FusedCascadedGroupAttention, FusedLocalWindowAttention
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct
+from evit_kernels.nn.ffn import FusedResidualFFN
 from evit_kernels.nn.lite_mla import FusedLiteMLA
 from evit_kernels.nn.norm_linear import FusedNormLinear
 
@@ -34,6 +36,8 @@ class Rule:
 
     ``modules`` None means Cream-style code, which users copy into their own files: any defining module outside
     :data:`PACKAGED`. ``patch_inside`` False leaves the replacement's children alone (it computes them itself).
+    ``accepts`` tells apart instances of one class that hold different blocks (a residual wrapper around an FFN
+    or around a depthwise conv): a module it rejects is simply not this rule's, and goes unreported.
     """
 
     family: str
@@ -42,6 +46,7 @@ class Rule:
     attributes: tuple[str, ...]
     replacement: type[FusedModule]
     patch_inside: bool = True
+    accepts: Callable[[nn.Module], bool] = lambda module: True
 
     def defined_here(self, module: nn.Module) -> bool:
         where = type(module).__module__
@@ -62,6 +67,9 @@ RULES: tuple[Rule, ...] = (
     Rule("timm", "CascadedGroupAttention", (TIMM_MSRA,), (*_CGA, "val_dim"), FusedCascadedGroupAttention,
          patch_inside=False),
     Rule("Cream", "CascadedGroupAttention", None, (*_CGA, "d"), FusedCascadedGroupAttention, patch_inside=False),
+    Rule("timm", "ResidualDrop", (TIMM_MSRA,), ("m", "drop"), FusedResidualFFN,
+         accepts=lambda module: type(module.m).__name__ == "ConvMlp"),
+    Rule("Cream", "Residual", None, ("m",), FusedResidualFFN, accepts=lambda module: type(module.m).__name__ == "FFN"),
     Rule("timm", "ConvNormAct", (TIMM_MIT,), ("dropout", "conv", "norm", "act"), FusedConvNormAct),
     Rule("mit-han-lab", "ConvLayer", MIT_HAN_LAB, ("dropout", "conv", "norm", "act"), FusedConvNormAct),
     Rule("timm", "ConvNorm", (TIMM_MSRA,), ("conv", "bn"), FusedConvNormAct),
@@ -107,6 +115,8 @@ def _match(module: nn.Module) -> tuple[Rule | None, str | None]:
         missing = rule.missing(module)
         if missing:
             reasons.append(f"{name} lacks the {rule.family} attributes {missing}")
+            continue
+        if not rule.accepts(module):
             continue
         return rule, None
     return None, "; ".join(reasons)

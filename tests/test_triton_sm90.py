@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 MODULES = ["evit_kernels.triton.relu_linear_attention", "evit_kernels.triton.conv_bn_act",
-           "evit_kernels.triton.cascaded_group_attention"]
+           "evit_kernels.triton.cascaded_group_attention", "evit_kernels.triton.ffn"]
 H100_SHARED_BYTES = 228 * 1024
 
 _SCRIPT = textwrap.dedent("""

@@ -1,0 +1,100 @@
+"""``evit::ffn``: ``conv1x1(relu(conv1x1(x, w1, b1)), w2, b2) + residual``, the inference form of the
+EfficientViT-M feed-forward block (timm ``ConvMlp`` / Cream ``FFN`` in their residual wrapper) once both
+BatchNorms are folded into the 1×1 convs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from evit_kernels import dispatch
+from evit_kernels.ops._library import autocast_inputs, check_floating_same_dtype, register_reference_autograd
+from evit_kernels.ops.conv_bn_act import output_memory_format
+
+
+def ffn_reference(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+                  residual: Tensor | None = None) -> Tensor:
+    """Eager PyTorch: two 1×1 convs with a ReLU between, plus ``residual``; laid out as ``x`` is."""
+    y = F.conv2d(F.relu(F.conv2d(x, w1, b1)), w2, b2)
+    if residual is not None:
+        y = y + residual
+    return y.contiguous(memory_format=output_memory_format(x))
+
+
+@torch.library.custom_op("evit::ffn", mutates_args=())
+def _ffn_op(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, residual: Tensor | None,
+            backend: str) -> Tensor:
+    return dispatch.get("ffn", backend).forward(x, w1, b1, w2, b2, residual)
+
+
+@torch.library.register_fake("evit::ffn")
+def _ffn_fake(x, w1, b1, w2, b2, residual, backend):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+# The op's trailing `backend` argument names an implementation; the gradient is the reference's either way.
+register_reference_autograd("evit::ffn", lambda *args: ffn_reference(*args[:-1]))
+dispatch.register("ffn", dispatch.Backend("torch", ffn_reference))
+
+
+def ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, residual: Tensor | None = None,
+        backend: str = "auto") -> Tensor:
+    """``conv1x1(relu(conv1x1(x, w1, b1)), w2, b2) + residual``.
+
+    ``x`` is (B, C, H, W) in NCHW or channels-last layout (the output keeps it); ``w1`` is (hidden, C, 1, 1) and
+    ``w2`` (C, hidden, 1, 1); ``residual``, when given, has ``x``'s shape.
+    """
+    _check_shapes(x, w1, b1, w2, b2, residual)
+    x, w1, b1, w2, b2, residual = autocast_inputs(x, w1, b1, w2, b2, residual)
+    check_floating_same_dtype("ffn", x, w1=w1, b1=b1, w2=w2, b2=b2, residual=residual)
+    args = (x, w1, b1, w2, b2, residual)
+    chosen = dispatch.choose("ffn", *args, backend=backend)
+    return dispatch.call(torch.ops.evit.ffn, chosen, *args)
+
+
+def _check_shapes(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+                  residual: Tensor | None) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"ffn: x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    channels = x.shape[1]
+    if w1.dim() != 4 or w1.shape[1:] != (channels, 1, 1):
+        raise ValueError(f"ffn: w1 must be (hidden, {channels}, 1, 1) for x with {channels} channels, "
+                         f"got {tuple(w1.shape)}")
+    hidden = w1.shape[0]
+    if tuple(w2.shape) != (channels, hidden, 1, 1):
+        raise ValueError(f"ffn: w2 must be ({channels}, {hidden}, 1, 1), got {tuple(w2.shape)}")
+    for name, bias, size in (("b1", b1, hidden), ("b2", b2, channels)):
+        if bias is not None and tuple(bias.shape) != (size,):
+            raise ValueError(f"ffn: {name} must have shape ({size},), got {tuple(bias.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"ffn: residual has shape {tuple(residual.shape)} but the output is {tuple(x.shape)}")
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_forward(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+                    residual: Tensor | None) -> Tensor:
+    from evit_kernels.triton import ffn as kernels
+
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    return kernels.forward(x, w1, b1, w2, b2, residual, out)
+
+
+def _triton_reasons(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+                    residual: Tensor | None) -> list[str]:
+    from evit_kernels.triton.conv_bn_act import fits_int32
+    from evit_kernels.triton.ffn import MAX_CHANNELS
+
+    reasons = dispatch.device_reasons("triton", x)
+    if x.dtype not in _TRITON_DTYPES:
+        reasons.append(f"{x.dtype} inputs (the Triton kernel takes float32, float16 and bfloat16)")
+    if x.shape[1] > MAX_CHANNELS:
+        reasons.append(f"{x.shape[1]} channels (the Triton kernel holds at most {MAX_CHANNELS} on chip)")
+    if not all(fits_int32(t) for t in (x, w1, b1, w2, b2, residual) if t is not None):
+        reasons.append("a tensor of 2^31 elements or more (the kernel indexes with 32 bits)")
+    return reasons
+
+
+dispatch.register("ffn", dispatch.Backend("triton", _triton_forward, _triton_reasons))

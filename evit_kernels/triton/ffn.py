@@ -1,0 +1,122 @@
+"""Triton kernel of ``evit::ffn`` (inference): the whole EfficientViT-M feed-forward block
+
+    out = conv1x1(relu(conv1x1(x, w1) + b1), w2) + b2 + residual
+
+in one pass. Each program owns a tile of BLOCK_M pixels × all C output channels and walks the hidden dimension in
+chunks of BLOCK_H: the chunk h = relu(X·W1_chunkᵀ + b1_chunk) is computed in fp32 and immediately consumed by
+acc += h·W2_chunkᵀ, so the (B, hidden, H, W) activation that eager writes and re-reads (twice the block's input
+size, PERF.md §1) never leaves the chip. The first GEMM walks C_in in BLOCK_K slices (x re-reads hit L1/L2) so
+that registers stay bounded for wide blocks. Tensors are read and written through their four strides (NCHW,
+channels_last or any other layout); offsets are 32-bit, which callers check with ``fits_int32``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from evit_kernels.triton.conv_bn_act import _dot_mode, _optional
+
+MAX_CHANNELS = 512
+"""Widest block the kernel holds on chip (the released EfficientViT-M models' widest is 384)."""
+
+
+def padded_channels(channels: int) -> int:
+    return max(16, triton.next_power_of_2(channels))  # tl.dot needs every dimension >= 16
+
+
+def blocks(block_c: int, dtype: torch.dtype) -> dict[str, int]:
+    """BLOCK_M / BLOCK_H / BLOCK_K for a padded width and dtype: tiles that compile for sm_90 with 4 warps and no
+    register spills (the fp32 accumulator alone is BLOCK_M × BLOCK_C). fp32 runs IEEE dots on FMA units, which
+    hold every operand in registers, hence its small tiles."""
+    if dtype == torch.float32:
+        return {"BLOCK_M": 16, "BLOCK_H": 16, "BLOCK_K": 16}
+    return {"BLOCK_M": _LOW_PRECISION_BLOCK_M[block_c], "BLOCK_H": 32, "BLOCK_K": 32}
+
+
+_LOW_PRECISION_BLOCK_M = {16: 64, 32: 64, 64: 64, 128: 32, 256: 32, 512: 16}  # every padded width up to 512
+
+
+@triton.jit
+def _ffn_fwd_kernel(x, w1, b1, w2, b2, residual, out, n_pixels, channels, hidden, height, width,
+                    has_b1, has_b2, has_residual, x_sb, x_sc, x_sh, x_sw, w1_sh, w1_sc, w2_sc, w2_sh,
+                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_m = offs_m < n_pixels
+    mask_c = offs_c < channels
+    hw = height * width
+    offs_b = offs_m // hw
+    offs_y = (offs_m % hw) // width
+    offs_x = offs_m % width
+    x_rows = x + offs_b * x_sb + offs_y * x_sh + offs_x * x_sw
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for h0 in range(0, hidden, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < hidden
+        h = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        for k0 in range(0, channels, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < channels
+            a = tl.load(x_rows[:, None] + offs_k[None, :] * x_sc, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(w1 + offs_k[:, None] * w1_sc + offs_h[None, :] * w1_sh,
+                        mask=mask_k[:, None] & mask_h[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            h = tl.dot(a, b, h, input_precision=PRECISION)
+        if has_b1 != 0:
+            h += tl.load(b1 + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+        h = tl.where(h < 0, 0.0, h)  # ReLU that keeps NaN, as torch's; padded hidden columns are 0 and add nothing
+        w2_tile = tl.load(w2 + offs_h[:, None] * w2_sh + offs_c[None, :] * w2_sc,
+                          mask=mask_h[:, None] & mask_c[None, :], other=0.0)
+        if UPCAST:
+            acc = tl.dot(h, w2_tile.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            # fp16 rounds the hidden tile to fp16 for the tensor cores, as eager stores it; fp32 keeps it as is.
+            acc = tl.dot(h.to(w2_tile.dtype), w2_tile, acc, input_precision=PRECISION)
+    if has_b2 != 0:
+        acc += tl.load(b2 + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & mask_c[None, :]
+    if has_residual != 0:
+        r_pixel = offs_b * r_sb + offs_y * r_sh + offs_x * r_sw
+        acc += tl.load(residual + r_pixel[:, None] + offs_c[None, :] * r_sc, mask=mask, other=0.0).to(tl.float32)
+    o_pixel = offs_b * o_sb + offs_y * o_sh + offs_x * o_sw
+    tl.store(out + o_pixel[:, None] + offs_c[None, :] * o_sc, acc.to(out.dtype.element_ty), mask=mask)
+
+
+def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
+            residual: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """Writes the block's output into ``out`` (B, C, H, W), any strides. ``w1`` is (hidden, C, 1, 1), ``w2``
+    (C, hidden, 1, 1); C must be at most :data:`MAX_CHANNELS`."""
+    batch, channels, height, width = x.shape
+    hidden = w1.shape[0]
+    n_pixels = batch * height * width
+    if out.numel() == 0:
+        return out
+    b1_t, has_b1, _ = _optional(b1, w1)
+    b2_t, has_b2, _ = _optional(b2, w2)
+    residual_t, has_residual, r_strides = _optional(residual, out)
+    block_c = padded_channels(channels)
+    sizes = blocks(block_c, x.dtype)
+    _ffn_fwd_kernel[(triton.cdiv(n_pixels, sizes["BLOCK_M"]),)](
+        x, w1, b1_t, w2, b2_t, residual_t, out, n_pixels, channels, hidden, height, width,
+        has_b1, has_b2, has_residual, *x.stride(), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
+        *r_strides, *out.stride(),
+        BLOCK_C=block_c, **sizes, **_dot_mode(x.dtype))
+    return out
+
+
+def compile_configs():
+    """Every (kernel, signature, constexprs) the launcher above can request: CI compiles each one ahead of time
+    for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
+    pointers = ("x", "w1", "b1", "w2", "b2", "residual", "out")
+    for dtype, ptr in ((torch.float32, "*fp32"), (torch.float16, "*fp16"), (torch.bfloat16, "*bf16")):
+        for block_c in _LOW_PRECISION_BLOCK_M:  # every padded width
+            constexprs = {"BLOCK_C": block_c, **blocks(block_c, dtype), **_dot_mode(dtype)}
+            signature = {name: ptr if name in pointers else "constexpr" if name in constexprs else "i32"
+                         for name in _ffn_fwd_kernel.arg_names}
+            yield _ffn_fwd_kernel, signature, constexprs

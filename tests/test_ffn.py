@@ -1,0 +1,240 @@
+"""evit::ffn (the EfficientViT-M feed-forward block, residual included) and FusedResidualFFN: both backends
+against a float64 reference (Triton on CPU through the interpreter on tiny grids), the drop-in module against timm
+``ResidualDrop(ConvMlp)`` and Cream ``Residual(FFN)`` in eval and training, and a patched efficientvit_m0."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+
+import pytest
+import timm
+import torch
+from timm.models.efficientvit_msra import ConvMlp, ConvNorm, ResidualDrop
+from torch import nn
+
+import evit_kernels
+from evit_kernels import dispatch
+from evit_kernels.nn._base import Unsupported
+from evit_kernels.nn.conv_bn_act import FusedConvNormAct
+from evit_kernels.nn.ffn import FusedResidualFFN
+from evit_kernels.ops.ffn import ffn, ffn_reference
+from tests.cream_style import FFN, Residual
+from tests.numerics import assert_same_grads_and_buffers, max_err, ulp
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+patch_module = sys.modules["evit_kernels.patch"]  # the package re-exports the function `patch` under that name
+
+# (batch, C, H, W, layout, biases, residual): odd pixel counts over one and several pixel blocks, C not a power of 2.
+SHAPES = {
+    "c16_nchw": (1, 16, 3, 5, "nchw", True, True),
+    "c24_channels_last_no_bias": (2, 24, 7, 3, "channels_last", False, True),
+    "c64_nchw_no_residual": (1, 64, 5, 13, "nchw", True, False),
+    "c24_strided": (2, 24, 3, 5, "strided", True, True),
+}
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # every other column of a wider tensor: no dense layout at all
+        wide = torch.empty(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.contiguous()
+
+
+def _inputs(name: str, dtype: torch.dtype) -> tuple:
+    batch, channels, height, width, layout, biases, residual = SHAPES[name]
+    hidden = 2 * channels
+    x = _layout(torch.randn(batch, channels, height, width, device=DEVICE), layout)
+    w1 = torch.randn(hidden, channels, 1, 1, device=DEVICE) / channels ** 0.5
+    w2 = torch.randn(channels, hidden, 1, 1, device=DEVICE) / hidden ** 0.5
+    b1, b2 = (torch.randn(n, device=DEVICE) if biases else None for n in (hidden, channels))
+    r = _layout(torch.randn(batch, channels, height, width, device=DEVICE), layout) if residual else None
+    return tuple(None if t is None else t.to(dtype) for t in (x, w1, b1, w2, b2, r))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", SHAPES)
+def test_within_twice_eager_error(poisoned_empty, name, dtype, backend):
+    args = _inputs(name, dtype)
+    out = ffn(*args, backend=backend)
+    eager = ffn_reference(*args)
+    expected = ffn_reference(*(None if t is None else t.double() for t in args))
+    assert out.dtype == dtype and out.shape == eager.shape and out.stride() == eager.stride()
+    assert torch.isfinite(out).all()
+    assert max_err(out, expected) <= 2 * max_err(eager, expected) + ulp(expected, dtype)
+
+
+def test_reference_gradients_after_triton_forward():
+    args = _inputs("c24_channels_last_no_bias", torch.float32)
+    args = (args[0], args[1], torch.randn(48, device=DEVICE), args[3], torch.randn(24, device=DEVICE), args[5])
+    leaves = [t.detach().clone().requires_grad_() for t in args]
+    ffn(*leaves, backend="triton").sum().backward()  # a stride-0 grad_output
+    exact = [t.detach().double().requires_grad_() for t in args]
+    ffn_reference(*exact).sum().backward()
+    for got, ref in zip(leaves, exact):
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend):
+    args = [t.requires_grad_() for t in _inputs("c16_nchw", torch.float32)]
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    if DEVICE == "cpu" and backend == "triton":  # the interpreter cannot read the storage AOT tracing hands it
+        tests = tests[:-1]
+    torch.library.opcheck(torch.ops.evit.ffn.default, (*args, backend), test_utils=tests)
+
+
+def test_invalid_arguments_raise_clear_errors():
+    x, w1, b1, w2, b2, r = _inputs("c16_nchw", torch.float32)
+    with pytest.raises(ValueError, match="w1 must be"):
+        ffn(x, w1[:, :8], b1, w2, b2)
+    with pytest.raises(ValueError, match="w2 must be"):
+        ffn(x, w1, b1, w2[:, :8], b2)
+    with pytest.raises(ValueError, match="b1 must have shape"):
+        ffn(x, w1, b2, w2, b2)
+    with pytest.raises(ValueError, match="residual has shape"):
+        ffn(x, w1, b1, w2, b2, r[:, :, :2])
+    with pytest.raises(TypeError, match="w2 has dtype"):
+        ffn(x, w1, b1, w2.half(), b2)
+
+
+def test_unsupported_inputs_raise_on_request_and_fall_back_under_auto(monkeypatch):
+    wide = (torch.randn(1, 520, 2, 3, device=DEVICE), torch.randn(8, 520, 1, 1, device=DEVICE), None,
+            torch.randn(520, 8, 1, 1, device=DEVICE), None, None)
+    double = tuple(None if t is None else t.double() for t in _inputs("c16_nchw", torch.float32))
+    validated = dataclasses.replace(dispatch.get("ffn", "triton"), validated_on="test")
+    for args, reason in ((wide, "520 channels"), (double, "float64")):
+        with pytest.raises(dispatch.BackendUnavailable, match=reason):
+            ffn(*args, backend="triton")
+        # Pretend the backend was validated, so that "auto" considers it: it must pass these inputs over.
+        with monkeypatch.context() as m:
+            m.setitem(dispatch._REGISTRY["ffn"], "triton", validated)
+            torch.testing.assert_close(ffn(*args), ffn_reference(*args))
+    with monkeypatch.context() as m:
+        m.setitem(dispatch._REGISTRY["ffn"], "triton", validated)
+        assert dispatch.choose("ffn", *_inputs("c16_nchw", torch.float32)).name == "triton"
+
+
+def test_refuses_tensors_beyond_32_bit_indexing():
+    x = torch.zeros(1, 1, 1, 1, device=DEVICE).expand(2**16, 16, 2**8, 2**8)  # 2^36 elements, no memory
+    w1, w2 = torch.randn(32, 16, 1, 1, device=DEVICE), torch.randn(16, 32, 1, 1, device=DEVICE)
+    with pytest.raises(dispatch.BackendUnavailable, match="2\\^31"):
+        dispatch.choose("ffn", x, w1, None, w2, None, None, backend="triton")
+
+
+def _timm_block(channels=16):
+    return ResidualDrop(ConvMlp(channels, 2 * channels))
+
+
+def _cream_block(channels=16):
+    return Residual(FFN(channels, 2 * channels))
+
+
+def _randomise_bn(module: nn.Module) -> None:
+    """A fresh BatchNorm (and pw2's zero-initialised weight) would hide folding mistakes."""
+    with torch.no_grad():
+        for bn in module.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.normal_(), bn.bias.normal_()
+
+
+@pytest.mark.parametrize("patch_children", [False, True], ids=["plain", "children_patched"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("build", [_timm_block, _cream_block], ids=["timm", "cream"])
+@torch.no_grad()
+def test_module_matches_original_in_eval(build, layout, backend, patch_children):
+    original = build().to(DEVICE)
+    _randomise_bn(original)
+    original.eval()
+    block = copy.deepcopy(original)
+    if patch_children:  # what patch() does to pw1 / pw2 before or after wrapping them
+        block.m.pw1, block.m.pw2 = FusedConvNormAct(block.m.pw1), FusedConvNormAct(block.m.pw2)
+    fused = FusedResidualFFN(block, backend=backend).eval()
+    x = _layout(torch.randn(2, 16, 5, 3, device=DEVICE), layout)
+    torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
+    assert fused.state_dict().keys() == original.state_dict().keys()
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.5])
+@pytest.mark.parametrize("build", [_timm_block, _cream_block], ids=["timm", "cream"])
+def test_module_matches_original_in_training(build, drop):
+    original = build().to(DEVICE)
+    if drop:
+        if build is _cream_block:
+            pytest.skip("Cream's Residual here has no stochastic depth")
+        original.drop = drop
+    _randomise_bn(original)
+    original.train()
+    fused = FusedResidualFFN(copy.deepcopy(original), backend="triton").train()
+    x = torch.randn(4, 16, 3, 5, device=DEVICE)
+    outputs = []
+    for module in (original, fused):
+        torch.manual_seed(1)  # the same per-sample drop mask
+        y = module(x)
+        y.sum().backward()
+        outputs.append(y)
+    torch.testing.assert_close(outputs[1], outputs[0])
+    assert_same_grads_and_buffers(original, fused)
+
+
+def test_frozen_batchnorm_with_active_drop_runs_the_original():
+    original = _timm_block()
+    original.drop = 0.5
+    _randomise_bn(original)
+    original.train()
+    for bn in original.modules():  # frozen BatchNorms (fine-tuning): foldable, but the drop still applies
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.eval()
+    fused = FusedResidualFFN(copy.deepcopy(original), backend="triton")
+    x = torch.randn(8, 16, 2, 3, device=DEVICE)
+    torch.manual_seed(2)
+    expected = original(x)
+    torch.manual_seed(2)
+    torch.testing.assert_close(fused(x), expected)
+
+
+@pytest.mark.parametrize("build, reason", [
+    (lambda: ResidualDrop(ConvNorm(16, 16, 3, 1, 1, groups=16)), "not a feed-forward block"),
+    (lambda: ResidualDrop(nn.Sequential(ConvMlp(16, 32))), "not a feed-forward block"),
+    (lambda: _with(_timm_block(), "m.act", nn.Hardswish()), "not nn.ReLU"),
+    (lambda: _with(_timm_block(), "m.pw1.conv", nn.Conv2d(16, 32, 3, padding=1, bias=False)), "1×1"),
+    (lambda: _with(_cream_block(), "m.pw2.bn", nn.GroupNorm(1, 16)), "BatchNorm2d"),
+    (lambda: _with(_cream_block(), "m.pw2", _cream_block(32).m.pw1), "do not form"),
+], ids=["depthwise", "sequential", "hardswish", "conv3x3", "groupnorm", "widths"])
+def test_refuses_what_it_cannot_compute(build, reason):
+    with pytest.raises(Unsupported, match=reason):
+        FusedResidualFFN(build())
+
+
+def _with(module: nn.Module, path: str, child: nn.Module) -> nn.Module:
+    parent_path, name = path.rsplit(".", 1)
+    setattr(module.get_submodule(parent_path), name, child)
+    return module
+
+
+def test_patched_efficientvit_m0_matches_unpatched():
+    model = timm.create_model("efficientvit_m0", num_classes=10).to(DEVICE)
+    _randomise_bn(model)
+    model.eval()
+    patched = copy.deepcopy(model)
+    report = evit_kernels.patch(patched)
+    ffns = [m for m in patched.modules() if isinstance(m, FusedResidualFFN)]
+    assert len(ffns) == report.counts()["timm.models.efficientvit_msra.ResidualDrop -> FusedResidualFFN"] == 16
+    assert not report.skipped, "residual wrappers around other blocks are not FFN-rule material: no noise"
+    for m in ffns:
+        m.backend = "triton"
+    x = torch.randn(1, 3, 64, 64, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), model(x), rtol=1e-4, atol=1e-4)
+    assert patched.state_dict().keys() == model.state_dict().keys()
+    evit_kernels.unpatch(patched)
+    assert not any(isinstance(m, FusedResidualFFN) for m in patched.modules())
