@@ -53,6 +53,13 @@ def _activate(y, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _pixel_coords(offs, height, width):
+    """(batch, row, column) of the pixels numbered ``offs`` in a (B, ·, height, width) map."""
+    hw = height * width
+    return offs // hw, (offs % hw) // width, offs % width
+
+
+@triton.jit
 def _epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_c, mask_p, mask_c, has_bias, has_residual,
               r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION: tl.constexpr):
     """bias → activation → residual on the fp32 (pixels × channels) accumulator, then one rounding on store."""
@@ -76,10 +83,7 @@ def _conv_dw_kernel(x, weight, bias, residual, out, n_pixels, channels, height, 
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_p = offs_p < n_pixels
     mask_c = offs_c < channels
-    out_hw = out_height * out_width
-    offs_b = offs_p // out_hw
-    offs_h = (offs_p % out_hw) // out_width
-    offs_w = offs_p % out_width
+    offs_b, offs_h, offs_w = _pixel_coords(offs_p, out_height, out_width)
     top = offs_h * stride_h - pad_h
     left = offs_w * stride_w - pad_w
     x_pixel = x + offs_b * x_sb
@@ -114,10 +118,7 @@ def _conv_pw_kernel(x, weight, bias, residual, out, n_pixels, in_channels, out_c
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < n_pixels
     mask_n = offs_n < out_channels
-    hw = height * width
-    offs_b = offs_m // hw
-    offs_h = (offs_m % hw) // width
-    offs_w = offs_m % width
+    offs_b, offs_h, offs_w = _pixel_coords(offs_m, height, width)
     x_rows = x + offs_b * x_sb + offs_h * x_sh + offs_w * x_sw
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, in_channels, BLOCK_K):

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from evit_kernels.triton.conv_bn_act import _dot_mode, _optional
+from evit_kernels.triton.conv_bn_act import _dot_mode, _epilogue, _optional, _pixel_coords
 
 MAX_CHANNELS = 512
 """Widest block the kernel holds on chip (the released EfficientViT-M models' widest is 384)."""
@@ -48,10 +48,7 @@ def _ffn_fwd_kernel(x, w1, b1, w2, b2, residual, out, n_pixels, channels, hidden
     offs_c = tl.arange(0, BLOCK_C)
     mask_m = offs_m < n_pixels
     mask_c = offs_c < channels
-    hw = height * width
-    offs_b = offs_m // hw
-    offs_y = (offs_m % hw) // width
-    offs_x = offs_m % width
+    offs_b, offs_y, offs_x = _pixel_coords(offs_m, height, width)
     x_rows = x + offs_b * x_sb + offs_y * x_sh + offs_x * x_sw
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for h0 in range(0, hidden, BLOCK_H):
@@ -78,14 +75,8 @@ def _ffn_fwd_kernel(x, w1, b1, w2, b2, residual, out, n_pixels, channels, hidden
         else:
             # fp16 rounds the hidden tile to fp16 for the tensor cores, as eager stores it; fp32 keeps it as is.
             acc = tl.dot(h.to(w2_tile.dtype), w2_tile, acc, input_precision=PRECISION)
-    if has_b2 != 0:
-        acc += tl.load(b2 + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    mask = mask_m[:, None] & mask_c[None, :]
-    if has_residual != 0:
-        r_pixel = offs_b * r_sb + offs_y * r_sh + offs_x * r_sw
-        acc += tl.load(residual + r_pixel[:, None] + offs_c[None, :] * r_sc, mask=mask, other=0.0).to(tl.float32)
-    o_pixel = offs_b * o_sb + offs_y * o_sh + offs_x * o_sw
-    tl.store(out + o_pixel[:, None] + offs_c[None, :] * o_sc, acc.to(out.dtype.element_ty), mask=mask)
+    _epilogue(acc, b2, residual, out, offs_b, offs_y, offs_x, offs_c, mask_m, mask_c, has_b2, has_residual,
+              r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, "none")
 
 
 def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
