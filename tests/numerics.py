@@ -1,5 +1,5 @@
-"""The error measures the kernel tests share (flash-attention's criterion: a kernel's error is at most about
-twice eager PyTorch's own error in the same dtype)."""
+"""What the kernel tests share: the error measures (flash-attention's criterion: a kernel's error is at most
+about twice eager PyTorch's own error in the same dtype) and the input layouts kernels must read."""
 
 import torch
 
@@ -24,3 +24,15 @@ def assert_same_grads_and_buffers(original: torch.nn.Module, fused: torch.nn.Mod
     for (name_o, b_o), (name_f, b_f) in zip(original.named_buffers(), fused.named_buffers(), strict=True):
         assert name_o == name_f
         torch.testing.assert_close(b_f, b_o, rtol=1e-5, atol=1e-6)
+
+
+def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` as "contiguous", "channels_last", or "strided": every other column of a wider tensor, which has no
+    dense layout at all."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        wide = torch.empty(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.contiguous()

@@ -16,7 +16,7 @@ from torch import nn
 from evit_kernels import dispatch
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct
 from evit_kernels.ops.conv_bn_act import ACTIVATIONS, conv_bn_act, conv_bn_act_reference
-from tests.numerics import max_err, ulp
+from tests.numerics import in_layout, max_err, ulp
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -41,19 +41,9 @@ POINTWISE = {
 }
 
 
-def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "strided":  # every other column of a wider tensor: no dense layout at all
-        wide = torch.empty(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype, device=t.device)
-        wide[..., ::2] = t
-        return wide[..., ::2]
-    return t.contiguous()
-
-
 def _inputs(batch, c_in, c_out, height, width, k, stride, padding, groups, bias, residual, layout, dtype):
     """(x, weight, bias, residual, conv kwargs); the residual is transposed in memory for strided layouts."""
-    x = _layout(torch.randn(batch, c_in, height, width, device=DEVICE), layout)
+    x = in_layout(torch.randn(batch, c_in, height, width, device=DEVICE), layout)
     weight = torch.randn(c_out, c_in // groups, k, k, device=DEVICE) / math.sqrt(c_in // groups * k * k)
     b = torch.randn(c_out, device=DEVICE) if bias else None
     stride, padding = ((v, v) if isinstance(v, int) else v for v in (stride, padding))
@@ -61,7 +51,7 @@ def _inputs(batch, c_in, c_out, height, width, k, stride, padding, groups, bias,
     r = None
     if residual:
         r = torch.randn(batch, c_out, *out_hw, device=DEVICE)
-        r = r.transpose(2, 3).contiguous().transpose(2, 3) if layout == "strided" else _layout(r, layout)
+        r = r.transpose(2, 3).contiguous().transpose(2, 3) if layout == "strided" else in_layout(r, layout)
     tensors = [None if t is None else t.to(dtype) for t in (x, weight, b, r)]
     return (*tensors, dict(stride=stride, padding=padding, groups=groups))
 
@@ -130,7 +120,7 @@ def test_fused_module_matches_timm_block(build, layout):
             bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0), bn.weight.normal_(), bn.bias.normal_()
     original.eval()
     fused = FusedConvNormAct(copy.deepcopy(original), backend="triton").eval()
-    x = _layout(torch.randn(2, 8, 9, 7, device=DEVICE), layout)
+    x = in_layout(torch.randn(2, 8, 9, 7, device=DEVICE), layout)
     torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
 
 

@@ -21,7 +21,7 @@ from evit_kernels.nn.conv_bn_act import FusedConvNormAct
 from evit_kernels.nn.ffn import FusedResidualFFN
 from evit_kernels.ops.ffn import ffn, ffn_reference
 from tests.cream_style import FFN, Residual
-from tests.numerics import assert_same_grads_and_buffers, max_err, ulp
+from tests.numerics import assert_same_grads_and_buffers, in_layout, max_err, ulp
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -37,24 +37,14 @@ SHAPES = {
 }
 
 
-def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "strided":  # every other column of a wider tensor: no dense layout at all
-        wide = torch.empty(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype, device=t.device)
-        wide[..., ::2] = t
-        return wide[..., ::2]
-    return t.contiguous()
-
-
 def _inputs(name: str, dtype: torch.dtype) -> tuple:
     batch, channels, height, width, layout, biases, residual = SHAPES[name]
     hidden = 2 * channels
-    x = _layout(torch.randn(batch, channels, height, width, device=DEVICE), layout)
+    x = in_layout(torch.randn(batch, channels, height, width, device=DEVICE), layout)
     w1 = torch.randn(hidden, channels, 1, 1, device=DEVICE) / channels ** 0.5
     w2 = torch.randn(channels, hidden, 1, 1, device=DEVICE) / hidden ** 0.5
     b1, b2 = (torch.randn(n, device=DEVICE) if biases else None for n in (hidden, channels))
-    r = _layout(torch.randn(batch, channels, height, width, device=DEVICE), layout) if residual else None
+    r = in_layout(torch.randn(batch, channels, height, width, device=DEVICE), layout) if residual else None
     return tuple(None if t is None else t.to(dtype) for t in (x, w1, b1, w2, b2, r))
 
 
@@ -159,7 +149,7 @@ def test_module_matches_original_in_eval(build, layout, backend, patch_children)
     if patch_children:  # what patch() does to pw1 / pw2 before or after wrapping them
         block.m.pw1, block.m.pw2 = FusedConvNormAct(block.m.pw1), FusedConvNormAct(block.m.pw2)
     fused = FusedResidualFFN(block, backend=backend).eval()
-    x = _layout(torch.randn(2, 16, 5, 3, device=DEVICE), layout)
+    x = in_layout(torch.randn(2, 16, 5, 3, device=DEVICE), layout)
     torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
     assert fused.state_dict().keys() == original.state_dict().keys()
 
