@@ -19,6 +19,7 @@ from evit_kernels.nn._base import Unsupported
 from evit_kernels.nn._fold import fold_bn_into
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct, activation_name
 from evit_kernels.ops.conv_bn_act import ACTIVATIONS, conv_bn_act
+from tests.cream_style import Conv2d_BN
 from tests.numerics import assert_same_grads_and_buffers
 
 # ---------------------------------------------------------------------------------------------------- the op
@@ -195,15 +196,6 @@ def test_explicit_request_for_a_missing_backend_raises():
 
 
 # ------------------------------------------------------------------------------------------------ the module
-
-
-class Conv2d_BN(nn.Sequential):  # noqa: N801 - Cream's name
-    """Cream EfficientViT's conv + BatchNorm block (children ``c`` and ``bn``)."""
-
-    def __init__(self, in_chs, out_chs, ks=1, stride=1, pad=0, dilation=1, groups=1):
-        super().__init__()
-        self.add_module("c", nn.Conv2d(in_chs, out_chs, ks, stride, pad, dilation, groups, bias=False))
-        self.add_module("bn", nn.BatchNorm2d(out_chs))
 
 
 ORIGINALS = {

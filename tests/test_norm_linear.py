@@ -12,17 +12,8 @@ from torch import nn
 from evit_kernels.nn._base import Unsupported
 from evit_kernels.nn._fold import fold_bn_before_linear
 from evit_kernels.nn.norm_linear import FusedNormLinear
+from tests.cream_style import BN_Linear
 from tests.numerics import assert_same_grads_and_buffers
-
-
-class BN_Linear(nn.Sequential):  # noqa: N801 - Cream's name
-    """Cream EfficientViT's classifier head (children ``bn`` and ``l``)."""
-
-    def __init__(self, in_features, out_features, bias=True):
-        super().__init__()
-        self.add_module("bn", nn.BatchNorm1d(in_features))
-        self.add_module("l", nn.Linear(in_features, out_features, bias=bias))
-
 
 ORIGINALS = {
     "timm_normlinear": lambda: NormLinear(12, 7),
