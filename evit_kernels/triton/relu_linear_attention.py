@@ -118,17 +118,23 @@ def _store_output(q, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, o
 
 
 @triton.jit
+def _program_span(heads, per_chunk, n_tokens):
+    """This program's (row = batch·heads + head, chunk, batch, head) and its tokens [start, end)."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    start = chunk * per_chunk
+    return row, chunk, row // heads, row % heads, start, tl.minimum(start + per_chunk, n_tokens)
+
+
+@triton.jit
 def _rla_fwd_reduce_kernel(src, partial, heads, n_tokens, per_chunk, chunks, stride_b, stride_c, stride_n,
                            D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
                            UPCAST: tl.constexpr):
-    row = tl.program_id(0)  # batch · heads + head
-    chunk = tl.program_id(1)
-    base = src + (row // heads) * stride_b + (row % heads) * 3 * D * stride_c
+    row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
+    base = src + b * stride_b + h * 3 * D * stride_c
     offs_d = tl.arange(0, D_PAD)
     kv = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
     z = tl.zeros((D_PAD,), dtype=tl.float32)
-    start = chunk * per_chunk
-    end = tl.minimum(start + per_chunk, n_tokens)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
@@ -145,15 +151,11 @@ def _rla_fwd_reduce_kernel(src, partial, heads, n_tokens, per_chunk, chunks, str
 def _rla_fwd_apply_kernel(src, partial, out, heads, first_head, n_tokens, per_chunk, chunks, eps,
                           stride_b, stride_c, stride_n, out_stride_b, out_stride_c, out_stride_n,
                           D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
-    b, h = row // heads, row % heads
+    row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
     base = src + b * stride_b + h * 3 * D * stride_c
     out_base = out + b * out_stride_b + (first_head + h) * D * out_stride_c
     offs_d = tl.arange(0, D_PAD)
     kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
-    start = chunk * per_chunk
-    end = tl.minimum(start + per_chunk, n_tokens)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
@@ -165,17 +167,13 @@ def _rla_fwd_apply_kernel(src, partial, out, heads, first_head, n_tokens, per_ch
 def _rla_bwd_reduce_kernel(src, grad, partial, grad_partial, heads, first_head, n_tokens, per_chunk, chunks, eps,
                            stride_b, stride_c, stride_n, g_stride_b, g_stride_c, g_stride_n,
                            D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
-    b, h = row // heads, row % heads
+    row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
     base = src + b * stride_b + h * 3 * D * stride_c
     g_base = grad + b * g_stride_b + (first_head + h) * D * g_stride_c
     offs_d = tl.arange(0, D_PAD)
     kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
     gkv = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
     gz = tl.zeros((D_PAD,), dtype=tl.float32)
-    start = chunk * per_chunk
-    end = tl.minimum(start + per_chunk, n_tokens)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
@@ -195,17 +193,13 @@ def _rla_bwd_apply_kernel(src, grad, partial, grad_partial, grad_src, heads, fir
                           chunks, eps, stride_b, stride_c, stride_n, g_stride_b, g_stride_c, g_stride_n,
                           gs_stride_b, gs_stride_c, gs_stride_n,
                           D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
-    b, h = row // heads, row % heads
+    row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
     base = src + b * stride_b + h * 3 * D * stride_c
     g_base = grad + b * g_stride_b + (first_head + h) * D * g_stride_c
     gs_base = grad_src + b * gs_stride_b + h * 3 * D * gs_stride_c
     offs_d = tl.arange(0, D_PAD)
     kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
     gkv, gz = _sum_partials(grad_partial, row, chunks, offs_d, D_PAD)
-    start = chunk * per_chunk
-    end = tl.minimum(start + per_chunk, n_tokens)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
@@ -271,15 +265,11 @@ def _rla_agg_fwd_reduce_kernel(src, dw_w, dw_b, pw_w, pw_b, partial, heads, heig
                                D: tl.constexpr, D_PAD: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
                                PRECISION: tl.constexpr):
     """The reduction pass over one scale's aggregated map, computed from ``src`` (qkv): only k and v."""
-    row = tl.program_id(0)  # batch · heads + head
-    chunk = tl.program_id(1)
-    head = row % heads
-    base = src + (row // heads) * stride_b + head * 3 * D * stride_c
+    row, chunk, b, head, start, end = _program_span(heads, per_chunk, height * width)
+    base = src + b * stride_b + head * 3 * D * stride_c
     offs_d = tl.arange(0, D_PAD)
     kv = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
     z = tl.zeros((D_PAD,), dtype=tl.float32)
-    start = chunk * per_chunk
-    end = tl.minimum(start + per_chunk, height * width)
     # No software pipelining: it would stage every neighbour tile in shared memory (over 228 KB for fp32, K = 5).
     for n0 in tl.range(start, end, BLOCK_N, num_stages=1):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -299,15 +289,11 @@ def _rla_agg_fwd_apply_kernel(src, dw_w, dw_b, pw_w, pw_b, partial, out, heads, 
                               D: tl.constexpr, D_PAD: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
                               PRECISION: tl.constexpr):
     """The apply pass over one scale's aggregated map, computed from ``src`` (qkv): only q."""
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
-    b, head = row // heads, row % heads
+    row, chunk, b, head, start, end = _program_span(heads, per_chunk, height * width)
     base = src + b * stride_b + head * 3 * D * stride_c
     out_base = out + b * out_stride_b + (first_head + head) * D * out_stride_c
     offs_d = tl.arange(0, D_PAD)
     kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
-    start = chunk * per_chunk
-    end = tl.minimum(start + per_chunk, height * width)
     for n0 in tl.range(start, end, BLOCK_N, num_stages=1):  # not pipelined, as in the reduction pass
         offs_n = n0 + tl.arange(0, BLOCK_N)
         valid = offs_n < end
