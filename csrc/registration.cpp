@@ -2,9 +2,11 @@
 // (torch.library.custom_op), so this file adds to the namespace with a fragment rather than owning it.
 #include <Python.h>
 
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <optional>
+#include <string_view>
 
 namespace evit {
 std::vector<int64_t> cuda_build_archs();
@@ -22,6 +24,23 @@ at::Tensor cga_window_meta(const at::Tensor& x, at::TensorList, at::TensorList, 
                            const std::optional<at::Tensor>&) {
   return x.new_empty_symint({x.sym_size(0), proj_w.sym_size(0), x.sym_size(2), x.sym_size(3)});
 }
+
+// csrc/conv_bn_act_cuda.cu
+at::Tensor depthwise_conv_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               at::IntArrayRef stride, at::IntArrayRef padding, std::string_view activation,
+                               const std::optional<at::Tensor>& residual);
+
+// Shape and layout only: (B, C, H_out, W_out) in x's dtype, channels-last when x is and is not also plainly
+// contiguous (evit::conv_bn_act's rule).
+at::Tensor depthwise_conv_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>&,
+                               at::IntArrayRef stride, at::IntArrayRef padding, std::string_view,
+                               const std::optional<at::Tensor>&) {
+  const c10::SymInt k = weight.sym_size(3);
+  const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return at::empty_symint({x.sym_size(0), weight.sym_size(0), (x.sym_size(2) + 2 * padding[0] - k) / stride[0] + 1,
+                           (x.sym_size(3) + 2 * padding[1] - k) / stride[1] + 1},
+                          x.options(), channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
 }  // namespace evit
 
 TORCH_LIBRARY_FRAGMENT(evit, m) {
@@ -31,11 +50,20 @@ TORCH_LIBRARY_FRAGMENT(evit, m) {
   m.def("cga_window_cuda(Tensor x, Tensor[] qkv_w, Tensor[] qkv_b, Tensor[] dw_w, Tensor[] dw_b, "
         "Tensor attention_biases, Tensor proj_w, Tensor proj_b, int key_dim, int window, "
         "Tensor? residual=None) -> Tensor");
+  // evit::conv_bn_act's depthwise k×k conv (k = 3, 5, 7), BatchNorm folded, inference only; see the .cu file.
+  m.def("depthwise_conv_cuda(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, str activation, "
+        "Tensor? residual) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(evit, CUDA, m) { m.impl("cga_window_cuda", &evit::cga_window_cuda); }
+TORCH_LIBRARY_IMPL(evit, CUDA, m) {
+  m.impl("cga_window_cuda", &evit::cga_window_cuda);
+  m.impl("depthwise_conv_cuda", &evit::depthwise_conv_cuda);
+}
 
-TORCH_LIBRARY_IMPL(evit, Meta, m) { m.impl("cga_window_cuda", &evit::cga_window_meta); }
+TORCH_LIBRARY_IMPL(evit, Meta, m) {
+  m.impl("cga_window_cuda", &evit::cga_window_meta);
+  m.impl("depthwise_conv_cuda", &evit::depthwise_conv_meta);
+}
 
 // `import evit_kernels._C` only needs a module object; loading the library runs the registration above.
 PyMODINIT_FUNC PyInit__C(void) {

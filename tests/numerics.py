@@ -36,3 +36,14 @@ def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
         wide[..., ::2] = t
         return wide[..., ::2]
     return t.contiguous()
+
+
+def poison_next_allocation(shape, dtype) -> int:
+    """Leave a NaN-filled block of this size in the caching allocator, which hands it to the next allocation of
+    the same size (the kernel's output, allocated in C++ where the poisoned_empty fixture cannot reach). The
+    cache is emptied first so that no other free block of that size comes first; callers check the address."""
+    torch.cuda.empty_cache()
+    block = torch.full(shape, float("nan"), device="cuda", dtype=dtype)
+    address = block.data_ptr()
+    del block
+    return address

@@ -16,7 +16,7 @@ from evit_kernels.ops.cascaded_group_attention import (
     cuda_shared_memory_bytes,
 )
 from tests.cga_configs import CONFIGS, KEY_DIM, RELEASED, cast, folded_inputs
-from tests.numerics import max_err, ulp
+from tests.numerics import max_err, poison_next_allocation, ulp
 
 needs_extension = pytest.mark.skipif(_extension.load_error() is not None,
                                      reason=f"evit_kernels._C is not built: {_extension.load_error()}")
@@ -24,17 +24,6 @@ needs_extension = pytest.mark.skipif(_extension.load_error() is not None,
 # (H, W, window): the 224 px stage maps (14×14: four windows; 7×7: one; 4×4: stage 3, whose attention is built
 # with a 4×4 window) and maps that need zero padding (9×11 → 14×14, 8×8 → 14×14, 5×6 → 8×8).
 MAPS = [(14, 14, 7), (7, 7, 7), (4, 4, 4), (9, 11, 7), (8, 8, 7), (5, 6, 4)]
-
-
-def _poison_next_allocation(shape, dtype) -> int:
-    """Leave a NaN-filled block of this size in the caching allocator, which hands it to the next allocation of
-    the same size (the kernel's output, allocated in C++ where the poisoned_empty fixture cannot reach). The
-    cache is emptied first so that no other free block of that size comes first; callers check the address."""
-    torch.cuda.empty_cache()
-    block = torch.full(shape, float("nan"), device="cuda", dtype=dtype)
-    address = block.data_ptr()
-    del block
-    return address
 
 
 # --- on a GPU ------------------------------------------------------------------------------------------------
@@ -49,7 +38,7 @@ def test_released_attentions_within_twice_eager_error(config, H, W, window, dtyp
     expected = cascaded_group_attention_reference(*cast(args, torch.float64))
     with torch.no_grad():
         eager = cascaded_group_attention(*args, backend="torch")
-        poisoned = _poison_next_allocation(expected.shape, dtype)
+        poisoned = poison_next_allocation(expected.shape, dtype)
         out = cascaded_group_attention(*args, backend="cuda")
     assert out.data_ptr() == poisoned, "the output did not reuse the NaN-poisoned block"
     assert out.dtype == dtype and out.shape == expected.shape and out.is_contiguous()

@@ -13,7 +13,6 @@ from timm.models.efficientvit_mit import ConvNormAct
 from timm.models.efficientvit_msra import ConvNorm
 from torch import nn
 
-from evit_kernels import dispatch
 from evit_kernels.nn import conv_bn_act as fused_module_file
 from evit_kernels.nn._base import Unsupported
 from evit_kernels.nn._fold import fold_bn_into
@@ -188,11 +187,6 @@ def test_op_rejects_dtype_mismatch():
         conv_bn_act(x, weight, residual=torch.randn(1, 2, 4, 4, dtype=torch.float16))
     with pytest.raises(TypeError, match="not supported"):
         conv_bn_act(x.int(), weight.int())
-
-
-def test_explicit_request_for_a_missing_backend_raises():
-    with pytest.raises(dispatch.BackendUnavailable, match="no cuda implementation"):
-        conv_bn_act(torch.randn(1, 3, 4, 4), torch.randn(2, 3, 1, 1), backend="cuda")
 
 
 # ------------------------------------------------------------------------------------------------ the module

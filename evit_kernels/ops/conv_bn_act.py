@@ -122,17 +122,17 @@ def _check_shapes(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[i
         raise ValueError(f"conv_bn_act: residual has shape {tuple(residual.shape)} but the output is {tuple(shape)}")
 
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TRITON_DEPTHWISE_SIZES = (3, 5, 7)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DEPTHWISE_SIZES = (3, 5, 7)
 
 
-def _triton_kind(x: Tensor, weight: Tensor, stride: list[int], padding: list[int], groups: int) -> str | None:
-    """Which Triton kernel computes this conv: "depthwise", "pointwise" (1×1) or None."""
+def _kernel_kind(x: Tensor, weight: Tensor, stride: list[int], padding: list[int], groups: int) -> str | None:
+    """Which kernel computes this conv: "depthwise" (Triton or CUDA), "pointwise" (1×1, Triton) or None."""
     out_channels, in_per_group, kernel_h, kernel_w = weight.shape
     if groups == 1 and (kernel_h, kernel_w) == (1, 1) and list(stride) == [1, 1] and list(padding) == [0, 0]:
         return "pointwise"
     if (groups == x.shape[1] == out_channels and in_per_group == 1 and kernel_h == kernel_w
-            and kernel_h in _TRITON_DEPTHWISE_SIZES and all(s in (1, 2) for s in stride)):
+            and kernel_h in _DEPTHWISE_SIZES and all(s in (1, 2) for s in stride)):
         return "depthwise"
     return None
 
@@ -143,7 +143,7 @@ def _triton_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list
 
     shape = conv_output_shape(x, weight, stride, padding, dilation)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
-    if _triton_kind(x, weight, stride, padding, groups) == "depthwise":
+    if _kernel_kind(x, weight, stride, padding, groups) == "depthwise":
         return kernels.depthwise(x, weight, bias, stride, padding, activation, residual, out)
     return kernels.pointwise(x, weight, bias, activation, residual, out)
 
@@ -153,11 +153,11 @@ def _triton_reasons(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list
     from evit_kernels.triton.conv_bn_act import fits_int32
 
     reasons = dispatch.device_reasons("triton", x)
-    if x.dtype not in _TRITON_DTYPES:
+    if x.dtype not in _KERNEL_DTYPES:
         reasons.append(f"{x.dtype} inputs (the Triton kernels take float32, float16 and bfloat16)")
     if list(dilation) != [1, 1]:
         reasons.append(f"dilation {list(dilation)} (the Triton kernels take dilation 1)")
-    if _triton_kind(x, weight, stride, padding, groups) is None:
+    if _kernel_kind(x, weight, stride, padding, groups) is None:
         reasons.append(f"a conv with weight {tuple(weight.shape)}, groups={groups}, stride={list(stride)}, "
                        f"padding={list(padding)} (the Triton kernels take a depthwise 3×3, 5×5 or 7×7 conv with "
                        f"stride 1 or 2, or a 1×1 conv with groups 1, stride 1 and padding 0)")
@@ -168,3 +168,31 @@ def _triton_reasons(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list
 
 
 dispatch.register("conv_bn_act", dispatch.Backend("triton", _triton_forward, _triton_reasons))
+
+
+def _cuda_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
+                  dilation: list[int], groups: int, activation: str, residual: Tensor | None) -> Tensor:
+    """The depthwise conv in one launch, its input tile and halo staged in shared memory
+    (csrc/conv_bn_act_cuda.cu); the output is laid out as :func:`output_memory_format`."""
+    return torch.ops.evit.depthwise_conv_cuda(x, weight, bias, stride, padding, activation, residual)
+
+
+def _cuda_reasons(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
+                  dilation: list[int], groups: int, activation: str, residual: Tensor | None) -> list[str]:
+    # No refusal when gradients are needed: the op's backward is the reference's VJP whichever backend ran forward.
+    # Any layout is read through its strides.
+    reasons = dispatch.device_reasons("cuda", x)
+    if x.dtype not in _KERNEL_DTYPES:
+        reasons.append(f"{x.dtype} inputs (the CUDA kernel takes float32, float16 and bfloat16)")
+    if list(dilation) != [1, 1]:
+        reasons.append(f"dilation {list(dilation)} (the CUDA kernel takes dilation 1)")
+    if _kernel_kind(x, weight, stride, padding, groups) != "depthwise":
+        reasons.append(f"a conv with weight {tuple(weight.shape)}, groups={groups}, stride={list(stride)} (the CUDA "
+                       f"kernel takes a depthwise 3×3, 5×5 or 7×7 conv with stride 1 or 2; 1×1 and other convs run "
+                       f"on the triton or torch backend)")
+    if max(*x.shape[2:], *padding) >= 2**28:
+        reasons.append("a map or padding of 2^28 pixels or more (the CUDA kernel's pixel coordinates are 32-bit)")
+    return reasons
+
+
+dispatch.register("conv_bn_act", dispatch.Backend("cuda", _cuda_forward, _cuda_reasons))
