@@ -150,7 +150,7 @@ def choose(op: str, *args: Any, backend: str = "auto", **kwargs: Any) -> Backend
         reasons = candidate.not_supported_reasons(*args, **kwargs)
         if not reasons:
             if passed_over:
-                _log_once(op, f"{op}: using {name}; " + "; ".join(passed_over))
+                log_once(op, f"{op}: using {name}; " + "; ".join(passed_over))
             return candidate
         passed_over.append(f"{name} skipped: " + ", ".join(reasons))
     raise BackendUnavailable(f"{op}: no backend can run these inputs: " + "; ".join(passed_over))
@@ -166,7 +166,8 @@ def call(library_op: Callable[..., Any], chosen: Backend, *args: Any) -> Any:
     return library_op(*args, chosen.name)
 
 
-def _log_once(op: str, message: str) -> None:
+def log_once(op: str, message: str) -> None:
+    """Log ``message`` about ``op`` at INFO level, the first time only (and never while torch.compile traces)."""
     if torch.compiler.is_compiling() or (op, message) in _LOGGED:
         return
     _LOGGED.add((op, message))

@@ -18,6 +18,7 @@ from torch import nn
 from evit_kernels.nn._base import FusedModule, Unsupported
 from evit_kernels.nn._fold import fold_bn_before_linear, fold_bn_into, uses_running_stats
 from evit_kernels.nn.cascaded_group_attention import FusedCascadedGroupAttention, FusedLocalWindowAttention
+from evit_kernels.nn.conv_block import FusedConvBlock, is_conv_block
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct
 from evit_kernels.nn.ffn import FusedResidualFFN
 from evit_kernels.nn.lite_mla import FusedLiteMLA
@@ -70,6 +71,10 @@ RULES: tuple[Rule, ...] = (
     Rule("timm", "ResidualDrop", (TIMM_MSRA,), ("m", "drop"), FusedResidualFFN,
          accepts=lambda module: type(module.m).__name__ == "ConvMlp"),
     Rule("Cream", "Residual", None, ("m",), FusedResidualFFN, accepts=lambda module: type(module.m).__name__ == "FFN"),
+    Rule("timm", "ResidualBlock", (TIMM_MIT,), ("main", "shortcut", "pre_norm"), FusedConvBlock,
+         accepts=lambda module: is_conv_block(module.main)),
+    Rule("mit-han-lab", "ResidualBlock", MIT_HAN_LAB, ("main", "shortcut", "pre_norm", "post_act"), FusedConvBlock,
+         accepts=lambda module: is_conv_block(module.main)),
     Rule("timm", "ConvNormAct", (TIMM_MIT,), ("dropout", "conv", "norm", "act"), FusedConvNormAct),
     Rule("mit-han-lab", "ConvLayer", MIT_HAN_LAB, ("dropout", "conv", "norm", "act"), FusedConvNormAct),
     Rule("timm", "ConvNorm", (TIMM_MSRA,), ("conv", "bn"), FusedConvNormAct),

@@ -11,7 +11,7 @@ from evit_kernels import dispatch
 from evit_kernels.info import format_info
 
 EXPECTED_OPS = {"relu_linear_attention", "relu_linear_attention_aggregated", "multiscale_aggregation",
-                "cascaded_group_attention", "window_attention", "conv_bn_act", "ffn"}
+                "cascaded_group_attention", "window_attention", "conv_bn_act", "conv_block", "ffn"}
 
 
 def test_info_reports_versions_and_every_op():

@@ -16,7 +16,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 MODULES = ["evit_kernels.triton.relu_linear_attention", "evit_kernels.triton.conv_bn_act",
-           "evit_kernels.triton.cascaded_group_attention", "evit_kernels.triton.ffn"]
+           "evit_kernels.triton.cascaded_group_attention", "evit_kernels.triton.ffn",
+           "evit_kernels.triton.conv_block"]
 H100_SHARED_BYTES = 228 * 1024
 
 _SCRIPT = textwrap.dedent("""
@@ -26,16 +27,17 @@ _SCRIPT = textwrap.dedent("""
     ptxas = sys.argv[2]
     module = importlib.import_module(sys.argv[1])
     results = []
-    for kernel, signature, constexprs in module.compile_configs():
+    for kernel, signature, constexprs, *options in module.compile_configs():
+        options = options[0] if options else {}
         compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32))
+                                  target=GPUTarget("cuda", 90, 32), options=options)
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
             ptx.write(compiled.asm["ptx"]); ptx.flush()
             log = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx.name, "-o", "/dev/null"],
                                  capture_output=True, text=True).stderr
         spills = sum(int(n) for n in re.findall(r"(\\d+) bytes spill", log))
         results.append({"kernel": kernel.__name__, "config": {k: str(v) for k, v in constexprs.items()},
-                        "dtype": signature[kernel.arg_names[0]], "shared": compiled.metadata.shared,
+                        "dtype": signature[kernel.arg_names[0]], **options, "shared": compiled.metadata.shared,
                         "spill_bytes": spills})
     print(json.dumps(results))
 """)

@@ -60,6 +60,25 @@ def _pixel_coords(offs, height, width):
 
 
 @triton.jit
+def _tap(out_y, out_x, out_ok, kh, kw, stride_h, stride_w, pad_h, pad_w, height, width):
+    """The input (row, column) that tap (kh, kw) of the outputs at (out_y, out_x) reads, and whether it lies in the
+    map: taps in the zero padding read nothing."""
+    iy = out_y * stride_h - pad_h + kh
+    ix = out_x * stride_w - pad_w + kw
+    return iy, ix, out_ok & (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
+
+
+@triton.jit
+def _dot_on_chip(h, w_tile, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + h · w_tile, for an fp32 tile ``h`` computed on chip and a weight tile in the tensors' dtype: bf16 runs
+    in fp32 (see :func:`_dot_mode`); fp16 rounds ``h`` to fp16 for the tensor cores, as eager stores it; fp32 keeps
+    it as is."""
+    if UPCAST:
+        return tl.dot(h, w_tile.to(tl.float32), acc, input_precision=PRECISION)
+    return tl.dot(h.to(w_tile.dtype), w_tile, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_c, mask_p, mask_c, has_bias, has_residual,
               r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION: tl.constexpr):
     """bias → activation → residual on the fp32 (pixels × channels) accumulator, then one rounding on store."""
@@ -84,17 +103,12 @@ def _conv_dw_kernel(x, weight, bias, residual, out, n_pixels, channels, height, 
     mask_p = offs_p < n_pixels
     mask_c = offs_c < channels
     offs_b, offs_h, offs_w = _pixel_coords(offs_p, out_height, out_width)
-    top = offs_h * stride_h - pad_h
-    left = offs_w * stride_w - pad_w
     x_pixel = x + offs_b * x_sb
     x_chan = offs_c[None, :] * x_sc
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for kh in range(0, ksize):
-        ih = top + kh
-        row_ok = mask_p & (ih >= 0) & (ih < height)
         for kw in range(0, ksize):
-            iw = left + kw
-            inside = row_ok & (iw >= 0) & (iw < width)  # zero padding: taps outside the map read nothing
+            ih, iw, inside = _tap(offs_h, offs_w, mask_p, kh, kw, stride_h, stride_w, pad_h, pad_w, height, width)
             xv = tl.load((x_pixel + ih * x_sh + iw * x_sw)[:, None] + x_chan,
                          mask=inside[:, None] & mask_c[None, :], other=0.0)
             wv = tl.load(weight + offs_c * w_sc + kh * w_sh + kw * w_sw, mask=mask_c, other=0.0)

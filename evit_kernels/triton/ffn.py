@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from evit_kernels.triton.conv_bn_act import _dot_mode, _epilogue, _optional, _pixel_coords
+from evit_kernels.triton.conv_bn_act import _dot_mode, _dot_on_chip, _epilogue, _optional, _pixel_coords
 
 MAX_CHANNELS = 512
 """Widest block the kernel holds on chip (the released EfficientViT-M models' widest is 384)."""
@@ -70,11 +70,7 @@ def _ffn_fwd_kernel(x, w1, b1, w2, b2, residual, out, n_pixels, channels, hidden
         h = tl.where(h < 0, 0.0, h)  # ReLU that keeps NaN, as torch's; padded hidden columns are 0 and add nothing
         w2_tile = tl.load(w2 + offs_h[:, None] * w2_sh + offs_c[None, :] * w2_sc,
                           mask=mask_h[:, None] & mask_c[None, :], other=0.0)
-        if UPCAST:
-            acc = tl.dot(h, w2_tile.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            # fp16 rounds the hidden tile to fp16 for the tensor cores, as eager stores it; fp32 keeps it as is.
-            acc = tl.dot(h.to(w2_tile.dtype), w2_tile, acc, input_precision=PRECISION)
+        acc = _dot_on_chip(h, w2_tile, acc, PRECISION, UPCAST)
     _epilogue(acc, b2, residual, out, offs_b, offs_y, offs_x, offs_c, mask_m, mask_c, has_b2, has_residual,
               r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, "none")
 

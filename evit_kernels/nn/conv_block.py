@@ -1,0 +1,124 @@
+"""``FusedConvBlock``: drop-in for the ``ResidualBlock`` around each conv block of the MIT family — ``MBConv``,
+``DSConv`` and ``FusedMBConv`` of timm ``efficientvit_mit`` and mit-han-lab (efficientsam), which always sit in one,
+with an identity shortcut or none — running the whole block, residual included, as one ``evit::conv_block`` call
+with every BatchNorm folded, so the expanded tensor is never stored."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from evit_kernels.nn._base import FusedModule, Unsupported
+from evit_kernels.nn._fold import FoldCache, fold_bn_into, uses_running_stats
+from evit_kernels.nn.conv_bn_act import activation_name
+from evit_kernels.ops.conv_block import conv_block
+
+BLOCK_LAYERS = {"MBConv": ("inverted_conv", "depth_conv", "point_conv"), "DSConv": ("depth_conv", "point_conv"),
+                "FusedMBConv": ("spatial_conv", "point_conv")}
+"""Block class name → its ConvNormAct / ConvLayer children, in the order the block applies them."""
+_LAYER_CHILDREN = {"dropout", "conv", "norm", "act"}
+_IDENTITY_SHORTCUTS = ("Identity", "IdentityLayer")  # torch / timm, mit-han-lab
+
+
+def is_conv_block(module: nn.Module | None) -> bool:
+    return type(module).__name__ in BLOCK_LAYERS
+
+
+def _live(module: nn.Module, name: str) -> nn.Module | None:
+    """The child ``name`` as it is now (absent and nn.Identity: None)."""
+    child = module._modules.get(name)
+    return None if isinstance(child, nn.Identity) else child
+
+
+class FusedConvBlock(FusedModule):
+    """Drop-in for a ``ResidualBlock`` holding an MBConv / DSConv / FusedMBConv, with an identity shortcut or none,
+    and no pre-norm or post-activation.
+
+    Every BatchNorm on running statistics (or absent) and no active dropout: one op call with the folded weights
+    (cached until a parameter, buffer or ``eps`` changes) and ``residual=x`` when the shortcut is an identity.
+    Otherwise the layers run one after another as the original runs them, so batch statistics and running-stat
+    updates are exactly the original's. The layers may themselves be patched into ``FusedConvNormAct``.
+    """
+
+    def __init__(self, original: nn.Module, backend: str = "auto"):
+        super().__init__(original, backend)
+        self._residual = self._check_residual_wrapper()
+        block = self._modules.get("main")
+        if not is_conv_block(block):
+            raise Unsupported(f"holds {type(block).__qualname__}, not an MBConv, DSConv or FusedMBConv")
+        self.kind = type(block).__name__
+        self._layer_names = BLOCK_LAYERS[self.kind]
+        if set(block._modules) != set(self._layer_names):
+            raise Unsupported(f"the {self.kind} has children {sorted(block._modules)}, expected {self._layer_names}")
+        self.activations = tuple(self._check_layer(name) for name in self._layer_names)
+        self._check_shapes()
+        self._fold_cache = FoldCache()
+
+    def _check_residual_wrapper(self) -> bool:
+        """Whether the ResidualBlock adds its input (identity shortcut) or not (no shortcut); refuses the rest."""
+        original = self.original
+        if getattr(original, "pre_norm", None) is not None and not isinstance(original.pre_norm, nn.Identity):
+            raise Unsupported(f"pre_norm {type(original.pre_norm).__qualname__} before the block")
+        if getattr(original, "post_act", None) is not None:
+            raise Unsupported(f"post_act {type(original.post_act).__qualname__} after the residual add")
+        shortcut = original.shortcut
+        if shortcut is not None and type(shortcut).__name__ not in _IDENTITY_SHORTCUTS:
+            raise Unsupported(f"shortcut {type(shortcut).__qualname__} is not an identity")
+        return shortcut is not None
+
+    def _layers(self) -> list[nn.Module]:
+        """The block's layers as they are now (patching, SyncBatchNorm conversion and fold_bn swap them)."""
+        block = self._modules["main"]
+        return [block._modules[name] for name in self._layer_names]
+
+    def _check_layer(self, name: str) -> str:
+        layer = dict(zip(self._layer_names, self._layers()))[name]
+        if not set(layer._modules) <= _LAYER_CHILDREN or "conv" not in layer._modules:
+            raise Unsupported(f"{name} has children {sorted(layer._modules)}, not a conv + norm + activation layer")
+        conv, norm = layer._modules["conv"], _live(layer, "norm")
+        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str) \
+                or conv.dilation != (1, 1):
+            raise Unsupported(f"{name}'s conv {conv!r} is not a plain zero-padded nn.Conv2d without dilation")
+        if norm is not None and not isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+            raise Unsupported(f"{name}'s norm {type(norm).__qualname__} is not a BatchNorm2d")
+        return activation_name(_live(layer, "act"))
+
+    def _check_shapes(self) -> None:
+        convs = [layer._modules["conv"] for layer in self._layers()]
+        for conv in (convs[0], convs[-1]) if self.kind == "MBConv" else convs[-1:]:
+            if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding != (0, 0) or conv.groups != 1:
+                raise Unsupported(f"{conv!r} is not a 1×1 conv with stride 1, no padding and groups 1")
+        spatial = convs[-2]
+        if self.kind != "FusedMBConv" and spatial.groups != spatial.in_channels:
+            raise Unsupported(f"the depthwise conv {spatial!r} has groups {spatial.groups}, not its width")
+        if self._residual and (convs[0].in_channels != convs[-1].out_channels or spatial.stride != (1, 1)):
+            raise Unsupported("the identity shortcut needs a block that keeps the channels and the resolution")
+
+    def _dropout_active(self) -> bool:
+        return self.training and any(isinstance(layer._modules.get("dropout"), nn.Dropout2d | nn.Dropout)
+                                     and layer._modules["dropout"].p > 0 for layer in self._layers())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = self._layers()
+        norms = [_live(layer, "norm") for layer in layers]
+        if self._dropout_active() or not all(norm is None or uses_running_stats(norm) for norm in norms):
+            y = x
+            for layer in layers:
+                y = layer(y)
+            return y + x if self._residual else y
+        convs = [layer._modules["conv"] for layer in layers]
+        sources = [t for conv, norm in zip(convs, norms) for t in (conv.weight, conv.bias) + (
+            () if norm is None else (norm.weight, norm.bias, norm.running_mean, norm.running_var))]
+        folded = self._fold_cache.get(
+            lambda: [t for conv, norm in zip(convs, norms) for t in fold_bn_into(conv.weight, conv.bias, norm)],
+            sources, key=tuple(None if norm is None else norm.eps for norm in norms))
+        if self.kind != "MBConv":  # no expand: the op's first layer is absent
+            folded, activations = [None, None, *folded], ("none", *self.activations)
+        else:
+            activations = self.activations
+        spatial = convs[-2]
+        return conv_block(x, *folded, stride=spatial.stride, padding=spatial.padding, groups=spatial.groups,
+                          activations=activations, residual=x if self._residual else None, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, residual={self._residual}, activations={self.activations}, " + super().extra_repr()

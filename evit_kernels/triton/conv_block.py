@@ -1,0 +1,303 @@
+"""Triton kernel of ``evit::conv_block`` (inference): a whole EfficientViT conv block, BatchNorm folded,
+
+    h   = act1(conv1x1(x, w1) + b1)                       (MBConv's expand; absent in DSConv / FusedMBConv)
+    d   = act2(conv_kxk(h, w2, stride, padding) + b2)      (depthwise in MBConv / DSConv, full in FusedMBConv)
+    out = act3(conv1x1(d, w3) + b3) + residual
+
+in one pass. A program owns a tile of output pixels × a block of output channels and walks the hidden channels
+(the expanded width) in chunks of BLOCK_H: each chunk of ``d`` is produced on chip in fp32 and consumed at once by
+``acc += d · w3_chunkᵀ``, so neither the expanded tensor nor the spatial conv's output (4–6× the block's input in
+MBConv, PERF.md §1) ever reaches memory. How a chunk of ``d`` is produced is the constexpr ``SPATIAL``:
+
+- "expand_depthwise" (MBConv): the expand GEMM runs on the program's input *slots*, the input pixels its output
+  tile reads (whole images for small maps, else a band of rows plus the depthwise halo), into an fp32 register
+  tile; each k×k tap is then a ``tl.gather`` of that tile (on-chip staging: Triton lowers it through shared
+  memory), so the expanded tensor is computed once per slot instead of once per tap. Taps that fall in the zero
+  padding read nothing, as the depthwise conv pads the *expanded* map with zeros.
+- "depthwise" (DSConv): each tap reads ``x`` itself (re-reads hit L1/L2).
+- "full" (FusedMBConv): the k×k conv is an implicit GEMM over (tap, input channel).
+
+Tensors are read and written through their four strides (NCHW, channels_last or any layout); offsets are 32-bit,
+which callers check with ``fits_int32``. Tile sizes are a first guess that compiles for sm_90 without spills; they
+are to be tuned on the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from evit_kernels.triton.conv_bn_act import (
+    _activate,
+    _dot_mode,
+    _dot_on_chip,
+    _epilogue,
+    _optional,
+    _pixel_coords,
+    _tap,
+)
+
+SPATIAL_KINDS = ("expand_depthwise", "depthwise", "full")
+KERNEL_SIZES = (3, 5, 7)
+
+
+@triton.jit
+def _band_pixels(slot, img0, images, row0, rows, batch, width):
+    """(image, row, column, valid) of the slots numbered ``slot`` in a tile of ``images`` images × ``rows`` rows
+    from ``row0``, packed image after image, row after row."""
+    per_image = rows * width
+    img = img0 + slot // per_image
+    rest = slot % per_image
+    valid = (slot < images * per_image) & (img < batch)
+    return img, row0 + rest // width, rest % width, valid
+
+
+@triton.jit
+def _expand_depthwise_chunk(x, w1, b1, w2, offs_h, mask_h, img0, images, in_row0, in_rows, out_img, out_y, out_x,
+                            out_ok, batch, in_channels, height, width, stride_h, stride_w, pad_h, pad_w, has_b1,
+                            x_sb, x_sc, x_sh, x_sw, w1_sh, w1_sc, w2_sh, w2_skh, w2_skw,
+                            ACT1: tl.constexpr, K: tl.constexpr, SLOTS: tl.constexpr,
+                            P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                            PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Σ_taps w2 · act1(x · w1ᵀ + b1) for one hidden chunk: the expand on the input slots, then a gather per tap."""
+    slot = tl.arange(0, SLOTS)
+    s_img, s_y, s_x, s_ok = _band_pixels(slot, img0, images, in_row0, in_rows, batch, width)
+    x_rows = x + s_img * x_sb + s_y * x_sh + s_x * x_sw
+    expanded = tl.zeros((SLOTS, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, in_channels, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < in_channels
+        a = tl.load(x_rows[:, None] + offs_k[None, :] * x_sc, mask=s_ok[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w1 + offs_k[:, None] * w1_sc + offs_h[None, :] * w1_sh, mask=mask_k[:, None] & mask_h[None, :],
+                    other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        expanded = tl.dot(a, b, expanded, input_precision=PRECISION)
+    if has_b1 != 0:
+        expanded += tl.load(b1 + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    expanded = _activate(expanded, ACT1)
+    d = tl.zeros((P, BLOCK_H), dtype=tl.float32)
+    for kh in range(K):
+        for kw in range(K):
+            iy, ix, inside = _tap(out_y, out_x, out_ok, kh, kw, stride_h, stride_w, pad_h, pad_w, height, width)
+            source = tl.where(inside, (out_img - img0) * in_rows * width + (iy - in_row0) * width + ix, 0)
+            tap = tl.gather(expanded, tl.broadcast_to(source[:, None], (P, BLOCK_H)), 0)
+            wv = tl.load(w2 + offs_h * w2_sh + kh * w2_skh + kw * w2_skw, mask=mask_h, other=0.0).to(tl.float32)
+            d += tl.where(inside[:, None], tap, 0.0) * wv[None, :]
+    return d
+
+
+@triton.jit
+def _depthwise_chunk(x, w2, offs_h, mask_h, out_img, out_y, out_x, out_ok, height, width,
+                     stride_h, stride_w, pad_h, pad_w, x_sb, x_sc, x_sh, x_sw, w2_sh, w2_skh, w2_skw,
+                     K: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Σ_taps w2 · x for one chunk of channels, every tap read from ``x``."""
+    x_img = x + out_img * x_sb
+    d = tl.zeros((P, BLOCK_H), dtype=tl.float32)
+    for kh in range(K):
+        for kw in range(K):
+            iy, ix, inside = _tap(out_y, out_x, out_ok, kh, kw, stride_h, stride_w, pad_h, pad_w, height, width)
+            xv = tl.load((x_img + iy * x_sh + ix * x_sw)[:, None] + offs_h[None, :] * x_sc,
+                         mask=inside[:, None] & mask_h[None, :], other=0.0)
+            wv = tl.load(w2 + offs_h * w2_sh + kh * w2_skh + kw * w2_skw, mask=mask_h, other=0.0)
+            d += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    return d
+
+
+@triton.jit
+def _full_conv_chunk(x, w2, offs_h, mask_h, out_img, out_y, out_x, out_ok, in_channels, height, width,
+                     stride_h, stride_w, pad_h, pad_w, x_sb, x_sc, x_sh, x_sw, w2_sh, w2_sc, w2_skh, w2_skw,
+                     K: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The k×k conv for one chunk of output (hidden) channels, as an implicit GEMM over (tap, input channel)."""
+    x_img = x + out_img * x_sb
+    d = tl.zeros((P, BLOCK_H), dtype=tl.float32)
+    for kh in range(K):
+        for kw in range(K):
+            iy, ix, inside = _tap(out_y, out_x, out_ok, kh, kw, stride_h, stride_w, pad_h, pad_w, height, width)
+            x_rows = x_img + iy * x_sh + ix * x_sw
+            for k0 in range(0, in_channels, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < in_channels
+                a = tl.load(x_rows[:, None] + offs_k[None, :] * x_sc, mask=inside[:, None] & mask_k[None, :],
+                            other=0.0)
+                b = tl.load(w2 + offs_k[:, None] * w2_sc + offs_h[None, :] * w2_sh + kh * w2_skh + kw * w2_skw,
+                            mask=mask_k[:, None] & mask_h[None, :], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                d = tl.dot(a, b, d, input_precision=PRECISION)
+    return d
+
+
+@triton.jit
+def _conv_block_fwd_kernel(
+        x, w1, b1, w2, b2, w3, b3, residual, out,
+        batch, in_channels, hidden, out_channels, height, width, out_height, out_width,
+        stride_h, stride_w, pad_h, pad_w, band_rows, bands, images, has_b1, has_b2, has_b3, has_residual,
+        x_sb, x_sc, x_sh, x_sw, w1_sh, w1_sc, w2_sh, w2_sc, w2_skh, w2_skw, w3_so, w3_sh,
+        r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw,
+        SPATIAL: tl.constexpr, ACT1: tl.constexpr, ACT2: tl.constexpr, ACT3: tl.constexpr, K: tl.constexpr,
+        SLOTS: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_CO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    offs_co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    mask_co = offs_co < out_channels
+    if SPATIAL == "expand_depthwise":
+        # A band of `band_rows` output rows of one image, or `images` whole images (band_rows == out_height).
+        img0 = (tl.program_id(0) // bands) * images
+        row0 = (tl.program_id(0) % bands) * band_rows
+        rows = tl.minimum(band_rows, out_height - row0)
+        out_img, out_y, out_x, out_ok = _band_pixels(tl.arange(0, P), img0, images, row0, rows, batch,
+                                                     out_width)
+        in_row0 = tl.maximum(row0 * stride_h - pad_h, 0)
+        in_rows = tl.minimum((row0 + rows - 1) * stride_h - pad_h + K - 1, height - 1) - in_row0 + 1
+    else:
+        offs_p = tl.program_id(0) * P + tl.arange(0, P)
+        out_ok = offs_p < batch * out_height * out_width
+        out_img, out_y, out_x = _pixel_coords(offs_p, out_height, out_width)
+    acc = tl.zeros((P, BLOCK_CO), dtype=tl.float32)
+    for h0 in range(0, hidden, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < hidden
+        if SPATIAL == "expand_depthwise":
+            d = _expand_depthwise_chunk(
+                x, w1, b1, w2, offs_h, mask_h, img0, images, in_row0, in_rows, out_img, out_y, out_x, out_ok, batch,
+                in_channels, height, width, stride_h, stride_w, pad_h, pad_w, has_b1, x_sb, x_sc, x_sh, x_sw,
+                w1_sh, w1_sc, w2_sh, w2_skh, w2_skw, ACT1, K, SLOTS, P, BLOCK_H, BLOCK_K, PRECISION, UPCAST)
+        elif SPATIAL == "depthwise":
+            d = _depthwise_chunk(x, w2, offs_h, mask_h, out_img, out_y, out_x, out_ok, height, width,
+                                 stride_h, stride_w, pad_h, pad_w, x_sb, x_sc, x_sh, x_sw, w2_sh, w2_skh, w2_skw,
+                                 K, P, BLOCK_H)
+        else:
+            d = _full_conv_chunk(x, w2, offs_h, mask_h, out_img, out_y, out_x, out_ok, in_channels, height, width,
+                                 stride_h, stride_w, pad_h, pad_w, x_sb, x_sc, x_sh, x_sw, w2_sh, w2_sc, w2_skh,
+                                 w2_skw, K, P, BLOCK_H, BLOCK_K, PRECISION, UPCAST)
+        if has_b2 != 0:
+            d += tl.load(b2 + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+        d = _activate(d, ACT2)  # padded hidden columns hold act2(0), finite, and meet w3 rows masked to 0
+        w3_tile = tl.load(w3 + offs_h[:, None] * w3_sh + offs_co[None, :] * w3_so,
+                          mask=mask_h[:, None] & mask_co[None, :], other=0.0)
+        acc = _dot_on_chip(d, w3_tile, acc, PRECISION, UPCAST)
+    _epilogue(acc, b3, residual, out, out_img, out_y, out_x, offs_co, out_ok, mask_co, has_b3, has_residual,
+              r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACT3)
+
+
+# --- tiles ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """The tile shapes of one precision. ``bands``: (P output pixels, SLOTS input pixels, widest output-channel
+    block) of the expand_depthwise tiles, tried in order (the first that holds at least one output row with its
+    halo wins; wider maps take the per-layer kernels). ``direct_pixels`` / ``direct_channels``: the same for the
+    depthwise and full kinds, which have no input slots. Output channels beyond a block split over programs, each
+    recomputing its chunk of ``d``. Every size here compiles for sm_90 without register spills (compile_configs);
+    wider ones spill: the (pixels × channels) accumulator and the epilogue's 64-bit addresses fill the registers.
+    fp32 runs IEEE dots on FMA units, which hold their operands in registers, hence its smaller tiles."""
+
+    warps: int
+    bands: tuple[tuple[int, int, int], ...]
+    direct_pixels: int
+    direct_channels: int = 128
+    block_k: int = 32
+
+
+TILES = {torch.float32: Tiles(warps=4, bands=((32, 128, 64),), direct_pixels=32, block_k=16),
+         torch.float16: Tiles(warps=8, bands=((64, 128, 64), (64, 256, 32)), direct_pixels=64),
+         torch.bfloat16: Tiles(warps=8, bands=((64, 128, 64), (64, 256, 32)), direct_pixels=64)}
+BLOCK_H = 16
+
+
+def padded(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))  # tl.dot needs every dimension >= 16
+
+
+def band_tile(tiles: Tiles, height: int, width: int, out_height: int, out_width: int, stride: int, ksize: int
+              ) -> tuple[int, int, int, int, int] | None:
+    """(P, SLOTS, widest channel block, band_rows, images) of the expand_depthwise tile for this map, or None when
+    even one output row and its k input rows fit no tile. Whole images are packed together when they fit."""
+    for p, slots, channels in tiles.bands:
+        if out_height * out_width <= p and height * width <= slots:
+            return p, slots, channels, out_height, min(p // (out_height * out_width), slots // (height * width))
+        rows = min(p // out_width, out_height)
+        while rows >= 1 and min((rows - 1) * stride + ksize, height) * width > slots:
+            rows -= 1
+        if rows >= 1:
+            return p, slots, channels, rows, 1
+    return None
+
+
+def tile_config(spatial: str, dtype: torch.dtype, x_shape, out_shape, stride: int, ksize: int) -> dict | None:
+    """Every launch parameter that depends on the shape, or None when the whole-block kernel does not take it."""
+    _, _, height, width = x_shape
+    _, out_channels, out_height, out_width = out_shape
+    tiles = TILES[dtype]
+    if spatial == "expand_depthwise":
+        tile = band_tile(tiles, height, width, out_height, out_width, stride, ksize)
+        if tile is None:
+            return None
+        p, slots, channels, band_rows, images = tile
+    else:
+        p, slots, channels, band_rows, images = tiles.direct_pixels, 16, tiles.direct_channels, 1, 1
+    return {"P": p, "SLOTS": slots, "BLOCK_CO": min(padded(out_channels), channels), "BLOCK_H": BLOCK_H,
+            "BLOCK_K": tiles.block_k, "num_warps": tiles.warps, "band_rows": band_rows, "images": images}
+
+
+def forward(x: torch.Tensor, w1: torch.Tensor | None, b1: torch.Tensor | None, act1: str, w2: torch.Tensor,
+            b2: torch.Tensor | None, act2: str, stride: list[int], padding: list[int], w3: torch.Tensor,
+            b3: torch.Tensor | None, act3: str, residual: torch.Tensor | None, out: torch.Tensor,
+            spatial: str, config: dict) -> torch.Tensor:
+    """Writes the block's output into ``out`` (B, C_out, H_out, W_out), any strides; ``config`` is
+    :func:`tile_config`'s for these shapes."""
+    batch, in_channels, height, width = x.shape
+    _, out_channels, out_height, out_width = out.shape
+    hidden = w2.shape[0]
+    if out.numel() == 0:
+        return out
+    w1_t = w2 if w1 is None else w1
+    b1_t, has_b1, _ = _optional(b1, w2)
+    b2_t, has_b2, _ = _optional(b2, w2)
+    b3_t, has_b3, _ = _optional(b3, w3)
+    residual_t, has_residual, r_strides = _optional(residual, out)
+    config = dict(config)
+    band_rows, images, num_warps = config.pop("band_rows"), config.pop("images"), config.pop("num_warps")
+    # num_stages=1: the loops are short and their loads feed on-chip math, not a long GEMM to pipeline.
+    if spatial == "expand_depthwise":
+        bands = triton.cdiv(out_height, band_rows)
+        tiles = triton.cdiv(batch, images) * bands
+    else:
+        bands = 1
+        tiles = triton.cdiv(batch * out_height * out_width, config["P"])
+    grid = (tiles, triton.cdiv(out_channels, config["BLOCK_CO"]))
+    _conv_block_fwd_kernel[grid](
+        x, w1_t, b1_t, w2, b2_t, w3, b3_t, residual_t, out,
+        batch, in_channels, hidden, out_channels, height, width, out_height, out_width,
+        *stride, *padding, band_rows, bands, images, has_b1, has_b2, has_b3, has_residual,
+        *x.stride(), w1_t.stride(0), w1_t.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), w2.stride(3),
+        w3.stride(0), w3.stride(1), *r_strides, *out.stride(),
+        SPATIAL=spatial, ACT1=act1, ACT2=act2, ACT3=act3, K=w2.shape[2], num_warps=num_warps, num_stages=1, **config,
+        **_dot_mode(x.dtype))
+    return out
+
+
+def compile_configs():
+    """Every (kernel, signature, constexprs, options) the launcher can request, for CI's ahead-of-time sm_90
+    compile: each spatial kind × dtype × tile × output-channel block × kernel size, with one representative set
+    of activations (they change only elementwise code; conv_bn_act compiles every activation)."""
+    pointers = ("x", "w1", "b1", "w2", "b2", "w3", "b3", "residual", "out")
+    for (dtype, tiles), ptr in zip(TILES.items(), ("*fp32", "*fp16", "*bf16"), strict=True):
+        kinds = [("expand_depthwise", p, slots, channels) for p, slots, channels in tiles.bands]
+        kinds += [(kind, tiles.direct_pixels, 16, tiles.direct_channels) for kind in ("depthwise", "full")]
+        for spatial, p, slots, widest in kinds:
+            for block_co in sorted({16, min(64, widest), widest}):
+                for ksize in KERNEL_SIZES:
+                    constexprs = {"SPATIAL": spatial, "ACT1": "hardswish", "ACT2": "gelu_tanh", "ACT3": "none",
+                                  "K": ksize, "SLOTS": slots, "P": p, "BLOCK_H": BLOCK_H, "BLOCK_K": tiles.block_k,
+                                  "BLOCK_CO": block_co, **_dot_mode(dtype)}
+                    signature = {name: ptr if name in pointers else "constexpr" if name in constexprs else "i32"
+                                 for name in _conv_block_fwd_kernel.arg_names}
+                    yield _conv_block_fwd_kernel, signature, constexprs, {"num_warps": tiles.warps, "num_stages": 1}

@@ -1,0 +1,325 @@
+"""evit::conv_block (a whole MBConv / DSConv / FusedMBConv, BatchNorm folded) and FusedConvBlock: both backends
+against a float64 reference (Triton on CPU through the interpreter on tiny grids), the whole-block tiling (image
+packing, row bands, the per-layer fallback), and the drop-in module against timm and mit-han-lab ResidualBlocks in
+eval and training."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+
+import pytest
+import torch
+from efficientsam.models.nn import ops as mit_han_lab
+from timm.layers.activations import GELUTanh
+from timm.models import efficientvit_mit as timm_mit
+from torch import nn
+
+from evit_kernels import dispatch
+from evit_kernels.bench import randomize_untrained_state
+from evit_kernels.nn._base import Unsupported
+from evit_kernels.nn.conv_block import FusedConvBlock
+from evit_kernels.nn.conv_bn_act import FusedConvNormAct
+from evit_kernels.ops.conv_block import _whole_block_config, conv_block
+from evit_kernels.ops.conv_bn_act import ACTIVATIONS
+from evit_kernels.triton import conv_block as kernels
+from tests.numerics import assert_same_grads_and_buffers, in_layout, max_err, ulp
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    kind: str  # "mbconv" (expand → depthwise → project), "dsconv" (depthwise → project), "fused" (k×k → 1×1)
+    batch: int
+    channels: int
+    hidden: int
+    out_channels: int
+    height: int
+    width: int
+    ksize: int = 3
+    stride: int = 1
+    layout: str = "contiguous"
+    biases: bool = True
+    residual: bool = False
+    activations: tuple[str, str, str] = ("hardswish", "hardswish", "none")
+
+
+# Each takes the whole-block kernel in every dtype (test_cases_take_the_whole_block_kernel): images packed several
+# to a program (with a partial last group), row bands with a partial last band, stride 2, 5×5 and 7×7, a 1×1 map,
+# widths that are not powers of two, every layout and no biases.
+CASES = {
+    "mbconv_7x7_packed_residual": Case("mbconv", 3, 16, 64, 16, 7, 7, residual=True),
+    "mbconv_14x14_bands": Case("mbconv", 1, 24, 40, 20, 14, 14, activations=("gelu_tanh", "gelu_tanh", "none")),
+    "mbconv_stride2_channels_last": Case("mbconv", 2, 16, 48, 24, 13, 9, stride=2, layout="channels_last"),
+    "mbconv_5x5_strided_no_bias": Case("mbconv", 1, 8, 24, 8, 6, 11, ksize=5, layout="strided", biases=False,
+                                       residual=True, activations=("relu6", "relu", "relu")),
+    "mbconv_1x1_map": Case("mbconv", 2, 16, 32, 16, 1, 1, residual=True),
+    "dsconv_prime_residual": Case("dsconv", 2, 24, 24, 24, 11, 7, residual=True,
+                                  activations=("none", "relu6", "none")),
+    "dsconv_7x7_stride2": Case("dsconv", 1, 16, 16, 40, 9, 10, ksize=7, stride=2, layout="channels_last"),
+    "fused_stride2": Case("fused", 1, 16, 64, 24, 9, 7, stride=2, activations=("none", "gelu_tanh", "none")),
+    "fused_residual_channels_last": Case("fused", 2, 8, 32, 8, 5, 6, layout="channels_last", residual=True,
+                                         activations=("none", "gelu", "silu")),
+}
+
+
+def _inputs(case: Case, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """(positional tensors, keyword arguments) of conv_block for ``case`` in ``dtype``."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE)
+
+    k = case.ksize
+    x = in_layout(randn(case.batch, case.channels, case.height, case.width), case.layout)
+    w1 = randn(case.hidden, case.channels, 1, 1, scale=case.channels ** -0.5) if case.kind == "mbconv" else None
+    width = case.hidden if case.kind != "dsconv" else case.channels
+    if case.kind == "fused":
+        w2, groups = randn(case.hidden, case.channels, k, k, scale=(case.channels * k * k) ** -0.5), 1
+    else:
+        w2, groups = randn(width, 1, k, k, scale=1 / k), None
+    w3 = randn(case.out_channels, width, 1, 1, scale=width ** -0.5)
+    b1, b2, b3 = ((randn(n) if case.biases else None) for n in (width if w1 is not None else 0, width,
+                                                                 case.out_channels))
+    b1 = b1 if w1 is not None else None
+    out_hw = [(n + 2 * (k // 2) - k) // case.stride + 1 for n in (case.height, case.width)]
+    residual = in_layout(randn(case.batch, case.out_channels, *out_hw), case.layout) if case.residual else None
+    cast = [None if t is None else t.to(dtype) for t in (x, w1, b1, w2, b2, w3, b3, residual)]
+    kwargs = {"stride": case.stride, "groups": groups, "activations": case.activations, "residual": cast[-1]}
+    return tuple(cast[:-1]), kwargs
+
+
+def _double(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    r = kwargs["residual"]
+    return tuple(None if t is None else t.double() for t in args), {**kwargs, "residual": None if r is None
+                                                                     else r.double()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", CASES)
+def test_cases_take_the_whole_block_kernel(name, dtype):
+    args, kwargs = _inputs(CASES[name], dtype)
+    x, w1, _, w2, _, w3, _ = args
+    groups = kwargs["groups"] if kwargs["groups"] is not None else w2.shape[0]
+    stride, padding = [kwargs["stride"]] * 2, [w2.shape[2] // 2] * 2
+    kind, config = _whole_block_config(x, w1, w2, stride, padding, groups, w3)
+    assert kind is not None, config
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", CASES)
+def test_within_twice_eager_error(poisoned_empty, name, dtype, backend):
+    args, kwargs = _inputs(CASES[name], dtype)
+    out = conv_block(*args, **kwargs, backend=backend)
+    eager = conv_block(*args, **kwargs, backend="torch")
+    expected = conv_block(*_double(args, kwargs)[0], **_double(args, kwargs)[1], backend="torch")
+    assert out.dtype == dtype and out.shape == eager.shape and out.stride() == eager.stride()
+    assert torch.isfinite(out).all()
+    assert max_err(out, expected) <= 2 * max_err(eager, expected) + ulp(expected, dtype)
+
+
+def test_reference_is_the_three_layers():
+    args, kwargs = _inputs(CASES["mbconv_7x7_packed_residual"], torch.float64)
+    x, w1, b1, w2, b2, w3, b3 = args
+    h = nn.functional.hardswish(nn.functional.conv2d(x, w1, b1))
+    h = nn.functional.hardswish(nn.functional.conv2d(h, w2, b2, padding=1, groups=w2.shape[0]))
+    expected = nn.functional.conv2d(h, w3, b3) + kwargs["residual"]
+    torch.testing.assert_close(conv_block(*args, **kwargs, backend="torch"), expected)
+
+
+@pytest.mark.parametrize("position", [0, 1, 2])
+def test_every_activation(poisoned_empty, position):
+    for activation in ACTIVATIONS:
+        activations = ["none", "none", "none"]
+        activations[position] = activation
+        case = dataclasses.replace(CASES["mbconv_7x7_packed_residual"], batch=1, activations=tuple(activations))
+        args, kwargs = _inputs(case, torch.float32)
+        expected = conv_block(*_double(args, kwargs)[0], **_double(args, kwargs)[1], backend="torch")
+        out = conv_block(*args, **kwargs, backend="triton")
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, msg=activation)
+
+
+def test_wide_maps_fall_back_to_per_layer_kernels(poisoned_empty, caplog):
+    # fp32 tiles hold 32 output pixels: a 40-pixel row does not fit, so the block runs layer by layer.
+    case = Case("mbconv", 1, 8, 16, 8, 3, 40, residual=True)
+    args, kwargs = _inputs(case, torch.float32)
+    x, w1, _, w2, _, w3, _ = args
+    assert _whole_block_config(x, w1, w2, [1, 1], [1, 1], w2.shape[0], w3)[0] is None
+    with caplog.at_level(logging.INFO, logger="evit_kernels"):
+        out = conv_block(*args, **kwargs, backend="triton")
+    expected = conv_block(*_double(args, kwargs)[0], **_double(args, kwargs)[1], backend="torch")
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    dispatch._LOGGED.clear()  # other tests may log the same message
+
+
+def test_band_tiles_cover_the_map_with_their_halo():
+    tiles = kernels.TILES[torch.float16]
+    # 14×14, stride 1: bands of 4 output rows read 6 input rows (84 of 128 slots); 4 bands per image.
+    assert kernels.band_tile(tiles, 14, 14, 14, 14, 1, 3) == (64, 128, 64, 4, 1)
+    # 7×7: whole images, packed: one image per 64 outputs.
+    assert kernels.band_tile(tiles, 7, 7, 7, 7, 1, 3) == (64, 128, 64, 7, 1)
+    # 4×4 maps: four images per program.
+    assert kernels.band_tile(tiles, 4, 4, 4, 4, 1, 3) == (64, 128, 64, 4, 4)
+    # 56 wide: one output row with its 3 input rows needs the 256-slot tile.
+    assert kernels.band_tile(tiles, 56, 56, 56, 56, 1, 3) == (64, 256, 32, 1, 1)
+    # 112 wide, stride 2: 3 input rows of 112 fit no tile.
+    assert kernels.band_tile(tiles, 112, 112, 56, 56, 2, 3) is None
+
+
+def test_reference_gradients_after_triton_forward():
+    args, kwargs = _inputs(CASES["dsconv_prime_residual"], torch.float32)
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (*args, kwargs["residual"])]
+    conv_block(*leaves[:-1], **{**kwargs, "residual": leaves[-1]}, backend="triton").sum().backward()  # stride 0
+    exact = [None if t is None else t.detach().double().requires_grad_() for t in (*args, kwargs["residual"])]
+    conv_block(*exact[:-1], **{**kwargs, "residual": exact[-1]}, backend="torch").sum().backward()
+    for got, ref in zip(leaves, exact):
+        if got is not None:
+            torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend):
+    args, kwargs = _inputs(CASES["mbconv_7x7_packed_residual"], torch.float32)
+    x, w1, b1, w2, b2, w3, b3 = (t.requires_grad_() for t in args)
+    op_args = (x, w1, b1, "hardswish", w2, b2, "hardswish", [1, 1], [1, 1], w2.shape[0], w3, b3, "none",
+               kwargs["residual"], backend)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    if DEVICE == "cpu" and backend == "triton":  # the interpreter cannot read the storage AOT tracing hands it
+        tests = tests[:-1]
+    torch.library.opcheck(torch.ops.evit.conv_block.default, op_args, test_utils=tests)
+
+
+def test_invalid_arguments_raise_clear_errors():
+    args, kwargs = _inputs(CASES["mbconv_7x7_packed_residual"], torch.float32)
+    x, w1, b1, w2, b2, w3, b3 = args
+    with pytest.raises(ValueError, match="w1 must be"):
+        conv_block(x, w1[:, :8], b1, w2, b2, w3, b3)
+    with pytest.raises(ValueError, match="does not take the 64 channels"):
+        conv_block(x, w1, b1, w2[:32], b2, w3, b3)
+    with pytest.raises(ValueError, match="w3 must be"):
+        conv_block(x, w1, b1, w2, b2, w3[:, :8], b3)
+    with pytest.raises(ValueError, match="b2 must have shape"):
+        conv_block(x, w1, b1, w2, b3, w3, b3)
+    with pytest.raises(ValueError, match="residual has shape"):
+        conv_block(x, w1, b1, w2, b2, w3, b3, residual=kwargs["residual"][:, :, :2])
+    with pytest.raises(ValueError, match="unknown activation"):
+        conv_block(x, w1, b1, w2, b2, w3, b3, activations=("relu", "swish", "none"))
+    with pytest.raises(TypeError, match="w3 has dtype"):
+        conv_block(x, w1, b1, w2, b2, w3.half(), b3)
+
+
+def test_float64_is_refused_on_request_and_passed_over_under_auto(monkeypatch):
+    args, kwargs = _inputs(CASES["dsconv_prime_residual"], torch.float64)
+    with pytest.raises(dispatch.BackendUnavailable, match="float64"):
+        conv_block(*args, **kwargs, backend="triton")
+    validated = dataclasses.replace(dispatch.get("conv_block", "triton"), validated_on="test")
+    monkeypatch.setitem(dispatch._REGISTRY["conv_block"], "triton", validated)
+    torch.testing.assert_close(conv_block(*args, **kwargs), conv_block(*args, **kwargs, backend="torch"))
+
+
+# --- the drop-in module ------------------------------------------------------------------------------------------
+
+def _timm_mbconv(residual=True, stride=1):
+    block = timm_mit.MBConv(16, 16 if residual else 24, stride=stride, expand_ratio=4, use_bias=(True, True, False),
+                            norm_layer=(None, None, nn.BatchNorm2d), act_layer=(nn.Hardswish, nn.Hardswish, None))
+    return timm_mit.ResidualBlock(block, nn.Identity() if residual else None)
+
+
+def _timm_dsconv():
+    return timm_mit.ResidualBlock(timm_mit.DSConv(16, 16, act_layer=(nn.Hardswish, None)), nn.Identity())
+
+
+def _timm_fused_mbconv():
+    block = timm_mit.FusedMBConv(16, 16, expand_ratio=4, act_layer=(GELUTanh, None))
+    return timm_mit.ResidualBlock(block, nn.Identity())
+
+
+def _mit_han_lab_mbconv():
+    block = mit_han_lab.MBConv(16, 16, expand_ratio=6, use_bias=(True, True, False), norm=(None, None, "bn2d"),
+                               act_func=("gelu", "gelu", None))
+    return mit_han_lab.ResidualBlock(block, mit_han_lab.IdentityLayer())
+
+
+def _mit_han_lab_fused_mbconv_stride2():
+    block = mit_han_lab.FusedMBConv(16, 32, stride=2, expand_ratio=4, act_func=("gelu", None))
+    return mit_han_lab.ResidualBlock(block, None)
+
+
+BUILDERS = {"timm_mbconv": _timm_mbconv, "timm_mbconv_downsample": lambda: _timm_mbconv(False, 2),
+            "timm_dsconv": _timm_dsconv, "timm_fused_mbconv": _timm_fused_mbconv,
+            "mit_han_lab_mbconv": _mit_han_lab_mbconv, "mit_han_lab_fused_mbconv_s2": _mit_han_lab_fused_mbconv_stride2}
+
+
+@pytest.mark.parametrize("patch_children", [False, True], ids=["plain", "children_patched"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", BUILDERS)
+@torch.no_grad()
+def test_module_matches_original_in_eval(name, backend, patch_children):
+    original = BUILDERS[name]().to(DEVICE)
+    randomize_untrained_state(original)
+    original.eval()
+    block = copy.deepcopy(original)
+    if patch_children:  # what patch() does to the ConvNormAct / ConvLayer layers inside
+        for layer_name, layer in list(block.main.named_children()):
+            setattr(block.main, layer_name, FusedConvNormAct(layer))
+    fused = FusedConvBlock(block, backend=backend).eval()
+    x = in_layout(torch.randn(2, 16, 7, 5, device=DEVICE), "channels_last")
+    torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
+    assert fused.state_dict().keys() == original.state_dict().keys()
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_module_matches_original_in_training(name):
+    original = BUILDERS[name]().to(DEVICE)
+    randomize_untrained_state(original)
+    original.train()
+    fused = FusedConvBlock(copy.deepcopy(original), backend="triton").train()
+    x = torch.randn(4, 16, 6, 5, device=DEVICE)
+    outputs = []
+    for module in (original, fused):
+        y = module(x)
+        y.square().sum().backward()
+        outputs.append(y)
+    torch.testing.assert_close(outputs[1], outputs[0])
+    assert_same_grads_and_buffers(original, fused)
+
+
+def test_folded_weights_follow_parameter_updates():
+    original = _timm_mbconv()
+    randomize_untrained_state(original)
+    fused = FusedConvBlock(copy.deepcopy(original)).eval()
+    original.eval()
+    x = torch.randn(1, 16, 5, 5, device=DEVICE)
+    with torch.no_grad():
+        fused(x)
+        for module in (original, fused):
+            module.main.point_conv.norm.running_mean.add_(0.5)
+            module.main.inverted_conv.conv.weight.mul_(1.5)
+        torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+def _with(module: nn.Module, path: str, child: nn.Module) -> nn.Module:
+    parent_path, _, name = path.rpartition(".")
+    setattr(module.get_submodule(parent_path), name, child)
+    return module
+
+
+@pytest.mark.parametrize("build, reason", [
+    (lambda: timm_mit.ResidualBlock(timm_mit.MBConv(16, 16), nn.Conv2d(16, 16, 1)), "not an identity"),
+    (lambda: timm_mit.ResidualBlock(timm_mit.MBConv(16, 16), nn.Identity(), nn.BatchNorm2d(16)), "pre_norm"),
+    (lambda: mit_han_lab.ResidualBlock(mit_han_lab.MBConv(16, 16), mit_han_lab.IdentityLayer(), post_act="relu"),
+     "post_act"),
+    (lambda: _with(_timm_mbconv(), "main.depth_conv.norm", nn.GroupNorm(1, 64)), "BatchNorm2d"),
+    (lambda: _with(_timm_mbconv(), "main.depth_conv.act", nn.Tanh()), "activation"),
+    (lambda: _with(_timm_mbconv(), "main.inverted_conv.conv", nn.Conv2d(16, 64, 3, padding=1)), "1×1"),
+    (lambda: _with(_timm_dsconv(), "main.depth_conv.conv", nn.Conv2d(16, 16, 3, padding=1, groups=4)), "groups 4"),
+    (lambda: _with(_timm_mbconv(), "main.extra", nn.ReLU()), "children"),
+])
+def test_refuses_what_it_cannot_compute(build, reason):
+    with pytest.raises(Unsupported, match=reason):
+        FusedConvBlock(build())
