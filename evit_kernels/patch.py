@@ -19,7 +19,7 @@ from evit_kernels.nn._base import FusedModule, Unsupported
 from evit_kernels.nn._fold import fold_bn_before_linear, fold_bn_into, uses_running_stats
 from evit_kernels.nn.cascaded_group_attention import FusedCascadedGroupAttention, FusedLocalWindowAttention
 from evit_kernels.nn.conv_block import FusedConvBlock, is_conv_block
-from evit_kernels.nn.conv_bn_act import FusedConvNormAct
+from evit_kernels.nn.conv_bn_act import FusedConvNormAct, FusedResidualConvNorm
 from evit_kernels.nn.ffn import FusedResidualFFN
 from evit_kernels.nn.lite_mla import FusedLiteMLA
 from evit_kernels.nn.norm_linear import FusedNormLinear
@@ -71,6 +71,10 @@ RULES: tuple[Rule, ...] = (
     Rule("timm", "ResidualDrop", (TIMM_MSRA,), ("m", "drop"), FusedResidualFFN,
          accepts=lambda module: type(module.m).__name__ == "ConvMlp"),
     Rule("Cream", "Residual", None, ("m",), FusedResidualFFN, accepts=lambda module: type(module.m).__name__ == "FFN"),
+    Rule("timm", "ResidualDrop", (TIMM_MSRA,), ("m", "drop"), FusedResidualConvNorm,
+         accepts=lambda module: type(module.m).__name__ == "ConvNorm"),
+    Rule("Cream", "Residual", None, ("m",), FusedResidualConvNorm,
+         accepts=lambda module: type(module.m).__name__ == "Conv2d_BN"),
     Rule("timm", "ResidualBlock", (TIMM_MIT,), ("main", "shortcut", "pre_norm"), FusedConvBlock,
          accepts=lambda module: is_conv_block(module.main)),
     Rule("mit-han-lab", "ResidualBlock", MIT_HAN_LAB, ("main", "shortcut", "pre_norm", "post_act"), FusedConvBlock,

@@ -5,20 +5,22 @@ import copy
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from efficientsam.models.nn.ops import ConvLayer
 from timm.layers import GELUTanh
 from timm.models.efficientvit_mit import ConvNormAct
-from timm.models.efficientvit_msra import ConvNorm
+from timm.models.efficientvit_msra import ConvNorm, ResidualDrop
 from torch import nn
 
+import evit_kernels
 from evit_kernels.nn import conv_bn_act as fused_module_file
 from evit_kernels.nn._base import Unsupported
 from evit_kernels.nn._fold import fold_bn_into
-from evit_kernels.nn.conv_bn_act import FusedConvNormAct, activation_name
+from evit_kernels.nn.conv_bn_act import FusedConvNormAct, FusedResidualConvNorm, activation_name
 from evit_kernels.ops.conv_bn_act import ACTIVATIONS, conv_bn_act
-from tests.cream_style import Conv2d_BN
+from tests.cream_style import Conv2d_BN, Residual
 from tests.numerics import assert_same_grads_and_buffers
 
 # ---------------------------------------------------------------------------------------------------- the op
@@ -508,3 +510,68 @@ def test_activation_name(module, name):
     x = torch.randn(50) * 4
     expected = ACTIVATION_FORMULAS[name](x.double()).float()
     torch.testing.assert_close(expected, x if module is None else module(x.clone()))
+
+
+# ---------------------------------------------------------------------------- the residual depthwise conv (M)
+
+RESIDUAL_ORIGINALS = {
+    "timm_residual_drop": lambda: ResidualDrop(ConvNorm(8, 8, 3, 1, 1, groups=8)),
+    "cream_residual": lambda: Residual(Conv2d_BN(8, 8, 3, 1, 1, groups=8)),
+}
+
+
+@pytest.mark.parametrize("patch_child", [False, True], ids=["plain", "child_patched"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", RESIDUAL_ORIGINALS)
+@torch.no_grad()
+def test_residual_module_eval_adds_the_residual_in_the_op(name, backend, patch_child, op_calls):
+    original = randomize_bn(RESIDUAL_ORIGINALS[name]()).eval()
+    block = copy.deepcopy(original)
+    if patch_child:  # what patch() does to m before or after wrapping it
+        block.m = FusedConvNormAct(block.m)
+    fused = FusedResidualConvNorm(block, backend=backend).eval()
+    x = torch.randn(2, 8, 5, 7).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
+    assert len(op_calls) == 1 and op_calls[0][0] is x  # one call, the input itself as the residual
+    assert fused.state_dict().keys() == original.state_dict().keys()
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.5])
+def test_residual_module_training_matches_original(drop):
+    original = randomize_bn(RESIDUAL_ORIGINALS["timm_residual_drop"]())
+    original.drop = drop
+    fused = FusedResidualConvNorm(copy.deepcopy(original))
+    x = torch.randn(6, 8, 4, 3)
+    outputs = []
+    for module in (original, fused):
+        torch.manual_seed(3)  # the same per-sample drop mask
+        y = module(x)
+        y.square().sum().backward()
+        outputs.append(y)
+    torch.testing.assert_close(outputs[1], outputs[0])
+    assert_same_grads_and_buffers(original, fused)
+
+
+@pytest.mark.parametrize("build, reason", [
+    (lambda: ResidualDrop(ConvNorm(8, 8, 3, 2, 1, groups=8)), "does not keep"),
+    (lambda: ResidualDrop(ConvNorm(8, 16, 1)), "does not keep"),
+    (lambda: ResidualDrop(ConvNorm(8, 8, 3, 1, 0, groups=8)), "does not keep"),
+    (lambda: ResidualDrop(nn.Conv2d(8, 8, 3, padding=1)), "not a ConvNorm"),
+    (lambda: Residual(nn.Sequential(Conv2d_BN(8, 8, 3, 1, 1, groups=8))), "not a ConvNorm"),
+])
+def test_residual_module_refuses_what_it_cannot_compute(build, reason):
+    with pytest.raises(Unsupported, match=reason):
+        FusedResidualConvNorm(build())
+
+
+def test_patch_swaps_every_residual_depthwise_of_efficientvit_m0():
+    model = randomize_bn(timm.create_model("efficientvit_m0", num_classes=10)).eval()
+    patched = copy.deepcopy(model)
+    report = evit_kernels.patch(patched)
+    swapped = [m for m in patched.modules() if isinstance(m, FusedResidualConvNorm)]
+    # Each of M0's 6 blocks has dw0 and dw1; the downsamples' residual convs add 4 more.
+    assert len(swapped) == report.counts()["timm.models.efficientvit_msra.ResidualDrop -> FusedResidualConvNorm"]
+    assert len(swapped) >= 12 and not report.skipped
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), model(x), rtol=1e-4, atol=1e-4)

@@ -1,7 +1,10 @@
 """``FusedConvNormAct``: one drop-in for the conv → BatchNorm? → activation? containers of both EfficientViT
 families — timm ``efficientvit_mit.ConvNormAct``, mit-han-lab ``ConvLayer`` (efficientsam), timm
 ``efficientvit_msra.ConvNorm`` and Cream ``Conv2d_BN`` — running as one ``evit::conv_bn_act`` call with the
-BatchNorm folded in whenever the BatchNorm normalises with its running statistics."""
+BatchNorm folded in whenever the BatchNorm normalises with its running statistics.
+
+``FusedResidualConvNorm``: the residual depthwise conv of EfficientViT-M blocks (timm ``ResidualDrop(ConvNorm)``,
+Cream ``Residual(Conv2d_BN)``), the residual added in the same call."""
 
 from __future__ import annotations
 
@@ -83,3 +86,65 @@ class FusedConvNormAct(FusedModule):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}, {super().extra_repr()}"
+
+
+_CONV_NORM_CLASS_NAMES = ("ConvNorm", "Conv2d_BN")  # timm efficientvit_msra, Cream
+_CONV_NORM_CONV_NAMES = ("conv", "c")  # FusedConvNormAct keeps the same names
+
+
+def conv_and_norm(module: nn.Module) -> tuple[nn.Conv2d, nn.Module]:
+    """The live conv and BatchNorm of a ConvNorm / Conv2d_BN, patched into a FusedConvNormAct or not."""
+    conv = next(module._modules[name] for name in _CONV_NORM_CONV_NAMES if name in module._modules)
+    return conv, module._modules["bn"]
+
+
+def check_conv_norm(module: nn.Module | None, role: str) -> tuple[nn.Conv2d, nn.Module]:
+    """The (conv, BatchNorm) of a ConvNorm / Conv2d_BN, after refusing anything else (role names it in errors)."""
+    original = module.original if isinstance(module, FusedModule) else module
+    if type(original).__name__ not in _CONV_NORM_CLASS_NAMES:
+        raise Unsupported(f"{role} is {type(original).__qualname__}, not a ConvNorm / Conv2d_BN")
+    names = set(module._modules)
+    if not (names == {"conv", "bn"} or names == {"c", "bn"}):
+        raise Unsupported(f"{role} has children {sorted(names)}, expected a conv and a bn")
+    conv, norm = conv_and_norm(module)
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise Unsupported(f"{role}'s conv {conv!r} is not a plain, explicitly zero-padded nn.Conv2d")
+    if not isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        raise Unsupported(f"{role}'s norm {type(norm).__qualname__} is not a BatchNorm2d")
+    return conv, norm
+
+
+class FusedResidualConvNorm(FusedModule):
+    """Drop-in for ``x + m(x)`` where ``m`` is a ConvNorm / Conv2d_BN that keeps the shape (the depthwise 3×3 of
+    EfficientViT-M blocks).
+
+    BatchNorm on running statistics and no active stochastic depth (eval, or ``drop`` 0): one op call with the
+    folded weights (cached until a parameter, buffer or ``eps`` changes) and ``residual=x``. Otherwise the
+    original's own forward. ``m`` may itself be patched into ``FusedConvNormAct``.
+    """
+
+    def __init__(self, original: nn.Module, backend: str = "auto"):
+        super().__init__(original, backend)
+        if set(self._modules) != {"m"}:
+            raise Unsupported(f"has children {sorted(self._modules)}, expected the residual branch m alone")
+        conv, _ = check_conv_norm(self._modules["m"], "m")
+        keeps_shape = all(k % 2 == 1 and p == d * (k // 2) for k, p, d in zip(conv.kernel_size, conv.padding,
+                                                                                conv.dilation))
+        if conv.in_channels != conv.out_channels or conv.stride != (1, 1) or not keeps_shape:
+            raise Unsupported(f"m's conv {conv!r} does not keep the input's shape, so x + m(x) is not defined")
+        self._fold_cache = FoldCache()
+
+    @property
+    def drop(self) -> float:
+        """The original's stochastic-depth rate (timm ``ResidualDrop``), read live for its forward."""
+        return self.original.drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, norm = conv_and_norm(self._modules["m"])
+        if (self.training and getattr(self.original, "drop", 0.0) > 0) or not uses_running_stats(norm):
+            return type(self.original).forward(self, x)
+        weight, bias = self._fold_cache.get(
+            lambda: fold_bn_into(conv.weight, conv.bias, norm),
+            [conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var], key=(norm.eps,))
+        return conv_bn_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, "none",
+                           residual=x, backend=self.backend)

@@ -9,32 +9,17 @@ from torch import nn
 
 from evit_kernels.nn._base import FusedModule, Unsupported
 from evit_kernels.nn._fold import FoldCache, fold_bn_into, uses_running_stats
+from evit_kernels.nn.conv_bn_act import check_conv_norm, conv_and_norm
 from evit_kernels.ops.ffn import ffn
 
 _FFN_CLASS_NAMES = ("ConvMlp", "FFN")  # timm, Cream
-_CONV_NORM_CLASS_NAMES = ("ConvNorm", "Conv2d_BN")
-_CONV_NAMES = ("conv", "c")  # timm ConvNorm / Cream Conv2d_BN (FusedConvNormAct keeps the same names)
 
 
-def _conv_and_norm(pw: nn.Module) -> tuple[nn.Conv2d, nn.Module]:
-    """The live conv and BatchNorm of a ConvNorm / Conv2d_BN, patched into a FusedConvNormAct or not."""
-    conv = next(pw._modules[name] for name in _CONV_NAMES if name in pw._modules)
-    return conv, pw._modules["bn"]
-
-
-def _check_conv_norm(pw: nn.Module | None, role: str) -> None:
-    original = pw.original if isinstance(pw, FusedModule) else pw
-    if type(original).__name__ not in _CONV_NORM_CLASS_NAMES:
-        raise Unsupported(f"{role} is {type(original).__qualname__}, not a ConvNorm / Conv2d_BN")
-    names = set(pw._modules)
-    if not (names == {"conv", "bn"} or names == {"c", "bn"}):
-        raise Unsupported(f"{role} has children {sorted(names)}, expected a conv and a bn")
-    conv, norm = _conv_and_norm(pw)
-    if type(conv) is not nn.Conv2d or conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1 \
-            or conv.padding not in ((0, 0), "valid") or conv.dilation != (1, 1):
+def _check_pointwise(module: nn.Module | None, role: str) -> None:
+    conv, _ = check_conv_norm(module, role)
+    if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1 or conv.padding != (0, 0) \
+            or conv.dilation != (1, 1):
         raise Unsupported(f"{role}'s conv {conv!r} is not a plain 1×1 nn.Conv2d (stride 1, no padding, groups 1)")
-    if not isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-        raise Unsupported(f"{role}'s norm {type(norm).__qualname__} is not a BatchNorm2d")
 
 
 class FusedResidualFFN(FusedModule):
@@ -55,9 +40,9 @@ class FusedResidualFFN(FusedModule):
             raise Unsupported(f"the feed-forward block has children {sorted(m._modules)}, expected pw1, act, pw2")
         if type(m.act) is not nn.ReLU:
             raise Unsupported(f"activation {m.act!r} is not nn.ReLU")
-        _check_conv_norm(m.pw1, "pw1")
-        _check_conv_norm(m.pw2, "pw2")
-        (conv1, _), (conv2, _) = _conv_and_norm(m.pw1), _conv_and_norm(m.pw2)
+        _check_pointwise(m.pw1, "pw1")
+        _check_pointwise(m.pw2, "pw2")
+        (conv1, _), (conv2, _) = conv_and_norm(m.pw1), conv_and_norm(m.pw2)
         if conv2.in_channels != conv1.out_channels or conv2.out_channels != conv1.in_channels:
             raise Unsupported(f"pw1 {conv1.in_channels}→{conv1.out_channels} and pw2 "
                               f"{conv2.in_channels}→{conv2.out_channels} do not form a C→hidden→C block")
@@ -70,7 +55,7 @@ class FusedResidualFFN(FusedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self._modules["m"]
-        (conv1, norm1), (conv2, norm2) = _conv_and_norm(m.pw1), _conv_and_norm(m.pw2)
+        (conv1, norm1), (conv2, norm2) = conv_and_norm(m.pw1), conv_and_norm(m.pw2)
         drop_active = self.training and getattr(self.original, "drop", 0.0) > 0
         if drop_active or not (uses_running_stats(norm1) and uses_running_stats(norm2)):
             # The wrapper's own forward run on this module (it reads the live `m`, `drop` and `training`).
