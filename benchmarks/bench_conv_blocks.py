@@ -1,5 +1,6 @@
 """Conv + BatchNorm + activation blocks at real EfficientViT shapes, inference: eager (BatchNorm unfolded and
-folded) vs torch.compile (max-autotune) vs patched (reference and Triton per-layer kernels).
+folded) vs torch.compile (max-autotune) vs patched on the reference vs patched on this package's kernels (whole-block
+conv_block, the FFN, the residual depthwise).
 
 ``min_bytes`` is the traffic of a whole-block fused kernel (read the input once, write the output once; the
 expanded tensor never leaves the chip), the floor that block fusion aims at.
@@ -11,38 +12,56 @@ import copy
 
 import pytest
 import torch
+from timm.layers.activations import GELUTanh
 from timm.models import efficientvit_mit as mit
 from timm.models import efficientvit_msra as msra
 
 import evit_kernels
 from evit_kernels.bench import randomize_untrained_state
-from evit_kernels.nn.conv_bn_act import FusedConvNormAct
 
-from .common import DEVICE, DTYPE, ON_GPU
+from .common import DEVICE, DTYPE, ON_GPU, use_kernels
+
+
+def _residual(block: torch.nn.Module) -> torch.nn.Module:
+    return mit.ResidualBlock(block, torch.nn.Identity())  # how the models hold every MBConv / DSConv / FusedMBConv
 
 
 def _blocks(tiny: bool) -> dict:
-    """name -> (factory, channels, side): B1 stage-3 MBConv and stem DSConv, L1 stage-2 FusedMBConv, M4 stage-1
-    FFN (224 px); tiny maps on CPU."""
-    gelu = mit.GELUTanh if hasattr(mit, "GELUTanh") else torch.nn.GELU
+    """name -> (factory, channels, (height, width), batches): the blocks of B1 / B3 / L1 / L2 at 224 px (stage 3-4
+    MBConv, stem DSConv, stage-2 FusedMBConv), B1's stage-1 MBConv at 1024×2048, the SAM-L0 neck's FusedMBConv at
+    512 px, and M4's FFN and residual depthwise; tiny maps on CPU."""
+    mbconv = {  # timm's EfficientViT blocks: bias and activation on expand and depthwise, BN on the project only
+        "use_bias": (True, True, False), "norm_layer": (None, None, torch.nn.BatchNorm2d)}
     blocks = {
-        "b1_mbconv_s3": (lambda c: mit.MBConv(c, c, expand_ratio=4, use_bias=(True, True, False),
-                                              norm_layer=(None, None, torch.nn.BatchNorm2d),
-                                              act_layer=(torch.nn.Hardswish, torch.nn.Hardswish, None)), 128, 14),
-        "b1_dsconv_stem": (lambda c: mit.DSConv(c, c, act_layer=(torch.nn.Hardswish, None)), 16, 112),
-        "l1_fusedmbconv_s2": (lambda c: mit.FusedMBConv(c, c, expand_ratio=4, act_layer=(gelu, None)), 64, 56),
-        "m4_ffn_s1": (lambda c: msra.ResidualDrop(msra.ConvMlp(c, 2 * c)), 128, 14),
+        "b1_mbconv_s3": (lambda c: _residual(mit.MBConv(c, c, expand_ratio=4, act_layer=(
+            torch.nn.Hardswish, torch.nn.Hardswish, None), **mbconv)), 128, (14, 14), None),
+        "b1_dsconv_stem": (lambda c: _residual(mit.DSConv(c, c, act_layer=(torch.nn.Hardswish, None))), 16,
+                           (112, 112), None),
+        "b1_mbconv_s1_1024x2048": (lambda c: _residual(mit.MBConv(c, c, expand_ratio=4, act_layer=(
+            torch.nn.Hardswish, torch.nn.Hardswish, None), **mbconv)), 32, (256, 512), [1]),
+        "b3_mbconv_s4": (lambda c: _residual(mit.MBConv(c, c, expand_ratio=4, act_layer=(
+            torch.nn.Hardswish, torch.nn.Hardswish, None), **mbconv)), 512, (7, 7), None),
+        "l1_fusedmbconv_s2": (lambda c: _residual(mit.FusedMBConv(c, c, expand_ratio=4, act_layer=(GELUTanh, None))),
+                              64, (56, 56), None),
+        "l2_mbconv_s4": (lambda c: _residual(mit.MBConv(c, c, expand_ratio=6, act_layer=(GELUTanh, GELUTanh, None),
+                                                        **mbconv)), 512, (7, 7), None),
+        "sam_l0_neck_fusedmbconv": (lambda c: _residual(mit.FusedMBConv(c, c, expand_ratio=1, act_layer=(
+            GELUTanh, None))), 256, (32, 32), None),
+        "m4_ffn_s1": (lambda c: msra.ResidualDrop(msra.ConvMlp(c, 2 * c)), 128, (14, 14), None),
+        "m4_residual_dw_s1": (lambda c: msra.ResidualDrop(msra.ConvNorm(c, c, 3, 1, 1, groups=c)), 128, (14, 14),
+                              None),
     }
     if tiny:
-        blocks = {name: (factory, min(channels, 16), 5) for name, (factory, channels, _) in blocks.items()}
+        blocks = {name: (factory, min(channels, 16), (5, 5), None)
+                  for name, (factory, channels, _, _) in blocks.items()}
     return blocks
 
 
 BLOCKS = _blocks(tiny=not ON_GPU)
 BATCHES = [1, 64, 256] if ON_GPU else [1]
 DTYPES = [torch.bfloat16, torch.float16] if ON_GPU else [DTYPE]
-VARIANTS = ["eager", "eager-folded", "compile", "patched", "patched-triton"] if ON_GPU \
-    else ["eager", "eager-folded", "patched", "patched-triton"]
+VARIANTS = ["eager", "eager-folded", "compile", "patched", "kernels"] if ON_GPU \
+    else ["eager", "eager-folded", "patched", "kernels"]
 
 
 def _variant(block: torch.nn.Module, variant: str):
@@ -55,13 +74,7 @@ def _variant(block: torch.nn.Module, variant: str):
         evit_kernels.fold_bn(wrapped)
         return wrapped
     evit_kernels.patch(wrapped)
-    if variant == "patched-triton":  # the Triton kernels where they apply (depthwise and 1x1), the reference elsewhere
-        for m in wrapped.modules():
-            if isinstance(m, FusedConvNormAct):
-                conv = m._child("conv")
-                if conv.kernel_size == (1, 1) or conv.groups == conv.in_channels:
-                    m.backend = "conv_bn_act=triton"
-    return wrapped
+    return use_kernels(wrapped) if variant == "kernels" else wrapped
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -69,12 +82,14 @@ def _variant(block: torch.nn.Module, variant: str):
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_conv_block(measure, name, batch, variant, dtype):
-    factory, channels, side = BLOCKS[name]
+    factory, channels, (height, width), batches = BLOCKS[name]
+    if batches is not None and batch not in batches:
+        pytest.skip(f"{name} runs at batch {batches}")
     block = factory(channels)
     randomize_untrained_state(block)
     block = block.eval().to(DEVICE, dtype)
     fn = _variant(block, variant)
-    x = torch.randn(batch, channels, side, side, device=DEVICE, dtype=dtype)
+    x = torch.randn(batch, channels, height, width, device=DEVICE, dtype=dtype)
     with torch.inference_mode():
         expected = block(x).float()
         torch.testing.assert_close(fn(x).float(), expected, rtol=5e-2, atol=5e-2 * expected.abs().max().item())

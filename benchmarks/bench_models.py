@@ -1,4 +1,5 @@
-"""Whole models: eager vs torch.compile vs patched vs patched + torch.compile, inference.
+"""Whole models: eager vs torch.compile (default and max-autotune) vs patched (reference path) vs patched on this
+package's kernels, alone and under torch.compile, inference.
 
 On a GPU: bf16, 224 px, batch 1 / 64 / 256. On CPU (CI, with --benchmark-disable): fp32, 64 px, batch 1, a
 smoke run of the same code paths.
@@ -14,21 +15,26 @@ import torch
 import evit_kernels
 from evit_kernels.bench import build_model
 
-from .common import DEVICE, DTYPE, ON_GPU
+from .common import DEVICE, DTYPE, ON_GPU, use_kernels
 
 MODELS = ["efficientvit_b1", "efficientvit_b3", "efficientvit_l1", "efficientvit_l2", "efficientvit_m4"] if ON_GPU \
     else ["efficientvit_b0", "efficientvit_m0"]
 BATCHES = [1, 64, 256] if ON_GPU else [1]
 RES = 224 if ON_GPU else 64
-VARIANTS = ["eager", "compile", "patched", "patched+compile"] if ON_GPU else ["eager", "patched"]
+VARIANTS = ["eager", "compile", "compile-max-autotune", "patched", "kernels", "kernels+compile"] if ON_GPU \
+    else ["eager", "patched", "kernels"]
 
 
 def _variant(model: torch.nn.Module, variant: str) -> torch.nn.Module:
-    if variant.startswith("patched"):
+    if variant.startswith(("patched", "kernels")):
         model = copy.deepcopy(model)
         evit_kernels.patch(model)
+    if variant.startswith("kernels"):
+        use_kernels(model)
     if variant.endswith("compile"):
         model = torch.compile(model)
+    elif variant.endswith("max-autotune"):
+        model = torch.compile(model, mode="max-autotune")
     return model
 
 

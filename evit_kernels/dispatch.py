@@ -5,7 +5,9 @@ Each op registers one :class:`Backend` per implementation: ``torch`` (the eager 
 ``evit_kernels._C``). A backend says why it cannot run (:meth:`Backend.not_supported_reasons`), as in
 xformers. The automatic choice takes the first usable backend in :data:`PREFERENCE` among those validated
 on a GPU, falls back with a reason logged once, and never hands a user an unvalidated kernel. An explicit
-request (``backend=`` or ``EVIT_BACKEND``) that cannot be met raises with every reason.
+request (``backend=`` or ``EVIT_BACKEND``) that cannot be met raises with every reason. "experimental" is the
+automatic choice over every backend, validated or not (for validating kernels on a new GPU and benchmarking them:
+each kernel where it takes the inputs, the reference elsewhere).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ log = logging.getLogger("evit_kernels")
 
 PREFERENCE = ("cuda", "triton", "torch")
 """Backend names, fastest first."""
+CHOICES = ("auto", "experimental", *PREFERENCE)
+"""What a backend request may say: a backend's name, or how to choose one."""
 
 
 class BackendUnavailable(RuntimeError):
@@ -109,8 +113,8 @@ def requested(op: str, backend: str = "auto") -> str:
     if "=" in choice:
         per_op = dict(item.strip().split("=", 1) for item in choice.split(","))
         choice = per_op.get(op, "auto")
-    if choice != "auto" and choice not in PREFERENCE:
-        raise ValueError(f"unknown backend {choice!r}; expected 'auto' or one of {PREFERENCE}")
+    if choice not in CHOICES:
+        raise ValueError(f"unknown backend {choice!r}; expected one of {CHOICES}")
     return choice
 
 
@@ -133,7 +137,7 @@ def choose(op: str, *args: Any, backend: str = "auto", **kwargs: Any) -> Backend
     """The backend that runs ``op`` on these arguments (see the module docstring for the rules)."""
     choice = requested(op, backend)
     backends = _REGISTRY[op]
-    if choice != "auto":
+    if choice not in ("auto", "experimental"):
         chosen = backends.get(choice)
         reasons = ([f"no {choice} implementation of {op} yet"] if chosen is None
                    else chosen.not_supported_reasons(*args, **kwargs))
@@ -145,7 +149,7 @@ def choose(op: str, *args: Any, backend: str = "auto", **kwargs: Any) -> Backend
         candidate = backends.get(name)
         if candidate is None:
             continue
-        if candidate.validated_on is None and name != "torch":
+        if candidate.validated_on is None and name != "torch" and choice == "auto":
             continue
         reasons = candidate.not_supported_reasons(*args, **kwargs)
         if not reasons:

@@ -35,3 +35,15 @@ def test_environment_request_reaches_the_op(monkeypatch):
     monkeypatch.setenv("EVIT_BACKEND", "cuda")
     with pytest.raises(dispatch.BackendUnavailable, match="backend 'cuda' was requested"):
         relu_linear_attention(torch.randn(1, 24, 3, 3), [], 8, 1e-5)
+
+
+def test_experimental_choice_takes_unvalidated_kernels_where_they_apply(monkeypatch):
+    monkeypatch.delenv("EVIT_BACKEND", raising=False)
+    pointwise = (torch.randn(1, 8, 3, 3), torch.randn(4, 8, 1, 1), None, [1, 1], [0, 0], [1, 1], 1, "none", None)
+    dense = (torch.randn(1, 8, 5, 5), torch.randn(4, 8, 3, 3), None, [1, 1], [1, 1], [1, 1], 1, "none", None)
+    assert dispatch.choose("conv_bn_act", *pointwise).name == "torch"  # auto: nothing is validated yet
+    # The interpreter stands in for a GPU here: the Triton 1×1 kernel takes the first; no kernel takes a dense 3×3.
+    assert dispatch.choose("conv_bn_act", *pointwise, backend="experimental").name == "triton"
+    assert dispatch.choose("conv_bn_act", *dense, backend="experimental").name == "torch"
+    monkeypatch.setenv("EVIT_BACKEND", "conv_bn_act=experimental")
+    assert dispatch.choose("conv_bn_act", *pointwise).name == "triton"
