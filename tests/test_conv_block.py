@@ -323,3 +323,35 @@ def _with(module: nn.Module, path: str, child: nn.Module) -> nn.Module:
 def test_refuses_what_it_cannot_compute(build, reason):
     with pytest.raises(Unsupported, match=reason):
         FusedConvBlock(build())
+
+
+# --- on a GPU: the released models' block shapes ---------------------------------------------------------------
+
+# B1 stage-3 / stage-4 MBConv, B1 stem DSConv, B1 stage-1 MBConv at 1024×2048 (a 512-wide map: per-layer fallback),
+# L1 stage-2 FusedMBConv, L2 stage-4 MBConv (512 → 3072), SAM-L0 neck FusedMBConv, downsampling MBConv (stride 2).
+GPU_CASES = {
+    "b1_mbconv_s3": Case("mbconv", 16, 128, 512, 128, 14, 14, residual=True),
+    "b1_mbconv_s4": Case("mbconv", 16, 256, 1024, 256, 7, 7, residual=True),
+    "b1_dsconv_stem": Case("dsconv", 8, 16, 16, 16, 112, 112, residual=True, activations=("none", "hardswish", "none")),
+    "b1_mbconv_s1_1024x2048": Case("mbconv", 1, 32, 128, 32, 256, 512, residual=True),
+    "l1_fusedmbconv_s2": Case("fused", 8, 64, 256, 64, 56, 56, residual=True,
+                              activations=("none", "gelu_tanh", "none")),
+    "l2_mbconv_s4": Case("mbconv", 8, 512, 3072, 512, 7, 7, residual=True,
+                         activations=("gelu_tanh", "gelu_tanh", "none")),
+    "sam_l0_neck_fusedmbconv": Case("fused", 4, 256, 256, 256, 32, 32, layout="channels_last", residual=True,
+                                    activations=("none", "gelu_tanh", "none")),
+    "b1_mbconv_downsample": Case("mbconv", 16, 64, 256, 128, 28, 28, stride=2, biases=True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", GPU_CASES)
+def test_released_block_shapes_within_twice_eager_error(poisoned_empty, name, dtype):
+    args, kwargs = _inputs(GPU_CASES[name], dtype)
+    out = conv_block(*args, **kwargs, backend="triton")
+    eager = conv_block(*args, **kwargs, backend="torch")
+    expected = conv_block(*_double(args, kwargs)[0], **_double(args, kwargs)[1], backend="torch")
+    assert out.dtype == dtype and out.shape == eager.shape and out.stride() == eager.stride()
+    assert torch.isfinite(out).all()
+    assert max_err(out, expected) <= 2 * max_err(eager, expected) + ulp(expected, dtype)
