@@ -114,7 +114,7 @@ def _match(module: nn.Module) -> tuple[Rule | None, str | None]:
     name = type(module).__name__
     if name not in _RULE_CLASS_NAMES:
         return None, None
-    reasons = []
+    reasons, declined = [], False
     for rule in RULES:
         if rule.class_name != name:
             continue
@@ -126,9 +126,10 @@ def _match(module: nn.Module) -> tuple[Rule | None, str | None]:
             reasons.append(f"{name} lacks the {rule.family} attributes {missing}")
             continue
         if not rule.accepts(module):
+            declined = True  # the right class, holding a block no rule handles: nothing to report
             continue
         return rule, None
-    return None, "; ".join(reasons)
+    return None, None if declined else "; ".join(reasons)
 
 
 def patch(model: nn.Module) -> PatchReport:

@@ -10,12 +10,14 @@ import dataclasses
 import logging
 
 import pytest
+import timm
 import torch
 from efficientsam.models.nn import ops as mit_han_lab
 from timm.layers.activations import GELUTanh
 from timm.models import efficientvit_mit as timm_mit
 from torch import nn
 
+import evit_kernels
 from evit_kernels import dispatch
 from evit_kernels.bench import randomize_untrained_state
 from evit_kernels.nn._base import Unsupported
@@ -355,3 +357,18 @@ def test_released_block_shapes_within_twice_eager_error(poisoned_empty, name, dt
     assert out.dtype == dtype and out.shape == eager.shape and out.stride() == eager.stride()
     assert torch.isfinite(out).all()
     assert max_err(out, expected) <= 2 * max_err(eager, expected) + ulp(expected, dtype)
+
+
+def test_patch_swaps_every_conv_block_of_efficientvit_b0_and_reports_nothing_else():
+    model = timm.create_model("efficientvit_b0", num_classes=10)
+    randomize_untrained_state(model)
+    model.eval()
+    patched = copy.deepcopy(model)
+    report = evit_kernels.patch(patched)
+    blocks = [m for m in model.modules() if type(m).__name__ == "ResidualBlock" and type(m.main).__name__ in
+              ("MBConv", "DSConv", "FusedMBConv")]
+    assert report.counts()["timm.models.efficientvit_mit.ResidualBlock -> FusedConvBlock"] == len(blocks) > 0
+    assert not report.skipped, "ResidualBlocks around LiteMLA are not conv-block material: no noise"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), model(x), rtol=1e-4, atol=1e-4)
