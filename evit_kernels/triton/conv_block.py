@@ -14,7 +14,7 @@ MBConv, PERF.md §1) ever reaches memory. How a chunk of ``d`` is produced is th
   tile; each k×k tap is then a ``tl.gather`` of that tile (on-chip staging: Triton lowers it through shared
   memory), so the expanded tensor is computed once per slot instead of once per tap. Taps that fall in the zero
   padding read nothing, as the depthwise conv pads the *expanded* map with zeros.
-- "depthwise" (DSConv): each tap reads ``x`` itself (re-reads hit L1/L2).
+- "depthwise" (DSConv): each tap reads ``x`` itself (re-reads hit L1/L2), as conv_bn_act's depthwise kernel.
 - "full" (FusedMBConv): the k×k conv is an implicit GEMM over (tap, input channel).
 
 Tensors are read and written through their four strides (NCHW, channels_last or any layout); offsets are 32-bit,
@@ -32,9 +32,12 @@ import triton.language as tl
 
 from evit_kernels.triton.conv_bn_act import (
     _activate,
+    _add_bias,
+    _depthwise_taps,
     _dot_mode,
     _dot_on_chip,
     _epilogue,
+    _gemm_rows,
     _optional,
     _pixel_coords,
     _tap,
@@ -66,19 +69,9 @@ def _expand_depthwise_chunk(x, w1, b1, w2, offs_h, mask_h, img0, images, in_row0
     slot = tl.arange(0, SLOTS)
     s_img, s_y, s_x, s_ok = _band_pixels(slot, img0, images, in_row0, in_rows, batch, width)
     x_rows = x + s_img * x_sb + s_y * x_sh + s_x * x_sw
-    expanded = tl.zeros((SLOTS, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, in_channels, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < in_channels
-        a = tl.load(x_rows[:, None] + offs_k[None, :] * x_sc, mask=s_ok[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(w1 + offs_k[:, None] * w1_sc + offs_h[None, :] * w1_sh, mask=mask_k[:, None] & mask_h[None, :],
-                    other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        expanded = tl.dot(a, b, expanded, input_precision=PRECISION)
-    if has_b1 != 0:
-        expanded += tl.load(b1 + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    expanded = _gemm_rows(tl.zeros((SLOTS, BLOCK_H), dtype=tl.float32), x_rows, s_ok, x_sc, in_channels, w1, w1_sc,
+                          w1_sh, offs_h, mask_h, BLOCK_K, PRECISION, UPCAST)
+    expanded = _add_bias(expanded, b1, offs_h, mask_h, has_b1)
     expanded = _activate(expanded, ACT1)
     d = tl.zeros((P, BLOCK_H), dtype=tl.float32)
     for kh in range(K):
@@ -88,23 +81,6 @@ def _expand_depthwise_chunk(x, w1, b1, w2, offs_h, mask_h, img0, images, in_row0
             tap = tl.gather(expanded, tl.broadcast_to(source[:, None], (P, BLOCK_H)), 0)
             wv = tl.load(w2 + offs_h * w2_sh + kh * w2_skh + kw * w2_skw, mask=mask_h, other=0.0).to(tl.float32)
             d += tl.where(inside[:, None], tap, 0.0) * wv[None, :]
-    return d
-
-
-@triton.jit
-def _depthwise_chunk(x, w2, offs_h, mask_h, out_img, out_y, out_x, out_ok, height, width,
-                     stride_h, stride_w, pad_h, pad_w, x_sb, x_sc, x_sh, x_sw, w2_sh, w2_skh, w2_skw,
-                     K: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Σ_taps w2 · x for one chunk of channels, every tap read from ``x``."""
-    x_img = x + out_img * x_sb
-    d = tl.zeros((P, BLOCK_H), dtype=tl.float32)
-    for kh in range(K):
-        for kw in range(K):
-            iy, ix, inside = _tap(out_y, out_x, out_ok, kh, kw, stride_h, stride_w, pad_h, pad_w, height, width)
-            xv = tl.load((x_img + iy * x_sh + ix * x_sw)[:, None] + offs_h[None, :] * x_sc,
-                         mask=inside[:, None] & mask_h[None, :], other=0.0)
-            wv = tl.load(w2 + offs_h * w2_sh + kh * w2_skh + kw * w2_skw, mask=mask_h, other=0.0)
-            d += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
     return d
 
 
@@ -119,18 +95,8 @@ def _full_conv_chunk(x, w2, offs_h, mask_h, out_img, out_y, out_x, out_ok, in_ch
     for kh in range(K):
         for kw in range(K):
             iy, ix, inside = _tap(out_y, out_x, out_ok, kh, kw, stride_h, stride_w, pad_h, pad_w, height, width)
-            x_rows = x_img + iy * x_sh + ix * x_sw
-            for k0 in range(0, in_channels, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < in_channels
-                a = tl.load(x_rows[:, None] + offs_k[None, :] * x_sc, mask=inside[:, None] & mask_k[None, :],
-                            other=0.0)
-                b = tl.load(w2 + offs_k[:, None] * w2_sc + offs_h[None, :] * w2_sh + kh * w2_skh + kw * w2_skw,
-                            mask=mask_k[:, None] & mask_h[None, :], other=0.0)
-                if UPCAST:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                d = tl.dot(a, b, d, input_precision=PRECISION)
+            d = _gemm_rows(d, x_img + iy * x_sh + ix * x_sw, inside, x_sc, in_channels, w2 + kh * w2_skh + kw * w2_skw,
+                           w2_sc, w2_sh, offs_h, mask_h, BLOCK_K, PRECISION, UPCAST)
     return d
 
 
@@ -169,16 +135,14 @@ def _conv_block_fwd_kernel(
                 in_channels, height, width, stride_h, stride_w, pad_h, pad_w, has_b1, x_sb, x_sc, x_sh, x_sw,
                 w1_sh, w1_sc, w2_sh, w2_skh, w2_skw, ACT1, K, SLOTS, P, BLOCK_H, BLOCK_K, PRECISION, UPCAST)
         elif SPATIAL == "depthwise":
-            d = _depthwise_chunk(x, w2, offs_h, mask_h, out_img, out_y, out_x, out_ok, height, width,
-                                 stride_h, stride_w, pad_h, pad_w, x_sb, x_sc, x_sh, x_sw, w2_sh, w2_skh, w2_skw,
-                                 K, P, BLOCK_H)
+            d = _depthwise_taps(x + out_img * x_sb, x_sc, x_sh, x_sw, w2, w2_sh, w2_skh, w2_skw, offs_h, mask_h,
+                                out_y, out_x, out_ok, K, stride_h, stride_w, pad_h, pad_w, height, width, P, BLOCK_H)
         else:
             d = _full_conv_chunk(x, w2, offs_h, mask_h, out_img, out_y, out_x, out_ok, in_channels, height, width,
                                  stride_h, stride_w, pad_h, pad_w, x_sb, x_sc, x_sh, x_sw, w2_sh, w2_sc, w2_skh,
                                  w2_skw, K, P, BLOCK_H, BLOCK_K, PRECISION, UPCAST)
-        if has_b2 != 0:
-            d += tl.load(b2 + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-        d = _activate(d, ACT2)  # padded hidden columns hold act2(0), finite, and meet w3 rows masked to 0
+        # Padded hidden columns hold act2(0), finite, and meet w3 rows masked to 0.
+        d = _activate(_add_bias(d, b2, offs_h, mask_h, has_b2), ACT2)
         w3_tile = tl.load(w3 + offs_h[:, None] * w3_sh + offs_co[None, :] * w3_so,
                           mask=mask_h[:, None] & mask_co[None, :], other=0.0)
         acc = _dot_on_chip(d, w3_tile, acc, PRECISION, UPCAST)

@@ -69,6 +69,48 @@ def _tap(out_y, out_x, out_ok, kh, kw, stride_h, stride_w, pad_h, pad_w, height,
 
 
 @triton.jit
+def _add_bias(acc, bias, offs, mask, has_bias):
+    """acc + bias[offs] along the columns, in fp32; nothing when the bias is absent (``has_bias`` 0)."""
+    if has_bias != 0:
+        acc += tl.load(bias + offs, mask=mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _gemm_rows(acc, x_rows, rows_ok, x_sc, in_channels, w, w_sk, w_sn, offs_n, mask_n, BLOCK_K: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + X · W over ``in_channels``: X's rows are the pixels at the pointers ``x_rows`` (channel stride ``x_sc``;
+    rows outside ``rows_ok`` read 0), W[k, n] is at ``w + k·w_sk + offs_n·w_sn``. See :func:`_dot_mode`."""
+    for k0 in range(0, in_channels, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < in_channels
+        a = tl.load(x_rows[:, None] + offs_k[None, :] * x_sc, mask=rows_ok[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w + offs_k[:, None] * w_sk + offs_n[None, :] * w_sn, mask=mask_k[:, None] & mask_n[None, :],
+                    other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _depthwise_taps(x_img, x_sc, x_sh, x_sw, w, w_sc, w_skh, w_skw, offs_c, mask_c, out_y, out_x, out_ok, ksize,
+                    stride_h, stride_w, pad_h, pad_w, height, width, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Σ over the k×k taps of x · w for (pixels × channels): ``x_img`` points at each output pixel's image, w[c, kh,
+    kw] is at ``w + c·w_sc + kh·w_skh + kw·w_skw``; fp32."""
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for kh in range(0, ksize):
+        for kw in range(0, ksize):
+            iy, ix, inside = _tap(out_y, out_x, out_ok, kh, kw, stride_h, stride_w, pad_h, pad_w, height, width)
+            xv = tl.load((x_img + iy * x_sh + ix * x_sw)[:, None] + offs_c[None, :] * x_sc,
+                         mask=inside[:, None] & mask_c[None, :], other=0.0)
+            wv = tl.load(w + offs_c * w_sc + kh * w_skh + kw * w_skw, mask=mask_c, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _dot_on_chip(h, w_tile, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + h · w_tile, for an fp32 tile ``h`` computed on chip and a weight tile in the tensors' dtype: bf16 runs
     in fp32 (see :func:`_dot_mode`); fp16 rounds ``h`` to fp16 for the tensor cores, as eager stores it; fp32 keeps
@@ -82,9 +124,7 @@ def _dot_on_chip(h, w_tile, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 def _epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_c, mask_p, mask_c, has_bias, has_residual,
               r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION: tl.constexpr):
     """bias → activation → residual on the fp32 (pixels × channels) accumulator, then one rounding on store."""
-    if has_bias != 0:
-        acc += tl.load(bias + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    y = _activate(acc, ACTIVATION)
+    y = _activate(_add_bias(acc, bias, offs_c, mask_c, has_bias), ACTIVATION)
     mask = mask_p[:, None] & mask_c[None, :]
     if has_residual != 0:
         r_pixel = offs_b * r_sb + offs_h * r_sh + offs_w * r_sw
@@ -103,16 +143,8 @@ def _conv_dw_kernel(x, weight, bias, residual, out, n_pixels, channels, height, 
     mask_p = offs_p < n_pixels
     mask_c = offs_c < channels
     offs_b, offs_h, offs_w = _pixel_coords(offs_p, out_height, out_width)
-    x_pixel = x + offs_b * x_sb
-    x_chan = offs_c[None, :] * x_sc
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for kh in range(0, ksize):
-        for kw in range(0, ksize):
-            ih, iw, inside = _tap(offs_h, offs_w, mask_p, kh, kw, stride_h, stride_w, pad_h, pad_w, height, width)
-            xv = tl.load((x_pixel + ih * x_sh + iw * x_sw)[:, None] + x_chan,
-                         mask=inside[:, None] & mask_c[None, :], other=0.0)
-            wv = tl.load(weight + offs_c * w_sc + kh * w_sh + kw * w_sw, mask=mask_c, other=0.0)
-            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    acc = _depthwise_taps(x + offs_b * x_sb, x_sc, x_sh, x_sw, weight, w_sc, w_sh, w_sw, offs_c, mask_c, offs_h,
+                          offs_w, mask_p, ksize, stride_h, stride_w, pad_h, pad_w, height, width, BLOCK_P, BLOCK_C)
     _epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_c, mask_p, mask_c, has_bias, has_residual,
               r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION)
 
@@ -134,17 +166,8 @@ def _conv_pw_kernel(x, weight, bias, residual, out, n_pixels, in_channels, out_c
     mask_n = offs_n < out_channels
     offs_b, offs_h, offs_w = _pixel_coords(offs_m, height, width)
     x_rows = x + offs_b * x_sb + offs_h * x_sh + offs_w * x_sw
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, in_channels, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < in_channels
-        a = tl.load(x_rows[:, None] + offs_k[None, :] * x_sc, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(weight + offs_k[:, None] * w_sk + offs_n[None, :] * w_sn, mask=mask_k[:, None] & mask_n[None, :],
-                    other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    acc = _gemm_rows(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_rows, mask_m, x_sc, in_channels, weight, w_sk,
+                     w_sn, offs_n, mask_n, BLOCK_K, PRECISION, UPCAST)
     _epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_n, mask_m, mask_n, has_bias, has_residual,
               r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION)
 

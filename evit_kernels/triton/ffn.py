@@ -16,7 +16,15 @@ import torch
 import triton
 import triton.language as tl
 
-from evit_kernels.triton.conv_bn_act import _dot_mode, _dot_on_chip, _epilogue, _optional, _pixel_coords
+from evit_kernels.triton.conv_bn_act import (
+    _add_bias,
+    _dot_mode,
+    _dot_on_chip,
+    _epilogue,
+    _gemm_rows,
+    _optional,
+    _pixel_coords,
+)
 
 MAX_CHANNELS = 512
 """Widest block the kernel holds on chip (the released EfficientViT-M models' widest is 384)."""
@@ -54,19 +62,9 @@ def _ffn_fwd_kernel(x, w1, b1, w2, b2, residual, out, n_pixels, channels, hidden
     for h0 in range(0, hidden, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         mask_h = offs_h < hidden
-        h = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-        for k0 in range(0, channels, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < channels
-            a = tl.load(x_rows[:, None] + offs_k[None, :] * x_sc, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(w1 + offs_k[:, None] * w1_sc + offs_h[None, :] * w1_sh,
-                        mask=mask_k[:, None] & mask_h[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            h = tl.dot(a, b, h, input_precision=PRECISION)
-        if has_b1 != 0:
-            h += tl.load(b1 + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+        h = _gemm_rows(tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), x_rows, mask_m, x_sc, channels, w1, w1_sc,
+                       w1_sh, offs_h, mask_h, BLOCK_K, PRECISION, UPCAST)
+        h = _add_bias(h, b1, offs_h, mask_h, has_b1)
         h = tl.where(h < 0, 0.0, h)  # ReLU that keeps NaN, as torch's; padded hidden columns are 0 and add nothing
         w2_tile = tl.load(w2 + offs_h[:, None] * w2_sh + offs_c[None, :] * w2_sc,
                           mask=mask_h[:, None] & mask_c[None, :], other=0.0)
