@@ -56,6 +56,18 @@ def environment_reasons(name: str) -> list[str]:
     return reasons
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""The dtypes every kernel of this package takes (float64 runs on the reference)."""
+
+
+def kernel_reasons(name: str, tensor: torch.Tensor) -> list[str]:
+    """Why kernel backend ``name`` cannot take ``tensor`` at all: its device (:func:`device_reasons`) or dtype."""
+    reasons = device_reasons(name, tensor)
+    if tensor.dtype not in KERNEL_DTYPES:
+        reasons.append(f"{tensor.dtype} inputs (the {name} kernels take float32, float16 and bfloat16)")
+    return reasons
+
+
 def device_reasons(name: str, tensor: torch.Tensor) -> list[str]:
     """Why backend ``name`` cannot take ``tensor``'s device (the kernels need CUDA tensors; Triton's interpreter
     also takes CPU ones)."""

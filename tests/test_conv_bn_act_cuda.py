@@ -256,7 +256,7 @@ UNSUPPORTED = {
     "non_square": (dict(kernel=(3, 5)), DEPTHWISE_ONLY),
     "stride3": (dict(stride=3), DEPTHWISE_ONLY),
     "dilation2": (dict(dilation=2, padding=2), "dilation [2, 2] (the CUDA kernel takes dilation 1)"),
-    "float64": (dict(dtype=torch.float64), "torch.float64 inputs (the CUDA kernel takes float32, float16 and"),
+    "float64": (dict(dtype=torch.float64), "torch.float64 inputs (the cuda kernels take float32, float16 and"),
 }
 
 

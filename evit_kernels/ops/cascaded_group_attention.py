@@ -139,15 +139,12 @@ def _window_triton_forward(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, re
     return kernels.forward(q, k, v, bias_row, resolution, scale)
 
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _window_triton_reasons(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, resolution: int,
                            scale: float) -> list[str]:
     from evit_kernels.triton.cascaded_group_attention import MAX_RESOLUTION, span
 
     reasons = dispatch.device_reasons("triton", q)
-    if q.dtype not in _TRITON_DTYPES or bias_row.dtype not in _TRITON_DTYPES:
+    if q.dtype not in dispatch.KERNEL_DTYPES or bias_row.dtype not in dispatch.KERNEL_DTYPES:
         reasons.append(f"{q.dtype} inputs with a {bias_row.dtype} bias row (the Triton kernels take float32, "
                        f"float16 and bfloat16)")
     if resolution > MAX_RESOLUTION:
@@ -262,9 +259,7 @@ def _triton_reasons(x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention
     """What keeps the Triton attention core from running every head (the convs run through PyTorch)."""
     from evit_kernels.triton.cascaded_group_attention import MAX_RESOLUTION
 
-    reasons = dispatch.device_reasons("triton", x)
-    if x.dtype not in _TRITON_DTYPES:
-        reasons.append(f"{x.dtype} inputs (the Triton kernels take float32, float16 and bfloat16)")
+    reasons = dispatch.kernel_reasons("triton", x)
     if window > MAX_RESOLUTION:
         reasons.append(f"window {window}×{window} > {MAX_RESOLUTION}×{MAX_RESOLUTION} (the kernels keep the N×N "
                        f"scores in registers)")
@@ -302,13 +297,11 @@ def cuda_shared_memory_bytes(window: int, heads: int, in_width: int, key_dim: in
 
 def _cuda_reasons(x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_biases, proj_weight, proj_bias,
                   key_dim, window) -> list[str]:
-    reasons = dispatch.device_reasons("cuda", x)
+    reasons = dispatch.kernel_reasons("cuda", x)
     tensors = [x, *qkv_weights, *qkv_biases, *dw_weights, *dw_biases, attention_biases, proj_weight, proj_bias]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         reasons.append("inference-only kernel (no backward): an input requires grad; run under torch.no_grad() or "
                        "torch.inference_mode(), or use the torch or triton backend to train")
-    if x.dtype not in _TRITON_DTYPES:
-        reasons.append(f"{x.dtype} inputs (the CUDA kernel takes float32, float16 and bfloat16)")
     heads, C = len(qkv_weights), x.shape[1]
     val_dim = qkv_weights[0].shape[0] - 2 * key_dim
     if window > CUDA_MAX_WINDOW:

@@ -130,8 +130,6 @@ def _check_shapes(x: Tensor, w1: Tensor | None, b1: Tensor | None, w2: Tensor, b
 
 # --- Triton ----------------------------------------------------------------------------------------------------
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _spatial_kind(w1: Tensor | None, w2: Tensor, stride: list[int], groups: int) -> str | None:
     """Which whole-block kernel computes this block ("expand_depthwise", "depthwise", "full"), or None."""
@@ -190,9 +188,7 @@ def _triton_reasons(x: Tensor, w1: Tensor | None, b1: Tensor | None, act1: str, 
                     act3: str, residual: Tensor | None) -> list[str]:
     from evit_kernels.triton.conv_bn_act import fits_int32
 
-    reasons = dispatch.device_reasons("triton", x)
-    if x.dtype not in _TRITON_DTYPES:
-        reasons.append(f"{x.dtype} inputs (the Triton kernels take float32, float16 and bfloat16)")
+    reasons = dispatch.kernel_reasons("triton", x)
     # The whole-block kernel never stores the hidden tensors; the per-layer fallback checks each layer itself.
     out_numel = math.prod(_output_shape(x, w2, stride, padding, w3))
     if out_numel >= 2**31 or not all(

@@ -122,7 +122,6 @@ def _check_shapes(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[i
         raise ValueError(f"conv_bn_act: residual has shape {tuple(residual.shape)} but the output is {tuple(shape)}")
 
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DEPTHWISE_SIZES = (3, 5, 7)
 
 
@@ -152,9 +151,7 @@ def _triton_reasons(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list
                     dilation: list[int], groups: int, activation: str, residual: Tensor | None) -> list[str]:
     from evit_kernels.triton.conv_bn_act import fits_int32
 
-    reasons = dispatch.device_reasons("triton", x)
-    if x.dtype not in _KERNEL_DTYPES:
-        reasons.append(f"{x.dtype} inputs (the Triton kernels take float32, float16 and bfloat16)")
+    reasons = dispatch.kernel_reasons("triton", x)
     if list(dilation) != [1, 1]:
         reasons.append(f"dilation {list(dilation)} (the Triton kernels take dilation 1)")
     if _kernel_kind(x, weight, stride, padding, groups) is None:
@@ -181,9 +178,7 @@ def _cuda_reasons(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[i
                   dilation: list[int], groups: int, activation: str, residual: Tensor | None) -> list[str]:
     # No refusal when gradients are needed: the op's backward is the reference's VJP whichever backend ran forward.
     # Any layout is read through its strides.
-    reasons = dispatch.device_reasons("cuda", x)
-    if x.dtype not in _KERNEL_DTYPES:
-        reasons.append(f"{x.dtype} inputs (the CUDA kernel takes float32, float16 and bfloat16)")
+    reasons = dispatch.kernel_reasons("cuda", x)
     if list(dilation) != [1, 1]:
         reasons.append(f"dilation {list(dilation)} (the CUDA kernel takes dilation 1)")
     if _kernel_kind(x, weight, stride, padding, groups) != "depthwise":

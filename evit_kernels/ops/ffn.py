@@ -71,9 +71,6 @@ def _check_shapes(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tens
         raise ValueError(f"ffn: residual has shape {tuple(residual.shape)} but the output is {tuple(x.shape)}")
 
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _triton_forward(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
                     residual: Tensor | None) -> Tensor:
     from evit_kernels.triton import ffn as kernels
@@ -87,9 +84,7 @@ def _triton_reasons(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Te
     from evit_kernels.triton.conv_bn_act import fits_int32
     from evit_kernels.triton.ffn import MAX_CHANNELS
 
-    reasons = dispatch.device_reasons("triton", x)
-    if x.dtype not in _TRITON_DTYPES:
-        reasons.append(f"{x.dtype} inputs (the Triton kernel takes float32, float16 and bfloat16)")
+    reasons = dispatch.kernel_reasons("triton", x)
     if x.shape[1] > MAX_CHANNELS:
         reasons.append(f"{x.shape[1]} channels (the Triton kernel holds at most {MAX_CHANNELS} on chip)")
     if not all(fits_int32(t) for t in (x, w1, b1, w2, b2, residual) if t is not None):

@@ -126,16 +126,13 @@ def _triton_forward(qkv: Tensor, aggregated: list[Tensor], dim: int, eps: float)
     return kernels.forward([qkv, *aggregated], dim, eps)
 
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_MAX_DIM = 32  # the head dims whose kernels CI compiles for sm_90 (every released model: 8, 16, 32)
 
 
 def _triton_reasons(qkv: Tensor, aggregated: list[Tensor], dim: int, eps: float) -> list[str]:
     from evit_kernels.triton.relu_linear_attention import flattenable
 
-    reasons = dispatch.device_reasons("triton", qkv)
-    if qkv.dtype not in _TRITON_DTYPES:
-        reasons.append(f"{qkv.dtype} inputs (the Triton kernels take float32, float16 and bfloat16)")
+    reasons = dispatch.kernel_reasons("triton", qkv)
     if dim > _TRITON_MAX_DIM:
         reasons.append(f"head dim {dim} > {_TRITON_MAX_DIM}")
     if not all(flattenable(t) for t in (qkv, *aggregated)):
