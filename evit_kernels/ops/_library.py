@@ -40,9 +40,10 @@ def check_floating_same_dtype(op: str, x: torch.Tensor, **tensors: Any) -> None:
 def register_reference_autograd(qualname: str, reference: Callable[..., torch.Tensor]) -> None:
     """Give ``qualname`` a backward that recomputes ``reference`` and takes its vector-Jacobian product.
 
-    Correct by construction, for ops whose only implementation so far is the reference (kernels that need
-    gradients register their own backward). The op's arguments may include tensors, lists of tensors, None
-    and plain values; gradients flow to every floating-point tensor among them.
+    Correct by construction, for ops whose kernels have no backward of their own: the gradient is the
+    reference's whichever backend ran the forward. The op takes ``reference``'s arguments followed by the name
+    of the backend that runs it (every evit op does), which the reference is not given. The arguments may include
+    tensors, lists of tensors, None and plain values; gradients flow to every floating-point tensor among them.
     """
 
     def setup_context(ctx, inputs, output):
@@ -60,7 +61,7 @@ def register_reference_autograd(qualname: str, reference: Callable[..., torch.Te
             full = list(leaves)
             for i, v in zip(wrt, diff):
                 full[i] = v
-            return reference(*pytree.tree_unflatten(full, ctx.spec))
+            return reference(*pytree.tree_unflatten(full, ctx.spec)[:-1])  # all but the backend name
 
         _, vjp = torch.func.vjp(fn, *[leaves[i] for i in wrt])
         grads_by_leaf = dict(zip(wrt, vjp(grad)))

@@ -223,12 +223,11 @@ def cascade_heads(x: Tensor, qkvs: Sequence[Callable[[Tensor], Tensor]], dws: Se
 def cascaded_group_attention_reference(
         x: Tensor, qkv_weights: list[Tensor], qkv_biases: list[Tensor], dw_weights: list[Tensor],
         dw_biases: list[Tensor], attention_biases: Tensor, proj_weight: Tensor, proj_bias: Tensor,
-        key_dim: int, window: int, backend: str = "torch", *, core: str = "torch") -> Tensor:
+        key_dim: int, window: int, *, core: str = "torch") -> Tensor:
     """Cascaded group attention with folded weights as a composition of PyTorch ops (convs through F.conv2d).
 
     With the default ``core`` this is the eager reference; with ``core="triton"`` it is the op's Triton
     backend: the same composition with the attention core (:func:`window_attention`) on the Triton kernels.
-    ``backend`` (the op's backend, which the autograd registration passes along) is ignored.
     """
     windows, meta = window_partition(x, window)
     qkvs = [lambda t, w=w, b=b: F.conv2d(t, w, b) for w, b in zip(qkv_weights, qkv_biases, strict=True)]

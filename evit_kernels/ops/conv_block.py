@@ -67,8 +67,7 @@ def _conv_block_fake(x, w1, b1, act1, w2, b2, act2, stride, padding, groups, w3,
                        memory_format=output_memory_format(x))
 
 
-# The op's trailing `backend` argument names an implementation; the gradient is the reference's either way.
-register_reference_autograd("evit::conv_block", lambda *args: conv_block_reference(*args[:-1]))
+register_reference_autograd("evit::conv_block", conv_block_reference)
 dispatch.register("conv_block", dispatch.Backend("torch", conv_block_reference))
 
 

@@ -67,8 +67,7 @@ def _conv_bn_act_fake(x, weight, bias, stride, padding, dilation, groups, activa
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
 
-# The op's trailing `backend` argument names an implementation; the gradient is the reference's either way.
-register_reference_autograd("evit::conv_bn_act", lambda *args: conv_bn_act_reference(*args[:-1]))
+register_reference_autograd("evit::conv_bn_act", conv_bn_act_reference)
 dispatch.register("conv_bn_act", dispatch.Backend("torch", conv_bn_act_reference))
 
 

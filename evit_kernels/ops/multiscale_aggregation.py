@@ -33,9 +33,7 @@ def _multiscale_aggregation_fake(qkv, dw_weight, dw_bias, pw_weight, pw_bias, gr
     return qkv.new_empty(qkv.shape)
 
 
-# The op's trailing `backend` argument names an implementation; the gradient is the reference's either way.
-register_reference_autograd("evit::multiscale_aggregation",
-                            lambda *args: multiscale_aggregation_reference(*args[:-1]))
+register_reference_autograd("evit::multiscale_aggregation", multiscale_aggregation_reference)
 dispatch.register("multiscale_aggregation", dispatch.Backend("torch", multiscale_aggregation_reference))
 
 

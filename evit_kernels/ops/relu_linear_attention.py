@@ -232,10 +232,8 @@ def _triton_aggregated_reasons(qkv: Tensor, dw_weights: list[Tensor], dw_biases:
     return reasons
 
 
-# The trailing `backend` argument names an implementation; the gradient is the reference's either way (this op
-# is for inference: FusedLiteMLA takes it only when no gradient is needed).
-register_reference_autograd(f"evit::{_AGGREGATED}",
-                            lambda *args: relu_linear_attention_aggregated_reference(*args[:-1]))
+# This op is for inference (FusedLiteMLA takes it only when no gradient is needed); its gradient is the reference's.
+register_reference_autograd(f"evit::{_AGGREGATED}", relu_linear_attention_aggregated_reference)
 dispatch.register(_AGGREGATED, dispatch.Backend("torch", relu_linear_attention_aggregated_reference))
 dispatch.register(_AGGREGATED, dispatch.Backend("triton", _triton_aggregated_forward, _triton_aggregated_reasons))
 
