@@ -12,6 +12,7 @@ each kernel where it takes the inputs, the reference elsewhere).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -123,11 +124,30 @@ def requested(op: str, backend: str = "auto") -> str:
     """
     choice = backend if backend != "auto" else os.environ.get("EVIT_BACKEND", "auto") or "auto"
     if "=" in choice:
-        per_op = dict(item.strip().split("=", 1) for item in choice.split(","))
-        choice = per_op.get(op, "auto")
+        return _per_op(choice).get(op, "auto")
+    _check_choice(choice)
+    return choice
+
+
+def _check_choice(choice: str) -> None:
     if choice not in CHOICES:
         raise ValueError(f"unknown backend {choice!r}; expected one of {CHOICES}")
-    return choice
+
+
+@functools.lru_cache(maxsize=16)
+def _per_op(request: str) -> dict[str, str]:
+    """``"op=backend, op=backend"`` as a dict, checked once per request string (this runs on every op call)."""
+    per_op = {}
+    for item in request.split(","):
+        op, equals, choice = (part.strip() for part in item.partition("="))
+        if not equals:
+            raise ValueError(f"backend request {request!r}: {item.strip()!r} is not op=backend (name one backend for "
+                             "every op, or list op=backend pairs)")
+        if op not in _REGISTRY:
+            raise ValueError(f"backend request {request!r}: unknown op {op!r}; expected one of {ops()}")
+        _check_choice(choice)
+        per_op[op] = choice
+    return per_op
 
 
 def status(op: str) -> dict[str, list[str]]:

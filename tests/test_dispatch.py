@@ -47,3 +47,20 @@ def test_experimental_choice_takes_unvalidated_kernels_where_they_apply(monkeypa
     assert dispatch.choose("conv_bn_act", *dense, backend="experimental").name == "torch"
     monkeypatch.setenv("EVIT_BACKEND", "conv_bn_act=experimental")
     assert dispatch.choose("conv_bn_act", *pointwise).name == "triton"
+
+
+@pytest.mark.parametrize("request_, message", [
+    ("conv_bn_act=triton, convbnact=torch", "unknown op 'convbnact'"),
+    ("triton,ffn=torch", "'triton' is not op=backend"),
+    ("ffn=fast", "unknown backend 'fast'"),
+])
+def test_malformed_per_op_requests_raise(monkeypatch, request_, message):
+    monkeypatch.setenv("EVIT_BACKEND", request_)
+    with pytest.raises(ValueError, match=message):
+        dispatch.requested("conv_bn_act")
+
+
+def test_per_op_request_tolerates_spaces(monkeypatch):
+    monkeypatch.setenv("EVIT_BACKEND", " conv_bn_act = torch , ffn=triton")
+    assert dispatch.requested("conv_bn_act") == "torch"
+    assert dispatch.requested("ffn") == "triton"
