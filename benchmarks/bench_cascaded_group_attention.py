@@ -18,7 +18,7 @@ from timm.models.efficientvit_msra import LocalWindowAttention
 import evit_kernels
 from evit_kernels.bench import randomize_untrained_state
 
-from .common import DEVICE, DTYPE, ON_GPU
+from .common import DEVICE, DTYPE, ON_GPU, use_kernels
 
 # name: (channels, heads, map side, window); key_dim 16, kernels (7, 5, 3, 3)[:heads] as in timm's M4/M5.
 LAYERS = {
@@ -86,10 +86,7 @@ def _variant(module: LocalWindowAttention, variant: str):
     patched = torch.nn.Sequential(copy.deepcopy(module))
     evit_kernels.patch(patched)
     backend = variant.removeprefix("evit-")
-    for m in patched.modules():
-        if hasattr(m, "backend"):
-            m.backend = "auto" if backend == "torch" else f"cascaded_group_attention={backend}"
-    return patched
+    return use_kernels(patched, "torch" if backend == "torch" else f"cascaded_group_attention={backend}")
 
 
 def _kernel_count(fn, x) -> int:

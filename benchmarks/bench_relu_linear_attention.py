@@ -17,7 +17,7 @@ from timm.models.efficientvit_mit import LiteMLA as TimmLiteMLA
 import evit_kernels
 from evit_kernels.ops.relu_linear_attention import relu_linear_attention
 
-from .common import DEVICE, DTYPE, ON_GPU
+from .common import DEVICE, DTYPE, ON_GPU, use_kernels
 
 # name: (channels, head dim, H, W)
 LAYERS = {
@@ -87,8 +87,8 @@ def test_module(measure, layer, batch, variant, dtype):
     elif variant.startswith("patched"):
         module = torch.nn.Sequential(copy.deepcopy(timm_module))
         evit_kernels.patch(module)
-        if variant == "patched-triton":
-            module[0].backend = "relu_linear_attention=triton"
+        if variant == "patched-triton":  # the core, and the aggregation folded into it (the module's eval path)
+            use_kernels(module, "relu_linear_attention=triton,relu_linear_attention_aggregated=triton")
     else:
         module = timm_module
     x = torch.randn(batch, channels, height, width, device=DEVICE, dtype=dtype)

@@ -8,13 +8,13 @@ DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 
 
 
-def use_kernels(model: torch.nn.Module) -> torch.nn.Module:
-    """Point every fused module of a patched ``model`` at this package's kernels wherever they take the inputs
-    (backend "experimental"). No kernel is validated on a GPU yet, so under "auto" a patched model would run the
-    reference."""
+def use_kernels(model: torch.nn.Module, backend: str = "experimental") -> torch.nn.Module:
+    """Set ``backend`` on every fused module of a patched ``model``. The default runs this package's kernels
+    wherever they take the inputs: no kernel is validated on a GPU yet, so under "auto" a patched model would run
+    the reference."""
     from evit_kernels.nn._base import FusedModule
 
     for module in model.modules():
         if isinstance(module, FusedModule):
-            module.backend = "experimental"
+            module.backend = backend
     return model

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
 
+from evit_kernels.bench import git_commit
+
 from .common import DTYPE, ON_GPU
 
-
-def _commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).parent)
-    return out.stdout.strip() or "unknown"
+COMMIT = git_commit()
 
 
 @pytest.fixture
@@ -28,7 +23,7 @@ def measure(benchmark):
                 torch.cuda.synchronize()
 
         benchmark.extra_info.update(
-            device=torch.cuda.get_device_name() if ON_GPU else "cpu", torch=torch.__version__, commit=_commit(),
+            device=torch.cuda.get_device_name() if ON_GPU else "cpu", torch=torch.__version__, commit=COMMIT,
             dtype=str(DTYPE).removeprefix("torch."), **info)
         return benchmark.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=warmup)
 

@@ -135,7 +135,7 @@ def time_interleaved(fns: dict[str, Callable[[], torch.Tensor]], device: torch.d
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=5)
@@ -156,7 +156,7 @@ def run(model_name: str, batch: int, res: tuple[int, int], dtype: str, device: s
     x = torch.randn(batch, 3, *res, device=dev, dtype=torch_dtype)
     progress.done(tick, "done")
 
-    report = Report(model_name, batch, res, dtype, device, info(), _git_commit())
+    report = Report(model_name, batch, res, dtype, device, info(), git_commit())
     calls, outputs = {}, {}
     for variant in variants:
         tick = progress.start(f"preparing {variant}")

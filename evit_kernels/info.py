@@ -56,7 +56,7 @@ def format_info(report: dict[str, Any]) -> str:
         ("extension    evit_kernels._C built for sm " + ", ".join(ext["archs"]) + f" with CUDA {ext['cuda_version']}"
          if ext["built"] else f"extension    evit_kernels._C missing: {ext['reason']}"),
         "",
-        "backends per op (automatic choice takes the first usable in the order cuda, triton, torch):",
+        f"backends per op (automatic choice takes the first usable in the order {', '.join(dispatch.PREFERENCE)}):",
     ]
     for op, backends in report["ops"].items():
         lines.append(f"  {op}")

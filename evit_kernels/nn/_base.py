@@ -15,7 +15,7 @@ class FusedModule(nn.Module):
     It adopts every child, parameter and buffer of ``original`` under the same names (the same objects), so
     ``state_dict`` keys and shapes are unchanged and an optimizer built before patching keeps training it.
     ``original`` itself is kept out of the module tree, for :meth:`restore`. ``backend`` selects the
-    implementation ("auto", "torch", "triton" or "cuda"; see :mod:`evit_kernels.dispatch`).
+    implementation ("auto", "experimental", "torch", "triton", "cuda", or per op; see :mod:`evit_kernels.dispatch`).
     """
 
     patch_inside = True

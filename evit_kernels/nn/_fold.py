@@ -61,8 +61,8 @@ class FoldCache:
         if (torch.compiler.is_compiling() or any(t.is_inference() for t in tensors)
                 or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
             return compute()
-        # A new dtype or device means new storage, so the data pointer covers those too.
-        full_key = (*key, *(t._version for t in tensors), *(t.data_ptr() for t in tensors))
+        # A freed address can come back for a new tensor (also at version 0): dtype and device tell those apart.
+        full_key = (*key, *((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors))
         if full_key != self._key:
             with torch.no_grad():
                 self._value = compute()

@@ -163,14 +163,14 @@ class FusedLocalWindowAttention(FusedModule):
             attn = original.attn
         except AttributeError as exc:
             raise Unsupported(f"not a local window attention: {exc}") from exc
-        window_of(attn)
+        self._attention_window = window_of(attn)  # fixed by the attention's bias table
         self.timm_style = type(original).__module__ == TIMM_MODULE
 
     def _window(self, x: Tensor) -> int | None:
         """The window side to split ``x`` with, or None when the original runs the map whole."""
         H, W = x.shape[-2:]
         if self.timm_style:
-            ws = window_of(self.attn)
+            ws = self._attention_window
             return None if (H, W) == (ws, ws) else ws
         R = self.resolution
         if (H, W) != (R, R):

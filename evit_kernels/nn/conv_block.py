@@ -102,9 +102,7 @@ class FusedConvBlock(FusedModule):
         layers = self._layers()
         norms = [_live(layer, "norm") for layer in layers]
         if self._dropout_active() or not all(norm is None or uses_running_stats(norm) for norm in norms):
-            y = x
-            for layer in layers:
-                y = layer(y)
+            y = self._modules["main"](x)  # the block's own forward, on its live (maybe patched) layers
             return y + x if self._residual else y
         convs = [layer._modules["conv"] for layer in layers]
         sources = [t for conv, norm in zip(convs, norms) for t in (conv.weight, conv.bias) + (

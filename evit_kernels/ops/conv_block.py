@@ -87,7 +87,7 @@ def conv_block(x: Tensor, w1: Tensor | None, b1: Tensor | None, w2: Tensor, b2: 
     for name in activations:
         if name not in ACTIVATIONS:
             raise ValueError(f"conv_block: unknown activation {name!r}; expected one of {ACTIVATIONS}")
-    width = x.shape[1] if w1 is None or x.dim() != 4 else w1.shape[0]
+    width = x.shape[1] if w1 is None else w1.shape[0]
     groups = width if groups is None else groups
     stride = _pair("stride", stride, 1)
     padding = _pair("padding", [w2.shape[2] // 2, w2.shape[3] // 2] if padding is None else padding, 0)

@@ -41,9 +41,9 @@ from evit_kernels.triton.conv_bn_act import (
     _optional,
     _pixel_coords,
     _tap,
+    dot_size,
 )
 
-SPATIAL_KINDS = ("expand_depthwise", "depthwise", "full")
 KERNEL_SIZES = (3, 5, 7)
 
 
@@ -176,10 +176,6 @@ TILES = {torch.float32: Tiles(warps=4, bands=((32, 128, 64),), direct_pixels=32,
 BLOCK_H = 16
 
 
-def padded(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))  # tl.dot needs every dimension >= 16
-
-
 def band_tile(tiles: Tiles, height: int, width: int, out_height: int, out_width: int, stride: int, ksize: int
               ) -> tuple[int, int, int, int, int] | None:
     """(P, SLOTS, widest channel block, band_rows, images) of the expand_depthwise tile for this map, or None when
@@ -207,7 +203,7 @@ def tile_config(spatial: str, dtype: torch.dtype, x_shape, out_shape, stride: in
         p, slots, channels, band_rows, images = tile
     else:
         p, slots, channels, band_rows, images = tiles.direct_pixels, 16, tiles.direct_channels, 1, 1
-    return {"P": p, "SLOTS": slots, "BLOCK_CO": min(padded(out_channels), channels), "BLOCK_H": BLOCK_H,
+    return {"P": p, "SLOTS": slots, "BLOCK_CO": min(dot_size(out_channels), channels), "BLOCK_H": BLOCK_H,
             "BLOCK_K": tiles.block_k, "num_warps": tiles.warps, "band_rows": band_rows, "images": images}
 
 
@@ -257,7 +253,7 @@ def compile_configs():
         kinds = [("expand_depthwise", p, slots, channels) for p, slots, channels in tiles.bands]
         kinds += [(kind, tiles.direct_pixels, 16, tiles.direct_channels) for kind in ("depthwise", "full")]
         for spatial, p, slots, widest in kinds:
-            for block_co in sorted({16, min(64, widest), widest}):
+            for block_co in (16 << i for i in range((widest // 16).bit_length())):  # every dot_size up to widest
                 for ksize in KERNEL_SIZES:
                     constexprs = {"SPATIAL": spatial, "ACT1": "hardswish", "ACT2": "gelu_tanh", "ACT3": "none",
                                   "K": ksize, "SLOTS": slots, "P": p, "BLOCK_H": BLOCK_H, "BLOCK_K": tiles.block_k,

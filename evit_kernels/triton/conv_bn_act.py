@@ -27,6 +27,11 @@ DW_BLOCK_P, DW_BLOCK_C = 64, 32
 PW_BLOCK_M, PW_BLOCK_N, PW_BLOCK_K = 64, 64, 32
 
 
+def dot_size(n: int) -> int:
+    """``n`` padded to a block size ``tl.dot`` takes: a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(n))
+
+
 def fits_int32(t: torch.Tensor) -> bool:
     """Whether every element offset of ``t`` (through its strides) fits the kernels' 32-bit indexing."""
     span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))

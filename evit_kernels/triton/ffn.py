@@ -24,14 +24,11 @@ from evit_kernels.triton.conv_bn_act import (
     _gemm_rows,
     _optional,
     _pixel_coords,
+    dot_size,
 )
 
 MAX_CHANNELS = 512
 """Widest block the kernel holds on chip (the released EfficientViT-M models' widest is 384)."""
-
-
-def padded_channels(channels: int) -> int:
-    return max(16, triton.next_power_of_2(channels))  # tl.dot needs every dimension >= 16
 
 
 def blocks(block_c: int, dtype: torch.dtype) -> dict[str, int]:
@@ -85,7 +82,7 @@ def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torc
     b1_t, has_b1, _ = _optional(b1, w1)
     b2_t, has_b2, _ = _optional(b2, w2)
     residual_t, has_residual, r_strides = _optional(residual, out)
-    block_c = padded_channels(channels)
+    block_c = dot_size(channels)
     sizes = blocks(block_c, x.dtype)
     _ffn_fwd_kernel[(triton.cdiv(n_pixels, sizes["BLOCK_M"]),)](
         x, w1, b1_t, w2, b2_t, residual_t, out, n_pixels, channels, hidden, height, width,

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from evit_kernels.triton.conv_bn_act import _dot_mode, dot_size
+
 _TARGET_PROGRAMS = 512  # about four waves of 132 SMs: split N until (batch·heads·chunks) reaches this
 BLOCK_N = 64
 
@@ -47,10 +49,6 @@ def _heavy_block(d_pad: int, dtype: torch.dtype) -> int:
     return BLOCK_N // 4 if dtype == torch.float32 else BLOCK_N // 2
 
 
-def _padded_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))  # tl.dot needs every dimension >= 16
-
-
 def _chunking(n_tokens: int, programs: int) -> tuple[int, int]:
     """(tokens per chunk, chunks) for ``programs`` (batch·heads) independent reductions over ``n_tokens``."""
     blocks = triton.cdiv(n_tokens, BLOCK_N)
@@ -61,6 +59,7 @@ def _chunking(n_tokens: int, programs: int) -> tuple[int, int]:
 
 @triton.jit
 def _relu(x):
+    # NaN maps to 0 here, where torch.relu keeps it: the NaN-keeping form spills registers in the backward (sm_90).
     return tl.where(x > 0, x, tl.zeros_like(x))
 
 
@@ -308,19 +307,10 @@ def _token_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(3)
 
 
-def _dot_mode(dtype: torch.dtype) -> dict:
-    """How the kv reduction multiplies: fp32 in IEEE precision; fp16 on fp16 tensor cores; bf16 upcast to fp32 on
-    TF32 tensor cores, which is exact for bf16 values (8-bit mantissas fit TF32's 10) and avoids the Triton
-    interpreter's broken bf16 dot, so CI checks the same arithmetic the GPU runs."""
-    if dtype == torch.float32:
-        return {"PRECISION": "ieee", "UPCAST": False}
-    return {"PRECISION": "tf32", "UPCAST": dtype == torch.bfloat16}
-
-
 def _empty_partials(src: torch.Tensor, dim: int, chunks: int) -> torch.Tensor:
     """Scratch for the per-chunk fp32 partial sums of kv and z of every (batch, head) of one source."""
     batch, channels = src.shape[:2]
-    d_pad = _padded_dim(dim)
+    d_pad = dot_size(dim)
     return torch.empty(batch * (channels // (3 * dim)), chunks, d_pad * d_pad + d_pad, device=src.device,
                        dtype=torch.float32)
 
@@ -331,7 +321,7 @@ def _partials(src: torch.Tensor, dim: int, per_chunk: int, chunks: int) -> torch
     partial = _empty_partials(src, dim, chunks)
     _rla_fwd_reduce_kernel[(partial.shape[0], chunks)](
         src, partial, channels // (3 * dim), height * width, per_chunk, chunks, *_token_strides(src),
-        D=dim, D_PAD=_padded_dim(dim), BLOCK_N=BLOCK_N, **_dot_mode(src.dtype))
+        D=dim, D_PAD=dot_size(dim), BLOCK_N=BLOCK_N, **_dot_mode(src.dtype))
     return partial
 
 
@@ -349,7 +339,7 @@ def _attend(src: torch.Tensor, out: torch.Tensor, index: int, dim: int, eps: flo
     partial = _partials(src, dim, per_chunk, chunks)
     _rla_fwd_apply_kernel[(batch * heads, chunks)](
         src, partial, out, heads, index * heads, height * width, per_chunk, chunks, eps,
-        *_token_strides(src), *_token_strides(out), D=dim, D_PAD=_padded_dim(dim), BLOCK_N=BLOCK_N,
+        *_token_strides(src), *_token_strides(out), D=dim, D_PAD=dot_size(dim), BLOCK_N=BLOCK_N,
         PRECISION="ieee")
 
 
@@ -368,7 +358,7 @@ def _aggregated_constexprs(dim: int, dtype: torch.dtype, kernel_size: int) -> di
     """Compile-time parameters of the aggregated-source kernels. They multiply fp32 tiles (the depthwise result
     is never rounded to the input dtype): in IEEE precision for fp32 inputs, on TF32 tensor cores for fp16 and
     bf16 ones, whose 10-bit mantissa holds at least the input's precision."""
-    d_pad = _padded_dim(dim)
+    d_pad = dot_size(dim)
     return dict(D=dim, D_PAD=d_pad, K=kernel_size, BLOCK_N=_heavy_block(d_pad, dtype),
                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
@@ -406,7 +396,7 @@ def backward(sources: list[torch.Tensor], grad_out: torch.Tensor, dim: int, eps:
     """Gradients of every source tensor, each shaped and laid out like its source. kv and z are recomputed
     (one more read of k and v) rather than saved, so training keeps no state between the passes."""
     batch, channels, height, width = sources[0].shape
-    n_tokens, heads, d_pad = height * width, channels // (3 * dim), _padded_dim(dim)
+    n_tokens, heads, d_pad = height * width, channels // (3 * dim), dot_size(dim)
     per_chunk, chunks = _chunking(n_tokens, batch * heads)
     block = _heavy_block(d_pad, sources[0].dtype)
     if not flattenable(grad_out):  # e.g. the stride-0 gradient of y.sum()
@@ -450,7 +440,7 @@ def compile_configs():
     for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
     for dtype, ptr in ((torch.float32, "*fp32"), (torch.float16, "*fp16"), (torch.bfloat16, "*bf16")):
         for dim in (8, 16, 32):
-            plain = {"D": dim, "D_PAD": _padded_dim(dim), "BLOCK_N": BLOCK_N}
+            plain = {"D": dim, "D_PAD": dot_size(dim), "BLOCK_N": BLOCK_N}
             backward = {**plain, "BLOCK_N": _heavy_block(plain["D_PAD"], dtype)}
             configs = [(_rla_fwd_reduce_kernel, {**plain, **_dot_mode(dtype)}),
                        (_rla_fwd_apply_kernel, {**plain, "PRECISION": "ieee"}),
