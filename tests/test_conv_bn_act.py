@@ -15,6 +15,7 @@ from timm.models.efficientvit_msra import ConvNorm, ResidualDrop
 from torch import nn
 
 import evit_kernels
+from evit_kernels.nn import _fold as fold_module_file
 from evit_kernels.nn import conv_bn_act as fused_module_file
 from evit_kernels.nn._base import Unsupported
 from evit_kernels.nn._fold import fold_bn_into
@@ -377,7 +378,7 @@ def test_module_refolds_after_in_place_change(change):
 @torch.no_grad()
 def test_module_folds_once_until_a_source_changes(monkeypatch):
     folds = []
-    monkeypatch.setattr(fused_module_file, "fold_bn_into", lambda *args: folds.append(1) or fold_bn_into(*args))
+    monkeypatch.setattr(fold_module_file, "fold_bn_into", lambda *args: folds.append(1) or fold_bn_into(*args))
     _, fused = make_pair("timm_convnorm_s2")
     fused.eval()
     x = torch.randn(1, 6, 5, 5)

@@ -190,3 +190,25 @@ def test_model_built_under_inference_mode():
                 m.running_mean.add_(0.5)
         after, expected = patched(x), model(x)
     assert rel_err(after, expected) < 1e-4 and rel_err(after, before) > 1e-3
+
+
+def test_fold_bn_after_patch_keeps_every_fused_path(monkeypatch):
+    """fold_bn replaces the BatchNorms of patched modules by nn.Identity: they must still run their fused ops."""
+    from evit_kernels import dispatch
+
+    calls = []
+    call = dispatch.call
+    monkeypatch.setattr(dispatch, "call", lambda op, chosen, *args: calls.append(str(op)) or call(op, chosen, *args))
+    for name in ("efficientvit_m0", "efficientvit_b0"):
+        model = build(name)
+        patched = copy.deepcopy(model)
+        evit_kernels.patch(patched)
+        x = torch.randn(1, 3, 64, 64)
+        with torch.no_grad():
+            calls.clear()
+            patched(x)
+            before = sorted(set(calls))
+            evit_kernels.fold_bn(patched)
+            calls.clear()
+            assert rel_err(patched(x), model(x)) < 1e-4
+        assert sorted(set(calls)) == before, name

@@ -15,6 +15,12 @@ def uses_running_stats(norm: nn.Module | None) -> bool:
             and norm.running_mean is not None)
 
 
+def foldable(norm: nn.Module | None) -> bool:
+    """True when ``norm`` folds away: absent, an ``nn.Identity`` (what :func:`evit_kernels.fold_bn` leaves) or a
+    BatchNorm on its running statistics."""
+    return norm is None or isinstance(norm, nn.Identity) or uses_running_stats(norm)
+
+
 def bn_scale_shift(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, shift)`` with ``bn(x) == x * scale + shift`` per channel in eval mode, in fp32 (fp64 for an
     fp64 BatchNorm)."""
@@ -55,6 +61,18 @@ class FoldCache:
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._value = None
+
+    def fold(self, layers: list[tuple[nn.Module, nn.Module | None]],
+             fold: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
+             ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``[(weight', bias'), ...]`` of each (conv or linear layer, its :func:`foldable` norm) pair, folded by
+        ``fold`` (default :func:`fold_bn_into`) and cached until one of the tensors or epsilons involved changes."""
+        fold = fold or fold_bn_into
+        norms = [norm if isinstance(norm, _BatchNorm) else None for _, norm in layers]
+        sources = [t for (layer, _), norm in zip(layers, norms) for t in (layer.weight, layer.bias) + (
+            () if norm is None else (norm.weight, norm.bias, norm.running_mean, norm.running_var))]
+        return self.get(lambda: [fold(layer.weight, layer.bias, norm) for (layer, _), norm in zip(layers, norms)],
+                        sources, key=tuple(None if norm is None else norm.eps for norm in norms))
 
     def get(self, compute: Callable[[], object], sources: list[torch.Tensor | None], key: tuple = ()) -> object:
         tensors = [t for t in sources if t is not None]

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from evit_kernels.nn._base import FusedModule, Unsupported
-from evit_kernels.nn._fold import FoldCache, fold_bn_into, uses_running_stats
+from evit_kernels.nn._fold import FoldCache, foldable
+from evit_kernels.nn.conv_bn_act import check_conv_norm, conv_and_norm
 from evit_kernels.ops.cascaded_group_attention import (
     attention_bias_index,
     cascade_heads,
@@ -24,15 +25,6 @@ from evit_kernels.ops.cascaded_group_attention import (
 )
 
 TIMM_MODULE = "timm.models.efficientvit_msra"
-
-
-def conv_bn(block: nn.Module) -> tuple[nn.Conv2d, _BatchNorm]:
-    """The conv and BatchNorm of a timm ``ConvNorm`` (``conv``, ``bn``) or Cream ``Conv2d_BN`` (``c``, ``bn``)."""
-    conv = getattr(block, "conv" if hasattr(block, "conv") else "c", None)
-    bn = getattr(block, "bn", None)
-    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, _BatchNorm) or list(block.children()) != [conv, bn]:
-        raise Unsupported(f"expected a Conv2d + BatchNorm block (children conv/c, bn), got {type(block).__name__}")
-    return conv, bn
 
 
 def window_of(attn: nn.Module) -> int:
@@ -75,17 +67,17 @@ class FusedCascadedGroupAttention(FusedModule):
             raise Unsupported(f"expected qkvs and dws ModuleLists of num_heads={h} blocks")
         if not (isinstance(proj, nn.Sequential) and len(proj) == 2 and type(proj[0]) is nn.ReLU):
             raise Unsupported("expected proj = Sequential(ReLU, Conv2d + BatchNorm)")
-        in_chs = conv_bn(qkvs[0])[0].in_channels
+        in_chs = check_conv_norm(qkvs[0], "qkvs[0]")[0].in_channels
         if h > 1 and vd != in_chs:
             raise Unsupported(f"value dim {vd} differs from the per-head input width {in_chs}: the cascade needs both")
         for i in range(h):
-            _expect_conv(conv_bn(qkvs[i])[0], f"qkvs[{i}]", in_chs, 2 * kd + vd, 1, groups=1)
-            dw = conv_bn(dws[i])[0]
+            _expect_conv(check_conv_norm(qkvs[i], f"qkvs[{i}]")[0], f"qkvs[{i}]", in_chs, 2 * kd + vd, 1, groups=1)
+            dw = check_conv_norm(dws[i], f"dws[{i}]")[0]
             ks = dw.kernel_size[0]
             if ks % 2 == 0:
                 raise Unsupported(f"dws[{i}] has an even kernel {dw.kernel_size}; the op pads odd kernels by k//2")
             _expect_conv(dw, f"dws[{i}]", kd, kd, ks, groups=kd)
-        proj_conv = conv_bn(proj[1])[0]
+        proj_conv = check_conv_norm(proj[1], "proj[1]")[0]
         _expect_conv(proj_conv, "proj", h * vd, proj_conv.out_channels, 1, groups=1)
         if tuple(biases.shape) != (h, R * R):
             raise Unsupported(f"attention_biases has shape {tuple(biases.shape)}, expected {(h, R * R)}")
@@ -96,23 +88,17 @@ class FusedCascadedGroupAttention(FusedModule):
         """(conv, bn) of every qkv, then every dw, then the proj block: looked up on each call (SyncBatchNorm
         conversion swaps children), without the structural checks the constructor already made."""
         blocks = [*self.qkvs, *self.dws, self.proj[1]]
-        return [(b._modules.get("conv") or b._modules["c"], b._modules["bn"]) for b in blocks]
+        return [conv_and_norm(b) for b in blocks]
 
     def _foldable(self, pairs: list[tuple[nn.Conv2d, _BatchNorm]]) -> bool:
-        return not self.training and all(uses_running_stats(bn) for _, bn in pairs)
+        return not self.training and all(foldable(bn) for _, bn in pairs)
 
     def _folded(self, pairs: list[tuple[nn.Conv2d, _BatchNorm]]
                 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], Tensor, Tensor]:
         heads = self.num_heads
-
-        def compute():
-            folded = [fold_bn_into(conv.weight, conv.bias, bn) for conv, bn in pairs]
-            qkv, dw, (proj_w, proj_b) = folded[:heads], folded[heads:2 * heads], folded[-1]
-            return ([w for w, _ in qkv], [b for _, b in qkv], [w for w, _ in dw], [b for _, b in dw], proj_w, proj_b)
-
-        sources = [t for conv, bn in pairs
-                   for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)]
-        return self._fold_cache.get(compute, sources, key=tuple(bn.eps for _, bn in pairs))
+        folded = self._fold_cache.fold(pairs)
+        qkv, dw, (proj_w, proj_b) = folded[:heads], folded[heads:2 * heads], folded[-1]
+        return [w for w, _ in qkv], [b for _, b in qkv], [w for w, _ in dw], [b for _, b in dw], proj_w, proj_b
 
     def _fused(self, x: Tensor, window: int, pairs: list[tuple[nn.Conv2d, _BatchNorm]]) -> Tensor:
         qkv_w, qkv_b, dw_w, dw_b, proj_w, proj_b = self._folded(pairs)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from evit_kernels.nn._base import FusedModule, Unsupported
-from evit_kernels.nn._fold import FoldCache, fold_bn_into, uses_running_stats
+from evit_kernels.nn._fold import FoldCache, foldable
 from evit_kernels.nn.conv_bn_act import activation_name
 from evit_kernels.ops.conv_block import conv_block
 
@@ -101,15 +101,11 @@ class FusedConvBlock(FusedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = self._layers()
         norms = [_live(layer, "norm") for layer in layers]
-        if self._dropout_active() or not all(norm is None or uses_running_stats(norm) for norm in norms):
+        if self._dropout_active() or not all(foldable(norm) for norm in norms):
             y = self._modules["main"](x)  # the block's own forward, on its live (maybe patched) layers
             return y + x if self._residual else y
         convs = [layer._modules["conv"] for layer in layers]
-        sources = [t for conv, norm in zip(convs, norms) for t in (conv.weight, conv.bias) + (
-            () if norm is None else (norm.weight, norm.bias, norm.running_mean, norm.running_var))]
-        folded = self._fold_cache.get(
-            lambda: [t for conv, norm in zip(convs, norms) for t in fold_bn_into(conv.weight, conv.bias, norm)],
-            sources, key=tuple(None if norm is None else norm.eps for norm in norms))
+        folded = [t for pair in self._fold_cache.fold(list(zip(convs, norms))) for t in pair]
         if self.kind != "MBConv":  # no expand: the op's first layer is absent
             folded, activations = [None, None, *folded], ("none", *self.activations)
         else:

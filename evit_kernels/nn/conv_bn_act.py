@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from evit_kernels.nn._base import FusedModule, Unsupported
-from evit_kernels.nn._fold import FoldCache, fold_bn_into, uses_running_stats
+from evit_kernels.nn._fold import FoldCache, foldable
 from evit_kernels.ops.conv_bn_act import conv_bn_act
 
 # Role → the child names the four containers use for it, in the order the originals apply them.
@@ -71,16 +71,10 @@ class FusedConvNormAct(FusedModule):
         dropout, conv, norm, act = (self._child(role) for role in _CHILD_NAMES)
         if dropout is not None:
             x = dropout(x)
-        if norm is None:
-            weight, bias = conv.weight, conv.bias
-        elif uses_running_stats(norm):
-            weight, bias = self._fold_cache.get(
-                lambda: fold_bn_into(conv.weight, conv.bias, norm),
-                [conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var],
-                key=(norm.eps,))
-        else:
+        if not foldable(norm):
             x = norm(conv(x))
             return x if act is None else act(x)
+        (weight, bias), = self._fold_cache.fold([(conv, norm)])
         return conv_bn_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
                            self.activation, backend=self.backend)
 
@@ -109,7 +103,7 @@ def check_conv_norm(module: nn.Module | None, role: str) -> tuple[nn.Conv2d, nn.
     conv, norm = conv_and_norm(module)
     if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise Unsupported(f"{role}'s conv {conv!r} is not a plain, explicitly zero-padded nn.Conv2d")
-    if not isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+    if not isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.Identity)):  # Identity: after fold_bn
         raise Unsupported(f"{role}'s norm {type(norm).__qualname__} is not a BatchNorm2d")
     return conv, norm
 
@@ -141,10 +135,8 @@ class FusedResidualConvNorm(FusedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, norm = conv_and_norm(self._modules["m"])
-        if (self.training and getattr(self.original, "drop", 0.0) > 0) or not uses_running_stats(norm):
+        if (self.training and getattr(self.original, "drop", 0.0) > 0) or not foldable(norm):
             return type(self.original).forward(self, x)
-        weight, bias = self._fold_cache.get(
-            lambda: fold_bn_into(conv.weight, conv.bias, norm),
-            [conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var], key=(norm.eps,))
+        (weight, bias), = self._fold_cache.fold([(conv, norm)])
         return conv_bn_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, "none",
                            residual=x, backend=self.backend)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from evit_kernels.nn._base import FusedModule, Unsupported
-from evit_kernels.nn._fold import FoldCache, fold_bn_into, uses_running_stats
+from evit_kernels.nn._fold import FoldCache, foldable
 from evit_kernels.nn.conv_bn_act import check_conv_norm, conv_and_norm
 from evit_kernels.ops.ffn import ffn
 
@@ -57,12 +57,8 @@ class FusedResidualFFN(FusedModule):
         m = self._modules["m"]
         (conv1, norm1), (conv2, norm2) = conv_and_norm(m.pw1), conv_and_norm(m.pw2)
         drop_active = self.training and getattr(self.original, "drop", 0.0) > 0
-        if drop_active or not (uses_running_stats(norm1) and uses_running_stats(norm2)):
+        if drop_active or not (foldable(norm1) and foldable(norm2)):
             # The wrapper's own forward run on this module (it reads the live `m`, `drop` and `training`).
             return type(self.original).forward(self, x)
-        w1, b1, w2, b2 = self._fold_cache.get(
-            lambda: (*fold_bn_into(conv1.weight, conv1.bias, norm1), *fold_bn_into(conv2.weight, conv2.bias, norm2)),
-            [conv1.weight, conv1.bias, conv2.weight, conv2.bias, norm1.weight, norm1.bias, norm1.running_mean,
-             norm1.running_var, norm2.weight, norm2.bias, norm2.running_mean, norm2.running_var],
-            key=(norm1.eps, norm2.eps))
+        (w1, b1), (w2, b2) = self._fold_cache.fold([(conv1, norm1), (conv2, norm2)])
         return ffn(x, w1, b1, w2, b2, residual=x, backend=self.backend)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from evit_kernels.nn._base import FusedModule, Unsupported
-from evit_kernels.nn._fold import FoldCache, fold_bn_before_linear, uses_running_stats
+from evit_kernels.nn._fold import FoldCache, fold_bn_before_linear, foldable
 
 # Role → the child names the two containers use for it, in the order the originals apply them.
 _CHILD_NAMES = {"norm": ("bn",), "dropout": ("drop",), "linear": ("linear", "l")}
@@ -42,11 +42,8 @@ class FusedNormLinear(FusedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm, dropout, linear = (self._child(role) for role in _CHILD_NAMES)
         dropout_active = isinstance(dropout, _DropoutNd) and dropout.training and dropout.p > 0
-        if x.dim() == 2 and uses_running_stats(norm) and not dropout_active:
-            weight, bias = self._fold_cache.get(
-                lambda: fold_bn_before_linear(linear.weight, linear.bias, norm),
-                [linear.weight, linear.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var],
-                key=(norm.eps,))
+        if x.dim() == 2 and foldable(norm) and not dropout_active:
+            (weight, bias), = self._fold_cache.fold([(linear, norm)], fold_bn_before_linear)
             return F.linear(x, weight, bias)
         for child in (norm, dropout):  # the original sequence, less what fold_bn may have replaced by Identity
             if child is not None:
