@@ -128,14 +128,18 @@ def test_opcheck(geometry, dtype):
 def test_gradcheck(geometry, activation):
     (x, weight, bias, residual), conv = make_op_inputs(geometry, torch.float64, requires_grad=True)
     inputs = (x, weight, bias, residual)
-    fn = lambda x, w, b, r: conv_bn_act(x, w, b, activation=activation, residual=r, **conv)
+    pairs = [[conv[name]] * 2 for name in ("stride", "padding", "dilation")]
+    # Through the library op, so that its registered backward (not PyTorch's own autograd) is what is checked.
+    fn = lambda x, w, b, r: torch.ops.evit.conv_bn_act(x, w, b, *pairs, conv["groups"], activation, r, "torch")
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
 def test_gradient_of_stride_zero_grad_output():
     (x, weight, bias, residual), conv = make_op_inputs("depthwise_k5", requires_grad=True)
     assert bias is None
-    conv_bn_act(x, weight, activation="gelu", residual=residual, **conv).sum().backward()
+    pairs = [[conv[name]] * 2 for name in ("stride", "padding", "dilation")]
+    # Through the library op: its registered backward must take the expanded (stride-0) gradient.
+    torch.ops.evit.conv_bn_act(x, weight, None, *pairs, conv["groups"], "gelu", residual, "torch").sum().backward()
     x64, w64, r64 = (t.detach().double().requires_grad_() for t in (x, weight, residual))
     float64_expected(x64, w64, None, r64, "gelu", **conv).sum().backward()
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
