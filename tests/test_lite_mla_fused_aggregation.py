@@ -154,7 +154,7 @@ def kernel_calls(monkeypatch):
 @pytest.mark.parametrize("kind", ["timm", "mit"])
 def test_fused_lite_mla_inference_matches_original(kernel_calls, kind, scales, use_bias, shape):
     """timm (eps 1e-5) and efficientsam (eps 1e-15) LiteMLAs in eval under no_grad take the fused op."""
-    original = build(kind, 8, scales, use_bias=use_bias).eval()
+    original = build(kind, 8, scales, use_bias=use_bias).to(DEVICE).eval()
     fused = FusedLiteMLA(copy.deepcopy(original), backend=REQUEST).eval()
     x = torch.randn(1, CHANNELS, *shape, device=DEVICE)
     with torch.no_grad():
@@ -163,7 +163,7 @@ def test_fused_lite_mla_inference_matches_original(kernel_calls, kind, scales, u
 
 
 def test_fused_lite_mla_takes_the_op_only_without_gradients(kernel_calls):
-    original = build("timm", 8, (5,)).eval()
+    original = build("timm", 8, (5,)).to(DEVICE).eval()
     x = torch.randn(1, CHANNELS, 3, 4, device=DEVICE)
     fused = FusedLiteMLA(copy.deepcopy(original), backend=REQUEST).eval()
     expected = original(x)
@@ -180,6 +180,6 @@ def test_fused_lite_mla_takes_the_op_only_without_gradients(kernel_calls):
 
 
 def test_fused_lite_mla_explicit_request_for_an_unsupported_kernel_size_raises():
-    fused = FusedLiteMLA(build("mit", 8, (7,)), backend=REQUEST).eval()
+    fused = FusedLiteMLA(build("mit", 8, (7,)).to(DEVICE), backend=REQUEST).eval()
     with torch.no_grad(), pytest.raises(dispatch.BackendUnavailable, match="kernel size"):
         fused(torch.randn(1, CHANNELS, 3, 3, device=DEVICE))
