@@ -1,7 +1,11 @@
 """Test setup: `gpu` tests skip without CUDA (the Triton interpreter is set up by the root conftest.py)."""
 
+import dataclasses
+
 import pytest
 import torch
+
+from evit_kernels import dispatch
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -13,6 +17,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def pretend_validated(monkeypatch):
+    """``pretend_validated(op, backend)``: register ``backend`` of ``op`` as validated on a GPU for this test, so
+    that the automatic choice considers it (and must pass over the inputs it refuses)."""
+
+    def mark(op: str, backend: str) -> None:
+        validated = dataclasses.replace(dispatch.get(op, backend), validated_on="test")
+        monkeypatch.setitem(dispatch._REGISTRY[op], backend, validated)
+
+    return mark
 
 
 @pytest.fixture(autouse=True)

@@ -164,13 +164,15 @@ def test_reasons_refuse_value_dim_other_than_channels_over_heads():
     assert "64 input channels ≠ heads·value dim = 1·32" in refused
 
 
-def test_explicit_request_without_a_gpu_raises_and_auto_falls_back():
+def test_explicit_request_without_a_gpu_raises_and_auto_falls_back(pretend_validated):
     if torch.cuda.is_available():
         pytest.skip("checks the behaviour without a GPU")
     args = folded_inputs((64, 4, (5, 5, 5, 5)), 9, 11, 7, torch.float32, "cpu", batch=1)
     with torch.no_grad(), pytest.raises(dispatch.BackendUnavailable, match="backend 'cuda' was requested"):
         cascaded_group_attention(*args, backend="cuda")
+    pretend_validated(OP, "cuda")  # even then, "auto" must pass the cuda backend over here
     with torch.no_grad():
+        assert dispatch.choose(OP, *args).name == "torch"
         torch.testing.assert_close(cascaded_group_attention(*args), cascaded_group_attention_reference(*args))
 
 

@@ -4,8 +4,6 @@ shapes; here, without a GPU, its registration, meta implementation and refusals.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -274,15 +272,14 @@ def test_reasons_refuse_maps_beyond_32_bit_coordinates():
     assert "a map or padding of 2^28 pixels or more" in "; ".join(refused)
 
 
-def test_explicit_request_without_a_gpu_raises_and_auto_falls_back(monkeypatch):
+def test_explicit_request_without_a_gpu_raises_and_auto_falls_back(pretend_validated):
     if torch.cuda.is_available():
         pytest.skip("checks the behaviour without a GPU")
     args = _inputs(1, 4, 6, 5, 3, 1, 1, True, True, "channels_last", torch.float32, device="cpu")
     with pytest.raises(dispatch.BackendUnavailable, match="backend 'cuda' was requested"):
         conv_bn_act(*args, backend="cuda")
     # Even if it were validated, "auto" must pass the cuda backend over here.
-    validated = dataclasses.replace(dispatch.get(OP, "cuda"), validated_on="test")
-    monkeypatch.setitem(dispatch._REGISTRY[OP], "cuda", validated)
+    pretend_validated(OP, "cuda")
     assert dispatch.choose(OP, *args).name != "cuda"
     torch.testing.assert_close(conv_bn_act(*args), conv_bn_act_reference(*args))
 

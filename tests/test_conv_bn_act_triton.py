@@ -4,7 +4,6 @@ through the Triton interpreter on tiny grids; on a GPU also with realistic shape
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import pytest
@@ -173,21 +172,18 @@ UNSUPPORTED = {
 
 
 @pytest.mark.parametrize("name", UNSUPPORTED)
-def test_unsupported_inputs_raise_on_request_and_fall_back_under_auto(name, monkeypatch):
+def test_unsupported_inputs_raise_on_request_and_fall_back_under_auto(name, pretend_validated):
     change, reason = UNSUPPORTED[name]
     args = _conv_args(**change)
     with pytest.raises(dispatch.BackendUnavailable, match=reason):
         conv_bn_act(**args, activation="relu", backend="triton")
-    # Pretend the backend was validated, so that "auto" considers it: it must pass these inputs over.
-    validated = dataclasses.replace(dispatch.get("conv_bn_act", "triton"), validated_on="test")
-    monkeypatch.setitem(dispatch._REGISTRY["conv_bn_act"], "triton", validated)
+    pretend_validated("conv_bn_act", "triton")  # so that "auto" considers it: it must pass these inputs over
     out = conv_bn_act(**args, activation="relu")
     torch.testing.assert_close(out, conv_bn_act(**args, activation="relu", backend="torch"))
 
 
-def test_validated_backend_is_chosen_under_auto_for_supported_inputs(monkeypatch):
-    validated = dataclasses.replace(dispatch.get("conv_bn_act", "triton"), validated_on="test")
-    monkeypatch.setitem(dispatch._REGISTRY["conv_bn_act"], "triton", validated)
+def test_validated_backend_is_chosen_under_auto_for_supported_inputs(pretend_validated):
+    pretend_validated("conv_bn_act", "triton")
     args = _conv_args()
     conv = [args["x"], args["weight"], None, [1, 1], [1, 1], [1, 1], 4, "relu", None]
     assert dispatch.choose("conv_bn_act", *conv).name == "triton"

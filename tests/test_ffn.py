@@ -5,7 +5,6 @@ against a float64 reference (Triton on CPU through the interpreter on tiny grids
 from __future__ import annotations
 
 import copy
-import dataclasses
 import sys
 
 import pytest
@@ -95,21 +94,18 @@ def test_invalid_arguments_raise_clear_errors():
         ffn(x, w1, b1, w2.half(), b2)
 
 
-def test_unsupported_inputs_raise_on_request_and_fall_back_under_auto(monkeypatch):
+def test_unsupported_inputs_raise_on_request_and_fall_back_under_auto(pretend_validated):
     wide = (torch.randn(1, 520, 2, 3, device=DEVICE), torch.randn(8, 520, 1, 1, device=DEVICE), None,
             torch.randn(520, 8, 1, 1, device=DEVICE), None, None)
     double = tuple(None if t is None else t.double() for t in _inputs("c16_nchw", torch.float32))
-    validated = dataclasses.replace(dispatch.get("ffn", "triton"), validated_on="test")
     for args, reason in ((wide, "520 channels"), (double, "float64")):
         with pytest.raises(dispatch.BackendUnavailable, match=reason):
             ffn(*args, backend="triton")
-        # Pretend the backend was validated, so that "auto" considers it: it must pass these inputs over.
-        with monkeypatch.context() as m:
-            m.setitem(dispatch._REGISTRY["ffn"], "triton", validated)
-            torch.testing.assert_close(ffn(*args), ffn_reference(*args))
-    with monkeypatch.context() as m:
-        m.setitem(dispatch._REGISTRY["ffn"], "triton", validated)
-        assert dispatch.choose("ffn", *_inputs("c16_nchw", torch.float32)).name == "triton"
+    pretend_validated("ffn", "triton")  # so that "auto" considers it: it must pass these inputs over
+    for args in (wide, double):
+        assert dispatch.choose("ffn", *args).name == "torch"
+        torch.testing.assert_close(ffn(*args), ffn_reference(*args))
+    assert dispatch.choose("ffn", *_inputs("c16_nchw", torch.float32)).name == "triton"
 
 
 def test_refuses_tensors_beyond_32_bit_indexing():
