@@ -12,8 +12,8 @@ import torch
 from evit_kernels import dispatch
 from evit_kernels.nn.lite_mla import FusedLiteMLA
 from evit_kernels.ops.relu_linear_attention import (
+    choose_aggregated,
     relu_linear_attention_aggregated,
-    relu_linear_attention_aggregated_backend,
     relu_linear_attention_aggregated_reference,
 )
 from evit_kernels.triton import relu_linear_attention as kernels
@@ -127,7 +127,7 @@ def test_unsupported_inputs_raise_on_request_and_fall_back_under_auto(change, re
     with pytest.raises(dispatch.BackendUnavailable, match=reason):
         relu_linear_attention_aggregated(**args, dim=8, eps=1e-5, backend="triton")
     pretend_validated("relu_linear_attention_aggregated", "triton")  # "auto" considers it, must pass these over
-    assert relu_linear_attention_aggregated_backend(**args, dim=8, eps=1e-5) == "torch"
+    assert choose_aggregated(**args, dim=8, eps=1e-5)[0].name == "torch"
     assert torch.isfinite(relu_linear_attention_aggregated(**args, dim=8, eps=1e-5)).all()
 
 

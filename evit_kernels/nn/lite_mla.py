@@ -8,11 +8,7 @@ from torch import Tensor, nn
 
 from evit_kernels.nn._base import FusedModule, Unsupported
 from evit_kernels.ops.multiscale_aggregation import multiscale_aggregation
-from evit_kernels.ops.relu_linear_attention import (
-    relu_linear_attention,
-    relu_linear_attention_aggregated,
-    relu_linear_attention_aggregated_backend,
-)
+from evit_kernels.ops.relu_linear_attention import choose_aggregated, relu_linear_attention, run_aggregated
 
 _REQUIRED_ATTRIBUTES = ("qkv", "aggreg", "kernel_func", "proj", "dim", "eps")
 
@@ -49,8 +45,9 @@ class FusedLiteMLA(FusedModule):
             args = (qkv, [dw.weight for dw in dws], [dw.bias for dw in dws], [pw.weight for pw in pws],
                     [pw.bias for pw in pws], self.dim, self.eps)
             # The fused op's reference backend is this same composition: take the op only for a kernel.
-            if relu_linear_attention_aggregated_backend(*args, backend=self.backend) != "torch":
-                return self.proj(relu_linear_attention_aggregated(*args, backend=self.backend))
+            chosen, op_args = choose_aggregated(*args, backend=self.backend)
+            if chosen.name != "torch":
+                return self.proj(run_aggregated(chosen, op_args))
         aggregated = [multiscale_aggregation(qkv, dw.weight, dw.bias, pw.weight, pw.bias, pw.groups,
                                              backend=self.backend)
                       for dw, pw in self.aggreg]
