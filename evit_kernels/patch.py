@@ -36,7 +36,7 @@ class Rule:
     """Swap instances of ``class_name`` defined in one of ``modules`` and holding ``attributes``.
 
     ``modules`` None means Cream-style code, which users copy into their own files: any defining module outside
-    :data:`PACKAGED`. ``patch_inside`` False leaves the replacement's children alone (it computes them itself).
+    :data:`PACKAGED`. Whether the replacement's children are patched too is its own ``patch_inside``.
     ``accepts`` tells apart instances of one class that hold different blocks (a residual wrapper around an FFN
     or around a depthwise conv): a module it rejects is simply not this rule's, and goes unreported.
     """
@@ -46,7 +46,6 @@ class Rule:
     modules: tuple[str, ...] | None
     attributes: tuple[str, ...]
     replacement: type[FusedModule]
-    patch_inside: bool = True
     accepts: Callable[[nn.Module], bool] = lambda module: True
 
     def defined_here(self, module: nn.Module) -> bool:
@@ -65,9 +64,8 @@ RULES: tuple[Rule, ...] = (
          FusedLocalWindowAttention),
     Rule("Cream", "LocalWindowAttention", None, ("attn", "resolution", "window_resolution"),
          FusedLocalWindowAttention),
-    Rule("timm", "CascadedGroupAttention", (TIMM_MSRA,), (*_CGA, "val_dim"), FusedCascadedGroupAttention,
-         patch_inside=False),
-    Rule("Cream", "CascadedGroupAttention", None, (*_CGA, "d"), FusedCascadedGroupAttention, patch_inside=False),
+    Rule("timm", "CascadedGroupAttention", (TIMM_MSRA,), (*_CGA, "val_dim"), FusedCascadedGroupAttention),
+    Rule("Cream", "CascadedGroupAttention", None, (*_CGA, "d"), FusedCascadedGroupAttention),
     Rule("timm", "ResidualDrop", (TIMM_MSRA,), ("m", "drop"), FusedResidualFFN,
          accepts=lambda module: type(module.m).__name__ == "ConvMlp"),
     Rule("Cream", "Residual", None, ("m",), FusedResidualFFN, accepts=lambda module: type(module.m).__name__ == "FFN"),
@@ -167,10 +165,9 @@ def _patch_children(parent: nn.Module, prefix: str, report: PatchReport) -> None
             report.skipped.append((path, f"{type(child).__name__}: {exc}"))
             _patch_children(child, path + ".", report)
             continue
-        fused.patch_inside = rule.patch_inside
         parent._modules[name] = fused
         report.swapped.append((path, f"{type(child).__module__}.{type(child).__name__}", type(fused).__name__))
-        if rule.patch_inside:
+        if fused.patch_inside:
             _patch_children(fused, path + ".", report)
 
 

@@ -44,6 +44,8 @@ class FusedCascadedGroupAttention(FusedModule):
     eval mode (BatchNorm folded into the convs, cached until a parameter or statistic changes) and through the
     original children otherwise (BatchNorm batch statistics and running-stat updates as in the original)."""
 
+    patch_inside = False  # it folds and computes its ConvNorm children itself
+
     def __init__(self, original: nn.Module, backend: str = "auto"):
         super().__init__(original, backend)
         try:
