@@ -58,3 +58,20 @@ def assert_same_gradients(got: dict[str, torch.Tensor], expected: dict[str, torc
         scale = max(ref.abs().max().item(), floor)
         err = (got[name].double() - ref.double()).abs().max().item()
         assert err <= rtol * scale, f"{name}: error {err:.3e} > {rtol} x {scale:.3e}"
+
+
+def randomize_bn(module: nn.Module, eps: float | None = None) -> nn.Module:
+    """Random running statistics and affine parameters (signs included) for every BatchNorm in ``module``: a
+    fresh BatchNorm hides folding mistakes. ``eps`` also sets each one's epsilon."""
+    with torch.no_grad():
+        for bn in module.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                if bn.running_mean is not None:
+                    bn.running_mean.normal_()
+                    bn.running_var.uniform_(0.5, 2.0)
+                if bn.affine:
+                    bn.weight.normal_()
+                    bn.bias.normal_()
+                if eps is not None:
+                    bn.eps = eps
+    return module

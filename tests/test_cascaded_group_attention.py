@@ -22,6 +22,7 @@ from evit_kernels.ops.cascaded_group_attention import (
     window_partition,
 )
 from tests import cream_style
+from tests.models import randomize_bn
 
 MODELS = [f"efficientvit_m{i}" for i in range(6)]
 # Map sizes per stage (at 224 px the stages see 14×14, 7×7 and 4×4): the native size and one needing padding.
@@ -43,13 +44,9 @@ def released_mixer(name: str, stage: int) -> nn.Module:
 
 def randomise(module: nn.Module) -> nn.Module:
     """Non-trivial BN statistics, BN affine and position biases (defaults would hide folding/bias bugs)."""
+    randomize_bn(module)
     with torch.no_grad():
         for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1, 0.3)
-                m.bias.normal_(0, 0.3)
             if isinstance(m, CGA_TYPES):
                 m.attention_biases.normal_()
     return module

@@ -20,6 +20,7 @@ from evit_kernels.ops.cascaded_group_attention import (
     window_attention_reference,
 )
 from tests.cga_configs import CONFIGS, cast, folded_inputs
+from tests.models import randomize_bn
 from tests.numerics import max_err, ulp
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,14 +174,8 @@ def test_whole_map_op_triton_backend_raises_or_falls_back(pretend_validated):
 def _randomised_m0_mixer() -> nn.Module:
     """timm efficientvit_m0's first LocalWindowAttention (4 heads, kd 16, vd 16, window 7), with non-trivial
     BatchNorm statistics and position biases."""
-    lwa = timm.create_model("efficientvit_m0", pretrained=False).stages[0].blocks[0].mixer.m
+    lwa = randomize_bn(timm.create_model("efficientvit_m0", pretrained=False).stages[0].blocks[0].mixer.m)
     with torch.no_grad():
-        for m in lwa.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1, 0.3)
-                m.bias.normal_(0, 0.3)
         lwa.attn.attention_biases.normal_()
     return lwa.to(DEVICE)
 

@@ -22,6 +22,7 @@ from evit_kernels.nn._fold import fold_bn_into
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct, FusedResidualConvNorm, activation_name
 from evit_kernels.ops.conv_bn_act import ACTIVATIONS, conv_bn_act
 from tests.cream_style import Conv2d_BN, Residual
+from tests.models import randomize_bn
 from tests.numerics import assert_same_grads_and_buffers
 
 # ---------------------------------------------------------------------------------------------------- the op
@@ -214,22 +215,6 @@ ORIGINALS = {
     "cream_conv2d_bn": lambda: Conv2d_BN(6, 8, 1),
     "cream_conv2d_bn_dw_s2": lambda: Conv2d_BN(8, 8, 3, 2, 1, groups=8),
 }
-
-
-def randomize_bn(module, eps=None):
-    """Random running statistics and affine parameters (a fresh BatchNorm hides folding mistakes)."""
-    with torch.no_grad():
-        for bn in module.modules():
-            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-                if bn.running_mean is not None:
-                    bn.running_mean.normal_()
-                    bn.running_var.uniform_(0.5, 2.0)
-                if bn.affine:
-                    bn.weight.normal_()
-                    bn.bias.normal_()
-                if eps is not None:
-                    bn.eps = eps
-    return module
 
 
 def make_pair(name, **bn_options):

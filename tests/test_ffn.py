@@ -21,6 +21,7 @@ from evit_kernels.nn.conv_bn_act import FusedConvNormAct
 from evit_kernels.nn.ffn import FusedResidualFFN
 from evit_kernels.ops.ffn import ffn, ffn_reference
 from tests.cream_style import FFN, Residual
+from tests.models import randomize_bn
 from tests.numerics import assert_same_grads_and_buffers, in_layout, max_err, ulp
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -123,15 +124,6 @@ def _cream_block(channels=16):
     return Residual(FFN(channels, 2 * channels))
 
 
-def _randomise_bn(module: nn.Module) -> None:
-    """A fresh BatchNorm (and pw2's zero-initialised weight) would hide folding mistakes."""
-    with torch.no_grad():
-        for bn in module.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.5, 2.0)
-                bn.weight.normal_(), bn.bias.normal_()
-
-
 @pytest.mark.parametrize("patch_children", [False, True], ids=["plain", "children_patched"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -139,7 +131,7 @@ def _randomise_bn(module: nn.Module) -> None:
 @torch.no_grad()
 def test_module_matches_original_in_eval(build, layout, backend, patch_children):
     original = build().to(DEVICE)
-    _randomise_bn(original)
+    randomize_bn(original)
     original.eval()
     block = copy.deepcopy(original)
     if patch_children:  # what patch() does to pw1 / pw2 before or after wrapping them
@@ -157,7 +149,7 @@ def test_module_matches_original_in_training(build, drop, monkeypatch):
     monkeypatch.setattr(fused_module_file, "ffn", lambda *args, **kwargs: pytest.fail("op called"))
     original = build().to(DEVICE)
     original.drop = drop
-    _randomise_bn(original)
+    randomize_bn(original)
     original.train()
     fused = FusedResidualFFN(copy.deepcopy(original)).train()
     x = torch.randn(4, 16, 3, 5, device=DEVICE)
@@ -174,7 +166,7 @@ def test_module_matches_original_in_training(build, drop, monkeypatch):
 def test_frozen_batchnorm_with_active_drop_runs_the_original():
     original = _timm_block().to(DEVICE)
     original.drop = 0.5
-    _randomise_bn(original)
+    randomize_bn(original)
     original.train()
     for bn in original.modules():  # frozen BatchNorms (fine-tuning): foldable, but the drop still applies
         if isinstance(bn, nn.BatchNorm2d):
@@ -208,7 +200,7 @@ def _with(module: nn.Module, path: str, child: nn.Module) -> nn.Module:
 
 def test_patched_efficientvit_m0_matches_unpatched():
     model = timm.create_model("efficientvit_m0", num_classes=10).to(DEVICE)
-    _randomise_bn(model)
+    randomize_bn(model)
     model.eval()
     patched = copy.deepcopy(model)
     report = evit_kernels.patch(patched)

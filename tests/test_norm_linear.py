@@ -13,6 +13,7 @@ from evit_kernels.nn._base import Unsupported
 from evit_kernels.nn._fold import fold_bn_before_linear
 from evit_kernels.nn.norm_linear import FusedNormLinear
 from tests.cream_style import BN_Linear
+from tests.models import randomize_bn
 from tests.numerics import assert_same_grads_and_buffers
 
 ORIGINALS = {
@@ -21,18 +22,6 @@ ORIGINALS = {
     "cream_bn_linear": lambda: BN_Linear(12, 7),
     "cream_bn_linear_no_bias": lambda: BN_Linear(12, 7, bias=False),
 }
-
-
-def randomize_bn(bn):
-    """Random running statistics and affine parameters (a fresh BatchNorm hides folding mistakes)."""
-    with torch.no_grad():
-        if bn.running_mean is not None:
-            bn.running_mean.normal_()
-            bn.running_var.uniform_(0.5, 2.0)
-        if bn.affine:
-            bn.weight.normal_()
-            bn.bias.normal_()
-    return bn
 
 
 def randomize(module):
