@@ -75,3 +75,11 @@ def randomize_bn(module: nn.Module, eps: float | None = None) -> nn.Module:
                 if eps is not None:
                     bn.eps = eps
     return module
+
+
+def with_child(module: nn.Module, path: str, child: nn.Module) -> nn.Module:
+    """``module`` with the submodule at dotted ``path`` replaced by ``child`` (to build a configuration a rule or
+    module must refuse)."""
+    parent_path, _, name = path.rpartition(".")
+    setattr(module.get_submodule(parent_path), name, child)
+    return module

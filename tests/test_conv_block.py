@@ -27,6 +27,7 @@ from evit_kernels.nn.conv_bn_act import FusedConvNormAct
 from evit_kernels.ops.conv_block import _whole_block_config, conv_block
 from evit_kernels.ops.conv_bn_act import ACTIVATIONS
 from evit_kernels.triton import conv_block as kernels
+from tests.models import with_child
 from tests.numerics import assert_same_grads_and_buffers, in_layout, max_err, ulp
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -307,22 +308,16 @@ def test_folded_weights_follow_parameter_updates():
         torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
 
 
-def _with(module: nn.Module, path: str, child: nn.Module) -> nn.Module:
-    parent_path, _, name = path.rpartition(".")
-    setattr(module.get_submodule(parent_path), name, child)
-    return module
-
-
 @pytest.mark.parametrize("build, reason", [
     (lambda: timm_mit.ResidualBlock(timm_mit.MBConv(16, 16), nn.Conv2d(16, 16, 1)), "not an identity"),
     (lambda: timm_mit.ResidualBlock(timm_mit.MBConv(16, 16), nn.Identity(), nn.BatchNorm2d(16)), "pre_norm"),
     (lambda: mit_han_lab.ResidualBlock(mit_han_lab.MBConv(16, 16), mit_han_lab.IdentityLayer(), post_act="relu"),
      "post_act"),
-    (lambda: _with(_timm_mbconv(), "main.depth_conv.norm", nn.GroupNorm(1, 64)), "BatchNorm2d"),
-    (lambda: _with(_timm_mbconv(), "main.depth_conv.act", nn.Tanh()), "activation"),
-    (lambda: _with(_timm_mbconv(), "main.inverted_conv.conv", nn.Conv2d(16, 64, 3, padding=1)), "1×1"),
-    (lambda: _with(_timm_dsconv(), "main.depth_conv.conv", nn.Conv2d(16, 16, 3, padding=1, groups=4)), "groups 4"),
-    (lambda: _with(_timm_mbconv(), "main.extra", nn.ReLU()), "children"),
+    (lambda: with_child(_timm_mbconv(), "main.depth_conv.norm", nn.GroupNorm(1, 64)), "BatchNorm2d"),
+    (lambda: with_child(_timm_mbconv(), "main.depth_conv.act", nn.Tanh()), "activation"),
+    (lambda: with_child(_timm_mbconv(), "main.inverted_conv.conv", nn.Conv2d(16, 64, 3, padding=1)), "1×1"),
+    (lambda: with_child(_timm_dsconv(), "main.depth_conv.conv", nn.Conv2d(16, 16, 3, padding=1, groups=4)), "groups 4"),
+    (lambda: with_child(_timm_mbconv(), "main.extra", nn.ReLU()), "children"),
 ])
 def test_refuses_what_it_cannot_compute(build, reason):
     with pytest.raises(Unsupported, match=reason):

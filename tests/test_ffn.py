@@ -21,7 +21,7 @@ from evit_kernels.nn.conv_bn_act import FusedConvNormAct
 from evit_kernels.nn.ffn import FusedResidualFFN
 from evit_kernels.ops.ffn import ffn, ffn_reference
 from tests.cream_style import FFN, Residual
-from tests.models import randomize_bn
+from tests.models import randomize_bn, with_child
 from tests.numerics import assert_same_grads_and_buffers, in_layout, max_err, ulp
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -182,20 +182,14 @@ def test_frozen_batchnorm_with_active_drop_runs_the_original():
 @pytest.mark.parametrize("build, reason", [
     (lambda: ResidualDrop(ConvNorm(16, 16, 3, 1, 1, groups=16)), "not a feed-forward block"),
     (lambda: ResidualDrop(nn.Sequential(ConvMlp(16, 32))), "not a feed-forward block"),
-    (lambda: _with(_timm_block(), "m.act", nn.Hardswish()), "not nn.ReLU"),
-    (lambda: _with(_timm_block(), "m.pw1.conv", nn.Conv2d(16, 32, 3, padding=1, bias=False)), "1×1"),
-    (lambda: _with(_cream_block(), "m.pw2.bn", nn.GroupNorm(1, 16)), "BatchNorm2d"),
-    (lambda: _with(_cream_block(), "m.pw2", _cream_block(32).m.pw1), "do not form"),
+    (lambda: with_child(_timm_block(), "m.act", nn.Hardswish()), "not nn.ReLU"),
+    (lambda: with_child(_timm_block(), "m.pw1.conv", nn.Conv2d(16, 32, 3, padding=1, bias=False)), "1×1"),
+    (lambda: with_child(_cream_block(), "m.pw2.bn", nn.GroupNorm(1, 16)), "BatchNorm2d"),
+    (lambda: with_child(_cream_block(), "m.pw2", _cream_block(32).m.pw1), "do not form"),
 ], ids=["depthwise", "sequential", "hardswish", "conv3x3", "groupnorm", "widths"])
 def test_refuses_what_it_cannot_compute(build, reason):
     with pytest.raises(Unsupported, match=reason):
         FusedResidualFFN(build())
-
-
-def _with(module: nn.Module, path: str, child: nn.Module) -> nn.Module:
-    parent_path, name = path.rsplit(".", 1)
-    setattr(module.get_submodule(parent_path), name, child)
-    return module
 
 
 def test_patched_efficientvit_m0_matches_unpatched():
