@@ -198,8 +198,8 @@ def test_opcheck(dtype, num_aggregated):
 
 def test_torch_compile_fullgraph_forward_and_backward():
     groups = [g.requires_grad_() for g in make_groups(1, heads=2, dim=8, shape=(3, 5))]
-    compiled = torch.compile(lambda q, a: relu_linear_attention(q, [a], 8, 1e-5), backend="aot_eager",
-                             fullgraph=True)
+    # The library op itself, so that the graph holds it (fake implementation and registered backward).
+    compiled = torch.compile(lambda q, a: attention_op([q, a], 8, 1e-5), backend="aot_eager", fullgraph=True)
     out = compiled(*groups)
     out.sum().backward()
     torch.testing.assert_close(out, attention(groups, 8, 1e-5))
@@ -218,6 +218,10 @@ def test_autocast_casts_inputs_but_not_the_fp32_accumulation():
     assert out.dtype == torch.bfloat16
     expected_grads = _gradients([g.bfloat16() for g in groups], 8, 1e-5, attention, lambda y: y.sum())
     torch.testing.assert_close(out, attention([g.bfloat16() for g in groups], 8, 1e-5), rtol=0, atol=0)
+    # fp32 accumulation: within bf16 output rounding of the exact result on the bf16-rounded inputs.
+    error, bound = _rounding_bound(out, padded_v_attention([g.bfloat16().double() for g in groups], 8, 1e-5),
+                                   2.0 ** -8)
+    assert (error <= bound).all(), f"max error {error.max().item()}"
     for g, e in zip(groups, expected_grads):
         torch.testing.assert_close(g.grad, e.float(), rtol=0, atol=0)
 
