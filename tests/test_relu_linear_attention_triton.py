@@ -131,3 +131,12 @@ def test_realistic_shapes_on_gpu(batch, heads, dim, height, width, dtype):
     assert max_err(got, expected) <= 2 * max_err(out, expected) + ulp(expected, dtype)
     for g, eager, ref in zip(got_grads, grads, exact_grads):
         assert max_err(g, ref) <= 2 * max_err(eager, ref) + ulp(ref, dtype)
+
+
+def test_refuses_head_dims_it_does_not_compile_and_tensors_beyond_32_bit_indexing():
+    qkv = torch.zeros(1, 1, 1, 1).expand(2**14, 48, 2**9, 2**9)  # 2^41 elements, no memory
+    refused = dispatch.get("relu_linear_attention", "triton").not_supported_reasons(qkv, [], 16, 1e-5)
+    assert any("2^31" in r for r in refused)
+    small = torch.randn(1, 36, 2, 2)
+    refused = dispatch.get("relu_linear_attention", "triton").not_supported_reasons(small, [], 12, 1e-5)
+    assert any("head dim 12" in r for r in refused)

@@ -141,7 +141,8 @@ def _window_triton_forward(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, re
 
 def _window_triton_reasons(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, resolution: int,
                            scale: float) -> list[str]:
-    from evit_kernels.triton.cascaded_group_attention import MAX_RESOLUTION, span
+    from evit_kernels.triton.cascaded_group_attention import MAX_RESOLUTION
+    from evit_kernels.triton.conv_bn_act import span
 
     reasons = dispatch.device_reasons("triton", q)
     if q.dtype not in dispatch.KERNEL_DTYPES or bias_row.dtype not in dispatch.KERNEL_DTYPES:

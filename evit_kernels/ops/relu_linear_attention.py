@@ -126,20 +126,18 @@ def _triton_forward(qkv: Tensor, aggregated: list[Tensor], dim: int, eps: float)
     return kernels.forward([qkv, *aggregated], dim, eps)
 
 
-_TRITON_MAX_DIM = 32  # the head dims whose kernels CI compiles for sm_90 (every released model: 8, 16, 32)
-
-
 def _triton_reasons(qkv: Tensor, aggregated: list[Tensor], dim: int, eps: float) -> list[str]:
-    from evit_kernels.triton.relu_linear_attention import flattenable
+    from evit_kernels.triton.conv_bn_act import fits_int32
+    from evit_kernels.triton.relu_linear_attention import HEAD_DIMS, flattenable
 
     reasons = dispatch.kernel_reasons("triton", qkv)
-    if dim > _TRITON_MAX_DIM:
-        reasons.append(f"head dim {dim} > {_TRITON_MAX_DIM}")
+    if dim not in HEAD_DIMS:
+        reasons.append(f"head dim {dim} (the Triton kernels take {HEAD_DIMS})")
     if not all(flattenable(t) for t in (qkv, *aggregated)):
         reasons.append("an input's (H, W) strides cannot be walked as one token index (make it contiguous or "
                        "channels_last)")
-    if max(t.numel() for t in (qkv, *aggregated)) >= 2**31:
-        reasons.append("a tensor of 2^31 elements or more (the kernels index with 32 bits)")
+    if not all(fits_int32(t) for t in (qkv, *aggregated)) or qkv.numel() // 3 * (1 + len(aggregated)) >= 2**31:
+        reasons.append("an input or the output spans 2^31 elements or more (the kernels index with 32 bits)")
     return reasons
 
 
@@ -220,15 +218,14 @@ def _triton_aggregated_forward(qkv: Tensor, dw_weights: list[Tensor], dw_biases:
 def _triton_aggregated_reasons(qkv: Tensor, dw_weights: list[Tensor], dw_biases: list[Tensor | None],
                                pw_weights: list[Tensor], pw_biases: list[Tensor | None], dim: int,
                                eps: float) -> list[str]:
-    from evit_kernels.triton.conv_bn_act import fits_int32
     from evit_kernels.triton.relu_linear_attention import AGGREGATION_KERNEL_SIZES
 
-    reasons = _triton_reasons(qkv, [], dim, eps)  # device, dtype, head dim, walkable strides
+    reasons = _triton_reasons(qkv, [], dim, eps)  # device, dtype, head dim, walkable strides, 32-bit qkv
     sizes = sorted({w.shape[-1] for w in dw_weights} - set(AGGREGATION_KERNEL_SIZES))
     if sizes:
         reasons.append(f"depthwise kernel size(s) {sizes} (the Triton kernels take {AGGREGATION_KERNEL_SIZES})")
-    if not fits_int32(qkv) or qkv.numel() // 3 * (1 + len(dw_weights)) >= 2**31:
-        reasons.append("qkv or the output spans 2^31 elements or more (the kernels index with 32 bits)")
+    if qkv.numel() // 3 * (1 + len(dw_weights)) >= 2**31:
+        reasons.append("the output has 2^31 elements or more (the kernels index with 32 bits)")
     return reasons
 
 

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from evit_kernels.triton.conv_bn_act import span
+
 BLOCK_D = 16  # channel chunk: tl.dot's minimum size; released key/value dims are multiples of it
 MAX_RESOLUTION = 8  # N = R² ≤ 64: the N×N fp32 tiles of the backward stay in registers on sm_90
 _BINS = 16  # |Δy| and |Δx| take values < R_PAD ≤ 8; padded to tl.dot's minimum
@@ -178,11 +180,6 @@ def _dot_mode(dtype: torch.dtype) -> dict:
     fp32 accumulation (P and dS are rounded to fp16 for the products, as eager rounds them); bf16: upcast to
     fp32 with TF32 products, exact for bf16 values."""
     return {"DOT_FP16": dtype == torch.float16, "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
-
-
-def span(t: torch.Tensor) -> int:
-    """How many elements ``t`` spans in memory from its first one: every offset the kernels form is below it."""
-    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:

@@ -32,10 +32,14 @@ def dot_size(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def span(t: torch.Tensor) -> int:
+    """How many elements ``t`` spans in memory from its first one: every offset the kernels form is below it."""
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
 def fits_int32(t: torch.Tensor) -> bool:
     """Whether every element offset of ``t`` (through its strides) fits the kernels' 32-bit indexing."""
-    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return t.numel() < 2**31 and span < 2**31
+    return t.numel() < 2**31 and span(t) < 2**31
 
 
 @triton.jit

@@ -351,6 +351,8 @@ def forward(sources: list[torch.Tensor], dim: int, eps: float) -> torch.Tensor:
     return out
 
 
+HEAD_DIMS = (8, 16, 32)
+"""The head dims the kernels take: every released model's, and the ones CI compiles for sm_90."""
 AGGREGATION_KERNEL_SIZES = (3, 5)
 
 
@@ -439,7 +441,7 @@ def compile_configs():
     """Every (kernel, signature, constexprs) the launchers above can request: CI compiles each one ahead of time
     for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
     for dtype, ptr in ((torch.float32, "*fp32"), (torch.float16, "*fp16"), (torch.bfloat16, "*bf16")):
-        for dim in (8, 16, 32):
+        for dim in HEAD_DIMS:
             plain = {"D": dim, "D_PAD": dot_size(dim), "BLOCK_N": BLOCK_N}
             backward = {**plain, "BLOCK_N": _heavy_block(plain["D_PAD"], dtype)}
             configs = [(_rla_fwd_reduce_kernel, {**plain, **_dot_mode(dtype)}),
