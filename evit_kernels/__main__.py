@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
                          help="default bf16 on a GPU, fp32 on CPU")
     p_bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p_bench.add_argument("--compile-mode", default="default",
-                         help="torch.compile mode (default, max-autotune, ...); 'none' skips torch.compile")
+                         help="torch.compile mode (default, max-autotune, ...)")
     p_bench.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p_bench.add_argument("--warmup", type=int, default=3)
     p_bench.add_argument("--iters", type=int, default=10)
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     res = tuple(args.res) if args.res else ((512, 512) if args.model.startswith("efficientvit-sam") else (224, 224))
-    compile_mode = None if args.no_compile or args.compile_mode == "none" else args.compile_mode
+    compile_mode = None if args.no_compile else args.compile_mode
     report = bench.run(args.model, args.batch, res, dtype, device, compile_mode, args.warmup, args.iters)
     print(bench.format_report(report))
     if args.json:
