@@ -69,3 +69,20 @@ class FusedModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, replaces={type(self.original).__module__}.{type(self.original).__qualname__}"
+
+
+class FusedResidual(FusedModule):
+    """Base of the drop-ins for ``x + m(x)`` wrappers (timm ``ResidualDrop``, Cream ``Residual``): where the fused
+    path cannot serve, they run the wrapper's own forward on themselves, which reads ``m``, ``training`` and
+    timm's ``drop``."""
+
+    @property
+    def drop(self) -> float:
+        """The original's stochastic-depth rate (timm ``ResidualDrop``), read live for its forward."""
+        return self.original.drop
+
+    def _run_original(self, x):
+        return type(self.original).forward(self, x)
+
+    def _stochastic_depth_active(self) -> bool:
+        return self.training and getattr(self.original, "drop", 0.0) > 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from evit_kernels.nn._base import FusedModule, Unsupported
+from evit_kernels.nn._base import FusedModule, FusedResidual, Unsupported
 from evit_kernels.nn._fold import FoldCache, foldable
 from evit_kernels.ops.conv_bn_act import conv_bn_act
 
@@ -108,7 +108,7 @@ def check_conv_norm(module: nn.Module | None, role: str) -> tuple[nn.Conv2d, nn.
     return conv, norm
 
 
-class FusedResidualConvNorm(FusedModule):
+class FusedResidualConvNorm(FusedResidual):
     """Drop-in for ``x + m(x)`` where ``m`` is a ConvNorm / Conv2d_BN that keeps the shape (the depthwise 3×3 of
     EfficientViT-M blocks).
 
@@ -128,15 +128,10 @@ class FusedResidualConvNorm(FusedModule):
             raise Unsupported(f"m's conv {conv!r} does not keep the input's shape, so x + m(x) is not defined")
         self._fold_cache = FoldCache()
 
-    @property
-    def drop(self) -> float:
-        """The original's stochastic-depth rate (timm ``ResidualDrop``), read live for its forward."""
-        return self.original.drop
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, norm = conv_and_norm(self._modules["m"])
-        if (self.training and getattr(self.original, "drop", 0.0) > 0) or not foldable(norm):
-            return type(self.original).forward(self, x)
+        if self._stochastic_depth_active() or not foldable(norm):
+            return self._run_original(x)
         (weight, bias), = self._fold_cache.fold([(conv, norm)])
         return conv_bn_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, "none",
                            residual=x, backend=self.backend)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from evit_kernels.nn._base import FusedModule, Unsupported
+from evit_kernels.nn._base import FusedResidual, Unsupported
 from evit_kernels.nn._fold import FoldCache, foldable
 from evit_kernels.nn.conv_bn_act import check_conv_norm, conv_and_norm
 from evit_kernels.ops.ffn import ffn
@@ -22,7 +22,7 @@ def _check_pointwise(module: nn.Module | None, role: str) -> None:
         raise Unsupported(f"{role}'s conv {conv!r} is not a plain 1×1 nn.Conv2d (stride 1, no padding, groups 1)")
 
 
-class FusedResidualFFN(FusedModule):
+class FusedResidualFFN(FusedResidual):
     """Drop-in for ``x + m(x)`` where ``m`` is a 1×1 ConvNorm C→hidden, nn.ReLU, 1×1 ConvNorm hidden→C.
 
     Both BatchNorms on running statistics and no active stochastic depth (eval, or ``drop`` 0): one op call
@@ -48,17 +48,10 @@ class FusedResidualFFN(FusedModule):
                               f"{conv2.in_channels}→{conv2.out_channels} do not form a C→hidden→C block")
         self._fold_cache = FoldCache()
 
-    @property
-    def drop(self) -> float:
-        """The original's stochastic-depth rate (timm ``ResidualDrop``), read live for its forward."""
-        return self.original.drop
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self._modules["m"]
         (conv1, norm1), (conv2, norm2) = conv_and_norm(m.pw1), conv_and_norm(m.pw2)
-        drop_active = self.training and getattr(self.original, "drop", 0.0) > 0
-        if drop_active or not (foldable(norm1) and foldable(norm2)):
-            # The wrapper's own forward run on this module (it reads the live `m`, `drop` and `training`).
-            return type(self.original).forward(self, x)
+        if self._stochastic_depth_active() or not (foldable(norm1) and foldable(norm2)):
+            return self._run_original(x)
         (w1, b1), (w2, b2) = self._fold_cache.fold([(conv1, norm1), (conv2, norm2)])
         return ffn(x, w1, b1, w2, b2, residual=x, backend=self.backend)
