@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 MODEL ?= efficientvit_b1
 
-.PHONY: setup demo test lint gpu-pass
+.PHONY: setup demo test test-fast test-numerics lint gpu-pass
 
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,17 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q --benchmark-disable
+
+# The edit loop: everything but the tests marked slow (whole models, subprocesses, sm_90 compiles), stop at the first failure.
+test-fast: setup
+	$(PY) -m pytest -q --benchmark-disable -m "not slow" -x
+
+# The tests that compare against eager's own error, again with other thread counts and CPU kernels (ATen picks
+# its kernels by CPU capability): their verdict must not depend on the machine.
+test-numerics: setup
+	for setting in "OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=default" "OMP_NUM_THREADS=2 ATEN_CPU_CAPABILITY=avx2"; do \
+		echo "numerics with $$setting"; env $$setting $(PY) -m pytest -q --benchmark-disable -m numerics || exit 1; \
+	done
 
 lint: setup
 	$(PY) -m ruff check evit_kernels tests benchmarks python setup.py

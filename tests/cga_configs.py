@@ -38,5 +38,12 @@ def folded_inputs(config, H, W, window, dtype, device, batch=2, requires_grad=Fa
             KEY_DIM, window)
 
 
+def whole_map_terms(config, window):
+    """The longest chain of sums behind one output of the whole-map op: the qkv conv, the depthwise on q, the
+    scores, softmax and value sums over the window's tokens, and the projection."""
+    channels, heads, kernels = config
+    return channels // heads + max(kernels) ** 2 + KEY_DIM + 2 * window**2 + channels
+
+
 def cast(args, dtype):
     return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.detach().to(dtype), args)

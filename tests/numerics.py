@@ -1,19 +1,34 @@
 """What the kernel tests share: the error measures (flash-attention's criterion: a kernel's error is at most
-about twice eager PyTorch's own error in the same dtype) and the input layouts kernels must read."""
+about twice eager PyTorch's own error in the same dtype, above a floor that no machine's rounding can cross) and
+the input layouts kernels must read."""
 
 import torch
 
 
 def max_err(got: torch.Tensor, expected: torch.Tensor) -> float:
-    """Largest absolute difference, computed in float64."""
+    """Largest absolute difference, computed in float64 (NaN when either side has one, which fails any bound)."""
     return (got.double() - expected.double()).abs().max().item()
 
 
-def ulp(expected: torch.Tensor, dtype: torch.dtype) -> float:
-    """One unit in the last place of ``dtype`` at the largest magnitude: the floor of the 2x-eager criterion, for
-    cases where eager happens to round exactly (the Triton interpreter also truncates when it narrows to bf16,
-    where a GPU rounds to nearest)."""
-    return torch.finfo(dtype).eps * expected.abs().max().item()
+def rounding_floor(expected: torch.Tensor, dtype: torch.dtype, terms: int) -> float:
+    """The error a correct kernel may have however eager happens to round, at the reference's largest magnitude
+    ``m``: one unit in the last place of the output ``dtype`` (eager may round exactly where the kernel does not;
+    the Triton interpreter truncates where a GPU rounds to nearest) plus ``4·sqrt(terms)`` float32 ulps for the
+    fp32 accumulation, ``terms`` being the length of the longest chain of sums behind one output element (e.g.
+    tokens + head dim for attention, C_in·k² for a conv). It depends on the shapes only, never on the machine's
+    reduction order or thread count; see docs/validation.md."""
+    m = expected.abs().max().item()
+    return (torch.finfo(dtype).eps + 4 * terms**0.5 * torch.finfo(torch.float32).eps) * m
+
+
+def assert_within_twice_eager(got: torch.Tensor, eager: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
+                              terms: int, what: str = "output") -> None:
+    """flash-attention's criterion: the kernel's error against the float64 ``expected`` is at most twice eager
+    PyTorch's own error in the same ``dtype``, plus :func:`rounding_floor`. NaN never passes."""
+    error, eager_error = max_err(got, expected), max_err(eager, expected)
+    floor = rounding_floor(expected, dtype, terms)
+    assert error <= 2 * eager_error + floor, (f"{what}: error {error:.3g} > 2 x eager's {eager_error:.3g} "
+                                              f"+ floor {floor:.3g} ({dtype}, {terms} terms)")
 
 
 def assert_same_grads_and_buffers(original: torch.nn.Module, fused: torch.nn.Module) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from evit_kernels import _extension, dispatch
 from evit_kernels.ops.conv_bn_act import ACTIVATIONS, conv_bn_act, conv_bn_act_reference, conv_output_shape
-from tests.numerics import in_layout, max_err, poison_next_allocation, ulp
+from tests.numerics import assert_within_twice_eager, in_layout, poison_next_allocation
 
 needs_extension = pytest.mark.skipif(_extension.load_error() is not None,
                                      reason=f"evit_kernels._C is not built: {_extension.load_error()}")
@@ -75,7 +75,7 @@ def _check_against_float64(args, activation):
     assert out.data_ptr() == poisoned, "the output did not reuse the NaN-poisoned block"
     assert out.dtype == dtype and out.shape == eager.shape and out.stride() == eager.stride()
     assert torch.isfinite(out).all()
-    assert max_err(out, expected) <= 2 * max_err(eager, expected) + ulp(expected, dtype)
+    assert_within_twice_eager(out, eager, expected, dtype, args[1][0].numel())
 
 
 @pytest.fixture
@@ -86,6 +86,7 @@ def ieee_eager(monkeypatch):
 
 # --- on a GPU ------------------------------------------------------------------------------------------------
 
+@pytest.mark.numerics
 @pytest.mark.gpu
 @needs_extension
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -98,6 +99,7 @@ def test_within_twice_eager_error(ieee_eager, k, stride, activation, dtype, layo
     _check_against_float64(_inputs(2, 40, 13, 11, k, stride, k // 2, True, True, layout, dtype), activation)
 
 
+@pytest.mark.numerics
 @pytest.mark.gpu
 @needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
