@@ -33,12 +33,27 @@ def test_extension_was_built_and_imports():
     assert torch.ops.evit.cuda_build_version() >= 11000
 
 
-def test_extension_state_is_explained():
-    report = _extension.load_error()
-    if report is None:
+def test_extension_state_is_consistent():
+    if _extension.load_error() is None:
         assert _extension.built_archs(), "a loaded extension must report the archs it was built for"
     else:
-        assert _extension.built_archs() == [] and len(report) > 10
+        assert _extension.built_archs() == []
+
+
+@pytest.mark.parametrize("failure, explained", [
+    ("No module named 'evit_kernels._C'", "not built (install with a CUDA build of torch and nvcc; see the README)"),
+    ("_C.so: undefined symbol: _ZN3c104cuda", "_C.so: undefined symbol: _ZN3c104cuda"),  # built for another torch
+])
+def test_missing_extension_is_explained(monkeypatch, failure, explained):
+    def fail(name):
+        raise ImportError(failure)
+
+    monkeypatch.setattr(_extension, "_ERROR", None)
+    monkeypatch.setattr(_extension, "_MODULE", None)
+    monkeypatch.setattr(_extension.importlib, "import_module", fail)
+    _extension._load()
+    assert _extension.load_error() == explained
+    assert _extension.built_archs() == []
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc on PATH")
@@ -65,14 +80,24 @@ def test_skip_switch_gives_a_pure_python_install(tmp_path):
     assert not [n for n in names if n.endswith(".so")]
 
 
-def test_skip_reason_names_the_cause(monkeypatch):
+def test_skip_reason_names_the_cause(monkeypatch, tmp_path):
+    """Each cause in turn, whatever this machine has: the switch, a CPU-only torch, no toolkit, a toolkit."""
     setup = _setup_module()
     monkeypatch.setattr(os, "environ", dict(os.environ))  # the check exports CUDA_HOME / TORCH_CUDA_ARCH_LIST
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     monkeypatch.setenv("EVIT_SKIP_CUDA_BUILD", "1")
-    assert "EVIT_SKIP_CUDA_BUILD" in setup.cuda_skip_reason()
+    assert setup.cuda_skip_reason() == "EVIT_SKIP_CUDA_BUILD is set"
     monkeypatch.delenv("EVIT_SKIP_CUDA_BUILD")
-    reason = setup.cuda_skip_reason()
-    if torch.version.cuda is None:
-        assert "CPU-only" in reason
-    elif shutil.which("nvcc") or os.environ.get("CUDA_HOME"):
-        assert reason is None and os.environ["TORCH_CUDA_ARCH_LIST"]
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert setup.cuda_skip_reason() == f"torch {torch.__version__} is a CPU-only build"
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(setup, "find_cuda_home", lambda: None)
+    assert setup.cuda_skip_reason() == "no CUDA toolkit found (no nvcc on PATH and CUDA_HOME unset)"
+    monkeypatch.setattr(setup, "find_cuda_home", lambda: str(tmp_path))
+    assert setup.cuda_skip_reason() == "no CUDA toolkit found (no nvcc on PATH and CUDA_HOME unset)"  # no bin/nvcc
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").touch()
+    assert setup.cuda_skip_reason() is None
+    assert os.environ["CUDA_HOME"] == str(tmp_path)
+    gpu = torch.cuda.is_available() and "{}.{}".format(*torch.cuda.get_device_capability())
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == (gpu or "8.0;9.0")
