@@ -1,6 +1,7 @@
 """A small EfficientViT in the style of microsoft/Cream's ``EfficientViT/classification/model/efficientvit.py``.
 
-Written for the tests from SPEC.md §2: the same class names, child names and attributes as Cream's code (which
+Written for the tests from docs/ops.md ("Cascaded group attention and window attention", "ffn", "norm_linear"):
+the same class names, child names and attributes as Cream's code (which
 patch rules recognise), and the same behaviour where it differs from timm:
 - ``Conv2d_BN`` names its children ``c``/``bn``; ``BN_Linear`` ``bn``/``l``; the value dim is ``d``;
 - ``CascadedGroupAttention`` scales after ``qᵀk``, keeps ``attention_bias_idxs`` as a persistent buffer, and in

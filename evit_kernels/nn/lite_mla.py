@@ -1,5 +1,6 @@
 """``FusedLiteMLA``: LiteMLA (timm ``efficientvit_mit.LiteMLA``, mit-han-lab / efficientsam ``LiteMLA``) running
-its multi-scale aggregation and ReLU linear attention through the evit ops (SPEC.md §1.1)."""
+its multi-scale aggregation and ReLU linear attention through the evit ops (docs/ops.md, "ReLU linear
+attention")."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """``evit::cascaded_group_attention``: MSRA EfficientViT's cascaded group attention over local windows.
 
 Inference form (every BatchNorm folded into the conv before it) of timm's ``LocalWindowAttention`` /
-``CascadedGroupAttention`` and their Cream counterparts (SPEC.md §2.1). The map is zero padded bottom/right
+``CascadedGroupAttention`` and their Cream counterparts (docs/ops.md, "Cascaded group attention and window
+attention"). The map is zero padded bottom/right
 to a multiple of the window and split into windows; padded tokens are not masked, as in the original. Per
 window, head i reads the previous head's output plus its own input chunk (the cascade), so heads run in order.
 

@@ -4,7 +4,8 @@
     d   = act2(conv2d(h, w2, b2, stride, padding, groups))   depthwise (groups = width) or full (groups = 1)
     out = act3(conv1x1(d, w3, b3)) + residual
 
-MBConv is expand → depthwise → project, DSConv depthwise → project, FusedMBConv full k×k → project (SPEC.md §1.2).
+MBConv is expand → depthwise → project, DSConv depthwise → project, FusedMBConv full k×k → project
+(docs/ops.md, "conv_block").
 The Triton backend keeps ``h`` and ``d`` on chip (whole-block fusion) where its tiles hold the shape, and otherwise
 runs the block layer by layer through ``evit::conv_bn_act``'s kernels (per-layer fusion), saying so once.
 """

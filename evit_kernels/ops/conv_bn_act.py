@@ -1,5 +1,5 @@
 """``evit::conv_bn_act``: ``act(conv2d(x, weight, bias)) + residual``, the inference form of a conv + BatchNorm +
-activation block once the BatchNorm is folded into ``weight`` and ``bias`` (SPEC.md §1.2, §2.2)."""
+activation block once the BatchNorm is folded into ``weight`` and ``bias`` (docs/ops.md, "conv_bn_act")."""
 
 from __future__ import annotations
 

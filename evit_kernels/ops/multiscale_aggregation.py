@@ -1,6 +1,6 @@
 """``evit::multiscale_aggregation``: one scale of LiteMLA's multi-scale token aggregation, a depthwise k×k conv
 (zero padding k//2) followed by a grouped 1×1 conv with one d×d matrix per q/k/v block of each head
-(SPEC.md §1.1 step 2)."""
+(docs/ops.md, "Multi-scale aggregation and the aggregated form")."""
 
 from __future__ import annotations
 

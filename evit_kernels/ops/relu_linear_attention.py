@@ -1,7 +1,8 @@
 """``evit::relu_linear_attention``: LiteMLA's ReLU linear attention over the qkv map and its multi-scale
-aggregations (SPEC.md §1.1 steps 3–6), with an explicit backward; and
+aggregations (docs/ops.md, "ReLU linear attention"), with an explicit backward; and
 ``evit::relu_linear_attention_aggregated``, the same attention taking the aggregation weights instead of the
-aggregated maps (steps 2–6), so that a kernel can compute the aggregated q, k, v on the fly (inference).
+aggregated maps (docs/ops.md, "Multi-scale aggregation and the aggregated form"), so that a kernel can compute
+the aggregated q, k, v on the fly (inference).
 
 Per (batch, head) with q = relu(q), k = relu(k), v as is, over the N = H·W tokens:
 ``kv = Σ_n k_n v_nᵀ`` (d×d), ``z = Σ_n k_n`` (d), ``out_n = kvᵀ q_n / (z·q_n + eps)``.

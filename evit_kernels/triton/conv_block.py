@@ -7,7 +7,8 @@
 in one pass. A program owns a tile of output pixels × a block of output channels and walks the hidden channels
 (the expanded width) in chunks of BLOCK_H: each chunk of ``d`` is produced on chip in fp32 and consumed at once by
 ``acc += d · w3_chunkᵀ``, so neither the expanded tensor nor the spatial conv's output (4–6× the block's input in
-MBConv, PERF.md §1) ever reaches memory. How a chunk of ``d`` is produced is the constexpr ``SPATIAL``:
+MBConv, docs/performance.md, "Minimum traffic") ever reaches memory. How a chunk of ``d`` is produced is the
+constexpr ``SPATIAL``:
 
 - "expand_depthwise" (MBConv): the expand GEMM runs on the program's input *slots*, the input pixels its output
   tile reads (whole images for small maps, else a band of rows plus the depthwise halo), into an fp32 register

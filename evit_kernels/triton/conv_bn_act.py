@@ -5,7 +5,8 @@ conv stacks: the depthwise k×k conv (k = 3, 5, 7; stride 1 or 2) and the 1×1 c
 
 in one pass: the conv accumulates in fp32, and bias, activation and residual are applied to the fp32
 accumulator before the single rounding to the output dtype, so the per-layer intermediates eager writes and
-re-reads (PERF.md §1) never leave the chip. Every tensor is read in place through its four strides (NCHW,
+re-reads (docs/performance.md, "Why the workload is memory bound") never leave the chip. Every tensor is read in
+place through its four strides (NCHW,
 channels_last or any other layout) and the output is written through the strides of the tensor the caller
 allocates, so the op keeps its single layout rule. Offsets are 32-bit: callers check :func:`fits_int32`.
 

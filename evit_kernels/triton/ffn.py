@@ -5,7 +5,8 @@
 in one pass. Each program owns a tile of BLOCK_M pixels × all C output channels and walks the hidden dimension in
 chunks of BLOCK_H: the chunk h = relu(X·W1_chunkᵀ + b1_chunk) is computed in fp32 and immediately consumed by
 acc += h·W2_chunkᵀ, so the (B, hidden, H, W) activation that eager writes and re-reads (twice the block's input
-size, PERF.md §1) never leaves the chip. The first GEMM walks C_in in BLOCK_K slices (x re-reads hit L1/L2) so
+size, docs/performance.md, "Minimum traffic") never leaves the chip. The first GEMM walks C_in in BLOCK_K slices
+(x re-reads hit L1/L2) so
 that registers stay bounded for wide blocks. Tensors are read and written through their four strides (NCHW,
 channels_last or any other layout); offsets are 32-bit, which callers check with ``fits_int32``.
 """
