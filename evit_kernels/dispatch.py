@@ -26,7 +26,8 @@ from evit_kernels import _extension
 log = logging.getLogger("evit_kernels")
 
 PREFERENCE = ("cuda", "triton", "torch")
-"""Backend names, fastest first."""
+"""Backend names in order of preference: a kernel before the reference, and the hand-written CUDA kernel before
+the Triton one. An order, not a measurement: no kernel has been timed on a GPU yet (docs/performance.md)."""
 CHOICES = ("auto", "experimental", *PREFERENCE)
 """What a backend request may say: a backend's name, or how to choose one."""
 
