@@ -12,10 +12,11 @@ each kernel where it takes the inputs, the reference elsewhere).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,7 @@ class Backend:
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
 _LOGGED: set[tuple[str, str]] = set()
+_RECORDINGS: list[list[tuple[str, str]]] = []
 
 
 def register(op: str, backend: Backend) -> None:
@@ -198,9 +200,26 @@ def call(library_op: Callable[..., Any], chosen: Backend, *args: Any) -> Any:
     and torch.compile see through it (the compiler can fuse it), and no custom-op call is paid per layer. A
     kernel runs through its ``torch.library`` op (``library_op``, which takes the backend name last), so
     torch.compile and export see one node with its fake implementation and autograd."""
+    if _RECORDINGS:
+        for runs in _RECORDINGS:
+            runs.append((str(library_op).rpartition(".")[2], chosen.name))
     if chosen.name == "torch":
         return chosen.forward(*args)
     return library_op(*args, chosen.name)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[tuple[str, str]]]:
+    """Record, as (op, backend) pairs in call order, which backend runs each evit op called inside the block: e.g.
+    to check that a patched model runs the kernels and not the reference, or that a fused module took its fused
+    path (its fallback to the original layers gives the same numbers). Code compiled by torch.compile before the
+    block does not re-enter Python and is not recorded."""
+    runs: list[tuple[str, str]] = []
+    _RECORDINGS.append(runs)
+    try:
+        yield runs
+    finally:
+        _RECORDINGS.remove(runs)
 
 
 def log_once(op: str, message: str) -> None:

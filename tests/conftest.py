@@ -31,6 +31,15 @@ def pretend_validated(monkeypatch):
     return mark
 
 
+@pytest.fixture
+def op_runs():
+    """The evit ops the code under test runs, as (op, backend) pairs in order (:func:`dispatch.recording`). A fused
+    module that falls back to its original layers gives the same numbers, so tests of a fused path check here
+    that it was taken."""
+    with dispatch.recording() as runs:
+        yield runs
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

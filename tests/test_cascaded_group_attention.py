@@ -250,12 +250,13 @@ def _compare_train(original: nn.Module, fused: nn.Module, x: torch.Tensor, tol: 
 @pytest.mark.parametrize("name,stage,hw", [("efficientvit_m0", 0, (9, 11)), ("efficientvit_m1", 1, (7, 7)),
                                            ("efficientvit_m2", 2, (2, 3)), ("efficientvit_m3", 0, (14, 14)),
                                            ("efficientvit_m4", 2, (4, 4)), ("efficientvit_m5", 1, (8, 8))])
-def test_timm_module_eval_and_train(name, stage, hw):
+def test_timm_module_eval_and_train(name, stage, hw, op_runs):
     original = released_mixer(name, stage)
     fused = fuse(copy.deepcopy(original))
     x = torch.randn(2, original.dim, *hw)
     with torch.no_grad():
         assert_rel_close(fused.eval()(x), original.eval()(x), 1e-5)
+    assert op_runs[0] == ("cascaded_group_attention", "torch")  # the folded whole-map op, not the original
     _compare_train(original, fused, x)
 
 
@@ -301,7 +302,7 @@ def test_state_dict_keys_unchanged():
     assert "attn.attention_bias_idxs" in want  # Cream's index is persistent, timm's is not
 
 
-def test_fold_cache_refolds_on_in_place_change():
+def test_fold_cache_refolds_on_in_place_change(op_runs):
     original = released_mixer("efficientvit_m0", 1).eval()
     fused = fuse(copy.deepcopy(original)).eval()
     x = torch.randn(1, original.dim, 7, 7)
@@ -316,6 +317,7 @@ def test_fold_cache_refolds_on_in_place_change():
         original.attn.attention_biases.add_(0.5)
         original.eval()  # timm caches the gathered biases in eval; train()/eval() clears that cache
         assert_rel_close(fused(x), original(x), 1e-5)
+    assert [op for op, _ in op_runs].count("cascaded_group_attention") == 3
 
 
 def test_unsupported_configurations():

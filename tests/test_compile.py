@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import evit_kernels
+from evit_kernels.nn._base import FusedModule
 from tests.models import build, rel_err
 
 pytestmark = pytest.mark.slow
@@ -25,3 +26,27 @@ def test_compiled_patched_model_has_no_graph_break(name):
         expected = model(x)
         assert rel_err(compiled(x), expected) < 1e-4
         assert rel_err(compiled(x + 0.5), model(x + 0.5)) < 1e-4  # cached fold + second call
+
+
+def test_compiled_kernels_are_graph_nodes():
+    """With the kernels chosen ("experimental": no kernel is validated yet, so "auto" runs the reference as plain
+    ops), each fused op is one node of one graph, traced through its fake implementation, and the numbers stay."""
+    torch._dynamo.reset()
+    model = build("efficientvit_m0")
+    patched = copy.deepcopy(model)
+    evit_kernels.patch(patched)
+    for module in patched.modules():
+        if isinstance(module, FusedModule):
+            module.backend = "experimental"
+    nodes = []
+
+    def backend(gm, example_inputs):
+        nodes.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    compiled = torch.compile(patched, backend=backend, fullgraph=True)
+    x = torch.randn(1, 3, 32, 32)  # the kernels run through the interpreter on CPU: the fewest pixels
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x)) < 1e-4
+    assert nodes.count("evit.ffn") == 16, nodes  # one node per residual feed-forward block
+    assert nodes.count("evit.cascaded_group_attention") == 6, nodes  # one per attention mixer (depths 1, 2, 3)

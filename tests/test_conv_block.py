@@ -161,9 +161,15 @@ def test_wide_maps_fall_back_to_per_layer_kernels(poisoned_empty, caplog, monkey
     x, w1, _, w2, _, w3, _ = args
     assert _whole_block_config(x, w1, w2, [1, 1], [1, 1], w2.shape[0], w3)[0] is None
     monkeypatch.setattr(dispatch, "_LOGGED", set())  # the message is logged once per process
+    layer_kernel = dispatch.get("conv_bn_act", "triton")
+    layers = []
+    monkeypatch.setitem(dispatch._REGISTRY["conv_bn_act"], "triton", dataclasses.replace(
+        layer_kernel, forward=lambda x, weight, *rest: layers.append(weight.shape) or layer_kernel.forward(
+            x, weight, *rest)))
     with caplog.at_level(logging.INFO, logger="evit_kernels"):
         out = conv_block(*args, **kwargs, backend="triton")
     assert "layer by layer" in caplog.text
+    assert layers == [w1.shape, w2.shape, w3.shape]  # expand, depthwise and project, each on its Triton kernel
     expected = conv_block(*_double(args, kwargs)[0], **_double(args, kwargs)[1], backend="torch")
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -269,7 +275,7 @@ BUILDERS = {"timm_mbconv": _timm_mbconv, "timm_mbconv_downsample": lambda: _timm
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("name", BUILDERS)
 @torch.no_grad()
-def test_module_matches_original_in_eval(name, backend, patch_children):
+def test_module_matches_original_in_eval(name, backend, patch_children, op_runs):
     original = BUILDERS[name]().to(DEVICE)
     randomize_untrained_state(original)
     original.eval()
@@ -280,6 +286,7 @@ def test_module_matches_original_in_eval(name, backend, patch_children):
     fused = FusedConvBlock(block, backend=backend).eval()
     x = in_layout(torch.randn(2, 16, 7, 5, device=DEVICE), "channels_last")
     torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
+    assert op_runs == [("conv_block", backend)]
     assert fused.state_dict().keys() == original.state_dict().keys()
 
 
@@ -301,7 +308,7 @@ def test_module_matches_original_in_training(name, monkeypatch):
     assert_same_grads_and_buffers(original, fused)
 
 
-def test_folded_weights_follow_parameter_updates():
+def test_folded_weights_follow_parameter_updates(op_runs):
     original = _timm_mbconv().to(DEVICE)
     randomize_untrained_state(original)
     fused = FusedConvBlock(copy.deepcopy(original)).eval()
@@ -313,6 +320,7 @@ def test_folded_weights_follow_parameter_updates():
             module.main.point_conv.norm.running_mean.add_(0.5)
             module.main.inverted_conv.conv.weight.mul_(1.5)
         torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
+    assert [op for op, _ in op_runs] == ["conv_block", "conv_block"]
 
 
 @pytest.mark.parametrize("build, reason", [

@@ -238,11 +238,11 @@ def batchnorm(module):
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """Counts the module's calls into the op (to tell the folded path from the original sequence)."""
+    """The module's calls into the op, as (args, kwargs) (to tell the folded path from the original sequence)."""
     calls = []
 
     def spy(*args, **kwargs):
-        calls.append(args)
+        calls.append((args, kwargs))
         return conv_bn_act(*args, **kwargs)
 
     monkeypatch.setattr(fused_module_file, "conv_bn_act", spy)
@@ -522,7 +522,9 @@ def test_residual_module_eval_adds_the_residual_in_the_op(name, backend, patch_c
     fused = FusedResidualConvNorm(block, backend=backend).eval()
     x = torch.randn(2, 8, 5, 7).contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
-    assert len(op_calls) == 1 and op_calls[0][0] is x  # one call, the input itself as the residual
+    assert len(op_calls) == 1
+    args, kwargs = op_calls[0]
+    assert args[0] is x and kwargs["residual"] is x  # one call, the input itself as the residual
     assert fused.state_dict().keys() == original.state_dict().keys()
 
 

@@ -131,7 +131,7 @@ def _cream_block(channels=16):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("build", [_timm_block, _cream_block], ids=["timm", "cream"])
 @torch.no_grad()
-def test_module_matches_original_in_eval(build, layout, backend, patch_children):
+def test_module_matches_original_in_eval(build, layout, backend, patch_children, op_runs):
     original = build().to(DEVICE)
     randomize_bn(original)
     original.eval()
@@ -141,6 +141,7 @@ def test_module_matches_original_in_eval(build, layout, backend, patch_children)
     fused = FusedResidualFFN(block, backend=backend).eval()
     x = in_layout(torch.randn(2, 16, 5, 3, device=DEVICE), layout)
     torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
+    assert op_runs == [("ffn", backend)]
     assert fused.state_dict().keys() == original.state_dict().keys()
 
 
@@ -194,7 +195,7 @@ def test_refuses_what_it_cannot_compute(build, reason):
         FusedResidualFFN(build())
 
 
-def test_patched_efficientvit_m0_matches_unpatched():
+def test_patched_efficientvit_m0_matches_unpatched(op_runs):
     model = timm.create_model("efficientvit_m0", num_classes=10).to(DEVICE)
     randomize_bn(model)
     model.eval()
@@ -208,6 +209,7 @@ def test_patched_efficientvit_m0_matches_unpatched():
     x = torch.randn(1, 3, 64, 64, device=DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(patched(x), model(x), rtol=1e-4, atol=1e-4)
+    assert op_runs.count(("ffn", "triton")) == 16
     assert patched.state_dict().keys() == model.state_dict().keys()
     evit_kernels.unpatch(patched)
     assert not any(isinstance(m, FusedResidualFFN) for m in patched.modules())
