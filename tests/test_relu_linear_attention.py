@@ -188,12 +188,15 @@ def test_fp16_backward_finite_and_accurate_with_large_activations():
         assert (error <= bound).all(), f"max error {error.max().item()}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+# The dynamic-shape AOT check traces the same fake implementation and backward whatever the dtype: one dtype runs it.
+@pytest.mark.parametrize("dtype, aot_check", [(torch.float64, "test_aot_dispatch_dynamic"),
+                                              (torch.float32, "test_aot_dispatch_static")])
 @pytest.mark.parametrize("num_aggregated", [0, 2])
-def test_opcheck(dtype, num_aggregated):
+def test_opcheck(dtype, aot_check, num_aggregated):
     qkv, *aggregated = [g.requires_grad_() for g in make_groups(num_aggregated, heads=2, dim=4, shape=(3, 5),
                                                                 dtype=dtype)]
-    torch.library.opcheck(torch.ops.evit.relu_linear_attention.default, (qkv, aggregated, 4, 1e-5, "torch"))
+    torch.library.opcheck(torch.ops.evit.relu_linear_attention.default, (qkv, aggregated, 4, 1e-5, "torch"),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor", aot_check))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
