@@ -17,12 +17,15 @@ from evit_kernels.bench import build_model
 
 from .common import DEVICE, DTYPE, ON_GPU, use_kernels
 
-MODELS = ["efficientvit_b1", "efficientvit_b3", "efficientvit_l1", "efficientvit_l2", "efficientvit_m4"] if ON_GPU \
-    else ["efficientvit_b0", "efficientvit_m0"]
-BATCHES = [1, 64, 256] if ON_GPU else [1]
 RES = 224 if ON_GPU else 32  # on CPU the kernels run through the interpreter: the fewest pixels every stage takes
-VARIANTS = ["eager", "compile", "compile-max-autotune", "patched", "kernels", "kernels+compile"] if ON_GPU \
-    else ["eager", "patched", "kernels"]
+if ON_GPU:
+    CASES = [(name, batch, variant)
+             for name in ("efficientvit_b1", "efficientvit_b3", "efficientvit_l1", "efficientvit_l2", "efficientvit_m4")
+             for batch in (1, 64, 256)
+             for variant in ("eager", "compile", "compile-max-autotune", "patched", "kernels", "kernels+compile")]
+else:  # a smoke run of each code path; m0 on the kernels is tests/test_compile.py's (one interpreter run each)
+    CASES = [("efficientvit_b0", 1, variant) for variant in ("eager", "patched", "kernels")] + \
+            [("efficientvit_m0", 1, variant) for variant in ("eager", "patched")]
 
 
 def _variant(model: torch.nn.Module, variant: str) -> torch.nn.Module:
@@ -38,9 +41,7 @@ def _variant(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name, batch, variant", CASES)
 def test_model_inference(measure, name, batch, variant):
     model = build_model(name).to(DEVICE, DTYPE)
     x = torch.randn(batch, 3, RES, RES, device=DEVICE, dtype=DTYPE)
