@@ -132,6 +132,18 @@ def requested(op: str, backend: str = "auto") -> str:
     return choice
 
 
+def check_request(request: object) -> str:
+    """``request`` itself if it is a backend request this module understands ("auto", "experimental", a backend
+    name, or "op=backend, ..."), else a TypeError or ValueError that says what is accepted."""
+    if not isinstance(request, str):
+        raise TypeError(f"backend must be a string ({', '.join(CHOICES)}, or 'op=backend, ...'), got {request!r}")
+    if "=" in request:
+        _per_op(request)
+    else:
+        _check_choice(request)
+    return request
+
+
 def _check_choice(choice: str) -> None:
     if choice not in CHOICES:
         raise ValueError(f"unknown backend {choice!r}; expected one of {CHOICES}")
@@ -220,6 +232,18 @@ def recording() -> Iterator[list[tuple[str, str]]]:
         yield runs
     finally:
         _RECORDINGS.remove(runs)
+
+
+def differentiable_backward(op: str, backend: str) -> bool:
+    """Whether a backward of ``op`` that ran forward on ``backend`` must be differentiable itself: under
+    ``create_graph=True`` (gradient penalties, higher-order gradients) grad mode is on inside the backward, and a
+    kernel's gradients would carry no graph, so the second-order terms would silently be zero. The backward then
+    runs the reference, made of differentiable PyTorch ops, and says so once."""
+    if backend == "torch" or not torch.is_grad_enabled():
+        return False
+    log_once(op, f"{op}: create_graph=True: the backward runs the differentiable reference instead of the "
+                 f"{backend} kernel")
+    return True
 
 
 def log_once(op: str, message: str) -> None:

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from timm.models.efficientvit_mit import ConvNormAct
 
 from evit_kernels import dispatch
+from evit_kernels.nn.conv_bn_act import FusedConvNormAct
 from evit_kernels.ops.relu_linear_attention import relu_linear_attention
 
 
@@ -65,3 +67,20 @@ def test_per_op_request_tolerates_spaces(monkeypatch):
     monkeypatch.setenv("EVIT_BACKEND", " conv_bn_act = torch , ffn=triton")
     assert dispatch.requested("conv_bn_act") == "torch"
     assert dispatch.requested("ffn") == "triton"
+
+
+@pytest.mark.parametrize("request_, error, message", [
+    (None, TypeError, "backend must be a string"),
+    ("fast", ValueError, "unknown backend 'fast'"),
+    ("conv_bn_act=fast", ValueError, "unknown backend 'fast'"),
+    ("convbnact=torch", ValueError, "unknown op 'convbnact'"),
+])
+def test_a_fused_module_checks_its_backend_when_set(request_, error, message):
+    module = FusedConvNormAct(ConvNormAct(8, 8, 3))
+    with pytest.raises(error, match=message):
+        FusedConvNormAct(ConvNormAct(8, 8, 3), backend=request_)
+    with pytest.raises(error, match=message):
+        module.backend = request_
+    assert module.backend == "auto"
+    module.backend = "conv_bn_act=torch"
+    assert module.backend == "conv_bn_act=torch"

@@ -213,3 +213,17 @@ def test_fold_bn_after_patch_keeps_every_fused_path(name, fused_ops, op_runs):
         assert rel_err(patched(x), model(x)) < 1e-4
     assert fused_ops <= set(before)
     assert Counter(op for op, _ in op_runs) == before
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", ["efficientvit_b0", "efficientvit_l1", "efficientvit_m0", "efficientvit-sam-l0"])
+def test_meta_tensors_run_through_every_fused_module(name, mode):
+    """Shape inference and deferred initialisation run models on meta tensors: a patched model must too. (Cream's
+    own eval forward cannot: the bias table it caches stays on the CPU.)"""
+    model = build(name)
+    patched = copy.deepcopy(model)
+    evit_kernels.patch(patched)
+    x = torch.empty(2, 3, *input_sizes(name)[0], device="meta")
+    outputs = [getattr(m, mode)().to("meta")(x) for m in (model, patched)]
+    for expected, got in zip(*(torch.utils._pytree.tree_leaves(o) for o in outputs), strict=True):
+        assert got.device.type == "meta" and got.shape == expected.shape and got.dtype == expected.dtype

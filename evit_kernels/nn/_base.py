@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from evit_kernels import dispatch
+
 
 class Unsupported(ValueError):
     """The module matched a patch rule but has a configuration the fused module cannot compute exactly."""
@@ -20,6 +22,14 @@ class FusedModule(nn.Module):
 
     patch_inside = True
     """Whether :func:`evit_kernels.patch` also swaps this module's children (False when it computes them)."""
+
+    @property
+    def backend(self) -> str:
+        return self.__dict__["_evit_backend"]
+
+    @backend.setter
+    def backend(self, request: str) -> None:
+        self.__dict__["_evit_backend"] = dispatch.check_request(request)  # a bad request fails here, not mid-forward
 
     def __init__(self, original: nn.Module, backend: str = "auto"):
         super().__init__()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -17,10 +18,15 @@ def autocast_inputs(x: torch.Tensor, *tensors: Any) -> tuple[Any, ...]:
     for ``x``'s device, as autocast would for the convolutions and matmuls these ops replace; else return
     them unchanged. Custom ops are invisible to autocast, so every op calls this before dispatching."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):  # autocast has no meta device
         return (x, *tensors)
     dtype = torch.get_autocast_dtype(device_type)
     return pytree.tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, (x, *tensors))
+
+
+def autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast disabled for ``x``'s device (nothing to disable on meta tensors, which autocast does not know)."""
+    return contextlib.nullcontext() if x.device.type == "meta" else torch.autocast(x.device.type, enabled=False)
 
 
 def check_floating_same_dtype(op: str, x: torch.Tensor, **tensors: Any) -> None:

@@ -121,7 +121,7 @@ def _window_setup_context(ctx, inputs, output):
 
 def _window_backward(ctx, grad):
     q, k, v, bias_row = ctx.saved_tensors
-    if ctx.backend == "triton":
+    if ctx.backend == "triton" and not dispatch.differentiable_backward(WINDOW_OP, ctx.backend):
         from evit_kernels.triton import cascaded_group_attention as kernels
 
         grad_q, grad_k, grad_v, grad_bias = kernels.backward(q, k, v, bias_row, grad, ctx.resolution, ctx.scale)

@@ -18,7 +18,12 @@ import torch
 from torch import Tensor
 
 from evit_kernels import dispatch
-from evit_kernels.ops._library import autocast_inputs, check_floating_same_dtype, register_reference_autograd
+from evit_kernels.ops._library import (
+    autocast_inputs,
+    autocast_off,
+    check_floating_same_dtype,
+    register_reference_autograd,
+)
 from evit_kernels.ops.multiscale_aggregation import _check_shapes as _check_aggregation_shapes
 from evit_kernels.ops.multiscale_aggregation import multiscale_aggregation_reference
 
@@ -33,7 +38,7 @@ def relu_linear_attention_reference(qkv: Tensor, aggregated: Sequence[Tensor], d
     out = qkv.new_empty(batch, len(groups) * heads * dim, height, width)
     out_by_group = out.view(batch, len(groups), heads, dim, height * width)
     # Custom ops are invisible to autocast but the ops inside them are not: keep the fp32 matmuls in fp32.
-    with torch.autocast(qkv.device.type, enabled=False):
+    with autocast_off(qkv):
         for index, group in enumerate(groups):
             q, k, v, _, _ = _relu_qkv(group, dim)
             kv, z = _kv_and_z(k, v)
@@ -57,7 +62,7 @@ def relu_linear_attention_backward_reference(grad_out: Tensor, qkv: Tensor, aggr
     groups = [qkv, *aggregated]
     grad_by_group = grad_out.reshape(batch, len(groups), heads, dim, height * width)
     grads = []
-    with torch.autocast(qkv.device.type, enabled=False):
+    with autocast_off(qkv):
         for index, group in enumerate(groups):
             q, k, v, q_passes, k_passes = _relu_qkv(group, dim)
             kv, z = _kv_and_z(k, v)
@@ -111,7 +116,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     qkv, *aggregated = ctx.saved_tensors
-    if ctx.backend == "triton":
+    if ctx.backend == "triton" and not dispatch.differentiable_backward("relu_linear_attention", ctx.backend):
         from evit_kernels.triton import relu_linear_attention as kernels
 
         grad_qkv, *grad_aggregated = kernels.backward([qkv, *aggregated], grad_out, ctx.dim, ctx.eps)
