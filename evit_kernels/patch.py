@@ -159,6 +159,12 @@ def _patch_children(parent: nn.Module, prefix: str, report: PatchReport) -> None
                 report.skipped.append((path, reason))
             _patch_children(child, path + ".", report)
             continue
+        hooks = _bypassed_hooks(child)
+        if hooks:
+            report.skipped.append((path, f"{type(child).__name__}: {hooks}, which the fused module would not run "
+                                         "(register hooks after patch, on the fused module)"))
+            _patch_children(child, path + ".", report)
+            continue
         try:
             fused = rule.replacement(child)
         except Unsupported as exc:
@@ -169,6 +175,21 @@ def _patch_children(parent: nn.Module, prefix: str, report: PatchReport) -> None
         report.swapped.append((path, f"{type(child).__module__}.{type(child).__name__}", type(fused).__name__))
         if fused.patch_inside:
             _patch_children(fused, path + ".", report)
+
+
+def _bypassed_hooks(module: nn.Module) -> str | None:
+    """What a fused replacement of ``module`` would silently skip: hooks or an instance-level ``forward`` on it or
+    on a module inside it (a fused module computes its children itself); None when there is nothing."""
+    for path, inner in module.named_modules():
+        kinds = [kind for kind, hooks in (("forward hooks", inner._forward_hooks),
+                                          ("forward pre-hooks", inner._forward_pre_hooks),
+                                          ("backward hooks", inner._backward_hooks),
+                                          ("backward pre-hooks", inner._backward_pre_hooks)) if hooks]
+        if "forward" in inner.__dict__:
+            kinds.append("an instance-level forward")
+        if kinds:
+            return f"{path or 'it'} has {' and '.join(kinds)}"
+    return None
 
 
 def unpatch(model: nn.Module) -> int:

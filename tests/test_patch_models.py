@@ -227,3 +227,32 @@ def test_meta_tensors_run_through_every_fused_module(name, mode):
     outputs = [getattr(m, mode)().to("meta")(x) for m in (model, patched)]
     for expected, got in zip(*(torch.utils._pytree.tree_leaves(o) for o in outputs), strict=True):
         assert got.device.type == "meta" and got.shape == expected.shape and got.dtype == expected.dtype
+
+
+@pytest.mark.parametrize("where", ["", "qkv.conv"])
+@pytest.mark.parametrize("kind", ["forward_hook", "forward_pre_hook", "full_backward_hook", "instance_forward"])
+def test_modules_with_hooks_are_left_alone_and_reported(kind, where):
+    """A hook (or an instance-level forward) on a module that patch would replace, or on a module inside it, must
+    still run: that module is left as it was, with the reason, and the rest of the model is patched."""
+    model = build("efficientvit_b0")
+    attention = next(m for m in model.modules() if type(m).__name__ == "LiteMLA")
+    target = attention.get_submodule(where)
+    calls = []
+    if kind == "instance_forward":
+        plain = target.forward
+        target.forward = lambda *args: calls.append(kind) or plain(*args)
+    else:
+        getattr(target, f"register_{kind}")(lambda *args: calls.append(kind))
+    patched = copy.deepcopy(model)
+    report = evit_kernels.patch(patched)
+    reasons = [reason for _, reason in report.skipped if "which the fused module would not run" in reason]
+    assert f"LiteMLA: {where or 'it'} has " in reasons[0], report  # (and qkv's own ConvNormAct when inside it)
+    assert sum(type(m).__name__ == "LiteMLA" for m in patched.modules()) == 1  # that one, unpatched
+    assert any(isinstance(m, FusedModule) for m in patched.modules())  # the rest is patched
+    x = torch.randn(1, 3, 64, 64, requires_grad=kind == "full_backward_hook")
+    out = patched(x)
+    out.sum().backward() if x.requires_grad else None
+    assert calls, "the hook did not run"
+    calls.clear()
+    expected = model(x)
+    assert rel_err(out, expected) < 1e-4
