@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from evit_kernels import dispatch
@@ -22,6 +23,17 @@ class FusedModule(nn.Module):
 
     patch_inside = True
     """Whether :func:`evit_kernels.patch` also swaps this module's children (False when it computes them)."""
+
+    def __call__(self, *args, **kwargs):
+        if torch.jit.is_tracing():
+            # torch.jit.trace and the legacy ONNX exporter record tensor ops as they run and would bake the fused
+            # path's shape arithmetic and scratch buffers into constants: they record the original module instead.
+            return self.restore()(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script compiles the original module (same parameters and numbers) in place of this one."""
+        return self.restore()
 
     @property
     def backend(self) -> str:

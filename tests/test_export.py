@@ -1,0 +1,60 @@
+"""The tracing export paths of patched models: torch.jit.trace, torch.jit.script and the legacy ONNX exporter
+(the path to TensorRT and onnxruntime) record the original modules, with the same parameters and numbers,
+never the fused path's shape arithmetic baked into constants. The patched model stays patched."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import evit_kernels
+from evit_kernels.nn._base import FusedModule
+from tests.models import build, rel_err
+
+pytestmark = pytest.mark.slow
+
+MODELS = ["efficientvit_b0", "efficientvit_m0"]
+
+
+def _patched(name):
+    model = build(name)
+    patched = copy.deepcopy(model)
+    evit_kernels.patch(patched)
+    return model, patched
+
+
+def _fused_count(model):
+    return sum(isinstance(m, FusedModule) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_jit_trace_and_script_record_the_originals(name):
+    model, patched = _patched(name)
+    fused = _fused_count(patched)
+    x, other = torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(other)
+        traced = torch.jit.trace(patched, x)
+        assert rel_err(traced(other), expected) < 1e-4  # another input: anything baked in would show
+        scripted = torch.jit.script(copy.deepcopy(patched))
+        assert rel_err(scripted(other), expected) < 1e-4
+        assert rel_err(patched(other), expected) < 1e-4
+    assert _fused_count(patched) == fused
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_legacy_onnx_export_runs_right_in_onnxruntime(name):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model, patched = _patched(name)
+    x, other = torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32)
+    exported = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(patched, (x,), exported, dynamo=False)
+        expected = model(other)
+    session = onnxruntime.InferenceSession(exported.getvalue())
+    got = session.run(None, {session.get_inputs()[0].name: other.numpy()})[0]
+    assert rel_err(torch.from_numpy(got), expected) < 1e-4
