@@ -58,3 +58,19 @@ def test_legacy_onnx_export_runs_right_in_onnxruntime(name):
     session = onnxruntime.InferenceSession(exported.getvalue())
     got = session.run(None, {session.get_inputs()[0].name: other.numpy()})[0]
     assert rel_err(torch.from_numpy(got), expected) < 1e-4
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_timm_fx_feature_extraction_keeps_fused_modules_whole(name):
+    """timm's FX feature extraction (features_only, create_feature_extractor) works on a patched model as on the
+    original, with each fused module one leaf node that runs the fused path."""
+    from timm.models._features_fx import create_feature_extractor
+
+    model, patched = _patched(name)
+    x = torch.randn(1, 3, 32, 32)
+    nodes = {"stages.1": "features"}
+    expected = create_feature_extractor(model, return_nodes=nodes)(x)["features"]
+    extractor = create_feature_extractor(patched, return_nodes=nodes)
+    leaves = [n.target for n in extractor.graph.nodes if n.op == "call_module"]
+    assert any(isinstance(extractor.get_submodule(t), FusedModule) for t in leaves)
+    assert rel_err(extractor(x)["features"], expected) < 1e-4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -45,6 +47,10 @@ class FusedModule(nn.Module):
 
     def __init__(self, original: nn.Module, backend: str = "auto"):
         super().__init__()
+        if "timm" in sys.modules:  # timm's FX feature extraction keeps fused modules whole (leaf call_module nodes)
+            from timm.layers import register_notrace_module
+
+            register_notrace_module(type(self))
         self.__dict__["_evit_original"] = original
         self.backend = backend
         self.training = original.training
