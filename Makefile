@@ -27,7 +27,7 @@ demo: setup
 	$(PY) -m evit_kernels bench --model $(MODEL)
 
 test: setup
-	$(PY) -m pytest -q --benchmark-disable
+	$(PY) -m pytest -q --benchmark-disable --durations=10
 
 # The edit loop: everything but the tests marked slow (whole models, subprocesses, sm_90 compiles), stop at the first failure.
 test-fast: setup
