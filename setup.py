@@ -99,7 +99,7 @@ if __name__ == "__main__":  # setuptools' build backend runs this file as __main
         install_requires=["torch>=2.5"],
         extras_require={
             "models": ["timm>=1.0", "efficientsam"],
-            "test": ["pytest", "pytest-benchmark", "timm>=1.0", "efficientsam"],
+            "test": ["pytest", "pytest-benchmark", "hypothesis", "onnx", "onnxruntime", "timm>=1.0", "efficientsam"],
         },
         entry_points={"console_scripts": ["evit-kernels=evit_kernels.__main__:main"]},
         **extension_kwargs(),

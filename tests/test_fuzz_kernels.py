@@ -1,0 +1,156 @@
+"""Property-based fuzzing of the Triton kernels against the float64 reference: random sizes, layouts (contiguous,
+channels_last, every other column of a wider tensor) and dtypes. Inside what a kernel takes, its result (and its
+gradients, where it has a backward) must be within twice eager's error of float64; outside, an explicit request
+must be refused with the reason. hypothesis runs a fixed, derandomized sequence of cases, the same on every
+machine; on CPU through the Triton interpreter, so the shapes stay small."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from evit_kernels import dispatch
+from evit_kernels.ops.cascaded_group_attention import window_attention, window_attention_reference
+from evit_kernels.ops.conv_bn_act import ACTIVATIONS, conv_bn_act, conv_bn_act_reference
+from evit_kernels.ops.ffn import ffn, ffn_reference
+from evit_kernels.ops.relu_linear_attention import relu_linear_attention, relu_linear_attention_reference
+from evit_kernels.triton.cascaded_group_attention import MAX_RESOLUTION
+from evit_kernels.triton.relu_linear_attention import HEAD_DIMS
+from tests.numerics import assert_within_twice_eager, in_layout
+
+pytestmark = pytest.mark.numerics
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
+LAYOUTS = st.sampled_from(["contiguous", "channels_last", "strided"])
+
+
+def _randn(*shape, scale=1.0):
+    return torch.randn(*shape, device=DEVICE) * scale
+
+
+def _refused(call) -> None:
+    event("refused")
+    with pytest.raises(dispatch.BackendUnavailable, match="backend 'triton' was requested but cannot run: .+"):
+        call()
+
+
+@FUZZ
+@given(dtype=DTYPES, layout=LAYOUTS, batch=st.integers(1, 2), channels=st.integers(1, 20),
+       out_channels=st.integers(1, 20), height=st.integers(1, 9), width=st.integers(1, 9),
+       kind=st.sampled_from(["depthwise", "pointwise", "dense"]), k=st.sampled_from([1, 3, 5, 7, 9]),
+       stride=st.integers(1, 2), bias=st.booleans(), residual=st.booleans(), activation=st.sampled_from(ACTIVATIONS))
+def test_conv_bn_act(dtype, layout, batch, channels, out_channels, height, width, kind, k, stride, bias, residual,
+                     activation):
+    if kind == "pointwise":
+        k, stride, groups = 1, 1, 1
+    elif kind == "depthwise":
+        out_channels, groups = channels, channels
+    else:
+        groups = 1
+    depthwise = groups == channels == out_channels  # (a one-channel "dense" conv is depthwise too)
+    supported = (depthwise and k in (3, 5, 7)) or (k == 1 and groups == 1 and stride == 1)
+    x = in_layout(_randn(batch, channels, height, width), layout).to(dtype)
+    weight = _randn(out_channels, channels // groups, k, k, scale=(channels // groups * k * k) ** -0.5).to(dtype)
+    b = _randn(out_channels).to(dtype) if bias else None
+    out_hw = [(n + 2 * (k // 2) - k) // stride + 1 for n in (height, width)]
+    r = in_layout(_randn(batch, out_channels, *out_hw), layout).to(dtype) if residual else None
+    conv = dict(stride=stride, padding=k // 2, groups=groups, activation=activation, residual=r)
+    run = lambda backend: conv_bn_act(x, weight, b, **conv, backend=backend)  # noqa: E731
+    if not supported:
+        _refused(lambda: run("triton"))
+        return
+    f64 = [None if t is None else t.double() for t in (x, weight, b, r)]
+    expected = conv_bn_act_reference(f64[0], f64[1], f64[2], [stride] * 2, [k // 2] * 2, [1, 1], groups, activation,
+                                     f64[3])
+    out = run("triton")
+    assert out.dtype == dtype and out.shape == expected.shape and torch.isfinite(out).all()
+    assert_within_twice_eager(out, run("torch"), expected, dtype, weight[0].numel())
+
+
+@FUZZ
+@given(dtype=DTYPES, layout=LAYOUTS, batch=st.integers(1, 2), channels=st.sampled_from([4, 8, 16, 24, 520]),
+       height=st.integers(1, 6), width=st.integers(1, 6), biases=st.booleans(), residual=st.booleans())
+def test_ffn(dtype, layout, batch, channels, height, width, biases, residual):
+    hidden = 2 * channels
+    if channels > 512:  # beyond what the kernel holds on chip: refused before any work (tiny map, no memory)
+        height = width = 1
+    x = in_layout(_randn(batch, channels, height, width), layout).to(dtype)
+    w1 = _randn(hidden, channels, 1, 1, scale=channels ** -0.5).to(dtype)
+    w2 = _randn(channels, hidden, 1, 1, scale=hidden ** -0.5).to(dtype)
+    b1, b2 = ((_randn(n).to(dtype) if biases else None) for n in (hidden, channels))
+    r = in_layout(_randn(batch, channels, height, width), layout).to(dtype) if residual else None
+    args = (x, w1, b1, w2, b2, r)
+    if channels > 512:
+        _refused(lambda: ffn(*args, backend="triton"))
+        return
+    expected = ffn_reference(*(None if t is None else t.double() for t in args))
+    out = ffn(*args, backend="triton")
+    assert out.dtype == dtype and out.shape == expected.shape and torch.isfinite(out).all()
+    assert_within_twice_eager(out, ffn_reference(*args), expected, dtype, channels + hidden)
+
+
+@FUZZ
+@given(dtype=DTYPES, channels_last=st.booleans(), batch=st.integers(1, 2), heads=st.integers(1, 2),
+       dim=st.sampled_from([4, 8, 16, 32]), height=st.integers(1, 7), width=st.integers(1, 7),
+       scales=st.integers(0, 2))
+def test_relu_linear_attention_forward_and_gradients(dtype, channels_last, batch, heads, dim, height, width, scales):
+    sources = [in_layout(_randn(batch, 3 * heads * dim, height, width), "channels_last" if channels_last
+                         else "contiguous").to(dtype) for _ in range(1 + scales)]
+    run = lambda backend, t: relu_linear_attention(t[0], t[1:], dim, 1e-5, backend=backend)  # noqa: E731
+    if dim not in HEAD_DIMS:
+        _refused(lambda: run("triton", sources))
+        return
+    exact = [s.detach().double().requires_grad_() for s in sources]
+    expected = relu_linear_attention_reference(exact[0], exact[1:], dim, 1e-5)
+    grad_out = torch.randn_like(expected)
+    exact_grads = torch.autograd.grad(expected, exact, grad_out)
+    results = {}
+    for backend in ("triton", "torch"):
+        leaves = [s.detach().clone().requires_grad_() for s in sources]
+        out = run(backend, leaves)
+        results[backend] = (out, torch.autograd.grad(out, leaves, grad_out.to(dtype)))
+    terms = height * width + dim
+    (out, grads), (eager, eager_grads) = results["triton"], results["torch"]
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert_within_twice_eager(out, eager, expected, dtype, terms)
+    for got, eager_grad, exact_grad in zip(grads, eager_grads, exact_grads, strict=True):
+        assert_within_twice_eager(got, eager_grad, exact_grad, dtype, terms, "gradient")
+
+
+@FUZZ
+@given(dtype=DTYPES, windows=st.integers(1, 3), key_dim=st.integers(1, 20), val_dim=st.integers(1, 40),
+       resolution=st.integers(1, MAX_RESOLUTION + 1), strided=st.booleans())
+def test_window_attention_forward_and_gradients(dtype, windows, key_dim, val_dim, resolution, strided):
+    n = resolution * resolution
+    if strided:  # k and v views into one qkv tensor, q token-strided, as the module's convs hand them over
+        qkv = _randn(windows, n, 2 * key_dim + val_dim).to(dtype).transpose(1, 2)
+        q, k, v = qkv.split([key_dim, key_dim, val_dim], dim=1)
+    else:
+        q, k, v = (_randn(windows, c, n).to(dtype) for c in (key_dim, key_dim, val_dim))
+    inputs = [q, k, v, _randn(n).to(dtype)]
+    scale = key_dim ** -0.5
+    if resolution > MAX_RESOLUTION:
+        _refused(lambda: window_attention(*inputs, resolution, scale, backend="triton"))
+        return
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    expected = window_attention_reference(*exact, resolution, scale)
+    grad_out = torch.randn_like(expected)
+    exact_grads = torch.autograd.grad(expected, exact, grad_out)
+    results = {}
+    for backend in ("triton", "torch"):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = window_attention(*leaves, resolution, scale, backend=backend)
+        results[backend] = (out, torch.autograd.grad(out, leaves, grad_out.to(dtype)))
+    terms = 2 * n + key_dim + val_dim
+    (out, grads), (eager, eager_grads) = results["triton"], results["torch"]
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert_within_twice_eager(out, eager, expected, dtype, terms)
+    for got, eager_grad, exact_grad in zip(grads, eager_grads, exact_grads, strict=True):
+        assert_within_twice_eager(got, eager_grad, exact_grad, dtype, terms, "gradient")
+
+
