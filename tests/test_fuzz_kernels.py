@@ -12,13 +12,30 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from evit_kernels import dispatch
-from evit_kernels.ops.cascaded_group_attention import window_attention, window_attention_reference
+from evit_kernels.ops.cascaded_group_attention import (
+    cascaded_group_attention,
+    cascaded_group_attention_reference,
+    window_attention,
+    window_attention_reference,
+)
+from evit_kernels.ops.conv_block import conv_block
 from evit_kernels.ops.conv_bn_act import ACTIVATIONS, conv_bn_act, conv_bn_act_reference
 from evit_kernels.ops.ffn import ffn, ffn_reference
-from evit_kernels.ops.relu_linear_attention import relu_linear_attention, relu_linear_attention_reference
+from evit_kernels.ops.relu_linear_attention import (
+    relu_linear_attention,
+    relu_linear_attention_aggregated,
+    relu_linear_attention_aggregated_reference,
+    relu_linear_attention_reference,
+)
 from evit_kernels.triton.cascaded_group_attention import MAX_RESOLUTION
-from evit_kernels.triton.relu_linear_attention import HEAD_DIMS
+from evit_kernels.triton.relu_linear_attention import AGGREGATION_KERNEL_SIZES, HEAD_DIMS
+from tests.cga_configs import cast, folded_inputs, whole_map_terms
 from tests.numerics import assert_within_twice_eager, in_layout
+from tests.test_conv_block import Case
+from tests.test_conv_block import _double as _double_block
+from tests.test_conv_block import _inputs as _block_inputs
+from tests.test_conv_block import _terms as _block_terms
+from tests.test_lite_mla_fused_aggregation import _inputs as _aggregation_inputs
 
 pytestmark = pytest.mark.numerics
 
@@ -26,6 +43,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
+ACTIVATION_TRIPLES = st.tuples(*[st.sampled_from(ACTIVATIONS)] * 3)
 LAYOUTS = st.sampled_from(["contiguous", "channels_last", "strided"])
 
 
@@ -154,3 +172,62 @@ def test_window_attention_forward_and_gradients(dtype, windows, key_dim, val_dim
         assert_within_twice_eager(got, eager_grad, exact_grad, dtype, terms, "gradient")
 
 
+
+
+@FUZZ
+@given(dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]), layout=LAYOUTS,
+       kind=st.sampled_from(["mbconv", "dsconv", "fused"]), batch=st.integers(1, 2), channels=st.integers(1, 16),
+       hidden=st.integers(1, 40), out_channels=st.integers(1, 16), height=st.integers(1, 9),
+       width=st.integers(1, 9), ksize=st.sampled_from([3, 5, 7]), stride=st.integers(1, 2), biases=st.booleans(),
+       residual=st.booleans(), activations=ACTIVATION_TRIPLES)
+def test_conv_block(dtype, layout, kind, batch, channels, hidden, out_channels, height, width, ksize, stride, biases,
+                    residual, activations):
+    case = Case(kind, batch, channels, hidden, out_channels, height, width, ksize, stride, layout, biases, residual,
+                activations)
+    args, kwargs = _block_inputs(case, dtype)
+    if dtype == torch.float64:  # the kernels take fp32, fp16 and bf16
+        _refused(lambda: conv_block(*args, **kwargs, backend="triton"))
+        return
+    expected = conv_block(*_double_block(args, kwargs)[0], **_double_block(args, kwargs)[1], backend="torch")
+    out = conv_block(*args, **kwargs, backend="triton")
+    assert out.dtype == dtype and out.shape == expected.shape and torch.isfinite(out).all()
+    assert_within_twice_eager(out, conv_block(*args, **kwargs, backend="torch"), expected, dtype, _block_terms(args))
+
+
+@FUZZ
+@given(dtype=DTYPES, channels_last=st.booleans(), batch=st.integers(1, 2), heads=st.integers(1, 2),
+       dim=st.sampled_from([4, 8, 16, 32]), height=st.integers(1, 7), width=st.integers(1, 7),
+       kernel_sizes=st.lists(st.sampled_from([3, 5, 7]), max_size=2), biases=st.sampled_from(["both", "dw", "none"]))
+def test_relu_linear_attention_aggregated(dtype, channels_last, batch, heads, dim, height, width, kernel_sizes,
+                                          biases):
+    qkv, *scales = _aggregation_inputs(batch, heads, dim, height, width, kernel_sizes, biases, dtype, channels_last)
+    run = lambda backend: relu_linear_attention_aggregated(qkv, *scales, dim, 1e-5, backend=backend)  # noqa: E731
+    if dim not in HEAD_DIMS or not set(kernel_sizes) <= set(AGGREGATION_KERNEL_SIZES):
+        _refused(lambda: run("triton"))
+        return
+    doubled = [[None if t is None else t.double() for t in group] for group in scales]
+    expected = relu_linear_attention_aggregated_reference(qkv.double(), *doubled, dim, 1e-5)
+    out = run("triton")
+    assert out.dtype == dtype and out.shape == expected.shape and torch.isfinite(out).all()
+    terms = max(kernel_sizes, default=0) ** 2 + dim + height * width + dim
+    assert_within_twice_eager(out, run("torch"), expected, dtype, terms)
+
+
+@FUZZ
+@given(dtype=DTYPES, batch=st.integers(1, 2), heads=st.integers(1, 3), val_dim=st.integers(1, 12),
+       kernels=st.lists(st.sampled_from([3, 5, 7]), min_size=3, max_size=3), height=st.integers(1, 10),
+       width=st.integers(1, 10), window=st.integers(2, MAX_RESOLUTION + 1), channels_last=st.booleans())
+def test_cascaded_group_attention(dtype, batch, heads, val_dim, kernels, height, width, window, channels_last):
+    config = (heads * val_dim, heads, tuple(kernels[:heads]))
+    args = list(folded_inputs(config, height, width, window, dtype, DEVICE, batch=batch))
+    if channels_last:
+        args[0] = args[0].contiguous(memory_format=torch.channels_last)
+    if window > MAX_RESOLUTION:
+        _refused(lambda: cascaded_group_attention(*args, backend="triton"))
+        return
+    expected = cascaded_group_attention_reference(*cast(args, torch.float64))
+    with torch.no_grad():
+        out = cascaded_group_attention(*args, backend="triton")
+        eager = cascaded_group_attention(*args, backend="torch")
+    assert out.dtype == dtype and out.shape == expected.shape and torch.isfinite(out).all()
+    assert_within_twice_eager(out, eager, expected, dtype, whole_map_terms(config, window))
