@@ -14,7 +14,7 @@ from tests.models import build, rel_err
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("name", ["efficientvit_b0", "efficientvit_m0"])
+@pytest.mark.parametrize("name", ["efficientvit_b0"])  # m0: test_compiled_kernels_are_graph_nodes, also fullgraph
 def test_compiled_patched_model_has_no_graph_break(name):
     torch._dynamo.reset()
     model = build(name)
@@ -30,7 +30,8 @@ def test_compiled_patched_model_has_no_graph_break(name):
 
 def test_compiled_kernels_are_graph_nodes():
     """With the kernels chosen ("experimental": no kernel is validated yet, so "auto" runs the reference as plain
-    ops), each fused op is one node of one graph, traced through its fake implementation, and the numbers stay."""
+    ops), each fused op is one node of one graph, traced through its fake implementation, and the numbers stay.
+    The rest of patched m0 (its convs on the reference path) is traced into the same single graph."""
     torch._dynamo.reset()
     model = build("efficientvit_m0")
     patched = copy.deepcopy(model)

@@ -40,7 +40,7 @@ from tests.test_lite_mla_fused_aggregation import _inputs as _aggregation_inputs
 pytestmark = pytest.mark.numerics
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=15, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 ACTIVATION_TRIPLES = st.tuples(*[st.sampled_from(ACTIVATIONS)] * 3)
