@@ -212,9 +212,8 @@ def call(library_op: Callable[..., Any], chosen: Backend, *args: Any) -> Any:
     and torch.compile see through it (the compiler can fuse it), and no custom-op call is paid per layer. A
     kernel runs through its ``torch.library`` op (``library_op``, which takes the backend name last), so
     torch.compile and export see one node with its fake implementation and autograd."""
-    if _RECORDINGS:
-        for runs in _RECORDINGS:
-            runs.append((str(library_op).rpartition(".")[2], chosen.name))
+    for runs in _RECORDINGS:
+        runs.append((str(library_op).rpartition(".")[2], chosen.name))
     if chosen.name == "torch":
         return chosen.forward(*args)
     return library_op(*args, chosen.name)

@@ -57,6 +57,25 @@ def _refused(call) -> None:
         call()
 
 
+def _check_forward_and_gradients(run, reference, inputs, dtype, terms) -> None:
+    """``run(backend, leaves)`` on Triton, its output and the gradients of every input, within twice eager's error
+    of ``reference`` in float64."""
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    expected = reference(exact)
+    grad_out = torch.randn_like(expected)
+    exact_grads = torch.autograd.grad(expected, exact, grad_out)
+    results = {}
+    for backend in ("triton", "torch"):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = run(backend, leaves)
+        results[backend] = (out, torch.autograd.grad(out, leaves, grad_out.to(dtype)))
+    (out, grads), (eager, eager_grads) = results["triton"], results["torch"]
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert_within_twice_eager(out, eager, expected, dtype, terms)
+    for got, eager_grad, exact_grad in zip(grads, eager_grads, exact_grads, strict=True):
+        assert_within_twice_eager(got, eager_grad, exact_grad, dtype, terms, "gradient")
+
+
 @FUZZ
 @given(dtype=DTYPES, layout=LAYOUTS, batch=st.integers(1, 2), channels=st.integers(1, 20),
        out_channels=st.integers(1, 20), height=st.integers(1, 9), width=st.integers(1, 9),
@@ -123,21 +142,8 @@ def test_relu_linear_attention_forward_and_gradients(dtype, channels_last, batch
     if dim not in HEAD_DIMS:
         _refused(lambda: run("triton", sources))
         return
-    exact = [s.detach().double().requires_grad_() for s in sources]
-    expected = relu_linear_attention_reference(exact[0], exact[1:], dim, 1e-5)
-    grad_out = torch.randn_like(expected)
-    exact_grads = torch.autograd.grad(expected, exact, grad_out)
-    results = {}
-    for backend in ("triton", "torch"):
-        leaves = [s.detach().clone().requires_grad_() for s in sources]
-        out = run(backend, leaves)
-        results[backend] = (out, torch.autograd.grad(out, leaves, grad_out.to(dtype)))
-    terms = height * width + dim
-    (out, grads), (eager, eager_grads) = results["triton"], results["torch"]
-    assert out.dtype == dtype and torch.isfinite(out).all()
-    assert_within_twice_eager(out, eager, expected, dtype, terms)
-    for got, eager_grad, exact_grad in zip(grads, eager_grads, exact_grads, strict=True):
-        assert_within_twice_eager(got, eager_grad, exact_grad, dtype, terms, "gradient")
+    _check_forward_and_gradients(run, lambda t: relu_linear_attention_reference(t[0], t[1:], dim, 1e-5), sources,
+                                 dtype, terms=height * width + dim)
 
 
 @FUZZ
@@ -155,23 +161,9 @@ def test_window_attention_forward_and_gradients(dtype, windows, key_dim, val_dim
     if resolution > MAX_RESOLUTION:
         _refused(lambda: window_attention(*inputs, resolution, scale, backend="triton"))
         return
-    exact = [t.detach().double().requires_grad_() for t in inputs]
-    expected = window_attention_reference(*exact, resolution, scale)
-    grad_out = torch.randn_like(expected)
-    exact_grads = torch.autograd.grad(expected, exact, grad_out)
-    results = {}
-    for backend in ("triton", "torch"):
-        leaves = [t.detach().clone().requires_grad_() for t in inputs]
-        out = window_attention(*leaves, resolution, scale, backend=backend)
-        results[backend] = (out, torch.autograd.grad(out, leaves, grad_out.to(dtype)))
-    terms = 2 * n + key_dim + val_dim
-    (out, grads), (eager, eager_grads) = results["triton"], results["torch"]
-    assert out.dtype == dtype and torch.isfinite(out).all()
-    assert_within_twice_eager(out, eager, expected, dtype, terms)
-    for got, eager_grad, exact_grad in zip(grads, eager_grads, exact_grads, strict=True):
-        assert_within_twice_eager(got, eager_grad, exact_grad, dtype, terms, "gradient")
-
-
+    _check_forward_and_gradients(lambda backend, t: window_attention(*t, resolution, scale, backend=backend),
+                                 lambda t: window_attention_reference(*t, resolution, scale), inputs, dtype,
+                                 terms=2 * n + key_dim + val_dim)
 
 
 @FUZZ
