@@ -2,12 +2,13 @@
 
 Each op registers one :class:`Backend` per implementation: ``torch`` (the eager reference, any device),
 ``triton`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and ``cuda`` (the compiled
-``evit_kernels._C``). A backend says why it cannot run (:meth:`Backend.not_supported_reasons`), as in
-xformers. The automatic choice takes the first usable backend in :data:`PREFERENCE` among those validated
-on a GPU, falls back with a reason logged once, and never hands a user an unvalidated kernel. An explicit
-request (``backend=`` or ``EVIT_BACKEND``) that cannot be met raises with every reason. "experimental" is the
-automatic choice over every backend, validated or not (for validating kernels on a new GPU and benchmarking them:
-each kernel where it takes the inputs, the reference elsewhere).
+``evit_kernels._C``). Every op takes one argument record (a frozen dataclass, as xformers' ``Inputs``); a backend
+is declared by what it takes and says why it cannot run (:meth:`Backend.not_supported_reasons`), as in xformers.
+The automatic choice takes the first usable backend in :data:`PREFERENCE` among those validated on a GPU, falls
+back with a reason logged once, and never hands a user an unvalidated kernel. An explicit request (``backend=`` or
+``EVIT_BACKEND``) that cannot be met raises with every reason. "experimental" is the automatic choice over every
+backend, validated or not (for validating kernels on a new GPU and benchmarking them: each kernel where it takes the
+inputs, the reference elsewhere).
 """
 
 from __future__ import annotations
@@ -63,12 +64,14 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """The dtypes every kernel of this package takes (float64 runs on the reference)."""
 
 
-def kernel_reasons(name: str, tensor: torch.Tensor) -> list[str]:
-    """Why kernel backend ``name`` cannot take ``tensor`` at all: its device (:func:`device_reasons`) or dtype."""
-    reasons = device_reasons(name, tensor)
-    if tensor.dtype not in KERNEL_DTYPES:
-        reasons.append(f"{tensor.dtype} inputs (the {name} kernels take float32, float16 and bfloat16)")
-    return reasons
+def span(t: torch.Tensor) -> int:
+    """How many elements ``t`` spans in memory from its first one: every offset a kernel forms is below it."""
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
+def fits_int32(t: torch.Tensor) -> bool:
+    """Whether every element offset of ``t`` (through its strides) fits the kernels' 32-bit indexing."""
+    return t.numel() < 2**31 and span(t) < 2**31
 
 
 def device_reasons(name: str, tensor: torch.Tensor) -> list[str]:
@@ -83,21 +86,44 @@ def device_reasons(name: str, tensor: torch.Tensor) -> list[str]:
 
 @dataclass(frozen=True)
 class Backend:
-    """One implementation of one op.
+    """One implementation of one op, declared by what it takes.
 
-    ``forward`` takes the op's arguments. ``input_reasons`` takes the same arguments and lists what this
-    implementation cannot handle (dtype, device, shape, gradients). ``validated_on`` records the GPU run whose
-    tests passed ("<commit> <GPU>"); until it is set the backend runs only when asked for by name.
+    ``forward`` and ``reasons`` take the op's argument record (:class:`evit_kernels.ops._library.OpArgs`);
+    ``reasons`` lists what is particular to this implementation (head dims, kernel sizes, channel limits). What
+    every kernel shares is checked from the declaration: the machine (:func:`environment_reasons`), the tensors'
+    device, ``dtypes`` (every tensor's), and with ``int32_offsets`` that every input and the output fit 32-bit
+    offsets. ``backward``, when given, computes this implementation's gradients from (record, grad_out) as a
+    dict by field name; without it the gradient is the torch backend's (its ``backward``, else the reference's
+    vector-Jacobian product). ``validated_on`` records the GPU run whose tests passed ("<commit> <GPU>"); until it
+    is set a kernel backend runs only when asked for by name.
     """
 
     name: str
-    forward: Callable[..., Any]
-    input_reasons: Callable[..., list[str]] = lambda *args, **kwargs: []
+    forward: Callable[[Any], Any]
+    reasons: Callable[[Any], list[str]] = lambda args: []
+    backward: Callable[[Any, Any], dict[str, Any]] | None = None
+    dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES
+    int32_offsets: bool = True
     validated_on: str | None = None
 
-    def not_supported_reasons(self, *args: Any, **kwargs: Any) -> list[str]:
-        # Input checks only run where the backend can run at all (they may import its kernels).
-        return environment_reasons(self.name) or self.input_reasons(*args, **kwargs)
+    def not_supported_reasons(self, args: Any) -> list[str]:
+        """Why this backend cannot run ``args`` here: the machine first (input checks only run where the backend
+        can run at all: they may import its kernels), then :meth:`input_reasons`."""
+        return environment_reasons(self.name) or self.input_reasons(args)
+
+    def input_reasons(self, args: Any) -> list[str]:
+        """Why this backend cannot take ``args``, whatever the machine: the declared checks, then ``reasons``."""
+        if self.name == "torch":
+            return self.reasons(args)
+        tensors = args.tensors()
+        reasons = device_reasons(self.name, tensors[0])
+        dtypes = sorted({str(t.dtype) for t in tensors if t.dtype not in self.dtypes})
+        if dtypes:
+            *rest, last = [str(d).removeprefix("torch.") for d in self.dtypes]
+            reasons.append(f"{', '.join(dtypes)} inputs (the {self.name} kernels take {', '.join(rest)} and {last})")
+        if self.int32_offsets and (args.output_numel() >= 2**31 or not all(fits_int32(t) for t in tensors)):
+            reasons.append("a tensor spanning 2^31 elements or more (the kernels index with 32 bits)")
+        return reasons + self.reasons(args)
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
@@ -180,14 +206,14 @@ def status(op: str) -> dict[str, list[str]]:
     return out
 
 
-def choose(op: str, *args: Any, backend: str = "auto", **kwargs: Any) -> Backend:
-    """The backend that runs ``op`` on these arguments (see the module docstring for the rules)."""
+def choose(args: Any, backend: str = "auto") -> Backend:
+    """The backend that runs the op of argument record ``args`` (see the module docstring for the rules)."""
+    op = args.op
     choice = requested(op, backend)
     backends = _REGISTRY[op]
     if choice not in ("auto", "experimental"):
         chosen = backends.get(choice)
-        reasons = ([f"no {choice} implementation of {op} yet"] if chosen is None
-                   else chosen.not_supported_reasons(*args, **kwargs))
+        reasons = [f"no {choice} implementation of {op} yet"] if chosen is None else chosen.not_supported_reasons(args)
         if reasons:
             raise BackendUnavailable(f"{op}: backend {choice!r} was requested but cannot run: " + "; ".join(reasons))
         return chosen
@@ -198,7 +224,7 @@ def choose(op: str, *args: Any, backend: str = "auto", **kwargs: Any) -> Backend
             continue
         if candidate.validated_on is None and name != "torch" and choice == "auto":
             continue
-        reasons = candidate.not_supported_reasons(*args, **kwargs)
+        reasons = candidate.not_supported_reasons(args)
         if not reasons:
             if passed_over:
                 log_once(op, f"{op}: using {name}; " + "; ".join(passed_over))
@@ -207,16 +233,22 @@ def choose(op: str, *args: Any, backend: str = "auto", **kwargs: Any) -> Backend
     raise BackendUnavailable(f"{op}: no backend can run these inputs: " + "; ".join(passed_over))
 
 
-def call(library_op: Callable[..., Any], chosen: Backend, *args: Any) -> Any:
-    """Run ``chosen`` on ``args``. The reference runs as the plain PyTorch ops it is made of: autograd, autocast
-    and torch.compile see through it (the compiler can fuse it), and no custom-op call is paid per layer. A
-    kernel runs through its ``torch.library`` op (``library_op``, which takes the backend name last), so
-    torch.compile and export see one node with its fake implementation and autograd."""
+def call(chosen: Backend, args: Any) -> Any:
+    """Run ``chosen`` on the argument record ``args``. The reference runs as the plain PyTorch ops it is made of:
+    autograd, autocast and torch.compile see through it (the compiler can fuse it), and no custom-op call is paid
+    per layer. A kernel runs through the op's ``torch.library`` op (``torch.ops.evit.<op>``, which takes the
+    record's fields and the backend name last), so torch.compile and export see one node with its fake
+    implementation and autograd."""
     for runs in _RECORDINGS:
-        runs.append((str(library_op).rpartition(".")[2], chosen.name))
+        runs.append((args.op, chosen.name))
     if chosen.name == "torch":
-        return chosen.forward(*args)
-    return library_op(*args, chosen.name)
+        return chosen.forward(args)
+    return getattr(torch.ops.evit, args.op)(*args.fields(), chosen.name)
+
+
+def run(args: Any, backend: str = "auto") -> Any:
+    """:func:`call` on the backend :func:`choose` picks."""
+    return call(choose(args, backend), args)
 
 
 @contextlib.contextmanager

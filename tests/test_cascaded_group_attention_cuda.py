@@ -11,6 +11,7 @@ from evit_kernels import _extension, dispatch
 from evit_kernels.ops.cascaded_group_attention import (
     H100_SHARED_MEMORY_PER_BLOCK,
     OP,
+    CascadedGroupAttentionArgs,
     cascaded_group_attention,
     cascaded_group_attention_reference,
     cuda_shared_memory_bytes,
@@ -36,7 +37,7 @@ MAPS = [(14, 14, 7), (7, 7, 7), (4, 4, 4), (9, 11, 7), (8, 8, 7), (5, 6, 4)]
 @pytest.mark.parametrize("config", CONFIGS)
 def test_released_attentions_within_twice_eager_error(config, H, W, window, dtype):
     args = folded_inputs(config, H, W, window, dtype, "cuda")
-    expected = cascaded_group_attention_reference(*cast(args, torch.float64))
+    expected = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*cast(args, torch.float64)))
     with torch.no_grad():
         eager = cascaded_group_attention(*args, backend="torch")
         poisoned = poison_next_allocation(expected.shape, dtype)
@@ -58,8 +59,8 @@ def test_strided_input_and_residual(dtype):
     args[0] = args[0].to(memory_format=torch.channels_last)
     residual = torch.randn(3, 192, 9, 13, device="cuda").to(dtype)[..., 1:12]
     exact = cast(args, torch.float64)
-    expected = cascaded_group_attention_reference(*exact) + residual.double()
-    eager = cascaded_group_attention_reference(*args) + residual
+    expected = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*exact)) + residual.double()
+    eager = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*args)) + residual
     out = torch.ops.evit.cga_window_cuda(*args, residual=residual)
     assert torch.isfinite(out).all()
     assert_within_twice_eager(out, eager, expected, dtype, whole_map_terms(config, 7))
@@ -100,8 +101,8 @@ def test_every_released_configuration_fits_in_shared_memory_and_is_accepted():
         assert cuda_shared_memory_bytes(7, heads, channels // heads, KEY_DIM, channels // heads) \
             <= H100_SHARED_MEMORY_PER_BLOCK
         with torch.no_grad():
-            assert reasons(*folded_inputs(config, 9, 11, 7, torch.float16, "cpu", batch=1)) == [
-                "tensors on cpu (the cuda kernels need CUDA tensors)"]
+            inputs = CascadedGroupAttentionArgs(*folded_inputs(config, 9, 11, 7, torch.float16, "cpu", batch=1))
+            assert reasons(inputs) == ["tensors on cpu (the cuda kernels need CUDA tensors)"]
 
 
 @needs_extension
@@ -122,7 +123,7 @@ def test_extension_op_rejects_cpu_tensors():
 
 
 def _reasons(args) -> str:
-    return "; ".join(dispatch.get(OP, "cuda").input_reasons(*args))
+    return "; ".join(dispatch.get(OP, "cuda").input_reasons(CascadedGroupAttentionArgs(*args)))
 
 
 def test_reasons_refuse_cpu_tensors_and_gradients():
@@ -174,8 +175,9 @@ def test_explicit_request_without_a_gpu_raises_and_auto_falls_back(pretend_valid
         cascaded_group_attention(*args, backend="cuda")
     pretend_validated(OP, "cuda")  # even then, "auto" must pass the cuda backend over here
     with torch.no_grad():
-        assert dispatch.choose(OP, *args).name == "torch"
-        torch.testing.assert_close(cascaded_group_attention(*args), cascaded_group_attention_reference(*args))
+        assert dispatch.choose(CascadedGroupAttentionArgs(*args)).name == "torch"
+        torch.testing.assert_close(cascaded_group_attention(*args),
+                                   cascaded_group_attention_reference(CascadedGroupAttentionArgs(*args)))
 
 
 def test_cuda_backend_is_registered_but_not_a_default():

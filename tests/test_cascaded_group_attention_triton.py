@@ -15,6 +15,8 @@ from torch import nn
 from evit_kernels import dispatch
 from evit_kernels.nn.cascaded_group_attention import FusedCascadedGroupAttention, FusedLocalWindowAttention
 from evit_kernels.ops.cascaded_group_attention import (
+    CascadedGroupAttentionArgs,
+    WindowAttentionArgs,
     cascaded_group_attention,
     cascaded_group_attention_reference,
     window_attention,
@@ -67,7 +69,7 @@ def test_core_and_gradients_within_twice_eager_error(poisoned_empty, windows, ke
     inputs = _window_inputs(windows, key_dim, val_dim, resolution, dtype, torch.float32 if fp32_bias else None,
                             strided)
     exact_inputs = [t.detach().double().requires_grad_() for t in inputs]
-    expected = window_attention_reference(*exact_inputs, resolution, scale)
+    expected = window_attention_reference(WindowAttentionArgs(*exact_inputs, resolution, scale))
     grad_out = torch.randn_like(expected)
     exact_grads = torch.autograd.grad(expected, exact_inputs, grad_out)
 
@@ -86,7 +88,7 @@ def test_stride_zero_gradient_and_deterministic_bias_gradient():
     window_attention(*inputs, 7, 0.25, backend="triton").sum().backward()
     first_bias_grad = inputs[3].grad.clone()
     exact = [t.detach().double().requires_grad_() for t in inputs]
-    window_attention_reference(*exact, 7, 0.25).sum().backward()
+    window_attention_reference(WindowAttentionArgs(*exact, 7, 0.25)).sum().backward()
     for got, ref in zip(inputs, exact):
         torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-5)
     inputs[3].grad = None
@@ -121,9 +123,9 @@ def test_unsupported_inputs_raise_on_request_and_fall_back_under_auto(pretend_va
     with pytest.raises(dispatch.BackendUnavailable, match="float64"):
         window_attention(q, k, v, bias_row, 4, 0.25, backend="triton")
     pretend_validated("window_attention", "triton")  # so that "auto" considers it: it must pass these over
-    assert dispatch.choose("window_attention", q, k, v, bias_row, 4, 0.25).name == "torch"
+    assert dispatch.choose(WindowAttentionArgs(q, k, v, bias_row, 4, 0.25)).name == "torch"
     torch.testing.assert_close(window_attention(q, k, v, bias_row, 4, 0.25),
-                               window_attention_reference(q, k, v, bias_row, 4, 0.25))
+                               window_attention_reference(WindowAttentionArgs(q, k, v, bias_row, 4, 0.25)))
     big = _window_inputs(1, 16, 16, 9, torch.float32)
     with pytest.raises(dispatch.BackendUnavailable, match="window 9×9"):
         window_attention(*big, 9, 0.25, backend="triton")
@@ -174,7 +176,7 @@ def test_whole_map_op_triton_backend_raises_or_falls_back(pretend_validated):
     with pytest.raises(dispatch.BackendUnavailable, match="float64"):
         cascaded_group_attention(*args, backend="triton")
     pretend_validated("cascaded_group_attention", "triton")
-    assert dispatch.choose("cascaded_group_attention", *args).name == "torch"
+    assert dispatch.choose(CascadedGroupAttentionArgs(*args)).name == "torch"
     assert torch.isfinite(cascaded_group_attention(*args)).all()
 
 
@@ -226,7 +228,7 @@ def test_whole_map_triton_on_every_released_configuration(config):
     torch.manual_seed(0)
     for H, W, window in ((14, 14, 7), (9, 11, 7), (4, 4, 4)):
         args = folded_inputs(config, H, W, window, torch.float32, DEVICE, batch=1)
-        expected = cascaded_group_attention_reference(*cast(args, torch.float64))
+        expected = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*cast(args, torch.float64)))
         out = cascaded_group_attention(*args, backend="triton")
         eager = cascaded_group_attention(*args, backend="torch")
         assert_within_twice_eager(out, eager, expected, torch.float32, whole_map_terms(config, window), f"{H}x{W}")

@@ -24,7 +24,7 @@ from evit_kernels.nn import conv_block as fused_module_file
 from evit_kernels.nn._base import Unsupported
 from evit_kernels.nn.conv_block import FusedConvBlock
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct
-from evit_kernels.ops.conv_block import _whole_block_config, conv_block
+from evit_kernels.ops.conv_block import ConvBlockArgs, _whole_block_config, conv_block
 from evit_kernels.ops.conv_bn_act import ACTIVATIONS
 from evit_kernels.triton import conv_block as kernels
 from tests.models import with_child
@@ -116,7 +116,8 @@ def test_cases_take_the_whole_block_kernel(name, dtype):
     x, w1, _, w2, _, w3, _ = args
     groups = kwargs["groups"] if kwargs["groups"] is not None else w2.shape[0]
     stride, padding = [kwargs["stride"]] * 2, [w2.shape[2] // 2] * 2
-    kind, config = _whole_block_config(x, w1, w2, stride, padding, groups, w3)
+    block = ConvBlockArgs(x, w1, None, "none", w2, None, "none", stride, padding, groups, w3, None, "none")
+    kind, config = _whole_block_config(block)
     assert kind is not None, config
 
 
@@ -159,13 +160,13 @@ def test_wide_maps_fall_back_to_per_layer_kernels(poisoned_empty, caplog, monkey
     case = Case("mbconv", 1, 8, 16, 8, 3, 40, residual=True)
     args, kwargs = _inputs(case, torch.float32)
     x, w1, _, w2, _, w3, _ = args
-    assert _whole_block_config(x, w1, w2, [1, 1], [1, 1], w2.shape[0], w3)[0] is None
+    block = ConvBlockArgs(x, w1, None, "none", w2, None, "none", [1, 1], [1, 1], w2.shape[0], w3, None, "none")
+    assert _whole_block_config(block)[0] is None
     monkeypatch.setattr(dispatch, "_LOGGED", set())  # the message is logged once per process
     layer_kernel = dispatch.get("conv_bn_act", "triton")
     layers = []
     monkeypatch.setitem(dispatch._REGISTRY["conv_bn_act"], "triton", dataclasses.replace(
-        layer_kernel, forward=lambda x, weight, *rest: layers.append(weight.shape) or layer_kernel.forward(
-            x, weight, *rest)))
+        layer_kernel, forward=lambda layer: layers.append(layer.weight.shape) or layer_kernel.forward(layer)))
     with caplog.at_level(logging.INFO, logger="evit_kernels"):
         out = conv_block(*args, **kwargs, backend="triton")
     assert "layer by layer" in caplog.text

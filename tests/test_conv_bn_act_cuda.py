@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from evit_kernels import _extension, dispatch
-from evit_kernels.ops.conv_bn_act import ACTIVATIONS, conv_bn_act, conv_bn_act_reference, conv_output_shape
+from evit_kernels.ops.conv_bn_act import (
+    ACTIVATIONS,
+    ConvBnActArgs,
+    conv_bn_act,
+    conv_bn_act_reference,
+    conv_output_shape,
+)
 from tests.numerics import assert_within_twice_eager, in_layout, poison_next_allocation
 
 needs_extension = pytest.mark.skipif(_extension.load_error() is not None,
@@ -68,8 +74,8 @@ def _check_against_float64(args, activation):
     args = list(args)
     args[7] = activation
     dtype = args[0].dtype
-    expected = conv_bn_act_reference(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
-    eager = conv_bn_act_reference(*args)
+    expected = conv_bn_act_reference(ConvBnActArgs(*[a.double() if isinstance(a, torch.Tensor) else a for a in args]))
+    eager = conv_bn_act_reference(ConvBnActArgs(*args))
     poisoned = poison_next_allocation(expected.shape, dtype)
     out = conv_bn_act(*args, backend="cuda")
     assert out.data_ptr() == poisoned, "the output did not reuse the NaN-poisoned block"
@@ -121,7 +127,7 @@ def test_nan_propagates_as_in_pytorch(activation, layout):
     args[0][1, 35, 0, 7] = float("nan")
     args[7] = activation
     out = conv_bn_act(*args, backend="cuda")
-    eager = conv_bn_act_reference(*args)
+    eager = conv_bn_act_reference(ConvBnActArgs(*args))
     assert eager.isnan().sum() == 9 + 4  # every activation keeps NaN: the 3×3 windows around them, one at a corner
     assert torch.equal(out.isnan(), eager.isnan())
 
@@ -195,7 +201,7 @@ def test_schema_is_registered():
 def test_meta_gives_the_ops_shape_dtype_and_layout(layout, shape, k, stride, padding):
     x = in_layout(torch.randn(shape), layout)
     weight = torch.randn(shape[1], 1, k, k)
-    expected = conv_bn_act_reference(x, weight, None, stride, padding, [1, 1], shape[1], "none")
+    expected = conv_bn_act_reference(ConvBnActArgs(x, weight, None, stride, padding, [1, 1], shape[1], "none"))
     meta_x = torch.empty_strided(x.shape, x.stride(), dtype=torch.bfloat16, device="meta")
     out = torch.ops.evit.depthwise_conv_cuda(meta_x, weight.to("meta", torch.bfloat16), None, stride, padding,
                                              "none", None)
@@ -224,7 +230,7 @@ def test_extension_op_rejects_cpu_tensors():
 
 
 def _reasons(args) -> list[str]:
-    return dispatch.get(OP, "cuda").input_reasons(*args)
+    return dispatch.get(OP, "cuda").input_reasons(ConvBnActArgs(*args))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
@@ -282,8 +288,8 @@ def test_explicit_request_without_a_gpu_raises_and_auto_falls_back(pretend_valid
         conv_bn_act(*args, backend="cuda")
     # Even if it were validated, "auto" must pass the cuda backend over here.
     pretend_validated(OP, "cuda")
-    assert dispatch.choose(OP, *args).name != "cuda"
-    torch.testing.assert_close(conv_bn_act(*args), conv_bn_act_reference(*args))
+    assert dispatch.choose(ConvBnActArgs(*args)).name != "cuda"
+    torch.testing.assert_close(conv_bn_act(*args), conv_bn_act_reference(ConvBnActArgs(*args)))
 
 
 def test_cuda_backend_is_registered_but_not_a_default():

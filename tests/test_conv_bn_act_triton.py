@@ -14,7 +14,7 @@ from torch import nn
 
 from evit_kernels import dispatch
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct
-from evit_kernels.ops.conv_bn_act import ACTIVATIONS, conv_bn_act, conv_bn_act_reference
+from evit_kernels.ops.conv_bn_act import ACTIVATIONS, ConvBnActArgs, conv_bn_act, conv_bn_act_reference
 from tests.numerics import assert_within_twice_eager, in_layout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,8 +71,8 @@ def _check_against_float64(x, weight, bias, residual, conv, activation):
     out = conv_bn_act(x, weight, bias, activation=activation, residual=residual, backend="triton", **conv)
     eager = conv_bn_act(x, weight, bias, activation=activation, residual=residual, backend="torch", **conv)
     f64 = [None if t is None else t.double() for t in (x, weight, bias, residual)]
-    expected = conv_bn_act_reference(f64[0], f64[1], f64[2], conv["stride"], conv["padding"], [1, 1], conv["groups"],
-                                     activation, f64[3])
+    expected = conv_bn_act_reference(ConvBnActArgs(f64[0], f64[1], f64[2], conv["stride"], conv["padding"], [1, 1],
+                                                   conv["groups"], activation, f64[3]))
     assert out.dtype == dtype and out.shape == eager.shape and out.stride() == eager.stride()
     assert torch.isfinite(out).all()
     assert_within_twice_eager(out, eager, expected, dtype, weight[0].numel())
@@ -136,8 +136,8 @@ def test_reference_gradients_after_triton_forward(kind):
     conv_bn_act(leaves[0], leaves[1], leaves[2], activation="gelu", residual=leaves[3], backend="triton",
                 **conv).sum().backward()  # a stride-0 grad_output
     exact = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
-    conv_bn_act_reference(exact[0], exact[1], exact[2], conv["stride"], conv["padding"], [1, 1], conv["groups"],
-                          "gelu", exact[3]).sum().backward()
+    conv_bn_act_reference(ConvBnActArgs(exact[0], exact[1], exact[2], conv["stride"], conv["padding"], [1, 1],
+                                        conv["groups"], "gelu", exact[3])).sum().backward()
     for got, ref in zip(leaves, exact):
         torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
 
@@ -189,15 +189,14 @@ def test_validated_backend_is_chosen_under_auto_for_supported_inputs(pretend_val
     pretend_validated("conv_bn_act", "triton")
     args = _conv_args()
     conv = [args["x"], args["weight"], None, [1, 1], [1, 1], [1, 1], 4, "relu", None]
-    assert dispatch.choose("conv_bn_act", *conv).name == "triton"
+    assert dispatch.choose(ConvBnActArgs(*conv)).name == "triton"
 
 
 def test_refuses_tensors_beyond_32_bit_indexing():
     x = torch.zeros(1, 1, 1, 1, device=DEVICE).expand(1, 2**15, 2**8, 2**8)  # 2^31 elements, no memory
     weight = torch.randn(2**15, 1, 3, 3, device=DEVICE)
     with pytest.raises(dispatch.BackendUnavailable, match="2\\^31"):
-        dispatch.choose("conv_bn_act", x, weight, None, [1, 1], [1, 1], [1, 1], 2**15, "relu", None,
-                        backend="triton")
+        dispatch.choose(ConvBnActArgs(x, weight, None, [1, 1], [1, 1], [1, 1], 2**15, "relu", None), "triton")
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors")
@@ -205,7 +204,7 @@ def test_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
     args = _conv_args()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     reasons = dispatch.get("conv_bn_act", "triton").input_reasons(
-        args["x"], args["weight"], None, [1, 1], [1, 1], [1, 1], 4, "relu", None)
+        ConvBnActArgs(args["x"], args["weight"], None, [1, 1], [1, 1], [1, 1], 4, "relu", None))
     assert any("cpu" in r for r in reasons)
 
 

@@ -6,7 +6,8 @@ from timm.models.efficientvit_mit import ConvNormAct
 
 from evit_kernels import dispatch
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct
-from evit_kernels.ops.relu_linear_attention import relu_linear_attention
+from evit_kernels.ops.conv_bn_act import ConvBnActArgs
+from evit_kernels.ops.relu_linear_attention import ReluLinearAttentionArgs, relu_linear_attention
 
 
 def test_requested_resolves_argument_then_environment(monkeypatch):
@@ -27,7 +28,7 @@ def test_requested_resolves_argument_then_environment(monkeypatch):
 def test_automatic_choice_never_picks_an_unvalidated_kernel(monkeypatch):
     monkeypatch.delenv("EVIT_BACKEND", raising=False)
     qkv = torch.randn(1, 24, 3, 3)
-    assert dispatch.choose("relu_linear_attention", qkv, [], 8, 1e-5).name == "torch"
+    assert dispatch.choose(ReluLinearAttentionArgs(qkv, [], 8, 1e-5)).name == "torch"
     statuses = dispatch.status("relu_linear_attention")
     assert statuses["torch"] == []
     assert dispatch.get("relu_linear_attention", "triton").validated_on is None
@@ -44,12 +45,12 @@ def test_experimental_choice_takes_unvalidated_kernels_where_they_apply(monkeypa
     monkeypatch.delenv("EVIT_BACKEND", raising=False)
     pointwise = (torch.randn(1, 8, 3, 3), torch.randn(4, 8, 1, 1), None, [1, 1], [0, 0], [1, 1], 1, "none", None)
     dense = (torch.randn(1, 8, 5, 5), torch.randn(4, 8, 3, 3), None, [1, 1], [1, 1], [1, 1], 1, "none", None)
-    assert dispatch.choose("conv_bn_act", *pointwise).name == "torch"  # auto: nothing is validated yet
+    assert dispatch.choose(ConvBnActArgs(*pointwise)).name == "torch"  # auto: nothing is validated yet
     # The interpreter stands in for a GPU here: the Triton 1×1 kernel takes the first; no kernel takes a dense 3×3.
-    assert dispatch.choose("conv_bn_act", *pointwise, backend="experimental").name == "triton"
-    assert dispatch.choose("conv_bn_act", *dense, backend="experimental").name == "torch"
+    assert dispatch.choose(ConvBnActArgs(*pointwise), "experimental").name == "triton"
+    assert dispatch.choose(ConvBnActArgs(*dense), "experimental").name == "torch"
     monkeypatch.setenv("EVIT_BACKEND", "conv_bn_act=experimental")
-    assert dispatch.choose("conv_bn_act", *pointwise).name == "triton"
+    assert dispatch.choose(ConvBnActArgs(*pointwise)).name == "triton"
 
 
 @pytest.mark.parametrize("request_, message", [

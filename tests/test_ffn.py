@@ -19,7 +19,7 @@ from evit_kernels.nn import ffn as fused_module_file
 from evit_kernels.nn._base import Unsupported
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct
 from evit_kernels.nn.ffn import FusedResidualFFN
-from evit_kernels.ops.ffn import ffn, ffn_reference
+from evit_kernels.ops.ffn import FfnArgs, ffn, ffn_reference
 from tests.cream_style import FFN, Residual
 from tests.models import randomize_bn, with_child
 from tests.numerics import assert_same_grads_and_buffers, assert_within_twice_eager, in_layout
@@ -55,8 +55,8 @@ def _inputs(name: str, dtype: torch.dtype) -> tuple:
 def test_within_twice_eager_error(poisoned_empty, name, dtype):
     args = _inputs(name, dtype)
     out = ffn(*args, backend="triton")
-    eager = ffn_reference(*args)
-    expected = ffn_reference(*(None if t is None else t.double() for t in args))
+    eager = ffn_reference(FfnArgs(*args))
+    expected = ffn_reference(FfnArgs(*(None if t is None else t.double() for t in args)))
     assert out.dtype == dtype and out.shape == eager.shape and out.stride() == eager.stride()
     assert torch.isfinite(out).all()
     channels, hidden = args[1].shape[1], args[1].shape[0]
@@ -69,7 +69,7 @@ def test_reference_gradients_after_triton_forward():
     leaves = [t.detach().clone().requires_grad_() for t in args]
     ffn(*leaves, backend="triton").sum().backward()  # a stride-0 grad_output
     exact = [t.detach().double().requires_grad_() for t in args]
-    ffn_reference(*exact).sum().backward()
+    ffn_reference(FfnArgs(*exact)).sum().backward()
     for got, ref in zip(leaves, exact):
         torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
 
@@ -106,16 +106,16 @@ def test_unsupported_inputs_raise_on_request_and_fall_back_under_auto(pretend_va
             ffn(*args, backend="triton")
     pretend_validated("ffn", "triton")  # so that "auto" considers it: it must pass these inputs over
     for args in (wide, double):
-        assert dispatch.choose("ffn", *args).name == "torch"
-        torch.testing.assert_close(ffn(*args), ffn_reference(*args))
-    assert dispatch.choose("ffn", *_inputs("c16_nchw", torch.float32)).name == "triton"
+        assert dispatch.choose(FfnArgs(*args)).name == "torch"
+        torch.testing.assert_close(ffn(*args), ffn_reference(FfnArgs(*args)))
+    assert dispatch.choose(FfnArgs(*_inputs("c16_nchw", torch.float32))).name == "triton"
 
 
 def test_refuses_tensors_beyond_32_bit_indexing():
     x = torch.zeros(1, 1, 1, 1, device=DEVICE).expand(2**16, 16, 2**8, 2**8)  # 2^36 elements, no memory
     w1, w2 = torch.randn(32, 16, 1, 1, device=DEVICE), torch.randn(16, 32, 1, 1, device=DEVICE)
     with pytest.raises(dispatch.BackendUnavailable, match="2\\^31"):
-        dispatch.choose("ffn", x, w1, None, w2, None, None, backend="triton")
+        dispatch.choose(FfnArgs(x, w1, None, w2, None, None), "triton")
 
 
 def _timm_block(channels=16):

@@ -13,15 +13,19 @@ from hypothesis import strategies as st
 
 from evit_kernels import dispatch
 from evit_kernels.ops.cascaded_group_attention import (
+    CascadedGroupAttentionArgs,
+    WindowAttentionArgs,
     cascaded_group_attention,
     cascaded_group_attention_reference,
     window_attention,
     window_attention_reference,
 )
 from evit_kernels.ops.conv_block import conv_block
-from evit_kernels.ops.conv_bn_act import ACTIVATIONS, conv_bn_act, conv_bn_act_reference
-from evit_kernels.ops.ffn import ffn, ffn_reference
+from evit_kernels.ops.conv_bn_act import ACTIVATIONS, ConvBnActArgs, conv_bn_act, conv_bn_act_reference
+from evit_kernels.ops.ffn import FfnArgs, ffn, ffn_reference
 from evit_kernels.ops.relu_linear_attention import (
+    AggregatedArgs,
+    ReluLinearAttentionArgs,
     relu_linear_attention,
     relu_linear_attention_aggregated,
     relu_linear_attention_aggregated_reference,
@@ -102,8 +106,8 @@ def test_conv_bn_act(dtype, layout, batch, channels, out_channels, height, width
         _refused(lambda: run("triton"))
         return
     f64 = [None if t is None else t.double() for t in (x, weight, b, r)]
-    expected = conv_bn_act_reference(f64[0], f64[1], f64[2], [stride] * 2, [k // 2] * 2, [1, 1], groups, activation,
-                                     f64[3])
+    expected = conv_bn_act_reference(ConvBnActArgs(f64[0], f64[1], f64[2], [stride] * 2, [k // 2] * 2, [1, 1], groups,
+                                                   activation, f64[3]))
     out = run("triton")
     assert out.dtype == dtype and out.shape == expected.shape and torch.isfinite(out).all()
     assert_within_twice_eager(out, run("torch"), expected, dtype, weight[0].numel())
@@ -125,10 +129,10 @@ def test_ffn(dtype, layout, batch, channels, height, width, biases, residual):
     if channels > 512:
         _refused(lambda: ffn(*args, backend="triton"))
         return
-    expected = ffn_reference(*(None if t is None else t.double() for t in args))
+    expected = ffn_reference(FfnArgs(*(None if t is None else t.double() for t in args)))
     out = ffn(*args, backend="triton")
     assert out.dtype == dtype and out.shape == expected.shape and torch.isfinite(out).all()
-    assert_within_twice_eager(out, ffn_reference(*args), expected, dtype, channels + hidden)
+    assert_within_twice_eager(out, ffn_reference(FfnArgs(*args)), expected, dtype, channels + hidden)
 
 
 @FUZZ
@@ -142,8 +146,8 @@ def test_relu_linear_attention_forward_and_gradients(dtype, channels_last, batch
     if dim not in HEAD_DIMS:
         _refused(lambda: run("triton", sources))
         return
-    _check_forward_and_gradients(run, lambda t: relu_linear_attention_reference(t[0], t[1:], dim, 1e-5), sources,
-                                 dtype, terms=height * width + dim)
+    _check_forward_and_gradients(run, lambda t: relu_linear_attention_reference(
+        ReluLinearAttentionArgs(t[0], t[1:], dim, 1e-5)), sources, dtype, terms=height * width + dim)
 
 
 @FUZZ
@@ -162,7 +166,8 @@ def test_window_attention_forward_and_gradients(dtype, windows, key_dim, val_dim
         _refused(lambda: window_attention(*inputs, resolution, scale, backend="triton"))
         return
     _check_forward_and_gradients(lambda backend, t: window_attention(*t, resolution, scale, backend=backend),
-                                 lambda t: window_attention_reference(*t, resolution, scale), inputs, dtype,
+                                 lambda t: window_attention_reference(WindowAttentionArgs(*t, resolution, scale)),
+                                 inputs, dtype,
                                  terms=2 * n + key_dim + val_dim)
 
 
@@ -198,7 +203,7 @@ def test_relu_linear_attention_aggregated(dtype, channels_last, batch, heads, di
         _refused(lambda: run("triton"))
         return
     doubled = [[None if t is None else t.double() for t in group] for group in scales]
-    expected = relu_linear_attention_aggregated_reference(qkv.double(), *doubled, dim, 1e-5)
+    expected = relu_linear_attention_aggregated_reference(AggregatedArgs(qkv.double(), *doubled, dim, 1e-5))
     out = run("triton")
     assert out.dtype == dtype and out.shape == expected.shape and torch.isfinite(out).all()
     terms = max(kernel_sizes, default=0) ** 2 + dim + height * width + dim
@@ -217,7 +222,7 @@ def test_cascaded_group_attention(dtype, batch, heads, val_dim, kernels, height,
     if window > MAX_RESOLUTION:
         _refused(lambda: cascaded_group_attention(*args, backend="triton"))
         return
-    expected = cascaded_group_attention_reference(*cast(args, torch.float64))
+    expected = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*cast(args, torch.float64)))
     with torch.no_grad():
         out = cascaded_group_attention(*args, backend="triton")
         eager = cascaded_group_attention(*args, backend="torch")

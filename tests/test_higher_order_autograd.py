@@ -10,8 +10,12 @@ import pytest
 import torch
 
 from evit_kernels import dispatch
-from evit_kernels.ops.cascaded_group_attention import window_attention, window_attention_reference
-from evit_kernels.ops.relu_linear_attention import relu_linear_attention, relu_linear_attention_reference
+from evit_kernels.ops.cascaded_group_attention import WindowAttentionArgs, window_attention, window_attention_reference
+from evit_kernels.ops.relu_linear_attention import (
+    ReluLinearAttentionArgs,
+    relu_linear_attention,
+    relu_linear_attention_reference,
+)
 
 
 def _attention_inputs():
@@ -24,9 +28,10 @@ def _window_inputs():
 
 CASES = {
     "relu_linear_attention": (_attention_inputs, lambda t, backend: relu_linear_attention(
-        t[0], t[1:], 8, 1e-5, backend=backend), lambda t: relu_linear_attention_reference(t[0], t[1:], 8, 1e-5)),
+        t[0], t[1:], 8, 1e-5, backend=backend),
+        lambda t: relu_linear_attention_reference(ReluLinearAttentionArgs(t[0], t[1:], 8, 1e-5))),
     "window_attention": (_window_inputs, lambda t, backend: window_attention(*t, 4, 0.25, backend=backend),
-                         lambda t: window_attention_reference(*t, 4, 0.25)),
+                         lambda t: window_attention_reference(WindowAttentionArgs(*t, 4, 0.25))),
 }
 
 

@@ -12,6 +12,7 @@ import torch
 from evit_kernels import dispatch
 from evit_kernels.nn.lite_mla import FusedLiteMLA
 from evit_kernels.ops.relu_linear_attention import (
+    AggregatedArgs,
     choose_aggregated,
     relu_linear_attention_aggregated,
     relu_linear_attention_aggregated_reference,
@@ -67,7 +68,7 @@ def test_matches_float64_composition_within_twice_eager_error(poisoned_empty, ba
                                                               kernel_sizes, biases, channels_last, dtype):
     eps = 1e-5
     qkv, *scales = _inputs(batch, heads, dim, height, width, kernel_sizes, biases, dtype, channels_last)
-    expected = relu_linear_attention_aggregated_reference(qkv.double(), *map(_double, scales), dim, eps)
+    expected = relu_linear_attention_aggregated_reference(AggregatedArgs(qkv.double(), *map(_double, scales), dim, eps))
     out = relu_linear_attention_aggregated(qkv, *scales, dim, eps, backend="triton")
     eager = relu_linear_attention_aggregated(qkv, *scales, dim, eps, backend="torch")
     assert out.dtype == dtype and out.shape == expected.shape and torch.isfinite(out).all()
@@ -79,7 +80,8 @@ def test_fp16_large_activations_with_mit_han_lab_eps():
     # eps 1e-15 is 0 in fp16 and the kv sums overflow 65504: the kernels accumulate and divide in fp32.
     qkv, *scales = _inputs(1, 2, 16, 5, 5, (5,), "none", torch.float16)
     qkv = qkv * 300
-    expected = relu_linear_attention_aggregated_reference(qkv.double(), *map(_double, scales), 16, 1e-15)
+    expected = relu_linear_attention_aggregated_reference(
+        AggregatedArgs(qkv.double(), *map(_double, scales), 16, 1e-15))
     out = relu_linear_attention_aggregated(qkv, *scales, 16, 1e-15, backend="triton")
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), expected, rtol=2e-3, atol=2e-3 * expected.abs().max().item())

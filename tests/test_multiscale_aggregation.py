@@ -1,4 +1,4 @@
-"""evit::multiscale_aggregation (depthwise k×k then grouped 1×1) against nn.Conv2d layers."""
+"""multiscale_aggregation (depthwise k×k then grouped 1×1) against nn.Conv2d layers."""
 
 import pytest
 import torch
@@ -51,16 +51,12 @@ def test_aggregation_channels_last_input_gives_nchw_output():
 def test_aggregation_gradcheck():
     _, (qkv, dw_w, dw_b, pw_w, pw_b, groups) = aggregation_inputs(3, channels=6, groups=3, shape=(3, 4))
     tensors = [t.detach().requires_grad_() for t in (qkv, dw_w, dw_b, pw_w, pw_b)]
-    # Through the library op, so that its registered backward (not PyTorch's own autograd) is what is checked.
-    assert torch.autograd.gradcheck(lambda *t: torch.ops.evit.multiscale_aggregation(*t, groups, "torch"), tensors)
+    assert torch.autograd.gradcheck(lambda *t: multiscale_aggregation(*t, groups), tensors)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("bias", [True, False])
-def test_aggregation_opcheck(dtype, bias):
-    _, (qkv, *weights, groups) = aggregation_inputs(3, channels=6, groups=3, shape=(3, 4), dtype=dtype, bias=bias)
-    tensors = [t if t is None else t.detach().requires_grad_() for t in (qkv, *weights)]
-    torch.library.opcheck(torch.ops.evit.multiscale_aggregation.default, (*tensors, groups, "torch"))
+def test_aggregation_is_no_library_op():
+    """Only the reference exists, so it runs as plain PyTorch ops: no torch.library op to keep in step."""
+    assert not hasattr(torch.ops.evit, "multiscale_aggregation")
 
 
 def test_aggregation_bad_inputs_raise_clear_errors():

@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from evit_kernels import dispatch
-from evit_kernels.ops.relu_linear_attention import relu_linear_attention, relu_linear_attention_reference
+from evit_kernels.ops.relu_linear_attention import (
+    ReluLinearAttentionArgs,
+    relu_linear_attention,
+    relu_linear_attention_reference,
+)
 from tests.numerics import assert_within_twice_eager
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,7 +43,7 @@ def test_forward_and_gradients_within_twice_eager_error(poisoned_empty, batch, h
     eps = 1e-5
     sources = _sources(batch, heads, dim, height, width, scales, dtype, channels_last=channels_last)
     exact_inputs = [s.detach().double().requires_grad_() for s in sources]
-    expected = relu_linear_attention_reference(exact_inputs[0], exact_inputs[1:], dim, eps)
+    expected = relu_linear_attention_reference(ReluLinearAttentionArgs(exact_inputs[0], exact_inputs[1:], dim, eps))
     grad_out = torch.randn_like(expected)
     exact_grads = torch.autograd.grad(expected, exact_inputs, grad_out)
 
@@ -63,7 +67,7 @@ def test_stride_zero_gradient_of_sum():
     sources = [s.requires_grad_() for s in _sources(1, 2, 8, 3, 5, 1, torch.float32)]
     relu_linear_attention(sources[0], sources[1:], 8, 1e-5, backend="triton").sum().backward()
     exact = [s.detach().double().requires_grad_() for s in sources]
-    relu_linear_attention_reference(exact[0], exact[1:], 8, 1e-5).sum().backward()
+    relu_linear_attention_reference(ReluLinearAttentionArgs(exact[0], exact[1:], 8, 1e-5)).sum().backward()
     for got, ref in zip(sources, exact):
         torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-5)
 
@@ -77,7 +81,8 @@ def test_fp16_large_activations_with_mit_han_lab_eps():
     assert not torch.isfinite(naive_kv).all(), "the test input must overflow a plain fp16 computation"
 
     out = relu_linear_attention(sources[0], sources[1:], 16, eps, backend="triton")
-    expected = relu_linear_attention_reference(sources[0].double(), [s.double() for s in sources[1:]], 16, eps)
+    expected = relu_linear_attention_reference(
+        ReluLinearAttentionArgs(sources[0].double(), [s.double() for s in sources[1:]], 16, eps))
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), expected, rtol=2e-3, atol=2e-3 * expected.abs().max().item())
 
@@ -107,7 +112,7 @@ def test_unsupported_inputs_fall_back_or_raise_with_reasons(pretend_validated):
         relu_linear_attention(strided, [], 8, 1e-5, backend="triton")
     pretend_validated("relu_linear_attention", "triton")  # so that "auto" considers it: it must pass these over
     for refused in (qkv, strided):
-        assert dispatch.choose("relu_linear_attention", refused, [], 8, 1e-5).name == "torch"
+        assert dispatch.choose(ReluLinearAttentionArgs(refused, [], 8, 1e-5)).name == "torch"
     assert torch.isfinite(relu_linear_attention(strided, [], 8, 1e-5)).all()
 
 
@@ -122,7 +127,7 @@ def test_unsupported_inputs_fall_back_or_raise_with_reasons(pretend_validated):
 def test_realistic_shapes_on_gpu(batch, heads, dim, height, width, dtype):
     sources = _sources(batch, heads, dim, height, width, 1, dtype)
     exact = [s.detach().double().requires_grad_() for s in sources]
-    expected = relu_linear_attention_reference(exact[0], exact[1:], dim, 1e-5)
+    expected = relu_linear_attention_reference(ReluLinearAttentionArgs(exact[0], exact[1:], dim, 1e-5))
     grad_out = torch.randn_like(expected)
     exact_grads = torch.autograd.grad(expected, exact, grad_out)
     for backend in ("triton", "torch"):
@@ -139,8 +144,10 @@ def test_realistic_shapes_on_gpu(batch, heads, dim, height, width, dtype):
 
 def test_refuses_head_dims_it_does_not_compile_and_tensors_beyond_32_bit_indexing():
     qkv = torch.zeros(1, 1, 1, 1).expand(2**14, 48, 2**9, 2**9)  # 2^41 elements, no memory
-    refused = dispatch.get("relu_linear_attention", "triton").not_supported_reasons(qkv, [], 16, 1e-5)
+    refused = dispatch.get("relu_linear_attention", "triton").not_supported_reasons(
+        ReluLinearAttentionArgs(qkv, [], 16, 1e-5))
     assert any("2^31" in r for r in refused)
     small = torch.randn(1, 36, 2, 2)
-    refused = dispatch.get("relu_linear_attention", "triton").not_supported_reasons(small, [], 12, 1e-5)
+    refused = dispatch.get("relu_linear_attention", "triton").not_supported_reasons(
+        ReluLinearAttentionArgs(small, [], 12, 1e-5))
     assert any("head dim 12" in r for r in refused)

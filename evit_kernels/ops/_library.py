@@ -1,13 +1,19 @@
-"""What every evit op shares: input dtype policy and the autograd of reference-only ops."""
+"""What every evit op shares: the argument record base, the op registration (schema, fake, autograd, torch
+backend) and the input dtype policy."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from torch import Tensor
 from torch.utils import _pytree as pytree
+
+from evit_kernels import dispatch
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 FLOATING = (torch.float32, torch.float64) + LOW_PRECISION
@@ -43,41 +49,105 @@ def check_floating_same_dtype(op: str, x: torch.Tensor, **tensors: Any) -> None:
                 raise ValueError(f"{op}: {name} is on {t.device} but the input is on {x.device}")
 
 
-def register_reference_autograd(qualname: str, reference: Callable[..., torch.Tensor]) -> None:
-    """Give ``qualname`` a backward that recomputes ``reference`` and takes its vector-Jacobian product.
+class OpArgs:
+    """Base of the argument records, one frozen dataclass per op: built once by the op's function (checked and
+    cast), then handed whole to the reference, the fake implementation, every backend's checks and kernels, and
+    the autograd. The fields, in order, are the ``torch.library`` op's arguments (its schema is derived from their
+    annotations); ``op`` names the op."""
 
-    Correct by construction, for ops whose kernels have no backward of their own: the gradient is the
-    reference's whichever backend ran the forward. The op takes ``reference``'s arguments followed by the name
-    of the backend that runs it (every evit op does), which the reference is not given. The arguments may include
-    tensors, lists of tensors, None and plain values; gradients flow to every floating-point tensor among them.
-    """
+    op: ClassVar[str]
+
+    def fields(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor among the fields (lists flattened, absent ones skipped), the first argument first."""
+        return [t for t in pytree.tree_leaves(list(self.fields())) if isinstance(t, Tensor)]
+
+    def output_shape(self) -> list[int]:
+        raise NotImplementedError
+
+    def output_layout(self) -> torch.memory_format:
+        return torch.contiguous_format
+
+    def output_numel(self) -> int:
+        return math.prod(self.output_shape())
+
+    def new_output(self) -> Tensor:
+        """The op's output, uninitialised: shape, dtype, device and layout as every backend returns it."""
+        first = self.tensors()[0]
+        return torch.empty(self.output_shape(), dtype=first.dtype, device=first.device,
+                           memory_format=self.output_layout())
+
+
+_SCHEMA_TYPES = {"Tensor": "Tensor", "Tensor | None": "Tensor?", "list[Tensor]": "Tensor[]",
+                 "list[Tensor | None]": "Tensor?[]", "int": "SymInt", "list[int]": "SymInt[]", "float": "float",
+                 "str": "str"}
+
+
+def define_op(args_type: type[OpArgs], reference: Callable[[OpArgs], Tensor],
+              reference_backward: Callable[[OpArgs, Tensor], dict[str, Any]] | None = None) -> None:
+    """Register op ``evit::<args_type.op>`` with ``torch.library`` (schema from the record's fields plus the
+    backend name, fake from :meth:`OpArgs.new_output`, autograd) and its torch backend with
+    :mod:`evit_kernels.dispatch`.
+
+    The gradient of a run on backend ``b`` is ``b``'s own ``backward`` when it has one (and the backward need not
+    be differentiable, :func:`dispatch.differentiable_backward`), else ``reference_backward``, else the
+    vector-Jacobian product of ``reference``: correct by construction for kernels without a backward."""
+    name = args_type.op
+    arguments = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in dataclasses.fields(args_type))
+
+    def run(*values: Any) -> Tensor:
+        args = args_type(*values[:-1])
+        if args.output_numel() == 0:  # nothing to compute: no kernel launch (a grid of zero programs is an error)
+            return args.new_output()
+        return dispatch.get(name, values[-1]).forward(args)
+
+    torch.library.custom_op(f"evit::{name}", run, mutates_args=(), schema=f"({arguments}, str backend) -> Tensor")
+    torch.library.register_fake(f"evit::{name}", lambda *values: args_type(*values[:-1]).new_output())
 
     def setup_context(ctx, inputs, output):
-        leaves, ctx.spec = pytree.tree_flatten(list(inputs))
-        ctx.is_tensor = [isinstance(v, torch.Tensor) for v in leaves]
+        leaves, ctx.spec = pytree.tree_flatten(list(inputs[:-1]))
+        ctx.backend = inputs[-1]
+        ctx.is_tensor = [isinstance(v, Tensor) for v in leaves]
         ctx.constants = [None if t else v for v, t in zip(leaves, ctx.is_tensor)]
         ctx.save_for_backward(*[v for v, t in zip(leaves, ctx.is_tensor) if t])
 
     def backward(ctx, grad):
         saved = iter(ctx.saved_tensors)
         leaves = [next(saved) if t else c for t, c in zip(ctx.is_tensor, ctx.constants)]
-        wrt = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        args = args_type(*pytree.tree_unflatten(leaves, ctx.spec))
+        own = dispatch.get(name, ctx.backend).backward
+        if own is not None and not dispatch.differentiable_backward(name, ctx.backend):
+            grads = own(args, grad)
+        elif reference_backward is not None:
+            grads = reference_backward(args, grad)
+        else:
+            grads = _reference_vjp(reference, args_type, leaves, ctx.spec, grad)
+        return (*(grads.get(f.name) for f in dataclasses.fields(args_type)), None)
 
-        def fn(*diff):
-            full = list(leaves)
-            for i, v in zip(wrt, diff):
-                full[i] = v
-            return reference(*pytree.tree_unflatten(full, ctx.spec)[:-1])  # all but the backend name
-
-        _, vjp = torch.func.vjp(fn, *[leaves[i] for i in wrt])
-        grads_by_leaf = dict(zip(wrt, vjp(grad)))
-        grads = pytree.tree_unflatten([grads_by_leaf.get(i) for i in range(len(leaves))], ctx.spec)
-        # A plain-value argument (an int list, say) takes None, not a list of Nones.
-        return tuple(g if isinstance(a, torch.Tensor) or _holds_tensor(a) else None
-                     for g, a in zip(grads, pytree.tree_unflatten(leaves, ctx.spec)))
-
-    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+    torch.library.register_autograd(f"evit::{name}", backward, setup_context=setup_context)
+    dispatch.register(name, dispatch.Backend("torch", reference, dtypes=FLOATING, int32_offsets=False))
 
 
+def _reference_vjp(reference: Callable[[OpArgs], Tensor], args_type: type[OpArgs], leaves: list, spec,
+                   grad: Tensor) -> dict[str, Any]:
+    """The gradient of every floating-point tensor among the fields (tensors, lists of tensors or None), by field
+    name: the vector-Jacobian product of ``reference``."""
+    wrt = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and v.is_floating_point()]
+
+    def fn(*diff):
+        full = list(leaves)
+        for i, v in zip(wrt, diff):
+            full[i] = v
+        return reference(args_type(*pytree.tree_unflatten(full, spec)))
+
+    _, vjp = torch.func.vjp(fn, *[leaves[i] for i in wrt])
+    grads_by_leaf = dict(zip(wrt, vjp(grad)))
+    grads = pytree.tree_unflatten([grads_by_leaf.get(i) for i in range(len(leaves))], spec)
+    values = pytree.tree_unflatten(leaves, spec)
+    # A plain-value field (an int list, say) takes None, not a list of Nones.
+    return {f.name: g for f, g, v in zip(dataclasses.fields(args_type), grads, values)
+            if isinstance(v, Tensor) or _holds_tensor(v)}
 def _holds_tensor(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value)

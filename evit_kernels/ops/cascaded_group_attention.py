@@ -15,20 +15,16 @@ composition with that core on Triton.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from evit_kernels import dispatch
-from evit_kernels.ops._library import (
-    LOW_PRECISION,
-    autocast_inputs,
-    check_floating_same_dtype,
-    register_reference_autograd,
-)
+from evit_kernels.ops._library import LOW_PRECISION, OpArgs, autocast_inputs, check_floating_same_dtype, define_op
 
 OP = "cascaded_group_attention"
 WINDOW_OP = "window_attention"
@@ -97,69 +93,54 @@ def attention_core(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) 
     return v @ attn.transpose(-2, -1)
 
 
-def window_attention_reference(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, resolution: int,
-                               scale: float) -> Tensor:
+@dataclass(frozen=True)
+class WindowAttentionArgs(OpArgs):
+    """The arguments of ``evit::window_attention`` (see :func:`window_attention`)."""
+
+    op: ClassVar[str] = WINDOW_OP
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    bias_row: Tensor
+    resolution: int
+    scale: float
+
+    def output_shape(self) -> list[int]:
+        return [self.q.shape[0], self.v.shape[1], self.q.shape[2]]
+
+
+def window_attention_reference(a: WindowAttentionArgs) -> Tensor:
     """:func:`attention_core` with the (N, N) bias gathered from one head's (R²,) row of ``attention_biases``."""
-    return attention_core(q, k, v, bias_row[attention_bias_index(resolution, q.device)], scale)
+    return attention_core(a.q, a.k, a.v, a.bias_row[attention_bias_index(a.resolution, a.q.device)], a.scale)
 
 
-@torch.library.custom_op("evit::window_attention", mutates_args=())
-def _window_attention_op(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, resolution: int, scale: float,
-                         backend: str) -> Tensor:
-    return dispatch.get(WINDOW_OP, backend).forward(q, k, v, bias_row, resolution, scale)
+define_op(WindowAttentionArgs, window_attention_reference)
 
 
-@torch.library.register_fake("evit::window_attention")
-def _(q, k, v, bias_row, resolution, scale, backend):
-    return q.new_empty((q.shape[0], v.shape[1], q.shape[2]))
-
-
-def _window_setup_context(ctx, inputs, output):
-    q, k, v, bias_row, ctx.resolution, ctx.scale, ctx.backend = inputs
-    ctx.save_for_backward(q, k, v, bias_row)
-
-
-def _window_backward(ctx, grad):
-    q, k, v, bias_row = ctx.saved_tensors
-    if ctx.backend == "triton" and not dispatch.differentiable_backward(WINDOW_OP, ctx.backend):
-        from evit_kernels.triton import cascaded_group_attention as kernels
-
-        grad_q, grad_k, grad_v, grad_bias = kernels.backward(q, k, v, bias_row, grad, ctx.resolution, ctx.scale)
-        grads = (grad_q, grad_k, grad_v, grad_bias.to(bias_row.dtype))
-    else:
-        reference = functools.partial(window_attention_reference, resolution=ctx.resolution, scale=ctx.scale)
-        _, vjp = torch.func.vjp(reference, q, k, v, bias_row)
-        grads = vjp(grad)
-    return (*grads, None, None, None)
-
-
-def _window_triton_forward(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, resolution: int,
-                           scale: float) -> Tensor:
+def _window_triton_forward(a: WindowAttentionArgs) -> Tensor:
     from evit_kernels.triton import cascaded_group_attention as kernels
 
-    return kernels.forward(q, k, v, bias_row, resolution, scale)
+    return kernels.forward(a.q, a.k, a.v, a.bias_row, a.resolution, a.scale)
 
 
-def _window_triton_reasons(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, resolution: int,
-                           scale: float) -> list[str]:
+def _window_triton_backward(a: WindowAttentionArgs, grad: Tensor) -> dict[str, Tensor]:
+    from evit_kernels.triton import cascaded_group_attention as kernels
+
+    grad_q, grad_k, grad_v, grad_bias = kernels.backward(a.q, a.k, a.v, a.bias_row, grad, a.resolution, a.scale)
+    return {"q": grad_q, "k": grad_k, "v": grad_v, "bias_row": grad_bias.to(a.bias_row.dtype)}
+
+
+def _window_triton_reasons(a: WindowAttentionArgs) -> list[str]:
     from evit_kernels.triton.cascaded_group_attention import MAX_RESOLUTION
-    from evit_kernels.triton.conv_bn_act import span
 
-    reasons = dispatch.device_reasons("triton", q)
-    if q.dtype not in dispatch.KERNEL_DTYPES or bias_row.dtype not in dispatch.KERNEL_DTYPES:
-        reasons.append(f"{q.dtype} inputs with a {bias_row.dtype} bias row (the Triton kernels take float32, "
-                       f"float16 and bfloat16)")
-    if resolution > MAX_RESOLUTION:
-        reasons.append(f"window {resolution}×{resolution} > {MAX_RESOLUTION}×{MAX_RESOLUTION} (the kernels keep "
-                       f"the N×N scores in registers)")
-    if max(span(q), span(k), span(v), q.shape[0] * v.shape[1] * q.shape[2]) >= 2**31:
-        reasons.append("a tensor spanning 2^31 elements or more (the kernels index with 32 bits)")
-    return reasons
+    if a.resolution > MAX_RESOLUTION:
+        return [f"window {a.resolution}×{a.resolution} > {MAX_RESOLUTION}×{MAX_RESOLUTION} (the kernels keep the "
+                f"N×N scores in registers)"]
+    return []
 
 
-torch.library.register_autograd("evit::window_attention", _window_backward, setup_context=_window_setup_context)
-dispatch.register(WINDOW_OP, dispatch.Backend("torch", window_attention_reference))
-dispatch.register(WINDOW_OP, dispatch.Backend("triton", _window_triton_forward, _window_triton_reasons))
+dispatch.register(WINDOW_OP, dispatch.Backend("triton", _window_triton_forward, _window_triton_reasons,
+                                              backward=_window_triton_backward))
 
 
 def window_attention(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, resolution: int, scale: float,
@@ -178,9 +159,7 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, resoluti
         raise TypeError(f"{WINDOW_OP}: bias_row must be a floating tensor, got {bias_row.dtype}")
     if bias_row.device != q.device:
         raise ValueError(f"{WINDOW_OP}: bias_row is on {bias_row.device} but q is on {q.device}")
-    scale = float(scale)
-    chosen = dispatch.choose(WINDOW_OP, q, k, v, bias_row, resolution, scale, backend=backend)
-    return dispatch.call(torch.ops.evit.window_attention, chosen, q, k, v, bias_row, resolution, scale)
+    return dispatch.run(WindowAttentionArgs(q, k, v, bias_row, resolution, float(scale)), backend)
 
 
 def _check_window_shapes(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, resolution: int) -> None:
@@ -222,60 +201,66 @@ def cascade_heads(x: Tensor, qkvs: Sequence[Callable[[Tensor], Tensor]], dws: Se
     return torch.cat(outs, dim=1)
 
 
-def cascaded_group_attention_reference(
-        x: Tensor, qkv_weights: list[Tensor], qkv_biases: list[Tensor], dw_weights: list[Tensor],
-        dw_biases: list[Tensor], attention_biases: Tensor, proj_weight: Tensor, proj_bias: Tensor,
-        key_dim: int, window: int, *, core: str = "torch") -> Tensor:
-    """Cascaded group attention with folded weights as a composition of PyTorch ops (convs through F.conv2d).
+@dataclass(frozen=True)
+class CascadedGroupAttentionArgs(OpArgs):
+    """The arguments of ``evit::cascaded_group_attention`` (see :func:`cascaded_group_attention`)."""
 
-    With the default ``core`` this is the eager reference; with ``core="triton"`` it is the op's Triton
-    backend: the same composition with the attention core (:func:`window_attention`) on the Triton kernels.
-    """
-    windows, meta = window_partition(x, window)
-    qkvs = [lambda t, w=w, b=b: F.conv2d(t, w, b) for w, b in zip(qkv_weights, qkv_biases, strict=True)]
+    op: ClassVar[str] = OP
+    x: Tensor
+    qkv_weights: list[Tensor]
+    qkv_biases: list[Tensor]
+    dw_weights: list[Tensor]
+    dw_biases: list[Tensor]
+    attention_biases: Tensor
+    proj_weight: Tensor
+    proj_bias: Tensor
+    key_dim: int
+    window: int
+
+    def output_shape(self) -> list[int]:
+        return [self.x.shape[0], self.proj_weight.shape[0], self.x.shape[2], self.x.shape[3]]
+
+
+def _composition(a: CascadedGroupAttentionArgs, core: str) -> Tensor:
+    """Cascaded group attention with folded weights as a composition of PyTorch ops (convs through F.conv2d), the
+    attention core (:func:`window_attention`) on backend ``core``."""
+    windows, meta = window_partition(a.x, a.window)
+    qkvs = [lambda t, w=w, b=b: F.conv2d(t, w, b) for w, b in zip(a.qkv_weights, a.qkv_biases, strict=True)]
     dws = [lambda t, w=w, b=b: F.conv2d(t, w, b, padding=w.shape[-1] // 2, groups=w.shape[0])
-           for w, b in zip(dw_weights, dw_biases, strict=True)]
-    heads = cascade_heads(windows, qkvs, dws, attention_biases, key_dim, backend=core)
-    out = F.conv2d(F.relu(heads), proj_weight, proj_bias)
+           for w, b in zip(a.dw_weights, a.dw_biases, strict=True)]
+    heads = cascade_heads(windows, qkvs, dws, a.attention_biases, a.key_dim, backend=core)
+    out = F.conv2d(F.relu(heads), a.proj_weight, a.proj_bias)
     return window_merge(out, meta).contiguous()
 
 
-@torch.library.custom_op("evit::cascaded_group_attention", mutates_args=())
-def _cascaded_group_attention_op(
-        x: Tensor, qkv_weights: list[Tensor], qkv_biases: list[Tensor], dw_weights: list[Tensor],
-        dw_biases: list[Tensor], attention_biases: Tensor, proj_weight: Tensor, proj_bias: Tensor,
-        key_dim: int, window: int, backend: str) -> Tensor:
-    return dispatch.get(OP, backend).forward(x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_biases,
-                                              proj_weight, proj_bias, key_dim, window)
+def cascaded_group_attention_reference(a: CascadedGroupAttentionArgs) -> Tensor:
+    """The eager reference: the composition with the attention core in PyTorch."""
+    return _composition(a, core="torch")
 
 
-@torch.library.register_fake("evit::cascaded_group_attention")
-def _(x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_biases, proj_weight, proj_bias, key_dim, window,
-      backend):
-    return x.new_empty((x.shape[0], proj_weight.shape[0], x.shape[2], x.shape[3]))
+def _triton_forward(a: CascadedGroupAttentionArgs) -> Tensor:
+    """The op's Triton backend: the same composition with the attention core on the Triton kernels."""
+    return _composition(a, core="triton")
 
 
-def _triton_reasons(x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_biases, proj_weight, proj_bias,
-                    key_dim, window) -> list[str]:
+def _triton_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
     """What keeps the Triton attention core from running every head (the convs run through PyTorch)."""
     from evit_kernels.triton.cascaded_group_attention import MAX_RESOLUTION
 
-    reasons = dispatch.kernel_reasons("triton", x)
-    if window > MAX_RESOLUTION:
-        reasons.append(f"window {window}×{window} > {MAX_RESOLUTION}×{MAX_RESOLUTION} (the kernels keep the N×N "
-                       f"scores in registers)")
-    B, _, H, W = x.shape
-    per_head = B * -(-H // window) * -(-W // window) * window * window * qkv_weights[0].shape[0]
+    reasons = []
+    if a.window > MAX_RESOLUTION:
+        reasons.append(f"window {a.window}×{a.window} > {MAX_RESOLUTION}×{MAX_RESOLUTION} (the kernels keep the "
+                       f"N×N scores in registers)")
+    B, _, H, W = a.x.shape
+    per_head = B * -(-H // a.window) * -(-W // a.window) * a.window * a.window * a.qkv_weights[0].shape[0]
     if per_head >= 2**31:
         reasons.append("a head's qkv map of 2^31 elements or more (the kernels index with 32 bits)")
     return reasons
 
 
-def _cuda_forward(x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_biases, proj_weight, proj_bias,
-                  key_dim, window) -> Tensor:
+def _cuda_forward(a: CascadedGroupAttentionArgs) -> Tensor:
     """The whole op in one kernel launch: one CUDA block per window (csrc/cascaded_group_attention_cuda.cu)."""
-    return torch.ops.evit.cga_window_cuda(x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_biases,
-                                          proj_weight, proj_bias, key_dim, window)
+    return torch.ops.evit.cga_window_cuda(*a.fields())
 
 
 # The envelope the CUDA kernel was written and tested for (the released M0-M5 attentions: key_dim 16, value dims
@@ -296,11 +281,10 @@ def cuda_shared_memory_bytes(window: int, heads: int, in_width: int, key_dim: in
     return 4 * (n * (in_width + 3 * key_dim + val_dim + heads * val_dim) + n * (n | 1))
 
 
-def _cuda_reasons(x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_biases, proj_weight, proj_bias,
-                  key_dim, window) -> list[str]:
-    reasons = dispatch.kernel_reasons("cuda", x)
-    tensors = [x, *qkv_weights, *qkv_biases, *dw_weights, *dw_biases, attention_biases, proj_weight, proj_bias]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+def _cuda_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
+    x, qkv_weights, dw_weights, key_dim, window = a.x, a.qkv_weights, a.dw_weights, a.key_dim, a.window
+    reasons = []
+    if torch.is_grad_enabled() and any(t.requires_grad for t in a.tensors()):
         reasons.append("inference-only kernel (no backward): an input requires grad; run under torch.no_grad() or "
                        "torch.inference_mode(), or use the torch or triton backend to train")
     heads, C = len(qkv_weights), x.shape[1]
@@ -329,11 +313,9 @@ def _cuda_reasons(x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_b
 # Every backend's gradient is the VJP of the eager composition: torch.func cannot transform through
 # evit::window_attention's own autograd. This op serves inference (the modules' training path calls
 # window_attention directly and so trains through its Triton backward); the cuda backend refuses gradients.
-register_reference_autograd("evit::cascaded_group_attention", cascaded_group_attention_reference)
-dispatch.register(OP, dispatch.Backend("torch", cascaded_group_attention_reference))
-dispatch.register(OP, dispatch.Backend("triton", functools.partial(cascaded_group_attention_reference, core="triton"),
-                                       _triton_reasons))
-dispatch.register(OP, dispatch.Backend("cuda", _cuda_forward, _cuda_reasons))
+define_op(CascadedGroupAttentionArgs, cascaded_group_attention_reference)
+dispatch.register(OP, dispatch.Backend("triton", _triton_forward, _triton_reasons))
+dispatch.register(OP, dispatch.Backend("cuda", _cuda_forward, _cuda_reasons, int32_offsets=False))
 
 
 def cascaded_group_attention(
@@ -353,10 +335,9 @@ def cascaded_group_attention(
     check_floating_same_dtype(OP, x, qkv_weights=qkv_weights, qkv_biases=qkv_biases, dw_weights=dw_weights,
                               dw_biases=dw_biases, attention_biases=attention_biases, proj_weight=proj_weight,
                               proj_bias=proj_bias)
-    args = (x, list(qkv_weights), list(qkv_biases), list(dw_weights), list(dw_biases), attention_biases,
-            proj_weight, proj_bias, key_dim, window)
-    chosen = dispatch.choose(OP, *args, backend=backend)
-    return dispatch.call(torch.ops.evit.cascaded_group_attention, chosen, *args)
+    return dispatch.run(CascadedGroupAttentionArgs(x, list(qkv_weights), list(qkv_biases), list(dw_weights),
+                                                   list(dw_biases), attention_biases, proj_weight, proj_bias,
+                                                   key_dim, window), backend)
 
 
 def _check_shapes(x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_biases, proj_weight, proj_bias,

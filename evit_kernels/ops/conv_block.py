@@ -12,17 +12,21 @@ runs the block layer by layer through ``evit::conv_bn_act``'s kernels (per-layer
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from evit_kernels import dispatch
-from evit_kernels.ops._library import autocast_inputs, check_floating_same_dtype, register_reference_autograd
+from evit_kernels.ops._library import OpArgs, autocast_inputs, check_floating_same_dtype, define_op
 from evit_kernels.ops.conv_bn_act import (
     ACTIVATIONS,
+    ConvBnActArgs,
     _pair,
+    check_biases_and_output,
     conv_bn_act_reference,
     conv_output_shape,
     output_memory_format,
@@ -31,45 +35,51 @@ from evit_kernels.ops.conv_bn_act import (
 _ONE, _ZERO = [1, 1], [0, 0]
 
 
-def _layers(x: Tensor, w1: Tensor | None, b1: Tensor | None, act1: str, w2: Tensor, b2: Tensor | None, act2: str,
-            stride: list[int], padding: list[int], groups: int, w3: Tensor, b3: Tensor | None, act3: str,
-            residual: Tensor | None) -> list[tuple]:
-    """The block as ``conv_bn_act`` argument tuples, input first; each layer's input is the previous output."""
-    layers = [] if w1 is None else [(w1, b1, _ONE, _ZERO, _ONE, 1, act1, None)]
-    layers += [(w2, b2, stride, padding, _ONE, groups, act2, None), (w3, b3, _ONE, _ZERO, _ONE, 1, act3, residual)]
-    return layers
+@dataclass(frozen=True)
+class ConvBlockArgs(OpArgs):
+    """The arguments of ``evit::conv_block`` (see :func:`conv_block`), pairs as [height, width] lists."""
+
+    op: ClassVar[str] = "conv_block"
+    x: Tensor
+    w1: Tensor | None
+    b1: Tensor | None
+    act1: str
+    w2: Tensor
+    b2: Tensor | None
+    act2: str
+    stride: list[int]
+    padding: list[int]
+    groups: int
+    w3: Tensor
+    b3: Tensor | None
+    act3: str
+    residual: Tensor | None = None
+
+    def output_shape(self) -> list[int]:
+        batch, _, out_height, out_width = conv_output_shape(self.x, self.w2, self.stride, self.padding, _ONE)
+        return [batch, self.w3.shape[0], out_height, out_width]
+
+    def output_layout(self) -> torch.memory_format:
+        return output_memory_format(self.x)
+
+    def layers(self) -> Iterator[Callable[[Tensor], ConvBnActArgs]]:
+        """The block as ``conv_bn_act`` layers, each the arguments for its input (the previous layer's output)."""
+        if self.w1 is not None:
+            yield lambda t: ConvBnActArgs(t, self.w1, self.b1, _ONE, _ZERO, _ONE, 1, self.act1, None)
+        yield lambda t: ConvBnActArgs(t, self.w2, self.b2, self.stride, self.padding, _ONE, self.groups, self.act2,
+                                      None)
+        yield lambda t: ConvBnActArgs(t, self.w3, self.b3, _ONE, _ZERO, _ONE, 1, self.act3, self.residual)
 
 
-def conv_block_reference(x: Tensor, w1: Tensor | None, b1: Tensor | None, act1: str, w2: Tensor,
-                         b2: Tensor | None, act2: str, stride: list[int], padding: list[int], groups: int, w3: Tensor,
-                         b3: Tensor | None, act3: str, residual: Tensor | None = None) -> Tensor:
+def conv_block_reference(a: ConvBlockArgs) -> Tensor:
     """Eager PyTorch, layer after layer; laid out as :func:`output_memory_format` of ``x``."""
-    for layer in _layers(x, w1, b1, act1, w2, b2, act2, stride, padding, groups, w3, b3, act3, residual):
-        x = conv_bn_act_reference(x, *layer)
+    x = a.x
+    for layer in a.layers():
+        x = conv_bn_act_reference(layer(x))
     return x
 
 
-def _output_shape(x: Tensor, w2: Tensor, stride: list[int], padding: list[int], w3: Tensor) -> list[int]:
-    batch, _, out_height, out_width = conv_output_shape(x, w2, stride, padding, _ONE)
-    return [batch, w3.shape[0], out_height, out_width]
-
-
-@torch.library.custom_op("evit::conv_block", mutates_args=())
-def _conv_block_op(x: Tensor, w1: Tensor | None, b1: Tensor | None, act1: str, w2: Tensor, b2: Tensor | None,
-                   act2: str, stride: list[int], padding: list[int], groups: int, w3: Tensor, b3: Tensor | None,
-                   act3: str, residual: Tensor | None, backend: str) -> Tensor:
-    return dispatch.get("conv_block", backend).forward(
-        x, w1, b1, act1, w2, b2, act2, stride, padding, groups, w3, b3, act3, residual)
-
-
-@torch.library.register_fake("evit::conv_block")
-def _conv_block_fake(x, w1, b1, act1, w2, b2, act2, stride, padding, groups, w3, b3, act3, residual, backend):
-    return torch.empty(_output_shape(x, w2, stride, padding, w3), dtype=x.dtype, device=x.device,
-                       memory_format=output_memory_format(x))
-
-
-register_reference_autograd("evit::conv_block", conv_block_reference)
-dispatch.register("conv_block", dispatch.Backend("torch", conv_block_reference))
+define_op(ConvBlockArgs, conv_block_reference)
 
 
 def conv_block(x: Tensor, w1: Tensor | None, b1: Tensor | None, w2: Tensor, b2: Tensor | None, w3: Tensor,
@@ -92,17 +102,16 @@ def conv_block(x: Tensor, w1: Tensor | None, b1: Tensor | None, w2: Tensor, b2: 
     groups = width if groups is None else groups
     stride = _pair("stride", stride, 1)
     padding = _pair("padding", [w2.shape[2] // 2, w2.shape[3] // 2] if padding is None else padding, 0)
-    _check_shapes(x, w1, b1, w2, b2, stride, padding, groups, w3, b3, residual)
+    args = ConvBlockArgs(x, w1, b1, act1, w2, b2, act2, stride, padding, groups, w3, b3, act3, residual)
+    _check_shapes(args)
     x, w1, b1, w2, b2, w3, b3, residual = autocast_inputs(x, w1, b1, w2, b2, w3, b3, residual)
     check_floating_same_dtype("conv_block", x, w1=w1, b1=b1, w2=w2, b2=b2, w3=w3, b3=b3, residual=residual)
-    args = (x, w1, b1, act1, w2, b2, act2, stride, padding, groups, w3, b3, act3, residual)
-    chosen = dispatch.choose("conv_block", *args, backend=backend)
-    return dispatch.call(torch.ops.evit.conv_block, chosen, *args)
+    return dispatch.run(dataclasses.replace(args, x=x, w1=w1, b1=b1, w2=w2, b2=b2, w3=w3, b3=b3, residual=residual),
+                        backend)
 
 
-def _check_shapes(x: Tensor, w1: Tensor | None, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-                  stride: list[int], padding: list[int], groups: int, w3: Tensor, b3: Tensor | None,
-                  residual: Tensor | None) -> None:
+def _check_shapes(a: ConvBlockArgs) -> None:
+    x, w1, b1, w2, b2, groups, w3, b3 = a.x, a.w1, a.b1, a.w2, a.b2, a.groups, a.w3, a.b3
     if x.dim() != 4:
         raise ValueError(f"conv_block: x must be (B, C, H, W), got shape {tuple(x.shape)}")
     width = x.shape[1]
@@ -117,84 +126,59 @@ def _check_shapes(x: Tensor, w1: Tensor | None, b1: Tensor | None, w2: Tensor, b
     mid = w2.shape[0]
     if w3.dim() != 4 or tuple(w3.shape[1:]) != (mid, 1, 1):
         raise ValueError(f"conv_block: w3 must be (C_out, {mid}, 1, 1), got {tuple(w3.shape)}")
-    for name, bias, size in (("b1", b1, width), ("b2", b2, mid), ("b3", b3, w3.shape[0])):
-        if bias is not None and tuple(bias.shape) != (size,):
-            raise ValueError(f"conv_block: {name} must have shape ({size},), got {tuple(bias.shape)}")
-    shape = _output_shape(x, w2, stride, padding, w3)
-    if min(shape[2:]) <= 0:
-        raise ValueError(f"conv_block: a {tuple(w2.shape[2:])} kernel (padding {padding}) does not fit the "
-                         f"{tuple(x.shape[2:])} input")
-    if residual is not None and list(residual.shape) != shape:
-        raise ValueError(f"conv_block: residual has shape {tuple(residual.shape)} but the output is {tuple(shape)}")
+    check_biases_and_output(a, w2, f"padding {a.padding}", b1=(b1, width), b2=(b2, mid), b3=(b3, w3.shape[0]))
 
 
 # --- Triton ----------------------------------------------------------------------------------------------------
 
 
-def _spatial_kind(w1: Tensor | None, w2: Tensor, stride: list[int], groups: int) -> str | None:
+def _spatial_kind(a: ConvBlockArgs) -> str | None:
     """Which whole-block kernel computes this block ("expand_depthwise", "depthwise", "full"), or None."""
     from evit_kernels.triton.conv_block import KERNEL_SIZES
 
-    k_h, k_w = w2.shape[2:]
-    if k_h != k_w or k_h not in KERNEL_SIZES or stride[0] != stride[1] or stride[0] not in (1, 2):
+    k_h, k_w = a.w2.shape[2:]
+    if k_h != k_w or k_h not in KERNEL_SIZES or a.stride[0] != a.stride[1] or a.stride[0] not in (1, 2):
         return None
-    depthwise = groups == w2.shape[0] and w2.shape[1] == 1
+    depthwise = a.groups == a.w2.shape[0] and a.w2.shape[1] == 1
     if depthwise:
-        return "depthwise" if w1 is None else "expand_depthwise"
-    return "full" if groups == 1 and w1 is None else None
+        return "depthwise" if a.w1 is None else "expand_depthwise"
+    return "full" if a.groups == 1 and a.w1 is None else None
 
 
-def _whole_block_config(x, w1, w2, stride, padding, groups, w3) -> tuple[str, dict] | tuple[None, str]:
+def _whole_block_config(a: ConvBlockArgs) -> tuple[str, dict] | tuple[None, str]:
     """(kind, tile config) for the whole-block kernel, or (None, why it does not take this block)."""
     from evit_kernels.triton.conv_block import tile_config
 
-    kind = _spatial_kind(w1, w2, stride, groups)
+    kind = _spatial_kind(a)
     if kind is None:
-        return None, (f"the spatial conv {tuple(w2.shape)} (groups={groups}, stride={stride}) after "
-                      f"{'an expand' if w1 is not None else 'no expand'} is not a depthwise or full square 3×3, 5×5 "
-                      "or 7×7 conv with stride 1 or 2 (a full conv only without an expand)")
-    config = tile_config(kind, x.dtype, x.shape, _output_shape(x, w2, stride, padding, w3), stride[0], w2.shape[2])
+        return None, (f"the spatial conv {tuple(a.w2.shape)} (groups={a.groups}, stride={a.stride}) after "
+                      f"{'an expand' if a.w1 is not None else 'no expand'} is not a depthwise or full square 3×3, "
+                      "5×5 or 7×7 conv with stride 1 or 2 (a full conv only without an expand)")
+    config = tile_config(kind, a.x.dtype, a.x.shape, a.output_shape(), a.stride[0], a.w2.shape[2])
     if config is None:
-        return None, f"a {x.shape[3]}-pixel-wide map (one output row and its halo exceed the largest tile)"
+        return None, f"a {a.x.shape[3]}-pixel-wide map (one output row and its halo exceed the largest tile)"
     return kind, config
 
 
-def _triton_forward(x: Tensor, w1: Tensor | None, b1: Tensor | None, act1: str, w2: Tensor, b2: Tensor | None,
-                    act2: str, stride: list[int], padding: list[int], groups: int, w3: Tensor, b3: Tensor | None,
-                    act3: str, residual: Tensor | None) -> Tensor:
+def _triton_forward(a: ConvBlockArgs) -> Tensor:
     from evit_kernels.triton import conv_block as kernels
 
-    kind, config = _whole_block_config(x, w1, w2, stride, padding, groups, w3)
+    kind, config = _whole_block_config(a)
     if kind is None:
         dispatch.log_once("conv_block", f"conv_block: layer by layer on the conv_bn_act kernels for {config}")
-        return _per_layer(x, w1, b1, act1, w2, b2, act2, stride, padding, groups, w3, b3, act3, residual)
-    out = torch.empty(_output_shape(x, w2, stride, padding, w3), dtype=x.dtype, device=x.device,
-                      memory_format=output_memory_format(x))
-    return kernels.forward(x, w1, b1, act1, w2, b2, act2, stride, padding, w3, b3, act3, residual, out, kind,
-                           config)
+        return _per_layer(a)
+    return kernels.forward(a, a.new_output(), kind, config)
 
 
-def _per_layer(x: Tensor, *block: object) -> Tensor:
+def _per_layer(a: ConvBlockArgs) -> Tensor:
     """The fallback: each layer one conv_bn_act call, on its Triton kernel where that takes the layer."""
     triton_layer = dispatch.get("conv_bn_act", "triton")
-    for layer in _layers(x, *block):
-        chosen = "torch" if triton_layer.not_supported_reasons(x, *layer) else "triton"
-        x = dispatch.get("conv_bn_act", chosen).forward(x, *layer)
+    x = a.x
+    for layer in a.layers():
+        args = layer(x)
+        x = dispatch.get("conv_bn_act", "torch" if triton_layer.not_supported_reasons(args) else "triton").forward(args)
     return x
 
 
-def _triton_reasons(x: Tensor, w1: Tensor | None, b1: Tensor | None, act1: str, w2: Tensor, b2: Tensor | None,
-                    act2: str, stride: list[int], padding: list[int], groups: int, w3: Tensor, b3: Tensor | None,
-                    act3: str, residual: Tensor | None) -> list[str]:
-    from evit_kernels.triton.conv_bn_act import fits_int32
-
-    reasons = dispatch.kernel_reasons("triton", x)
-    # The whole-block kernel never stores the hidden tensors; the per-layer fallback checks each layer itself.
-    out_numel = math.prod(_output_shape(x, w2, stride, padding, w3))
-    if out_numel >= 2**31 or not all(
-            fits_int32(t) for t in (x, w1, b1, w2, b2, w3, b3, residual) if t is not None):
-        reasons.append("a tensor of 2^31 elements or more (the kernels index with 32 bits)")
-    return reasons
-
-
-dispatch.register("conv_block", dispatch.Backend("triton", _triton_forward, _triton_reasons))
+# The whole-block kernel never stores the hidden tensors; the per-layer fallback checks each layer itself.
+dispatch.register("conv_block", dispatch.Backend("triton", _triton_forward))

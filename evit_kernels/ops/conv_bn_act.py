@@ -3,16 +3,21 @@ activation block once the BatchNorm is folded into ``weight`` and ``bias`` (docs
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from evit_kernels import dispatch
-from evit_kernels.ops._library import autocast_inputs, check_floating_same_dtype, register_reference_autograd
+from evit_kernels.ops._library import OpArgs, autocast_inputs, check_floating_same_dtype, define_op
+
+if TYPE_CHECKING:
+    from evit_kernels.ops.conv_block import ConvBlockArgs
 
 _ACTIVATION_FUNCTIONS = {
     "none": lambda y: y,
@@ -43,32 +48,38 @@ def conv_output_shape(x: Tensor, weight: Tensor, stride: Sequence[int], padding:
     return [x.shape[0], weight.shape[0], *spatial]
 
 
-def conv_bn_act_reference(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Sequence[int],
-                          padding: Sequence[int], dilation: Sequence[int], groups: int, activation: str,
-                          residual: Tensor | None = None) -> Tensor:
+@dataclass(frozen=True)
+class ConvBnActArgs(OpArgs):
+    """The arguments of ``evit::conv_bn_act`` (see :func:`conv_bn_act`), pairs as [height, width] lists."""
+
+    op: ClassVar[str] = "conv_bn_act"
+    x: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    groups: int
+    activation: str
+    residual: Tensor | None = None
+
+    def output_shape(self) -> list[int]:
+        return conv_output_shape(self.x, self.weight, self.stride, self.padding, self.dilation)
+
+    def output_layout(self) -> torch.memory_format:
+        return output_memory_format(self.x)
+
+
+def conv_bn_act_reference(a: ConvBnActArgs) -> Tensor:
     """Eager PyTorch: ``act(conv2d(x, weight, bias)) + residual``, laid out as :func:`output_memory_format`."""
-    y = _ACTIVATION_FUNCTIONS[activation](F.conv2d(x, weight, bias, stride, padding, dilation, groups))
-    if residual is not None:
-        y = y + residual
-    return y.contiguous(memory_format=output_memory_format(x))
+    y = _ACTIVATION_FUNCTIONS[a.activation](F.conv2d(a.x, a.weight, a.bias, a.stride, a.padding, a.dilation,
+                                                      a.groups))
+    if a.residual is not None:
+        y = y + a.residual
+    return y.contiguous(memory_format=a.output_layout())
 
 
-@torch.library.custom_op("evit::conv_bn_act", mutates_args=())
-def _conv_bn_act_op(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
-                    dilation: list[int], groups: int, activation: str, residual: Tensor | None,
-                    backend: str) -> Tensor:
-    return dispatch.get("conv_bn_act", backend).forward(
-        x, weight, bias, stride, padding, dilation, groups, activation, residual)
-
-
-@torch.library.register_fake("evit::conv_bn_act")
-def _conv_bn_act_fake(x, weight, bias, stride, padding, dilation, groups, activation, residual, backend):
-    shape = conv_output_shape(x, weight, stride, padding, dilation)
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
-
-
-register_reference_autograd("evit::conv_bn_act", conv_bn_act_reference)
-dispatch.register("conv_bn_act", dispatch.Backend("torch", conv_bn_act_reference))
+define_op(ConvBnActArgs, conv_bn_act_reference)
 
 
 def conv_bn_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int | Sequence[int] = 1,
@@ -84,12 +95,11 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: i
         raise ValueError(f"conv_bn_act: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     stride, padding, dilation = (_pair(name, value, minimum) for name, value, minimum in
                                  (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)))
-    _check_shapes(x, weight, bias, stride, padding, dilation, groups, residual)
+    args = ConvBnActArgs(x, weight, bias, stride, padding, dilation, groups, activation, residual)
+    _check_shapes(args)
     x, weight, bias, residual = autocast_inputs(x, weight, bias, residual)
     check_floating_same_dtype("conv_bn_act", x, weight=weight, bias=bias, residual=residual)
-    args = (x, weight, bias, stride, padding, dilation, groups, activation, residual)
-    chosen = dispatch.choose("conv_bn_act", *args, backend=backend)
-    return dispatch.call(torch.ops.evit.conv_bn_act, chosen, *args)
+    return dispatch.run(dataclasses.replace(args, x=x, weight=weight, bias=bias, residual=residual), backend)
 
 
 def _pair(name: str, value: int | Sequence[int], minimum: int) -> list[int]:
@@ -99,8 +109,8 @@ def _pair(name: str, value: int | Sequence[int], minimum: int) -> list[int]:
     return pair
 
 
-def _check_shapes(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
-                  dilation: list[int], groups: int, residual: Tensor | None) -> None:
+def _check_shapes(a: ConvBnActArgs) -> None:
+    x, weight, bias, groups = a.x, a.weight, a.bias, a.groups
     if x.dim() != 4:
         raise ValueError(f"conv_bn_act: x must be (B, C, H, W), got shape {tuple(x.shape)}")
     if weight.dim() != 4:
@@ -111,82 +121,80 @@ def _check_shapes(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[i
     if x.shape[1] != weight.shape[1] * groups:
         raise ValueError(f"conv_bn_act: x has {x.shape[1]} channels but weight {tuple(weight.shape)} with "
                          f"groups={groups} expects {weight.shape[1] * groups}")
-    if bias is not None and tuple(bias.shape) != (out_channels,):
-        raise ValueError(f"conv_bn_act: bias must have shape ({out_channels},), got {tuple(bias.shape)}")
-    shape = conv_output_shape(x, weight, stride, padding, dilation)
+    check_biases_and_output(a, weight, f"dilation {a.dilation}, padding {a.padding}", bias=(bias, out_channels))
+
+
+def check_biases_and_output(a: ConvBnActArgs | ConvBlockArgs, spatial_weight: Tensor, geometry: str,
+                            **biases: tuple[Tensor | None, int]) -> None:
+    """Raise a clear error unless each named bias (tensor, size) has shape (size,), the spatial conv of
+    ``spatial_weight`` (with ``geometry`` in words) leaves a non-empty map, and ``a.residual`` has the output's
+    shape. Shared by the ops made of convolutions."""
+    for name, (bias, size) in biases.items():
+        if bias is not None and tuple(bias.shape) != (size,):
+            raise ValueError(f"{a.op}: {name} must have shape ({size},), got {tuple(bias.shape)}")
+    shape = a.output_shape()
     if min(shape[2:]) <= 0:
-        raise ValueError(f"conv_bn_act: a {tuple(weight.shape[2:])} kernel (dilation {dilation}, padding {padding}) "
-                         f"does not fit the {tuple(x.shape[2:])} input")
-    if residual is not None and list(residual.shape) != shape:
-        raise ValueError(f"conv_bn_act: residual has shape {tuple(residual.shape)} but the output is {tuple(shape)}")
+        raise ValueError(f"{a.op}: a {tuple(spatial_weight.shape[2:])} kernel ({geometry}) does not fit the "
+                         f"{tuple(a.x.shape[2:])} input")
+    if a.residual is not None and list(a.residual.shape) != shape:
+        raise ValueError(f"{a.op}: residual has shape {tuple(a.residual.shape)} but the output is {tuple(shape)}")
 
 
 _DEPTHWISE_SIZES = (3, 5, 7)
 
 
-def _kernel_kind(x: Tensor, weight: Tensor, stride: list[int], padding: list[int], groups: int) -> str | None:
+def _kernel_kind(a: ConvBnActArgs) -> str | None:
     """Which kernel computes this conv: "depthwise" (Triton or CUDA), "pointwise" (1×1, Triton) or None."""
-    out_channels, in_per_group, kernel_h, kernel_w = weight.shape
-    if groups == 1 and (kernel_h, kernel_w) == (1, 1) and list(stride) == [1, 1] and list(padding) == [0, 0]:
+    out_channels, in_per_group, kernel_h, kernel_w = a.weight.shape
+    if a.groups == 1 and (kernel_h, kernel_w) == (1, 1) and a.stride == [1, 1] and a.padding == [0, 0]:
         return "pointwise"
-    if (groups == x.shape[1] == out_channels and in_per_group == 1 and kernel_h == kernel_w
-            and kernel_h in _DEPTHWISE_SIZES and all(s in (1, 2) for s in stride)):
+    if (a.groups == a.x.shape[1] == out_channels and in_per_group == 1 and kernel_h == kernel_w
+            and kernel_h in _DEPTHWISE_SIZES and all(s in (1, 2) for s in a.stride)):
         return "depthwise"
     return None
 
 
-def _triton_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
-                    dilation: list[int], groups: int, activation: str, residual: Tensor | None) -> Tensor:
+def _triton_forward(a: ConvBnActArgs) -> Tensor:
     from evit_kernels.triton import conv_bn_act as kernels
 
-    shape = conv_output_shape(x, weight, stride, padding, dilation)
-    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
-    if _kernel_kind(x, weight, stride, padding, groups) == "depthwise":
-        return kernels.depthwise(x, weight, bias, stride, padding, activation, residual, out)
-    return kernels.pointwise(x, weight, bias, activation, residual, out)
+    if _kernel_kind(a) == "depthwise":
+        return kernels.depthwise(a, a.new_output())
+    return kernels.pointwise(a, a.new_output())
 
 
-def _triton_reasons(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
-                    dilation: list[int], groups: int, activation: str, residual: Tensor | None) -> list[str]:
-    from evit_kernels.triton.conv_bn_act import fits_int32
-
-    reasons = dispatch.kernel_reasons("triton", x)
-    if list(dilation) != [1, 1]:
-        reasons.append(f"dilation {list(dilation)} (the Triton kernels take dilation 1)")
-    if _kernel_kind(x, weight, stride, padding, groups) is None:
-        reasons.append(f"a conv with weight {tuple(weight.shape)}, groups={groups}, stride={list(stride)}, "
-                       f"padding={list(padding)} (the Triton kernels take a depthwise 3×3, 5×5 or 7×7 conv with "
+def _triton_reasons(a: ConvBnActArgs) -> list[str]:
+    reasons = []
+    if a.dilation != [1, 1]:
+        reasons.append(f"dilation {a.dilation} (the Triton kernels take dilation 1)")
+    if _kernel_kind(a) is None:
+        reasons.append(f"a conv with weight {tuple(a.weight.shape)}, groups={a.groups}, stride={a.stride}, "
+                       f"padding={a.padding} (the Triton kernels take a depthwise 3×3, 5×5 or 7×7 conv with "
                        f"stride 1 or 2, or a 1×1 conv with groups 1, stride 1 and padding 0)")
-    out_numel = math.prod(conv_output_shape(x, weight, stride, padding, dilation))
-    if out_numel >= 2**31 or not all(fits_int32(t) for t in (x, weight, bias, residual) if t is not None):
-        reasons.append("a tensor of 2^31 elements or more (the kernels index with 32 bits)")
     return reasons
 
 
 dispatch.register("conv_bn_act", dispatch.Backend("triton", _triton_forward, _triton_reasons))
 
 
-def _cuda_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
-                  dilation: list[int], groups: int, activation: str, residual: Tensor | None) -> Tensor:
+def _cuda_forward(a: ConvBnActArgs) -> Tensor:
     """The depthwise conv in one launch, its input tile and halo staged in shared memory
     (csrc/conv_bn_act_cuda.cu); the output is laid out as :func:`output_memory_format`."""
-    return torch.ops.evit.depthwise_conv_cuda(x, weight, bias, stride, padding, activation, residual)
+    return torch.ops.evit.depthwise_conv_cuda(a.x, a.weight, a.bias, a.stride, a.padding, a.activation, a.residual)
 
 
-def _cuda_reasons(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
-                  dilation: list[int], groups: int, activation: str, residual: Tensor | None) -> list[str]:
+def _cuda_reasons(a: ConvBnActArgs) -> list[str]:
     # No refusal when gradients are needed: the op's backward is the reference's VJP whichever backend ran forward.
-    # Any layout is read through its strides.
-    reasons = dispatch.kernel_reasons("cuda", x)
-    if list(dilation) != [1, 1]:
-        reasons.append(f"dilation {list(dilation)} (the CUDA kernel takes dilation 1)")
-    if _kernel_kind(x, weight, stride, padding, groups) != "depthwise":
-        reasons.append(f"a conv with weight {tuple(weight.shape)}, groups={groups}, stride={list(stride)} (the CUDA "
+    # Any layout is read through its strides; offsets are 64-bit.
+    reasons = []
+    if a.dilation != [1, 1]:
+        reasons.append(f"dilation {a.dilation} (the CUDA kernel takes dilation 1)")
+    if _kernel_kind(a) != "depthwise":
+        reasons.append(f"a conv with weight {tuple(a.weight.shape)}, groups={a.groups}, stride={a.stride} (the CUDA "
                        f"kernel takes a depthwise 3×3, 5×5 or 7×7 conv with stride 1 or 2; 1×1 and other convs run "
                        f"on the triton or torch backend)")
-    if max(*x.shape[2:], *padding) >= 2**28:
+    if max(*a.x.shape[2:], *a.padding) >= 2**28:
         reasons.append("a map or padding of 2^28 pixels or more (the CUDA kernel's pixel coordinates are 32-bit)")
     return reasons
 
 
-dispatch.register("conv_bn_act", dispatch.Backend("cuda", _cuda_forward, _cuda_reasons))
+dispatch.register("conv_bn_act", dispatch.Backend("cuda", _cuda_forward, _cuda_reasons, int32_offsets=False))

@@ -4,37 +4,46 @@ BatchNorms are folded into the 1×1 convs."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from evit_kernels import dispatch
-from evit_kernels.ops._library import autocast_inputs, check_floating_same_dtype, register_reference_autograd
+from evit_kernels.ops._library import OpArgs, autocast_inputs, check_floating_same_dtype, define_op
 from evit_kernels.ops.conv_bn_act import output_memory_format
 
 
-def ffn_reference(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-                  residual: Tensor | None = None) -> Tensor:
+@dataclass(frozen=True)
+class FfnArgs(OpArgs):
+    """The arguments of ``evit::ffn`` (see :func:`ffn`)."""
+
+    op: ClassVar[str] = "ffn"
+    x: Tensor
+    w1: Tensor
+    b1: Tensor | None
+    w2: Tensor
+    b2: Tensor | None
+    residual: Tensor | None = None
+
+    def output_shape(self) -> list[int]:
+        return list(self.x.shape)
+
+    def output_layout(self) -> torch.memory_format:
+        return output_memory_format(self.x)
+
+
+def ffn_reference(a: FfnArgs) -> Tensor:
     """Eager PyTorch: two 1×1 convs with a ReLU between, plus ``residual``; laid out as ``x`` is."""
-    y = F.conv2d(F.relu(F.conv2d(x, w1, b1)), w2, b2)
-    if residual is not None:
-        y = y + residual
-    return y.contiguous(memory_format=output_memory_format(x))
+    y = F.conv2d(F.relu(F.conv2d(a.x, a.w1, a.b1)), a.w2, a.b2)
+    if a.residual is not None:
+        y = y + a.residual
+    return y.contiguous(memory_format=a.output_layout())
 
 
-@torch.library.custom_op("evit::ffn", mutates_args=())
-def _ffn_op(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, residual: Tensor | None,
-            backend: str) -> Tensor:
-    return dispatch.get("ffn", backend).forward(x, w1, b1, w2, b2, residual)
-
-
-@torch.library.register_fake("evit::ffn")
-def _ffn_fake(x, w1, b1, w2, b2, residual, backend):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
-
-
-register_reference_autograd("evit::ffn", ffn_reference)
-dispatch.register("ffn", dispatch.Backend("torch", ffn_reference))
+define_op(FfnArgs, ffn_reference)
 
 
 def ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, residual: Tensor | None = None,
@@ -47,9 +56,7 @@ def ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
     _check_shapes(x, w1, b1, w2, b2, residual)
     x, w1, b1, w2, b2, residual = autocast_inputs(x, w1, b1, w2, b2, residual)
     check_floating_same_dtype("ffn", x, w1=w1, b1=b1, w2=w2, b2=b2, residual=residual)
-    args = (x, w1, b1, w2, b2, residual)
-    chosen = dispatch.choose("ffn", *args, backend=backend)
-    return dispatch.call(torch.ops.evit.ffn, chosen, *args)
+    return dispatch.run(FfnArgs(x, w1, b1, w2, b2, residual), backend)
 
 
 def _check_shapes(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
@@ -70,25 +77,18 @@ def _check_shapes(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tens
         raise ValueError(f"ffn: residual has shape {tuple(residual.shape)} but the output is {tuple(x.shape)}")
 
 
-def _triton_forward(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-                    residual: Tensor | None) -> Tensor:
+def _triton_forward(a: FfnArgs) -> Tensor:
     from evit_kernels.triton import ffn as kernels
 
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
-    return kernels.forward(x, w1, b1, w2, b2, residual, out)
+    return kernels.forward(a, a.new_output())
 
 
-def _triton_reasons(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-                    residual: Tensor | None) -> list[str]:
-    from evit_kernels.triton.conv_bn_act import fits_int32
+def _triton_reasons(a: FfnArgs) -> list[str]:
     from evit_kernels.triton.ffn import MAX_CHANNELS
 
-    reasons = dispatch.kernel_reasons("triton", x)
-    if x.shape[1] > MAX_CHANNELS:
-        reasons.append(f"{x.shape[1]} channels (the Triton kernel holds at most {MAX_CHANNELS} on chip)")
-    if not all(fits_int32(t) for t in (x, w1, b1, w2, b2, residual) if t is not None):
-        reasons.append("a tensor of 2^31 elements or more (the kernel indexes with 32 bits)")
-    return reasons
+    if a.x.shape[1] > MAX_CHANNELS:
+        return [f"{a.x.shape[1]} channels (the Triton kernel holds at most {MAX_CHANNELS} on chip)"]
+    return []
 
 
 dispatch.register("ffn", dispatch.Backend("triton", _triton_forward, _triton_reasons))

@@ -4,36 +4,42 @@
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch.nn.functional as F
 from torch import Tensor
 
 from evit_kernels import dispatch
-from evit_kernels.ops._library import autocast_inputs, check_floating_same_dtype, register_reference_autograd
+from evit_kernels.ops._library import OpArgs, autocast_inputs, check_floating_same_dtype
 
 
-def multiscale_aggregation_reference(qkv: Tensor, dw_weight: Tensor, dw_bias: Tensor | None, pw_weight: Tensor,
-                                     pw_bias: Tensor | None, groups: int) -> Tensor:
+@dataclass(frozen=True)
+class MultiscaleAggregationArgs(OpArgs):
+    """The arguments of :func:`multiscale_aggregation`."""
+
+    op: ClassVar[str] = "multiscale_aggregation"
+    qkv: Tensor
+    dw_weight: Tensor
+    dw_bias: Tensor | None
+    pw_weight: Tensor
+    pw_bias: Tensor | None
+    groups: int
+
+    def output_shape(self) -> list[int]:
+        return list(self.qkv.shape)
+
+
+def multiscale_aggregation_reference(a: MultiscaleAggregationArgs) -> Tensor:
     """Eager PyTorch: ``conv1x1(dwconv_k(qkv), groups=groups)``, in NCHW layout (the layout the attention reads:
     one row of H·W tokens per channel)."""
-    channels, kernel = qkv.shape[1], dw_weight.shape[-1]
-    local = F.conv2d(qkv, dw_weight, dw_bias, padding=kernel // 2, groups=channels)
-    return F.conv2d(local, pw_weight, pw_bias, groups=groups).contiguous()
+    channels, kernel = a.qkv.shape[1], a.dw_weight.shape[-1]
+    local = F.conv2d(a.qkv, a.dw_weight, a.dw_bias, padding=kernel // 2, groups=channels)
+    return F.conv2d(local, a.pw_weight, a.pw_bias, groups=a.groups).contiguous()
 
 
-@torch.library.custom_op("evit::multiscale_aggregation", mutates_args=())
-def _multiscale_aggregation_op(qkv: Tensor, dw_weight: Tensor, dw_bias: Tensor | None, pw_weight: Tensor,
-                               pw_bias: Tensor | None, groups: int, backend: str) -> Tensor:
-    return dispatch.get("multiscale_aggregation", backend).forward(qkv, dw_weight, dw_bias, pw_weight, pw_bias,
-                                                                   groups)
-
-
-@torch.library.register_fake("evit::multiscale_aggregation")
-def _multiscale_aggregation_fake(qkv, dw_weight, dw_bias, pw_weight, pw_bias, groups, backend):
-    return qkv.new_empty(qkv.shape)
-
-
-register_reference_autograd("evit::multiscale_aggregation", multiscale_aggregation_reference)
+# Only the reference exists: no torch.library op (a kernel would add one, through define_op). The registration keeps
+# an explicit request for a kernel backend failing loudly instead of running the reference unasked.
 dispatch.register("multiscale_aggregation", dispatch.Backend("torch", multiscale_aggregation_reference))
 
 
@@ -46,9 +52,7 @@ def multiscale_aggregation(qkv: Tensor, dw_weight: Tensor, dw_bias: Tensor | Non
     qkv, dw_weight, dw_bias, pw_weight, pw_bias = autocast_inputs(qkv, dw_weight, dw_bias, pw_weight, pw_bias)
     check_floating_same_dtype("multiscale_aggregation", qkv, dw_weight=dw_weight, dw_bias=dw_bias,
                               pw_weight=pw_weight, pw_bias=pw_bias)
-    args = (qkv, dw_weight, dw_bias, pw_weight, pw_bias, groups)
-    chosen = dispatch.choose("multiscale_aggregation", *args, backend=backend)
-    return dispatch.call(torch.ops.evit.multiscale_aggregation, chosen, *args)
+    return dispatch.run(MultiscaleAggregationArgs(qkv, dw_weight, dw_bias, pw_weight, pw_bias, groups), backend)
 
 
 def _check_shapes(qkv: Tensor, dw_weight: Tensor, dw_bias: Tensor | None, pw_weight: Tensor,

@@ -13,25 +13,38 @@ over N overflow 65504 and mit-han-lab's eps 1e-15 rounds to 0.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from evit_kernels import dispatch
-from evit_kernels.ops._library import (
-    autocast_inputs,
-    autocast_off,
-    check_floating_same_dtype,
-    register_reference_autograd,
-)
+from evit_kernels.ops._library import OpArgs, autocast_inputs, autocast_off, check_floating_same_dtype, define_op
+from evit_kernels.ops.multiscale_aggregation import MultiscaleAggregationArgs, multiscale_aggregation_reference
 from evit_kernels.ops.multiscale_aggregation import _check_shapes as _check_aggregation_shapes
-from evit_kernels.ops.multiscale_aggregation import multiscale_aggregation_reference
 
 
-def relu_linear_attention_reference(qkv: Tensor, aggregated: Sequence[Tensor], dim: int, eps: float) -> Tensor:
+@dataclass(frozen=True)
+class ReluLinearAttentionArgs(OpArgs):
+    """The arguments of ``evit::relu_linear_attention`` (see :func:`relu_linear_attention`)."""
+
+    op: ClassVar[str] = "relu_linear_attention"
+    qkv: Tensor
+    aggregated: list[Tensor]
+    dim: int
+    eps: float
+
+    def output_shape(self) -> list[int]:
+        batch, channels, height, width = self.qkv.shape
+        return [batch, (1 + len(self.aggregated)) * (channels // 3), height, width]
+
+
+def relu_linear_attention_reference(a: ReluLinearAttentionArgs) -> Tensor:
     """Eager PyTorch forward: (B, (1+S)·TD, H, W) in ``qkv``'s dtype, channel ``g·dim + i`` where the heads g
     run over ``qkv`` first, then over each tensor of ``aggregated``. Each group is written into its slice of
     the output; the groups are never concatenated."""
+    qkv, aggregated, dim, eps = a.fields()
     batch, channels, height, width = qkv.shape
     heads = channels // (3 * dim)
     groups = [qkv, *aggregated]
@@ -47,9 +60,9 @@ def relu_linear_attention_reference(qkv: Tensor, aggregated: Sequence[Tensor], d
     return out
 
 
-def relu_linear_attention_backward_reference(grad_out: Tensor, qkv: Tensor, aggregated: Sequence[Tensor], dim: int,
-                                             eps: float) -> tuple[Tensor, list[Tensor]]:
-    """Gradients for ``qkv`` and for each tensor of ``aggregated``, recomputing kv and z per (batch, head).
+def relu_linear_attention_backward_reference(a: ReluLinearAttentionArgs, grad_out: Tensor) -> dict[str, Any]:
+    """Gradients for ``qkv`` and for each tensor of ``aggregated`` (by field name), recomputing kv and z per
+    (batch, head).
 
     With ``g = grad_out``, ``den_n = z·q_n + eps`` and ``out_n = kvᵀ q_n / den_n``:
     ``gnum_n = g_n / den_n``, ``gden_n = -gnum_n·out_n``;
@@ -57,6 +70,7 @@ def relu_linear_attention_backward_reference(grad_out: Tensor, qkv: Tensor, aggr
     ``dk_n = dkv v_n + dz``, ``dv_n = dkvᵀ k_n``; dq and dk pass the ReLU only where its input is > 0.
     ``grad_out`` may have any strides (a stride-0 one from ``y.sum().backward()`` included).
     """
+    qkv, aggregated, dim, eps = a.fields()
     batch, channels, height, width = qkv.shape
     heads = channels // (3 * dim)
     groups = [qkv, *aggregated]
@@ -76,7 +90,7 @@ def relu_linear_attention_backward_reference(grad_out: Tensor, qkv: Tensor, aggr
             grad_v = grad_kv.transpose(-1, -2) @ k
             grad = torch.cat([grad_q, grad_k, grad_v], dim=2).to(group.dtype)
             grads.append(grad.reshape(group.shape))
-    return grads[0], grads[1:]
+    return {"qkv": grads[0], "aggregated": grads[1:]}
 
 
 def _relu_qkv(group: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -98,58 +112,42 @@ def _numerator_and_denominator(q: Tensor, kv: Tensor, z: Tensor, eps: float) -> 
     return kv.transpose(-1, -2) @ q, z.unsqueeze(-2) @ q + eps
 
 
-@torch.library.custom_op("evit::relu_linear_attention", mutates_args=())
-def _relu_linear_attention_op(qkv: Tensor, aggregated: list[Tensor], dim: int, eps: float, backend: str) -> Tensor:
-    return dispatch.get("relu_linear_attention", backend).forward(qkv, aggregated, dim, eps)
+define_op(ReluLinearAttentionArgs, relu_linear_attention_reference, relu_linear_attention_backward_reference)
 
 
-@torch.library.register_fake("evit::relu_linear_attention")
-def _relu_linear_attention_fake(qkv, aggregated, dim, eps, backend):
-    batch, channels, height, width = qkv.shape
-    return qkv.new_empty(batch, (1 + len(aggregated)) * (channels // 3), height, width)
-
-
-def _setup_context(ctx, inputs, output):
-    qkv, aggregated, ctx.dim, ctx.eps, ctx.backend = inputs
-    ctx.save_for_backward(qkv, *aggregated)
-
-
-def _backward(ctx, grad_out):
-    qkv, *aggregated = ctx.saved_tensors
-    if ctx.backend == "triton" and not dispatch.differentiable_backward("relu_linear_attention", ctx.backend):
-        from evit_kernels.triton import relu_linear_attention as kernels
-
-        grad_qkv, *grad_aggregated = kernels.backward([qkv, *aggregated], grad_out, ctx.dim, ctx.eps)
-    else:
-        grad_qkv, grad_aggregated = relu_linear_attention_backward_reference(grad_out, qkv, aggregated, ctx.dim,
-                                                                             ctx.eps)
-    return grad_qkv, grad_aggregated, None, None, None
-
-
-def _triton_forward(qkv: Tensor, aggregated: list[Tensor], dim: int, eps: float) -> Tensor:
+def _triton_forward(a: ReluLinearAttentionArgs) -> Tensor:
     from evit_kernels.triton import relu_linear_attention as kernels
 
-    return kernels.forward([qkv, *aggregated], dim, eps)
+    return kernels.forward([a.qkv, *a.aggregated], a.dim, a.eps)
 
 
-def _triton_reasons(qkv: Tensor, aggregated: list[Tensor], dim: int, eps: float) -> list[str]:
-    from evit_kernels.triton.conv_bn_act import fits_int32
+def _triton_backward(a: ReluLinearAttentionArgs, grad_out: Tensor) -> dict[str, Any]:
+    from evit_kernels.triton import relu_linear_attention as kernels
+
+    grad_qkv, *grad_aggregated = kernels.backward([a.qkv, *a.aggregated], grad_out, a.dim, a.eps)
+    return {"qkv": grad_qkv, "aggregated": grad_aggregated}
+
+
+def _triton_reasons(a: ReluLinearAttentionArgs) -> list[str]:
+    return _head_reasons(a.qkv, a.aggregated, a.dim)
+
+
+def _head_reasons(qkv: Tensor, aggregated: list[Tensor], dim: int) -> list[str]:
+    """What the Triton kernels of both ops refuse in the head layout: the head dim, and (H, W) strides that are
+    not one token index."""
     from evit_kernels.triton.relu_linear_attention import HEAD_DIMS, flattenable
 
-    reasons = dispatch.kernel_reasons("triton", qkv)
+    reasons = []
     if dim not in HEAD_DIMS:
         reasons.append(f"head dim {dim} (the Triton kernels take {HEAD_DIMS})")
     if not all(flattenable(t) for t in (qkv, *aggregated)):
         reasons.append("an input's (H, W) strides cannot be walked as one token index (make it contiguous or "
                        "channels_last)")
-    if not all(fits_int32(t) for t in (qkv, *aggregated)) or qkv.numel() // 3 * (1 + len(aggregated)) >= 2**31:
-        reasons.append("an input or the output spans 2^31 elements or more (the kernels index with 32 bits)")
     return reasons
 
 
-torch.library.register_autograd("evit::relu_linear_attention", _backward, setup_context=_setup_context)
-dispatch.register("relu_linear_attention", dispatch.Backend("torch", relu_linear_attention_reference))
-dispatch.register("relu_linear_attention", dispatch.Backend("triton", _triton_forward, _triton_reasons))
+dispatch.register("relu_linear_attention", dispatch.Backend("triton", _triton_forward, _triton_reasons,
+                                                            backward=_triton_backward))
 
 
 def relu_linear_attention(qkv: Tensor, aggregated: Sequence[Tensor], dim: int, eps: float,
@@ -165,9 +163,7 @@ def relu_linear_attention(qkv: Tensor, aggregated: Sequence[Tensor], dim: int, e
     _check_shapes(qkv, aggregated, dim)
     qkv, aggregated = autocast_inputs(qkv, aggregated)
     check_floating_same_dtype("relu_linear_attention", qkv, aggregated=aggregated)
-    eps = float(eps)
-    chosen = dispatch.choose("relu_linear_attention", qkv, aggregated, dim, eps, backend=backend)
-    return dispatch.call(torch.ops.evit.relu_linear_attention, chosen, qkv, aggregated, dim, eps)
+    return dispatch.run(ReluLinearAttentionArgs(qkv, aggregated, dim, float(eps)), backend)
 
 
 def _check_shapes(qkv: Tensor, aggregated: list[Tensor], dim: int) -> None:
@@ -189,55 +185,57 @@ def _check_shapes(qkv: Tensor, aggregated: list[Tensor], dim: int) -> None:
 _AGGREGATED = "relu_linear_attention_aggregated"
 
 
-def relu_linear_attention_aggregated_reference(qkv: Tensor, dw_weights: Sequence[Tensor],
-                                               dw_biases: Sequence[Tensor | None], pw_weights: Sequence[Tensor],
-                                               pw_biases: Sequence[Tensor | None], dim: int, eps: float) -> Tensor:
+@dataclass(frozen=True)
+class AggregatedArgs(OpArgs):
+    """The arguments of ``evit::relu_linear_attention_aggregated`` (see :func:`relu_linear_attention_aggregated`):
+    per scale s, ``dw_weights[s]``, ``dw_biases[s]``, ``pw_weights[s]``, ``pw_biases[s]``."""
+
+    op: ClassVar[str] = _AGGREGATED
+    qkv: Tensor
+    dw_weights: list[Tensor]
+    dw_biases: list[Tensor | None]
+    pw_weights: list[Tensor]
+    pw_biases: list[Tensor | None]
+    dim: int
+    eps: float
+
+    def output_shape(self) -> list[int]:
+        batch, channels, height, width = self.qkv.shape
+        return [batch, (1 + len(self.dw_weights)) * (channels // 3), height, width]
+
+    def scales(self) -> list[tuple[Tensor, Tensor | None, Tensor, Tensor | None]]:
+        return list(zip(self.dw_weights, self.dw_biases, self.pw_weights, self.pw_biases, strict=True))
+
+
+def relu_linear_attention_aggregated_reference(a: AggregatedArgs) -> Tensor:
     """Eager PyTorch: :func:`relu_linear_attention_reference` over ``qkv`` and its
     :func:`multiscale_aggregation_reference` per scale (pointwise groups = 3·heads)."""
-    groups = qkv.shape[1] // dim
-    aggregated = [multiscale_aggregation_reference(qkv, dw, dw_b, pw, pw_b, groups)
-                  for dw, dw_b, pw, pw_b in zip(dw_weights, dw_biases, pw_weights, pw_biases)]
-    return relu_linear_attention_reference(qkv, aggregated, dim, eps)
-
-
-@torch.library.custom_op(f"evit::{_AGGREGATED}", mutates_args=())
-def _relu_linear_attention_aggregated_op(qkv: Tensor, dw_weights: list[Tensor], dw_biases: list[Tensor | None],
-                                         pw_weights: list[Tensor], pw_biases: list[Tensor | None], dim: int,
-                                         eps: float, backend: str) -> Tensor:
-    return dispatch.get(_AGGREGATED, backend).forward(qkv, dw_weights, dw_biases, pw_weights, pw_biases, dim, eps)
-
-
-@torch.library.register_fake(f"evit::{_AGGREGATED}")
-def _relu_linear_attention_aggregated_fake(qkv, dw_weights, dw_biases, pw_weights, pw_biases, dim, eps, backend):
-    batch, channels, height, width = qkv.shape
-    return qkv.new_empty(batch, (1 + len(dw_weights)) * (channels // 3), height, width)
-
-
-def _triton_aggregated_forward(qkv: Tensor, dw_weights: list[Tensor], dw_biases: list[Tensor | None],
-                               pw_weights: list[Tensor], pw_biases: list[Tensor | None], dim: int,
-                               eps: float) -> Tensor:
-    from evit_kernels.triton import relu_linear_attention as kernels
-
-    return kernels.forward_aggregated(qkv, list(zip(dw_weights, dw_biases, pw_weights, pw_biases)), dim, eps)
-
-
-def _triton_aggregated_reasons(qkv: Tensor, dw_weights: list[Tensor], dw_biases: list[Tensor | None],
-                               pw_weights: list[Tensor], pw_biases: list[Tensor | None], dim: int,
-                               eps: float) -> list[str]:
-    from evit_kernels.triton.relu_linear_attention import AGGREGATION_KERNEL_SIZES
-
-    reasons = _triton_reasons(qkv, [], dim, eps)  # device, dtype, head dim, walkable strides, 32-bit qkv
-    sizes = sorted({w.shape[-1] for w in dw_weights} - set(AGGREGATION_KERNEL_SIZES))
-    if sizes:
-        reasons.append(f"depthwise kernel size(s) {sizes} (the Triton kernels take {AGGREGATION_KERNEL_SIZES})")
-    if qkv.numel() // 3 * (1 + len(dw_weights)) >= 2**31:
-        reasons.append("the output has 2^31 elements or more (the kernels index with 32 bits)")
-    return reasons
+    groups = a.qkv.shape[1] // a.dim
+    aggregated = [multiscale_aggregation_reference(MultiscaleAggregationArgs(a.qkv, *scale, groups))
+                  for scale in a.scales()]
+    return relu_linear_attention_reference(ReluLinearAttentionArgs(a.qkv, aggregated, a.dim, a.eps))
 
 
 # This op is for inference (FusedLiteMLA takes it only when no gradient is needed); its gradient is the reference's.
-register_reference_autograd(f"evit::{_AGGREGATED}", relu_linear_attention_aggregated_reference)
-dispatch.register(_AGGREGATED, dispatch.Backend("torch", relu_linear_attention_aggregated_reference))
+define_op(AggregatedArgs, relu_linear_attention_aggregated_reference)
+
+
+def _triton_aggregated_forward(a: AggregatedArgs) -> Tensor:
+    from evit_kernels.triton import relu_linear_attention as kernels
+
+    return kernels.forward_aggregated(a.qkv, a.scales(), a.dim, a.eps)
+
+
+def _triton_aggregated_reasons(a: AggregatedArgs) -> list[str]:
+    from evit_kernels.triton.relu_linear_attention import AGGREGATION_KERNEL_SIZES
+
+    reasons = _head_reasons(a.qkv, [], a.dim)
+    sizes = sorted({w.shape[-1] for w in a.dw_weights} - set(AGGREGATION_KERNEL_SIZES))
+    if sizes:
+        reasons.append(f"depthwise kernel size(s) {sizes} (the Triton kernels take {AGGREGATION_KERNEL_SIZES})")
+    return reasons
+
+
 dispatch.register(_AGGREGATED, dispatch.Backend("triton", _triton_aggregated_forward, _triton_aggregated_reasons))
 
 
@@ -257,14 +255,14 @@ def choose_aggregated(qkv: Tensor, dw_weights: Sequence[Tensor], dw_biases: Sequ
     """(the backend :func:`relu_linear_attention_aggregated` runs these arguments on, the op's prepared arguments):
     for callers that decide on the backend before running it with :func:`run_aggregated` (raises as it would)."""
     args = _aggregated_args(qkv, dw_weights, dw_biases, pw_weights, pw_biases, dim, eps)
-    return dispatch.choose(_AGGREGATED, *args, backend=backend), args
+    return dispatch.choose(args, backend), args
 
 
-def run_aggregated(chosen: dispatch.Backend, args: tuple) -> Tensor:
-    return dispatch.call(torch.ops.evit.relu_linear_attention_aggregated, chosen, *args)
+def run_aggregated(chosen: dispatch.Backend, args: AggregatedArgs) -> Tensor:
+    return dispatch.call(chosen, args)
 
 
-def _aggregated_args(qkv, dw_weights, dw_biases, pw_weights, pw_biases, dim, eps) -> tuple:
+def _aggregated_args(qkv, dw_weights, dw_biases, pw_weights, pw_biases, dim, eps) -> AggregatedArgs:
     """The op's arguments, shape-checked, cast as autocast would, and dtype-checked."""
     scales = [list(t) for t in (dw_weights, dw_biases, pw_weights, pw_biases)]
     if len({len(s) for s in scales}) != 1:
@@ -276,4 +274,4 @@ def _aggregated_args(qkv, dw_weights, dw_biases, pw_weights, pw_biases, dim, eps
     qkv, *scales = autocast_inputs(qkv, *scales)
     check_floating_same_dtype(_AGGREGATED, qkv, dw_weights=scales[0], dw_biases=scales[1], pw_weights=scales[2],
                               pw_biases=scales[3])
-    return (qkv, *scales, dim, float(eps))
+    return AggregatedArgs(qkv, *scales, dim, float(eps))

@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from evit_kernels.triton.conv_bn_act import span
+from evit_kernels.dispatch import span
+from evit_kernels.triton._common import POINTER_TYPES, dot_mode, mma, signature
 
 BLOCK_D = 16  # channel chunk: tl.dot's minimum size; released key/value dims are multiples of it
 MAX_RESOLUTION = 8  # N = R² ≤ 64: the N×N fp32 tiles of the backward stay in registers on sm_90
@@ -38,17 +39,6 @@ _BINS = 16  # |Δy| and |Δx| take values < R_PAD ≤ 8; padded to tl.dot's mini
 def grid_side(resolution: int) -> int:
     """R_PAD: the side of the padded token grid, a power of two with R_PAD² ≥ 16 (tl.dot's minimum)."""
     return max(4, triton.next_power_of_2(resolution))
-
-
-@triton.jit
-def _dot(a, b, DOT_FP16: tl.constexpr, PRECISION: tl.constexpr):
-    """a·b accumulated in fp32: fp16 operands on fp16 tensor cores, otherwise fp32 operands at ``PRECISION``
-    (bf16 tiles are upcast: the interpreter's bf16 dot is broken, and TF32 holds bf16 values exactly)."""
-    if DOT_FP16:
-        result = tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
-    else:
-        result = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
-    return result
 
 
 @triton.jit
@@ -95,14 +85,14 @@ def _store_t(base, c0, n_channels, n_tokens, offs_c, index, valid, tile_t):
 @triton.jit
 def _probabilities(q_base, k_base, bias_row, bias_stride, scale, key_dim, resolution, offs_c, y, x, index, valid,
                    q_sc, q_sn, k_sc, k_sn, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_FP16: tl.constexpr, PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """P = softmax over keys of scale·qᵀk + bias, (N_PAD queries, N_PAD keys) in fp32. Padded queries get a
     zero bias (finite rows, never stored), padded keys −inf (zero probability)."""
     scores = tl.zeros((N_PAD, N_PAD), dtype=tl.float32)
     for c0 in range(0, key_dim, BLOCK_D):
         q_t = _load_t(q_base, c0, key_dim, offs_c, index, valid, q_sc, q_sn)
         k = _load(k_base, c0, key_dim, offs_c, index, valid, k_sc, k_sn)
-        scores += _dot(q_t, k, DOT_FP16, PRECISION)
+        scores = mma(q_t, k, scores, PRECISION=PRECISION, UPCAST=UPCAST)
     offset = tl.abs(y[:, None] - y[None, :]) * resolution + tl.abs(x[:, None] - x[None, :])
     bias = tl.load(bias_row + offset * bias_stride, mask=valid[:, None] & valid[None, :], other=0.0)
     scores = tl.where(valid[None, :], scores * scale + bias.to(tl.float32), float("-inf"))
@@ -128,15 +118,16 @@ def _bias_bins(grad_s, R_PAD: tl.constexpr, BINS: tl.constexpr):
 @triton.jit
 def _cga_fwd_kernel(q, k, v, bias_row, out, n_tokens, resolution, key_dim, val_dim, scale,
                     q_sb, q_sc, q_sn, k_sb, k_sc, k_sn, v_sb, v_sc, v_sn, bias_stride,
-                    R_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP16: tl.constexpr, PRECISION: tl.constexpr):
+                    R_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     w = tl.program_id(0)
     offs_c = tl.arange(0, BLOCK_D)
     y, x, index, valid = _tokens(resolution, R_PAD)
     p = _probabilities(q + w * q_sb, k + w * k_sb, bias_row, bias_stride, scale, key_dim, resolution, offs_c,
-                       y, x, index, valid, q_sc, q_sn, k_sc, k_sn, R_PAD * R_PAD, BLOCK_D, DOT_FP16, PRECISION)
+                       y, x, index, valid, q_sc, q_sn, k_sc, k_sn, R_PAD * R_PAD, BLOCK_D, PRECISION=PRECISION,
+                       UPCAST=UPCAST)
     for c0 in range(0, val_dim, BLOCK_D):
         v_t = _load_t(v + w * v_sb, c0, val_dim, offs_c, index, valid, v_sc, v_sn)
-        out_t = _dot(p, v_t, DOT_FP16, PRECISION)  # out[c, i] = Σ_j P[i, j] v[c, j]
+        out_t = mma(p, v_t, None, PRECISION=PRECISION, UPCAST=UPCAST)  # out[c, i] = Σ_j P[i, j] v[c, j]
         _store_t(out + w * val_dim * n_tokens, c0, val_dim, n_tokens, offs_c, index, valid, out_t)
 
 
@@ -144,42 +135,39 @@ def _cga_fwd_kernel(q, k, v, bias_row, out, n_tokens, resolution, key_dim, val_d
 def _cga_bwd_kernel(q, k, v, bias_row, grad, grad_q, grad_k, grad_v, bias_partial, n_tokens, resolution, key_dim,
                     val_dim, scale, q_sb, q_sc, q_sn, k_sb, k_sc, k_sn, v_sb, v_sc, v_sn, g_sb, g_sc, g_sn,
                     bias_stride, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BINS: tl.constexpr,
-                    DOT_FP16: tl.constexpr, PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     w = tl.program_id(0)
     offs_c = tl.arange(0, BLOCK_D)
     y, x, index, valid = _tokens(resolution, R_PAD)
     q_base, k_base = q + w * q_sb, k + w * k_sb
     p = _probabilities(q_base, k_base, bias_row, bias_stride, scale, key_dim, resolution, offs_c,
-                       y, x, index, valid, q_sc, q_sn, k_sc, k_sn, R_PAD * R_PAD, BLOCK_D, DOT_FP16, PRECISION)
+                       y, x, index, valid, q_sc, q_sn, k_sc, k_sn, R_PAD * R_PAD, BLOCK_D, PRECISION=PRECISION,
+                       UPCAST=UPCAST)
     grad_p = tl.zeros((R_PAD * R_PAD, R_PAD * R_PAD), dtype=tl.float32)
     for c0 in range(0, val_dim, BLOCK_D):
         g_t = _load_t(grad + w * g_sb, c0, val_dim, offs_c, index, valid, g_sc, g_sn)
         v_tile = _load(v + w * v_sb, c0, val_dim, offs_c, index, valid, v_sc, v_sn)
-        grad_p += _dot(g_t, v_tile, DOT_FP16, PRECISION)  # dP[i, j] = Σ_c g[c, i] v[c, j]
-        gv = _dot(tl.trans(g_t), p, DOT_FP16, PRECISION)  # dv[c, j] = Σ_i g[c, i] P[i, j]
+        grad_p = mma(g_t, v_tile, grad_p, PRECISION=PRECISION, UPCAST=UPCAST)  # dP[i, j] = Σ_c g[c, i] v[c, j]
+        # dv[c, j] = Σ_i g[c, i] P[i, j]
+        gv = mma(tl.trans(g_t), p, None, PRECISION=PRECISION, UPCAST=UPCAST)
         _store(grad_v + w * val_dim * n_tokens, c0, val_dim, n_tokens, offs_c, index, valid, gv)
     # Padded queries have g = 0 and padded keys P = 0, so grad_s is 0 outside the window's N×N block.
     grad_s = p * (grad_p - tl.sum(grad_p * p, axis=1)[:, None])
     # dq and dk in separate passes: one pass needing grad_s as both dot operands spills registers in fp32.
     for c0 in range(0, key_dim, BLOCK_D):
         k_t = _load_t(k_base, c0, key_dim, offs_c, index, valid, k_sc, k_sn)
-        gq_t = _dot(grad_s, k_t, DOT_FP16, PRECISION) * scale  # dq[c, i] = Σ_j dS[i, j] k[c, j]
+        # dq[c, i] = Σ_j dS[i, j] k[c, j]
+        gq_t = mma(grad_s, k_t, None, PRECISION=PRECISION, UPCAST=UPCAST) * scale
         _store_t(grad_q + w * key_dim * n_tokens, c0, key_dim, n_tokens, offs_c, index, valid, gq_t)
     for c0 in range(0, key_dim, BLOCK_D):
         q_tile = _load(q_base, c0, key_dim, offs_c, index, valid, q_sc, q_sn)
-        gk = _dot(q_tile, grad_s, DOT_FP16, PRECISION) * scale  # dk[c, j] = Σ_i q[c, i] dS[i, j]
+        # dk[c, j] = Σ_i q[c, i] dS[i, j]
+        gk = mma(q_tile, grad_s, None, PRECISION=PRECISION, UPCAST=UPCAST) * scale
         _store(grad_k + w * key_dim * n_tokens, c0, key_dim, n_tokens, offs_c, index, valid, gk)
     bins = _bias_bins(grad_s, R_PAD, BINS)
     dy = tl.arange(0, BINS)
     in_window = (dy < resolution)[:, None] & (dy < resolution)[None, :]
     tl.store(bias_partial + w * n_tokens + dy[:, None] * resolution + dy[None, :], bins, mask=in_window)
-
-
-def _dot_mode(dtype: torch.dtype) -> dict:
-    """fp32: IEEE products (no TF32), so fp32 results match the reference to rounding; fp16: fp16 tensor cores,
-    fp32 accumulation (P and dS are rounded to fp16 for the products, as eager rounds them); bf16: upcast to
-    fp32 with TF32 products, exact for bf16 values."""
-    return {"DOT_FP16": dtype == torch.float16, "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -196,7 +184,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_row: torch.T
         _cga_fwd_kernel[(n_windows,)](
             q, k, v, bias_row, out, n_tokens, resolution, key_dim, val_dim, scale,
             *_strides(q), *_strides(k), *_strides(v), bias_row.stride(0),
-            R_PAD=grid_side(resolution), BLOCK_D=BLOCK_D, **_dot_mode(q.dtype))
+            R_PAD=grid_side(resolution), BLOCK_D=BLOCK_D, **dot_mode(q.dtype))
     return out
 
 
@@ -214,7 +202,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_row: torch.
         _cga_bwd_kernel[(n_windows,)](
             q, k, v, bias_row, grad_out, grad_q, grad_k, grad_v, partial, n_tokens, resolution, key_dim, val_dim,
             scale, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), bias_row.stride(0),
-            R_PAD=grid_side(resolution), BLOCK_D=BLOCK_D, BINS=_BINS, **_dot_mode(q.dtype))
+            R_PAD=grid_side(resolution), BLOCK_D=BLOCK_D, BINS=_BINS, **dot_mode(q.dtype))
     return grad_q, grad_k, grad_v, partial.sum(dim=0)
 
 
@@ -223,25 +211,12 @@ def compile_configs():
     for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU. The bias
     row is either in the input dtype (folded inference weights) or fp32 (the parameter under autocast)."""
     pointers = {"q", "k", "v", "out", "grad", "grad_q", "grad_k", "grad_v"}
-    for dtype, ptr in ((torch.float32, "*fp32"), (torch.float16, "*fp16"), (torch.bfloat16, "*bf16")):
+    for dtype, ptr in POINTER_TYPES.items():
         for bias_ptr in sorted({ptr, "*fp32"}):
+            special = {"bias_row": bias_ptr, "bias_partial": "*fp32", "scale": "fp32"}
             for r_pad in sorted({grid_side(r) for r in range(1, MAX_RESOLUTION + 1)}):
                 for kernel in (_cga_fwd_kernel, _cga_bwd_kernel):
-                    constexprs = {"R_PAD": r_pad, "BLOCK_D": BLOCK_D, **_dot_mode(dtype)}
+                    constexprs = {"R_PAD": r_pad, "BLOCK_D": BLOCK_D, **dot_mode(dtype)}
                     if kernel is _cga_bwd_kernel:
                         constexprs["BINS"] = _BINS
-                    signature = {}
-                    for name in kernel.arg_names:
-                        if name in constexprs:
-                            signature[name] = "constexpr"
-                        elif name in pointers:
-                            signature[name] = ptr
-                        elif name == "bias_row":
-                            signature[name] = bias_ptr
-                        elif name == "bias_partial":
-                            signature[name] = "*fp32"
-                        elif name == "scale":
-                            signature[name] = "fp32"
-                        else:
-                            signature[name] = "i32"
-                    yield kernel, signature, constexprs
+                    yield kernel, signature(kernel, ptr, constexprs, pointers, special), constexprs

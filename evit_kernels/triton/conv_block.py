@@ -26,24 +26,16 @@ are to be tuned on the GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-from evit_kernels.triton.conv_bn_act import (
-    _activate,
-    _add_bias,
-    _depthwise_taps,
-    _dot_mode,
-    _dot_on_chip,
-    _epilogue,
-    _gemm_rows,
-    _optional,
-    _pixel_coords,
-    _tap,
-    dot_size,
-)
+from evit_kernels.triton import _common as common
+
+if TYPE_CHECKING:
+    from evit_kernels.ops.conv_block import ConvBlockArgs
 
 KERNEL_SIZES = (3, 5, 7)
 
@@ -70,18 +62,18 @@ def _expand_depthwise_chunk(x, w1, b1, w2, offs_h, mask_h, img0, images, in_row0
     slot = tl.arange(0, SLOTS)
     s_img, s_y, s_x, s_ok = _band_pixels(slot, img0, images, in_row0, in_rows, batch, width)
     x_rows = x + s_img * x_sb + s_y * x_sh + s_x * x_sw
-    expanded = _gemm_rows(tl.zeros((SLOTS, BLOCK_H), dtype=tl.float32), x_rows, s_ok, x_sc, in_channels, w1, w1_sc,
-                          w1_sh, offs_h, mask_h, BLOCK_K, PRECISION, UPCAST)
-    expanded = _add_bias(expanded, b1, offs_h, mask_h, has_b1)
-    expanded = _activate(expanded, ACT1)
+    expanded = common.gemm_rows(tl.zeros((SLOTS, BLOCK_H), dtype=tl.float32), x_rows, s_ok, x_sc, in_channels, w1,
+                                w1_sc, w1_sh, offs_h, mask_h, BLOCK_K=BLOCK_K, PRECISION=PRECISION, UPCAST=UPCAST)
+    expanded = common.add_bias(expanded, b1, offs_h, mask_h, has_b1)
+    expanded = common.activate(expanded, ACTIVATION=ACT1)
     d = tl.zeros((P, BLOCK_H), dtype=tl.float32)
     for kh in range(K):
         for kw in range(K):
-            iy, ix, inside = _tap(out_y, out_x, out_ok, kh, kw, stride_h, stride_w, pad_h, pad_w, height, width)
+            iy, ix, inside = common.tap(out_y, out_x, out_ok, kh, kw, stride_h, stride_w, pad_h, pad_w, height, width)
             source = tl.where(inside, (out_img - img0) * in_rows * width + (iy - in_row0) * width + ix, 0)
-            tap = tl.gather(expanded, tl.broadcast_to(source[:, None], (P, BLOCK_H)), 0)
+            gathered = tl.gather(expanded, tl.broadcast_to(source[:, None], (P, BLOCK_H)), 0)
             wv = tl.load(w2 + offs_h * w2_sh + kh * w2_skh + kw * w2_skw, mask=mask_h, other=0.0).to(tl.float32)
-            d += tl.where(inside[:, None], tap, 0.0) * wv[None, :]
+            d += tl.where(inside[:, None], gathered, 0.0) * wv[None, :]
     return d
 
 
@@ -95,9 +87,10 @@ def _full_conv_chunk(x, w2, offs_h, mask_h, out_img, out_y, out_x, out_ok, in_ch
     d = tl.zeros((P, BLOCK_H), dtype=tl.float32)
     for kh in range(K):
         for kw in range(K):
-            iy, ix, inside = _tap(out_y, out_x, out_ok, kh, kw, stride_h, stride_w, pad_h, pad_w, height, width)
-            d = _gemm_rows(d, x_img + iy * x_sh + ix * x_sw, inside, x_sc, in_channels, w2 + kh * w2_skh + kw * w2_skw,
-                           w2_sc, w2_sh, offs_h, mask_h, BLOCK_K, PRECISION, UPCAST)
+            iy, ix, inside = common.tap(out_y, out_x, out_ok, kh, kw, stride_h, stride_w, pad_h, pad_w, height, width)
+            d = common.gemm_rows(d, x_img + iy * x_sh + ix * x_sw, inside, x_sc, in_channels,
+                                 w2 + kh * w2_skh + kw * w2_skw, w2_sc, w2_sh, offs_h, mask_h, BLOCK_K=BLOCK_K,
+                                 PRECISION=PRECISION, UPCAST=UPCAST)
     return d
 
 
@@ -125,7 +118,7 @@ def _conv_block_fwd_kernel(
     else:
         offs_p = tl.program_id(0) * P + tl.arange(0, P)
         out_ok = offs_p < batch * out_height * out_width
-        out_img, out_y, out_x = _pixel_coords(offs_p, out_height, out_width)
+        out_img, out_y, out_x = common.pixel_coords(offs_p, out_height, out_width)
     acc = tl.zeros((P, BLOCK_CO), dtype=tl.float32)
     for h0 in range(0, hidden, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
@@ -134,21 +127,24 @@ def _conv_block_fwd_kernel(
             d = _expand_depthwise_chunk(
                 x, w1, b1, w2, offs_h, mask_h, img0, images, in_row0, in_rows, out_img, out_y, out_x, out_ok, batch,
                 in_channels, height, width, stride_h, stride_w, pad_h, pad_w, has_b1, x_sb, x_sc, x_sh, x_sw,
-                w1_sh, w1_sc, w2_sh, w2_skh, w2_skw, ACT1, K, SLOTS, P, BLOCK_H, BLOCK_K, PRECISION, UPCAST)
+                w1_sh, w1_sc, w2_sh, w2_skh, w2_skw, ACT1=ACT1, K=K, SLOTS=SLOTS, P=P, BLOCK_H=BLOCK_H,
+                BLOCK_K=BLOCK_K, PRECISION=PRECISION, UPCAST=UPCAST)
         elif SPATIAL == "depthwise":
-            d = _depthwise_taps(x + out_img * x_sb, x_sc, x_sh, x_sw, w2, w2_sh, w2_skh, w2_skw, offs_h, mask_h,
-                                out_y, out_x, out_ok, K, stride_h, stride_w, pad_h, pad_w, height, width, P, BLOCK_H)
+            d = common.depthwise_taps(x + out_img * x_sb, x_sc, x_sh, x_sw, w2, w2_sh, w2_skh, w2_skw, offs_h, mask_h,
+                                      out_y, out_x, out_ok, K, stride_h, stride_w, pad_h, pad_w, height, width,
+                                      BLOCK_P=P, BLOCK_C=BLOCK_H)
         else:
             d = _full_conv_chunk(x, w2, offs_h, mask_h, out_img, out_y, out_x, out_ok, in_channels, height, width,
                                  stride_h, stride_w, pad_h, pad_w, x_sb, x_sc, x_sh, x_sw, w2_sh, w2_sc, w2_skh,
-                                 w2_skw, K, P, BLOCK_H, BLOCK_K, PRECISION, UPCAST)
+                                 w2_skw, K=K, P=P, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, PRECISION=PRECISION,
+                                 UPCAST=UPCAST)
         # Padded hidden columns hold act2(0), finite, and meet w3 rows masked to 0.
-        d = _activate(_add_bias(d, b2, offs_h, mask_h, has_b2), ACT2)
+        d = common.activate(common.add_bias(d, b2, offs_h, mask_h, has_b2), ACTIVATION=ACT2)
         w3_tile = tl.load(w3 + offs_h[:, None] * w3_sh + offs_co[None, :] * w3_so,
                           mask=mask_h[:, None] & mask_co[None, :], other=0.0)
-        acc = _dot_on_chip(d, w3_tile, acc, PRECISION, UPCAST)
-    _epilogue(acc, b3, residual, out, out_img, out_y, out_x, offs_co, out_ok, mask_co, has_b3, has_residual,
-              r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACT3)
+        acc = common.mma(d, w3_tile, acc, PRECISION=PRECISION, UPCAST=UPCAST)
+    common.epilogue(acc, b3, residual, out, out_img, out_y, out_x, offs_co, out_ok, mask_co, has_b3, has_residual,
+                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACT3)
 
 
 # --- tiles ------------------------------------------------------------------------------------------------------
@@ -204,26 +200,20 @@ def tile_config(spatial: str, dtype: torch.dtype, x_shape, out_shape, stride: in
         p, slots, channels, band_rows, images = tile
     else:
         p, slots, channels, band_rows, images = tiles.direct_pixels, 16, tiles.direct_channels, 1, 1
-    return {"P": p, "SLOTS": slots, "BLOCK_CO": min(dot_size(out_channels), channels), "BLOCK_H": BLOCK_H,
+    return {"P": p, "SLOTS": slots, "BLOCK_CO": min(common.dot_size(out_channels), channels), "BLOCK_H": BLOCK_H,
             "BLOCK_K": tiles.block_k, "num_warps": tiles.warps, "band_rows": band_rows, "images": images}
 
 
-def forward(x: torch.Tensor, w1: torch.Tensor | None, b1: torch.Tensor | None, act1: str, w2: torch.Tensor,
-            b2: torch.Tensor | None, act2: str, stride: list[int], padding: list[int], w3: torch.Tensor,
-            b3: torch.Tensor | None, act3: str, residual: torch.Tensor | None, out: torch.Tensor,
-            spatial: str, config: dict) -> torch.Tensor:
+def forward(a: ConvBlockArgs, out: torch.Tensor, spatial: str, config: dict) -> torch.Tensor:
     """Writes the block's output into ``out`` (B, C_out, H_out, W_out), any strides; ``config`` is
     :func:`tile_config`'s for these shapes."""
-    batch, in_channels, height, width = x.shape
+    batch, in_channels, height, width = a.x.shape
     _, out_channels, out_height, out_width = out.shape
-    hidden = w2.shape[0]
-    if out.numel() == 0:
-        return out
-    w1_t = w2 if w1 is None else w1
-    b1_t, has_b1, _ = _optional(b1, w2)
-    b2_t, has_b2, _ = _optional(b2, w2)
-    b3_t, has_b3, _ = _optional(b3, w3)
-    residual_t, has_residual, r_strides = _optional(residual, out)
+    w1 = a.w2 if a.w1 is None else a.w1
+    b1, has_b1, _ = common.optional(a.b1, a.w2)
+    b2, has_b2, _ = common.optional(a.b2, a.w2)
+    b3, has_b3, _ = common.optional(a.b3, a.w3)
+    residual, has_residual, r_strides = common.optional(a.residual, out)
     config = dict(config)
     band_rows, images, num_warps = config.pop("band_rows"), config.pop("images"), config.pop("num_warps")
     # num_stages=1: the loops are short and their loads feed on-chip math, not a long GEMM to pipeline.
@@ -235,13 +225,13 @@ def forward(x: torch.Tensor, w1: torch.Tensor | None, b1: torch.Tensor | None, a
         tiles = triton.cdiv(batch * out_height * out_width, config["P"])
     grid = (tiles, triton.cdiv(out_channels, config["BLOCK_CO"]))
     _conv_block_fwd_kernel[grid](
-        x, w1_t, b1_t, w2, b2_t, w3, b3_t, residual_t, out,
-        batch, in_channels, hidden, out_channels, height, width, out_height, out_width,
-        *stride, *padding, band_rows, bands, images, has_b1, has_b2, has_b3, has_residual,
-        *x.stride(), w1_t.stride(0), w1_t.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), w2.stride(3),
-        w3.stride(0), w3.stride(1), *r_strides, *out.stride(),
-        SPATIAL=spatial, ACT1=act1, ACT2=act2, ACT3=act3, K=w2.shape[2], num_warps=num_warps, num_stages=1, **config,
-        **_dot_mode(x.dtype))
+        a.x, w1, b1, a.w2, b2, a.w3, b3, residual, out,
+        batch, in_channels, a.w2.shape[0], out_channels, height, width, out_height, out_width,
+        *a.stride, *a.padding, band_rows, bands, images, has_b1, has_b2, has_b3, has_residual,
+        *a.x.stride(), w1.stride(0), w1.stride(1), *a.w2.stride(), a.w3.stride(0), a.w3.stride(1), *r_strides,
+        *out.stride(),
+        SPATIAL=spatial, ACT1=a.act1, ACT2=a.act2, ACT3=a.act3, K=a.w2.shape[2], num_warps=num_warps, num_stages=1,
+        **config, **common.dot_mode(a.x.dtype))
     return out
 
 
@@ -250,7 +240,7 @@ def compile_configs():
     compile: each spatial kind × dtype × tile × output-channel block × kernel size, with one representative set
     of activations (they change only elementwise code; conv_bn_act compiles every activation)."""
     pointers = ("x", "w1", "b1", "w2", "b2", "w3", "b3", "residual", "out")
-    for (dtype, tiles), ptr in zip(TILES.items(), ("*fp32", "*fp16", "*bf16"), strict=True):
+    for dtype, tiles in TILES.items():
         kinds = [("expand_depthwise", p, slots, channels) for p, slots, channels in tiles.bands]
         kinds += [(kind, tiles.direct_pixels, 16, tiles.direct_channels) for kind in ("depthwise", "full")]
         for spatial, p, slots, widest in kinds:
@@ -258,7 +248,6 @@ def compile_configs():
                 for ksize in KERNEL_SIZES:
                     constexprs = {"SPATIAL": spatial, "ACT1": "hardswish", "ACT2": "gelu_tanh", "ACT3": "none",
                                   "K": ksize, "SLOTS": slots, "P": p, "BLOCK_H": BLOCK_H, "BLOCK_K": tiles.block_k,
-                                  "BLOCK_CO": block_co, **_dot_mode(dtype)}
-                    signature = {name: ptr if name in pointers else "constexpr" if name in constexprs else "i32"
-                                 for name in _conv_block_fwd_kernel.arg_names}
-                    yield _conv_block_fwd_kernel, signature, constexprs, {"num_warps": tiles.warps, "num_stages": 1}
+                                  "BLOCK_CO": block_co, **common.dot_mode(dtype)}
+                    types = common.signature(_conv_block_fwd_kernel, common.POINTER_TYPES[dtype], constexprs, pointers)
+                    yield _conv_block_fwd_kernel, types, constexprs, {"num_warps": tiles.warps, "num_stages": 1}

@@ -13,20 +13,16 @@ channels_last or any other layout); offsets are 32-bit, which callers check with
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
 
-from evit_kernels.triton.conv_bn_act import (
-    _add_bias,
-    _dot_mode,
-    _dot_on_chip,
-    _epilogue,
-    _gemm_rows,
-    _optional,
-    _pixel_coords,
-    dot_size,
-)
+from evit_kernels.triton import _common as common
+
+if TYPE_CHECKING:
+    from evit_kernels.ops.ffn import FfnArgs
 
 MAX_CHANNELS = 512
 """Widest block the kernel holds on chip (the released EfficientViT-M models' widest is 384)."""
@@ -54,42 +50,39 @@ def _ffn_fwd_kernel(x, w1, b1, w2, b2, residual, out, n_pixels, channels, hidden
     offs_c = tl.arange(0, BLOCK_C)
     mask_m = offs_m < n_pixels
     mask_c = offs_c < channels
-    offs_b, offs_y, offs_x = _pixel_coords(offs_m, height, width)
+    offs_b, offs_y, offs_x = common.pixel_coords(offs_m, height, width)
     x_rows = x + offs_b * x_sb + offs_y * x_sh + offs_x * x_sw
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for h0 in range(0, hidden, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         mask_h = offs_h < hidden
-        h = _gemm_rows(tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), x_rows, mask_m, x_sc, channels, w1, w1_sc,
-                       w1_sh, offs_h, mask_h, BLOCK_K, PRECISION, UPCAST)
-        h = _add_bias(h, b1, offs_h, mask_h, has_b1)
+        h = common.gemm_rows(tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), x_rows, mask_m, x_sc, channels, w1, w1_sc,
+                             w1_sh, offs_h, mask_h, BLOCK_K=BLOCK_K, PRECISION=PRECISION, UPCAST=UPCAST)
+        h = common.add_bias(h, b1, offs_h, mask_h, has_b1)
         h = tl.where(h < 0, 0.0, h)  # ReLU that keeps NaN, as torch's; padded hidden columns are 0 and add nothing
         w2_tile = tl.load(w2 + offs_h[:, None] * w2_sh + offs_c[None, :] * w2_sc,
                           mask=mask_h[:, None] & mask_c[None, :], other=0.0)
-        acc = _dot_on_chip(h, w2_tile, acc, PRECISION, UPCAST)
-    _epilogue(acc, b2, residual, out, offs_b, offs_y, offs_x, offs_c, mask_m, mask_c, has_b2, has_residual,
-              r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, "none")
+        acc = common.mma(h, w2_tile, acc, PRECISION=PRECISION, UPCAST=UPCAST)
+    common.epilogue(acc, b2, residual, out, offs_b, offs_y, offs_x, offs_c, mask_m, mask_c, has_b2, has_residual,
+                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION="none")
 
 
-def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
-            residual: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+def forward(a: FfnArgs, out: torch.Tensor) -> torch.Tensor:
     """Writes the block's output into ``out`` (B, C, H, W), any strides. ``w1`` is (hidden, C, 1, 1), ``w2``
     (C, hidden, 1, 1); C must be at most :data:`MAX_CHANNELS`."""
-    batch, channels, height, width = x.shape
-    hidden = w1.shape[0]
+    batch, channels, height, width = a.x.shape
+    hidden = a.w1.shape[0]
     n_pixels = batch * height * width
-    if out.numel() == 0:
-        return out
-    b1_t, has_b1, _ = _optional(b1, w1)
-    b2_t, has_b2, _ = _optional(b2, w2)
-    residual_t, has_residual, r_strides = _optional(residual, out)
-    block_c = dot_size(channels)
-    sizes = blocks(block_c, x.dtype)
+    b1, has_b1, _ = common.optional(a.b1, a.w1)
+    b2, has_b2, _ = common.optional(a.b2, a.w2)
+    residual, has_residual, r_strides = common.optional(a.residual, out)
+    block_c = common.dot_size(channels)
+    sizes = blocks(block_c, a.x.dtype)
     _ffn_fwd_kernel[(triton.cdiv(n_pixels, sizes["BLOCK_M"]),)](
-        x, w1, b1_t, w2, b2_t, residual_t, out, n_pixels, channels, hidden, height, width,
-        has_b1, has_b2, has_residual, *x.stride(), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
+        a.x, a.w1, b1, a.w2, b2, residual, out, n_pixels, channels, hidden, height, width,
+        has_b1, has_b2, has_residual, *a.x.stride(), a.w1.stride(0), a.w1.stride(1), a.w2.stride(0), a.w2.stride(1),
         *r_strides, *out.stride(),
-        BLOCK_C=block_c, **sizes, **_dot_mode(x.dtype))
+        BLOCK_C=block_c, **sizes, **common.dot_mode(a.x.dtype))
     return out
 
 
@@ -97,9 +90,7 @@ def compile_configs():
     """Every (kernel, signature, constexprs) the launcher above can request: CI compiles each one ahead of time
     for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
     pointers = ("x", "w1", "b1", "w2", "b2", "residual", "out")
-    for dtype, ptr in ((torch.float32, "*fp32"), (torch.float16, "*fp16"), (torch.bfloat16, "*bf16")):
+    for dtype, ptr in common.POINTER_TYPES.items():
         for block_c in _LOW_PRECISION_BLOCK_M:  # every padded width
-            constexprs = {"BLOCK_C": block_c, **blocks(block_c, dtype), **_dot_mode(dtype)}
-            signature = {name: ptr if name in pointers else "constexpr" if name in constexprs else "i32"
-                         for name in _ffn_fwd_kernel.arg_names}
-            yield _ffn_fwd_kernel, signature, constexprs
+            constexprs = {"BLOCK_C": block_c, **blocks(block_c, dtype), **common.dot_mode(dtype)}
+            yield _ffn_fwd_kernel, common.signature(_ffn_fwd_kernel, ptr, constexprs, pointers), constexprs

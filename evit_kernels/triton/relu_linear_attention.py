@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from evit_kernels.triton.conv_bn_act import _dot_mode, dot_size
+from evit_kernels.triton._common import POINTER_TYPES, dot_mode, dot_size, signature
 
 _TARGET_PROGRAMS = 512  # about four waves of 132 SMs: split N until (batch·heads·chunks) reaches this
 BLOCK_N = 64
@@ -321,7 +321,7 @@ def _partials(src: torch.Tensor, dim: int, per_chunk: int, chunks: int) -> torch
     partial = _empty_partials(src, dim, chunks)
     _rla_fwd_reduce_kernel[(partial.shape[0], chunks)](
         src, partial, channels // (3 * dim), height * width, per_chunk, chunks, *_token_strides(src),
-        D=dim, D_PAD=dot_size(dim), BLOCK_N=BLOCK_N, **_dot_mode(src.dtype))
+        D=dim, D_PAD=dot_size(dim), BLOCK_N=BLOCK_N, **dot_mode(src.dtype))
     return partial
 
 
@@ -419,36 +419,21 @@ def backward(sources: list[torch.Tensor], grad_out: torch.Tensor, dim: int, eps:
     return grads
 
 
-_TENSOR_ARGS = ("src", "out", "grad", "grad_src", "dw_w", "dw_b", "pw_w", "pw_b")
-
-
-def _signature(kernel, ptr: str) -> dict[str, str]:
-    """Triton types of ``kernel``'s arguments for tensors of pointer type ``ptr``: partial sums are fp32, the
-    upper-case arguments constexprs, ``eps`` fp32 and every other scalar (sizes, strides, flags) i32."""
-    def kind(name: str) -> str:
-        if name.isupper():
-            return "constexpr"
-        if "partial" in name:
-            return "*fp32"
-        if name in _TENSOR_ARGS:
-            return ptr
-        return "fp32" if name == "eps" else "i32"
-
-    return {name: kind(name) for name in kernel.arg_names}
-
-
 def compile_configs():
     """Every (kernel, signature, constexprs) the launchers above can request: CI compiles each one ahead of time
     for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
-    for dtype, ptr in ((torch.float32, "*fp32"), (torch.float16, "*fp16"), (torch.bfloat16, "*bf16")):
+    pointers = ("src", "out", "grad", "grad_src", "dw_w", "dw_b", "pw_w", "pw_b")
+    for dtype, ptr in POINTER_TYPES.items():
         for dim in HEAD_DIMS:
             plain = {"D": dim, "D_PAD": dot_size(dim), "BLOCK_N": BLOCK_N}
             backward = {**plain, "BLOCK_N": _heavy_block(plain["D_PAD"], dtype)}
-            configs = [(_rla_fwd_reduce_kernel, {**plain, **_dot_mode(dtype)}),
+            configs = [(_rla_fwd_reduce_kernel, {**plain, **dot_mode(dtype)}),
                        (_rla_fwd_apply_kernel, {**plain, "PRECISION": "ieee"}),
                        (_rla_bwd_reduce_kernel, backward), (_rla_bwd_apply_kernel, backward)]
             configs += [(kernel, _aggregated_constexprs(dim, dtype, k))
                         for kernel in (_rla_agg_fwd_reduce_kernel, _rla_agg_fwd_apply_kernel)
                         for k in AGGREGATION_KERNEL_SIZES]
             for kernel, constexprs in configs:
-                yield kernel, _signature(kernel, ptr), constexprs
+                # Partial sums are fp32 scratch, eps an fp32 scalar.
+                special = {name: "*fp32" for name in kernel.arg_names if "partial" in name} | {"eps": "fp32"}
+                yield kernel, signature(kernel, ptr, constexprs, pointers, special), constexprs

@@ -1,0 +1,148 @@
+"""What the Triton kernel files share: block sizes, the dot-product mode, the pointwise building blocks of the
+conv kernels (activation, bias, pixel coordinates, taps, GEMM over channels, epilogue) and the signature builder
+of the ahead-of-time sm_90 compile configurations. Kernel files import these and nothing of each other."""
+
+from __future__ import annotations
+
+from collections.abc import Container
+
+import torch
+import triton
+import triton.language as tl
+
+POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+"""The kernels' input dtypes and their Triton pointer types (the compile configurations take one per dtype)."""
+
+
+def dot_size(n: int) -> int:
+    """``n`` padded to a block size ``tl.dot`` takes: a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def dot_mode(dtype: torch.dtype) -> dict:
+    """How every kernel multiplies tiles of ``dtype`` tensors (the ``PRECISION`` and ``UPCAST`` constexprs of
+    :func:`mma`): fp32 in IEEE precision (no TF32 rounding of the inputs); fp16 on fp16 tensor cores; bf16 upcast
+    to fp32 on TF32 tensor cores, exact for bf16 values (8-bit mantissas fit TF32's 10) and clear of the Triton
+    interpreter's broken bf16 dot, so CI checks the arithmetic the GPU runs. Accumulation is fp32 throughout."""
+    return {"PRECISION": "ieee" if dtype == torch.float32 else "tf32", "UPCAST": dtype == torch.bfloat16}
+
+
+def optional(t: torch.Tensor | None, stand_in: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, ...]]:
+    """(pointer, present flag, 4 strides) for an optional tensor; an absent one is never read."""
+    if t is None:
+        return stand_in, 0, (0, 0, 0, 0)
+    return t, 1, t.stride()
+
+
+def signature(kernel, pointer: str, constexprs: Container[str], pointers: Container[str],
+              special: dict[str, str] | None = None) -> dict[str, str]:
+    """Triton argument types of ``kernel`` for an ahead-of-time compile: the names in ``constexprs`` are
+    constexprs, those in ``pointers`` tensors of pointer type ``pointer``, those in ``special`` the type it gives,
+    and every other argument (sizes, strides, flags) i32, as the launchers pass them."""
+    special = special or {}
+
+    def kind(name: str) -> str:
+        if name in constexprs:
+            return "constexpr"
+        if name in special:
+            return special[name]
+        return pointer if name in pointers else "i32"
+
+    return {name: kind(name) for name in kernel.arg_names}
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a·b (fp32 ``acc``) for tiles from tensors of one dtype, as :func:`dot_mode` says: either operand may
+    be an fp32 tile computed on chip. fp16 tensors: both operands rounded to fp16 for the tensor cores (as eager
+    stores its intermediates); bf16 (``UPCAST``) and fp32: both in fp32 at ``PRECISION``."""
+    if PRECISION == "ieee" or UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    return tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+
+
+@triton.jit
+def activate(y, ACTIVATION: tl.constexpr):
+    """The activation of an fp32 tile; NaN stays NaN, as in PyTorch."""
+    if ACTIVATION == "relu":
+        y = tl.where(y < 0, 0.0, y)
+    elif ACTIVATION == "relu6":
+        y = tl.where(y < 0, 0.0, tl.where(y > 6, 6.0, y))
+    elif ACTIVATION == "hardswish":
+        y = y * tl.where(y < -3, 0.0, tl.where(y > 3, 6.0, y + 3.0)) / 6.0
+    elif ACTIVATION == "gelu":
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":
+        # 0.5·(1 + tanh(u)) = sigmoid(2u) with u = √(2/π)·(y + 0.044715·y³): no tanh, no cancellation.
+        y = y / (1.0 + tl.exp(-1.5957691216057308 * (y + 0.044715 * y * y * y)))
+    elif ACTIVATION == "silu":
+        y = y / (1.0 + tl.exp(-y))
+    return y
+
+
+@triton.jit
+def pixel_coords(offs, height, width):
+    """(batch, row, column) of the pixels numbered ``offs`` in a (B, ·, height, width) map."""
+    hw = height * width
+    return offs // hw, (offs % hw) // width, offs % width
+
+
+@triton.jit
+def tap(out_y, out_x, out_ok, kh, kw, stride_h, stride_w, pad_h, pad_w, height, width):
+    """The input (row, column) that tap (kh, kw) of the outputs at (out_y, out_x) reads, and whether it lies in the
+    map: taps in the zero padding read nothing."""
+    iy = out_y * stride_h - pad_h + kh
+    ix = out_x * stride_w - pad_w + kw
+    return iy, ix, out_ok & (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
+
+
+@triton.jit
+def add_bias(acc, bias, offs, mask, has_bias):
+    """acc + bias[offs] along the columns, in fp32; nothing when the bias is absent (``has_bias`` 0)."""
+    if has_bias != 0:
+        acc += tl.load(bias + offs, mask=mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def gemm_rows(acc, x_rows, rows_ok, x_sc, in_channels, w, w_sk, w_sn, offs_n, mask_n, BLOCK_K: tl.constexpr,
+              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + X · W over ``in_channels``: X's rows are the pixels at the pointers ``x_rows`` (channel stride ``x_sc``;
+    rows outside ``rows_ok`` read 0), W[k, n] is at ``w + k·w_sk + offs_n·w_sn``. See :func:`mma`."""
+    for k0 in range(0, in_channels, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < in_channels
+        a = tl.load(x_rows[:, None] + offs_k[None, :] * x_sc, mask=rows_ok[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w + offs_k[:, None] * w_sk + offs_n[None, :] * w_sn, mask=mask_k[:, None] & mask_n[None, :],
+                    other=0.0)
+        acc = mma(a, b, acc, PRECISION=PRECISION, UPCAST=UPCAST)
+    return acc
+
+
+@triton.jit
+def depthwise_taps(x_img, x_sc, x_sh, x_sw, w, w_sc, w_skh, w_skw, offs_c, mask_c, out_y, out_x, out_ok, ksize,
+                   stride_h, stride_w, pad_h, pad_w, height, width, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Σ over the k×k taps of x · w for (pixels × channels): ``x_img`` points at each output pixel's image, w[c, kh,
+    kw] is at ``w + c·w_sc + kh·w_skh + kw·w_skw``; fp32."""
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for kh in range(0, ksize):
+        for kw in range(0, ksize):
+            iy, ix, inside = tap(out_y, out_x, out_ok, kh, kw, stride_h, stride_w, pad_h, pad_w, height, width)
+            xv = tl.load((x_img + iy * x_sh + ix * x_sw)[:, None] + offs_c[None, :] * x_sc,
+                         mask=inside[:, None] & mask_c[None, :], other=0.0)
+            wv = tl.load(w + offs_c * w_sc + kh * w_skh + kw * w_skw, mask=mask_c, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_c, mask_p, mask_c, has_bias, has_residual,
+             r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION: tl.constexpr):
+    """bias → activation → residual on the fp32 (pixels × channels) accumulator, then one rounding on store."""
+    y = activate(add_bias(acc, bias, offs_c, mask_c, has_bias), ACTIVATION=ACTIVATION)
+    mask = mask_p[:, None] & mask_c[None, :]
+    if has_residual != 0:
+        r_pixel = offs_b * r_sb + offs_h * r_sh + offs_w * r_sw
+        y += tl.load(residual + r_pixel[:, None] + offs_c[None, :] * r_sc, mask=mask, other=0.0).to(tl.float32)
+    o_pixel = offs_b * o_sb + offs_h * o_sh + offs_w * o_sw
+    tl.store(out + o_pixel[:, None] + offs_c[None, :] * o_sc, y.to(out.dtype.element_ty), mask=mask)
