@@ -18,30 +18,17 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <cmath>
 #include <optional>
+
+#include "common.cuh"
 
 namespace evit {
 namespace {
 
 constexpr int kMaxHeads = 8;
 constexpr int kMaxThreads = 512;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 template <typename T>
 struct Params {
@@ -114,7 +101,7 @@ __global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T>
       const int c = idx / N, n = idx % N, y = y0 + n / R, xx = x0 + n % R;
       float v = 0.f;
       if (y < p.H && xx < p.W)
-        v = to_float(x[(head * in_w + c) * p.x_stride[1] + y * p.x_stride[2] + xx * p.x_stride[3]]);
+        v = static_cast<float>(x[(head * in_w + c) * p.x_stride[1] + y * p.x_stride[2] + xx * p.x_stride[3]]);
       if (head > 0) v += outs[((head - 1) * vd + c) * N + n];
       feat[idx] = v;
     }
@@ -123,8 +110,9 @@ __global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T>
     const T* qkv_w = p.qkv_w[head];
     const T* qkv_b = p.qkv_b[head];
     gemm_rows4(
-        qkv_rows, in_w, N, [&](int o) { return to_float(qkv_b[o]); },
-        [&](int o, int c) { return to_float(qkv_w[o * in_w + c]); }, [&](int c, int n) { return feat[c * N + n]; },
+        qkv_rows, in_w, N, [&](int o) { return static_cast<float>(qkv_b[o]); },
+        [&](int o, int c) { return static_cast<float>(qkv_w[o * in_w + c]); },
+        [&](int c, int n) { return feat[c * N + n]; },
         [&](int o, int n, float v) { qkv[o * N + n] = v; });
     __syncthreads();
 
@@ -134,13 +122,14 @@ __global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T>
     const T* dw_b = p.dw_b[head];
     for (int idx = threadIdx.x; idx < kd * N; idx += blockDim.x) {
       const int c = idx / N, ty = idx % N / R, tx = idx % R;
-      float acc = to_float(dw_b[c]);
+      float acc = static_cast<float>(dw_b[c]);
       for (int dy = 0; dy < k; ++dy) {
         const int sy = ty + dy - half;
         if (sy < 0 || sy >= R) continue;
         for (int dx = 0; dx < k; ++dx) {
           const int sx = tx + dx - half;
-          if (sx >= 0 && sx < R) acc = fmaf(to_float(dw_w[(c * k + dy) * k + dx]), qkv[c * N + sy * R + sx], acc);
+          if (sx >= 0 && sx < R)
+            acc = fmaf(static_cast<float>(dw_w[(c * k + dy) * k + dx]), qkv[c * N + sy * R + sx], acc);
         }
       }
       q[idx] = acc * p.scale;
@@ -155,7 +144,7 @@ __global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T>
         [&](int c, int m) { return keys[c * N + m]; },
         [&](int n, int m, float v) {
           const int dy = abs(n / R - m / R), dx = abs(n % R - m % R);
-          attn[n * ld + m] = v + to_float(bias[dy * R + dx]);
+          attn[n * ld + m] = v + static_cast<float>(bias[dy * R + dx]);
         });
     __syncthreads();
 
@@ -191,15 +180,16 @@ __global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T>
   T* y_out = p.out + int64_t(b) * p.c_out * p.H * p.W;
   const T* residual = p.residual ? p.residual + b * p.residual_stride[0] : nullptr;
   gemm_rows4(
-      p.c_out, K, N, [&](int o) { return to_float(p.proj_b[o]); },
-      [&](int o, int c) { return to_float(p.proj_w[o * K + c]); },
+      p.c_out, K, N, [&](int o) { return static_cast<float>(p.proj_b[o]); },
+      [&](int o, int c) { return static_cast<float>(p.proj_w[o * K + c]); },
       [&](int c, int n) { return fmaxf(outs[c * N + n], 0.f); },
       [&](int o, int n, float v) {
         const int y = y0 + n / R, xx = x0 + n % R;
         if (y >= p.H || xx >= p.W) return;
         if (residual)
-          v += to_float(residual[o * p.residual_stride[1] + y * p.residual_stride[2] + xx * p.residual_stride[3]]);
-        y_out[(int64_t(o) * p.H + y) * p.W + xx] = from_float<T>(v);
+          v += static_cast<float>(
+              residual[o * p.residual_stride[1] + y * p.residual_stride[2] + xx * p.residual_stride[3]]);
+        y_out[(int64_t(o) * p.H + y) * p.W + xx] = static_cast<T>(v);
       });
 }
 
@@ -208,34 +198,29 @@ int64_t shared_floats(int64_t N, int64_t heads, int64_t in_w, int64_t kd, int64_
 }
 
 template <typename T>
-const T* ptr(const at::Tensor& t) {
-  return reinterpret_cast<const T*>(t.const_data_ptr());
-}
-
-template <typename T>
 void launch(const at::Tensor& x, const std::vector<at::Tensor>& qkv_w, const std::vector<at::Tensor>& qkv_b,
             const std::vector<at::Tensor>& dw_w, const std::vector<at::Tensor>& dw_b, const at::Tensor& biases,
             const at::Tensor& proj_w, const at::Tensor& proj_b, const std::optional<at::Tensor>& residual,
             at::Tensor& out, int64_t key_dim, int64_t window, int64_t smem_bytes, int blocks) {
   Params<T> p{};
-  p.x = ptr<T>(x);
-  p.residual = residual ? ptr<T>(*residual) : nullptr;
+  p.x = x.const_data_ptr<T>();
+  p.residual = residual ? residual->const_data_ptr<T>() : nullptr;
   for (int d = 0; d < 4; ++d) {
     p.x_stride[d] = x.stride(d);
     p.residual_stride[d] = residual ? residual->stride(d) : 0;
   }
-  p.out = reinterpret_cast<T*>(out.data_ptr());
+  p.out = out.mutable_data_ptr<T>();
   const int heads = static_cast<int>(qkv_w.size());
   for (int i = 0; i < heads; ++i) {
-    p.qkv_w[i] = ptr<T>(qkv_w[i]);
-    p.qkv_b[i] = ptr<T>(qkv_b[i]);
-    p.dw_w[i] = ptr<T>(dw_w[i]);
-    p.dw_b[i] = ptr<T>(dw_b[i]);
+    p.qkv_w[i] = qkv_w[i].const_data_ptr<T>();
+    p.qkv_b[i] = qkv_b[i].const_data_ptr<T>();
+    p.dw_w[i] = dw_w[i].const_data_ptr<T>();
+    p.dw_b[i] = dw_b[i].const_data_ptr<T>();
     p.dw_k[i] = static_cast<int>(dw_w[i].size(-1));
   }
-  p.attention_biases = ptr<T>(biases);
-  p.proj_w = ptr<T>(proj_w);
-  p.proj_b = ptr<T>(proj_b);
+  p.attention_biases = biases.const_data_ptr<T>();
+  p.proj_w = proj_w.const_data_ptr<T>();
+  p.proj_b = proj_b.const_data_ptr<T>();
   p.H = static_cast<int>(x.size(2));
   p.W = static_cast<int>(x.size(3));
   p.heads = heads;
@@ -271,9 +256,7 @@ at::Tensor cga_window_cuda(const at::Tensor& x, at::TensorList qkv_w, at::Tensor
                            const at::Tensor& proj_b, int64_t key_dim, int64_t window,
                            const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 4, "cga_window_cuda: x must be a (B, C, H, W) CUDA tensor");
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "cga_window_cuda: x must be float32, float16 or bfloat16, got ", dtype);
+  const auto dtype = x.scalar_type();  // float32, float16 or bfloat16: EVIT_DISPATCH_KERNEL_TYPES refuses others
   const int64_t heads = static_cast<int64_t>(qkv_w.size());
   TORCH_CHECK(heads >= 1 && heads <= kMaxHeads, "cga_window_cuda: 1 to ", kMaxHeads, " heads, got ", heads);
   TORCH_CHECK(qkv_b.size() == qkv_w.size() && dw_w.size() == qkv_w.size() && dw_b.size() == qkv_w.size(),
@@ -314,20 +297,14 @@ at::Tensor cga_window_cuda(const at::Tensor& x, at::TensorList qkv_w, at::Tensor
   TORCH_CHECK(blocks < (int64_t(1) << 31), "cga_window_cuda: too many windows");
 
   at::Tensor out = x.new_empty({B, c_out, H, W});
-  if (blocks == 0) return out;
   const auto qkv_wc = contiguous(qkv_w), qkv_bc = contiguous(qkv_b), dw_wc = contiguous(dw_w),
              dw_bc = contiguous(dw_b);
   const auto biases = attention_biases.contiguous(), pw = proj_w.contiguous(), pb = proj_b.contiguous();
-  const int n_blocks = static_cast<int>(blocks);
-  if (dtype == at::kFloat)
-    launch<float>(x, qkv_wc, qkv_bc, dw_wc, dw_bc, biases, pw, pb, residual, out, key_dim, window, smem_bytes,
-                  n_blocks);
-  else if (dtype == at::kHalf)
-    launch<__half>(x, qkv_wc, qkv_bc, dw_wc, dw_bc, biases, pw, pb, residual, out, key_dim, window, smem_bytes,
-                   n_blocks);
-  else
-    launch<__nv_bfloat16>(x, qkv_wc, qkv_bc, dw_wc, dw_bc, biases, pw, pb, residual, out, key_dim, window,
-                          smem_bytes, n_blocks);
+  EVIT_DISPATCH_KERNEL_TYPES(dtype, "cga_window_cuda", [&] {
+    if (blocks > 0)
+      launch<scalar_t>(x, qkv_wc, qkv_bc, dw_wc, dw_bc, biases, pw, pb, residual, out, key_dim, window, smem_bytes,
+                       static_cast<int>(blocks));
+  });
   return out;
 }
 
