@@ -6,8 +6,9 @@
 // cascade in shared memory (head i reads head i-1's output + its own input chunk), and writes the projected,
 // cropped window (plus an optional residual). Everything on chip is fp32; fp16/bf16 are rounded once, on store.
 //
-// Shared memory (fp32), N = R² tokens, kd/vd = key/value dims, in_w = C/heads, ld = N|1 (odd, so that reading
-// a column of the N×N attention is free of bank conflicts):
+// Shared memory (fp32; SharedLayout below places it, for the launcher and the kernel alike), N = R² tokens,
+// kd/vd = key/value dims, in_w = C/heads, ld = N|1 (odd, so that reading a column of the N×N attention is free
+// of bank conflicts):
 //   feat  in_w × N          the current head's input
 //   qkv   (2kd + vd) × N    the 1×1 conv's output: q before its depthwise conv, k, v
 //   q     kd × N            q after the depthwise conv, times the scale
@@ -29,6 +30,28 @@ namespace {
 
 constexpr int kMaxHeads = 8;
 constexpr int kMaxThreads = 512;
+
+// Where the block's fp32 arrays start in shared memory, in floats, and how many floats it needs in all: the
+// launcher sizes the allocation (and evit::cga_window_cuda_shared_memory_bytes reports it) with the same function
+// that the kernel places its arrays with.
+struct SharedLayout {
+  int64_t feat, qkv, q, attn, outs, floats;
+  int64_t ld;  // the attention's row pitch
+};
+
+__host__ __device__ inline SharedLayout shared_layout(int64_t window, int64_t heads, int64_t in_w, int64_t kd,
+                                                      int64_t vd) {
+  const int64_t N = window * window;
+  SharedLayout s{};
+  s.ld = N | 1;
+  s.feat = 0;
+  s.qkv = s.feat + in_w * N;
+  s.q = s.qkv + (2 * kd + vd) * N;
+  s.attn = s.q + kd * N;
+  s.outs = s.attn + N * s.ld;
+  s.floats = s.outs + heads * vd * N;
+  return s;
+}
 
 template <typename T>
 struct Params {
@@ -78,13 +101,15 @@ __device__ __forceinline__ void gemm_rows4(int O, int K, int N, Init init, Weigh
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T> p) {
   extern __shared__ float smem[];
-  const int R = p.R, N = R * R, kd = p.key_dim, vd = p.val_dim, in_w = p.in_w, ld = N | 1;
+  const int R = p.R, N = R * R, kd = p.key_dim, vd = p.val_dim, in_w = p.in_w;
   const int qkv_rows = 2 * kd + vd;
-  float* feat = smem;
-  float* qkv = feat + in_w * N;
-  float* q = qkv + qkv_rows * N;
-  float* attn = q + kd * N;
-  float* outs = attn + N * ld;
+  const SharedLayout layout = shared_layout(R, p.heads, in_w, kd, vd);
+  const int ld = static_cast<int>(layout.ld);
+  float* feat = smem + layout.feat;
+  float* qkv = smem + layout.qkv;
+  float* q = smem + layout.q;
+  float* attn = smem + layout.attn;
+  float* outs = smem + layout.outs;
 
   int window = blockIdx.x;
   const int wx = window % p.windows_w;
@@ -193,10 +218,6 @@ __global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T>
       });
 }
 
-int64_t shared_floats(int64_t N, int64_t heads, int64_t in_w, int64_t kd, int64_t vd) {
-  return N * (in_w + 2 * kd + vd + kd + heads * vd) + N * (N | 1);
-}
-
 template <typename T>
 void launch(const at::Tensor& x, const std::vector<at::Tensor>& qkv_w, const std::vector<at::Tensor>& qkv_b,
             const std::vector<at::Tensor>& dw_w, const std::vector<at::Tensor>& dw_b, const at::Tensor& biases,
@@ -251,6 +272,12 @@ std::vector<at::Tensor> contiguous(at::TensorList tensors) {
 
 }  // namespace
 
+// Host only, no GPU needed: registered as evit::cga_window_cuda_shared_memory_bytes for the Python side's checks.
+int64_t cga_window_cuda_shared_memory_bytes(int64_t window, int64_t heads, int64_t in_width, int64_t key_dim,
+                                            int64_t val_dim) {
+  return shared_layout(window, heads, in_width, key_dim, val_dim).floats * int64_t(sizeof(float));
+}
+
 at::Tensor cga_window_cuda(const at::Tensor& x, at::TensorList qkv_w, at::TensorList qkv_b, at::TensorList dw_w,
                            at::TensorList dw_b, const at::Tensor& attention_biases, const at::Tensor& proj_w,
                            const at::Tensor& proj_b, int64_t key_dim, int64_t window,
@@ -290,7 +317,7 @@ at::Tensor cga_window_cuda(const at::Tensor& x, at::TensorList qkv_w, at::Tensor
   int device = 0, max_smem = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const int64_t smem_bytes = shared_floats(N, heads, in_w, key_dim, vd) * int64_t(sizeof(float));
+  const int64_t smem_bytes = cga_window_cuda_shared_memory_bytes(window, heads, in_w, key_dim, vd);
   TORCH_CHECK(smem_bytes <= max_smem, "cga_window_cuda: this configuration needs ", smem_bytes,
               " bytes of shared memory per block, the GPU has ", max_smem);
   const int64_t blocks = B * ((H + window - 1) / window) * ((W + window - 1) / window);

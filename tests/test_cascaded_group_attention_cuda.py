@@ -93,6 +93,7 @@ def test_released_configurations_match_timm():
         assert {a.key_dim for a in model.modules() if type(a).__name__ == "CascadedGroupAttention"} == {KEY_DIM}
 
 
+@needs_extension  # the reasons ask evit_kernels._C for the kernel's shared memory
 def test_every_released_configuration_fits_in_shared_memory_and_is_accepted():
     reasons = dispatch.get(OP, "cuda").input_reasons
     for config in CONFIGS:
@@ -102,6 +103,17 @@ def test_every_released_configuration_fits_in_shared_memory_and_is_accepted():
         with torch.no_grad():
             assert reasons(*folded_inputs(config, 9, 11, 7, torch.float16, "cpu", batch=1)) == [
                 "tensors on cpu (the cuda kernels need CUDA tensors)"]
+
+
+@needs_extension
+def test_shared_memory_is_the_launchers_own_count():
+    """evit_kernels._C owns the count (the kernel's layout sizes the launch); no GPU is needed to ask for it. M0's
+    first stage, 7×7 windows: 49 tokens × (16 input + 2·16 + 16 qkv + 16 q + 4·16 head outputs) + 49×49 attention,
+    in fp32."""
+    assert str(torch.ops.evit.cga_window_cuda_shared_memory_bytes.default._schema) == (
+        "evit::cga_window_cuda_shared_memory_bytes(int window, int heads, int in_width, int key_dim, int val_dim) "
+        "-> int")
+    assert cuda_shared_memory_bytes(7, 4, 16, KEY_DIM, 16) == 4 * (49 * 144 + 49 * 49)
 
 
 @needs_extension
@@ -125,6 +137,7 @@ def _reasons(args) -> str:
     return "; ".join(dispatch.get(OP, "cuda").input_reasons(*args))
 
 
+@needs_extension
 def test_reasons_refuse_cpu_tensors_and_gradients():
     args = folded_inputs((64, 4, (5, 5, 5, 5)), 7, 7, 7, torch.float32, "cpu", batch=1, requires_grad=True)
     refused = _reasons(args)
@@ -144,6 +157,7 @@ def test_reasons_refuse_cpu_tensors_and_gradients():
     (dict(config=(144, 9, (3,) * 9)), "9 heads > 8"),
     (dict(config=(1024, 8, (3,) * 8), window=8), "bytes of shared memory per window"),
 ])
+@needs_extension
 def test_reasons_refuse_unsupported_shapes(change, message):
     config, window = change.get("config", (64, 4, (5, 5, 5, 5))), change.get("window", 7)
     args = list(folded_inputs(config, 7, 7, window, change.get("dtype", torch.float32), "cpu", batch=1))
@@ -157,6 +171,7 @@ def test_reasons_refuse_unsupported_shapes(change, message):
     assert message in _reasons(args)
 
 
+@needs_extension
 def test_reasons_refuse_value_dim_other_than_channels_over_heads():
     """One head whose value dim differs from its input width: the reference allows it, the kernel does not."""
     x, _, _, dw_w, dw_b, biases, _, _, kd, window = folded_inputs((64, 1, (5,)), 7, 7, 7, torch.float32, "cpu", batch=1)
