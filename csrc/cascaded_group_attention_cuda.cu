@@ -4,7 +4,7 @@
 // The block reads its window straight from the map (tokens past H/W are zeros that still go through the convs
 // and the softmax, as in the reference: the map is zero padded, not masked), runs the heads in order with the
 // cascade in shared memory (head i reads head i-1's output + its own input chunk), and writes the projected,
-// cropped window (plus an optional residual). Everything on chip is fp32; fp16/bf16 are rounded once, on store.
+// cropped window. Everything on chip is fp32; fp16/bf16 are rounded once, on store.
 //
 // Shared memory (fp32; SharedLayout below places it, for the launcher and the kernel alike), N = R² tokens,
 // kd/vd = key/value dims, in_w = C/heads, ld = N|1 (odd, so that reading a column of the N×N attention is free
@@ -21,7 +21,6 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cmath>
-#include <optional>
 
 #include "common.cuh"
 
@@ -57,8 +56,6 @@ template <typename T>
 struct Params {
   const T* x;
   int64_t x_stride[4];
-  const T* residual;  // nullptr when there is none
-  int64_t residual_stride[4];
   T* out;  // contiguous (B, c_out, H, W)
   const T* qkv_w[kMaxHeads];  // (2kd + vd, in_w) each
   const T* qkv_b[kMaxHeads];
@@ -200,10 +197,9 @@ __global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T>
     __syncthreads();
   }
 
-  // ReLU, the projection, the crop to the map and the optional residual.
+  // ReLU, the projection and the crop to the map.
   const int K = p.heads * vd;
   T* y_out = p.out + int64_t(b) * p.c_out * p.H * p.W;
-  const T* residual = p.residual ? p.residual + b * p.residual_stride[0] : nullptr;
   gemm_rows4(
       p.c_out, K, N, [&](int o) { return static_cast<float>(p.proj_b[o]); },
       [&](int o, int c) { return static_cast<float>(p.proj_w[o * K + c]); },
@@ -211,9 +207,6 @@ __global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T>
       [&](int o, int n, float v) {
         const int y = y0 + n / R, xx = x0 + n % R;
         if (y >= p.H || xx >= p.W) return;
-        if (residual)
-          v += static_cast<float>(
-              residual[o * p.residual_stride[1] + y * p.residual_stride[2] + xx * p.residual_stride[3]]);
         y_out[(int64_t(o) * p.H + y) * p.W + xx] = static_cast<T>(v);
       });
 }
@@ -221,15 +214,11 @@ __global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T>
 template <typename T>
 void launch(const at::Tensor& x, const std::vector<at::Tensor>& qkv_w, const std::vector<at::Tensor>& qkv_b,
             const std::vector<at::Tensor>& dw_w, const std::vector<at::Tensor>& dw_b, const at::Tensor& biases,
-            const at::Tensor& proj_w, const at::Tensor& proj_b, const std::optional<at::Tensor>& residual,
-            at::Tensor& out, int64_t key_dim, int64_t window, int64_t smem_bytes, int blocks) {
+            const at::Tensor& proj_w, const at::Tensor& proj_b, at::Tensor& out, int64_t key_dim, int64_t window,
+            int64_t smem_bytes, int blocks) {
   Params<T> p{};
   p.x = x.const_data_ptr<T>();
-  p.residual = residual ? residual->const_data_ptr<T>() : nullptr;
-  for (int d = 0; d < 4; ++d) {
-    p.x_stride[d] = x.stride(d);
-    p.residual_stride[d] = residual ? residual->stride(d) : 0;
-  }
+  for (int d = 0; d < 4; ++d) p.x_stride[d] = x.stride(d);
   p.out = out.mutable_data_ptr<T>();
   const int heads = static_cast<int>(qkv_w.size());
   for (int i = 0; i < heads; ++i) {
@@ -280,8 +269,7 @@ int64_t cga_window_cuda_shared_memory_bytes(int64_t window, int64_t heads, int64
 
 at::Tensor cga_window_cuda(const at::Tensor& x, at::TensorList qkv_w, at::TensorList qkv_b, at::TensorList dw_w,
                            at::TensorList dw_b, const at::Tensor& attention_biases, const at::Tensor& proj_w,
-                           const at::Tensor& proj_b, int64_t key_dim, int64_t window,
-                           const std::optional<at::Tensor>& residual) {
+                           const at::Tensor& proj_b, int64_t key_dim, int64_t window) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 4, "cga_window_cuda: x must be a (B, C, H, W) CUDA tensor");
   const auto dtype = x.scalar_type();  // float32, float16 or bfloat16: EVIT_DISPATCH_KERNEL_TYPES refuses others
   const int64_t heads = static_cast<int64_t>(qkv_w.size());
@@ -311,7 +299,6 @@ at::Tensor cga_window_cuda(const at::Tensor& x, at::TensorList qkv_w, at::Tensor
   const int64_t c_out = proj_w.dim() == 4 ? proj_w.size(0) : 0;
   same(proj_w, {c_out, heads * vd, 1, 1}, "proj_w");
   same(proj_b, {c_out}, "proj_b");
-  if (residual) same(*residual, {B, c_out, H, W}, "residual");
 
   c10::cuda::CUDAGuard guard(x.device());
   int device = 0, max_smem = 0;
@@ -329,7 +316,7 @@ at::Tensor cga_window_cuda(const at::Tensor& x, at::TensorList qkv_w, at::Tensor
   const auto biases = attention_biases.contiguous(), pw = proj_w.contiguous(), pb = proj_b.contiguous();
   EVIT_DISPATCH_KERNEL_TYPES(dtype, "cga_window_cuda", [&] {
     if (blocks > 0)
-      launch<scalar_t>(x, qkv_wc, qkv_bc, dw_wc, dw_bc, biases, pw, pb, residual, out, key_dim, window, smem_bytes,
+      launch<scalar_t>(x, qkv_wc, qkv_bc, dw_wc, dw_bc, biases, pw, pb, out, key_dim, window, smem_bytes,
                        static_cast<int>(blocks));
   });
   return out;

@@ -16,7 +16,7 @@ from evit_kernels.ops.cascaded_group_attention import (
     cuda_shared_memory_bytes,
 )
 from tests.cga_configs import CONFIGS, KEY_DIM, RELEASED, cast, folded_inputs, whole_map_terms
-from tests.numerics import assert_within_twice_eager, poison_next_allocation
+from tests.numerics import assert_within_twice_eager, in_layout, poison_next_allocation
 
 needs_extension = pytest.mark.skipif(_extension.load_error() is not None,
                                      reason=f"evit_kernels._C is not built: {_extension.load_error()}")
@@ -51,17 +51,17 @@ def test_released_attentions_within_twice_eager_error(config, H, W, window, dtyp
 @pytest.mark.gpu
 @needs_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_strided_input_and_residual(dtype):
-    """channels_last and sliced maps are read through their strides; the residual is added before rounding."""
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_strided_input(layout, dtype):
+    """channels_last maps and maps with no dense layout are read through their strides."""
     config = (192, 3, (7, 5, 3))
     args = list(folded_inputs(config, 9, 11, 7, dtype, "cuda", batch=3))
-    args[0] = args[0].to(memory_format=torch.channels_last)
-    residual = torch.randn(3, 192, 9, 13, device="cuda").to(dtype)[..., 1:12]
+    args[0] = in_layout(args[0], layout)
     exact = cast(args, torch.float64)
-    expected = cascaded_group_attention_reference(*exact) + residual.double()
-    eager = cascaded_group_attention_reference(*args) + residual
-    out = torch.ops.evit.cga_window_cuda(*args, residual=residual)
-    assert torch.isfinite(out).all()
+    expected = cascaded_group_attention_reference(*exact)
+    eager = cascaded_group_attention_reference(*args)
+    out = torch.ops.evit.cga_window_cuda(*args)
+    assert out.is_contiguous() and torch.isfinite(out).all()
     assert_within_twice_eager(out, eager, expected, dtype, whole_map_terms(config, 7))
 
 
@@ -119,8 +119,8 @@ def test_shared_memory_is_the_launchers_own_count():
 @needs_extension
 def test_schema_and_meta_implementation_are_registered():
     schema = str(torch.ops.evit.cga_window_cuda.default._schema)
-    assert schema.startswith("evit::cga_window_cuda(Tensor x, Tensor[] qkv_w, Tensor[] qkv_b, Tensor[] dw_w")
-    assert "Tensor? residual=None" in schema
+    assert schema == ("evit::cga_window_cuda(Tensor x, Tensor[] qkv_w, Tensor[] qkv_b, Tensor[] dw_w, Tensor[] dw_b, "
+                      "Tensor attention_biases, Tensor proj_w, Tensor proj_b, int key_dim, int window) -> Tensor")
     args = folded_inputs((144, 3, (7, 5, 3)), 9, 11, 7, torch.bfloat16, "meta", batch=3)
     out = torch.ops.evit.cga_window_cuda(*args)
     assert out.shape == (3, 144, 9, 11) and out.dtype == torch.bfloat16 and out.device.type == "meta"
