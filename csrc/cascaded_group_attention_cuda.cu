@@ -4,10 +4,11 @@
 // The block reads its window straight from the map (tokens past H/W are zeros that still go through the convs
 // and the softmax, as in the reference: the map is zero padded, not masked), runs the heads in order with the
 // cascade in shared memory (head i reads head i-1's output + its own input chunk), and writes the projected,
-// cropped window (plus an optional residual). Everything on chip is fp32; fp16/bf16 are rounded once, on store.
+// cropped window. Everything on chip is fp32; fp16/bf16 are rounded once, on store.
 //
-// Shared memory (fp32), N = R² tokens, kd/vd = key/value dims, in_w = C/heads, ld = N|1 (odd, so that reading
-// a column of the N×N attention is free of bank conflicts):
+// Shared memory (fp32; SharedLayout below places it, for the launcher and the kernel alike), N = R² tokens,
+// kd/vd = key/value dims, in_w = C/heads, ld = N|1 (odd, so that reading a column of the N×N attention is free
+// of bank conflicts):
 //   feat  in_w × N          the current head's input
 //   qkv   (2kd + vd) × N    the 1×1 conv's output: q before its depthwise conv, k, v
 //   q     kd × N            q after the depthwise conv, times the scale
@@ -18,11 +19,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <cmath>
-#include <optional>
+
+#include "common.cuh"
 
 namespace evit {
 namespace {
@@ -30,25 +30,32 @@ namespace {
 constexpr int kMaxHeads = 8;
 constexpr int kMaxThreads = 512;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+// Where the block's fp32 arrays start in shared memory, in floats, and how many floats it needs in all: the
+// launcher sizes the allocation (and evit::cga_window_cuda_shared_memory_bytes reports it) with the same function
+// that the kernel places its arrays with.
+struct SharedLayout {
+  int64_t feat, qkv, q, attn, outs, floats;
+  int64_t ld;  // the attention's row pitch
+};
 
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__host__ __device__ inline SharedLayout shared_layout(int64_t window, int64_t heads, int64_t in_w, int64_t kd,
+                                                      int64_t vd) {
+  const int64_t N = window * window;
+  SharedLayout s{};
+  s.ld = N | 1;
+  s.feat = 0;
+  s.qkv = s.feat + in_w * N;
+  s.q = s.qkv + (2 * kd + vd) * N;
+  s.attn = s.q + kd * N;
+  s.outs = s.attn + N * s.ld;
+  s.floats = s.outs + heads * vd * N;
+  return s;
+}
 
 template <typename T>
 struct Params {
   const T* x;
   int64_t x_stride[4];
-  const T* residual;  // nullptr when there is none
-  int64_t residual_stride[4];
   T* out;  // contiguous (B, c_out, H, W)
   const T* qkv_w[kMaxHeads];  // (2kd + vd, in_w) each
   const T* qkv_b[kMaxHeads];
@@ -91,13 +98,15 @@ __device__ __forceinline__ void gemm_rows4(int O, int K, int N, Init init, Weigh
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T> p) {
   extern __shared__ float smem[];
-  const int R = p.R, N = R * R, kd = p.key_dim, vd = p.val_dim, in_w = p.in_w, ld = N | 1;
+  const int R = p.R, N = R * R, kd = p.key_dim, vd = p.val_dim, in_w = p.in_w;
   const int qkv_rows = 2 * kd + vd;
-  float* feat = smem;
-  float* qkv = feat + in_w * N;
-  float* q = qkv + qkv_rows * N;
-  float* attn = q + kd * N;
-  float* outs = attn + N * ld;
+  const SharedLayout layout = shared_layout(R, p.heads, in_w, kd, vd);
+  const int ld = static_cast<int>(layout.ld);
+  float* feat = smem + layout.feat;
+  float* qkv = smem + layout.qkv;
+  float* q = smem + layout.q;
+  float* attn = smem + layout.attn;
+  float* outs = smem + layout.outs;
 
   int window = blockIdx.x;
   const int wx = window % p.windows_w;
@@ -114,7 +123,7 @@ __global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T>
       const int c = idx / N, n = idx % N, y = y0 + n / R, xx = x0 + n % R;
       float v = 0.f;
       if (y < p.H && xx < p.W)
-        v = to_float(x[(head * in_w + c) * p.x_stride[1] + y * p.x_stride[2] + xx * p.x_stride[3]]);
+        v = static_cast<float>(x[(head * in_w + c) * p.x_stride[1] + y * p.x_stride[2] + xx * p.x_stride[3]]);
       if (head > 0) v += outs[((head - 1) * vd + c) * N + n];
       feat[idx] = v;
     }
@@ -123,8 +132,9 @@ __global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T>
     const T* qkv_w = p.qkv_w[head];
     const T* qkv_b = p.qkv_b[head];
     gemm_rows4(
-        qkv_rows, in_w, N, [&](int o) { return to_float(qkv_b[o]); },
-        [&](int o, int c) { return to_float(qkv_w[o * in_w + c]); }, [&](int c, int n) { return feat[c * N + n]; },
+        qkv_rows, in_w, N, [&](int o) { return static_cast<float>(qkv_b[o]); },
+        [&](int o, int c) { return static_cast<float>(qkv_w[o * in_w + c]); },
+        [&](int c, int n) { return feat[c * N + n]; },
         [&](int o, int n, float v) { qkv[o * N + n] = v; });
     __syncthreads();
 
@@ -134,13 +144,14 @@ __global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T>
     const T* dw_b = p.dw_b[head];
     for (int idx = threadIdx.x; idx < kd * N; idx += blockDim.x) {
       const int c = idx / N, ty = idx % N / R, tx = idx % R;
-      float acc = to_float(dw_b[c]);
+      float acc = static_cast<float>(dw_b[c]);
       for (int dy = 0; dy < k; ++dy) {
         const int sy = ty + dy - half;
         if (sy < 0 || sy >= R) continue;
         for (int dx = 0; dx < k; ++dx) {
           const int sx = tx + dx - half;
-          if (sx >= 0 && sx < R) acc = fmaf(to_float(dw_w[(c * k + dy) * k + dx]), qkv[c * N + sy * R + sx], acc);
+          if (sx >= 0 && sx < R)
+            acc = fmaf(static_cast<float>(dw_w[(c * k + dy) * k + dx]), qkv[c * N + sy * R + sx], acc);
         }
       }
       q[idx] = acc * p.scale;
@@ -155,7 +166,7 @@ __global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T>
         [&](int c, int m) { return keys[c * N + m]; },
         [&](int n, int m, float v) {
           const int dy = abs(n / R - m / R), dx = abs(n % R - m % R);
-          attn[n * ld + m] = v + to_float(bias[dy * R + dx]);
+          attn[n * ld + m] = v + static_cast<float>(bias[dy * R + dx]);
         });
     __syncthreads();
 
@@ -186,56 +197,40 @@ __global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T>
     __syncthreads();
   }
 
-  // ReLU, the projection, the crop to the map and the optional residual.
+  // ReLU, the projection and the crop to the map.
   const int K = p.heads * vd;
   T* y_out = p.out + int64_t(b) * p.c_out * p.H * p.W;
-  const T* residual = p.residual ? p.residual + b * p.residual_stride[0] : nullptr;
   gemm_rows4(
-      p.c_out, K, N, [&](int o) { return to_float(p.proj_b[o]); },
-      [&](int o, int c) { return to_float(p.proj_w[o * K + c]); },
+      p.c_out, K, N, [&](int o) { return static_cast<float>(p.proj_b[o]); },
+      [&](int o, int c) { return static_cast<float>(p.proj_w[o * K + c]); },
       [&](int c, int n) { return fmaxf(outs[c * N + n], 0.f); },
       [&](int o, int n, float v) {
         const int y = y0 + n / R, xx = x0 + n % R;
         if (y >= p.H || xx >= p.W) return;
-        if (residual)
-          v += to_float(residual[o * p.residual_stride[1] + y * p.residual_stride[2] + xx * p.residual_stride[3]]);
-        y_out[(int64_t(o) * p.H + y) * p.W + xx] = from_float<T>(v);
+        y_out[(int64_t(o) * p.H + y) * p.W + xx] = static_cast<T>(v);
       });
-}
-
-int64_t shared_floats(int64_t N, int64_t heads, int64_t in_w, int64_t kd, int64_t vd) {
-  return N * (in_w + 2 * kd + vd + kd + heads * vd) + N * (N | 1);
-}
-
-template <typename T>
-const T* ptr(const at::Tensor& t) {
-  return reinterpret_cast<const T*>(t.const_data_ptr());
 }
 
 template <typename T>
 void launch(const at::Tensor& x, const std::vector<at::Tensor>& qkv_w, const std::vector<at::Tensor>& qkv_b,
             const std::vector<at::Tensor>& dw_w, const std::vector<at::Tensor>& dw_b, const at::Tensor& biases,
-            const at::Tensor& proj_w, const at::Tensor& proj_b, const std::optional<at::Tensor>& residual,
-            at::Tensor& out, int64_t key_dim, int64_t window, int64_t smem_bytes, int blocks) {
+            const at::Tensor& proj_w, const at::Tensor& proj_b, at::Tensor& out, int64_t key_dim, int64_t window,
+            int64_t smem_bytes, int blocks) {
   Params<T> p{};
-  p.x = ptr<T>(x);
-  p.residual = residual ? ptr<T>(*residual) : nullptr;
-  for (int d = 0; d < 4; ++d) {
-    p.x_stride[d] = x.stride(d);
-    p.residual_stride[d] = residual ? residual->stride(d) : 0;
-  }
-  p.out = reinterpret_cast<T*>(out.data_ptr());
+  p.x = x.const_data_ptr<T>();
+  for (int d = 0; d < 4; ++d) p.x_stride[d] = x.stride(d);
+  p.out = out.mutable_data_ptr<T>();
   const int heads = static_cast<int>(qkv_w.size());
   for (int i = 0; i < heads; ++i) {
-    p.qkv_w[i] = ptr<T>(qkv_w[i]);
-    p.qkv_b[i] = ptr<T>(qkv_b[i]);
-    p.dw_w[i] = ptr<T>(dw_w[i]);
-    p.dw_b[i] = ptr<T>(dw_b[i]);
+    p.qkv_w[i] = qkv_w[i].const_data_ptr<T>();
+    p.qkv_b[i] = qkv_b[i].const_data_ptr<T>();
+    p.dw_w[i] = dw_w[i].const_data_ptr<T>();
+    p.dw_b[i] = dw_b[i].const_data_ptr<T>();
     p.dw_k[i] = static_cast<int>(dw_w[i].size(-1));
   }
-  p.attention_biases = ptr<T>(biases);
-  p.proj_w = ptr<T>(proj_w);
-  p.proj_b = ptr<T>(proj_b);
+  p.attention_biases = biases.const_data_ptr<T>();
+  p.proj_w = proj_w.const_data_ptr<T>();
+  p.proj_b = proj_b.const_data_ptr<T>();
   p.H = static_cast<int>(x.size(2));
   p.W = static_cast<int>(x.size(3));
   p.heads = heads;
@@ -266,14 +261,17 @@ std::vector<at::Tensor> contiguous(at::TensorList tensors) {
 
 }  // namespace
 
+// Host only, no GPU needed: registered as evit::cga_window_cuda_shared_memory_bytes for the Python side's checks.
+int64_t cga_window_cuda_shared_memory_bytes(int64_t window, int64_t heads, int64_t in_width, int64_t key_dim,
+                                            int64_t val_dim) {
+  return shared_layout(window, heads, in_width, key_dim, val_dim).floats * int64_t(sizeof(float));
+}
+
 at::Tensor cga_window_cuda(const at::Tensor& x, at::TensorList qkv_w, at::TensorList qkv_b, at::TensorList dw_w,
                            at::TensorList dw_b, const at::Tensor& attention_biases, const at::Tensor& proj_w,
-                           const at::Tensor& proj_b, int64_t key_dim, int64_t window,
-                           const std::optional<at::Tensor>& residual) {
+                           const at::Tensor& proj_b, int64_t key_dim, int64_t window) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 4, "cga_window_cuda: x must be a (B, C, H, W) CUDA tensor");
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "cga_window_cuda: x must be float32, float16 or bfloat16, got ", dtype);
+  const auto dtype = x.scalar_type();  // float32, float16 or bfloat16: EVIT_DISPATCH_KERNEL_TYPES refuses others
   const int64_t heads = static_cast<int64_t>(qkv_w.size());
   TORCH_CHECK(heads >= 1 && heads <= kMaxHeads, "cga_window_cuda: 1 to ", kMaxHeads, " heads, got ", heads);
   TORCH_CHECK(qkv_b.size() == qkv_w.size() && dw_w.size() == qkv_w.size() && dw_b.size() == qkv_w.size(),
@@ -301,33 +299,26 @@ at::Tensor cga_window_cuda(const at::Tensor& x, at::TensorList qkv_w, at::Tensor
   const int64_t c_out = proj_w.dim() == 4 ? proj_w.size(0) : 0;
   same(proj_w, {c_out, heads * vd, 1, 1}, "proj_w");
   same(proj_b, {c_out}, "proj_b");
-  if (residual) same(*residual, {B, c_out, H, W}, "residual");
 
   c10::cuda::CUDAGuard guard(x.device());
   int device = 0, max_smem = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const int64_t smem_bytes = shared_floats(N, heads, in_w, key_dim, vd) * int64_t(sizeof(float));
+  const int64_t smem_bytes = cga_window_cuda_shared_memory_bytes(window, heads, in_w, key_dim, vd);
   TORCH_CHECK(smem_bytes <= max_smem, "cga_window_cuda: this configuration needs ", smem_bytes,
               " bytes of shared memory per block, the GPU has ", max_smem);
   const int64_t blocks = B * ((H + window - 1) / window) * ((W + window - 1) / window);
   TORCH_CHECK(blocks < (int64_t(1) << 31), "cga_window_cuda: too many windows");
 
   at::Tensor out = x.new_empty({B, c_out, H, W});
-  if (blocks == 0) return out;
   const auto qkv_wc = contiguous(qkv_w), qkv_bc = contiguous(qkv_b), dw_wc = contiguous(dw_w),
              dw_bc = contiguous(dw_b);
   const auto biases = attention_biases.contiguous(), pw = proj_w.contiguous(), pb = proj_b.contiguous();
-  const int n_blocks = static_cast<int>(blocks);
-  if (dtype == at::kFloat)
-    launch<float>(x, qkv_wc, qkv_bc, dw_wc, dw_bc, biases, pw, pb, residual, out, key_dim, window, smem_bytes,
-                  n_blocks);
-  else if (dtype == at::kHalf)
-    launch<__half>(x, qkv_wc, qkv_bc, dw_wc, dw_bc, biases, pw, pb, residual, out, key_dim, window, smem_bytes,
-                   n_blocks);
-  else
-    launch<__nv_bfloat16>(x, qkv_wc, qkv_bc, dw_wc, dw_bc, biases, pw, pb, residual, out, key_dim, window,
-                          smem_bytes, n_blocks);
+  EVIT_DISPATCH_KERNEL_TYPES(dtype, "cga_window_cuda", [&] {
+    if (blocks > 0)
+      launch<scalar_t>(x, qkv_wc, qkv_bc, dw_wc, dw_bc, biases, pw, pb, out, key_dim, window, smem_bytes,
+                       static_cast<int>(blocks));
+  });
   return out;
 }
 

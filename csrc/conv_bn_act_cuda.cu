@@ -18,8 +18,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -27,6 +25,8 @@
 #include <string_view>
 #include <type_traits>
 #include <utility>
+
+#include "common.cuh"
 
 namespace evit {
 namespace {
@@ -299,9 +299,7 @@ at::Tensor depthwise_conv_cuda(const at::Tensor& x, const at::Tensor& weight, co
                                at::IntArrayRef stride, at::IntArrayRef padding, std::string_view activation,
                                const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 4, "depthwise_conv_cuda: x must be a (B, C, H, W) CUDA tensor");
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "depthwise_conv_cuda: x must be float32, float16 or bfloat16, got ", dtype);
+  const auto dtype = x.scalar_type();  // float32, float16 or bfloat16: EVIT_DISPATCH_KERNEL_TYPES refuses others
   const Act act = parse_activation(activation);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t k = weight.dim() == 4 ? weight.size(3) : 0;
@@ -333,20 +331,16 @@ at::Tensor depthwise_conv_cuda(const at::Tensor& x, const at::Tensor& weight, co
   at::Tensor out = at::empty({B, C, out_h, out_w}, x.options().memory_format(
                                                        channels_last ? at::MemoryFormat::ChannelsLast
                                                                      : at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return out;
   const bool vector_loads = channels_last && x.stride(1) == 1 && C % 4 == 0 && x.stride(0) % 4 == 0 &&
                             x.stride(2) % 4 == 0 && x.stride(3) % 4 == 0 &&
                             reinterpret_cast<uintptr_t>(x.const_data_ptr()) % (4 * x.element_size()) == 0;
   const auto w = weight.contiguous();
   const auto b = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   c10::cuda::CUDAGuard guard(x.device());
-  if (dtype == at::kFloat)
-    dispatch(params<float>(x, w, b, residual, out, stride, padding), k, act, B, channels_last, vector_loads);
-  else if (dtype == at::kHalf)
-    dispatch(params<c10::Half>(x, w, b, residual, out, stride, padding), k, act, B, channels_last, vector_loads);
-  else
-    dispatch(params<c10::BFloat16>(x, w, b, residual, out, stride, padding), k, act, B, channels_last,
-             vector_loads);
+  EVIT_DISPATCH_KERNEL_TYPES(dtype, "depthwise_conv_cuda", [&] {
+    if (out.numel() > 0)
+      dispatch(params<scalar_t>(x, w, b, residual, out, stride, padding), k, act, B, channels_last, vector_loads);
+  });
   return out;
 }
 

@@ -15,13 +15,13 @@ int64_t cuda_build_version();
 // csrc/cascaded_group_attention_cuda.cu
 at::Tensor cga_window_cuda(const at::Tensor& x, at::TensorList qkv_w, at::TensorList qkv_b, at::TensorList dw_w,
                            at::TensorList dw_b, const at::Tensor& attention_biases, const at::Tensor& proj_w,
-                           const at::Tensor& proj_b, int64_t key_dim, int64_t window,
-                           const std::optional<at::Tensor>& residual);
+                           const at::Tensor& proj_b, int64_t key_dim, int64_t window);
+int64_t cga_window_cuda_shared_memory_bytes(int64_t window, int64_t heads, int64_t in_width, int64_t key_dim,
+                                            int64_t val_dim);
 
 // Shape only, for fake tensors (torch.compile, export): (B, C_out, H, W) in x's dtype.
 at::Tensor cga_window_meta(const at::Tensor& x, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                           const at::Tensor&, const at::Tensor& proj_w, const at::Tensor&, int64_t, int64_t,
-                           const std::optional<at::Tensor>&) {
+                           const at::Tensor&, const at::Tensor& proj_w, const at::Tensor&, int64_t, int64_t) {
   return x.new_empty_symint({x.sym_size(0), proj_w.sym_size(0), x.sym_size(2), x.sym_size(3)});
 }
 
@@ -48,8 +48,11 @@ TORCH_LIBRARY_FRAGMENT(evit, m) {
   m.def("cuda_build_version() -> int", &evit::cuda_build_version);
   // Cascaded group attention of a whole map, BatchNorm folded, inference only (no autograd); see the .cu file.
   m.def("cga_window_cuda(Tensor x, Tensor[] qkv_w, Tensor[] qkv_b, Tensor[] dw_w, Tensor[] dw_b, "
-        "Tensor attention_biases, Tensor proj_w, Tensor proj_b, int key_dim, int window, "
-        "Tensor? residual=None) -> Tensor");
+        "Tensor attention_biases, Tensor proj_w, Tensor proj_b, int key_dim, int window) -> Tensor");
+  // Bytes of shared memory one block of cga_window_cuda needs (in_width = C/heads); computed on the host, no GPU
+  // needed, by the function the launcher sizes its blocks with, so Python's checks cannot drift from the kernel.
+  m.def("cga_window_cuda_shared_memory_bytes(int window, int heads, int in_width, int key_dim, int val_dim) -> int",
+        &evit::cga_window_cuda_shared_memory_bytes);
   // evit::conv_bn_act's depthwise k×k conv (k = 3, 5, 7), BatchNorm folded, inference only; see the .cu file.
   m.def("depthwise_conv_cuda(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, str activation, "
         "Tensor? residual) -> Tensor");

@@ -17,7 +17,7 @@ from evit_kernels.ops.cascaded_group_attention import (
     cuda_shared_memory_bytes,
 )
 from tests.cga_configs import CONFIGS, KEY_DIM, RELEASED, cast, folded_inputs, whole_map_terms
-from tests.numerics import assert_within_twice_eager, poison_next_allocation
+from tests.numerics import assert_within_twice_eager, in_layout, poison_next_allocation
 
 needs_extension = pytest.mark.skipif(_extension.load_error() is not None,
                                      reason=f"evit_kernels._C is not built: {_extension.load_error()}")
@@ -52,17 +52,17 @@ def test_released_attentions_within_twice_eager_error(config, H, W, window, dtyp
 @pytest.mark.gpu
 @needs_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_strided_input_and_residual(dtype):
-    """channels_last and sliced maps are read through their strides; the residual is added before rounding."""
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_strided_input(layout, dtype):
+    """channels_last maps and maps with no dense layout are read through their strides."""
     config = (192, 3, (7, 5, 3))
     args = list(folded_inputs(config, 9, 11, 7, dtype, "cuda", batch=3))
-    args[0] = args[0].to(memory_format=torch.channels_last)
-    residual = torch.randn(3, 192, 9, 13, device="cuda").to(dtype)[..., 1:12]
+    args[0] = in_layout(args[0], layout)
     exact = cast(args, torch.float64)
-    expected = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*exact)) + residual.double()
-    eager = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*args)) + residual
-    out = torch.ops.evit.cga_window_cuda(*args, residual=residual)
-    assert torch.isfinite(out).all()
+    expected = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*exact))
+    eager = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*args))
+    out = torch.ops.evit.cga_window_cuda(*args)
+    assert out.is_contiguous() and torch.isfinite(out).all()
     assert_within_twice_eager(out, eager, expected, dtype, whole_map_terms(config, 7))
 
 
@@ -94,6 +94,7 @@ def test_released_configurations_match_timm():
         assert {a.key_dim for a in model.modules() if type(a).__name__ == "CascadedGroupAttention"} == {KEY_DIM}
 
 
+@needs_extension  # the reasons ask evit_kernels._C for the kernel's shared memory
 def test_every_released_configuration_fits_in_shared_memory_and_is_accepted():
     reasons = dispatch.get(OP, "cuda").input_reasons
     for config in CONFIGS:
@@ -106,10 +107,21 @@ def test_every_released_configuration_fits_in_shared_memory_and_is_accepted():
 
 
 @needs_extension
+def test_shared_memory_is_the_launchers_own_count():
+    """evit_kernels._C owns the count (the kernel's layout sizes the launch); no GPU is needed to ask for it. M0's
+    first stage, 7×7 windows: 49 tokens × (16 input + 2·16 + 16 qkv + 16 q + 4·16 head outputs) + 49×49 attention,
+    in fp32."""
+    assert str(torch.ops.evit.cga_window_cuda_shared_memory_bytes.default._schema) == (
+        "evit::cga_window_cuda_shared_memory_bytes(int window, int heads, int in_width, int key_dim, int val_dim) "
+        "-> int")
+    assert cuda_shared_memory_bytes(7, 4, 16, KEY_DIM, 16) == 4 * (49 * 144 + 49 * 49)
+
+
+@needs_extension
 def test_schema_and_meta_implementation_are_registered():
     schema = str(torch.ops.evit.cga_window_cuda.default._schema)
-    assert schema.startswith("evit::cga_window_cuda(Tensor x, Tensor[] qkv_w, Tensor[] qkv_b, Tensor[] dw_w")
-    assert "Tensor? residual=None" in schema
+    assert schema == ("evit::cga_window_cuda(Tensor x, Tensor[] qkv_w, Tensor[] qkv_b, Tensor[] dw_w, Tensor[] dw_b, "
+                      "Tensor attention_biases, Tensor proj_w, Tensor proj_b, int key_dim, int window) -> Tensor")
     args = folded_inputs((144, 3, (7, 5, 3)), 9, 11, 7, torch.bfloat16, "meta", batch=3)
     out = torch.ops.evit.cga_window_cuda(*args)
     assert out.shape == (3, 144, 9, 11) and out.dtype == torch.bfloat16 and out.device.type == "meta"
@@ -126,6 +138,7 @@ def _reasons(args) -> str:
     return "; ".join(dispatch.get(OP, "cuda").input_reasons(CascadedGroupAttentionArgs(*args)))
 
 
+@needs_extension
 def test_reasons_refuse_cpu_tensors_and_gradients():
     args = folded_inputs((64, 4, (5, 5, 5, 5)), 7, 7, 7, torch.float32, "cpu", batch=1, requires_grad=True)
     refused = _reasons(args)
@@ -145,6 +158,7 @@ def test_reasons_refuse_cpu_tensors_and_gradients():
     (dict(config=(144, 9, (3,) * 9)), "9 heads > 8"),
     (dict(config=(1024, 8, (3,) * 8), window=8), "bytes of shared memory per window"),
 ])
+@needs_extension
 def test_reasons_refuse_unsupported_shapes(change, message):
     config, window = change.get("config", (64, 4, (5, 5, 5, 5))), change.get("window", 7)
     args = list(folded_inputs(config, 7, 7, window, change.get("dtype", torch.float32), "cpu", batch=1))
@@ -158,6 +172,7 @@ def test_reasons_refuse_unsupported_shapes(change, message):
     assert message in _reasons(args)
 
 
+@needs_extension
 def test_reasons_refuse_value_dim_other_than_channels_over_heads():
     """One head whose value dim differs from its input width: the reference allows it, the kernel does not."""
     x, _, _, dw_w, dw_b, biases, _, _, kd, window = folded_inputs((64, 1, (5,)), 7, 7, 7, torch.float32, "cpu", batch=1)

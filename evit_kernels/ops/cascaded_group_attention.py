@@ -15,6 +15,7 @@ composition with that core on Triton.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from evit_kernels import dispatch
+from evit_kernels import _extension, dispatch
 from evit_kernels.ops._library import LOW_PRECISION, OpArgs, autocast_inputs, check_floating_same_dtype, define_op
 
 OP = "cascaded_group_attention"
@@ -275,10 +276,20 @@ H100_SHARED_MEMORY_PER_BLOCK = 227 * 1024
 
 
 def cuda_shared_memory_bytes(window: int, heads: int, in_width: int, key_dim: int, val_dim: int) -> int:
-    """Shared memory of one block of the CUDA kernel (mirrors ``shared_floats`` in the .cu file): the head input,
-    the qkv output, the convolved q, the N×(N|1) attention and every head's output, all fp32."""
-    n = window * window
-    return 4 * (n * (in_width + 3 * key_dim + val_dim + heads * val_dim) + n * (n | 1))
+    """Shared memory of one block of the CUDA kernel (the head input, the qkv output, the convolved q, the N×(N|1)
+    attention and every head's output, all fp32), as its launcher computes it: asked of ``evit_kernels._C``,
+    which owns the layout. Without ``_C`` the cuda backend cannot run, and dispatch never asks for its input
+    reasons."""
+    if _extension.load_error() is not None:
+        raise RuntimeError(f"cuda_shared_memory_bytes needs evit_kernels._C: {_extension.load_error()}")
+    # torch.compile traces the backend choice: operator.index makes symbolic sizes ints (guarded) so that the op,
+    # whose int result would break the graph, runs while tracing and its result becomes a constant.
+    return _shared_memory_bytes(*map(operator.index, (window, heads, in_width, key_dim, val_dim)))
+
+
+@torch.compiler.assume_constant_result
+def _shared_memory_bytes(*sizes: int) -> int:
+    return torch.ops.evit.cga_window_cuda_shared_memory_bytes(*sizes)
 
 
 def _cuda_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
