@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 MODEL ?= efficientvit_b1
 
-.PHONY: setup demo test test-fast test-numerics lint gpu-pass
+.PHONY: setup demo test test-fast test-numerics lint gpu-pass gpu-pass-dry-run
 
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -50,3 +50,7 @@ gpu-wheels: setup
 
 gpu-pass:
 	bash benchmarks/gpu_pass.sh
+
+# Every stage of the GPU pass on this CPU (Triton interpreter, tiny shapes): run before spending device time.
+gpu-pass-dry-run: setup
+	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} OUT=$${OUT:-/tmp/gpu_pass_dry_run} PYTHON=$(PY) bash benchmarks/gpu_pass.sh --dry-run

@@ -1,27 +1,93 @@
 #!/usr/bin/env bash
-# The whole GPU pass in one call on a lent GPU machine (torch, triton and nvcc preinstalled, no network):
-# ceilings, build, `gpu` tests, benchmarks. Everything lands in $OUT (default benchmarks/results/<date>).
+# The whole GPU pass in one call on a lent GPU machine (torch, triton and nvcc preinstalled, no network), in
+# priority order, each stage writing its results as soon as it ends, into at most 8 files under $OUT (default
+# benchmarks/results/<date>): a GPU window is short (15 minutes in all, machine start included) and only 8 files
+# come back from it.
 #
-# The machine has no PyPI: `make gpu-wheels` here first puts timm, efficientsam and pytest-benchmark with
-# their pure-Python dependencies in .gpu_wheels/, which the device call must carry.
+#   1. environment.txt  GPU, versions, commit, wheel install, build summary, `evit_kernels info`
+#   2. build.log        the extension build (sm_90 only, MAX_JOBS=16)
+#   3. correctness.log  kernel correctness: the `gpu` tests with EVIT_REQUIRE_EXTENSION=1
+#   4. ceilings.json    measured copy bandwidth and matmul peaks of this GPU
+#   5. ops.json         per-op timings (pytest-benchmark: every variant of every op benchmark)
+#   6. models.json      whole models: eager, torch.compile, patched
+#   7. stages.log       each stage's command, exit status and seconds; the benchmark summaries
+#
+# `--dry-run` runs every stage on this CPU instead, through the Triton interpreter at the benchmarks' tiny CPU
+# shapes, with a minimal timing budget, and lists the files it wrote: proof that the pass works before device
+# time is spent. The machine has no PyPI: `make gpu-wheels` here first puts timm, efficientsam and
+# pytest-benchmark with their pure-Python dependencies in .gpu_wheels/, which the device call must carry.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+DRY_RUN=0
+[ "${1:-}" = "--dry-run" ] && DRY_RUN=1
 OUT="${OUT:-benchmarks/results/$(date +%Y%m%d-%H%M)}"
 mkdir -p "$OUT"
+PY="${PYTHON:-python}"
 status=0
 
-{ nvidia-smi; python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
-  > "$OUT/environment.txt" 2>&1
-if [ -d .gpu_wheels ]; then
-  python -m pip install -q --no-index --find-links .gpu_wheels timm efficientsam pytest-benchmark \
-    > "$OUT/wheels.log" 2>&1 || status=1
+# stage NAME COMMAND...: run COMMAND, append its exit status and seconds to stages.log, remember a failure.
+stage() {
+  local name="$1" began=$SECONDS rc
+  shift
+  "$@"
+  rc=$?
+  echo "$name: exit $rc in $((SECONDS - began)) s" >> "$OUT/stages.log"
+  [ $rc -eq 0 ] || status=1
+}
+
+if [ $DRY_RUN -eq 1 ]; then
+  export TRITON_INTERPRET=1
+  # Timing is not the point of a dry run: one round of each benchmark, no warm-up.
+  BENCH_TIMING=(--benchmark-min-rounds=1 --benchmark-max-time=0 --benchmark-warmup=off)
+  GPU_TESTS=(-m "not slow and not gpu" tests/test_conv_bn_act_triton.py tests/test_ffn.py tests/test_conv_block.py
+             tests/test_relu_linear_attention_triton.py tests/test_cascaded_group_attention_triton.py)
+else
+  BENCH_TIMING=()
+  GPU_TESTS=(-m gpu tests)
 fi
-MAX_JOBS="${MAX_JOBS:-16}" python -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
-  || { echo "build failed: see $OUT/build.log"; status=1; }
-python -m evit_kernels info | tee "$OUT/info.txt"
-python benchmarks/ceilings.py --json "$OUT/ceilings.json" | tee "$OUT/ceilings.txt"
-EVIT_REQUIRE_EXTENSION=1 python -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-python -m pytest -q benchmarks --benchmark-json "$OUT/benchmarks.json" 2>&1 | tee "$OUT/benchmarks.log" | tail -30
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+environment() {
+  { nvidia-smi 2>&1 || echo "no nvidia-smi (dry run: CPU)"
+    "$PY" -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
+    git rev-parse HEAD 2>/dev/null
+    if [ -d .gpu_wheels ]; then
+      "$PY" -m pip install -q --no-index --find-links .gpu_wheels timm efficientsam pytest-benchmark 2>&1 | tail -3
+    fi
+  } >> "$OUT/environment.txt" 2>&1
+}
+
+build() {
+  TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+    "$PY" -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+  local rc=$?
+  grep -E "evit_kernels:|Successfully installed|error" "$OUT/build.log" | cut -c1-200 >> "$OUT/environment.txt"
+  "$PY" -m evit_kernels info >> "$OUT/environment.txt" 2>&1
+  return $rc
+}
+
+correctness() {
+  EVIT_REQUIRE_EXTENSION=$((1 - DRY_RUN)) "$PY" -m pytest -q -p no:cacheprovider --benchmark-disable \
+    "${GPU_TESTS[@]}" > "$OUT/correctness.log" 2>&1
+  local rc=$?
+  tail -3 "$OUT/correctness.log" >> "$OUT/stages.log"
+  return $rc
+}
+
+benchmarks() {  # benchmarks JSON FILES...: time the benchmark files into JSON, the summary into stages.log
+  local json="$1"
+  shift
+  "$PY" -m pytest -q -p no:cacheprovider "$@" "${BENCH_TIMING[@]}" --benchmark-json "$json" \
+    --benchmark-columns=median,rounds >> "$OUT/stages.log" 2>&1
+}
+
+stage environment environment
+stage build build
+stage correctness correctness
+stage ceilings "$PY" benchmarks/ceilings.py --json "$OUT/ceilings.json"
+stage ops benchmarks "$OUT/ops.json" benchmarks/bench_relu_linear_attention.py \
+  benchmarks/bench_cascaded_group_attention.py benchmarks/bench_conv_blocks.py
+stage models benchmarks "$OUT/models.json" benchmarks/bench_models.py
+
+echo "gpu pass: exit $status; $(find "$OUT" -type f | wc -l) files in $OUT:"
+find "$OUT" -type f -printf "  %f (%s bytes)\n" | sort
 exit $status
