@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from evit_kernels import dispatch
 from evit_kernels.nn._base import FusedModule, Unsupported, unfused
 from evit_kernels.nn._fold import uses_running_stats
 from evit_kernels.nn._match import recognise
@@ -59,51 +60,54 @@ def _fused_class(module: nn.Module) -> tuple[type[FusedModule] | None, str | Non
     return (None, reason) if match is None else (_FUSED_CLASS_OF[match], None)
 
 
-def patch(model: nn.Module) -> PatchReport:
+def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
     """Swap, in place, every recognised module of ``model`` for its fused drop-in and report what happened.
 
     Parameters and buffers are shared (an optimizer built before patching keeps training the model), every
     ``state_dict`` key and shape is kept, and patching twice changes nothing. :func:`unpatch` reverts it.
+    ``backend`` is each new fused module's ``backend`` (see :mod:`evit_kernels.dispatch`); a request it does not
+    understand raises before anything is swapped.
     """
+    dispatch.check_request(backend)
     if isinstance(model, FusedModule) or _fused_class(model)[0] is not None:
         raise TypeError(f"patch() swaps the children of a model; {type(model).__name__} is itself a module it would "
                         "swap: patch the model containing it, or wrap it (e.g. nn.Sequential(module))")
     report = PatchReport()
-    _patch_children(model, "", report)
+    _patch_children(model, "", backend, report)
     return report
 
 
-def _patch_children(parent: nn.Module, prefix: str, report: PatchReport) -> None:
+def _patch_children(parent: nn.Module, prefix: str, backend: str, report: PatchReport) -> None:
     for name, child in list(parent._modules.items()):
         if child is None:
             continue
         path = prefix + name
         if isinstance(child, FusedModule):
             if child.patch_inside:
-                _patch_children(child, path + ".", report)
+                _patch_children(child, path + ".", backend, report)
             continue
         fused_class, reason = _fused_class(child)
         if fused_class is None:
             if reason:
                 report.skipped.append((path, reason))
-            _patch_children(child, path + ".", report)
+            _patch_children(child, path + ".", backend, report)
             continue
         hooks = _bypassed_hooks(child)
         if hooks:
             report.skipped.append((path, f"{type(child).__name__}: {hooks}, which the fused module would not run "
                                          "(register hooks after patch, on the fused module)"))
-            _patch_children(child, path + ".", report)
+            _patch_children(child, path + ".", backend, report)
             continue
         try:
-            fused = fused_class(child)
+            fused = fused_class(child, backend)
         except Unsupported as exc:
             report.skipped.append((path, f"{type(child).__name__}: {exc}"))
-            _patch_children(child, path + ".", report)
+            _patch_children(child, path + ".", backend, report)
             continue
         parent._modules[name] = fused
         report.swapped.append((path, f"{type(child).__module__}.{type(child).__name__}", type(fused).__name__))
         if fused.patch_inside:
-            _patch_children(fused, path + ".", report)
+            _patch_children(fused, path + ".", backend, report)
 
 
 def _bypassed_hooks(module: nn.Module) -> str | None:
