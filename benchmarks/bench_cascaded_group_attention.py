@@ -18,7 +18,7 @@ from timm.models.efficientvit_msra import LocalWindowAttention
 import evit_kernels
 from evit_kernels.bench import randomize_untrained_state
 
-from .common import DEVICE, DTYPE, ON_GPU, use_kernels
+from .common import DEVICE, DTYPE, ON_GPU
 
 # name: (channels, heads, map side, window); key_dim 16, kernels (7, 5, 3, 3)[:heads] as in timm's M4/M5.
 LAYERS = {
@@ -84,9 +84,9 @@ def _variant(module: LocalWindowAttention, variant: str):
     if variant == "sdpa":
         return _sdpa(module)
     patched = torch.nn.Sequential(copy.deepcopy(module))
-    evit_kernels.patch(patched)
     backend = variant.removeprefix("evit-")
-    return use_kernels(patched, "torch" if backend == "torch" else f"cascaded_group_attention={backend}")
+    evit_kernels.patch(patched, backend="torch" if backend == "torch" else f"cascaded_group_attention={backend}")
+    return patched
 
 
 def _kernel_count(fn, x) -> int:

@@ -19,7 +19,7 @@ from timm.models import efficientvit_msra as msra
 import evit_kernels
 from evit_kernels.bench import randomize_untrained_state
 
-from .common import DEVICE, DTYPE, ON_GPU, use_kernels
+from .common import DEVICE, DTYPE, KERNELS, ON_GPU
 
 
 def _residual(block: torch.nn.Module) -> torch.nn.Module:
@@ -73,8 +73,8 @@ def _variant(block: torch.nn.Module, variant: str):
     if variant == "eager-folded":
         evit_kernels.fold_bn(wrapped)
         return wrapped
-    evit_kernels.patch(wrapped)
-    return use_kernels(wrapped) if variant == "kernels" else wrapped
+    evit_kernels.patch(wrapped, backend=KERNELS if variant == "kernels" else "auto")
+    return wrapped
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -15,7 +15,7 @@ import torch
 import evit_kernels
 from evit_kernels.bench import build_model
 
-from .common import DEVICE, DTYPE, ON_GPU, use_kernels
+from .common import DEVICE, DTYPE, KERNELS, ON_GPU
 
 RES = 224 if ON_GPU else 32  # on CPU the kernels run through the interpreter: the fewest pixels every stage takes
 if ON_GPU:
@@ -31,9 +31,7 @@ else:  # a smoke run of each code path; m0 on the kernels is tests/test_compile.
 def _variant(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     if variant.startswith(("patched", "kernels")):
         model = copy.deepcopy(model)
-        evit_kernels.patch(model)
-    if variant.startswith("kernels"):
-        use_kernels(model)
+        evit_kernels.patch(model, backend=KERNELS if variant.startswith("kernels") else "auto")
     if variant.endswith("compile"):
         model = torch.compile(model)
     elif variant.endswith("max-autotune"):

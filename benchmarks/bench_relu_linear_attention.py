@@ -17,7 +17,7 @@ from timm.models.efficientvit_mit import LiteMLA as TimmLiteMLA
 import evit_kernels
 from evit_kernels.ops.relu_linear_attention import relu_linear_attention
 
-from .common import DEVICE, DTYPE, ON_GPU, use_kernels
+from .common import DEVICE, DTYPE, ON_GPU
 
 # name: (channels, head dim, H, W)
 LAYERS = {
@@ -86,9 +86,9 @@ def test_module(measure, layer, batch, variant, dtype):
         module = torch.compile(timm_module)
     elif variant.startswith("patched"):
         module = torch.nn.Sequential(copy.deepcopy(timm_module))
-        evit_kernels.patch(module)
-        if variant == "patched-triton":  # the core, and the aggregation folded into it (the module's eval path)
-            use_kernels(module, "relu_linear_attention=triton,relu_linear_attention_aggregated=triton")
+        # patched-triton: the core, and the aggregation folded into it (the module's eval path), on Triton
+        triton = "relu_linear_attention=triton,relu_linear_attention_aggregated=triton"
+        evit_kernels.patch(module, backend=triton if variant == "patched-triton" else "auto")
     else:
         module = timm_module
     x = torch.randn(batch, channels, height, width, device=DEVICE, dtype=dtype)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import evit_kernels
-from evit_kernels.nn._base import FusedModule
 from tests.models import build, rel_err
 
 pytestmark = pytest.mark.slow
@@ -35,10 +34,8 @@ def test_compiled_kernels_are_graph_nodes():
     torch._dynamo.reset()
     model = build("efficientvit_m0")
     patched = copy.deepcopy(model)
-    evit_kernels.patch(patched)
-    for module in patched.modules():  # the two ops counted below (the convs' kernels are tested elsewhere)
-        if isinstance(module, FusedModule):
-            module.backend = "ffn=experimental,cascaded_group_attention=experimental"
+    # the two ops counted below (the convs' kernels are tested elsewhere)
+    evit_kernels.patch(patched, backend="ffn=experimental,cascaded_group_attention=experimental")
     nodes = []
 
     def backend(gm, example_inputs):

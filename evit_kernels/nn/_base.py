@@ -1,4 +1,4 @@
-"""What every drop-in module shares: sharing the original's state and giving it back."""
+"""What every drop-in module shares: recognising its originals, sharing their state and giving it back."""
 
 from __future__ import annotations
 
@@ -8,10 +8,31 @@ import torch
 from torch import nn
 
 from evit_kernels import dispatch
+from evit_kernels.nn._fold import BatchNormFold
+from evit_kernels.nn._match import TIMM_MSRA, Match, recognise
 
 
 class Unsupported(ValueError):
-    """The module matched a patch rule but has a configuration the fused module cannot compute exactly."""
+    """The module fits one of a fused class's ``MATCHES`` but has a configuration it cannot compute exactly."""
+
+
+def unfused(module: nn.Module) -> nn.Module:
+    """The original module behind ``module`` when it is a fused one, else ``module`` itself."""
+    return module.original if isinstance(module, FusedModule) else module
+
+
+def expect_match(module: nn.Module | None, matches: tuple[Match, ...], where: str, what: str) -> Match:
+    """The one of ``matches`` that ``module`` fits; else raise :class:`Unsupported`: "<where> <its class>, not
+    <what>", and why when its class name is one of theirs."""
+    match, mismatch = recognise(module, matches)
+    if match is None:
+        raise Unsupported(f"{where} {type(module).__qualname__}, not {what}" + (f" ({mismatch})" if mismatch else ""))
+    return match
+
+
+def role_names(roles: dict[str, tuple[str, ...]], module: nn.Module) -> dict[str, str | None]:
+    """Each role's child name in ``module``: the first of the role's names that ``module`` has (None: none)."""
+    return {role: next((name for name in names if name in module._modules), None) for role, names in roles.items()}
 
 
 class FusedModule(nn.Module):
@@ -22,6 +43,18 @@ class FusedModule(nn.Module):
     ``original`` itself is kept out of the module tree, for :meth:`restore`. ``backend`` selects the
     implementation ("auto", "experimental", "torch", "triton", "cuda", or per op; see :mod:`evit_kernels.dispatch`).
     """
+
+    MATCHES: tuple[Match, ...] = ()
+    """The originals :func:`evit_kernels.patch` swaps for this class; its constructor refuses (:class:`Unsupported`)
+    the configurations among them that it cannot compute exactly."""
+
+    CHILD_ROLES: dict[str, tuple[str, ...]]
+    """For containers whose libraries name the same child differently (timm ``conv`` / Cream ``c``): role → the
+    child names the originals use for it, in the order the originals apply them."""
+
+    BN_FOLD: BatchNormFold | None = None
+    """Which BatchNorm child :func:`evit_kernels.fold_bn` folds into which layer (roles of ``CHILD_ROLES``); None
+    where ``fold_bn`` leaves the module alone."""
 
     patch_inside = True
     """Whether :func:`evit_kernels.patch` also swaps this module's children (False when it computes them)."""
@@ -62,11 +95,16 @@ class FusedModule(nn.Module):
             self._buffers[name] = buf
         self._non_persistent_buffers_set = set(original._non_persistent_buffers_set)
 
-    def _bind_roles(self, roles: dict[str, tuple[str, ...]], block: str) -> None:
-        """For containers whose libraries name the same child differently (timm ``conv`` / Cream ``c``): bind each
-        role to the first of its names present, and refuse a child that no role takes."""
-        self._role_names = {role: next((n for n in names if n in self._modules), None)
-                            for role, names in roles.items()}
+    @classmethod
+    def bn_fold_children(cls, module: nn.Module) -> tuple[str | None, str | None]:
+        """The names of the layer and the BatchNorm children of ``module`` (one of this class's originals, or this
+        class itself) that ``BN_FOLD`` folds; None for one it lacks."""
+        names = role_names(cls.CHILD_ROLES, module)
+        return names[cls.BN_FOLD.layer], names[cls.BN_FOLD.norm]
+
+    def _bind_roles(self, block: str) -> None:
+        """Bind each of ``CHILD_ROLES`` to the first of its names present, and refuse a child that no role takes."""
+        self._role_names = role_names(self.CHILD_ROLES, self)
         unknown = set(self._modules) - set(self._role_names.values())
         if unknown:
             raise Unsupported(f"{type(self.original).__qualname__} has children {sorted(unknown)} that a {block} "
@@ -97,6 +135,13 @@ class FusedModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, replaces={type(self.original).__module__}.{type(self.original).__qualname__}"
+
+
+def residual_matches(timm_block: Match, cream_block: Match) -> tuple[Match, Match]:
+    """The ``x + m(x)`` wrappers around a block: timm ``ResidualDrop`` holding ``timm_block``, Cream ``Residual``
+    holding ``cream_block``."""
+    return (Match("timm", "ResidualDrop", (TIMM_MSRA,), ("m", "drop"), children=(("m", (timm_block,)),)),
+            Match("Cream", "Residual", None, ("m",), children=(("m", (cream_block,)),)))
 
 
 class FusedResidual(FusedModule):

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+
+@dataclass(frozen=True)
+class BatchNormFold:
+    """How :func:`evit_kernels.fold_bn` folds a container destructively: the BatchNorm child playing role ``norm``
+    into the layer child playing role ``layer`` (roles of the fused class's ``CHILD_ROLES``), computed by ``fold``
+    (:func:`fold_bn_into` for a BatchNorm after the layer, :func:`fold_bn_before_linear` for one before)."""
+
+    layer: str
+    norm: str
+    fold: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def uses_running_stats(norm: nn.Module | None) -> bool:

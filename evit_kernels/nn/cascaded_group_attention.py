@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from evit_kernels.nn._base import FusedModule, Unsupported
 from evit_kernels.nn._fold import FoldCache, foldable
+from evit_kernels.nn._match import TIMM_MSRA, Match
 from evit_kernels.nn.conv_bn_act import check_conv_norm, conv_and_norm
 from evit_kernels.ops.cascaded_group_attention import (
     attention_bias_index,
@@ -24,7 +25,9 @@ from evit_kernels.ops.cascaded_group_attention import (
     window_partition,
 )
 
-TIMM_MODULE = "timm.models.efficientvit_msra"
+_ATTENTION = ("qkvs", "dws", "proj", "attention_biases", "attention_bias_idxs", "key_dim", "num_heads", "scale")
+_WINDOWS = ("attn", "resolution", "window_resolution")
+TIMM_LOCAL_WINDOW_ATTENTION = Match("timm", "LocalWindowAttention", (TIMM_MSRA,), _WINDOWS)
 
 
 def window_of(attn: nn.Module) -> int:
@@ -44,6 +47,8 @@ class FusedCascadedGroupAttention(FusedModule):
     eval mode (BatchNorm folded into the convs, cached until a parameter or statistic changes) and through the
     original children otherwise (BatchNorm batch statistics and running-stat updates as in the original)."""
 
+    MATCHES = (Match("timm", "CascadedGroupAttention", (TIMM_MSRA,), (*_ATTENTION, "val_dim")),
+               Match("Cream", "CascadedGroupAttention", None, (*_ATTENTION, "d")))
     patch_inside = False  # it folds and computes its ConvNorm children itself
 
     def __init__(self, original: nn.Module, backend: str = "auto"):
@@ -141,6 +146,8 @@ class FusedLocalWindowAttention(FusedModule):
     else; Cream accepts only the configured ``resolution`` and runs it unsplit when it fits in one window.
     """
 
+    MATCHES = (TIMM_LOCAL_WINDOW_ATTENTION, Match("Cream", "LocalWindowAttention", None, _WINDOWS))
+
     def __init__(self, original: nn.Module, backend: str = "auto"):
         super().__init__(original, backend)
         try:
@@ -152,7 +159,7 @@ class FusedLocalWindowAttention(FusedModule):
         except AttributeError as exc:
             raise Unsupported(f"not a local window attention: {exc}") from exc
         self._attention_window = window_of(attn)  # fixed by the attention's bias table
-        self.timm_style = type(original).__module__ == TIMM_MODULE
+        self.timm_style = TIMM_LOCAL_WINDOW_ATTENTION.defined_here(original)
 
     def _window(self, x: Tensor) -> int | None:
         """The window side to split ``x`` with, or None when the original runs the map whole."""

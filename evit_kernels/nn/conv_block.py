@@ -8,20 +8,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from evit_kernels.nn._base import FusedModule, Unsupported
+from evit_kernels.nn._base import FusedModule, Unsupported, expect_match
 from evit_kernels.nn._fold import FoldCache, foldable
+from evit_kernels.nn._match import MIT_HAN_LAB, TIMM_MIT, Match
 from evit_kernels.nn.conv_bn_act import activation_name
 from evit_kernels.ops.conv_block import conv_block
 
-BLOCK_LAYERS = {"MBConv": ("inverted_conv", "depth_conv", "point_conv"), "DSConv": ("depth_conv", "point_conv"),
-                "FusedMBConv": ("spatial_conv", "point_conv")}
-"""Block class name → its ConvNormAct / ConvLayer children, in the order the block applies them."""
+
+def _blocks(family: str, modules: tuple[str, ...]) -> tuple[Match, ...]:
+    """The MBConv, DSConv and FusedMBConv of one library; their attributes are their ConvNormAct / ConvLayer
+    children, in the order the block applies them."""
+    return (Match(family, "MBConv", modules, ("inverted_conv", "depth_conv", "point_conv")),
+            Match(family, "DSConv", modules, ("depth_conv", "point_conv")),
+            Match(family, "FusedMBConv", modules, ("spatial_conv", "point_conv")))
+
+
+CONV_BLOCKS = (*_blocks("timm", (TIMM_MIT,)), *_blocks("mit-han-lab", MIT_HAN_LAB))
+IDENTITY_LAYER = Match("mit-han-lab", "IdentityLayer", MIT_HAN_LAB)
 _LAYER_CHILDREN = {"dropout", "conv", "norm", "act"}
-_IDENTITY_SHORTCUTS = ("Identity", "IdentityLayer")  # torch / timm, mit-han-lab
-
-
-def is_conv_block(module: nn.Module | None) -> bool:
-    return type(module).__name__ in BLOCK_LAYERS
 
 
 def _live(module: nn.Module, name: str) -> nn.Module | None:
@@ -40,14 +44,18 @@ class FusedConvBlock(FusedModule):
     updates are exactly the original's. The layers may themselves be patched into ``FusedConvNormAct``.
     """
 
+    MATCHES = (Match("timm", "ResidualBlock", (TIMM_MIT,), ("main", "shortcut", "pre_norm"),
+                     children=(("main", CONV_BLOCKS),)),
+               Match("mit-han-lab", "ResidualBlock", MIT_HAN_LAB, ("main", "shortcut", "pre_norm", "post_act"),
+                     children=(("main", CONV_BLOCKS),)))
+
     def __init__(self, original: nn.Module, backend: str = "auto"):
         super().__init__(original, backend)
         self._residual = self._check_residual_wrapper()
         block = self._modules.get("main")
-        if not is_conv_block(block):
-            raise Unsupported(f"holds {type(block).__qualname__}, not an MBConv, DSConv or FusedMBConv")
-        self.kind = type(block).__name__
-        self._layer_names = BLOCK_LAYERS[self.kind]
+        match = expect_match(block, CONV_BLOCKS, "holds", "an MBConv, DSConv or FusedMBConv")
+        self.kind = match.class_name
+        self._layer_names = match.attributes
         if set(block._modules) != set(self._layer_names):
             raise Unsupported(f"the {self.kind} has children {sorted(block._modules)}, expected {self._layer_names}")
         self.activations = tuple(self._check_layer(name) for name in self._layer_names)
@@ -62,7 +70,7 @@ class FusedConvBlock(FusedModule):
         if getattr(original, "post_act", None) is not None:
             raise Unsupported(f"post_act {type(original.post_act).__qualname__} after the residual add")
         shortcut = original.shortcut
-        if shortcut is not None and type(shortcut).__name__ not in _IDENTITY_SHORTCUTS:
+        if shortcut is not None and type(shortcut) is not nn.Identity and not IDENTITY_LAYER.fits(shortcut):
             raise Unsupported(f"shortcut {type(shortcut).__qualname__} is not an identity")
         return shortcut is not None
 

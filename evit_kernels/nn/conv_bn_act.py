@@ -11,12 +11,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from evit_kernels.nn._base import FusedModule, FusedResidual, Unsupported
-from evit_kernels.nn._fold import FoldCache, foldable
+from evit_kernels.nn._base import (
+    FusedModule,
+    FusedResidual,
+    Unsupported,
+    expect_match,
+    residual_matches,
+    role_names,
+    unfused,
+)
+from evit_kernels.nn._fold import BatchNormFold, FoldCache, fold_bn_into, foldable
+from evit_kernels.nn._match import MIT_HAN_LAB, TIMM_MIT, TIMM_MSRA, Match
 from evit_kernels.ops.conv_bn_act import conv_bn_act
 
-# Role → the child names the four containers use for it, in the order the originals apply them.
-_CHILD_NAMES = {"dropout": ("dropout",), "conv": ("conv", "c"), "norm": ("norm", "bn"), "act": ("act",)}
+CONV_NORM = Match("timm", "ConvNorm", (TIMM_MSRA,), ("conv", "bn"))
+CONV2D_BN = Match("Cream", "Conv2d_BN", None, ("c", "bn"))
 
 _ACTIVATION_NAMES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.SiLU: "silu"}
 _GELU_NAMES = {"none": "gelu", "tanh": "gelu_tanh"}
@@ -52,9 +61,15 @@ class FusedConvNormAct(FusedModule):
     children in the original's order, so batch statistics and running-stat updates are exactly the original's.
     """
 
+    MATCHES = (Match("timm", "ConvNormAct", (TIMM_MIT,), ("dropout", "conv", "norm", "act")),
+               Match("mit-han-lab", "ConvLayer", MIT_HAN_LAB, ("dropout", "conv", "norm", "act")),
+               CONV_NORM, CONV2D_BN)
+    CHILD_ROLES = {"dropout": ("dropout",), "conv": ("conv", "c"), "norm": ("norm", "bn"), "act": ("act",)}
+    BN_FOLD = BatchNormFold("conv", "norm", fold_bn_into)
+
     def __init__(self, original: nn.Module, backend: str = "auto"):
         super().__init__(original, backend)
-        self._bind_roles(_CHILD_NAMES, "conv + norm + activation")
+        self._bind_roles("conv + norm + activation")
         conv = self._child("conv")
         if type(conv) is not nn.Conv2d:
             raise Unsupported(f"expected a plain nn.Conv2d child, got {conv!r}")
@@ -68,7 +83,7 @@ class FusedConvNormAct(FusedModule):
         self._fold_cache = FoldCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dropout, conv, norm, act = (self._child(role) for role in _CHILD_NAMES)
+        dropout, conv, norm, act = (self._child(role) for role in self.CHILD_ROLES)
         if dropout is not None:
             x = dropout(x)
         if not foldable(norm):
@@ -82,23 +97,17 @@ class FusedConvNormAct(FusedModule):
         return f"activation={self.activation!r}, {super().extra_repr()}"
 
 
-_CONV_NORM_CLASS_NAMES = ("ConvNorm", "Conv2d_BN")  # timm efficientvit_msra, Cream
-_CONV_NORM_CONV_NAMES = ("conv", "c")  # FusedConvNormAct keeps the same names
-
-
 def conv_and_norm(module: nn.Module) -> tuple[nn.Conv2d, nn.Module]:
     """The live conv and BatchNorm of a ConvNorm / Conv2d_BN, patched into a FusedConvNormAct or not."""
-    conv = next(module._modules[name] for name in _CONV_NORM_CONV_NAMES if name in module._modules)
-    return conv, module._modules["bn"]
+    names = role_names(FusedConvNormAct.CHILD_ROLES, module)
+    return module._modules[names["conv"]], module._modules[names["norm"]]
 
 
 def check_conv_norm(module: nn.Module | None, role: str) -> tuple[nn.Conv2d, nn.Module]:
     """The (conv, BatchNorm) of a ConvNorm / Conv2d_BN, after refusing anything else (role names it in errors)."""
-    original = module.original if isinstance(module, FusedModule) else module
-    if type(original).__name__ not in _CONV_NORM_CLASS_NAMES:
-        raise Unsupported(f"{role} is {type(original).__qualname__}, not a ConvNorm / Conv2d_BN")
+    match = expect_match(unfused(module), (CONV_NORM, CONV2D_BN), f"{role} is", "a ConvNorm / Conv2d_BN")
     names = set(module._modules)
-    if not (names == {"conv", "bn"} or names == {"c", "bn"}):
+    if names != set(match.attributes):
         raise Unsupported(f"{role} has children {sorted(names)}, expected a conv and a bn")
     conv, norm = conv_and_norm(module)
     if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
@@ -116,6 +125,8 @@ class FusedResidualConvNorm(FusedResidual):
     folded weights (cached until a parameter, buffer or ``eps`` changes) and ``residual=x``. Otherwise the
     original's own forward. ``m`` may itself be patched into ``FusedConvNormAct``.
     """
+
+    MATCHES = residual_matches(CONV_NORM, CONV2D_BN)
 
     def __init__(self, original: nn.Module, backend: str = "auto"):
         super().__init__(original, backend)

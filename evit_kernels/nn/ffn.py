@@ -7,12 +7,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from evit_kernels.nn._base import FusedResidual, Unsupported
+from evit_kernels.nn._base import FusedResidual, Unsupported, expect_match, residual_matches
 from evit_kernels.nn._fold import FoldCache, foldable
+from evit_kernels.nn._match import TIMM_MSRA, Match
 from evit_kernels.nn.conv_bn_act import check_conv_norm, conv_and_norm
 from evit_kernels.ops.ffn import ffn
 
-_FFN_CLASS_NAMES = ("ConvMlp", "FFN")  # timm, Cream
+CONV_MLP = Match("timm", "ConvMlp", (TIMM_MSRA,), ("pw1", "act", "pw2"))
+FFN = Match("Cream", "FFN", None, ("pw1", "act", "pw2"))
 
 
 def _check_pointwise(module: nn.Module | None, role: str) -> None:
@@ -31,13 +33,17 @@ class FusedResidualFFN(FusedResidual):
     are exactly the original's. ``m.pw1`` / ``m.pw2`` may themselves be patched into ``FusedConvNormAct``.
     """
 
+    MATCHES = residual_matches(CONV_MLP, FFN)
+
     def __init__(self, original: nn.Module, backend: str = "auto"):
         super().__init__(original, backend)
-        m = self._modules.get("m")
-        if set(self._modules) != {"m"} or type(m).__name__ not in _FFN_CLASS_NAMES:
-            raise Unsupported(f"wraps {type(m).__qualname__}, not a feed-forward block (ConvMlp / FFN)")
-        if set(m._modules) != {"pw1", "act", "pw2"}:
-            raise Unsupported(f"the feed-forward block has children {sorted(m._modules)}, expected pw1, act, pw2")
+        if set(self._modules) != {"m"}:
+            raise Unsupported(f"has children {sorted(self._modules)}, expected the residual branch m alone")
+        m = self._modules["m"]
+        block = expect_match(m, (CONV_MLP, FFN), "wraps", "a feed-forward block (ConvMlp / FFN)")
+        if set(m._modules) != set(block.attributes):
+            raise Unsupported(f"the feed-forward block has children {sorted(m._modules)}, expected "
+                              f"{', '.join(block.attributes)}")
         if type(m.act) is not nn.ReLU:
             raise Unsupported(f"activation {m.act!r} is not nn.ReLU")
         _check_pointwise(m.pw1, "pw1")

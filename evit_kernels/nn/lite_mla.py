@@ -8,10 +8,12 @@ import torch
 from torch import Tensor, nn
 
 from evit_kernels.nn._base import FusedModule, Unsupported
+from evit_kernels.nn._match import MIT_HAN_LAB, TIMM_MIT, Match
 from evit_kernels.ops.multiscale_aggregation import multiscale_aggregation
 from evit_kernels.ops.relu_linear_attention import choose_aggregated, relu_linear_attention, run_aggregated
 
-_REQUIRED_ATTRIBUTES = ("qkv", "aggreg", "kernel_func", "proj", "dim", "eps")
+LITE_MLA = Match("timm/mit-han-lab", "LiteMLA", (TIMM_MIT, *MIT_HAN_LAB),
+                 ("qkv", "aggreg", "kernel_func", "proj", "dim", "eps"))
 
 
 class FusedLiteMLA(FusedModule):
@@ -21,8 +23,10 @@ class FusedLiteMLA(FusedModule):
     backend, the aggregation and the attention run as that one op and the aggregated maps are never written;
     otherwise (training, or the reference backend) as ``multiscale_aggregation`` then ``relu_linear_attention``."""
 
+    MATCHES = (LITE_MLA,)
+
     def __init__(self, original: nn.Module, backend: str = "auto"):
-        missing = [name for name in _REQUIRED_ATTRIBUTES if not hasattr(original, name)]
+        missing = LITE_MLA.missing(original)
         if missing:
             raise Unsupported(f"LiteMLA without attribute(s) {missing}")
         super().__init__(original, backend)

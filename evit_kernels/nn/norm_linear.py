@@ -10,10 +10,8 @@ from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from evit_kernels.nn._base import FusedModule, Unsupported
-from evit_kernels.nn._fold import FoldCache, fold_bn_before_linear, foldable
-
-# Role → the child names the two containers use for it, in the order the originals apply them.
-_CHILD_NAMES = {"norm": ("bn",), "dropout": ("drop",), "linear": ("linear", "l")}
+from evit_kernels.nn._fold import BatchNormFold, FoldCache, fold_bn_before_linear, foldable
+from evit_kernels.nn._match import TIMM_MSRA, Match
 
 
 class FusedNormLinear(FusedModule):
@@ -24,10 +22,15 @@ class FusedNormLinear(FusedModule):
     the original's children in the original's order.
     """
 
+    MATCHES = (Match("timm", "NormLinear", (TIMM_MSRA,), ("bn", "drop", "linear")),
+               Match("Cream", "BN_Linear", None, ("bn", "l")))
+    CHILD_ROLES = {"norm": ("bn",), "dropout": ("drop",), "linear": ("linear", "l")}
+    BN_FOLD = BatchNormFold("linear", "norm", fold_bn_before_linear)
+
     def __init__(self, original: nn.Module, backend: str = "auto"):
         super().__init__(original, backend)
-        self._bind_roles(_CHILD_NAMES, "norm + linear")
-        norm, dropout, linear = (self._child(role) for role in _CHILD_NAMES)
+        self._bind_roles("norm + linear")
+        norm, dropout, linear = (self._child(role) for role in self.CHILD_ROLES)
         if not isinstance(norm, (nn.BatchNorm1d, nn.SyncBatchNorm)):
             raise Unsupported(f"expected a BatchNorm1d child, got {norm!r}")
         if type(linear) is not nn.Linear:
@@ -40,7 +43,7 @@ class FusedNormLinear(FusedModule):
         self._fold_cache = FoldCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm, dropout, linear = (self._child(role) for role in _CHILD_NAMES)
+        norm, dropout, linear = (self._child(role) for role in self.CHILD_ROLES)
         dropout_active = isinstance(dropout, _DropoutNd) and dropout.training and dropout.p > 0
         if x.dim() == 2 and foldable(norm) and not dropout_active:
             (weight, bias), = self._fold_cache.fold([(linear, norm)], fold_bn_before_linear)
