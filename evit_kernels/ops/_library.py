@@ -60,6 +60,16 @@ class OpArgs:
     def fields(self) -> tuple:
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
+    def cast_and_checked(self, keep: tuple[str, ...] = ()) -> OpArgs:
+        """This record with its tensor fields (but those named in ``keep``) cast to the autocast dtype when autocast
+        is on, as autocast would for the convolutions and matmuls the op replaces, then checked to be of one
+        supported floating dtype on one device (:func:`check_floating_same_dtype`). Custom ops are invisible to
+        autocast, so every op's function prepares its record this way."""
+        names = [f.name for f in dataclasses.fields(self) if "Tensor" in f.type and f.name not in keep]
+        first, *rest = autocast_inputs(*(getattr(self, name) for name in names))
+        check_floating_same_dtype(self.op, first, **dict(zip(names[1:], rest, strict=True)))
+        return dataclasses.replace(self, **dict(zip(names, [first, *rest], strict=True)))
+
     def tensors(self) -> list[Tensor]:
         """Every tensor among the fields (lists flattened, absent ones skipped), the first argument first."""
         return [t for t in pytree.tree_leaves(list(self.fields())) if isinstance(t, Tensor)]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evit_kernels import _extension, dispatch
-from evit_kernels.ops._library import LOW_PRECISION, OpArgs, autocast_inputs, check_floating_same_dtype, define_op
+from evit_kernels.ops._library import LOW_PRECISION, OpArgs, define_op
 
 OP = "cascaded_group_attention"
 WINDOW_OP = "window_attention"
@@ -154,13 +154,13 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, resoluti
     the input dtype. Returns (B', vd, N) in q's dtype.
     """
     _check_window_shapes(q, k, v, bias_row, resolution)
-    q, k, v = autocast_inputs(q, k, v)
-    check_floating_same_dtype(WINDOW_OP, q, k=k, v=v)
+    # The bias row keeps its dtype (fp32, the parameter, under autocast): it is only added to fp32 logits.
+    args = WindowAttentionArgs(q, k, v, bias_row, resolution, float(scale)).cast_and_checked(keep=("bias_row",))
     if not bias_row.is_floating_point():
         raise TypeError(f"{WINDOW_OP}: bias_row must be a floating tensor, got {bias_row.dtype}")
-    if bias_row.device != q.device:
-        raise ValueError(f"{WINDOW_OP}: bias_row is on {bias_row.device} but q is on {q.device}")
-    return dispatch.run(WindowAttentionArgs(q, k, v, bias_row, resolution, float(scale)), backend)
+    if bias_row.device != args.q.device:
+        raise ValueError(f"{WINDOW_OP}: bias_row is on {bias_row.device} but q is on {args.q.device}")
+    return dispatch.run(args, backend)
 
 
 def _check_window_shapes(q: Tensor, k: Tensor, v: Tensor, bias_row: Tensor, resolution: int) -> None:
@@ -339,20 +339,16 @@ def cascaded_group_attention(
     ``dw_weights[i]`` (kd, 1, k_i, k_i), k_i odd, and ``dw_biases[i]`` (kd); ``attention_biases`` (h, window²);
     ``proj_weight`` (C_out, h·vd, 1, 1) and ``proj_bias`` (C_out) after the ReLU. Returns (B, C_out, H, W).
     """
-    _check_shapes(x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_biases, proj_weight, proj_bias,
-                  key_dim, window)
-    x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_biases, proj_weight, proj_bias = autocast_inputs(
-        x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_biases, proj_weight, proj_bias)
-    check_floating_same_dtype(OP, x, qkv_weights=qkv_weights, qkv_biases=qkv_biases, dw_weights=dw_weights,
-                              dw_biases=dw_biases, attention_biases=attention_biases, proj_weight=proj_weight,
-                              proj_bias=proj_bias)
-    return dispatch.run(CascadedGroupAttentionArgs(x, list(qkv_weights), list(qkv_biases), list(dw_weights),
-                                                   list(dw_biases), attention_biases, proj_weight, proj_bias,
-                                                   key_dim, window), backend)
+    args = CascadedGroupAttentionArgs(x, list(qkv_weights), list(qkv_biases), list(dw_weights), list(dw_biases),
+                                      attention_biases, proj_weight, proj_bias, key_dim, window)
+    _check_shapes(args)
+    return dispatch.run(args.cast_and_checked(), backend)
 
 
-def _check_shapes(x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_biases, proj_weight, proj_bias,
-                  key_dim, window) -> None:
+def _check_shapes(a: CascadedGroupAttentionArgs) -> None:
+    x, qkv_weights, qkv_biases, dw_weights, dw_biases, attention_biases, proj_weight, proj_bias, key_dim, window = (
+        a.fields())
+
     def fail(message: str) -> None:
         raise ValueError(f"{OP}: {message}")
 

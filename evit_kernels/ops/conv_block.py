@@ -12,7 +12,6 @@ runs the block layer by layer through ``evit::conv_bn_act``'s kernels (per-layer
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -21,7 +20,7 @@ import torch
 from torch import Tensor
 
 from evit_kernels import dispatch
-from evit_kernels.ops._library import OpArgs, autocast_inputs, check_floating_same_dtype, define_op
+from evit_kernels.ops._library import OpArgs, define_op
 from evit_kernels.ops.conv_bn_act import (
     ACTIVATIONS,
     ConvBnActArgs,
@@ -104,10 +103,7 @@ def conv_block(x: Tensor, w1: Tensor | None, b1: Tensor | None, w2: Tensor, b2: 
     padding = _pair("padding", [w2.shape[2] // 2, w2.shape[3] // 2] if padding is None else padding, 0)
     args = ConvBlockArgs(x, w1, b1, act1, w2, b2, act2, stride, padding, groups, w3, b3, act3, residual)
     _check_shapes(args)
-    x, w1, b1, w2, b2, w3, b3, residual = autocast_inputs(x, w1, b1, w2, b2, w3, b3, residual)
-    check_floating_same_dtype("conv_block", x, w1=w1, b1=b1, w2=w2, b2=b2, w3=w3, b3=b3, residual=residual)
-    return dispatch.run(dataclasses.replace(args, x=x, w1=w1, b1=b1, w2=w2, b2=b2, w3=w3, b3=b3, residual=residual),
-                        backend)
+    return dispatch.run(args.cast_and_checked(), backend)
 
 
 def _check_shapes(a: ConvBlockArgs) -> None:

@@ -3,7 +3,6 @@ activation block once the BatchNorm is folded into ``weight`` and ``bias`` (docs
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evit_kernels import dispatch
-from evit_kernels.ops._library import OpArgs, autocast_inputs, check_floating_same_dtype, define_op
+from evit_kernels.ops._library import OpArgs, define_op
 
 if TYPE_CHECKING:
     from evit_kernels.ops.conv_block import ConvBlockArgs
@@ -97,9 +96,7 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: i
                                  (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)))
     args = ConvBnActArgs(x, weight, bias, stride, padding, dilation, groups, activation, residual)
     _check_shapes(args)
-    x, weight, bias, residual = autocast_inputs(x, weight, bias, residual)
-    check_floating_same_dtype("conv_bn_act", x, weight=weight, bias=bias, residual=residual)
-    return dispatch.run(dataclasses.replace(args, x=x, weight=weight, bias=bias, residual=residual), backend)
+    return dispatch.run(args.cast_and_checked(), backend)
 
 
 def _pair(name: str, value: int | Sequence[int], minimum: int) -> list[int]:

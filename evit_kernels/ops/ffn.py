@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evit_kernels import dispatch
-from evit_kernels.ops._library import OpArgs, autocast_inputs, check_floating_same_dtype, define_op
+from evit_kernels.ops._library import OpArgs, define_op
 from evit_kernels.ops.conv_bn_act import output_memory_format
 
 
@@ -54,9 +54,7 @@ def ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
     ``w2`` (C, hidden, 1, 1); ``residual``, when given, has ``x``'s shape.
     """
     _check_shapes(x, w1, b1, w2, b2, residual)
-    x, w1, b1, w2, b2, residual = autocast_inputs(x, w1, b1, w2, b2, residual)
-    check_floating_same_dtype("ffn", x, w1=w1, b1=b1, w2=w2, b2=b2, residual=residual)
-    return dispatch.run(FfnArgs(x, w1, b1, w2, b2, residual), backend)
+    return dispatch.run(FfnArgs(x, w1, b1, w2, b2, residual).cast_and_checked(), backend)
 
 
 def _check_shapes(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evit_kernels import dispatch
-from evit_kernels.ops._library import OpArgs, autocast_inputs, check_floating_same_dtype
+from evit_kernels.ops._library import OpArgs
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,8 @@ def multiscale_aggregation(qkv: Tensor, dw_weight: Tensor, dw_bias: Tensor | Non
     k odd, zero padding k//2, then a 1×1 conv with ``pw_weight`` (C, C / groups, 1, 1) and ``groups`` groups
     (3·heads in LiteMLA). Returns (B, C, H, W), contiguous, in ``qkv``'s dtype."""
     _check_shapes(qkv, dw_weight, dw_bias, pw_weight, pw_bias, groups)
-    qkv, dw_weight, dw_bias, pw_weight, pw_bias = autocast_inputs(qkv, dw_weight, dw_bias, pw_weight, pw_bias)
-    check_floating_same_dtype("multiscale_aggregation", qkv, dw_weight=dw_weight, dw_bias=dw_bias,
-                              pw_weight=pw_weight, pw_bias=pw_bias)
-    return dispatch.run(MultiscaleAggregationArgs(qkv, dw_weight, dw_bias, pw_weight, pw_bias, groups), backend)
+    args = MultiscaleAggregationArgs(qkv, dw_weight, dw_bias, pw_weight, pw_bias, groups)
+    return dispatch.run(args.cast_and_checked(), backend)
 
 
 def _check_shapes(qkv: Tensor, dw_weight: Tensor, dw_bias: Tensor | None, pw_weight: Tensor,

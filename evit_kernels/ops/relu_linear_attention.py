@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from evit_kernels import dispatch
-from evit_kernels.ops._library import OpArgs, autocast_inputs, autocast_off, check_floating_same_dtype, define_op
+from evit_kernels.ops._library import OpArgs, autocast_off, define_op
 from evit_kernels.ops.multiscale_aggregation import MultiscaleAggregationArgs, multiscale_aggregation_reference
 from evit_kernels.ops.multiscale_aggregation import _check_shapes as _check_aggregation_shapes
 
@@ -161,9 +161,7 @@ def relu_linear_attention(qkv: Tensor, aggregated: Sequence[Tensor], dim: int, e
     """
     aggregated = list(aggregated)
     _check_shapes(qkv, aggregated, dim)
-    qkv, aggregated = autocast_inputs(qkv, aggregated)
-    check_floating_same_dtype("relu_linear_attention", qkv, aggregated=aggregated)
-    return dispatch.run(ReluLinearAttentionArgs(qkv, aggregated, dim, float(eps)), backend)
+    return dispatch.run(ReluLinearAttentionArgs(qkv, aggregated, dim, float(eps)).cast_and_checked(), backend)
 
 
 def _check_shapes(qkv: Tensor, aggregated: list[Tensor], dim: int) -> None:
@@ -271,7 +269,4 @@ def _aggregated_args(qkv, dw_weights, dw_biases, pw_weights, pw_biases, dim, eps
     _check_shapes(qkv, [], dim)
     for dw, dw_b, pw, pw_b in zip(*scales):
         _check_aggregation_shapes(qkv, dw, dw_b, pw, pw_b, qkv.shape[1] // dim)
-    qkv, *scales = autocast_inputs(qkv, *scales)
-    check_floating_same_dtype(_AGGREGATED, qkv, dw_weights=scales[0], dw_biases=scales[1], pw_weights=scales[2],
-                              pw_biases=scales[3])
-    return AggregatedArgs(qkv, *scales, dim, float(eps))
+    return AggregatedArgs(qkv, *scales, dim, float(eps)).cast_and_checked()
