@@ -31,3 +31,20 @@ def test_bench_rejects_unknown_dtype():
     run = subprocess.run([sys.executable, "-m", "evit_kernels", "bench", "--dtype", "fp8"], capture_output=True,
                          text=True)
     assert run.returncode != 0 and "invalid choice" in run.stderr
+
+
+@pytest.mark.slow
+def test_bench_compiles_the_patched_model_too(monkeypatch):
+    """With torch.compile on, the fourth variant is the patched model (fused modules inside) under the compiler."""
+    import torch
+
+    from evit_kernels import bench
+    from evit_kernels.nn._base import FusedModule
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compiled.append(model) or model)
+    report = bench.run("efficientvit_m0", 1, (64, 64), "fp32", "cpu", "default", 0, 1)
+    assert [r.variant for r in report.results] == ["eager", "torch.compile", "patched", "patched+compile"]
+    assert not any(isinstance(m, FusedModule) for m in compiled[0].modules())
+    assert any(isinstance(m, FusedModule) for m in compiled[1].modules())
+    assert all(r.agrees for r in report.results)
