@@ -3,6 +3,8 @@ ran each evit op recorded."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -12,6 +14,8 @@ from evit_kernels.bench import git_commit
 from .common import DTYPE, ON_GPU
 
 COMMIT = git_commit()
+ROUNDS = int(os.environ.get("EVIT_BENCH_ROUNDS", "0"))
+"""When set, every benchmark times this many rounds after no extra warm-up (the GPU pass's dry run: 1)."""
 KERNEL_VARIANTS = {"kernels", "evit-triton", "evit-cuda", "patched-triton"}
 """Variants that claim to time this package's kernels: each must run at least one op on a kernel backend."""
 
@@ -43,6 +47,7 @@ def measure(benchmark):
             dtype=str(DTYPE).removeprefix("torch."), backends=backends, **info)
         if benchmark.disabled:
             return result
+        rounds, warmup = (ROUNDS, 1) if ROUNDS else (rounds, warmup)
         return benchmark.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=max(warmup - 1, 0))
 
     return run

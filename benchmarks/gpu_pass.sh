@@ -36,13 +36,11 @@ stage() {
 }
 
 if [ $DRY_RUN -eq 1 ]; then
-  export TRITON_INTERPRET=1
-  # Timing is not the point of a dry run: one round of each benchmark, no warm-up.
-  BENCH_TIMING=(--benchmark-min-rounds=1 --benchmark-max-time=0 --benchmark-warmup=off)
+  # Timing is not the point of a dry run: one round of each benchmark, no extra warm-up.
+  export TRITON_INTERPRET=1 EVIT_BENCH_ROUNDS=1
   GPU_TESTS=(-m "not slow and not gpu" tests/test_conv_bn_act_triton.py tests/test_ffn.py tests/test_conv_block.py
              tests/test_relu_linear_attention_triton.py tests/test_cascaded_group_attention_triton.py)
 else
-  BENCH_TIMING=()
   GPU_TESTS=(-m gpu tests)
 fi
 
@@ -76,7 +74,7 @@ correctness() {
 benchmarks() {  # benchmarks JSON FILES...: time the benchmark files into JSON, the summary into stages.log
   local json="$1"
   shift
-  "$PY" -m pytest -q -p no:cacheprovider "$@" "${BENCH_TIMING[@]}" --benchmark-json "$json" \
+  "$PY" -m pytest -q -p no:cacheprovider "$@" --benchmark-json "$json" \
     --benchmark-columns=median,rounds >> "$OUT/stages.log" 2>&1
 }
 
