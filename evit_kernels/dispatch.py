@@ -113,8 +113,6 @@ class Backend:
 
     def input_reasons(self, args: Any) -> list[str]:
         """Why this backend cannot take ``args``, whatever the machine: the declared checks, then ``reasons``."""
-        if self.name == "torch":
-            return self.reasons(args)
         tensors = args.tensors()
         reasons = device_reasons(self.name, tensors[0])
         dtypes = sorted({str(t.dtype) for t in tensors if t.dtype not in self.dtypes})

@@ -1,4 +1,4 @@
-"""FusedLiteMLA against timm's and efficientsam's LiteMLA, and the evit::multiscale_aggregation op it uses."""
+"""FusedLiteMLA against timm's and efficientsam's LiteMLA, and the multiscale_aggregation function it uses."""
 
 import copy
 import math

@@ -7,10 +7,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from evit_kernels import dispatch
 from evit_kernels.nn._base import FusedModule, Unsupported
 from evit_kernels.nn._match import MIT_HAN_LAB, TIMM_MIT, Match
 from evit_kernels.ops.multiscale_aggregation import multiscale_aggregation
-from evit_kernels.ops.relu_linear_attention import choose_aggregated, relu_linear_attention, run_aggregated
+from evit_kernels.ops.relu_linear_attention import choose_aggregated, relu_linear_attention
 
 LITE_MLA = Match("timm/mit-han-lab", "LiteMLA", (TIMM_MIT, *MIT_HAN_LAB),
                  ("qkv", "aggreg", "kernel_func", "proj", "dim", "eps"))
@@ -52,7 +53,7 @@ class FusedLiteMLA(FusedModule):
             # The fused op's reference backend is this same composition: take the op only for a kernel.
             chosen, op_args = choose_aggregated(*args, backend=self.backend)
             if chosen.name != "torch":
-                return self.proj(run_aggregated(chosen, op_args))
+                return self.proj(dispatch.call(chosen, op_args))
         aggregated = [multiscale_aggregation(qkv, dw.weight, dw.bias, pw.weight, pw.bias, pw.groups,
                                              backend=self.backend)
                       for dw, pw in self.aggreg]

@@ -50,10 +50,10 @@ def check_floating_same_dtype(op: str, x: torch.Tensor, **tensors: Any) -> None:
 
 
 class OpArgs:
-    """Base of the argument records, one frozen dataclass per op: built once by the op's function (checked and
-    cast), then handed whole to the reference, the fake implementation, every backend's checks and kernels, and
-    the autograd. The fields, in order, are the ``torch.library`` op's arguments (its schema is derived from their
-    annotations); ``op`` names the op."""
+    """Base of the argument records, one frozen dataclass per op: built by the op's function (checked, then cast
+    by :meth:`cast_and_checked`), then handed whole to the reference, the fake implementation, every backend's
+    checks and kernels, and the autograd. The fields, in order, are the ``torch.library`` op's arguments (its
+    schema is derived from their annotations); ``op`` names the op."""
 
     op: ClassVar[str]
 
@@ -105,11 +105,14 @@ def define_op(args_type: type[OpArgs], reference: Callable[[OpArgs], Tensor],
     be differentiable, :func:`dispatch.differentiable_backward`), else ``reference_backward``, else the
     vector-Jacobian product of ``reference``: correct by construction for kernels without a backward."""
     name = args_type.op
+    unknown = [f"{f.name}: {f.type}" for f in dataclasses.fields(args_type) if f.type not in _SCHEMA_TYPES]
+    if unknown:  # the annotations are read as written, so record modules use `from __future__ import annotations`
+        raise TypeError(f"{args_type.__name__}: no schema type for {unknown}; expected one of {list(_SCHEMA_TYPES)}")
     arguments = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in dataclasses.fields(args_type))
 
     def run(*values: Any) -> Tensor:
         args = args_type(*values[:-1])
-        if args.output_numel() == 0:  # nothing to compute: no kernel launch (a grid of zero programs is an error)
+        if args.output_numel() == 0:  # nothing to compute: no backend runs, no kernel is launched
             return args.new_output()
         return dispatch.get(name, values[-1]).forward(args)
 
@@ -137,7 +140,12 @@ def define_op(args_type: type[OpArgs], reference: Callable[[OpArgs], Tensor],
         return (*(grads.get(f.name) for f in dataclasses.fields(args_type)), None)
 
     torch.library.register_autograd(f"evit::{name}", backward, setup_context=setup_context)
-    dispatch.register(name, dispatch.Backend("torch", reference, dtypes=FLOATING, int32_offsets=False))
+    dispatch.register(name, reference_backend(reference))
+
+
+def reference_backend(reference: Callable[[OpArgs], Tensor]) -> dispatch.Backend:
+    """The ``torch`` backend of an op: its reference, which takes every floating dtype and any size."""
+    return dispatch.Backend("torch", reference, dtypes=FLOATING, int32_offsets=False)
 
 
 def _reference_vjp(reference: Callable[[OpArgs], Tensor], args_type: type[OpArgs], leaves: list, spec,
@@ -159,5 +167,7 @@ def _reference_vjp(reference: Callable[[OpArgs], Tensor], args_type: type[OpArgs
     # A plain-value field (an int list, say) takes None, not a list of Nones.
     return {f.name: g for f, g, v in zip(dataclasses.fields(args_type), grads, values)
             if isinstance(v, Tensor) or _holds_tensor(v)}
+
+
 def _holds_tensor(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value)

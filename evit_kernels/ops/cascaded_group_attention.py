@@ -313,11 +313,12 @@ def _cuda_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
     sizes = sorted({w.shape[-1] for w in dw_weights})
     if any(k not in CUDA_KERNEL_SIZES for k in sizes):
         reasons.append(f"depthwise kernel sizes {sizes} (the CUDA kernel takes {CUDA_KERNEL_SIZES})")
-    limit = (torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin if x.device.type == "cuda"
-             else H100_SHARED_MEMORY_PER_BLOCK)
-    needed = cuda_shared_memory_bytes(window, heads, C // heads, key_dim, val_dim)
-    if needed > limit:
-        reasons.append(f"{needed} bytes of shared memory per window > the GPU's {limit}")
+    if _extension.load_error() is None:  # without _C the machine check refuses the backend already
+        limit = (torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin if x.device.type == "cuda"
+                 else H100_SHARED_MEMORY_PER_BLOCK)
+        needed = cuda_shared_memory_bytes(window, heads, C // heads, key_dim, val_dim)
+        if needed > limit:
+            reasons.append(f"{needed} bytes of shared memory per window > the GPU's {limit}")
     return reasons
 
 
@@ -325,7 +326,8 @@ def _cuda_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
 # evit::window_attention's own autograd. This op serves inference (the modules' training path calls
 # window_attention directly and so trains through its Triton backward); the cuda backend refuses gradients.
 define_op(CascadedGroupAttentionArgs, cascaded_group_attention_reference)
-dispatch.register(OP, dispatch.Backend("triton", _triton_forward, _triton_reasons))
+# The convs run in PyTorch and each window_attention call checks its own tensors: only the per-head check above.
+dispatch.register(OP, dispatch.Backend("triton", _triton_forward, _triton_reasons, int32_offsets=False))
 dispatch.register(OP, dispatch.Backend("cuda", _cuda_forward, _cuda_reasons, int32_offsets=False))
 
 

@@ -1,4 +1,4 @@
-"""``evit::multiscale_aggregation``: one scale of LiteMLA's multi-scale token aggregation, a depthwise k×k conv
+"""``multiscale_aggregation``: one scale of LiteMLA's multi-scale token aggregation, a depthwise k×k conv
 (zero padding k//2) followed by a grouped 1×1 conv with one d×d matrix per q/k/v block of each head
 (docs/ops.md, "Multi-scale aggregation and the aggregated form")."""
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evit_kernels import dispatch
-from evit_kernels.ops._library import OpArgs
+from evit_kernels.ops._library import OpArgs, reference_backend
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def multiscale_aggregation_reference(a: MultiscaleAggregationArgs) -> Tensor:
 
 # Only the reference exists: no torch.library op (a kernel would add one, through define_op). The registration keeps
 # an explicit request for a kernel backend failing loudly instead of running the reference unasked.
-dispatch.register("multiscale_aggregation", dispatch.Backend("torch", multiscale_aggregation_reference))
+dispatch.register("multiscale_aggregation", reference_backend(multiscale_aggregation_reference))
 
 
 def multiscale_aggregation(qkv: Tensor, dw_weight: Tensor, dw_bias: Tensor | None, pw_weight: Tensor,

@@ -244,20 +244,16 @@ def relu_linear_attention_aggregated(qkv: Tensor, dw_weights: Sequence[Tensor], 
     pw_biases[s], 3·heads) for each scale s], dim, eps)`` as one op, so that a backend may compute the aggregated
     maps on the fly instead of writing them. Per scale: ``dw_weights[s]`` (C, 1, k, k) with k odd, ``pw_weights[s]``
     (C, dim, 1, 1), biases (C,) or None. Returns (B, (1+S)·TD, H, W) in ``qkv``'s dtype."""
-    return run_aggregated(*choose_aggregated(qkv, dw_weights, dw_biases, pw_weights, pw_biases, dim, eps, backend))
+    return dispatch.call(*choose_aggregated(qkv, dw_weights, dw_biases, pw_weights, pw_biases, dim, eps, backend))
 
 
 def choose_aggregated(qkv: Tensor, dw_weights: Sequence[Tensor], dw_biases: Sequence[Tensor | None],
                       pw_weights: Sequence[Tensor], pw_biases: Sequence[Tensor | None], dim: int, eps: float,
-                      backend: str = "auto") -> tuple[dispatch.Backend, tuple]:
+                      backend: str = "auto") -> tuple[dispatch.Backend, AggregatedArgs]:
     """(the backend :func:`relu_linear_attention_aggregated` runs these arguments on, the op's prepared arguments):
-    for callers that decide on the backend before running it with :func:`run_aggregated` (raises as it would)."""
+    for callers that decide on the backend before running it with :func:`dispatch.call` (raises as it would)."""
     args = _aggregated_args(qkv, dw_weights, dw_biases, pw_weights, pw_biases, dim, eps)
     return dispatch.choose(args, backend), args
-
-
-def run_aggregated(chosen: dispatch.Backend, args: AggregatedArgs) -> Tensor:
-    return dispatch.call(chosen, args)
 
 
 def _aggregated_args(qkv, dw_weights, dw_biases, pw_weights, pw_biases, dim, eps) -> AggregatedArgs:

@@ -10,8 +10,12 @@ import torch
 import triton
 import triton.language as tl
 
-POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-"""The kernels' input dtypes and their Triton pointer types (the compile configurations take one per dtype)."""
+from evit_kernels.dispatch import KERNEL_DTYPES
+
+POINTER_TYPES = {dtype: {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
+                 for dtype in KERNEL_DTYPES}
+"""The kernels' input dtypes (``dispatch.KERNEL_DTYPES``) and their Triton pointer types (the compile configurations
+take one per dtype)."""
 
 
 def dot_size(n: int) -> int:

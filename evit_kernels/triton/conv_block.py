@@ -19,8 +19,8 @@ constexpr ``SPATIAL``:
 - "full" (FusedMBConv): the k×k conv is an implicit GEMM over (tap, input channel).
 
 Tensors are read and written through their four strides (NCHW, channels_last or any layout); offsets are 32-bit,
-which callers check with ``fits_int32``. Tile sizes are a first guess that compiles for sm_90 without spills; they
-are to be tuned on the GPU.
+which the op's backend checks (``dispatch.Backend.int32_offsets``). Tile sizes are a first guess that compiles for
+sm_90 without spills; they are to be tuned on the GPU.
 """
 
 from __future__ import annotations

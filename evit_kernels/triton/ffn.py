@@ -8,7 +8,8 @@ acc += h·W2_chunkᵀ, so the (B, hidden, H, W) activation that eager writes and
 size, docs/performance.md, "Minimum traffic") never leaves the chip. The first GEMM walks C_in in BLOCK_K slices
 (x re-reads hit L1/L2) so
 that registers stay bounded for wide blocks. Tensors are read and written through their four strides (NCHW,
-channels_last or any other layout); offsets are 32-bit, which callers check with ``fits_int32``.
+channels_last or any other layout); offsets are 32-bit, which the op's backend checks
+(``dispatch.Backend.int32_offsets``).
 """
 
 from __future__ import annotations
