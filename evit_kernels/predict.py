@@ -1,0 +1,108 @@
+"""The fixed performance model of docs/performance.md ("Predicting without a GPU"), and the eager side of it: every
+aten op a model runs eagerly, counted on meta tensors (no memory, no GPU) and priced by the one formula
+
+    t = max(bytes / (BW · e_mem), flops / (peak(instr) · 0.7)) · wave_factor + 3 µs
+
+The formula is fixed: never tuned to fit a measurement. Its output is a prediction, never a GPU result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import flop_registry
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    bandwidth: float
+    """HBM bytes per second."""
+    sms: int = 132
+
+
+GPUS = {"h100": Gpu("H100 SXM", 3.35e12), "h200": Gpu("H200", 4.8e12)}
+PEAK_FLOPS = {"wgmma": 989e12, "mma.sync": 495e12, "tf32": 495e12, "fma": 67e12}
+"""Dense peak per matrix instruction (bf16/fp16 wgmma, mma.sync or TF32, fp32 FMA)."""
+MEMORY_EFFICIENCY = {16: 0.85, 8: 0.7, 4: 0.5, 2: 0.3}
+"""Achievable fraction of the bandwidth by the width in bytes of a kernel's widest global access."""
+EAGER_MEMORY_EFFICIENCY = 0.85
+"""PyTorch's and cuDNN's kernels, whose accesses are taken to be vectorised."""
+FLOP_EFFICIENCY = 0.7
+LAUNCH_SECONDS = 3e-6
+NO_KERNEL = {"aten._unsafe_view", "aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty",
+             "aten.new_empty_strided"}
+"""Aten ops that launch no kernel although they are not views (allocation, a view without alias annotation)."""
+
+
+def seconds(gpu: Gpu, bytes_moved: float, flops: float, instruction: str,
+            memory_efficiency: float = EAGER_MEMORY_EFFICIENCY, wave_factor: float = 1.0) -> float:
+    """The formula for one launch: the slower of moving ``bytes_moved`` and computing ``flops`` on
+    ``instruction``'s units, stretched by the tail wave, plus the launch overhead."""
+    memory = bytes_moved / (gpu.bandwidth * memory_efficiency)
+    compute = flops / (PEAK_FLOPS[instruction] * FLOP_EFFICIENCY)
+    return max(memory, compute) * wave_factor + LAUNCH_SECONDS
+
+
+def wave_factor(ctas: int, ctas_per_sm: int, gpu: Gpu) -> float:
+    """ceil(w) / w with w the launch's waves: a last partial wave takes as long as a full one."""
+    waves = ctas / (gpu.sms * ctas_per_sm)
+    return -(-waves // 1) / waves
+
+
+@dataclass(frozen=True)
+class AtenCost:
+    """One eager aten op: bytes read and written (every tensor argument and result), FLOPs, the matrix instruction
+    the FLOPs would run on, and the predicted seconds."""
+
+    op: str
+    bytes_moved: int
+    flops: int
+    instruction: str
+    seconds: float
+
+
+def eager_instruction(op: str, dtype: torch.dtype) -> str:
+    """The instruction eager runs aten op ``op``'s FLOPs on: tensor cores for bf16/fp16 (wgmma on sm_90); fp32 on
+    TF32 where PyTorch allows it for that kind of op (``torch.backends.cudnn.allow_tf32`` for convolutions, on by
+    default; ``torch.backends.cuda.matmul.allow_tf32`` for matmuls, off by default), else FMA."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "wgmma"
+    allowed = torch.backends.cudnn.allow_tf32 if "conv" in op else torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if allowed else "fma"
+
+
+class EagerCounter(TorchDispatchMode):
+    """Records an :class:`AtenCost` for every aten op that runs a kernel (views and metadata-only ops run none)."""
+
+    def __init__(self, gpu: Gpu):
+        super().__init__()
+        self.gpu = gpu
+        self.costs: list[AtenCost] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.namespace == "aten" and not func.is_view and str(func.overloadpacket) not in NO_KERNEL:
+            tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            bytes_moved = sum(t.numel() * t.element_size() for t in tensors)
+            formula: Callable | None = flop_registry.get(func.overloadpacket)
+            flops = formula(*args, **kwargs, out_val=out) if formula is not None else 0
+            instruction = eager_instruction(str(func), tensors[0].dtype) if flops else "fma"
+            self.costs.append(AtenCost(str(func), bytes_moved, flops, instruction,
+                                       seconds(self.gpu, bytes_moved, flops, instruction)))
+        return out
+
+
+@torch.no_grad()
+def eager_costs(model: Callable[[torch.Tensor], object], x: torch.Tensor, gpu: Gpu) -> list[AtenCost]:
+    """The predicted cost of each aten op of ``model(x)`` run eagerly (``model``: a module or any function of
+    ``x``). ``model`` and ``x`` may be on the meta device (shapes are all the model needs), so released models at
+    batch 256 are counted in a fraction of a second on a CPU."""
+    with EagerCounter(gpu) as counter:
+        model(x)
+    return counter.costs

@@ -1,0 +1,81 @@
+"""The fixed performance model (docs/performance.md, "Predicting without a GPU") and its eager side, counted on meta
+tensors. Expected values are worked by hand from the formula's constants as the docs give them."""
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from evit_kernels import predict
+
+H100 = predict.GPUS["h100"]
+
+
+def test_formula_memory_bound_and_compute_bound():
+    # 2.8475 GB at 3.35 TB/s · 0.85 is 1 ms; plus the 3 µs launch.
+    assert predict.seconds(H100, 2.8475e9, 0, "wgmma") == pytest.approx(1.003e-3)
+    # 692.3 TFLOP at 989 TFLOP/s · 0.7 is 1 s; the bytes take far less.
+    assert predict.seconds(H100, 1e6, 692.3e12, "wgmma") == pytest.approx(1.000003)
+    # A 2-byte access pattern gets 0.3 of the bandwidth; a tail wave stretches the time.
+    assert predict.seconds(H100, 1.005e9, 0, "fma", memory_efficiency=0.3, wave_factor=2.0) == pytest.approx(
+        2 * 1.005e9 / (3.35e12 * 0.3) + 3e-6)
+    assert predict.seconds(predict.GPUS["h200"], 4.08e9, 0, "fma") == pytest.approx(1.003e-3)
+
+
+def test_wave_factor():
+    assert predict.wave_factor(264, 2, H100) == 1.0
+    assert predict.wave_factor(133, 1, H100) == pytest.approx(2 / (133 / 132))
+
+
+def test_eager_conv_counts_its_bytes_and_flops():
+    with torch.device("meta"):
+        x = torch.empty(8, 16, 32, 32, dtype=torch.bfloat16)
+        w = torch.empty(32, 16, 3, 3, dtype=torch.bfloat16)
+        conv = torch.nn.Conv2d(16, 32, 3, padding=1, bias=False).to(torch.bfloat16)
+    conv.weight = torch.nn.Parameter(w)
+    (cost,) = predict.eager_costs(conv, x, H100)
+    assert cost.op == "aten.convolution.default" and cost.instruction == "wgmma"
+    assert cost.bytes_moved == 2 * (8 * 16 * 32 * 32 + 32 * 16 * 9 + 8 * 32 * 32 * 32)
+    assert cost.flops == 2 * (8 * 32 * 32 * 32) * (16 * 9)
+
+
+def test_views_and_allocations_cost_nothing_copies_do():
+    def fn(x):
+        y = x.view(4, 64).permute(1, 0).reshape(256)  # flattening a non-contiguous view copies
+        return torch.empty_like(y), y
+
+    with torch.device("meta"):
+        x = torch.empty(16, 16)
+    costs = predict.eager_costs(fn, x, H100)
+    assert [c.op for c in costs] == ["aten.clone.default"]
+    assert costs[0].bytes_moved == 2 * 256 * 4
+
+
+def test_fp32_instruction_follows_pytorch_settings():
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        with torch.backends.cudnn.flags(allow_tf32=True):
+            torch.backends.cuda.matmul.allow_tf32 = False
+            assert predict.eager_instruction("aten.convolution.default", torch.float32) == "tf32"
+            assert predict.eager_instruction("aten.mm.default", torch.float32) == "fma"
+            torch.backends.cuda.matmul.allow_tf32 = True
+            assert predict.eager_instruction("aten.mm.default", torch.float32) == "tf32"
+        with torch.backends.cudnn.flags(allow_tf32=False):
+            assert predict.eager_instruction("aten.convolution.default", torch.float32) == "fma"
+        assert predict.eager_instruction("aten.mm.default", torch.bfloat16) == "wgmma"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+
+
+@pytest.mark.slow
+def test_released_model_at_batch_256_is_counted_on_meta_tensors():
+    with torch.device("meta"):
+        model = timm.create_model("efficientvit_b1").eval().to(torch.bfloat16)
+        x = torch.empty(256, 3, 224, 224, dtype=torch.bfloat16)
+    costs = predict.eager_costs(model, x, H100)
+    with FlopCounterMode(display=False) as flops, torch.no_grad():
+        model(x)
+    assert sum(c.flops for c in costs) == flops.get_total_flops()
+    # Every eager op is one launch: the prediction is at least the launch overheads and the bytes at full speed.
+    total = sum(c.seconds for c in costs)
+    assert total >= len(costs) * 3e-6 + sum(c.bytes_moved for c in costs) / (3.35e12 * 0.85)
