@@ -53,7 +53,7 @@ def environment_reasons(name: str) -> list[str]:
             import triton  # noqa: F401
         except ImportError as exc:
             reasons.append(f"triton cannot be imported: {exc}")
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" and not _PLANNING:
             reasons.append("no CUDA GPU is visible to torch (CPU tensors need TRITON_INTERPRET=1)")
     else:
         raise ValueError(f"unknown backend {name!r}; expected one of {PREFERENCE}")
@@ -80,6 +80,8 @@ def device_reasons(name: str, tensor: torch.Tensor) -> list[str]:
     if name == "torch" or tensor.device.type == "cuda":
         return []
     if name == "triton" and tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return []
+    if name == "triton" and tensor.device.type == "meta" and _PLANNING:
         return []
     return [f"tensors on {tensor.device.type} (the {name} kernels need CUDA tensors)"]
 
@@ -239,7 +241,7 @@ def call(chosen: Backend, args: Any) -> Any:
     implementation and autograd."""
     for runs in _RECORDINGS:
         runs.append((args.op, chosen.name))
-    if chosen.name == "torch":
+    if chosen.name == "torch" or _PLANNING:  # planning: meta tensors would run the op's fake, not its launcher
         return chosen.forward(args)
     return getattr(torch.ops.evit, args.op)(*args.fields(), chosen.name)
 
@@ -247,6 +249,20 @@ def call(chosen: Backend, args: Any) -> Any:
 def run(args: Any, backend: str = "auto") -> Any:
     """:func:`call` on the backend :func:`choose` picks."""
     return call(choose(args, backend), args)
+
+
+_PLANNING: list[bool] = []
+
+
+@contextlib.contextmanager
+def planning() -> Iterator[None]:
+    """Inside the block the Triton backends take meta tensors, with or without a GPU: for running a model at full
+    size without memory while the kernel launches are recorded instead of run (:mod:`evit_kernels.predict`)."""
+    _PLANNING.append(True)
+    try:
+        yield
+    finally:
+        _PLANNING.pop()
 
 
 @contextlib.contextmanager

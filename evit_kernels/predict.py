@@ -1,20 +1,26 @@
-"""The fixed performance model of docs/performance.md ("Predicting without a GPU"), and the eager side of it: every
-aten op a model runs eagerly, counted on meta tensors (no memory, no GPU) and priced by the one formula
+"""The fixed performance model of docs/performance.md ("Predicting without a GPU"): the eager side of it (every aten
+op a model runs eagerly, counted on meta tensors: no memory, no GPU) priced by the one formula
 
     t = max(bytes / (BW · e_mem), flops / (peak(instr) · 0.7)) · wave_factor + 3 µs
 
-The formula is fixed: never tuned to fit a measurement. Its output is a prediction, never a GPU result.
+and the launches a patched model makes (:func:`recorded_launches`, also on meta tensors), the facts the kernels'
+side of the formula starts from. The formula is fixed: never tuned to fit a measurement. Its output is a
+prediction, never a GPU result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
+
+from evit_kernels import dispatch
 
 
 @dataclass(frozen=True)
@@ -106,3 +112,64 @@ def eager_costs(model: Callable[[torch.Tensor], object], x: torch.Tensor, gpu: G
     with EagerCounter(gpu) as counter:
         model(x)
     return counter.costs
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One Triton kernel launch as a launcher requested it: the kernel, its grid, its constexprs and launch options,
+    its integer arguments, and the bytes spanned by the distinct tensors it is given (each input and output once)."""
+
+    kernel: str
+    grid: tuple[int, ...]
+    constexprs: dict[str, object] = field(repr=False)
+    options: dict[str, int] = field(repr=False)
+    scalars: dict[str, int] = field(repr=False)
+    footprint_bytes: int = 0
+
+    @property
+    def ctas(self) -> int:
+        return math.prod(self.grid)
+
+
+_OPTIONS = ("num_warps", "num_stages")
+
+
+def _footprint(tensors: list[torch.Tensor]) -> int:
+    """Bytes spanned by the distinct storages among ``tensors`` (a stand-in passed for an absent optional tensor,
+    or one tensor passed twice, counts once)."""
+    spans: dict[int, int] = {}
+    for t in tensors:
+        key = id(t.untyped_storage())
+        spans[key] = max(spans.get(key, 0), dispatch.span(t) * t.element_size())
+    return sum(spans.values())
+
+
+@contextlib.contextmanager
+def recorded_launches() -> Iterator[list[Launch]]:
+    """Inside the block, every Triton kernel launch is recorded instead of run, and the Triton backends take meta
+    tensors (:func:`evit_kernels.dispatch.planning`): a patched model called on meta tensors, at full size and
+    without memory or a GPU, lists the launches it would make. Outputs are left uninitialised."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    launches: list[Launch] = []
+    kernel_types = (JITFunction, InterpretedFunction)  # compiled, or run by the interpreter (TRITON_INTERPRET=1)
+    original_runs = [kernel_type.run for kernel_type in kernel_types]
+
+    def record(kernel, *args, grid, warmup, **kwargs):
+        values = dict(zip(kernel.arg_names, args)) | kwargs
+        tensors = [v for v in values.values() if isinstance(v, torch.Tensor)]
+        launches.append(Launch(
+            kernel.__name__, tuple(grid), {k: v for k, v in kwargs.items() if k not in _OPTIONS},
+            {k: kwargs[k] for k in _OPTIONS if k in kwargs},
+            {k: v for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool) and k not in kwargs},
+            _footprint(tensors)))
+
+    for kernel_type in kernel_types:
+        kernel_type.run = record
+    try:
+        with dispatch.planning():
+            yield launches
+    finally:
+        for kernel_type, run in zip(kernel_types, original_runs, strict=True):
+            kernel_type.run = run

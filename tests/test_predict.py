@@ -6,7 +6,8 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from evit_kernels import predict
+from evit_kernels import dispatch, predict
+from evit_kernels.ops import conv_bn_act
 
 H100 = predict.GPUS["h100"]
 
@@ -79,3 +80,35 @@ def test_released_model_at_batch_256_is_counted_on_meta_tensors():
     # Every eager op is one launch: the prediction is at least the launch overheads and the bytes at full speed.
     total = sum(c.seconds for c in costs)
     assert total >= len(costs) * 3e-6 + sum(c.bytes_moved for c in costs) / (3.35e12 * 0.85)
+
+
+def test_launches_of_a_patched_call_are_recorded_not_run():
+    with torch.device("meta"):
+        x = torch.empty(2, 32, 8, 8, dtype=torch.bfloat16)
+        weight = torch.empty(80, 32, 1, 1, dtype=torch.bfloat16)
+    with predict.recorded_launches() as launches:
+        out = conv_bn_act(x, weight, activation="relu", backend="triton")
+    assert out.shape == (2, 80, 8, 8) and out.device.type == "meta"
+    (launch,) = launches
+    # 128 pixels in 64-pixel blocks × 80 output channels in 64-channel blocks, one program per tile.
+    assert launch.kernel == "_conv_pw_kernel" and launch.grid == (2 * 2,) and launch.ctas == 4
+    assert launch.constexprs["ACTIVATION"] == "relu"
+    # x, weight and the output once each (the weight also stands in for the absent bias, the output for the absent
+    # residual): 2·32·64 + 80·32 + 2·80·64 bf16 elements.
+    assert launch.footprint_bytes == 2 * (2 * 32 * 64 + 80 * 32 + 2 * 80 * 64)
+    assert launch.scalars["in_channels"] == 32 and launch.scalars["n_pixels"] == 128
+
+
+def test_outside_the_block_meta_tensors_are_refused_and_kernels_run():
+    with torch.device("meta"):
+        x = torch.empty(2, 32, 8, 8)
+        weight = torch.empty(80, 32, 1, 1)
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    runs = (JITFunction.run, InterpretedFunction.run)
+    with predict.recorded_launches():
+        assert (JITFunction.run, InterpretedFunction.run) != runs
+    assert (JITFunction.run, InterpretedFunction.run) == runs
+    with pytest.raises(dispatch.BackendUnavailable, match="tensors on meta"):
+        conv_bn_act(x, weight, backend="triton")
