@@ -108,7 +108,9 @@ class EagerCounter(TorchDispatchMode):
 def eager_costs(model: Callable[[torch.Tensor], object], x: torch.Tensor, gpu: Gpu) -> list[AtenCost]:
     """The predicted cost of each aten op of ``model(x)`` run eagerly (``model``: a module or any function of
     ``x``). ``model`` and ``x`` may be on the meta device (shapes are all the model needs), so released models at
-    batch 256 are counted in a fraction of a second on a CPU."""
+    batch 256 are counted in a fraction of a second on a CPU. The steady state is counted: ``model`` runs once
+    before, so that what a served model caches (timm's attention-bias tables in eval mode) is not counted."""
+    model(x)
     with EagerCounter(gpu) as counter:
         model(x)
     return counter.costs

@@ -112,3 +112,14 @@ def test_outside_the_block_meta_tensors_are_refused_and_kernels_run():
     assert (JITFunction.run, InterpretedFunction.run) == runs
     with pytest.raises(dispatch.BackendUnavailable, match="tensors on meta"):
         conv_bn_act(x, weight, backend="triton")
+
+
+def test_eager_costs_count_the_steady_state():
+    """timm's EfficientViT-M caches its attention-bias tables on the first eval call: counted once warm, the two
+    GPUs' counts agree op for op."""
+    with torch.device("meta"):
+        model = timm.create_model("efficientvit_m0").eval()
+        x = torch.empty(1, 3, 224, 224)
+    h100 = predict.eager_costs(model, x, H100)
+    h200 = predict.eager_costs(model, x, predict.GPUS["h200"])
+    assert [c.op for c in h100] == [c.op for c in h200]
