@@ -5,7 +5,6 @@ against a float64 reference (Triton on CPU through the interpreter on tiny grids
 from __future__ import annotations
 
 import copy
-import sys
 
 import pytest
 import timm
@@ -27,7 +26,6 @@ from tests.numerics import assert_same_grads_and_buffers, assert_within_twice_ea
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
-patch_module = sys.modules["evit_kernels.patch"]  # the package re-exports the function `patch` under that name
 
 # (batch, C, H, W, layout, biases, residual): odd pixel counts over one and several pixel blocks, C not a power of 2.
 SHAPES = {
