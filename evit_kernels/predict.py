@@ -127,6 +127,9 @@ class Launch:
     options: dict[str, int] = field(repr=False)
     scalars: dict[str, int] = field(repr=False)
     footprint_bytes: int = 0
+    kernel_fn: object = field(default=None, repr=False, compare=False)
+    """The kernel object and its arguments as launched, for :func:`compile_facts`."""
+    arguments: tuple = field(default=(), repr=False, compare=False)
 
     @property
     def ctas(self) -> int:
@@ -165,7 +168,7 @@ def recorded_launches() -> Iterator[list[Launch]]:
             kernel.__name__, tuple(grid), {k: v for k, v in kwargs.items() if k not in _OPTIONS},
             {k: kwargs[k] for k in _OPTIONS if k in kwargs},
             {k: v for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool) and k not in kwargs},
-            _footprint(tensors)))
+            _footprint(tensors), kernel, (args, kwargs)))
 
     for kernel_type in kernel_types:
         kernel_type.run = record
@@ -175,3 +178,86 @@ def recorded_launches() -> Iterator[list[Launch]]:
     finally:
         for kernel_type, run in zip(kernel_types, original_runs, strict=True):
             kernel_type.run = run
+
+
+@dataclass(frozen=True)
+class CompileFacts:
+    """What the sm_90 build of one launch's exact specialization says: registers and spilled bytes per thread (from
+    ptxas), shared memory per CTA, CTAs that fit on one SM, the matrix instruction of its products, and the widest
+    global load and store in bytes."""
+
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    ctas_per_sm: int
+    instruction: str
+    widest_load: int
+    widest_store: int
+
+
+SM90_REGISTERS, SM90_SHARED_BYTES, SM90_THREADS, SM90_CTAS = 65536, 228 * 1024, 2048, 32
+"""Per-SM limits of sm_90: 32-bit registers, shared memory, resident threads and CTAs."""
+
+
+def compile_facts(launch: Launch, ptxas: str) -> CompileFacts:
+    """Build ``launch`` for sm_90 exactly as the JIT would specialize it on a GPU (its binder: integer arguments
+    equal to 1 become constants, pointers and multiples of 16 get divisibility hints) and read the build. Needs the
+    compiled JIT (not ``TRITON_INTERPRET=1``) and ``ptxas``; uses the JIT's own binder, as of triton 3.8."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    kernel = launch.kernel_fn
+    if not isinstance(kernel, JITFunction):
+        raise TypeError(f"{launch.kernel}: compile facts need the compiled JIT, not the interpreter "
+                        "(unset TRITON_INTERPRET)")
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    args, kwargs = launch.arguments
+    kwargs = {"debug": False, **kwargs}
+    bound, specialization, options = create_function_from_signature(kernel.signature, kernel.params, backend)(
+        *args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                              options=options.__dict__)
+    ptx = compiled.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
+        source.write(ptx)
+        source.flush()
+        report = subprocess.run([ptxas, "-arch=sm_90a", "-v", source.name, "-o", "/dev/null"], capture_output=True,
+                                text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill", report))
+    shared = compiled.metadata.shared
+    threads = compiled.metadata.num_warps * 32
+    allocated = -(-registers // 8) * 8  # registers are allocated per thread in steps of 8
+    ctas = min(SM90_THREADS // threads, SM90_REGISTERS // (allocated * threads), SM90_CTAS,
+               SM90_SHARED_BYTES // shared if shared else SM90_CTAS)
+    return CompileFacts(registers, spills, shared, ctas, _instruction(ptx), _widest(ptx, "ld"), _widest(ptx, "st"))
+
+
+def _instruction(ptx: str) -> str:
+    """The matrix instruction of ``ptx``'s products, as the formula prices them: "wgmma" (fp16/bf16 operands),
+    "tf32" (TF32 operands, on either instruction), "mma.sync", or "fma" when there is none."""
+    import re
+
+    products = re.findall(r"(wgmma\.mma_async|mma\.sync)[.\w]*?\.(tf32|bf16|f16)\b", ptx)
+    if any(operands == "tf32" for _, operands in products):
+        return "tf32"
+    if any(name == "wgmma.mma_async" for name, _ in products):
+        return "wgmma"
+    return "mma.sync" if products else "fma"
+
+
+def _widest(ptx: str, access: str) -> int:
+    """The widest global ``access`` ("ld" or "st") in ``ptx``, in bytes: vector length × element width."""
+    import re
+
+    widths = [int(vector or 1) * int(bits) // 8
+              for vector, bits in re.findall(access + r"\.global(?:\.[a-z_]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s", ptx)]
+    return max(widths, default=0)

@@ -1,6 +1,11 @@
 """The fixed performance model (docs/performance.md, "Predicting without a GPU") and its eager side, counted on meta
 tensors. Expected values are worked by hand from the formula's constants as the docs give them."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -8,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from evit_kernels import dispatch, predict
 from evit_kernels.ops import conv_bn_act
+from tests.test_triton_sm90 import PTXAS
 
 H100 = predict.GPUS["h100"]
 
@@ -123,3 +129,34 @@ def test_eager_costs_count_the_steady_state():
     h100 = predict.eager_costs(model, x, H100)
     h200 = predict.eager_costs(model, x, predict.GPUS["h200"])
     assert [c.op for c in h100] == [c.op for c in h200]
+
+
+_FACTS_SCRIPT = """
+import json, sys, torch
+from evit_kernels import predict
+from evit_kernels.ops import conv_bn_act
+from tests.test_triton_sm90 import PTXAS
+with torch.device("meta"):
+    x = torch.empty(4, 64, 28, 28, dtype=torch.bfloat16)
+    weight = torch.empty(128, 64, 1, 1, dtype=torch.bfloat16)
+with predict.recorded_launches() as launches:
+    conv_bn_act(x, weight, activation="relu", backend="triton")
+(launch,) = launches
+print(json.dumps(predict.compile_facts(launch, sys.argv[1]).__dict__))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(PTXAS is None, reason="needs ptxas (CUDA toolkit)")
+def test_compile_facts_of_a_recorded_launch():
+    """The sm_90 build of what a launch would run, read without a GPU (in a process without the interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _FACTS_SCRIPT, PTXAS], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.splitlines()[-1])
+    assert facts["spill_bytes"] == 0 and 0 < facts["registers"] <= 255
+    # The bf16 1×1 kernel upcasts its tiles to fp32 before tl.dot: TF32 products (docs/ops.md, conv_bn_act).
+    assert facts["instruction"] == "tf32"
+    assert 1 <= facts["ctas_per_sm"] <= 32 and facts["shared_bytes"] > 0
+    assert facts["widest_load"] in (2, 4, 8, 16) and facts["widest_store"] in (2, 4, 8, 16)
