@@ -195,33 +195,50 @@ class CompileFacts:
     widest_store: int
 
 
+def _sm90():
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget("cuda", 90, 32)
+
+
 SM90_REGISTERS, SM90_SHARED_BYTES, SM90_THREADS, SM90_CTAS = 65536, 228 * 1024, 2048, 32
 """Per-SM limits of sm_90: 32-bit registers, shared memory, resident threads and CTAs."""
 
 
-def compile_facts(launch: Launch, ptxas: str) -> CompileFacts:
-    """Build ``launch`` for sm_90 exactly as the JIT would specialize it on a GPU (its binder: integer arguments
-    equal to 1 become constants, pointers and multiples of 16 get divisibility hints) and read the build. Needs the
-    compiled JIT (not ``TRITON_INTERPRET=1``) and ``ptxas``; uses the JIT's own binder, as of triton 3.8."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
+def bind(launch: Launch) -> tuple:
+    """(kernel, keyword arguments, bound arguments, specialization, options) of ``launch`` as the JIT binds them for
+    sm_90. Needs the compiled JIT (not ``TRITON_INTERPRET=1``); uses the JIT's own binder, as of triton 3.8."""
+    from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
     kernel = launch.kernel_fn
     if not isinstance(kernel, JITFunction):
         raise TypeError(f"{launch.kernel}: compile facts need the compiled JIT, not the interpreter "
                         "(unset TRITON_INTERPRET)")
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
     args, kwargs = launch.arguments
     kwargs = {"debug": False, **kwargs}
-    bound, specialization, options = create_function_from_signature(kernel.signature, kernel.params, backend)(
-        *args, **kwargs)
+    binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(_sm90()))
+    return (kernel, kwargs, *binder(*args, **kwargs))
+
+
+def specialization_key(launch: Launch) -> tuple:
+    """What tells two launches' builds apart: the kernel, its specialization and its options."""
+    kernel, _, _, specialization, options = bind(launch)
+    return launch.kernel, tuple(map(str, specialization)), str(options)
+
+
+def compile_facts(launch: Launch, ptxas: str) -> CompileFacts:
+    """Build ``launch`` for sm_90 exactly as the JIT would specialize it on a GPU (its binder: integer arguments
+    equal to 1 become constants, pointers and multiples of 16 get divisibility hints: :func:`bind`) and read the
+    build with ``ptxas``."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.compiler import ASTSource, make_backend
+
+    target, backend, (kernel, kwargs, bound, specialization, options) = _sm90(), make_backend(_sm90()), bind(launch)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                               options=options.__dict__)
@@ -261,3 +278,24 @@ def _widest(ptx: str, access: str) -> int:
     widths = [int(vector or 1) * int(bits) // 8
               for vector, bits in re.findall(access + r"\.global(?:\.[a-z_]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s", ptx)]
     return max(widths, default=0)
+
+
+RELEASED = (("efficientvit_b1", 256, 224), ("efficientvit_l2", 256, 224), ("efficientvit_m4", 256, 224),
+            ("efficientvit_b1", 1, 224), ("efficientvit_m4", 1, 224))
+"""The released timm configurations the performance goals name: (model, batch, resolution), bf16. The SAM-L0
+encoder is not among them yet: mit-han-lab's code casts to fp32 inside and runs in bf16 only under autocast, which
+meta tensors do not have."""
+
+
+def model_launches(name: str, batch: int, res: int, dtype: torch.dtype = torch.bfloat16) -> list[Launch]:
+    """The Triton launches of ``name`` patched (every kernel where it takes the inputs) at ``batch`` × ``res``²: built
+    with random weights on the CPU, patched there (patching reads the weights), then moved to meta tensors."""
+    from evit_kernels import patch
+    from evit_kernels.bench import build_model
+
+    model = build_model(name)
+    patch(model, backend="experimental")
+    model = model.to("meta", dtype)
+    with torch.no_grad(), recorded_launches() as launches:
+        model(torch.empty(batch, 3, res, res, dtype=dtype, device="meta"))
+    return launches

@@ -1,6 +1,6 @@
-"""Every Triton kernel configuration the dispatcher can pick compiles for the H100 (sm_90) without a GPU,
-within its shared memory and without register spills (run in a subprocess: the interpreter that the other
-tests use replaces @triton.jit)."""
+"""Every Triton kernel configuration the dispatcher can pick, and every exact specialization the released models
+launch, compiles for the H100 (sm_90) without a GPU, within its shared memory and without register spills (run in
+subprocesses: the interpreter that the other tests use replaces @triton.jit)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,22 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+# The exact specializations the released models launch (evit_kernels.predict), each built once.
+_RELEASED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from evit_kernels import predict
+    facts, seen = [], set()
+    for name, batch, res in predict.RELEASED:
+        for launch in predict.model_launches(name, batch, res):
+            key = predict.specialization_key(launch)
+            if key not in seen:
+                seen.add(key)
+                facts.append({"model": name, "batch": batch, "kernel": launch.kernel,
+                              **predict.compile_facts(launch, sys.argv[1]).__dict__})
+    print(json.dumps(facts))
+""")
+
+
 PTXAS = shutil.which("ptxas") or next(
     (p for p in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "ptxas"),) if os.path.exists(p)),
     None)
@@ -59,6 +75,8 @@ def compiles():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     started = {m: subprocess.Popen([sys.executable, "-c", _SCRIPT, m, PTXAS], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, env=env) for m in MODULES}
+    started["released"] = subprocess.Popen([sys.executable, "-c", _RELEASED_SCRIPT, PTXAS], stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True, env=env)
     return {m: (p, *p.communicate(timeout=900)) for m, p in started.items()}
 
 
@@ -72,3 +90,18 @@ def test_kernels_compile_for_sm90(module, compiles):
     for r in results:
         assert r["shared"] <= H100_SHARED_MEMORY_PER_BLOCK, r
         assert r["spill_bytes"] == 0, r
+
+
+@pytest.mark.skipif(PTXAS is None, reason="needs ptxas from a CUDA toolkit")
+def test_released_models_launches_compile_for_sm90_without_spills(compiles):
+    """The builds the released models really get: the JIT specializes integer arguments equal to 1 and multiples of
+    16, so these are not the configurations above (an fp32 variant once spilled only as it really runs)."""
+    run, stdout, stderr = compiles["released"]
+    assert run.returncode == 0, stderr[-3000:]
+    facts = json.loads(stdout.splitlines()[-1])
+    assert {f["model"] for f in facts} == {"efficientvit_b1", "efficientvit_l2", "efficientvit_m4"}
+    assert {f["kernel"] for f in facts} >= {"_conv_block_fwd_kernel", "_conv_pw_kernel", "_ffn_fwd_kernel",
+                                            "_rla_fwd_apply_kernel", "_cga_fwd_kernel"}
+    for f in facts:
+        assert f["shared_bytes"] <= H100_SHARED_MEMORY_PER_BLOCK, f
+        assert f["spill_bytes"] == 0, f
