@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
+import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -223,33 +226,41 @@ def bind(launch: Launch) -> tuple:
 
 def specialization_key(launch: Launch) -> tuple:
     """What tells two launches' builds apart: the kernel, its specialization and its options."""
-    kernel, _, _, specialization, options = bind(launch)
+    _, _, _, specialization, options = bind(launch)
     return launch.kernel, tuple(map(str, specialization)), str(options)
 
 
 def compile_facts(launch: Launch, ptxas: str) -> CompileFacts:
     """Build ``launch`` for sm_90 exactly as the JIT would specialize it on a GPU (its binder: integer arguments
     equal to 1 become constants, pointers and multiples of 16 get divisibility hints: :func:`bind`) and read the
-    build with ``ptxas``."""
-    import re
-    import subprocess
-    import tempfile
+    build (:func:`build_facts`)."""
+    from triton.compiler import make_backend
 
+    kernel, kwargs, bound, specialization, options = bind(launch)
+    options, signature, constexprs, attrs = kernel._pack_args(make_backend(_sm90()), kwargs, bound, specialization,
+                                                              options)
+    return build_facts(kernel, signature, constexprs, options.__dict__, ptxas, attrs)
+
+
+def build_facts(kernel, signature: dict, constexprs: dict, options: dict, ptxas: str,
+                attrs: dict | None = None) -> CompileFacts:
+    """Compile ``kernel`` for sm_90 with this signature, constexprs, options (and specialization ``attrs``), and
+    read the build: ptxas for registers and spills, the metadata for shared memory, the PTX for the instruction
+    and access widths. A failing ptxas raises (it prints no spill lines, never to be read as "no spills")."""
     import triton
-    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import ASTSource
 
-    target, backend, (kernel, kwargs, bound, specialization, options) = _sm90(), make_backend(_sm90()), bind(launch)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                              options=options.__dict__)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=_sm90(), options=options)
     ptx = compiled.asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
         source.write(ptx)
         source.flush()
-        report = subprocess.run([ptxas, "-arch=sm_90a", "-v", source.name, "-o", "/dev/null"], capture_output=True,
-                                text=True, check=True).stderr
-    registers = int(re.search(r"Used (\d+) registers", report).group(1))
-    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill", report))
+        run = subprocess.run([ptxas, "-arch=sm_90a", "-v", source.name, "-o", "/dev/null"], capture_output=True,
+                             text=True)
+    if run.returncode:
+        raise RuntimeError(f"ptxas failed on {kernel.__name__}: {run.stderr[-2000:]}")
+    registers = int(re.search(r"Used (\d+) registers", run.stderr).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill", run.stderr))
     shared = compiled.metadata.shared
     threads = compiled.metadata.num_warps * 32
     allocated = -(-registers // 8) * 8  # registers are allocated per thread in steps of 8
@@ -261,8 +272,6 @@ def compile_facts(launch: Launch, ptxas: str) -> CompileFacts:
 def _instruction(ptx: str) -> str:
     """The matrix instruction of ``ptx``'s products, as the formula prices them: "wgmma" (fp16/bf16 operands),
     "tf32" (TF32 operands, on either instruction), "mma.sync", or "fma" when there is none."""
-    import re
-
     products = re.findall(r"(wgmma\.mma_async|mma\.sync)[.\w]*?\.(tf32|bf16|f16)\b", ptx)
     if any(operands == "tf32" for _, operands in products):
         return "tf32"
@@ -273,8 +282,6 @@ def _instruction(ptx: str) -> str:
 
 def _widest(ptx: str, access: str) -> int:
     """The widest global ``access`` ("ld" or "st") in ``ptx``, in bytes: vector length × element width."""
-    import re
-
     widths = [int(vector or 1) * int(bits) // 8
               for vector, bits in re.findall(access + r"\.global(?:\.[a-z_]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s", ptx)]
     return max(widths, default=0)

@@ -22,30 +22,18 @@ MODULES = ["evit_kernels.triton.relu_linear_attention", "evit_kernels.triton.con
            "evit_kernels.triton.conv_block"]
 
 _SCRIPT = textwrap.dedent("""
-    import importlib, json, re, subprocess, sys, tempfile
-    import triton
-    from triton.backends.compiler import GPUTarget
-    ptxas = sys.argv[2]
+    import importlib, json, sys
+    from evit_kernels import predict
     module = importlib.import_module(sys.argv[1])
     results = []
     for kernel, signature, constexprs, *options in module.compile_configs():
         options = options[0] if options else {}
-        compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options=options)
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
-            ptx.write(compiled.asm["ptx"]); ptx.flush()
-            run = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx.name, "-o", "/dev/null"],
-                                 capture_output=True, text=True)
-        if run.returncode:  # a failed ptxas prints no spill lines: never read that as "no spills"
-            sys.exit(f"ptxas failed on {kernel.__name__}: {run.stderr[-2000:]}")
-        log = run.stderr
-        spills = sum(int(n) for n in re.findall(r"(\\d+) bytes spill", log))
+        facts = predict.build_facts(kernel, signature, constexprs, options, sys.argv[2])
         results.append({"kernel": kernel.__name__, "config": {k: str(v) for k, v in constexprs.items()},
-                        "dtype": signature[kernel.arg_names[0]], **options, "shared": compiled.metadata.shared,
-                        "spill_bytes": spills})
+                        "dtype": signature[kernel.arg_names[0]], **options, "shared": facts.shared_bytes,
+                        "spill_bytes": facts.spill_bytes})
     print(json.dumps(results))
 """)
-
 
 # The exact specializations the released models launch (evit_kernels.predict), each built once.
 _RELEASED_SCRIPT = textwrap.dedent("""
