@@ -128,7 +128,7 @@ class Backend:
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
 _LOGGED: set[tuple[str, str]] = set()
-_RECORDINGS: list[list[tuple[str, str]]] = []
+_OBSERVERS: list[Callable[[Backend, Any], None]] = []
 
 
 def register(op: str, backend: Backend) -> None:
@@ -239,8 +239,8 @@ def call(chosen: Backend, args: Any) -> Any:
     per layer. A kernel runs through the op's ``torch.library`` op (``torch.ops.evit.<op>``, which takes the
     record's fields and the backend name last), so torch.compile and export see one node with its fake
     implementation and autograd."""
-    for runs in _RECORDINGS:
-        runs.append((args.op, chosen.name))
+    for observe in _OBSERVERS:
+        observe(chosen, args)
     if chosen.name == "torch" or _PLANNING:  # planning: meta tensors would run the op's fake, not its launcher
         return chosen.forward(args)
     return getattr(torch.ops.evit, args.op)(*args.fields(), chosen.name)
@@ -266,17 +266,25 @@ def planning() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def observing(observe: Callable[[Backend, Any], None]) -> Iterator[None]:
+    """Inside the block, ``observe(backend, args)`` is called before each evit op call runs, with the backend that
+    runs it and its argument record. Code compiled by torch.compile before the block does not re-enter Python and
+    is not observed."""
+    _OBSERVERS.append(observe)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(observe)
+
+
+@contextlib.contextmanager
 def recording() -> Iterator[list[tuple[str, str]]]:
     """Record, as (op, backend) pairs in call order, which backend runs each evit op called inside the block: e.g.
     to check that a patched model runs the kernels and not the reference, or that a fused module took its fused
-    path (its fallback to the original layers gives the same numbers). Code compiled by torch.compile before the
-    block does not re-enter Python and is not recorded."""
+    path (its fallback to the original layers gives the same numbers)."""
     runs: list[tuple[str, str]] = []
-    _RECORDINGS.append(runs)
-    try:
+    with observing(lambda chosen, args: runs.append((args.op, chosen.name))):
         yield runs
-    finally:
-        _RECORDINGS.remove(runs)
 
 
 def differentiable_backward(op: str, backend: str) -> bool:

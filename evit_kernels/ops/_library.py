@@ -22,17 +22,23 @@ FLOATING = (torch.float32, torch.float64) + LOW_PRECISION
 def autocast_inputs(x: torch.Tensor, *tensors: Any) -> tuple[Any, ...]:
     """Cast ``x`` and ``tensors`` (tensors, lists of tensors or None) to the autocast dtype when autocast is on
     for ``x``'s device, as autocast would for the convolutions and matmuls these ops replace; else return
-    them unchanged. Custom ops are invisible to autocast, so every op calls this before dispatching."""
-    device_type = x.device.type
-    if device_type == "meta" or not torch.is_autocast_enabled(device_type):  # autocast has no meta device
+    them unchanged. Custom ops are invisible to autocast, so every op calls this before dispatching. Meta tensors
+    stand for a GPU's (:mod:`evit_kernels.predict` runs models on them): autocast has no meta device, so they follow
+    CUDA's autocast state."""
+    device_type = _autocast_device(x)
+    if not torch.is_autocast_enabled(device_type):
         return (x, *tensors)
     dtype = torch.get_autocast_dtype(device_type)
     return pytree.tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, (x, *tensors))
 
 
+def _autocast_device(x: torch.Tensor) -> str:
+    return "cuda" if x.device.type == "meta" else x.device.type
+
+
 def autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Autocast disabled for ``x``'s device (nothing to disable on meta tensors, which autocast does not know)."""
-    return contextlib.nullcontext() if x.device.type == "meta" else torch.autocast(x.device.type, enabled=False)
+    """Autocast disabled for ``x``'s device (CUDA's for meta tensors, as in :func:`autocast_inputs`)."""
+    return torch.autocast(_autocast_device(x), enabled=False)
 
 
 def check_floating_same_dtype(op: str, x: torch.Tensor, **tensors: Any) -> None:
