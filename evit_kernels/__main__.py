@@ -1,9 +1,11 @@
-"""Command line: `python -m evit_kernels info` and `python -m evit_kernels bench --model efficientvit_b1`."""
+"""Command line: `python -m evit_kernels info`, `python -m evit_kernels bench --model efficientvit_b1` and
+`python -m evit_kernels predict --model efficientvit_b1 --batch 256`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -32,6 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--iters", type=int, default=10)
     p_bench.add_argument("--json", metavar="PATH", help="also save the numbers as JSON")
 
+    p_predict = sub.add_parser("predict", help="predicted GPU time, eager vs patched, per launch (no GPU needed)")
+    p_predict.add_argument("--model", default="efficientvit_b1", help="as for bench")
+    p_predict.add_argument("--batch", type=int, default=256)
+    p_predict.add_argument("--res", type=int, nargs=2, metavar=("H", "W"), default=None,
+                           help="input size (default 224 224; 512 512 for SAM encoders)")
+    p_predict.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16")
+    p_predict.add_argument("--gpu", choices=["h100", "h200"], default="h100")
+    p_predict.add_argument("--ptxas", default=None, help="ptxas of a CUDA toolkit (default: $CUDA_HOME/bin/ptxas)")
+    p_predict.add_argument("--json", metavar="PATH", help="also save every launch and the totals as JSON")
+
     args = parser.parse_args(argv)
     if args.command == "info":
         from evit_kernels.info import format_info, info
@@ -40,11 +52,21 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2) if args.json else format_info(report))
         return 0
 
+    res = tuple(args.res) if args.res else ((512, 512) if args.model.startswith("efficientvit-sam") else (224, 224))
+    if args.command == "predict":
+        from evit_kernels import model_prediction
+
+        ptxas = args.ptxas or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "ptxas")
+        prediction = model_prediction.predict_model(args.model, args.batch, res, args.dtype, args.gpu, ptxas)
+        print(model_prediction.format_prediction(prediction))
+        if args.json:
+            model_prediction.save_json(prediction, args.json)
+        return 0
+
     from evit_kernels import bench
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    res = tuple(args.res) if args.res else ((512, 512) if args.model.startswith("efficientvit-sam") else (224, 224))
     compile_mode = None if args.no_compile else args.compile_mode
     report = bench.run(args.model, args.batch, res, dtype, device, compile_mode, args.warmup, args.iters)
     print(bench.format_report(report))

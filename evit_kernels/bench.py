@@ -3,6 +3,7 @@ and checked side by side."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -89,6 +90,12 @@ def build_model(name: str) -> nn.Module:
     return model.eval()
 
 
+def needs_autocast(name: str) -> bool:
+    """Whether model ``name`` runs in reduced precision only under autocast: mit-han-lab's code (the efficientsam
+    encoders) casts to fp32 inside autocast-disabled regions and relies on autocast to cast back."""
+    return name.startswith("efficientvit-sam-")
+
+
 @torch.no_grad()
 def randomize_untrained_state(model: nn.Module, seed: int = 0) -> None:
     """Give the state a fresh model leaves trivial a random value: BatchNorm statistics and affine parameters
@@ -165,16 +172,18 @@ def run(model_name: str, batch: int, res: tuple[int, int], dtype: str, device: s
     builds = {"eager": lambda: model, "torch.compile": lambda: torch.compile(model, mode=compile_mode),
               "patched": lambda: patched, "patched+compile": lambda: torch.compile(patched, mode=compile_mode)}
     calls, outputs = {}, {}
+    low_precision = needs_autocast(model_name) and torch_dtype != torch.float32
+    precision = torch.autocast(dev.type, torch_dtype) if low_precision else contextlib.nullcontext()
     for variant in variants:
         tick = progress.start(f"preparing {variant}")
         fn_model = builds[variant]()
-        with torch.inference_mode():
+        with torch.inference_mode(), precision:
             outputs[variant] = _first_tensor(fn_model(x)).float()  # the first call also compiles
         calls[variant] = functools.partial(fn_model, x)
         progress.done(tick, "done")
 
     tick = progress.start("timing, one call of each variant per round")
-    with torch.inference_mode():
+    with torch.inference_mode(), precision:
         ms = time_interleaved(calls, dev, warmup, iters, tick)
     progress.done(tick, ", ".join(f"{v} {t:.2f} ms" for v, t in ms.items()))
 

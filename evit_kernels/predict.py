@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.flop_counter import flop_registry
 
 from evit_kernels import dispatch
@@ -48,13 +49,19 @@ NO_KERNEL = {"aten._unsafe_view", "aten.empty", "aten.empty_like", "aten.empty_s
 """Aten ops that launch no kernel although they are not views (allocation, a view without alias annotation)."""
 
 
-def seconds(gpu: Gpu, bytes_moved: float, flops: float, instruction: str,
+def seconds(gpu: Gpu, bytes_moved: float, flops: dict[str, float],
             memory_efficiency: float = EAGER_MEMORY_EFFICIENCY, wave_factor: float = 1.0) -> float:
-    """The formula for one launch: the slower of moving ``bytes_moved`` and computing ``flops`` on
-    ``instruction``'s units, stretched by the tail wave, plus the launch overhead."""
+    """The formula for one launch: the slower of moving ``bytes_moved`` and computing ``flops`` (FLOPs per
+    instruction they run on: a kernel's products on its matrix instruction, its elementwise arithmetic on "fma"),
+    stretched by the tail wave, plus the launch overhead."""
     memory = bytes_moved / (gpu.bandwidth * memory_efficiency)
-    compute = flops / (PEAK_FLOPS[instruction] * FLOP_EFFICIENCY)
+    compute = sum(n / (PEAK_FLOPS[instruction] * FLOP_EFFICIENCY) for instruction, n in flops.items())
     return max(memory, compute) * wave_factor + LAUNCH_SECONDS
+
+
+def memory_efficiency(width: int) -> float:
+    """e_mem of a global access ``width`` bytes wide (wider than 16 bytes as 16, narrower than 2 as 2)."""
+    return MEMORY_EFFICIENCY[min(max(width, 2), 16)]
 
 
 def wave_factor(ctas: int, ctas_per_sm: int, gpu: Gpu) -> float:
@@ -66,13 +73,15 @@ def wave_factor(ctas: int, ctas_per_sm: int, gpu: Gpu) -> float:
 @dataclass(frozen=True)
 class AtenCost:
     """One eager aten op: bytes read and written (every tensor argument and result), FLOPs, the matrix instruction
-    the FLOPs would run on, and the predicted seconds."""
+    the FLOPs would run on, the predicted seconds, and the innermost watched module it ran in ("" if none: see
+    :func:`module_scope`)."""
 
     op: str
     bytes_moved: int
     flops: int
     instruction: str
     seconds: float
+    module: str = ""
 
 
 def eager_instruction(op: str, dtype: torch.dtype) -> str:
@@ -86,11 +95,13 @@ def eager_instruction(op: str, dtype: torch.dtype) -> str:
 
 
 class EagerCounter(TorchDispatchMode):
-    """Records an :class:`AtenCost` for every aten op that runs a kernel (views and metadata-only ops run none)."""
+    """Records an :class:`AtenCost` for every aten op that runs a kernel (views and metadata-only ops run none),
+    attributed to the innermost module of ``scope`` (:func:`module_scope`) running at the time."""
 
-    def __init__(self, gpu: Gpu):
+    def __init__(self, gpu: Gpu, scope: list[str] | None = None):
         super().__init__()
         self.gpu = gpu
+        self.scope = scope or [""]
         self.costs: list[AtenCost] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -103,26 +114,52 @@ class EagerCounter(TorchDispatchMode):
             flops = formula(*args, **kwargs, out_val=out) if formula is not None else 0
             instruction = eager_instruction(str(func), tensors[0].dtype) if flops else "fma"
             self.costs.append(AtenCost(str(func), bytes_moved, flops, instruction,
-                                       seconds(self.gpu, bytes_moved, flops, instruction)))
+                                       seconds(self.gpu, bytes_moved, {instruction: flops}), self.scope[-1]))
         return out
 
 
 @torch.no_grad()
-def eager_costs(model: Callable[[torch.Tensor], object], x: torch.Tensor, gpu: Gpu) -> list[AtenCost]:
+def eager_costs(model: Callable[[torch.Tensor], object], x: torch.Tensor, gpu: Gpu,
+                watched: list[str] = ()) -> list[AtenCost]:
     """The predicted cost of each aten op of ``model(x)`` run eagerly (``model``: a module or any function of
-    ``x``). ``model`` and ``x`` may be on the meta device (shapes are all the model needs), so released models at
-    batch 256 are counted in a fraction of a second on a CPU. The steady state is counted: ``model`` runs once
-    before, so that what a served model caches (timm's attention-bias tables in eval mode) is not counted."""
+    ``x``), attributed to the innermost of the ``watched`` submodules running it. ``model`` and ``x`` may be on the
+    meta device (shapes are all the model needs), so released models at batch 256 are counted in a fraction of a
+    second on a CPU. The steady state is counted: ``model`` runs once before, so that what a served model caches
+    (timm's attention-bias tables in eval mode) is not counted."""
     model(x)
-    with EagerCounter(gpu) as counter:
+    with module_scope(model, list(watched)) as scope, EagerCounter(gpu, scope) as counter:
         model(x)
     return counter.costs
+
+
+@contextlib.contextmanager
+def module_scope(model: torch.nn.Module, names: list[str]) -> Iterator[list[str]]:
+    """Inside the block, the list yielded ends with the name of the innermost module among ``names`` (submodules of
+    ``model``) running at the time, or "" outside all of them: what :class:`EagerCounter` and
+    :func:`recorded_launches` attribute their records to."""
+    stack = [""]
+
+    def leave(_module, _args, _output) -> None:  # a forward hook's return value would replace the output
+        stack.pop()
+
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(lambda _m, _a, name=name: stack.append(name)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        yield stack
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass(frozen=True)
 class Launch:
     """One Triton kernel launch as a launcher requested it: the kernel, its grid, its constexprs and launch options,
-    its integer arguments, and the bytes spanned by the distinct tensors it is given (each input and output once)."""
+    its integer arguments, the bytes spanned by the distinct tensors it is given (each input and output once), the
+    evit op call that made it (its index among the op calls of the block, and its argument record) and the
+    innermost watched module it ran in."""
 
     kernel: str
     grid: tuple[int, ...]
@@ -130,6 +167,9 @@ class Launch:
     options: dict[str, int] = field(repr=False)
     scalars: dict[str, int] = field(repr=False)
     footprint_bytes: int = 0
+    op_call: int = -1
+    op_args: object = field(default=None, repr=False, compare=False)
+    module: str = ""
     kernel_fn: object = field(default=None, repr=False, compare=False)
     """The kernel object and its arguments as launched, for :func:`compile_facts`."""
     arguments: tuple = field(default=(), repr=False, compare=False)
@@ -153,14 +193,17 @@ def _footprint(tensors: list[torch.Tensor]) -> int:
 
 
 @contextlib.contextmanager
-def recorded_launches() -> Iterator[list[Launch]]:
+def recorded_launches(scope: list[str] | None = None) -> Iterator[list[Launch]]:
     """Inside the block, every Triton kernel launch is recorded instead of run, and the Triton backends take meta
     tensors (:func:`evit_kernels.dispatch.planning`): a patched model called on meta tensors, at full size and
-    without memory or a GPU, lists the launches it would make. Outputs are left uninitialised."""
+    without memory or a GPU, lists the launches it would make. Outputs are left uninitialised. Each launch is
+    attributed to the evit op call that made it and to the innermost module of ``scope`` (:func:`module_scope`)."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     launches: list[Launch] = []
+    op_calls: list[object] = []
+    scope = scope or [""]
     kernel_types = (JITFunction, InterpretedFunction)  # compiled, or run by the interpreter (TRITON_INTERPRET=1)
     original_runs = [kernel_type.run for kernel_type in kernel_types]
 
@@ -171,12 +214,13 @@ def recorded_launches() -> Iterator[list[Launch]]:
             kernel.__name__, tuple(grid), {k: v for k, v in kwargs.items() if k not in _OPTIONS},
             {k: kwargs[k] for k in _OPTIONS if k in kwargs},
             {k: v for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool) and k not in kwargs},
-            _footprint(tensors), kernel, (args, kwargs)))
+            _footprint(tensors), len(op_calls) - 1, op_calls[-1] if op_calls else None, scope[-1], kernel,
+            (args, kwargs)))
 
     for kernel_type in kernel_types:
         kernel_type.run = record
     try:
-        with dispatch.planning():
+        with dispatch.planning(), dispatch.observing(lambda _backend, args: op_calls.append(args)):
             yield launches
     finally:
         for kernel_type, run in zip(kernel_types, original_runs, strict=True):
@@ -288,21 +332,91 @@ def _widest(ptx: str, access: str) -> int:
 
 
 RELEASED = (("efficientvit_b1", 256, 224), ("efficientvit_l2", 256, 224), ("efficientvit_m4", 256, 224),
-            ("efficientvit_b1", 1, 224), ("efficientvit_m4", 1, 224))
-"""The released timm configurations the performance goals name: (model, batch, resolution), bf16. The SAM-L0
-encoder is not among them yet: mit-han-lab's code casts to fp32 inside and runs in bf16 only under autocast, which
-meta tensors do not have."""
+            ("efficientvit_b1", 1, 224), ("efficientvit_m4", 1, 224), ("efficientvit-sam-l0", 16, 512))
+"""The released configurations the performance goals name: (model, batch, resolution), bf16."""
+
+_LOWER_PRECISION = {torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
+                    torch.conv_transpose3d, torch.nn.functional.linear, torch.matmul, torch.Tensor.matmul,
+                    torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.baddbmm,
+                    torch.addmm, torch.einsum, torch.nn.functional.scaled_dot_product_attention}
+"""The products CUDA autocast runs in its lower precision."""
 
 
-def model_launches(name: str, batch: int, res: int, dtype: torch.dtype = torch.bfloat16) -> list[Launch]:
-    """The Triton launches of ``name`` patched (every kernel where it takes the inputs) at ``batch`` × ``res``²: built
-    with random weights on the CPU, patched there (patching reads the weights), then moved to meta tensors."""
+class _AutocastProducts(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LOWER_PRECISION and torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")
+            args, kwargs = tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t,
+                                         (args, kwargs))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def autocast_on_meta(dtype: torch.dtype) -> Iterator[None]:
+    """``torch.autocast("cuda", dtype)`` as it acts on a GPU, for a model run on meta tensors (autocast has no meta
+    device): CUDA's autocast state is on (a model's own ``torch.autocast("cuda", enabled=False)`` regions turn it
+    off as they would on a GPU, and evit ops follow it), and while it is on, the products autocast lowers get their
+    floating-point inputs cast to ``dtype``."""
+    enabled, previous = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
+    try:
+        with _AutocastProducts():
+            yield
+    finally:
+        torch.set_autocast_enabled("cuda", enabled)
+        torch.set_autocast_dtype("cuda", previous)
+
+
+def _precision(name: str, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    from evit_kernels.bench import needs_autocast
+
+    return autocast_on_meta(dtype) if needs_autocast(name) and dtype != torch.float32 else contextlib.nullcontext()
+
+
+def patched_model(name: str, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[str, str]]:
+    """Model ``name`` (:func:`evit_kernels.bench.build_model`) patched on every kernel that takes its inputs, on meta
+    tensors of ``dtype`` (patched on the CPU first: patching reads the weights), and the class of each outermost
+    fused module by name (a fused module's fused children, kept for its fallback, count as part of it)."""
     from evit_kernels import patch
     from evit_kernels.bench import build_model
+    from evit_kernels.patch import FUSED_CLASSES
 
     model = build_model(name)
     patch(model, backend="experimental")
-    model = model.to("meta", dtype)
-    with torch.no_grad(), recorded_launches() as launches:
-        model(torch.empty(batch, 3, res, res, dtype=dtype, device="meta"))
-    return launches
+    fused = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, FUSED_CLASSES)}
+    outermost = {n: cls for n, cls in fused.items() if not any(n.startswith(f"{outer}.") for outer in fused)}
+    return model.to("meta", dtype), outermost
+
+
+@torch.no_grad()
+def patched_run(name: str, batch: int, res: tuple[int, int], dtype: torch.dtype,
+                gpu: Gpu = GPUS["h100"]) -> tuple[list[AtenCost], list[Launch], dict[str, str]]:
+    """One steady-state call of :func:`patched_model` at ``batch`` × ``res``: its aten ops outside the kernels, priced
+    (allocations and views free, copies and the layers left unpatched not), and its Triton launches, both attributed
+    to the fused module running them ("" outside every one); and the fused modules' classes by name."""
+    model, fused = patched_model(name, dtype)
+    x = torch.empty(batch, 3, *res, dtype=dtype, device="meta")
+    with _precision(name, dtype):
+        with recorded_launches():
+            model(x)
+        with module_scope(model, list(fused)) as scope, EagerCounter(gpu, scope) as counter, \
+                recorded_launches(scope) as launches:
+            model(x)
+    return counter.costs, launches, fused
+
+
+def eager_run(name: str, batch: int, res: tuple[int, int], dtype: torch.dtype, gpu: Gpu,
+              watched: list[str]) -> list[AtenCost]:
+    """:func:`eager_costs` of model ``name`` as built, unpatched, on meta tensors of ``dtype``."""
+    from evit_kernels.bench import build_model
+
+    model = build_model(name).to("meta", dtype)
+    with _precision(name, dtype):
+        return eager_costs(model, torch.empty(batch, 3, *res, dtype=dtype, device="meta"), gpu, watched)
+
+
+def model_launches(name: str, batch: int, res: int, dtype: torch.dtype = torch.bfloat16) -> list[Launch]:
+    """The Triton launches of :func:`patched_run` at ``batch`` × ``res``²."""
+    return patched_run(name, batch, (res, res), dtype)[1]

@@ -1,6 +1,7 @@
 """The fixed performance model (docs/performance.md, "Predicting without a GPU") and its eager side, counted on meta
 tensors. Expected values are worked by hand from the formula's constants as the docs give them."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from evit_kernels import dispatch, predict
+from evit_kernels import dispatch, model_prediction, predict, program_counts
 from evit_kernels.ops import conv_bn_act
 from tests.test_triton_sm90 import PTXAS
 
@@ -20,13 +21,19 @@ H100 = predict.GPUS["h100"]
 
 def test_formula_memory_bound_and_compute_bound():
     # 2.8475 GB at 3.35 TB/s · 0.85 is 1 ms; plus the 3 µs launch.
-    assert predict.seconds(H100, 2.8475e9, 0, "wgmma") == pytest.approx(1.003e-3)
+    assert predict.seconds(H100, 2.8475e9, {"wgmma": 0}) == pytest.approx(1.003e-3)
     # 692.3 TFLOP at 989 TFLOP/s · 0.7 is 1 s; the bytes take far less.
-    assert predict.seconds(H100, 1e6, 692.3e12, "wgmma") == pytest.approx(1.000003)
+    assert predict.seconds(H100, 1e6, {"wgmma": 692.3e12}) == pytest.approx(1.000003)
+    # Products on wgmma and elementwise work on FMA add up: 0.5 s + 23.45 TFLOP at 67 TFLOP/s · 0.7 = 1 s.
+    assert predict.seconds(H100, 1e6, {"wgmma": 346.15e12, "fma": 23.45e12}) == pytest.approx(1.000003)
     # A 2-byte access pattern gets 0.3 of the bandwidth; a tail wave stretches the time.
-    assert predict.seconds(H100, 1.005e9, 0, "fma", memory_efficiency=0.3, wave_factor=2.0) == pytest.approx(
+    assert predict.seconds(H100, 1.005e9, {}, memory_efficiency=0.3, wave_factor=2.0) == pytest.approx(
         2 * 1.005e9 / (3.35e12 * 0.3) + 3e-6)
-    assert predict.seconds(predict.GPUS["h200"], 4.08e9, 0, "fma") == pytest.approx(1.003e-3)
+    assert predict.seconds(predict.GPUS["h200"], 4.08e9, {}) == pytest.approx(1.003e-3)
+
+
+def test_memory_efficiency_by_access_width():
+    assert [predict.memory_efficiency(w) for w in (1, 2, 4, 8, 16, 32)] == [0.3, 0.3, 0.5, 0.7, 0.85, 0.85]
 
 
 def test_wave_factor():
@@ -160,3 +167,127 @@ def test_compile_facts_of_a_recorded_launch():
     assert facts["instruction"] == "tf32"
     assert 1 <= facts["ctas_per_sm"] <= 32 and facts["shared_bytes"] > 0
     assert facts["widest_load"] in (2, 4, 8, 16) and facts["widest_store"] in (2, 4, 8, 16)
+
+
+def test_program_samples_spread_over_the_grid():
+    assert program_counts.sample((3,)) == [(0, 0, 0), (1, 0, 0), (2, 0, 0)]
+    spread = program_counts.sample((10, 20))
+    assert len(spread) == 8 and spread[0] == (0, 0, 0) and spread[-1] == (9, 19, 0)
+    assert len(set(spread)) == 8
+
+
+def _recorded_pointwise(batch: int, out_channels: int) -> predict.Launch:
+    with torch.device("meta"):
+        x = torch.empty(batch, 32, 8, 8, dtype=torch.bfloat16)
+        weight = torch.empty(out_channels, 32, 1, 1, dtype=torch.bfloat16)
+    with predict.recorded_launches() as launches:
+        conv_bn_act(x, weight, activation="relu", backend="triton")
+    (launch,) = launches
+    return launch
+
+
+def test_counts_of_a_launch_are_its_programs_loads_stores_and_products():
+    """A 1×1 conv of 128 pixels, 32 → 80 channels, bf16: 2 pixel blocks × 2 output-channel blocks of 64. Each
+    program reads its 64 × 32 x tile and the 32 weight rows of its channels (64, or the 16 left), multiplies
+    whole tiles, and writes the output elements inside the bounds; every program runs (4 ≤ 8 samples)."""
+    launch = _recorded_pointwise(batch=2, out_channels=80)
+    block = {k: launch.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+    assert block["BLOCK_M"] == block["BLOCK_N"] == 64 and launch.grid == (4,)
+    counts = program_counts.count(launch)
+    assert counts.sampled_programs == 4
+    assert counts.loaded_bytes == 2 * (4 * 64 * 32 + 2 * (32 * 64 + 32 * 16))
+    assert counts.stored_bytes == 2 * 128 * 80
+    k_steps = -(-32 // block["BLOCK_K"])
+    assert counts.dot_flops == 4 * k_steps * 2 * 64 * block["BLOCK_K"] * 64
+
+
+def test_counts_of_a_large_grid_come_from_a_sample_scaled_to_the_grid():
+    """16 identical programs (1024 pixels, 64 output channels): 8 are run, the counts are exact."""
+    launch = _recorded_pointwise(batch=16, out_channels=64)
+    assert launch.grid == (16,)
+    counts = program_counts.count(launch)
+    assert counts.sampled_programs == 8
+    assert counts.stored_bytes == 2 * 1024 * 64
+    assert counts.loaded_bytes == 2 * 16 * (64 * 32 + 32 * 64)
+
+
+def test_a_launch_is_priced_by_the_formula():
+    """Worked by hand: 1 GB requested, half loads at 16 B (0.85), half stores at 2 B (0.3); the footprint is
+    smaller, 0.6 GB, so 0.6 GB at the weighted e_mem 1 / (0.5/0.85 + 0.5/0.3) = 0.4434; 264 CTAs at 1 per SM are
+    2 waves of 132 (no tail); the products are far from the bound."""
+    launch = dataclasses.replace(_recorded_pointwise(batch=2, out_channels=80), grid=(264,), footprint_bytes=6e8)
+    facts = predict.CompileFacts(registers=128, spill_bytes=0, shared_bytes=0, ctas_per_sm=1, instruction="wgmma",
+                                 widest_load=16, widest_store=2)
+    counts = program_counts.Counts(5e8, 5e8, dot_flops=1e9, elementwise_flops=1e6, sampled_programs=8)
+    priced = model_prediction.price(launch, facts, counts, H100)
+    efficiency = 1 / (0.5 / 0.85 + 0.5 / 0.3)
+    assert priced.hbm_bytes == 6e8 and priced.memory_efficiency == pytest.approx(efficiency)
+    assert priced.wave_factor == 1.0 and priced.op == "conv_bn_act"
+    assert priced.seconds == pytest.approx(6e8 / (3.35e12 * efficiency) + 3e-6)
+
+
+def test_eager_costs_are_attributed_to_the_innermost_watched_module():
+    inner = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), inner)
+    with torch.device("meta"):
+        model = model.to("meta")
+        x = torch.empty(1, 3, 4, 4)
+    costs = predict.eager_costs(model, x, H100, watched=["1", "1.1"])
+    assert [(c.op, c.module) for c in costs] == [("aten.convolution.default", ""), ("aten.relu.default", "1"),
+                                                ("aten.convolution.default", "1.1")]
+    assert model(x).shape == (1, 8, 4, 4)  # the hooks are gone and never replaced an output
+
+
+class _UpcastsInside(torch.nn.Module):
+    """As mit-han-lab's code does: fp32 inside an autocast-disabled region, then a reduced-precision layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 1)
+
+    @torch.autocast(device_type="cuda", enabled=False)
+    def upcast(self, x):
+        return x.float() * 2
+
+    def forward(self, x):
+        return self.conv(self.upcast(x))
+
+
+def test_autocast_on_meta_acts_as_cuda_autocast():
+    model = _UpcastsInside().to("meta", torch.bfloat16)
+    x = torch.empty(1, 4, 2, 2, dtype=torch.bfloat16, device="meta")
+    with pytest.raises(RuntimeError, match="should be the same"):
+        model(x)
+    with predict.autocast_on_meta(torch.bfloat16):
+        assert model(x).dtype == torch.bfloat16
+        # evit ops follow CUDA's autocast state on meta tensors: an fp32 input is cast like the weight's dtype
+        out = conv_bn_act(x.float(), model.conv.weight, model.conv.bias)
+        assert out.dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled("cuda")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(PTXAS is None, reason="needs ptxas (CUDA toolkit)")
+def test_predict_command_prices_every_launch(tmp_path):
+    """The command on a small model: every launch carries its build facts and counts, and the totals add up."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "b0.json"
+    run = subprocess.run([sys.executable, "-m", "evit_kernels", "predict", "--model", "efficientvit_b0", "--batch", "1",
+                          "--res", "64", "64", "--gpu", "h200", "--ptxas", PTXAS, "--json", str(out)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "PREDICTION" in run.stdout and "_conv_block_fwd_kernel" in run.stdout
+    p = json.loads(out.read_text())
+    assert p["gpu"] == "H200" and "commit" in p and p["launches"]
+    for launch in p["launches"]:
+        assert launch["facts"]["spill_bytes"] == 0 and launch["op"] and launch["module"]
+        assert launch["counts"]["stored_bytes"] > 0 and launch["hbm_bytes"] <= launch["footprint_bytes"]
+        assert launch["seconds"] > 3e-6
+    assert p["patched_ms"] == pytest.approx(sum(x["seconds"] for x in p["launches"]) * 1e3 + p["patched_aten_ms"])
+    assert sum(m["eager_ms"] for m in p["modules"].values()) == pytest.approx(p["eager_ms"])
+    # The eager side is the unpatched model's, counted on its own.
+    with torch.device("meta"):
+        model = timm.create_model("efficientvit_b0").eval().to(torch.bfloat16)
+        x = torch.empty(1, 3, 64, 64, dtype=torch.bfloat16)
+    eager = predict.eager_costs(model, x, predict.GPUS["h200"])
+    assert p["eager_ms"] == pytest.approx(sum(c.seconds for c in eager) * 1e3)
