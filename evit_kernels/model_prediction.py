@@ -60,7 +60,7 @@ def price(launch: predict.Launch, facts: predict.CompileFacts, counts: Counts, g
     flops = {facts.instruction: counts.dot_flops}
     flops["fma"] = flops.get("fma", 0.0) + counts.elementwise_flops
     return PricedLaunch(
-        type(launch.op_args).op if launch.op_args is not None else "", launch.op_call, launch.module, launch.kernel,
+        launch.op, launch.op_call, launch.module, launch.kernel,
         launch.grid, launch.ctas, {k: str(v) for k, v in launch.constexprs.items()}, facts, counts,
         launch.footprint_bytes, hbm, efficiency, waves, predict.seconds(gpu, hbm, flops, efficiency, waves))
 
@@ -109,7 +109,8 @@ def predict_model(name: str, batch: int, res: tuple[int, int], dtype: str, gpu_n
 
     gpu = predict.GPUS[gpu_name]
     torch_dtype = DTYPES[dtype]
-    glue, launches, fused = predict.patched_run(name, batch, res, torch_dtype, gpu)
+    run = predict.patched_run(name, batch, res, torch_dtype, gpu)
+    glue, launches, fused = run.aten, run.launches, run.fused
     eager = predict.eager_run(name, batch, res, torch_dtype, gpu, list(fused))
     counted = program_counts(name, batch, res, dtype)
     if [(c["kernel"], tuple(c["grid"])) for c in counted] != [(launch.kernel, launch.grid) for launch in launches]:
@@ -123,7 +124,7 @@ def predict_model(name: str, batch: int, res: tuple[int, int], dtype: str, gpu_n
         counts = Counts(*(c[f] for f in Counts.__dataclass_fields__))
         priced.append(price(launch, facts[key], counts, gpu))
     useful: dict[str, int] = defaultdict(int)
-    for args in {launch.op_call: launch.op_args for launch in launches}.values():
+    for args in {launch.op_call: run.op_calls[launch.op_call] for launch in launches}.values():
         useful[args.op] += useful_flops(args)
 
     modules: dict[str, dict] = defaultdict(lambda: {"instances": set(), "eager_ms": 0.0, "patched_ms": 0.0})

@@ -158,8 +158,8 @@ def module_scope(model: torch.nn.Module, names: list[str]) -> Iterator[list[str]
 class Launch:
     """One Triton kernel launch as a launcher requested it: the kernel, its grid, its constexprs and launch options,
     its integer arguments, the bytes spanned by the distinct tensors it is given (each input and output once), the
-    evit op call that made it (its index among the op calls of the block, and its argument record) and the
-    innermost watched module it ran in."""
+    evit op call that made it (its index among the op calls of the block, and the op's name) and the innermost
+    watched module it ran in."""
 
     kernel: str
     grid: tuple[int, ...]
@@ -168,7 +168,7 @@ class Launch:
     scalars: dict[str, int] = field(repr=False)
     footprint_bytes: int = 0
     op_call: int = -1
-    op_args: object = field(default=None, repr=False, compare=False)
+    op: str = ""
     module: str = ""
     kernel_fn: object = field(default=None, repr=False, compare=False)
     """The kernel object and its arguments as launched, for :func:`compile_facts`."""
@@ -180,6 +180,27 @@ class Launch:
 
 
 _OPTIONS = ("num_warps", "num_stages")
+
+
+def materialized(tree, device: str, fill: Callable[[torch.Tensor], object] | None = None):
+    """``tree`` (any nesting of lists, tuples, dicts, argument records' fields) with every meta tensor replaced by a
+    real one on ``device`` of the same dtype, size, strides and offset; meta tensors sharing a storage share one.
+    Storages start zeroed; ``fill``, when given, is then applied to every floating-point tensor."""
+    storages: dict[int, torch.UntypedStorage] = {}
+
+    def real(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta":
+            return t
+        meta = t.untyped_storage()
+        if meta._cdata not in storages:
+            storages[meta._cdata] = torch.zeros(meta.nbytes(), dtype=torch.uint8, device=device).untyped_storage()
+        out = torch.empty(0, dtype=t.dtype, device=device).set_(storages[meta._cdata], t.storage_offset(), t.shape,
+                                                               t.stride())
+        if fill is not None and out.is_floating_point():
+            fill(out)
+        return out
+
+    return tree_map_only(torch.Tensor, real, tree)
 
 
 def _footprint(tensors: list[torch.Tensor]) -> int:
@@ -214,7 +235,7 @@ def recorded_launches(scope: list[str] | None = None) -> Iterator[list[Launch]]:
             kernel.__name__, tuple(grid), {k: v for k, v in kwargs.items() if k not in _OPTIONS},
             {k: kwargs[k] for k in _OPTIONS if k in kwargs},
             {k: v for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool) and k not in kwargs},
-            _footprint(tensors), len(op_calls) - 1, op_calls[-1] if op_calls else None, scope[-1], kernel,
+            _footprint(tensors), len(op_calls) - 1, op_calls[-1].op if op_calls else "", scope[-1], kernel,
             (args, kwargs)))
 
     for kernel_type in kernel_types:
@@ -390,21 +411,35 @@ def patched_model(name: str, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[
     return model.to("meta", dtype), outermost
 
 
+@dataclass
+class PatchedRun:
+    """One steady-state call of a patched model on meta tensors (:func:`patched_run`)."""
+
+    aten: list[AtenCost]
+    """The aten ops it runs outside the kernels, priced (allocations and views free; copies and the layers left
+    unpatched not)."""
+    launches: list[Launch]
+    """Its Triton launches; ``Launch.op_call`` indexes ``op_calls``."""
+    op_calls: list
+    """The argument record of every evit op call, in call order, whichever backend ran it."""
+    fused: dict[str, str]
+    """The outermost fused modules' classes by name (what ``aten`` and ``launches`` are attributed to)."""
+
+
 @torch.no_grad()
 def patched_run(name: str, batch: int, res: tuple[int, int], dtype: torch.dtype,
-                gpu: Gpu = GPUS["h100"]) -> tuple[list[AtenCost], list[Launch], dict[str, str]]:
-    """One steady-state call of :func:`patched_model` at ``batch`` × ``res``: its aten ops outside the kernels, priced
-    (allocations and views free, copies and the layers left unpatched not), and its Triton launches, both attributed
-    to the fused module running them ("" outside every one); and the fused modules' classes by name."""
+                gpu: Gpu = GPUS["h100"]) -> PatchedRun:
+    """One steady-state call of :func:`patched_model` at ``batch`` × ``res``."""
     model, fused = patched_model(name, dtype)
     x = torch.empty(batch, 3, *res, dtype=dtype, device="meta")
+    op_calls = []
     with _precision(name, dtype):
         with recorded_launches():
             model(x)
         with module_scope(model, list(fused)) as scope, EagerCounter(gpu, scope) as counter, \
-                recorded_launches(scope) as launches:
+                recorded_launches(scope) as launches, dispatch.observing(lambda _backend, args: op_calls.append(args)):
             model(x)
-    return counter.costs, launches, fused
+    return PatchedRun(counter.costs, launches, op_calls, fused)
 
 
 def eager_run(name: str, batch: int, res: tuple[int, int], dtype: torch.dtype, gpu: Gpu,
@@ -419,4 +454,4 @@ def eager_run(name: str, batch: int, res: tuple[int, int], dtype: torch.dtype, g
 
 def model_launches(name: str, batch: int, res: int, dtype: torch.dtype = torch.bfloat16) -> list[Launch]:
     """The Triton launches of :func:`patched_run` at ``batch`` × ``res``²."""
-    return patched_run(name, batch, (res, res), dtype)[1]
+    return patched_run(name, batch, (res, res), dtype).launches

@@ -111,24 +111,6 @@ def _counting(grid: tuple[int, ...], programs: list[tuple[int, int, int]]) -> It
             delattr(builder, name)
 
 
-def _materialized(arguments: tuple) -> tuple:
-    """The launch's arguments with every meta tensor replaced by a zero-filled CPU tensor of the same size, strides
-    and offset; tensors sharing a storage share one."""
-    storages: dict[int, torch.UntypedStorage] = {}
-
-    def real(value):
-        if not isinstance(value, torch.Tensor) or value.device.type != "meta":
-            return value
-        meta = value.untyped_storage()
-        if meta._cdata not in storages:
-            storages[meta._cdata] = torch.zeros(meta.nbytes(), dtype=torch.uint8).untyped_storage()
-        return torch.empty(0, dtype=value.dtype).set_(storages[meta._cdata], value.storage_offset(), value.shape,
-                                                      value.stride())
-
-    args, kwargs = arguments
-    return [real(a) for a in args], {k: real(v) for k, v in kwargs.items()}
-
-
 def count(launch: predict.Launch) -> Counts:
     """:class:`Counts` of ``launch`` (recorded under the interpreter: ``TRITON_INTERPRET=1``)."""
     from triton.runtime.interpreter import InterpretedFunction
@@ -137,7 +119,7 @@ def count(launch: predict.Launch) -> Counts:
     if not isinstance(kernel, InterpretedFunction):
         raise TypeError(f"{launch.kernel}: counting runs the interpreter (set TRITON_INTERPRET=1)")
     programs = sample(launch.grid)
-    args, kwargs = _materialized(launch.arguments)
+    args, kwargs = predict.materialized(launch.arguments, "cpu")
     with _counting(launch.grid, programs) as totals:
         kernel.run(*args, grid=(len(programs),), warmup=False, **kwargs)
     scale = launch.ctas / len(programs)
@@ -155,8 +137,8 @@ def _key(launch: predict.Launch) -> str:
 def main(argv: list[str]) -> None:
     name, batch, height, width, dtype = argv
     known: dict[str, Counts] = {}
-    _, launches, _ = predict.patched_run(name, int(batch), (int(height), int(width)), DTYPES[dtype])
-    for launch in launches:
+    run = predict.patched_run(name, int(batch), (int(height), int(width)), DTYPES[dtype])
+    for launch in run.launches:
         key = _key(launch)
         if key not in known:
             known[key] = count(launch)
