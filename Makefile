@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 MODEL ?= efficientvit_b1
 
-.PHONY: setup demo test test-fast test-numerics lint gpu-pass gpu-pass-dry-run
+.PHONY: setup demo test test-fast test-numerics lint gpu-pass gpu-pass-dry-run predictions
 
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -54,3 +54,14 @@ gpu-pass:
 # Every stage of the GPU pass on this CPU (Triton interpreter, tiny shapes): run before spending device time.
 gpu-pass-dry-run: setup
 	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} OUT=$${OUT:-/tmp/gpu_pass_dry_run} PYTHON=$(PY) bash benchmarks/gpu_pass.sh --dry-run
+
+# The performance model's prediction for each released configuration (predict.RELEASED), committed for the GPU pass
+# to put next to its measurements (benchmarks/released_ops.py). Slow: the interpreter counts every launch.
+predictions: setup
+	mkdir -p benchmarks/predictions
+	$(PY) -c "from evit_kernels.predict import RELEASED; print('\n'.join(f'{m} {b} {r}' for m, b, r in RELEASED))" | \
+	while read model batch res; do \
+		echo "$$model batch $$batch"; \
+		$(PY) -m evit_kernels predict --model $$model --batch $$batch --res $$res $$res \
+			--json benchmarks/predictions/$${model}_$$batch.json > benchmarks/predictions/$${model}_$$batch.txt || exit 1; \
+	done

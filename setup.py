@@ -95,6 +95,7 @@ if __name__ == "__main__":  # setuptools' build backend runs this file as __main
         version="0.1.0",
         description="Fused Triton and CUDA kernels and drop-in modules for EfficientViT models",
         packages=find_packages(include=["evit_kernels", "evit_kernels.*"]),
+        package_data={"evit_kernels": ["measured_backends.json"]},
         python_requires=">=3.10",
         install_requires=["torch>=2.5"],
         extras_require={

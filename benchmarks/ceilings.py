@@ -5,35 +5,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
-
-def _cpu_bench(fn, rounds: int = 5) -> float:
-    """Median milliseconds of ``fn`` on the CPU (triton.testing.do_bench needs CUDA events)."""
-    times = []
-    for _ in range(rounds):
-        began = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times)
+from benchmarks.common import bench_ms
 
 
 def measure() -> dict:
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
     n, m = (1 << 28, 8192) if on_gpu else (1 << 20, 256)  # on a GPU: 512 MiB of bf16 per buffer, far beyond L2
-    if on_gpu:
-        from triton.testing import do_bench as bench
-    else:
-        bench = _cpu_bench
     src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    copy_ms = bench(lambda: dst.copy_(src))
+    copy_ms = bench_ms(lambda: dst.copy_(src))
     a = torch.randn(m, m, dtype=torch.bfloat16, device=device)
-    mm_ms = bench(lambda: a @ a)
+    mm_ms = bench_ms(lambda: a @ a)
     return {
         "gpu": torch.cuda.get_device_name() if on_gpu else "none (CPU)",
         "copy_GBps": 2 * src.numel() * src.element_size() / copy_ms / 1e6,

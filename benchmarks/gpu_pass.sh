@@ -8,9 +8,12 @@
 #   2. build.log        the extension build (sm_90 only, MAX_JOBS=16)
 #   3. correctness.log  kernel correctness: the `gpu` tests with EVIT_REQUIRE_EXTENSION=1
 #   4. ceilings.json    measured copy bandwidth and matmul peaks of this GPU
-#   5. ops.json         per-op timings (pytest-benchmark: every variant of every op benchmark)
-#   6. models.json      whole models: eager, torch.compile, patched
-#   7. stages.log       each stage's command, exit status and seconds; the benchmark summaries
+#   5. released_ops.json every distinct op call of the released models on every backend: checked, timed, and
+#                       predicted (benchmarks/released_ops.py); `benchmarks/record_measured.py` turns it into
+#                       the automatic choice's table
+#   6. ops.json         per-op timings (pytest-benchmark: every variant of every op benchmark)
+#   7. models.json      whole models: eager, torch.compile, patched
+#   8. stages.log       each stage's command, exit status and seconds; the benchmark summaries
 #
 # `--dry-run` runs every stage on this CPU instead, through the Triton interpreter at the benchmarks' tiny CPU
 # shapes, with a minimal timing budget, and lists the files it wrote: proof that the pass works before device
@@ -71,6 +74,10 @@ correctness() {
   return $rc
 }
 
+released_ops() {
+  "$PY" -m benchmarks.released_ops --json "$OUT/released_ops.json" >> "$OUT/stages.log" 2>&1
+}
+
 benchmarks() {  # benchmarks JSON FILES...: time the benchmark files into JSON, the summary into stages.log
   local json="$1"
   shift
@@ -81,7 +88,8 @@ benchmarks() {  # benchmarks JSON FILES...: time the benchmark files into JSON, 
 stage environment environment
 stage build build
 stage correctness correctness
-stage ceilings "$PY" benchmarks/ceilings.py --json "$OUT/ceilings.json"
+stage ceilings "$PY" -m benchmarks.ceilings --json "$OUT/ceilings.json"
+stage released_ops released_ops
 stage ops benchmarks "$OUT/ops.json" benchmarks/bench_relu_linear_attention.py \
   benchmarks/bench_cascaded_group_attention.py benchmarks/bench_conv_blocks.py
 stage models benchmarks "$OUT/models.json" benchmarks/bench_models.py

@@ -4,11 +4,11 @@ Each op registers one :class:`Backend` per implementation: ``torch`` (the eager 
 ``triton`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and ``cuda`` (the compiled
 ``evit_kernels._C``). Every op takes one argument record (a frozen dataclass, as xformers' ``Inputs``); a backend
 is declared by what it takes and says why it cannot run (:meth:`Backend.not_supported_reasons`), as in xformers.
-The automatic choice takes the first usable backend in :data:`PREFERENCE` among those validated on a GPU, falls
-back with a reason logged once, and never hands a user an unvalidated kernel. An explicit request (``backend=`` or
-``EVIT_BACKEND``) that cannot be met raises with every reason. "experimental" is the automatic choice over every
-backend, validated or not (for validating kernels on a new GPU and benchmarking them: each kernel where it takes the
-inputs, the reference elsewhere).
+The automatic choice runs a kernel only where it passed its tests and measured faster than the reference on this
+GPU model for this shape class (:mod:`evit_kernels.measured`), the reference elsewhere, and logs once why it fell
+back. An explicit request (``backend=`` or ``EVIT_BACKEND``) that cannot be met raises with every reason.
+"experimental" takes the first usable backend in :data:`PREFERENCE`, measured or not (for testing and measuring
+kernels on a new GPU: each kernel where it takes the inputs, the reference elsewhere).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from evit_kernels import _extension
+from evit_kernels import _extension, measured
 
 log = logging.getLogger("evit_kernels")
 
 PREFERENCE = ("cuda", "triton", "torch")
-"""Backend names in order of preference: a kernel before the reference, and the hand-written CUDA kernel before
-the Triton one. An order, not a measurement: no kernel has been timed on a GPU yet (docs/performance.md)."""
+"""Backend names in the order "experimental" tries them: a kernel before the reference, and the hand-written CUDA
+kernel before the Triton one. An order, not a measurement ("auto" follows the measurements)."""
 CHOICES = ("auto", "experimental", *PREFERENCE)
 """What a backend request may say: a backend's name, or how to choose one."""
 
@@ -96,8 +96,7 @@ class Backend:
     device, ``dtypes`` (every tensor's), and with ``int32_offsets`` that every input and the output fit 32-bit
     offsets. ``backward``, when given, computes this implementation's gradients from (record, grad_out) as a
     dict by field name; without it the gradient is the torch backend's (its ``backward``, else the reference's
-    vector-Jacobian product). ``validated_on`` records the GPU run whose tests passed ("<commit> <GPU>"); until it
-    is set a kernel backend runs only when asked for by name.
+    vector-Jacobian product).
     """
 
     name: str
@@ -106,7 +105,6 @@ class Backend:
     backward: Callable[[Any, Any], dict[str, Any]] | None = None
     dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES
     int32_offsets: bool = True
-    validated_on: str | None = None
 
     def not_supported_reasons(self, args: Any) -> list[str]:
         """Why this backend cannot run ``args`` here: the machine first (input checks only run where the backend
@@ -192,16 +190,18 @@ def _per_op(request: str) -> dict[str, str]:
 
 
 def status(op: str) -> dict[str, list[str]]:
-    """For each backend name: the reasons it cannot be chosen automatically here (empty = usable)."""
+    """For each backend name: the reasons it cannot be chosen automatically here (empty = usable for the shape
+    classes where it measured fastest on this GPU model)."""
     out = {}
+    gpu = measured.gpu_name()
     for name in PREFERENCE:
-        backend = _REGISTRY[op].get(name)
-        if backend is None:
+        if name not in _REGISTRY[op]:
             out[name] = [f"no {name} implementation of {op} yet"]
             continue
         reasons = environment_reasons(name)
-        if backend.validated_on is None and name != "torch":
-            reasons.append("not yet validated on a GPU (runs only when requested by name)")
+        if name != "torch" and not measured.shape_classes(op, name, gpu):
+            reasons.append(f"not measured faster than the reference for any shape on {gpu or 'this machine'} "
+                           "(runs when requested by name or with experimental)")
         out[name] = reasons
     return out
 
@@ -217,12 +217,11 @@ def choose(args: Any, backend: str = "auto") -> Backend:
         if reasons:
             raise BackendUnavailable(f"{op}: backend {choice!r} was requested but cannot run: " + "; ".join(reasons))
         return chosen
+    names = PREFERENCE if choice == "experimental" else (measured.fastest(args) or "torch", "torch")
     passed_over = []
-    for name in PREFERENCE:
+    for name in dict.fromkeys(names):
         candidate = backends.get(name)
         if candidate is None:
-            continue
-        if candidate.validated_on is None and name != "torch" and choice == "auto":
             continue
         reasons = candidate.not_supported_reasons(args)
         if not reasons:

@@ -1,11 +1,9 @@
 """Test setup: `gpu` tests skip without CUDA (the Triton interpreter is set up by the root conftest.py)."""
 
-import dataclasses
-
 import pytest
 import torch
 
-from evit_kernels import dispatch
+from evit_kernels import dispatch, measured
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -20,13 +18,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def pretend_validated(monkeypatch):
-    """``pretend_validated(op, backend)``: register ``backend`` of ``op`` as validated on a GPU for this test, so
-    that the automatic choice considers it (and must pass over the inputs it refuses)."""
+def pretend_measured(monkeypatch):
+    """``pretend_measured(op, backend)``: for this test, ``backend`` of ``op`` counts as measured fastest for every
+    shape on this machine, so that the automatic choice takes it (and must pass over the inputs it refuses)."""
+    fastest = {}
+    monkeypatch.setattr(measured, "fastest", lambda args: fastest.get(args.op))
 
     def mark(op: str, backend: str) -> None:
-        validated = dataclasses.replace(dispatch.get(op, backend), validated_on="test")
-        monkeypatch.setitem(dispatch._REGISTRY[op], backend, validated)
+        fastest[op] = backend
 
     return mark
 

@@ -118,11 +118,11 @@ def test_opcheck(backend):
     torch.library.opcheck(torch.ops.evit.window_attention, (q, k, v, bias_row, 4, 0.25, backend), test_utils=tests)
 
 
-def test_unsupported_inputs_raise_on_request_and_fall_back_under_auto(pretend_validated):
+def test_unsupported_inputs_raise_on_request_and_fall_back_under_auto(pretend_measured):
     q, k, v, bias_row = (t.double() for t in _window_inputs(1, 16, 16, 4, torch.float32))
     with pytest.raises(dispatch.BackendUnavailable, match="float64"):
         window_attention(q, k, v, bias_row, 4, 0.25, backend="triton")
-    pretend_validated("window_attention", "triton")  # so that "auto" considers it: it must pass these over
+    pretend_measured("window_attention", "triton")  # so that "auto" considers it: it must pass these over
     assert dispatch.choose(WindowAttentionArgs(q, k, v, bias_row, 4, 0.25)).name == "torch"
     torch.testing.assert_close(window_attention(q, k, v, bias_row, 4, 0.25),
                                window_attention_reference(WindowAttentionArgs(q, k, v, bias_row, 4, 0.25)))
@@ -170,12 +170,12 @@ def test_whole_map_op_triton_backend_matches_reference(map_hw, window):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
-def test_whole_map_op_triton_backend_raises_or_falls_back(pretend_validated):
+def test_whole_map_op_triton_backend_raises_or_falls_back(pretend_measured):
     args = [torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.detach().double(), a)
             for a in _map_op_inputs(torch.float32, (4, 5), 4)]
     with pytest.raises(dispatch.BackendUnavailable, match="float64"):
         cascaded_group_attention(*args, backend="triton")
-    pretend_validated("cascaded_group_attention", "triton")
+    pretend_measured("cascaded_group_attention", "triton")
     assert dispatch.choose(CascadedGroupAttentionArgs(*args)).name == "torch"
     assert torch.isfinite(cascaded_group_attention(*args)).all()
 

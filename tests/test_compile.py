@@ -28,8 +28,9 @@ def test_compiled_patched_model_has_no_graph_break(name):
 
 
 def test_compiled_kernels_are_graph_nodes():
-    """With the kernels chosen ("experimental": no kernel is validated yet, so "auto" runs the reference as plain
-    ops), each fused op is one node of one graph, traced through its fake implementation, and the numbers stay.
+    """With the kernels chosen ("experimental": "auto" runs a kernel only where one measured faster on this GPU,
+    and the reference as plain ops elsewhere), each fused op is one node of one graph, traced through its fake
+    implementation, and the numbers stay.
     The rest of patched m0 (its convs on the reference path) is traced into the same single graph."""
     torch._dynamo.reset()
     model = build("efficientvit_m0")

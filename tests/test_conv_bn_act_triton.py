@@ -175,18 +175,18 @@ UNSUPPORTED = {
 
 
 @pytest.mark.parametrize("name", UNSUPPORTED)
-def test_unsupported_inputs_raise_on_request_and_fall_back_under_auto(name, pretend_validated):
+def test_unsupported_inputs_raise_on_request_and_fall_back_under_auto(name, pretend_measured):
     change, reason = UNSUPPORTED[name]
     args = _conv_args(**change)
     with pytest.raises(dispatch.BackendUnavailable, match=reason):
         conv_bn_act(**args, activation="relu", backend="triton")
-    pretend_validated("conv_bn_act", "triton")  # so that "auto" considers it: it must pass these inputs over
+    pretend_measured("conv_bn_act", "triton")  # so that "auto" considers it: it must pass these inputs over
     out = conv_bn_act(**args, activation="relu")
     torch.testing.assert_close(out, conv_bn_act(**args, activation="relu", backend="torch"))
 
 
-def test_validated_backend_is_chosen_under_auto_for_supported_inputs(pretend_validated):
-    pretend_validated("conv_bn_act", "triton")
+def test_measured_backend_is_chosen_under_auto_for_supported_inputs(pretend_measured):
+    pretend_measured("conv_bn_act", "triton")
     args = _conv_args()
     conv = [args["x"], args["weight"], None, [1, 1], [1, 1], [1, 1], 4, "relu", None]
     assert dispatch.choose(ConvBnActArgs(*conv)).name == "triton"

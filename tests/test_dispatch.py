@@ -4,7 +4,7 @@ import pytest
 import torch
 from timm.models.efficientvit_mit import ConvNormAct
 
-from evit_kernels import dispatch
+from evit_kernels import dispatch, measured
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct
 from evit_kernels.ops.conv_bn_act import ConvBnActArgs
 from evit_kernels.ops.relu_linear_attention import ReluLinearAttentionArgs, relu_linear_attention
@@ -25,14 +25,34 @@ def test_requested_resolves_argument_then_environment(monkeypatch):
         dispatch.requested("conv_bn_act")
 
 
-def test_automatic_choice_never_picks_an_unvalidated_kernel(monkeypatch):
+def test_automatic_choice_never_picks_an_unmeasured_kernel(monkeypatch):
     monkeypatch.delenv("EVIT_BACKEND", raising=False)
     qkv = torch.randn(1, 24, 3, 3)
     assert dispatch.choose(ReluLinearAttentionArgs(qkv, [], 8, 1e-5)).name == "torch"
     statuses = dispatch.status("relu_linear_attention")
     assert statuses["torch"] == []
-    assert dispatch.get("relu_linear_attention", "triton").validated_on is None
-    assert statuses["triton"][-1] == "not yet validated on a GPU (runs only when requested by name)"
+    assert statuses["triton"][-1].startswith("not measured faster than the reference for any shape on this machine")
+
+
+def test_automatic_choice_follows_the_measured_table_per_gpu_and_shape_class(monkeypatch):
+    """The table names a GPU model, an op and a shape class; any other GPU, shape class or op gets the reference."""
+    monkeypatch.delenv("EVIT_BACKEND", raising=False)
+    measured_args = ReluLinearAttentionArgs(torch.randn(2, 24, 3, 3), [], 8, 1e-5)
+    other_resolution = ReluLinearAttentionArgs(torch.randn(2, 24, 4, 4), [], 8, 1e-5)
+    other_batch_bucket = ReluLinearAttentionArgs(torch.randn(5, 24, 3, 3), [], 8, 1e-5)
+    same_bucket = ReluLinearAttentionArgs(torch.randn(3, 24, 3, 3), [], 8, 1e-5)
+    assert same_bucket.shape_class() == measured_args.shape_class() != other_batch_bucket.shape_class()
+    table = {"Some GPU": {"ops": {"relu_linear_attention": {measured_args.shape_class(): "triton"}}}}
+    monkeypatch.setattr(measured, "table", lambda: table)
+    monkeypatch.setattr(measured, "gpu_name", lambda device=None: "Some GPU")
+    assert measured.fastest(same_bucket) == "triton"
+    # The interpreter stands in for the GPU here: the measured kernel is chosen where the table names it.
+    assert dispatch.choose(same_bucket).name == "triton"
+    assert dispatch.choose(other_resolution).name == "torch"
+    assert dispatch.choose(other_batch_bucket).name == "torch"
+    assert dispatch.status("relu_linear_attention")["triton"] == []
+    monkeypatch.setattr(measured, "gpu_name", lambda device=None: "Another GPU")
+    assert dispatch.choose(same_bucket).name == "torch"
 
 
 def test_environment_request_reaches_the_op(monkeypatch):
@@ -41,11 +61,11 @@ def test_environment_request_reaches_the_op(monkeypatch):
         relu_linear_attention(torch.randn(1, 24, 3, 3), [], 8, 1e-5)
 
 
-def test_experimental_choice_takes_unvalidated_kernels_where_they_apply(monkeypatch):
+def test_experimental_choice_takes_unmeasured_kernels_where_they_apply(monkeypatch):
     monkeypatch.delenv("EVIT_BACKEND", raising=False)
     pointwise = (torch.randn(1, 8, 3, 3), torch.randn(4, 8, 1, 1), None, [1, 1], [0, 0], [1, 1], 1, "none", None)
     dense = (torch.randn(1, 8, 5, 5), torch.randn(4, 8, 3, 3), None, [1, 1], [1, 1], [1, 1], 1, "none", None)
-    assert dispatch.choose(ConvBnActArgs(*pointwise)).name == "torch"  # auto: nothing is validated yet
+    assert dispatch.choose(ConvBnActArgs(*pointwise)).name == "torch"  # auto: nothing is measured here
     # The interpreter stands in for a GPU here: the Triton 1×1 kernel takes the first; no kernel takes a dense 3×3.
     assert dispatch.choose(ConvBnActArgs(*pointwise), "experimental").name == "triton"
     assert dispatch.choose(ConvBnActArgs(*dense), "experimental").name == "torch"

@@ -95,14 +95,14 @@ def test_invalid_arguments_raise_clear_errors():
         ffn(x, w1, b1, w2.half(), b2)
 
 
-def test_unsupported_inputs_raise_on_request_and_fall_back_under_auto(pretend_validated):
+def test_unsupported_inputs_raise_on_request_and_fall_back_under_auto(pretend_measured):
     wide = (torch.randn(1, 520, 2, 3, device=DEVICE), torch.randn(8, 520, 1, 1, device=DEVICE), None,
             torch.randn(520, 8, 1, 1, device=DEVICE), None, None)
     double = tuple(None if t is None else t.double() for t in _inputs("c16_nchw", torch.float32))
     for args, reason in ((wide, "520 channels"), (double, "float64")):
         with pytest.raises(dispatch.BackendUnavailable, match=reason):
             ffn(*args, backend="triton")
-    pretend_validated("ffn", "triton")  # so that "auto" considers it: it must pass these inputs over
+    pretend_measured("ffn", "triton")  # so that "auto" considers it: it must pass these inputs over
     for args in (wide, double):
         assert dispatch.choose(FfnArgs(*args)).name == "torch"
         torch.testing.assert_close(ffn(*args), ffn_reference(FfnArgs(*args)))

@@ -125,12 +125,12 @@ def test_opcheck(backend):
     (lambda a: {k: _double(v) if isinstance(v, list) else v.double() for k, v in a.items()}, "float64"),
     (lambda a: {**a, "qkv": a["qkv"].transpose(2, 3)}, "stride"),
 ])
-def test_unsupported_inputs_raise_on_request_and_fall_back_under_auto(change, reason, pretend_validated):
+def test_unsupported_inputs_raise_on_request_and_fall_back_under_auto(change, reason, pretend_measured):
     qkv, dw, dw_b, pw, pw_b = _inputs(1, 1, 8, 4, 6, (3,), "none", torch.float32)
     args = change(dict(qkv=qkv, dw_weights=dw, dw_biases=dw_b, pw_weights=pw, pw_biases=pw_b))
     with pytest.raises(dispatch.BackendUnavailable, match=reason):
         relu_linear_attention_aggregated(**args, dim=8, eps=1e-5, backend="triton")
-    pretend_validated("relu_linear_attention_aggregated", "triton")  # "auto" considers it, must pass these over
+    pretend_measured("relu_linear_attention_aggregated", "triton")  # "auto" considers it, must pass these over
     assert choose_aggregated(**args, dim=8, eps=1e-5)[0].name == "torch"
     assert torch.isfinite(relu_linear_attention_aggregated(**args, dim=8, eps=1e-5)).all()
 

@@ -103,14 +103,14 @@ def test_opcheck_triton_backend():
                           test_utils=tests)
 
 
-def test_unsupported_inputs_fall_back_or_raise_with_reasons(pretend_validated):
+def test_unsupported_inputs_fall_back_or_raise_with_reasons(pretend_measured):
     qkv = _sources(1, 1, 8, 4, 4, 0, torch.float32)[0].double()
     with pytest.raises(dispatch.BackendUnavailable, match="float64"):
         relu_linear_attention(qkv, [], 8, 1e-5, backend="triton")
     strided = _sources(1, 1, 8, 4, 8, 0, torch.float32)[0].transpose(2, 3)  # (H, W) not walkable as one index
     with pytest.raises(dispatch.BackendUnavailable, match="stride"):
         relu_linear_attention(strided, [], 8, 1e-5, backend="triton")
-    pretend_validated("relu_linear_attention", "triton")  # so that "auto" considers it: it must pass these over
+    pretend_measured("relu_linear_attention", "triton")  # so that "auto" considers it: it must pass these over
     for refused in (qkv, strided):
         assert dispatch.choose(ReluLinearAttentionArgs(refused, [], 8, 1e-5)).name == "torch"
     assert torch.isfinite(relu_linear_attention(strided, [], 8, 1e-5)).all()

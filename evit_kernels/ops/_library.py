@@ -95,6 +95,33 @@ class OpArgs:
         return torch.empty(self.output_shape(), dtype=first.dtype, device=first.device,
                            memory_format=self.output_layout())
 
+    def shape_class(self) -> str:
+        """What a measured choice of backend is keyed by (:mod:`evit_kernels.measured`): every field, tensors by
+        dtype, shape and layout ("c" contiguous, "cl" channels_last, "s" other strides), with the leading (batch)
+        size of the tensors shaped like the first one replaced by its bucket: <=1, <=4, <=16, <=64, <=256, >256."""
+        first = self.tensors()[0]
+
+        def describe(value: Any) -> str:
+            if isinstance(value, (list, tuple)):
+                return "[" + ",".join(map(describe, value)) + "]"
+            if not isinstance(value, Tensor):
+                return repr(value)
+            shape = [str(n) for n in value.shape]
+            if value.dim() == first.dim() and value.shape[0] == first.shape[0]:
+                shape[0] = _batch_bucket(value.shape[0])
+            layout = ("c" if value.is_contiguous() else
+                      "cl" if value.dim() == 4 and value.is_contiguous(memory_format=torch.channels_last) else "s")
+            return f"{str(value.dtype).removeprefix('torch.')}({'x'.join(shape)}){layout}"
+
+        return " ".join(f"{f.name}={describe(getattr(self, f.name))}" for f in dataclasses.fields(self))
+
+
+BATCH_BUCKETS = (1, 4, 16, 64, 256)
+
+
+def _batch_bucket(n: int) -> str:
+    return next((f"<={b}" for b in BATCH_BUCKETS if n <= b), f">{BATCH_BUCKETS[-1]}")
+
 
 _SCHEMA_TYPES = {"Tensor": "Tensor", "Tensor | None": "Tensor?", "list[Tensor]": "Tensor[]",
                  "list[Tensor | None]": "Tensor?[]", "int": "SymInt", "list[int]": "SymInt[]", "float": "float",

@@ -1,0 +1,60 @@
+"""The automatic choice's table of measured backends: how a GPU pass's results become it."""
+
+import json
+
+import pytest
+
+from benchmarks import record_measured
+from evit_kernels import measured
+
+
+def _row(op, shape, **measured_ms):
+    return {"op": op, "shape_class": shape, "measured": measured_ms}
+
+
+def test_the_fastest_backend_that_matched_the_reference_is_recorded():
+    rows = [
+        _row("ffn", "A", torch={"ms": 2.0, "ok": True}, triton={"ms": 1.0, "ok": True}),
+        _row("ffn", "B", torch={"ms": 2.0, "ok": True}, triton={"ms": 1.0, "ok": False}),  # fast but wrong
+        _row("ffn", "C", torch={"ms": 1.0, "ok": True}, triton={"ms": 1.5, "ok": True}),
+        _row("conv_bn_act", "A", torch={"ms": 1.0, "ok": True}, cuda={"reasons": ["no GPU"]}),
+    ]
+    assert record_measured.fastest_backends(rows) == {"ffn": {"A": "triton", "B": "torch", "C": "torch"},
+                                                      "conv_bn_act": {"A": "torch"}}
+
+
+@pytest.mark.parametrize("summary, passed", [
+    ("120 passed, 3 skipped in 50.1s", True),
+    ("1 failed, 119 passed in 50.1s", False),
+    ("119 passed, 1 error in 50.1s", False),
+    ("", False),
+])
+def test_only_a_pass_whose_tests_passed_counts(summary, passed):
+    assert record_measured.tests_passed(f"....\n{summary}\n") is passed
+
+
+def test_a_pass_is_folded_into_the_table(tmp_path, monkeypatch, capsys):
+    table = tmp_path / "measured_backends.json"
+    table.write_text(json.dumps({"Other GPU": {"ops": {"ffn": {"A": "triton"}}}}))
+    monkeypatch.setattr(measured, "TABLE", table)
+    results = tmp_path / "20261202-0900"
+    results.mkdir()
+    (results / "correctness.log").write_text("...\n10 passed in 5.0s\n")
+    rows = [_row("ffn", "A", torch={"ms": 2.0, "ok": True}, triton={"ms": 1.0, "ok": True})]
+    (results / "released_ops.json").write_text(json.dumps({"gpu": "NVIDIA H200", "commit": "abc", "rows": rows}))
+    monkeypatch.setattr("sys.argv", ["record_measured", str(results)])
+    assert record_measured.main() == 0
+    written = json.loads(table.read_text())
+    assert written["NVIDIA H200"] == {"commit": "abc", "results": "20261202-0900", "ops": {"ffn": {"A": "triton"}}}
+    assert written["Other GPU"] == {"ops": {"ffn": {"A": "triton"}}}
+    (results / "correctness.log").write_text("...\n1 failed, 9 passed in 5.0s\n")
+    assert record_measured.main() == 1
+
+
+def test_the_committed_table_names_only_known_ops_and_backends():
+    from evit_kernels import dispatch
+
+    for gpu, entry in measured.table().items():
+        for op, shapes in entry["ops"].items():
+            assert op in dispatch.ops(), (gpu, op)
+            assert set(shapes.values()) <= set(dispatch.PREFERENCE), (gpu, op)
