@@ -348,7 +348,7 @@ def _instruction(ptx: str) -> str:
 def _widest(ptx: str, access: str) -> int:
     """The widest global ``access`` ("ld" or "st") in ``ptx``, in bytes: vector length × element width."""
     widths = [int(vector or 1) * int(bits) // 8
-              for vector, bits in re.findall(access + r"\.global(?:\.[a-z_]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s", ptx)]
+              for vector, bits in re.findall(access + r"\.global(?:\.[\w:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s", ptx)]
     return max(widths, default=0)
 
 
