@@ -163,8 +163,8 @@ def test_compile_facts_of_a_recorded_launch():
     assert run.returncode == 0, run.stderr[-3000:]
     facts = json.loads(run.stdout.splitlines()[-1])
     assert facts["spill_bytes"] == 0 and 0 < facts["registers"] <= 255
-    # The bf16 1×1 kernel upcasts its tiles to fp32 before tl.dot: TF32 products (docs/ops.md, conv_bn_act).
-    assert facts["instruction"] == "tf32"
+    # bf16 tiles go to the tensor cores as they are (docs/ops.md, "Tensor-core products").
+    assert facts["instruction"] == "wgmma"
     assert 1 <= facts["ctas_per_sm"] <= 32 and facts["shared_bytes"] > 0
     assert facts["widest_load"] in (2, 4, 8, 16) and facts["widest_store"] in (2, 4, 8, 16)
 
@@ -291,3 +291,21 @@ def test_predict_command_prices_every_launch(tmp_path):
         x = torch.empty(1, 3, 64, 64, dtype=torch.bfloat16)
     eager = predict.eager_costs(model, x, predict.GPUS["h200"])
     assert p["eager_ms"] == pytest.approx(sum(c.seconds for c in eager) * 1e3)
+
+
+def test_access_widths_and_matrix_instruction_are_read_from_the_ptx():
+    ptx = """
+        ld.global.L1::evict_last.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];
+        ld.global.nc.b16 %rs1, [%rd2];
+        st.global.v2.b16 [%rd3], {%rs1, %rs2};
+        @%p1 st.global.b32 [%rd4], %r5;
+    """
+    assert predict._widest(ptx, "ld") == 16 and predict._widest(ptx, "st") == 4
+    assert predict._widest("", "ld") == 0
+    wgmma = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1}, %rd1, %rd2, 1, 1, 1, 0, 1;"
+    tf32 = "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%f1}, {%r1}, {%r2}, {%f2};"
+    fp16 = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%f1}, {%r1}, {%r2}, {%f2};"
+    assert predict._instruction(ptx + wgmma) == "wgmma"
+    assert predict._instruction(wgmma + tf32) == "tf32"
+    assert predict._instruction(fp16) == "mma.sync"
+    assert predict._instruction(ptx) == "fma"
