@@ -219,3 +219,22 @@ def test_realistic_shapes_on_gpu(poisoned_empty, kind, dtype):
     else:
         x, weight, bias, residual, conv = _inputs(8, 256, 1024, 14, 14, 1, 1, 0, 1, True, True, "nchw", dtype)
     _check_against_float64(x, weight, bias, residual, conv, "hardswish")
+
+
+def test_dot_mode_follows_the_dtype_pytorch_and_the_interpreter(monkeypatch):
+    """docs/ops.md, "Tensor-core products": low precision straight to the tensor cores (bf16 upcast only where the
+    interpreter runs it), fp32 as PyTorch's matmul setting says."""
+    from evit_kernels.triton._common import dot_mode
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert dot_mode(torch.bfloat16) == dot_mode(torch.float16) == {"PRECISION": "ieee", "UPCAST": False}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dot_mode(torch.bfloat16)["UPCAST"] and not dot_mode(torch.float16)["UPCAST"]
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert dot_mode(torch.float32) == {"PRECISION": "ieee", "UPCAST": False}
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert dot_mode(torch.float32)["PRECISION"] == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed

@@ -4,6 +4,7 @@ of the ahead-of-time sm_90 compile configurations. Kernel files import these and
 
 from __future__ import annotations
 
+import os
 from collections.abc import Container
 
 import torch
@@ -25,10 +26,13 @@ def dot_size(n: int) -> int:
 
 def dot_mode(dtype: torch.dtype) -> dict:
     """How every kernel multiplies tiles of ``dtype`` tensors (the ``PRECISION`` and ``UPCAST`` constexprs of
-    :func:`mma`): fp32 in IEEE precision (no TF32 rounding of the inputs); fp16 on fp16 tensor cores; bf16 upcast
-    to fp32 on TF32 tensor cores, exact for bf16 values (8-bit mantissas fit TF32's 10) and clear of the Triton
-    interpreter's broken bf16 dot, so CI checks the arithmetic the GPU runs. Accumulation is fp32 throughout."""
-    return {"PRECISION": "ieee" if dtype == torch.float32 else "tf32", "UPCAST": dtype == torch.bfloat16}
+    :func:`mma`). fp16 and bf16 operands go to the tensor cores as they are, with fp32 accumulation. fp32 ones
+    follow PyTorch's own setting for matmuls: TF32 where ``torch.backends.cuda.matmul.allow_tf32`` (or
+    ``torch.set_float32_matmul_precision("high")``) allows it, IEEE fp32 otherwise (PyTorch's default). Under the
+    Triton interpreter, whose bf16 dot is broken, bf16 operands are upcast to fp32 first (``UPCAST``): products of
+    bf16 values are exact in fp32, so CI checks the values the tensor cores compute."""
+    return {"PRECISION": "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee",
+            "UPCAST": dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"}
 
 
 def optional(t: torch.Tensor | None, stand_in: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, ...]]:
@@ -58,11 +62,17 @@ def signature(kernel, pointer: str, constexprs: Container[str], pointers: Contai
 @triton.jit
 def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a·b (fp32 ``acc``) for tiles from tensors of one dtype, as :func:`dot_mode` says: either operand may
-    be an fp32 tile computed on chip. fp16 tensors: both operands rounded to fp16 for the tensor cores (as eager
-    stores its intermediates); bf16 (``UPCAST``) and fp32: both in fp32 at ``PRECISION``."""
-    if PRECISION == "ieee" or UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
-    return tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+    be an fp32 tile computed on chip, which is rounded to the other's dtype first (as eager stores its
+    intermediates). fp32 tensors: fp32 operands at ``PRECISION``; fp16 and bf16: on the tensor cores."""
+    if a.dtype == tl.float32 and b.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    if a.dtype == tl.float32:
+        a = a.to(b.dtype)
+    else:
+        b = b.to(a.dtype)
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
