@@ -18,7 +18,7 @@ from timm.models import efficientvit_mit as timm_mit
 from torch import nn
 
 import evit_kernels
-from evit_kernels import dispatch
+from evit_kernels import dispatch, predict
 from evit_kernels.bench import randomize_untrained_state
 from evit_kernels.nn import conv_block as fused_module_file
 from evit_kernels.nn._base import Unsupported
@@ -68,7 +68,13 @@ CASES = {
     "fused_stride2": Case("fused", 1, 16, 64, 24, 9, 7, stride=2, activations=("none", "gelu_tanh", "none")),
     "fused_residual_channels_last": Case("fused", 2, 8, 32, 8, 5, 6, layout="channels_last", residual=True,
                                          activations=("none", "gelu", "silu")),
+    # More output channels than one program holds: two passes (TWO_PASS_CASES).
+    "mbconv_two_passes_residual": Case("mbconv", 2, 16, 40, 80, 7, 7, residual=True),
+    "dsconv_two_passes_channels_last": Case("dsconv", 1, 24, 24, 136, 9, 9, layout="channels_last", residual=True,
+                                            activations=("none", "relu6", "hardswish")),
+    "fused_two_passes_stride2": Case("fused", 1, 8, 20, 130, 9, 7, stride=2, activations=("none", "gelu_tanh", "none")),
 }
+TWO_PASS_CASES = ("mbconv_two_passes_residual", "dsconv_two_passes_channels_last", "fused_two_passes_stride2")
 
 
 def _inputs(case: Case, dtype: torch.dtype) -> tuple[tuple, dict]:
@@ -119,6 +125,28 @@ def test_cases_take_the_whole_block_kernel(name, dtype):
     block = ConvBlockArgs(x, w1, None, "none", w2, None, "none", stride, padding, groups, w3, None, "none")
     kind, config = _whole_block_config(block)
     assert kind is not None, config
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_no_output_channel_block_recomputes_the_hidden_tensor(name):
+    """One pass where one program holds every output channel; else the hidden tensor is written once, each
+    (pixel tile, hidden chunk) by one program, and projected by the 1×1 kernel, which adds b3, act3, residual."""
+    args, kwargs = _inputs(CASES[name], torch.bfloat16)
+    meta_args = tuple(None if t is None else t.to("meta") for t in args)
+    residual = kwargs["residual"]
+    meta_kwargs = {**kwargs, "residual": None if residual is None else residual.to("meta")}
+    with predict.recorded_launches() as launches:
+        conv_block(*meta_args, **meta_kwargs, backend="triton")
+    _, _, _, w2, _, w3, _ = args
+    if name in TWO_PASS_CASES:
+        first, project = launches
+        assert first.kernel == "_conv_block_fwd_kernel" and first.constexprs["STORE_HIDDEN"]
+        assert first.grid[1] == -(-w2.shape[0] // first.constexprs["BLOCK_H"])
+        assert project.kernel == "_conv_pw_kernel" and project.scalars["out_channels"] == w3.shape[0]
+        assert project.scalars["has_residual"] == (residual is not None)
+    else:
+        (launch,) = launches
+        assert not launch.constexprs["STORE_HIDDEN"] and launch.grid[1] == 1
 
 
 @pytest.mark.numerics

@@ -6,8 +6,10 @@
 
 MBConv is expand → depthwise → project, DSConv depthwise → project, FusedMBConv full k×k → project
 (docs/ops.md, "conv_block").
-The Triton backend keeps ``h`` and ``d`` on chip (whole-block fusion) where its tiles hold the shape, and otherwise
-runs the block layer by layer through ``evit::conv_bn_act``'s kernels (per-layer fusion), saying so once.
+The Triton backend keeps ``h`` and ``d`` on chip (whole-block fusion) where its tiles hold the shape and every
+output channel, writes ``d`` once and projects it where they hold the shape but not every output channel (two
+passes), and otherwise runs the block layer by layer through ``evit::conv_bn_act``'s kernels (per-layer fusion),
+saying so once.
 """
 
 from __future__ import annotations
@@ -163,17 +165,27 @@ def _triton_forward(a: ConvBlockArgs) -> Tensor:
     if kind is None:
         dispatch.log_once("conv_block", f"conv_block: layer by layer on the conv_bn_act kernels for {config}")
         return _per_layer(a)
-    return kernels.forward(a, a.new_output(), kind, config)
+    if kernels.one_pass(config, a.w3.shape[0]):
+        return kernels.forward(a, a.new_output(), kind, config)
+    # Two passes: the hidden tensor once, then the projection on conv_bn_act's 1×1 kernel (its epilogue adds b3,
+    # act3 and the residual).
+    *_, project = a.layers()
+    hidden = kernels.hidden(a, kind, config, a.output_layout())
+    return _per_layer_call(project(hidden))
 
 
 def _per_layer(a: ConvBlockArgs) -> Tensor:
     """The fallback: each layer one conv_bn_act call, on its Triton kernel where that takes the layer."""
-    triton_layer = dispatch.get("conv_bn_act", "triton")
     x = a.x
     for layer in a.layers():
-        args = layer(x)
-        x = dispatch.get("conv_bn_act", "torch" if triton_layer.not_supported_reasons(args) else "triton").forward(args)
+        x = _per_layer_call(layer(x))
     return x
+
+
+def _per_layer_call(args: ConvBnActArgs) -> Tensor:
+    """One layer: conv_bn_act's Triton kernel where it takes the layer, else its reference."""
+    triton_layer = dispatch.get("conv_bn_act", "triton")
+    return dispatch.get("conv_bn_act", "torch" if triton_layer.not_supported_reasons(args) else "triton").forward(args)
 
 
 # The whole-block kernel never stores the hidden tensors; the per-layer fallback checks each layer itself.

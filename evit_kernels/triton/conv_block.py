@@ -4,11 +4,13 @@
     d   = act2(conv_kxk(h, w2, stride, padding) + b2)      (depthwise in MBConv / DSConv, full in FusedMBConv)
     out = act3(conv1x1(d, w3) + b3) + residual
 
-in one pass. A program owns a tile of output pixels × a block of output channels and walks the hidden channels
-(the expanded width) in chunks of BLOCK_H: each chunk of ``d`` is produced on chip in fp32 and consumed at once by
-``acc += d · w3_chunkᵀ``, so neither the expanded tensor nor the spatial conv's output (4–6× the block's input in
-MBConv, docs/performance.md, "Minimum traffic") ever reaches memory. How a chunk of ``d`` is produced is the
-constexpr ``SPATIAL``:
+in one pass where one program holds every output channel. A program owns a tile of output pixels and walks the
+hidden channels (the expanded width) in chunks of BLOCK_H: each chunk of ``d`` is produced on chip in fp32 and
+consumed at once by ``acc += d · w3_chunkᵀ``, so neither the expanded tensor nor the spatial conv's output (4–6×
+the block's input in MBConv, docs/performance.md, "Minimum traffic") ever reaches memory. Where the output
+channels need several blocks, each block would recompute every chunk of ``d``: the block then runs in two passes
+(:func:`one_pass`), the first (``STORE_HIDDEN``) writing ``d`` once, a program per (pixel tile, hidden chunk), the
+second the projection on conv_bn_act's 1×1 kernel. How a chunk of ``d`` is produced is the constexpr ``SPATIAL``:
 
 - "expand_depthwise" (MBConv): the expand GEMM runs on the program's input *slots*, the input pixels its output
   tile reads (whole images for small maps, else a band of rows plus the depthwise halo), into an fp32 register
@@ -103,9 +105,18 @@ def _conv_block_fwd_kernel(
         r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw,
         SPATIAL: tl.constexpr, ACT1: tl.constexpr, ACT2: tl.constexpr, ACT3: tl.constexpr, K: tl.constexpr,
         SLOTS: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_CO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        BLOCK_CO: tl.constexpr, STORE_HIDDEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # STORE_HIDDEN: the first of two passes. Program (tile, j) computes hidden chunk j of d and stores it in `out`
+    # (the hidden tensor); no chunk is computed twice. Otherwise program (tile, j) computes every chunk of d and
+    # projects it onto output-channel block j.
     offs_co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     mask_co = offs_co < out_channels
+    if STORE_HIDDEN:
+        h_first = tl.program_id(1) * BLOCK_H
+        h_end = h_first + BLOCK_H
+    else:
+        h_first = 0
+        h_end = hidden
     if SPATIAL == "expand_depthwise":
         # A band of `band_rows` output rows of one image, or `images` whole images (band_rows == out_height).
         img0 = (tl.program_id(0) // bands) * images
@@ -120,7 +131,7 @@ def _conv_block_fwd_kernel(
         out_ok = offs_p < batch * out_height * out_width
         out_img, out_y, out_x = common.pixel_coords(offs_p, out_height, out_width)
     acc = tl.zeros((P, BLOCK_CO), dtype=tl.float32)
-    for h0 in range(0, hidden, BLOCK_H):
+    for h0 in range(h_first, h_end, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         mask_h = offs_h < hidden
         if SPATIAL == "expand_depthwise":
@@ -138,13 +149,18 @@ def _conv_block_fwd_kernel(
                                  stride_h, stride_w, pad_h, pad_w, x_sb, x_sc, x_sh, x_sw, w2_sh, w2_sc, w2_skh,
                                  w2_skw, K=K, P=P, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, PRECISION=PRECISION,
                                  UPCAST=UPCAST)
-        # Padded hidden columns hold act2(0), finite, and meet w3 rows masked to 0.
-        d = common.activate(common.add_bias(d, b2, offs_h, mask_h, has_b2), ACTIVATION=ACT2)
-        w3_tile = tl.load(w3 + offs_h[:, None] * w3_sh + offs_co[None, :] * w3_so,
-                          mask=mask_h[:, None] & mask_co[None, :], other=0.0)
-        acc = common.mma(d, w3_tile, acc, PRECISION=PRECISION, UPCAST=UPCAST)
-    common.epilogue(acc, b3, residual, out, out_img, out_y, out_x, offs_co, out_ok, mask_co, has_b3, has_residual,
-                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACT3)
+        if STORE_HIDDEN:
+            common.epilogue(d, b2, residual, out, out_img, out_y, out_x, offs_h, out_ok, mask_h, has_b2, 0,
+                            r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACT2)
+        else:
+            # Padded hidden columns hold act2(0), finite, and meet w3 rows masked to 0.
+            d = common.activate(common.add_bias(d, b2, offs_h, mask_h, has_b2), ACTIVATION=ACT2)
+            w3_tile = tl.load(w3 + offs_h[:, None] * w3_sh + offs_co[None, :] * w3_so,
+                              mask=mask_h[:, None] & mask_co[None, :], other=0.0)
+            acc = common.mma(d, w3_tile, acc, PRECISION=PRECISION, UPCAST=UPCAST)
+    if not STORE_HIDDEN:
+        common.epilogue(acc, b3, residual, out, out_img, out_y, out_x, offs_co, out_ok, mask_co, has_b3,
+                        has_residual, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACT3)
 
 
 # --- tiles ------------------------------------------------------------------------------------------------------
@@ -155,8 +171,8 @@ class Tiles:
     """The tile shapes of one precision. ``bands``: (P output pixels, SLOTS input pixels, widest output-channel
     block) of the expand_depthwise tiles, tried in order (the first that holds at least one output row with its
     halo wins; wider maps take the per-layer kernels). ``direct_pixels`` / ``direct_channels``: the same for the
-    depthwise and full kinds, which have no input slots. Output channels beyond a block split over programs, each
-    recomputing its chunk of ``d``. Every size here compiles for sm_90 without register spills (compile_configs);
+    depthwise and full kinds, which have no input slots. More output channels than a block holds take two passes
+    (:func:`one_pass`). Every size here compiles for sm_90 without register spills (compile_configs);
     wider ones spill: the (pixels × channels) accumulator and the epilogue's 64-bit addresses fill the registers.
     fp32 runs IEEE dots on FMA units, which hold their operands in registers, hence its smaller tiles."""
 
@@ -171,6 +187,9 @@ TILES = {torch.float32: Tiles(warps=4, bands=((32, 128, 64),), direct_pixels=32,
          torch.float16: Tiles(warps=8, bands=((64, 128, 64), (64, 256, 32)), direct_pixels=64),
          torch.bfloat16: Tiles(warps=8, bands=((64, 128, 64), (64, 256, 32)), direct_pixels=64)}
 BLOCK_H = 16
+STORE_BLOCK_H = 32
+"""The hidden chunk of the first of two passes, which holds no output accumulator: twice the one-pass chunk, so
+each program's input tile is re-read from L2 half as often (wider spills with fp32 or 256 input slots)."""
 
 
 def band_tile(tiles: Tiles, height: int, width: int, out_height: int, out_width: int, stride: int, ksize: int
@@ -204,16 +223,38 @@ def tile_config(spatial: str, dtype: torch.dtype, x_shape, out_shape, stride: in
             "BLOCK_K": tiles.block_k, "num_warps": tiles.warps, "band_rows": band_rows, "images": images}
 
 
+def one_pass(config: dict, out_channels: int) -> bool:
+    """Whether one program holds every output channel (:func:`tile_config`'s block). Otherwise each output-channel
+    block would recompute the expand and spatial conv of every other, so the block runs in two passes: the hidden
+    tensor ``d`` written once (:func:`hidden`), then the projection as a 1×1 conv."""
+    return config["BLOCK_CO"] >= out_channels
+
+
 def forward(a: ConvBlockArgs, out: torch.Tensor, spatial: str, config: dict) -> torch.Tensor:
     """Writes the block's output into ``out`` (B, C_out, H_out, W_out), any strides; ``config`` is
-    :func:`tile_config`'s for these shapes."""
+    :func:`tile_config`'s for these shapes, and holds every output channel (:func:`one_pass`)."""
+    _launch(a, out, spatial, config, store_hidden=False)
+    return out
+
+
+def hidden(a: ConvBlockArgs, spatial: str, config: dict, memory_format: torch.memory_format) -> torch.Tensor:
+    """The first of two passes: ``d = act2(conv_kxk(h) + b2)`` (B, mid, H_out, W_out) in the input dtype, each
+    chunk computed once."""
+    batch, _, out_height, out_width = a.output_shape()
+    d = torch.empty(batch, a.w2.shape[0], out_height, out_width, dtype=a.x.dtype, device=a.x.device,
+                    memory_format=memory_format)
+    _launch(a, d, spatial, {**config, "BLOCK_H": STORE_BLOCK_H}, store_hidden=True)
+    return d
+
+
+def _launch(a: ConvBlockArgs, out: torch.Tensor, spatial: str, config: dict, store_hidden: bool) -> None:
     batch, in_channels, height, width = a.x.shape
     _, out_channels, out_height, out_width = out.shape
     w1 = a.w2 if a.w1 is None else a.w1
     b1, has_b1, _ = common.optional(a.b1, a.w2)
     b2, has_b2, _ = common.optional(a.b2, a.w2)
     b3, has_b3, _ = common.optional(a.b3, a.w3)
-    residual, has_residual, r_strides = common.optional(a.residual, out)
+    residual, has_residual, r_strides = common.optional(None if store_hidden else a.residual, out)
     config = dict(config)
     band_rows, images, num_warps = config.pop("band_rows"), config.pop("images"), config.pop("num_warps")
     # num_stages=1: the loops are short and their loads feed on-chip math, not a long GEMM to pipeline.
@@ -223,7 +264,8 @@ def forward(a: ConvBlockArgs, out: torch.Tensor, spatial: str, config: dict) -> 
     else:
         bands = 1
         tiles = triton.cdiv(batch * out_height * out_width, config["P"])
-    grid = (tiles, triton.cdiv(out_channels, config["BLOCK_CO"]))
+    blocks = config["BLOCK_H"] if store_hidden else config["BLOCK_CO"]
+    grid = (tiles, triton.cdiv(out_channels, blocks))
     _conv_block_fwd_kernel[grid](
         a.x, w1, b1, a.w2, b2, a.w3, b3, residual, out,
         batch, in_channels, a.w2.shape[0], out_channels, height, width, out_height, out_width,
@@ -231,8 +273,7 @@ def forward(a: ConvBlockArgs, out: torch.Tensor, spatial: str, config: dict) -> 
         *a.x.stride(), w1.stride(0), w1.stride(1), *a.w2.stride(), a.w3.stride(0), a.w3.stride(1), *r_strides,
         *out.stride(),
         SPATIAL=spatial, ACT1=a.act1, ACT2=a.act2, ACT3=a.act3, K=a.w2.shape[2], num_warps=num_warps, num_stages=1,
-        **config, **common.dot_mode(a.x.dtype))
-    return out
+        STORE_HIDDEN=store_hidden, **config, **common.dot_mode(a.x.dtype))
 
 
 def compile_configs():
@@ -244,10 +285,13 @@ def compile_configs():
         kinds = [("expand_depthwise", p, slots, channels) for p, slots, channels in tiles.bands]
         kinds += [(kind, tiles.direct_pixels, 16, tiles.direct_channels) for kind in ("depthwise", "full")]
         for spatial, p, slots, widest in kinds:
-            for block_co in (16 << i for i in range((widest // 16).bit_length())):  # every dot_size up to widest
+            # every dot_size up to widest in one pass; the widest in the first of two
+            passes = [(16 << i, False) for i in range((widest // 16).bit_length())] + [(widest, True)]
+            for block_co, store_hidden in passes:
                 for ksize in KERNEL_SIZES:
+                    block_h = STORE_BLOCK_H if store_hidden else BLOCK_H
                     constexprs = {"SPATIAL": spatial, "ACT1": "hardswish", "ACT2": "gelu_tanh", "ACT3": "none",
-                                  "K": ksize, "SLOTS": slots, "P": p, "BLOCK_H": BLOCK_H, "BLOCK_K": tiles.block_k,
-                                  "BLOCK_CO": block_co, **common.dot_mode(dtype)}
+                                  "K": ksize, "SLOTS": slots, "P": p, "BLOCK_H": block_h, "BLOCK_K": tiles.block_k,
+                                  "BLOCK_CO": block_co, "STORE_HIDDEN": store_hidden, **common.dot_mode(dtype)}
                     types = common.signature(_conv_block_fwd_kernel, common.POINTER_TYPES[dtype], constexprs, pointers)
                     yield _conv_block_fwd_kernel, types, constexprs, {"num_warps": tiles.warps, "num_stages": 1}
