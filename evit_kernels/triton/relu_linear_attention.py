@@ -25,6 +25,8 @@ only q. The kv/z accumulation and the output are the same helpers as for a store
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -64,9 +66,11 @@ def _relu(x):
 
 
 @triton.jit
-def _load_role(base, role, offs_d, offs_n, mask, stride_c, stride_n, D: tl.constexpr):
-    """The (D_PAD, BLOCK_N) tile of role 0 (q), 1 (k) or 2 (v) of one head, zero outside ``mask``."""
-    ptrs = base + (role * D + offs_d)[:, None] * stride_c + offs_n[None, :] * stride_n
+def _load_role(base, role, offs_d, offs_n, mask, stride_role, stride_c, stride_n):
+    """The (D_PAD, BLOCK_N) tile of role 0 (q), 1 (k) or 2 (v) of one head, zero outside ``mask``: ``base`` is the
+    role's tensor at the head's first channel (one tensor for all three roles with ``stride_role`` between them in
+    the channel-major layout, three tensors with ``stride_role`` 0 in the token-major one)."""
+    ptrs = base + role * stride_role + offs_d[:, None] * stride_c + offs_n[None, :] * stride_n
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
@@ -126,48 +130,50 @@ def _program_span(heads, per_chunk, n_tokens):
 
 
 @triton.jit
-def _rla_fwd_reduce_kernel(src, partial, heads, n_tokens, per_chunk, chunks, stride_b, stride_c, stride_n,
+def _rla_fwd_reduce_kernel(k, v, partial, heads, n_tokens, per_chunk, chunks,
+                           stride_b, stride_h, stride_role, stride_c, stride_n,
                            D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
                            UPCAST: tl.constexpr):
     row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
-    base = src + b * stride_b + h * 3 * D * stride_c
+    head_at = b * stride_b + h * stride_h
     offs_d = tl.arange(0, D_PAD)
     kv = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
     z = tl.zeros((D_PAD,), dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
-        k = _relu(_load_role(base, 1, offs_d, offs_n, mask, stride_c, stride_n, D))
-        v = _load_role(base, 2, offs_d, offs_n, mask, stride_c, stride_n, D)
+        k_tile = _relu(_load_role(k + head_at, 1, offs_d, offs_n, mask, stride_role, stride_c, stride_n))
+        v_tile = _load_role(v + head_at, 2, offs_d, offs_n, mask, stride_role, stride_c, stride_n)
         if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        kv, z = _accumulate_kv(k, v, kv, z, PRECISION)
+            k_tile = k_tile.to(tl.float32)
+            v_tile = v_tile.to(tl.float32)
+        kv, z = _accumulate_kv(k_tile, v_tile, kv, z, PRECISION)
     _store_partial(partial, row, chunk, chunks, kv, z, offs_d, D_PAD)
 
 
 @triton.jit
-def _rla_fwd_apply_kernel(src, partial, out, heads, first_head, n_tokens, per_chunk, chunks, eps,
-                          stride_b, stride_c, stride_n, out_stride_b, out_stride_c, out_stride_n,
-                          D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _rla_fwd_apply_kernel(q, partial, out, heads, first_head, n_tokens, per_chunk, chunks, eps,
+                          stride_b, stride_h, stride_role, stride_c, stride_n, out_stride_b, out_stride_c,
+                          out_stride_n, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PRECISION: tl.constexpr):
     row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
-    base = src + b * stride_b + h * 3 * D * stride_c
+    base = q + b * stride_b + h * stride_h
     out_base = out + b * out_stride_b + (first_head + h) * D * out_stride_c
     offs_d = tl.arange(0, D_PAD)
     kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
-        q = _relu(_load_role(base, 0, offs_d, offs_n, mask, stride_c, stride_n, D))
-        _store_output(q, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n, PRECISION)
+        q_tile = _relu(_load_role(base, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n))
+        _store_output(q_tile, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n, PRECISION)
 
 
 @triton.jit
-def _rla_bwd_reduce_kernel(src, grad, partial, grad_partial, heads, first_head, n_tokens, per_chunk, chunks, eps,
-                           stride_b, stride_c, stride_n, g_stride_b, g_stride_c, g_stride_n,
+def _rla_bwd_reduce_kernel(q, grad, partial, grad_partial, heads, first_head, n_tokens, per_chunk, chunks, eps,
+                           stride_b, stride_h, stride_role, stride_c, stride_n, g_stride_b, g_stride_c, g_stride_n,
                            D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
     row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
-    base = src + b * stride_b + h * 3 * D * stride_c
+    base = q + b * stride_b + h * stride_h
     g_base = grad + b * g_stride_b + (first_head + h) * D * g_stride_c
     offs_d = tl.arange(0, D_PAD)
     kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
@@ -176,52 +182,53 @@ def _rla_bwd_reduce_kernel(src, grad, partial, grad_partial, heads, first_head, 
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
-        q = _relu(_load_role(base, 0, offs_d, offs_n, mask, stride_c, stride_n, D)).to(tl.float32)
+        q_tile = _relu(_load_role(base, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n)).to(tl.float32)
         g = tl.load(g_base + offs_d[:, None] * g_stride_c + offs_n[None, :] * g_stride_n, mask=mask,
                     other=0.0).to(tl.float32)
-        num, den = _output_terms(q, kv, z, eps, "ieee")
+        num, den = _output_terms(q_tile, kv, z, eps, "ieee")
         gnum = g / den[None, :]
         gden = -tl.sum(gnum * num, axis=0) / den  # -(g·o)/den with o = num/den
-        gkv += tl.dot(q, tl.trans(gnum), input_precision="ieee")
-        gz += tl.sum(q * gden[None, :], axis=1)
+        gkv += tl.dot(q_tile, tl.trans(gnum), input_precision="ieee")
+        gz += tl.sum(q_tile * gden[None, :], axis=1)
     _store_partial(grad_partial, row, chunk, chunks, gkv, gz, offs_d, D_PAD)
 
 
 @triton.jit
-def _rla_bwd_apply_kernel(src, grad, partial, grad_partial, grad_src, heads, first_head, n_tokens, per_chunk,
-                          chunks, eps, stride_b, stride_c, stride_n, g_stride_b, g_stride_c, g_stride_n,
-                          gs_stride_b, gs_stride_c, gs_stride_n,
+def _rla_bwd_apply_kernel(q, k, v, grad, partial, grad_partial, grad_q, grad_k, grad_v, heads, first_head, n_tokens,
+                          per_chunk, chunks, eps, stride_b, stride_h, stride_role, stride_c, stride_n,
+                          g_stride_b, g_stride_c, g_stride_n,
+                          gs_stride_b, gs_stride_h, gs_stride_role, gs_stride_c, gs_stride_n,
                           D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
     row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
-    base = src + b * stride_b + h * 3 * D * stride_c
+    head_at = b * stride_b + h * stride_h
     g_base = grad + b * g_stride_b + (first_head + h) * D * g_stride_c
-    gs_base = grad_src + b * gs_stride_b + h * 3 * D * gs_stride_c
+    gs_head_at = b * gs_stride_b + h * gs_stride_h
     offs_d = tl.arange(0, D_PAD)
     kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
     gkv, gz = _sum_partials(grad_partial, row, chunks, offs_d, D_PAD)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
-        q_raw = _load_role(base, 0, offs_d, offs_n, mask, stride_c, stride_n, D).to(tl.float32)
-        k_raw = _load_role(base, 1, offs_d, offs_n, mask, stride_c, stride_n, D).to(tl.float32)
-        v = _load_role(base, 2, offs_d, offs_n, mask, stride_c, stride_n, D).to(tl.float32)
+        q_raw = _load_role(q + head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n).to(tl.float32)
+        k_raw = _load_role(k + head_at, 1, offs_d, offs_n, mask, stride_role, stride_c, stride_n).to(tl.float32)
+        v_tile = _load_role(v + head_at, 2, offs_d, offs_n, mask, stride_role, stride_c, stride_n).to(tl.float32)
         g = tl.load(g_base + offs_d[:, None] * g_stride_c + offs_n[None, :] * g_stride_n, mask=mask,
                     other=0.0).to(tl.float32)
-        q = _relu(q_raw)
-        k = _relu(k_raw)
-        num, den = _output_terms(q, kv, z, eps, "ieee")
+        q_tile = _relu(q_raw)
+        k_tile = _relu(k_raw)
+        num, den = _output_terms(q_tile, kv, z, eps, "ieee")
         gnum = g / den[None, :]
         gden = -tl.sum(gnum * num, axis=0) / den
         gq = tl.dot(kv, gnum, input_precision="ieee") + z[:, None] * gden[None, :]
         gq = tl.where(q_raw > 0, gq, 0.0)
-        gk = tl.dot(gkv, v, input_precision="ieee") + gz[:, None]
+        gk = tl.dot(gkv, v_tile, input_precision="ieee") + gz[:, None]
         gk = tl.where(k_raw > 0, gk, 0.0)
-        gv = tl.dot(tl.trans(gkv), k, input_precision="ieee")
-        ty = grad_src.dtype.element_ty
-        ptrs = gs_base + offs_d[:, None] * gs_stride_c + offs_n[None, :] * gs_stride_n
-        tl.store(ptrs, gq.to(ty), mask=mask)
-        tl.store(ptrs + D * gs_stride_c, gk.to(ty), mask=mask)
-        tl.store(ptrs + 2 * D * gs_stride_c, gv.to(ty), mask=mask)
+        gv = tl.dot(tl.trans(gkv), k_tile, input_precision="ieee")
+        ty = grad_q.dtype.element_ty
+        at = gs_head_at + offs_d[:, None] * gs_stride_c + offs_n[None, :] * gs_stride_n
+        tl.store(grad_q + at, gq.to(ty), mask=mask)
+        tl.store(grad_k + gs_stride_role + at, gk.to(ty), mask=mask)
+        tl.store(grad_v + 2 * gs_stride_role + at, gv.to(ty), mask=mask)
 
 
 @triton.jit
@@ -307,21 +314,53 @@ def _token_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(3)
 
 
-def _empty_partials(src: torch.Tensor, dim: int, chunks: int) -> torch.Tensor:
+class Heads(NamedTuple):
+    """Where the kernels find one source's q, k and v: the three tensors (one tensor three times in the
+    channel-major layout), the (batch, heads, tokens) they hold, and the strides (batch, head, role, channel,
+    token) that place element i of head h's role r at token n of batch b."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    batch: int
+    heads: int
+    n_tokens: int
+    strides: tuple[int, int, int, int, int]
+
+
+def channel_major(src: torch.Tensor, dim: int) -> Heads:
+    """LiteMLA's flattenable (B, 3·heads·dim, H, W) map, channels interleaved per head (q, k, v blocks)."""
+    batch, channels, height, width = src.shape
+    stride_b, stride_c, stride_n = _token_strides(src)
+    return Heads(src, src, src, batch, channels // (3 * dim), height * width,
+                 (stride_b, 3 * dim * stride_c, dim * stride_c, stride_c, stride_n))
+
+
+def token_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dim: int) -> Heads:
+    """Sana's (B, N, heads·dim) q, k and v, as the projections leave them, with one set of strides."""
+    batch, n_tokens, channels = q.shape
+    stride_b, stride_n, stride_c = q.stride()
+    return Heads(q, k, v, batch, channels // dim, n_tokens, (stride_b, dim * stride_c, 0, stride_c, stride_n))
+
+
+def token_major_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, channel, token) strides of a (B, N, C) output or gradient."""
+    return t.stride(0), t.stride(2), t.stride(1)
+
+
+def _empty_partials(src: Heads, dim: int, chunks: int) -> torch.Tensor:
     """Scratch for the per-chunk fp32 partial sums of kv and z of every (batch, head) of one source."""
-    batch, channels = src.shape[:2]
     d_pad = dot_size(dim)
-    return torch.empty(batch * (channels // (3 * dim)), chunks, d_pad * d_pad + d_pad, device=src.device,
+    return torch.empty(src.batch * src.heads, chunks, d_pad * d_pad + d_pad, device=src.q.device,
                        dtype=torch.float32)
 
 
-def _partials(src: torch.Tensor, dim: int, per_chunk: int, chunks: int) -> torch.Tensor:
-    """Per-chunk fp32 partial sums of kv and z for every (batch, head) of one source tensor."""
-    batch, channels, height, width = src.shape
+def _partials(src: Heads, dim: int, per_chunk: int, chunks: int) -> torch.Tensor:
+    """Per-chunk fp32 partial sums of kv and z for every (batch, head) of one source."""
     partial = _empty_partials(src, dim, chunks)
     _rla_fwd_reduce_kernel[(partial.shape[0], chunks)](
-        src, partial, channels // (3 * dim), height * width, per_chunk, chunks, *_token_strides(src),
-        D=dim, D_PAD=dot_size(dim), BLOCK_N=BLOCK_N, **dot_mode(src.dtype))
+        src.k, src.v, partial, src.heads, src.n_tokens, per_chunk, chunks, *src.strides,
+        D=dim, D_PAD=dot_size(dim), BLOCK_N=BLOCK_N, **dot_mode(src.q.dtype))
     return partial
 
 
@@ -331,23 +370,22 @@ def _empty_output(qkv: torch.Tensor, dim: int, groups: int) -> torch.Tensor:
     return torch.empty(batch, channels // 3 * groups, height, width, device=qkv.device, dtype=qkv.dtype)
 
 
-def _attend(src: torch.Tensor, out: torch.Tensor, index: int, dim: int, eps: float) -> None:
-    """Write the attention over source ``src`` into head group ``index`` of ``out``."""
-    batch, channels, height, width = src.shape
-    heads = channels // (3 * dim)
-    per_chunk, chunks = _chunking(height * width, batch * heads)
+def attend(src: Heads, out: torch.Tensor, out_strides: tuple[int, int, int], index: int, dim: int,
+           eps: float) -> None:
+    """Write the attention over source ``src`` into head group ``index`` of ``out`` (whose (batch, channel, token)
+    strides are ``out_strides``)."""
+    per_chunk, chunks = _chunking(src.n_tokens, src.batch * src.heads)
     partial = _partials(src, dim, per_chunk, chunks)
-    _rla_fwd_apply_kernel[(batch * heads, chunks)](
-        src, partial, out, heads, index * heads, height * width, per_chunk, chunks, eps,
-        *_token_strides(src), *_token_strides(out), D=dim, D_PAD=dot_size(dim), BLOCK_N=BLOCK_N,
-        PRECISION="ieee")
+    _rla_fwd_apply_kernel[(src.batch * src.heads, chunks)](
+        src.q, partial, out, src.heads, index * src.heads, src.n_tokens, per_chunk, chunks, eps, *src.strides,
+        *out_strides, D=dim, D_PAD=dot_size(dim), BLOCK_N=BLOCK_N, PRECISION="ieee")
 
 
 def forward(sources: list[torch.Tensor], dim: int, eps: float) -> torch.Tensor:
     """Output (B, Σ heads·dim, H, W), contiguous, in the sources' dtype."""
     out = _empty_output(sources[0], dim, len(sources))
     for index, src in enumerate(sources):
-        _attend(src, out, index, dim, eps)
+        attend(channel_major(src, dim), out, _token_strides(out), index, dim, eps)
     return out
 
 
@@ -375,7 +413,7 @@ def forward_aggregated(qkv: torch.Tensor, scales: list[tuple[torch.Tensor, torch
     batch, channels, height, width = qkv.shape
     heads = channels // (3 * dim)
     out = _empty_output(qkv, dim, 1 + len(scales))
-    _attend(qkv, out, 0, dim, eps)
+    attend(channel_major(qkv, dim), out, _token_strides(out), 0, dim, eps)
     per_chunk, chunks = _chunking(height * width, batch * heads)
     grid = (batch * heads, chunks)
     for index, (dw_w, dw_b, pw_w, pw_b) in enumerate(scales, start=1):
@@ -384,7 +422,7 @@ def forward_aggregated(qkv: torch.Tensor, scales: list[tuple[torch.Tensor, torch
         # an absent bias passes its weight as a never-read pointer.
         dw_w, pw_w = dw_w.contiguous(), pw_w.contiguous()
         weights = (dw_w, dw_w if dw_b is None else dw_b.contiguous(), pw_w, pw_w if pw_b is None else pw_b.contiguous())
-        partial = _empty_partials(qkv, dim, chunks)
+        partial = _empty_partials(channel_major(qkv, dim), dim, chunks)
         constexprs = _aggregated_constexprs(dim, qkv.dtype, dw_w.shape[-1])
         _rla_agg_fwd_reduce_kernel[grid](qkv, *weights, partial, heads, height, width, per_chunk, chunks, *flags,
                                          *_token_strides(qkv), **constexprs)
@@ -397,32 +435,38 @@ def forward_aggregated(qkv: torch.Tensor, scales: list[tuple[torch.Tensor, torch
 def backward(sources: list[torch.Tensor], grad_out: torch.Tensor, dim: int, eps: float) -> list[torch.Tensor]:
     """Gradients of every source tensor, each shaped and laid out like its source. kv and z are recomputed
     (one more read of k and v) rather than saved, so training keeps no state between the passes."""
-    batch, channels, height, width = sources[0].shape
-    n_tokens, heads, d_pad = height * width, channels // (3 * dim), dot_size(dim)
-    per_chunk, chunks = _chunking(n_tokens, batch * heads)
-    block = _heavy_block(d_pad, sources[0].dtype)
     if not flattenable(grad_out):  # e.g. the stride-0 gradient of y.sum()
         grad_out = grad_out.contiguous()
     grads = []
     for index, src in enumerate(sources):
-        partial = _partials(src, dim, per_chunk, chunks)
-        grad_partial = torch.empty_like(partial)
         grad_src = torch.empty_like(src)
-        grid = (batch * heads, chunks)
-        _rla_bwd_reduce_kernel[grid](src, grad_out, partial, grad_partial, heads, index * heads, n_tokens, per_chunk,
-                                     chunks, eps, *_token_strides(src), *_token_strides(grad_out),
-                                     D=dim, D_PAD=d_pad, BLOCK_N=block)
-        _rla_bwd_apply_kernel[grid](src, grad_out, partial, grad_partial, grad_src, heads, index * heads, n_tokens,
-                                    per_chunk, chunks, eps, *_token_strides(src), *_token_strides(grad_out),
-                                    *_token_strides(grad_src), D=dim, D_PAD=d_pad, BLOCK_N=block)
+        backward_into(channel_major(src, dim), grad_out, _token_strides(grad_out), channel_major(grad_src, dim),
+                      index, dim, eps)
         grads.append(grad_src)
     return grads
+
+
+def backward_into(src: Heads, grad_out: torch.Tensor, g_strides: tuple[int, int, int], grads: Heads, index: int,
+                  dim: int, eps: float) -> None:
+    """Write the gradients of source ``src``'s q, k and v (head group ``index`` of ``grad_out``, whose (batch,
+    channel, token) strides are ``g_strides``) into the tensors of ``grads``."""
+    d_pad = dot_size(dim)
+    per_chunk, chunks = _chunking(src.n_tokens, src.batch * src.heads)
+    block = _heavy_block(d_pad, src.q.dtype)
+    partial = _partials(src, dim, per_chunk, chunks)
+    grad_partial = torch.empty_like(partial)
+    grid = (src.batch * src.heads, chunks)
+    _rla_bwd_reduce_kernel[grid](src.q, grad_out, partial, grad_partial, src.heads, index * src.heads, src.n_tokens,
+                                 per_chunk, chunks, eps, *src.strides, *g_strides, D=dim, D_PAD=d_pad, BLOCK_N=block)
+    _rla_bwd_apply_kernel[grid](src.q, src.k, src.v, grad_out, partial, grad_partial, grads.q, grads.k, grads.v,
+                                src.heads, index * src.heads, src.n_tokens, per_chunk, chunks, eps, *src.strides,
+                                *g_strides, *grads.strides, D=dim, D_PAD=d_pad, BLOCK_N=block)
 
 
 def compile_configs():
     """Every (kernel, signature, constexprs) the launchers above can request: CI compiles each one ahead of time
     for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
-    pointers = ("src", "out", "grad", "grad_src", "dw_w", "dw_b", "pw_w", "pw_b")
+    pointers = ("q", "k", "v", "src", "out", "grad", "grad_q", "grad_k", "grad_v", "dw_w", "dw_b", "pw_w", "pw_b")
     for dtype, ptr in POINTER_TYPES.items():
         for dim in HEAD_DIMS:
             plain = {"D": dim, "D_PAD": dot_size(dim), "BLOCK_N": BLOCK_N}
