@@ -42,13 +42,19 @@ def flattenable(t: torch.Tensor) -> bool:
     return t.dim() == 4 and (t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3))
 
 
-def _heavy_block(d_pad: int, dtype: torch.dtype) -> int:
+def _heavy_block(d_pad: int, dtype: torch.dtype, rotated: bool = False) -> int:
     """Token tile of the kernels that hold several fp32 tiles at once (the backward ones: four d×d matrices; the
     aggregated-source ones: the depthwise tile, its pointwise product and kv): wide heads take fewer tokens (at
-    d = 32 a 64-token tile spills registers on sm_90, and a 32-token one still does for fp32 inputs)."""
+    d = 32 a 64-token tile spills registers on sm_90, and a 32-token one still does for fp32 inputs, or with the
+    rotated form's two extra tiles)."""
     if d_pad <= 16:
         return BLOCK_N
-    return BLOCK_N // 4 if dtype == torch.float32 else BLOCK_N // 2
+    return BLOCK_N // 4 if dtype == torch.float32 or rotated else BLOCK_N // 2
+
+
+def _apply_block(d_pad: int, rotated: bool) -> int:
+    """Token tile of the forward apply pass: the rotated form's extra q tile spills at d = 32 with 64 tokens."""
+    return BLOCK_N // 2 if rotated and d_pad > 16 else BLOCK_N
 
 
 def _chunking(n_tokens: int, programs: int) -> tuple[int, int]:
@@ -95,27 +101,29 @@ def _store_partial(ptr, row, chunk, chunks, mat, vec, offs_d, D_PAD: tl.constexp
 
 
 @triton.jit
-def _output_terms(q, kv, z, eps, PRECISION: tl.constexpr):
-    """(numerator kvᵀq, denominator z·q + eps) in fp32 for a ReLU'd q tile (D_PAD, BLOCK_N)."""
-    qf = q.to(tl.float32)
-    num = tl.dot(tl.trans(kv), qf, input_precision=PRECISION)
-    den = tl.sum(z[:, None] * qf, axis=0) + eps
+def _output_terms(q_num, q, kv, z, eps, PRECISION: tl.constexpr):
+    """(numerator kvᵀ q_num, denominator z·q + eps) in fp32 for (D_PAD, BLOCK_N) tiles: ``q`` ReLU'd, ``q_num`` the
+    same tile or, in the rotated form, the rotated q."""
+    num = tl.dot(tl.trans(kv), q_num.to(tl.float32), input_precision=PRECISION)
+    den = tl.sum(z[:, None] * q.to(tl.float32), axis=0) + eps
     return num, den
 
 
 @triton.jit
-def _accumulate_kv(k, v, kv, z, PRECISION: tl.constexpr):
-    """kv + k vᵀ and z + Σ_n k for a ReLU'd k tile and a v tile (D_PAD, BLOCK_N), zero outside the tokens."""
-    kv += tl.dot(k, tl.trans(v), input_precision=PRECISION)
+def _accumulate_kv(k_num, k, v, kv, z, PRECISION: tl.constexpr):
+    """kv + k_num vᵀ and z + Σ_n k for (D_PAD, BLOCK_N) tiles, zero outside the tokens: ``k`` ReLU'd, ``k_num`` the
+    same tile or, in the rotated form, the rotated k."""
+    kv += tl.dot(k_num, tl.trans(v), input_precision=PRECISION)
     z += tl.sum(k.to(tl.float32), axis=1)
     return kv, z
 
 
 @triton.jit
-def _store_output(q, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n,
+def _store_output(q_num, q, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n,
                   PRECISION: tl.constexpr):
-    """Write kvᵀ q_n / (z·q_n + eps) for a ReLU'd q tile (D_PAD, BLOCK_N), rounded once to the output dtype."""
-    num, den = _output_terms(q, kv, z, eps, PRECISION)
+    """Write kvᵀ q_num_n / (z·q_n + eps) for (D_PAD, BLOCK_N) tiles (see :func:`_output_terms`), rounded once to
+    the output dtype."""
+    num, den = _output_terms(q_num, q, kv, z, eps, PRECISION)
     ptrs = out_base + offs_d[:, None] * out_stride_c + offs_n[None, :] * out_stride_n
     tl.store(ptrs, (num / den[None, :]).to(out_base.dtype.element_ty), mask=mask)
 
@@ -130,10 +138,10 @@ def _program_span(heads, per_chunk, n_tokens):
 
 
 @triton.jit
-def _rla_fwd_reduce_kernel(k, v, partial, heads, n_tokens, per_chunk, chunks,
+def _rla_fwd_reduce_kernel(k, v, rotated_k, partial, heads, n_tokens, per_chunk, chunks,
                            stride_b, stride_h, stride_role, stride_c, stride_n,
                            D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                           UPCAST: tl.constexpr):
+                           UPCAST: tl.constexpr, ROTATED: tl.constexpr):
     row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
     head_at = b * stride_b + h * stride_h
     offs_d = tl.arange(0, D_PAD)
@@ -144,36 +152,44 @@ def _rla_fwd_reduce_kernel(k, v, partial, heads, n_tokens, per_chunk, chunks,
         mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
         k_tile = _relu(_load_role(k + head_at, 1, offs_d, offs_n, mask, stride_role, stride_c, stride_n))
         v_tile = _load_role(v + head_at, 2, offs_d, offs_n, mask, stride_role, stride_c, stride_n)
+        k_num = k_tile
+        if ROTATED:
+            k_num = _load_role(rotated_k + head_at, 1, offs_d, offs_n, mask, stride_role, stride_c, stride_n)
         if UPCAST:
-            k_tile = k_tile.to(tl.float32)
+            k_num = k_num.to(tl.float32)
             v_tile = v_tile.to(tl.float32)
-        kv, z = _accumulate_kv(k_tile, v_tile, kv, z, PRECISION)
+        kv, z = _accumulate_kv(k_num, k_tile, v_tile, kv, z, PRECISION)
     _store_partial(partial, row, chunk, chunks, kv, z, offs_d, D_PAD)
 
 
 @triton.jit
-def _rla_fwd_apply_kernel(q, partial, out, heads, first_head, n_tokens, per_chunk, chunks, eps,
+def _rla_fwd_apply_kernel(q, rotated_q, partial, out, heads, first_head, n_tokens, per_chunk, chunks, eps,
                           stride_b, stride_h, stride_role, stride_c, stride_n, out_stride_b, out_stride_c,
                           out_stride_n, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                          PRECISION: tl.constexpr):
+                          PRECISION: tl.constexpr, ROTATED: tl.constexpr):
     row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
-    base = q + b * stride_b + h * stride_h
+    head_at = b * stride_b + h * stride_h
     out_base = out + b * out_stride_b + (first_head + h) * D * out_stride_c
     offs_d = tl.arange(0, D_PAD)
     kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
-        q_tile = _relu(_load_role(base, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n))
-        _store_output(q_tile, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n, PRECISION)
+        q_tile = _relu(_load_role(q + head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n))
+        q_num = q_tile
+        if ROTATED:
+            q_num = _load_role(rotated_q + head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n)
+        _store_output(q_num, q_tile, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n,
+                      PRECISION)
 
 
 @triton.jit
-def _rla_bwd_reduce_kernel(q, grad, partial, grad_partial, heads, first_head, n_tokens, per_chunk, chunks, eps,
-                           stride_b, stride_h, stride_role, stride_c, stride_n, g_stride_b, g_stride_c, g_stride_n,
-                           D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rla_bwd_reduce_kernel(q, rotated_q, grad, partial, grad_partial, heads, first_head, n_tokens, per_chunk,
+                           chunks, eps, stride_b, stride_h, stride_role, stride_c, stride_n, g_stride_b, g_stride_c,
+                           g_stride_n, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                           ROTATED: tl.constexpr):
     row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
-    base = q + b * stride_b + h * stride_h
+    head_at = b * stride_b + h * stride_h
     g_base = grad + b * g_stride_b + (first_head + h) * D * g_stride_c
     offs_d = tl.arange(0, D_PAD)
     kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
@@ -182,23 +198,28 @@ def _rla_bwd_reduce_kernel(q, grad, partial, grad_partial, heads, first_head, n_
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
-        q_tile = _relu(_load_role(base, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n)).to(tl.float32)
+        q_tile = _relu(_load_role(q + head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n))
+        q_tile = q_tile.to(tl.float32)
+        q_num = q_tile
+        if ROTATED:
+            q_num = _load_role(rotated_q + head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n)
+            q_num = q_num.to(tl.float32)
         g = tl.load(g_base + offs_d[:, None] * g_stride_c + offs_n[None, :] * g_stride_n, mask=mask,
                     other=0.0).to(tl.float32)
-        num, den = _output_terms(q_tile, kv, z, eps, "ieee")
+        num, den = _output_terms(q_num, q_tile, kv, z, eps, "ieee")
         gnum = g / den[None, :]
         gden = -tl.sum(gnum * num, axis=0) / den  # -(g·o)/den with o = num/den
-        gkv += tl.dot(q_tile, tl.trans(gnum), input_precision="ieee")
+        gkv += tl.dot(q_num, tl.trans(gnum), input_precision="ieee")
         gz += tl.sum(q_tile * gden[None, :], axis=1)
     _store_partial(grad_partial, row, chunk, chunks, gkv, gz, offs_d, D_PAD)
 
 
 @triton.jit
-def _rla_bwd_apply_kernel(q, k, v, grad, partial, grad_partial, grad_q, grad_k, grad_v, heads, first_head, n_tokens,
-                          per_chunk, chunks, eps, stride_b, stride_h, stride_role, stride_c, stride_n,
-                          g_stride_b, g_stride_c, g_stride_n,
+def _rla_bwd_apply_kernel(q, k, v, rotated_q, rotated_k, grad, partial, grad_partial, grad_q, grad_k, grad_v,
+                          grad_rotated_q, grad_rotated_k, heads, first_head, n_tokens, per_chunk, chunks, eps,
+                          stride_b, stride_h, stride_role, stride_c, stride_n, g_stride_b, g_stride_c, g_stride_n,
                           gs_stride_b, gs_stride_h, gs_stride_role, gs_stride_c, gs_stride_n,
-                          D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+                          D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, ROTATED: tl.constexpr):
     row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
     head_at = b * stride_b + h * stride_h
     g_base = grad + b * g_stride_b + (first_head + h) * D * g_stride_c
@@ -216,18 +237,31 @@ def _rla_bwd_apply_kernel(q, k, v, grad, partial, grad_partial, grad_q, grad_k, 
                     other=0.0).to(tl.float32)
         q_tile = _relu(q_raw)
         k_tile = _relu(k_raw)
-        num, den = _output_terms(q_tile, kv, z, eps, "ieee")
+        q_num = q_tile
+        k_num = k_tile
+        if ROTATED:
+            q_num = _load_role(rotated_q + head_at, 0, offs_d, offs_n, mask, stride_role, stride_c,
+                               stride_n).to(tl.float32)
+            k_num = _load_role(rotated_k + head_at, 1, offs_d, offs_n, mask, stride_role, stride_c,
+                               stride_n).to(tl.float32)
+        num, den = _output_terms(q_num, q_tile, kv, z, eps, "ieee")
         gnum = g / den[None, :]
         gden = -tl.sum(gnum * num, axis=0) / den
-        gq = tl.dot(kv, gnum, input_precision="ieee") + z[:, None] * gden[None, :]
-        gq = tl.where(q_raw > 0, gq, 0.0)
-        gk = tl.dot(gkv, v_tile, input_precision="ieee") + gz[:, None]
-        gk = tl.where(k_raw > 0, gk, 0.0)
-        gv = tl.dot(tl.trans(gkv), k_tile, input_precision="ieee")
+        gq_num = tl.dot(kv, gnum, input_precision="ieee")
+        gq = z[:, None] * gden[None, :]
+        gk_num = tl.dot(gkv, v_tile, input_precision="ieee")
+        gk = tl.zeros_like(gk_num) + gz[:, None]
+        gv = tl.dot(tl.trans(gkv), k_num, input_precision="ieee")
         ty = grad_q.dtype.element_ty
         at = gs_head_at + offs_d[:, None] * gs_stride_c + offs_n[None, :] * gs_stride_n
-        tl.store(grad_q + at, gq.to(ty), mask=mask)
-        tl.store(grad_k + gs_stride_role + at, gk.to(ty), mask=mask)
+        if ROTATED:  # the rotated tiles' gradients, without the ReLU's mask (they are used as given)
+            tl.store(grad_rotated_q + at, gq_num.to(ty), mask=mask)
+            tl.store(grad_rotated_k + gs_stride_role + at, gk_num.to(ty), mask=mask)
+        else:
+            gq += gq_num
+            gk += gk_num
+        tl.store(grad_q + at, tl.where(q_raw > 0, gq, 0.0).to(ty), mask=mask)
+        tl.store(grad_k + gs_stride_role + at, tl.where(k_raw > 0, gk, 0.0).to(ty), mask=mask)
         tl.store(grad_v + 2 * gs_stride_role + at, gv.to(ty), mask=mask)
 
 
@@ -284,7 +318,7 @@ def _rla_agg_fwd_reduce_kernel(src, dw_w, dw_b, pw_w, pw_b, partial, heads, heig
                                   stride_c, stride_n, has_dw_bias, has_pw_bias, 1, D, D_PAD, K, BLOCK_N, PRECISION))
         v = _aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, height, width,
                             stride_c, stride_n, has_dw_bias, has_pw_bias, 2, D, D_PAD, K, BLOCK_N, PRECISION)
-        kv, z = _accumulate_kv(k, v, kv, z, PRECISION)
+        kv, z = _accumulate_kv(k, k, v, kv, z, PRECISION)
     _store_partial(partial, row, chunk, chunks, kv, z, offs_d, D_PAD)
 
 
@@ -306,7 +340,7 @@ def _rla_agg_fwd_apply_kernel(src, dw_w, dw_b, pw_w, pw_b, partial, out, heads, 
         q = _relu(_aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, height, width,
                                   stride_c, stride_n, has_dw_bias, has_pw_bias, 0, D, D_PAD, K, BLOCK_N, PRECISION))
         mask = (offs_d < D)[:, None] & valid[None, :]
-        _store_output(q, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n, "ieee")
+        _store_output(q, q, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n, "ieee")
 
 
 def _token_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -316,8 +350,9 @@ def _token_strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 class Heads(NamedTuple):
     """Where the kernels find one source's q, k and v: the three tensors (one tensor three times in the
-    channel-major layout), the (batch, heads, tokens) they hold, and the strides (batch, head, role, channel,
-    token) that place element i of head h's role r at token n of batch b."""
+    channel-major layout), the (batch, heads, tokens) they hold, the strides (batch, head, role, channel, token)
+    that place element i of head h's role r at token n of batch b, and the rotated q and k of the video
+    transformer's form (None otherwise), read with the same strides."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -326,6 +361,16 @@ class Heads(NamedTuple):
     heads: int
     n_tokens: int
     strides: tuple[int, int, int, int, int]
+    rotated_q: torch.Tensor | None = None
+    rotated_k: torch.Tensor | None = None
+
+    @property
+    def rotated(self) -> bool:
+        return self.rotated_q is not None
+
+    def rotated_or_stand_ins(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotated q and k, or q and k as never-read stand-ins when there are none."""
+        return (self.rotated_q, self.rotated_k) if self.rotated else (self.q, self.k)
 
 
 def channel_major(src: torch.Tensor, dim: int) -> Heads:
@@ -336,11 +381,14 @@ def channel_major(src: torch.Tensor, dim: int) -> Heads:
                  (stride_b, 3 * dim * stride_c, dim * stride_c, stride_c, stride_n))
 
 
-def token_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dim: int) -> Heads:
-    """Sana's (B, N, heads·dim) q, k and v, as the projections leave them, with one set of strides."""
+def token_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dim: int, rotated_q: torch.Tensor | None = None,
+                rotated_k: torch.Tensor | None = None) -> Heads:
+    """Sana's (B, N, heads·dim) q, k and v (and the video form's rotated q and k), as the projections leave them,
+    all read with q's strides."""
     batch, n_tokens, channels = q.shape
     stride_b, stride_n, stride_c = q.stride()
-    return Heads(q, k, v, batch, channels // dim, n_tokens, (stride_b, dim * stride_c, 0, stride_c, stride_n))
+    return Heads(q, k, v, batch, channels // dim, n_tokens, (stride_b, dim * stride_c, 0, stride_c, stride_n),
+                 rotated_q, rotated_k)
 
 
 def token_major_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -359,8 +407,8 @@ def _partials(src: Heads, dim: int, per_chunk: int, chunks: int) -> torch.Tensor
     """Per-chunk fp32 partial sums of kv and z for every (batch, head) of one source."""
     partial = _empty_partials(src, dim, chunks)
     _rla_fwd_reduce_kernel[(partial.shape[0], chunks)](
-        src.k, src.v, partial, src.heads, src.n_tokens, per_chunk, chunks, *src.strides,
-        D=dim, D_PAD=dot_size(dim), BLOCK_N=BLOCK_N, **dot_mode(src.q.dtype))
+        src.k, src.v, src.rotated_or_stand_ins()[1], partial, src.heads, src.n_tokens, per_chunk, chunks,
+        *src.strides, D=dim, D_PAD=dot_size(dim), BLOCK_N=BLOCK_N, **dot_mode(src.q.dtype), ROTATED=src.rotated)
     return partial
 
 
@@ -377,8 +425,9 @@ def attend(src: Heads, out: torch.Tensor, out_strides: tuple[int, int, int], ind
     per_chunk, chunks = _chunking(src.n_tokens, src.batch * src.heads)
     partial = _partials(src, dim, per_chunk, chunks)
     _rla_fwd_apply_kernel[(src.batch * src.heads, chunks)](
-        src.q, partial, out, src.heads, index * src.heads, src.n_tokens, per_chunk, chunks, eps, *src.strides,
-        *out_strides, D=dim, D_PAD=dot_size(dim), BLOCK_N=BLOCK_N, PRECISION="ieee")
+        src.q, src.rotated_or_stand_ins()[0], partial, out, src.heads, index * src.heads, src.n_tokens, per_chunk,
+        chunks, eps, *src.strides, *out_strides, D=dim, D_PAD=dot_size(dim),
+        BLOCK_N=_apply_block(dot_size(dim), src.rotated), PRECISION="ieee", ROTATED=src.rotated)
 
 
 def forward(sources: list[torch.Tensor], dim: int, eps: float) -> torch.Tensor:
@@ -448,32 +497,39 @@ def backward(sources: list[torch.Tensor], grad_out: torch.Tensor, dim: int, eps:
 
 def backward_into(src: Heads, grad_out: torch.Tensor, g_strides: tuple[int, int, int], grads: Heads, index: int,
                   dim: int, eps: float) -> None:
-    """Write the gradients of source ``src``'s q, k and v (head group ``index`` of ``grad_out``, whose (batch,
-    channel, token) strides are ``g_strides``) into the tensors of ``grads``."""
+    """Write the gradients of source ``src``'s q, k and v (and rotated q and k) (head group ``index`` of
+    ``grad_out``, whose (batch, channel, token) strides are ``g_strides``) into the tensors of ``grads``."""
     d_pad = dot_size(dim)
     per_chunk, chunks = _chunking(src.n_tokens, src.batch * src.heads)
-    block = _heavy_block(d_pad, src.q.dtype)
+    block = _heavy_block(d_pad, src.q.dtype, src.rotated)
     partial = _partials(src, dim, per_chunk, chunks)
     grad_partial = torch.empty_like(partial)
     grid = (src.batch * src.heads, chunks)
-    _rla_bwd_reduce_kernel[grid](src.q, grad_out, partial, grad_partial, src.heads, index * src.heads, src.n_tokens,
-                                 per_chunk, chunks, eps, *src.strides, *g_strides, D=dim, D_PAD=d_pad, BLOCK_N=block)
-    _rla_bwd_apply_kernel[grid](src.q, src.k, src.v, grad_out, partial, grad_partial, grads.q, grads.k, grads.v,
-                                src.heads, index * src.heads, src.n_tokens, per_chunk, chunks, eps, *src.strides,
-                                *g_strides, *grads.strides, D=dim, D_PAD=d_pad, BLOCK_N=block)
+    constexprs = dict(D=dim, D_PAD=d_pad, BLOCK_N=block, ROTATED=src.rotated)
+    rotated_q, rotated_k = src.rotated_or_stand_ins()
+    _rla_bwd_reduce_kernel[grid](src.q, rotated_q, grad_out, partial, grad_partial, src.heads, index * src.heads,
+                                 src.n_tokens, per_chunk, chunks, eps, *src.strides, *g_strides, **constexprs)
+    _rla_bwd_apply_kernel[grid](src.q, src.k, src.v, rotated_q, rotated_k, grad_out, partial, grad_partial,
+                                grads.q, grads.k, grads.v, *grads.rotated_or_stand_ins(), src.heads,
+                                index * src.heads, src.n_tokens, per_chunk, chunks, eps, *src.strides, *g_strides,
+                                *grads.strides, **constexprs)
 
 
 def compile_configs():
     """Every (kernel, signature, constexprs) the launchers above can request: CI compiles each one ahead of time
     for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
-    pointers = ("q", "k", "v", "src", "out", "grad", "grad_q", "grad_k", "grad_v", "dw_w", "dw_b", "pw_w", "pw_b")
+    pointers = ("q", "k", "v", "rotated_q", "rotated_k", "src", "out", "grad", "grad_q", "grad_k", "grad_v",
+                "grad_rotated_q", "grad_rotated_k", "dw_w", "dw_b", "pw_w", "pw_b")
     for dtype, ptr in POINTER_TYPES.items():
         for dim in HEAD_DIMS:
             plain = {"D": dim, "D_PAD": dot_size(dim), "BLOCK_N": BLOCK_N}
-            backward = {**plain, "BLOCK_N": _heavy_block(plain["D_PAD"], dtype)}
-            configs = [(_rla_fwd_reduce_kernel, {**plain, **dot_mode(dtype)}),
-                       (_rla_fwd_apply_kernel, {**plain, "PRECISION": "ieee"}),
-                       (_rla_bwd_reduce_kernel, backward), (_rla_bwd_apply_kernel, backward)]
+            configs = []
+            for rotated in (False, True):
+                backward = {**plain, "BLOCK_N": _heavy_block(plain["D_PAD"], dtype, rotated), "ROTATED": rotated}
+                configs += [(_rla_fwd_reduce_kernel, {**plain, **dot_mode(dtype), "ROTATED": rotated}),
+                            (_rla_fwd_apply_kernel, {**plain, "BLOCK_N": _apply_block(plain["D_PAD"], rotated),
+                                                     "PRECISION": "ieee", "ROTATED": rotated}),
+                            (_rla_bwd_reduce_kernel, backward), (_rla_bwd_apply_kernel, backward)]
             configs += [(kernel, _aggregated_constexprs(dim, dtype, k))
                         for kernel in (_rla_agg_fwd_reduce_kernel, _rla_agg_fwd_apply_kernel)
                         for k in AGGREGATION_KERNEL_SIZES]
