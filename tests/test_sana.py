@@ -42,20 +42,28 @@ def _patched(model, backend="auto"):
     return patched, report
 
 
+def _swapped_processors(report) -> int:
+    return sum(path.endswith(".processor") for path, _, _ in report.swapped)
+
+
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_eval_matches_and_every_linear_attention_processor_is_swapped(name, backend, op_runs):
     build, inputs = MODELS[name]
     model = build()
     patched, report = _patched(model, backend)
-    assert _linear_processors(model) == len(model.transformer_blocks) == len(report.swapped), str(report)
+    assert _linear_processors(model) == len(model.transformer_blocks) == _swapped_processors(report), str(report)
     assert _linear_processors(patched) == 0
-    assert all(path.endswith("attn1.processor") for path, _, _ in report.swapped)
+    assert all(path.endswith("attn1.processor") for path, _, _ in report.swapped if path.endswith(".processor"))
+    rms_norms = sum(type(m).__name__ == "RMSNorm" for m in model.modules())
+    assert rms_norms > 0 and sum(type(m).__name__ == "RMSNorm" for m in patched.modules()) == 0
     x = inputs()
     with torch.no_grad():
         expected, got = model(**x).sample, patched(**x).sample
     assert torch.isfinite(got).all() and rel_err(got, expected) < 1e-4
-    assert op_runs == [(OP, "torch" if backend == "auto" else "triton")] * len(model.transformer_blocks)
+    ran = "torch" if backend == "auto" else "triton"
+    assert [run for run in op_runs if run[0] == OP] == [(OP, ran)] * len(model.transformer_blocks)
+    assert {run for run in op_runs if run[0] != OP} == {("rms_norm", ran)}  # the caption and q/k norms
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
@@ -128,7 +136,7 @@ def test_lora_added_before_or_after_patch_trains_the_same(when, backend):
     if when == "before":
         _add_lora(model)
     report = evit_kernels.patch(model, backend=backend)
-    assert len(report.swapped) == len(base.transformer_blocks)
+    assert _swapped_processors(report) == len(base.transformer_blocks)
     if when == "after":
         _add_lora(model)
     assert type(model.transformer_blocks[0].attn1.to_q).__module__.startswith("peft.")
@@ -164,7 +172,7 @@ def test_state_dict_unpatch_idempotence_and_set_attn_processor():
     assert not any(isinstance(p, FusedProcessor) for p in model.attn_processors.values())
     with torch.no_grad():
         assert rel_err(model(**x).sample, expected) < 1e-6
-    assert len(evit_kernels.patch(model).swapped) == len(report.swapped)
+    assert len(evit_kernels.patch(model).swapped) == _swapped_processors(report)
 
     model.set_attn_processor(dict(originals))  # (it empties the dict it is given)
     evit_kernels.patch(model)

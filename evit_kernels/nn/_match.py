@@ -16,6 +16,7 @@ TIMM_MIT = "timm.models.efficientvit_mit"
 TIMM_MSRA = "timm.models.efficientvit_msra"
 MIT_HAN_LAB = ("efficientsam.models.nn.ops", "efficientvit.models.nn.ops")
 DIFFUSERS_ATTENTION = "diffusers.models.attention_processor"
+DIFFUSERS_NORMALIZATION = "diffusers.models.normalization"
 DIFFUSERS_SANA_VIDEO = "diffusers.models.transformers.transformer_sana_video"
 PACKAGED = ("timm.", "efficientsam.", "efficientvit.", "torch.", "diffusers.")
 """Packages whose classes only the matches naming their exact module may match."""
