@@ -16,6 +16,16 @@ Backward (g = ∂L/∂out): with den_n = z·q_n + eps, o_n = out_n, gnum_n = g_n
 gden_n = -(g_n·o_n) / den_n, the reduction pass accumulates gkv = Σ_n q_n gnum_nᵀ and gz = Σ_n q_n gden_n; the
 apply pass writes ∂q_n = (kv gnum_n + z gden_n)·[q_n > 0], ∂k_n = (gkv v_n + gz)·[k_n > 0], ∂v_n = gkvᵀ k_n.
 
+Layouts (:class:`Heads`): the kernels read q, k and v through three pointers and the strides (batch, head, role,
+channel, token). LiteMLA's map passes one tensor three times with the role stride d·(channel stride)
+(:func:`channel_major`); Sana's token-major (B, N, heads·d) projections pass three tensors with role stride 0 and
+channel stride 1 (:func:`token_major`), read where the projections leave them, without transposes.
+
+Rotated form (``ROTATED``, Sana-Video): the numerator takes given tensors q̃, k̃ (the rotary embedding of the
+ReLU'd q and k, used as they are) in place of q and k, kv = Σ_n k̃_n v_nᵀ and kvᵀ q̃_n, while z and the
+denominator keep the ReLU'd q and k. The backward splits accordingly: ∂q̃_n = kv gnum_n, ∂q_n = z gden_n·[q_n > 0],
+gkv = Σ_n q̃_n gnum_nᵀ, ∂k̃_n = gkv v_n, ∂k_n = gz·[k_n > 0], ∂v_n = gkvᵀ k̃_n.
+
 Aggregated sources (inference, :func:`forward_aggregated`): an aggregated map is a depthwise K×K conv of qkv
 (zero padding K//2) followed by one d×d matrix per (head, role), so each token tile of one head's q, k or v is
 computed on the fly from qkv (K² masked neighbour loads of that role's d channels, then a d×d dot) and the map
