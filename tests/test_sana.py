@@ -212,3 +212,26 @@ def test_compiled_patched_transformer_block_is_one_graph():
     with torch.no_grad():
         assert rel_err(compiled(*captured["args"]), block(*captured["args"])) < 1e-4
     assert nodes.count(f"evit.{OP}") == 1, nodes
+
+
+def test_patch_on_a_pipelines_transformer_and_vae():
+    """SanaPipeline (no text encoder: the prompt embeddings are given) patched through pipe.transformer and pipe.vae
+    gives the same latents and images."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
+
+    from tests.diffusers_models import autoencoder_dc
+
+    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=autoencoder_dc(), transformer=sana_transformer(),
+                        scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    embeds = {"prompt_embeds": torch.randn(1, 3, 8), "prompt_attention_mask": torch.ones(1, 3),
+              "negative_prompt_embeds": torch.randn(1, 3, 8), "negative_prompt_attention_mask": torch.ones(1, 3)}
+
+    def run(output_type):
+        return pipe(**embeds, negative_prompt=None, num_inference_steps=2, height=32, width=32, output_type=output_type,
+                    use_resolution_binning=False, generator=torch.Generator().manual_seed(0)).images
+
+    expected = {kind: run(kind) for kind in ("latent", "pt")}
+    assert evit_kernels.patch(pipe.transformer).swapped and evit_kernels.patch(pipe.vae).swapped
+    for kind, image in expected.items():
+        assert rel_err(run(kind), image) < 1e-4, kind
