@@ -49,12 +49,26 @@ def sana_video_attention(q, k, v, rotated_q, rotated_k, heads, eps=EPS):
     return out.flatten(1, 2).transpose(1, 2).to(q.dtype)
 
 
+def rotate(t, angles):
+    """``t`` (B, N, C) with each channel pair (2i, 2i+1) rotated by ``angles`` (N, C/2), as a rotary embedding."""
+    x1, x2 = t.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = angles.cos().to(t.dtype), angles.sin().to(t.dtype)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+def with_rotated(q, k, v):
+    """q, k, v and the video form's rotated q and k: the rotary embedding of the ReLU'd q and k, as the processor
+    makes them (unrelated random tensors would let a token whose ReLU'd q is 0 divide a nonzero numerator by eps)."""
+    angles = torch.rand(max(q.shape[1], k.shape[1]), q.shape[2] // 2, dtype=torch.float64, device=q.device) * 6.3
+    return [q, k, v, rotate(F.relu(q), angles[:q.shape[1]]), rotate(F.relu(k), angles[:k.shape[1]])]
+
+
 def make(batch, tokens, heads, dim, dtype=torch.float64, scale=1.0, kv_tokens=None, rotated=False):
     """q (B, N, heads·dim), k and v (B, M, heads·dim) and, for the rotated form, rotated q and k."""
     shapes = [(batch, tokens), (batch, kv_tokens or tokens), (batch, kv_tokens or tokens)]
-    shapes += shapes[:2] if rotated else []
-    return [(torch.randn(*shape, heads * dim, dtype=torch.float64, device=DEVICE) * scale).to(dtype)
-            for shape in shapes]
+    q, k, v = [(torch.randn(*shape, heads * dim, dtype=torch.float64, device=DEVICE) * scale).to(dtype)
+               for shape in shapes]
+    return with_rotated(q, k, v) if rotated else [q, k, v]
 
 
 def attention(tensors, heads, backend="auto", eps=EPS):
