@@ -14,7 +14,7 @@ MODEL ?= efficientvit_b1
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) $(QUIET_PIP)
-	$(PY) -m pip install -q timm efficientsam pytest pytest-benchmark ninja ruff setuptools wheel onnx onnxruntime hypothesis $(QUIET_PIP)
+	$(PY) -m pip install -q timm efficientsam diffusers peft pytest pytest-benchmark ninja ruff setuptools wheel onnx onnxruntime hypothesis $(QUIET_PIP)
 	# --no-build-isolation: build against the torch installed above, not a fresh copy in an isolated env
 	$(PY) -m pip install -v --no-build-isolation --no-deps -e . > $(VENV)/build.log 2>&1 || (cat $(VENV)/build.log; exit 1)
 	grep -E "evit_kernels:|/nvcc |c\+\+ .*csrc|Successfully installed" $(VENV)/build.log | cut -c1-160

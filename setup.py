@@ -99,8 +99,9 @@ if __name__ == "__main__":  # setuptools' build backend runs this file as __main
         python_requires=">=3.10",
         install_requires=["torch>=2.5"],
         extras_require={
-            "models": ["timm>=1.0", "efficientsam"],
-            "test": ["pytest", "pytest-benchmark", "hypothesis", "onnx", "onnxruntime", "timm>=1.0", "efficientsam"],
+            "models": ["timm>=1.0", "efficientsam", "diffusers", "peft"],
+            "test": ["pytest", "pytest-benchmark", "hypothesis", "onnx", "onnxruntime", "timm>=1.0", "efficientsam",
+                     "diffusers", "peft"],
         },
         entry_points={"console_scripts": ["evit-kernels=evit_kernels.__main__:main"]},
         **extension_kwargs(),

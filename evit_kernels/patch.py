@@ -3,8 +3,9 @@
 Each fused class owns what it replaces (``MATCHES``, see :mod:`evit_kernels.nn._match`): a module is swapped only
 when its class is defined where a match says (``type(m).__module__``), carries every attribute the match lists and
 holds the children it names; the fused constructor then checks the configuration and refuses (``Unsupported``)
-what it cannot compute exactly. This module only walks the model and asks :data:`FUSED_CLASSES`. Anything else is
-left untouched, and the report says why when the class name looked like ours.
+what it cannot compute exactly. The attention processors that diffusers' attention modules hold (``processor``, not a
+module) are swapped the same way, by :data:`FUSED_PROCESSORS`. This module only walks the model and asks those
+classes. Anything else is left untouched, and the report says why when the class name looked like ours.
 """
 
 from __future__ import annotations
@@ -16,22 +17,27 @@ import torch
 from torch import nn
 
 from evit_kernels import dispatch
-from evit_kernels.nn._base import FusedModule, Unsupported, unfused
+from evit_kernels.nn._base import FusedModule, FusedProcessor, Unsupported, unfused
 from evit_kernels.nn._fold import uses_running_stats
 from evit_kernels.nn._match import recognise
 from evit_kernels.nn.cascaded_group_attention import FusedCascadedGroupAttention, FusedLocalWindowAttention
 from evit_kernels.nn.conv_block import FusedConvBlock
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct, FusedResidualConvNorm
 from evit_kernels.nn.ffn import FusedResidualFFN
-from evit_kernels.nn.lite_mla import FusedLiteMLA
+from evit_kernels.nn.lite_mla import FusedLiteMLA, FusedSanaMultiscaleLinearAttention
 from evit_kernels.nn.norm_linear import FusedNormLinear
+from evit_kernels.nn.rms_norm import FusedRMSNorm
+from evit_kernels.nn.sana_attention import FusedSanaLinearAttnProcessor, FusedSanaVideoLinearAttnProcessor
 
 FUSED_CLASSES: tuple[type[FusedModule], ...] = (
     FusedLiteMLA, FusedLocalWindowAttention, FusedCascadedGroupAttention, FusedResidualFFN, FusedResidualConvNorm,
-    FusedConvBlock, FusedConvNormAct, FusedNormLinear,
+    FusedConvBlock, FusedConvNormAct, FusedNormLinear, FusedRMSNorm, FusedSanaMultiscaleLinearAttention,
 )
 """The drop-ins :func:`patch` swaps in, each recognising its originals by its own ``MATCHES`` (tried in order)."""
 _FUSED_CLASS_OF = {match: fused for fused in FUSED_CLASSES for match in fused.MATCHES}
+FUSED_PROCESSORS: tuple[type[FusedProcessor], ...] = (FusedSanaLinearAttnProcessor, FusedSanaVideoLinearAttnProcessor)
+"""The drop-in attention processors :func:`patch` swaps into the attention modules holding their originals."""
+_FUSED_PROCESSOR_OF = {match: fused for fused in FUSED_PROCESSORS for match in fused.MATCHES}
 
 
 @dataclass
@@ -74,7 +80,26 @@ def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
                         "swap: patch the model containing it, or wrap it (e.g. nn.Sequential(module))")
     report = PatchReport()
     _patch_children(model, "", backend, report)
+    for path, module in model.named_modules():
+        _patch_processor(module, path, backend, report)
     return report
+
+
+def _patch_processor(module: nn.Module, path: str, backend: str, report: PatchReport) -> None:
+    """Swap the attention processor that ``module`` holds, when one of :data:`FUSED_PROCESSORS` recognises it."""
+    attribute = FusedProcessor.HOLDER_ATTRIBUTE
+    processor = module.__dict__.get(attribute)  # a plain attribute: a processor that is a module is not ours
+    if processor is None or isinstance(processor, FusedProcessor):
+        return
+    match, reason = recognise(processor, _FUSED_PROCESSOR_OF)
+    where = f"{path}.{attribute}" if path else attribute
+    if match is None:
+        if reason:
+            report.skipped.append((where, reason))
+        return
+    fused = _FUSED_PROCESSOR_OF[match](processor, backend)
+    setattr(module, attribute, fused)
+    report.swapped.append((where, f"{type(processor).__module__}.{type(processor).__name__}", type(fused).__name__))
 
 
 def _patch_children(parent: nn.Module, prefix: str, backend: str, report: PatchReport) -> None:
@@ -126,12 +151,22 @@ def _bypassed_hooks(module: nn.Module) -> str | None:
 
 
 def unpatch(model: nn.Module) -> int:
-    """Put back the original module objects that :func:`patch` replaced; returns how many."""
+    """Put back the original module and processor objects that :func:`patch` replaced; returns how many."""
+    restored = 0
+    for module in model.modules():
+        processor = module.__dict__.get(FusedProcessor.HOLDER_ATTRIBUTE)
+        if isinstance(processor, FusedProcessor):
+            setattr(module, FusedProcessor.HOLDER_ATTRIBUTE, processor.restore())
+            restored += 1
+    return restored + _unpatch_modules(model)
+
+
+def _unpatch_modules(model: nn.Module) -> int:
     restored = 0
     for name, child in list(model._modules.items()):
         if child is None:
             continue
-        restored += unpatch(child)
+        restored += _unpatch_modules(child)
         if isinstance(child, FusedModule):
             model._modules[name] = child.restore()
             restored += 1

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
     ("timm_inference.py", ["--model", "efficientvit_b0", "--batch", "1", "--res", "64"], "max |patched - eager|"),
     ("train_patched.py", ["--model", "efficientvit_m0", "--steps", "3", "--batch", "4", "--res", "64"], "step 2"),
     ("sam_encoder.py", ["--batch", "1", "--res", "128"], "image embeddings (1, 256, 64, 64)"),
+    ("sana_lora.py", ["--steps", "3", "--batch", "1", "--res", "4"], "decoded (1, 3, 8, 8)"),
 ])
 def test_example_runs(script, args, expect, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", [script, *args])

@@ -26,10 +26,13 @@ from evit_kernels.ops.ffn import FfnArgs, ffn, ffn_reference
 from evit_kernels.ops.relu_linear_attention import (
     AggregatedArgs,
     ReluLinearAttentionArgs,
+    TokenMajorArgs,
     relu_linear_attention,
     relu_linear_attention_aggregated,
     relu_linear_attention_aggregated_reference,
     relu_linear_attention_reference,
+    relu_linear_attention_tokens,
+    relu_linear_attention_tokens_reference,
 )
 from evit_kernels.triton.cascaded_group_attention import MAX_RESOLUTION
 from evit_kernels.triton.relu_linear_attention import AGGREGATION_KERNEL_SIZES, HEAD_DIMS
@@ -40,6 +43,7 @@ from tests.test_conv_block import _double as _double_block
 from tests.test_conv_block import _inputs as _block_inputs
 from tests.test_conv_block import _terms as _block_terms
 from tests.test_lite_mla_fused_aggregation import _inputs as _aggregation_inputs
+from tests.test_relu_linear_attention_tokens import with_rotated
 
 pytestmark = pytest.mark.numerics
 
@@ -148,6 +152,26 @@ def test_relu_linear_attention_forward_and_gradients(dtype, channels_last, batch
         return
     _check_forward_and_gradients(run, lambda t: relu_linear_attention_reference(
         ReluLinearAttentionArgs(t[0], t[1:], dim, 1e-5)), sources, dtype, terms=height * width + dim)
+
+
+@FUZZ
+@given(dtype=DTYPES, rotated=st.booleans(), batch=st.integers(1, 2), heads=st.integers(1, 3),
+       dim=st.sampled_from([4, 8, 16, 32]), tokens=st.integers(2, 40))
+def test_relu_linear_attention_tokens_forward_and_gradients(dtype, rotated, batch, heads, dim, tokens):
+    """Sana's layout, (B, N, heads·d) projections, and the video form's rotated q and k (slices of one fused
+    projection: tests/test_relu_linear_attention_tokens.py). One token is left out: the gradients of q and k are
+    then 0 in exact arithmetic, and both sides return rounding noise."""
+    tensors = [_randn(batch, tokens, heads * dim).to(dtype) for _ in range(3)]
+    tensors = with_rotated(*tensors) if rotated else tensors
+
+    def run(backend, t):
+        return relu_linear_attention_tokens(*t[:3], heads, 1e-15, *t[3:], backend=backend)
+
+    if dim not in HEAD_DIMS:
+        _refused(lambda: run("triton", tensors))
+        return
+    _check_forward_and_gradients(run, lambda t: relu_linear_attention_tokens_reference(
+        TokenMajorArgs(*t[:3], *(t[3:] or (None, None)), heads, 1e-15)), tensors, dtype, terms=tokens + dim)
 
 
 @FUZZ

@@ -13,13 +13,21 @@ from evit_kernels import dispatch
 from evit_kernels.ops.cascaded_group_attention import WindowAttentionArgs, window_attention, window_attention_reference
 from evit_kernels.ops.relu_linear_attention import (
     ReluLinearAttentionArgs,
+    TokenMajorArgs,
     relu_linear_attention,
     relu_linear_attention_reference,
+    relu_linear_attention_tokens,
+    relu_linear_attention_tokens_reference,
 )
+from tests.test_relu_linear_attention_tokens import with_rotated
 
 
 def _attention_inputs():
     return [torch.randn(2, 3 * 2 * 8, 3, 5), torch.randn(2, 3 * 2 * 8, 3, 5)]
+
+
+def _token_inputs():  # q, k, v, rotated q, rotated k: the video form, every gradient path
+    return with_rotated(*[torch.randn(2, 7, 2 * 8) for _ in range(3)])
 
 
 def _window_inputs():
@@ -30,6 +38,9 @@ CASES = {
     "relu_linear_attention": (_attention_inputs, lambda t, backend: relu_linear_attention(
         t[0], t[1:], 8, 1e-5, backend=backend),
         lambda t: relu_linear_attention_reference(ReluLinearAttentionArgs(t[0], t[1:], 8, 1e-5))),
+    "relu_linear_attention_tokens": (_token_inputs, lambda t, backend: relu_linear_attention_tokens(
+        *t[:3], 2, 1e-15, *t[3:], backend=backend),
+        lambda t: relu_linear_attention_tokens_reference(TokenMajorArgs(*t, 2, 1e-15))),
     "window_attention": (_window_inputs, lambda t, backend: window_attention(*t, 4, 0.25, backend=backend),
                          lambda t: window_attention_reference(WindowAttentionArgs(*t, 4, 0.25))),
 }

@@ -10,8 +10,9 @@ import evit_kernels
 from evit_kernels import dispatch
 from evit_kernels.info import format_info
 
-EXPECTED_OPS = {"relu_linear_attention", "relu_linear_attention_aggregated", "multiscale_aggregation",
-                "cascaded_group_attention", "window_attention", "conv_bn_act", "conv_block", "ffn"}
+EXPECTED_OPS = {"relu_linear_attention", "relu_linear_attention_aggregated", "relu_linear_attention_tokens",
+                "multiscale_aggregation", "cascaded_group_attention", "window_attention", "conv_bn_act", "conv_block",
+                "ffn", "rms_norm"}
 CUDA_OPS = {"cascaded_group_attention", "conv_bn_act"}  # the ops with a kernel in csrc/
 
 

@@ -137,6 +137,43 @@ class FusedModule(nn.Module):
         return f"backend={self.backend!r}, replaces={type(self.original).__module__}.{type(self.original).__qualname__}"
 
 
+class FusedProcessor:
+    """Base of the drop-in attention processors (``Fused<Original>Processor``).
+
+    diffusers' attention modules run their math through a processor object they hold in ``processor`` (not a
+    child module, not in the ``state_dict``); the module itself, its projections and any adapters on them stay as
+    they are, and the fused processor calls them as the original does. :func:`evit_kernels.patch` swaps a
+    processor its class's ``MATCHES`` recognise, :func:`evit_kernels.unpatch` puts the original object back, and
+    ``set_attn_processor`` / ``set_processor`` replace it as they would the original.
+    """
+
+    MATCHES: tuple[Match, ...] = ()
+    """The original processors :func:`evit_kernels.patch` swaps for this class."""
+
+    HOLDER_ATTRIBUTE = "processor"
+    """The attribute of an attention module that holds its processor."""
+
+    def __init__(self, original: object, backend: str = "auto"):
+        self.original = original
+        self.backend = backend
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, request: str) -> None:
+        self._backend = dispatch.check_request(request)  # a bad request fails here, not mid-forward
+
+    def restore(self) -> object:
+        """The original processor (processors hold no state to carry over)."""
+        return self.original
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(backend={self.backend!r}, "
+                f"replaces={type(self.original).__module__}.{type(self.original).__qualname__})")
+
+
 def residual_matches(timm_block: Match, cream_block: Match) -> tuple[Match, Match]:
     """The ``x + m(x)`` wrappers around a block: timm ``ResidualDrop`` holding ``timm_block``, Cream ``Residual``
     holding ``cream_block``."""

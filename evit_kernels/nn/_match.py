@@ -15,7 +15,10 @@ from torch import nn
 TIMM_MIT = "timm.models.efficientvit_mit"
 TIMM_MSRA = "timm.models.efficientvit_msra"
 MIT_HAN_LAB = ("efficientsam.models.nn.ops", "efficientvit.models.nn.ops")
-PACKAGED = ("timm.", "efficientsam.", "efficientvit.", "torch.")
+DIFFUSERS_ATTENTION = "diffusers.models.attention_processor"
+DIFFUSERS_NORMALIZATION = "diffusers.models.normalization"
+DIFFUSERS_SANA_VIDEO = "diffusers.models.transformers.transformer_sana_video"
+PACKAGED = ("timm.", "efficientsam.", "efficientvit.", "torch.", "diffusers.")
 """Packages whose classes only the matches naming their exact module may match."""
 
 

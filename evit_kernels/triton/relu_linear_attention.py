@@ -16,6 +16,16 @@ Backward (g = ∂L/∂out): with den_n = z·q_n + eps, o_n = out_n, gnum_n = g_n
 gden_n = -(g_n·o_n) / den_n, the reduction pass accumulates gkv = Σ_n q_n gnum_nᵀ and gz = Σ_n q_n gden_n; the
 apply pass writes ∂q_n = (kv gnum_n + z gden_n)·[q_n > 0], ∂k_n = (gkv v_n + gz)·[k_n > 0], ∂v_n = gkvᵀ k_n.
 
+Layouts (:class:`Heads`): the kernels read q, k and v through three pointers and the strides (batch, head, role,
+channel, token). LiteMLA's map passes one tensor three times with the role stride d·(channel stride)
+(:func:`channel_major`); Sana's token-major (B, N, heads·d) projections pass three tensors with role stride 0 and
+channel stride 1 (:func:`token_major`), read where the projections leave them, without transposes.
+
+Rotated form (``ROTATED``, Sana-Video): the numerator takes given tensors q̃, k̃ (the rotary embedding of the
+ReLU'd q and k, used as they are) in place of q and k, kv = Σ_n k̃_n v_nᵀ and kvᵀ q̃_n, while z and the
+denominator keep the ReLU'd q and k. The backward splits accordingly: ∂q̃_n = kv gnum_n, ∂q_n = z gden_n·[q_n > 0],
+gkv = Σ_n q̃_n gnum_nᵀ, ∂k̃_n = gkv v_n, ∂k_n = gz·[k_n > 0], ∂v_n = gkvᵀ k̃_n.
+
 Aggregated sources (inference, :func:`forward_aggregated`): an aggregated map is a depthwise K×K conv of qkv
 (zero padding K//2) followed by one d×d matrix per (head, role), so each token tile of one head's q, k or v is
 computed on the fly from qkv (K² masked neighbour loads of that role's d channels, then a d×d dot) and the map
@@ -24,6 +34,8 @@ only q. The kv/z accumulation and the output are the same helpers as for a store
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -40,13 +52,19 @@ def flattenable(t: torch.Tensor) -> bool:
     return t.dim() == 4 and (t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3))
 
 
-def _heavy_block(d_pad: int, dtype: torch.dtype) -> int:
+def _heavy_block(d_pad: int, dtype: torch.dtype, rotated: bool = False) -> int:
     """Token tile of the kernels that hold several fp32 tiles at once (the backward ones: four d×d matrices; the
     aggregated-source ones: the depthwise tile, its pointwise product and kv): wide heads take fewer tokens (at
-    d = 32 a 64-token tile spills registers on sm_90, and a 32-token one still does for fp32 inputs)."""
+    d = 32 a 64-token tile spills registers on sm_90, and a 32-token one still does for fp32 inputs, or with the
+    rotated form's two extra tiles)."""
     if d_pad <= 16:
         return BLOCK_N
-    return BLOCK_N // 4 if dtype == torch.float32 else BLOCK_N // 2
+    return BLOCK_N // 4 if dtype == torch.float32 or rotated else BLOCK_N // 2
+
+
+def _apply_block(d_pad: int, rotated: bool) -> int:
+    """Token tile of the forward apply pass: the rotated form's extra q tile spills at d = 32 with 64 tokens."""
+    return BLOCK_N // 2 if rotated and d_pad > 16 else BLOCK_N
 
 
 def _chunking(n_tokens: int, programs: int) -> tuple[int, int]:
@@ -64,9 +82,11 @@ def _relu(x):
 
 
 @triton.jit
-def _load_role(base, role, offs_d, offs_n, mask, stride_c, stride_n, D: tl.constexpr):
-    """The (D_PAD, BLOCK_N) tile of role 0 (q), 1 (k) or 2 (v) of one head, zero outside ``mask``."""
-    ptrs = base + (role * D + offs_d)[:, None] * stride_c + offs_n[None, :] * stride_n
+def _load_role(base, role, offs_d, offs_n, mask, stride_role, stride_c, stride_n):
+    """The (D_PAD, BLOCK_N) tile of role 0 (q), 1 (k) or 2 (v) of one head, zero outside ``mask``: ``base`` is the
+    role's tensor at the head's first channel (one tensor for all three roles with ``stride_role`` between them in
+    the channel-major layout, three tensors with ``stride_role`` 0 in the token-major one)."""
+    ptrs = base + role * stride_role + offs_d[:, None] * stride_c + offs_n[None, :] * stride_n
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
@@ -91,27 +111,29 @@ def _store_partial(ptr, row, chunk, chunks, mat, vec, offs_d, D_PAD: tl.constexp
 
 
 @triton.jit
-def _output_terms(q, kv, z, eps, PRECISION: tl.constexpr):
-    """(numerator kvᵀq, denominator z·q + eps) in fp32 for a ReLU'd q tile (D_PAD, BLOCK_N)."""
-    qf = q.to(tl.float32)
-    num = tl.dot(tl.trans(kv), qf, input_precision=PRECISION)
-    den = tl.sum(z[:, None] * qf, axis=0) + eps
+def _output_terms(q_num, q, kv, z, eps, PRECISION: tl.constexpr):
+    """(numerator kvᵀ q_num, denominator z·q + eps) in fp32 for (D_PAD, BLOCK_N) tiles: ``q`` ReLU'd, ``q_num`` the
+    same tile or, in the rotated form, the rotated q."""
+    num = tl.dot(tl.trans(kv), q_num.to(tl.float32), input_precision=PRECISION)
+    den = tl.sum(z[:, None] * q.to(tl.float32), axis=0) + eps
     return num, den
 
 
 @triton.jit
-def _accumulate_kv(k, v, kv, z, PRECISION: tl.constexpr):
-    """kv + k vᵀ and z + Σ_n k for a ReLU'd k tile and a v tile (D_PAD, BLOCK_N), zero outside the tokens."""
-    kv += tl.dot(k, tl.trans(v), input_precision=PRECISION)
+def _accumulate_kv(k_num, k, v, kv, z, PRECISION: tl.constexpr):
+    """kv + k_num vᵀ and z + Σ_n k for (D_PAD, BLOCK_N) tiles, zero outside the tokens: ``k`` ReLU'd, ``k_num`` the
+    same tile or, in the rotated form, the rotated k."""
+    kv += tl.dot(k_num, tl.trans(v), input_precision=PRECISION)
     z += tl.sum(k.to(tl.float32), axis=1)
     return kv, z
 
 
 @triton.jit
-def _store_output(q, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n,
+def _store_output(q_num, q, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n,
                   PRECISION: tl.constexpr):
-    """Write kvᵀ q_n / (z·q_n + eps) for a ReLU'd q tile (D_PAD, BLOCK_N), rounded once to the output dtype."""
-    num, den = _output_terms(q, kv, z, eps, PRECISION)
+    """Write kvᵀ q_num_n / (z·q_n + eps) for (D_PAD, BLOCK_N) tiles (see :func:`_output_terms`), rounded once to
+    the output dtype."""
+    num, den = _output_terms(q_num, q, kv, z, eps, PRECISION)
     ptrs = out_base + offs_d[:, None] * out_stride_c + offs_n[None, :] * out_stride_n
     tl.store(ptrs, (num / den[None, :]).to(out_base.dtype.element_ty), mask=mask)
 
@@ -126,48 +148,58 @@ def _program_span(heads, per_chunk, n_tokens):
 
 
 @triton.jit
-def _rla_fwd_reduce_kernel(src, partial, heads, n_tokens, per_chunk, chunks, stride_b, stride_c, stride_n,
+def _rla_fwd_reduce_kernel(k, v, rotated_k, partial, heads, n_tokens, per_chunk, chunks,
+                           stride_b, stride_h, stride_role, stride_c, stride_n,
                            D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                           UPCAST: tl.constexpr):
+                           UPCAST: tl.constexpr, ROTATED: tl.constexpr):
     row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
-    base = src + b * stride_b + h * 3 * D * stride_c
+    head_at = b * stride_b + h * stride_h
     offs_d = tl.arange(0, D_PAD)
     kv = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
     z = tl.zeros((D_PAD,), dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
-        k = _relu(_load_role(base, 1, offs_d, offs_n, mask, stride_c, stride_n, D))
-        v = _load_role(base, 2, offs_d, offs_n, mask, stride_c, stride_n, D)
+        k_tile = _relu(_load_role(k + head_at, 1, offs_d, offs_n, mask, stride_role, stride_c, stride_n))
+        v_tile = _load_role(v + head_at, 2, offs_d, offs_n, mask, stride_role, stride_c, stride_n)
+        k_num = k_tile
+        if ROTATED:
+            k_num = _load_role(rotated_k + head_at, 1, offs_d, offs_n, mask, stride_role, stride_c, stride_n)
         if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        kv, z = _accumulate_kv(k, v, kv, z, PRECISION)
+            k_num = k_num.to(tl.float32)
+            v_tile = v_tile.to(tl.float32)
+        kv, z = _accumulate_kv(k_num, k_tile, v_tile, kv, z, PRECISION)
     _store_partial(partial, row, chunk, chunks, kv, z, offs_d, D_PAD)
 
 
 @triton.jit
-def _rla_fwd_apply_kernel(src, partial, out, heads, first_head, n_tokens, per_chunk, chunks, eps,
-                          stride_b, stride_c, stride_n, out_stride_b, out_stride_c, out_stride_n,
-                          D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _rla_fwd_apply_kernel(q, rotated_q, partial, out, heads, first_head, n_tokens, per_chunk, chunks, eps,
+                          stride_b, stride_h, stride_role, stride_c, stride_n, out_stride_b, out_stride_c,
+                          out_stride_n, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PRECISION: tl.constexpr, ROTATED: tl.constexpr):
     row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
-    base = src + b * stride_b + h * 3 * D * stride_c
+    head_at = b * stride_b + h * stride_h
     out_base = out + b * out_stride_b + (first_head + h) * D * out_stride_c
     offs_d = tl.arange(0, D_PAD)
     kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
-        q = _relu(_load_role(base, 0, offs_d, offs_n, mask, stride_c, stride_n, D))
-        _store_output(q, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n, PRECISION)
+        q_tile = _relu(_load_role(q + head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n))
+        q_num = q_tile
+        if ROTATED:
+            q_num = _load_role(rotated_q + head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n)
+        _store_output(q_num, q_tile, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n,
+                      PRECISION)
 
 
 @triton.jit
-def _rla_bwd_reduce_kernel(src, grad, partial, grad_partial, heads, first_head, n_tokens, per_chunk, chunks, eps,
-                           stride_b, stride_c, stride_n, g_stride_b, g_stride_c, g_stride_n,
-                           D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rla_bwd_reduce_kernel(q, rotated_q, grad, partial, grad_partial, heads, first_head, n_tokens, per_chunk,
+                           chunks, eps, stride_b, stride_h, stride_role, stride_c, stride_n, g_stride_b, g_stride_c,
+                           g_stride_n, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                           ROTATED: tl.constexpr):
     row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
-    base = src + b * stride_b + h * 3 * D * stride_c
+    head_at = b * stride_b + h * stride_h
     g_base = grad + b * g_stride_b + (first_head + h) * D * g_stride_c
     offs_d = tl.arange(0, D_PAD)
     kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
@@ -176,52 +208,71 @@ def _rla_bwd_reduce_kernel(src, grad, partial, grad_partial, heads, first_head, 
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
-        q = _relu(_load_role(base, 0, offs_d, offs_n, mask, stride_c, stride_n, D)).to(tl.float32)
+        q_tile = _relu(_load_role(q + head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n))
+        q_tile = q_tile.to(tl.float32)
+        q_num = q_tile
+        if ROTATED:
+            q_num = _load_role(rotated_q + head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n)
+            q_num = q_num.to(tl.float32)
         g = tl.load(g_base + offs_d[:, None] * g_stride_c + offs_n[None, :] * g_stride_n, mask=mask,
                     other=0.0).to(tl.float32)
-        num, den = _output_terms(q, kv, z, eps, "ieee")
+        num, den = _output_terms(q_num, q_tile, kv, z, eps, "ieee")
         gnum = g / den[None, :]
         gden = -tl.sum(gnum * num, axis=0) / den  # -(g·o)/den with o = num/den
-        gkv += tl.dot(q, tl.trans(gnum), input_precision="ieee")
-        gz += tl.sum(q * gden[None, :], axis=1)
+        gkv += tl.dot(q_num, tl.trans(gnum), input_precision="ieee")
+        gz += tl.sum(q_tile * gden[None, :], axis=1)
     _store_partial(grad_partial, row, chunk, chunks, gkv, gz, offs_d, D_PAD)
 
 
 @triton.jit
-def _rla_bwd_apply_kernel(src, grad, partial, grad_partial, grad_src, heads, first_head, n_tokens, per_chunk,
-                          chunks, eps, stride_b, stride_c, stride_n, g_stride_b, g_stride_c, g_stride_n,
-                          gs_stride_b, gs_stride_c, gs_stride_n,
-                          D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rla_bwd_apply_kernel(q, k, v, rotated_q, rotated_k, grad, partial, grad_partial, grad_q, grad_k, grad_v,
+                          grad_rotated_q, grad_rotated_k, heads, first_head, n_tokens, per_chunk, chunks, eps,
+                          stride_b, stride_h, stride_role, stride_c, stride_n, g_stride_b, g_stride_c, g_stride_n,
+                          gs_stride_b, gs_stride_h, gs_stride_role, gs_stride_c, gs_stride_n,
+                          D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, ROTATED: tl.constexpr):
     row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
-    base = src + b * stride_b + h * 3 * D * stride_c
+    head_at = b * stride_b + h * stride_h
     g_base = grad + b * g_stride_b + (first_head + h) * D * g_stride_c
-    gs_base = grad_src + b * gs_stride_b + h * 3 * D * gs_stride_c
+    gs_head_at = b * gs_stride_b + h * gs_stride_h
     offs_d = tl.arange(0, D_PAD)
     kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
     gkv, gz = _sum_partials(grad_partial, row, chunks, offs_d, D_PAD)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
-        q_raw = _load_role(base, 0, offs_d, offs_n, mask, stride_c, stride_n, D).to(tl.float32)
-        k_raw = _load_role(base, 1, offs_d, offs_n, mask, stride_c, stride_n, D).to(tl.float32)
-        v = _load_role(base, 2, offs_d, offs_n, mask, stride_c, stride_n, D).to(tl.float32)
+        q_raw = _load_role(q + head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n).to(tl.float32)
+        k_raw = _load_role(k + head_at, 1, offs_d, offs_n, mask, stride_role, stride_c, stride_n).to(tl.float32)
+        v_tile = _load_role(v + head_at, 2, offs_d, offs_n, mask, stride_role, stride_c, stride_n).to(tl.float32)
         g = tl.load(g_base + offs_d[:, None] * g_stride_c + offs_n[None, :] * g_stride_n, mask=mask,
                     other=0.0).to(tl.float32)
-        q = _relu(q_raw)
-        k = _relu(k_raw)
-        num, den = _output_terms(q, kv, z, eps, "ieee")
+        q_tile = _relu(q_raw)
+        k_tile = _relu(k_raw)
+        q_num = q_tile
+        k_num = k_tile
+        if ROTATED:
+            q_num = _load_role(rotated_q + head_at, 0, offs_d, offs_n, mask, stride_role, stride_c,
+                               stride_n).to(tl.float32)
+            k_num = _load_role(rotated_k + head_at, 1, offs_d, offs_n, mask, stride_role, stride_c,
+                               stride_n).to(tl.float32)
+        num, den = _output_terms(q_num, q_tile, kv, z, eps, "ieee")
         gnum = g / den[None, :]
         gden = -tl.sum(gnum * num, axis=0) / den
-        gq = tl.dot(kv, gnum, input_precision="ieee") + z[:, None] * gden[None, :]
-        gq = tl.where(q_raw > 0, gq, 0.0)
-        gk = tl.dot(gkv, v, input_precision="ieee") + gz[:, None]
-        gk = tl.where(k_raw > 0, gk, 0.0)
-        gv = tl.dot(tl.trans(gkv), k, input_precision="ieee")
-        ty = grad_src.dtype.element_ty
-        ptrs = gs_base + offs_d[:, None] * gs_stride_c + offs_n[None, :] * gs_stride_n
-        tl.store(ptrs, gq.to(ty), mask=mask)
-        tl.store(ptrs + D * gs_stride_c, gk.to(ty), mask=mask)
-        tl.store(ptrs + 2 * D * gs_stride_c, gv.to(ty), mask=mask)
+        gq_num = tl.dot(kv, gnum, input_precision="ieee")
+        gq = z[:, None] * gden[None, :]
+        gk_num = tl.dot(gkv, v_tile, input_precision="ieee")
+        gk = tl.zeros_like(gk_num) + gz[:, None]
+        gv = tl.dot(tl.trans(gkv), k_num, input_precision="ieee")
+        ty = grad_q.dtype.element_ty
+        at = gs_head_at + offs_d[:, None] * gs_stride_c + offs_n[None, :] * gs_stride_n
+        if ROTATED:  # the rotated tiles' gradients, without the ReLU's mask (they are used as given)
+            tl.store(grad_rotated_q + at, gq_num.to(ty), mask=mask)
+            tl.store(grad_rotated_k + gs_stride_role + at, gk_num.to(ty), mask=mask)
+        else:
+            gq += gq_num
+            gk += gk_num
+        tl.store(grad_q + at, tl.where(q_raw > 0, gq, 0.0).to(ty), mask=mask)
+        tl.store(grad_k + gs_stride_role + at, tl.where(k_raw > 0, gk, 0.0).to(ty), mask=mask)
+        tl.store(grad_v + 2 * gs_stride_role + at, gv.to(ty), mask=mask)
 
 
 @triton.jit
@@ -277,7 +328,7 @@ def _rla_agg_fwd_reduce_kernel(src, dw_w, dw_b, pw_w, pw_b, partial, heads, heig
                                   stride_c, stride_n, has_dw_bias, has_pw_bias, 1, D, D_PAD, K, BLOCK_N, PRECISION))
         v = _aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, height, width,
                             stride_c, stride_n, has_dw_bias, has_pw_bias, 2, D, D_PAD, K, BLOCK_N, PRECISION)
-        kv, z = _accumulate_kv(k, v, kv, z, PRECISION)
+        kv, z = _accumulate_kv(k, k, v, kv, z, PRECISION)
     _store_partial(partial, row, chunk, chunks, kv, z, offs_d, D_PAD)
 
 
@@ -299,7 +350,7 @@ def _rla_agg_fwd_apply_kernel(src, dw_w, dw_b, pw_w, pw_b, partial, out, heads, 
         q = _relu(_aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, height, width,
                                   stride_c, stride_n, has_dw_bias, has_pw_bias, 0, D, D_PAD, K, BLOCK_N, PRECISION))
         mask = (offs_d < D)[:, None] & valid[None, :]
-        _store_output(q, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n, "ieee")
+        _store_output(q, q, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n, "ieee")
 
 
 def _token_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -307,21 +358,67 @@ def _token_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(3)
 
 
-def _empty_partials(src: torch.Tensor, dim: int, chunks: int) -> torch.Tensor:
+class Heads(NamedTuple):
+    """Where the kernels find one source's q, k and v: the three tensors (one tensor three times in the
+    channel-major layout), the (batch, heads, tokens) they hold, the strides (batch, head, role, channel, token)
+    that place element i of head h's role r at token n of batch b, and the rotated q and k of the video
+    transformer's form (None otherwise), read with the same strides."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    batch: int
+    heads: int
+    n_tokens: int
+    strides: tuple[int, int, int, int, int]
+    rotated_q: torch.Tensor | None = None
+    rotated_k: torch.Tensor | None = None
+
+    @property
+    def rotated(self) -> bool:
+        return self.rotated_q is not None
+
+    def rotated_or_stand_ins(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotated q and k, or q and k as never-read stand-ins when there are none."""
+        return (self.rotated_q, self.rotated_k) if self.rotated else (self.q, self.k)
+
+
+def channel_major(src: torch.Tensor, dim: int) -> Heads:
+    """LiteMLA's flattenable (B, 3·heads·dim, H, W) map, channels interleaved per head (q, k, v blocks)."""
+    batch, channels, height, width = src.shape
+    stride_b, stride_c, stride_n = _token_strides(src)
+    return Heads(src, src, src, batch, channels // (3 * dim), height * width,
+                 (stride_b, 3 * dim * stride_c, dim * stride_c, stride_c, stride_n))
+
+
+def token_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dim: int, rotated_q: torch.Tensor | None = None,
+                rotated_k: torch.Tensor | None = None) -> Heads:
+    """Sana's (B, N, heads·dim) q, k and v (and the video form's rotated q and k), as the projections leave them,
+    all read with q's strides."""
+    batch, n_tokens, channels = q.shape
+    stride_b, stride_n, stride_c = q.stride()
+    return Heads(q, k, v, batch, channels // dim, n_tokens, (stride_b, dim * stride_c, 0, stride_c, stride_n),
+                 rotated_q, rotated_k)
+
+
+def token_major_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, channel, token) strides of a (B, N, C) output or gradient."""
+    return t.stride(0), t.stride(2), t.stride(1)
+
+
+def _empty_partials(src: Heads, dim: int, chunks: int) -> torch.Tensor:
     """Scratch for the per-chunk fp32 partial sums of kv and z of every (batch, head) of one source."""
-    batch, channels = src.shape[:2]
     d_pad = dot_size(dim)
-    return torch.empty(batch * (channels // (3 * dim)), chunks, d_pad * d_pad + d_pad, device=src.device,
+    return torch.empty(src.batch * src.heads, chunks, d_pad * d_pad + d_pad, device=src.q.device,
                        dtype=torch.float32)
 
 
-def _partials(src: torch.Tensor, dim: int, per_chunk: int, chunks: int) -> torch.Tensor:
-    """Per-chunk fp32 partial sums of kv and z for every (batch, head) of one source tensor."""
-    batch, channels, height, width = src.shape
+def _partials(src: Heads, dim: int, per_chunk: int, chunks: int) -> torch.Tensor:
+    """Per-chunk fp32 partial sums of kv and z for every (batch, head) of one source."""
     partial = _empty_partials(src, dim, chunks)
     _rla_fwd_reduce_kernel[(partial.shape[0], chunks)](
-        src, partial, channels // (3 * dim), height * width, per_chunk, chunks, *_token_strides(src),
-        D=dim, D_PAD=dot_size(dim), BLOCK_N=BLOCK_N, **dot_mode(src.dtype))
+        src.k, src.v, src.rotated_or_stand_ins()[1], partial, src.heads, src.n_tokens, per_chunk, chunks,
+        *src.strides, D=dim, D_PAD=dot_size(dim), BLOCK_N=BLOCK_N, **dot_mode(src.q.dtype), ROTATED=src.rotated)
     return partial
 
 
@@ -331,23 +428,23 @@ def _empty_output(qkv: torch.Tensor, dim: int, groups: int) -> torch.Tensor:
     return torch.empty(batch, channels // 3 * groups, height, width, device=qkv.device, dtype=qkv.dtype)
 
 
-def _attend(src: torch.Tensor, out: torch.Tensor, index: int, dim: int, eps: float) -> None:
-    """Write the attention over source ``src`` into head group ``index`` of ``out``."""
-    batch, channels, height, width = src.shape
-    heads = channels // (3 * dim)
-    per_chunk, chunks = _chunking(height * width, batch * heads)
+def attend(src: Heads, out: torch.Tensor, out_strides: tuple[int, int, int], index: int, dim: int,
+           eps: float) -> None:
+    """Write the attention over source ``src`` into head group ``index`` of ``out`` (whose (batch, channel, token)
+    strides are ``out_strides``)."""
+    per_chunk, chunks = _chunking(src.n_tokens, src.batch * src.heads)
     partial = _partials(src, dim, per_chunk, chunks)
-    _rla_fwd_apply_kernel[(batch * heads, chunks)](
-        src, partial, out, heads, index * heads, height * width, per_chunk, chunks, eps,
-        *_token_strides(src), *_token_strides(out), D=dim, D_PAD=dot_size(dim), BLOCK_N=BLOCK_N,
-        PRECISION="ieee")
+    _rla_fwd_apply_kernel[(src.batch * src.heads, chunks)](
+        src.q, src.rotated_or_stand_ins()[0], partial, out, src.heads, index * src.heads, src.n_tokens, per_chunk,
+        chunks, eps, *src.strides, *out_strides, D=dim, D_PAD=dot_size(dim),
+        BLOCK_N=_apply_block(dot_size(dim), src.rotated), PRECISION="ieee", ROTATED=src.rotated)
 
 
 def forward(sources: list[torch.Tensor], dim: int, eps: float) -> torch.Tensor:
     """Output (B, Σ heads·dim, H, W), contiguous, in the sources' dtype."""
     out = _empty_output(sources[0], dim, len(sources))
     for index, src in enumerate(sources):
-        _attend(src, out, index, dim, eps)
+        attend(channel_major(src, dim), out, _token_strides(out), index, dim, eps)
     return out
 
 
@@ -375,7 +472,7 @@ def forward_aggregated(qkv: torch.Tensor, scales: list[tuple[torch.Tensor, torch
     batch, channels, height, width = qkv.shape
     heads = channels // (3 * dim)
     out = _empty_output(qkv, dim, 1 + len(scales))
-    _attend(qkv, out, 0, dim, eps)
+    attend(channel_major(qkv, dim), out, _token_strides(out), 0, dim, eps)
     per_chunk, chunks = _chunking(height * width, batch * heads)
     grid = (batch * heads, chunks)
     for index, (dw_w, dw_b, pw_w, pw_b) in enumerate(scales, start=1):
@@ -384,7 +481,7 @@ def forward_aggregated(qkv: torch.Tensor, scales: list[tuple[torch.Tensor, torch
         # an absent bias passes its weight as a never-read pointer.
         dw_w, pw_w = dw_w.contiguous(), pw_w.contiguous()
         weights = (dw_w, dw_w if dw_b is None else dw_b.contiguous(), pw_w, pw_w if pw_b is None else pw_b.contiguous())
-        partial = _empty_partials(qkv, dim, chunks)
+        partial = _empty_partials(channel_major(qkv, dim), dim, chunks)
         constexprs = _aggregated_constexprs(dim, qkv.dtype, dw_w.shape[-1])
         _rla_agg_fwd_reduce_kernel[grid](qkv, *weights, partial, heads, height, width, per_chunk, chunks, *flags,
                                          *_token_strides(qkv), **constexprs)
@@ -397,39 +494,52 @@ def forward_aggregated(qkv: torch.Tensor, scales: list[tuple[torch.Tensor, torch
 def backward(sources: list[torch.Tensor], grad_out: torch.Tensor, dim: int, eps: float) -> list[torch.Tensor]:
     """Gradients of every source tensor, each shaped and laid out like its source. kv and z are recomputed
     (one more read of k and v) rather than saved, so training keeps no state between the passes."""
-    batch, channels, height, width = sources[0].shape
-    n_tokens, heads, d_pad = height * width, channels // (3 * dim), dot_size(dim)
-    per_chunk, chunks = _chunking(n_tokens, batch * heads)
-    block = _heavy_block(d_pad, sources[0].dtype)
     if not flattenable(grad_out):  # e.g. the stride-0 gradient of y.sum()
         grad_out = grad_out.contiguous()
     grads = []
     for index, src in enumerate(sources):
-        partial = _partials(src, dim, per_chunk, chunks)
-        grad_partial = torch.empty_like(partial)
         grad_src = torch.empty_like(src)
-        grid = (batch * heads, chunks)
-        _rla_bwd_reduce_kernel[grid](src, grad_out, partial, grad_partial, heads, index * heads, n_tokens, per_chunk,
-                                     chunks, eps, *_token_strides(src), *_token_strides(grad_out),
-                                     D=dim, D_PAD=d_pad, BLOCK_N=block)
-        _rla_bwd_apply_kernel[grid](src, grad_out, partial, grad_partial, grad_src, heads, index * heads, n_tokens,
-                                    per_chunk, chunks, eps, *_token_strides(src), *_token_strides(grad_out),
-                                    *_token_strides(grad_src), D=dim, D_PAD=d_pad, BLOCK_N=block)
+        backward_into(channel_major(src, dim), grad_out, _token_strides(grad_out), channel_major(grad_src, dim),
+                      index, dim, eps)
         grads.append(grad_src)
     return grads
+
+
+def backward_into(src: Heads, grad_out: torch.Tensor, g_strides: tuple[int, int, int], grads: Heads, index: int,
+                  dim: int, eps: float) -> None:
+    """Write the gradients of source ``src``'s q, k and v (and rotated q and k) (head group ``index`` of
+    ``grad_out``, whose (batch, channel, token) strides are ``g_strides``) into the tensors of ``grads``."""
+    d_pad = dot_size(dim)
+    per_chunk, chunks = _chunking(src.n_tokens, src.batch * src.heads)
+    block = _heavy_block(d_pad, src.q.dtype, src.rotated)
+    partial = _partials(src, dim, per_chunk, chunks)
+    grad_partial = torch.empty_like(partial)
+    grid = (src.batch * src.heads, chunks)
+    constexprs = dict(D=dim, D_PAD=d_pad, BLOCK_N=block, ROTATED=src.rotated)
+    rotated_q, rotated_k = src.rotated_or_stand_ins()
+    _rla_bwd_reduce_kernel[grid](src.q, rotated_q, grad_out, partial, grad_partial, src.heads, index * src.heads,
+                                 src.n_tokens, per_chunk, chunks, eps, *src.strides, *g_strides, **constexprs)
+    _rla_bwd_apply_kernel[grid](src.q, src.k, src.v, rotated_q, rotated_k, grad_out, partial, grad_partial,
+                                grads.q, grads.k, grads.v, *grads.rotated_or_stand_ins(), src.heads,
+                                index * src.heads, src.n_tokens, per_chunk, chunks, eps, *src.strides, *g_strides,
+                                *grads.strides, **constexprs)
 
 
 def compile_configs():
     """Every (kernel, signature, constexprs) the launchers above can request: CI compiles each one ahead of time
     for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
-    pointers = ("src", "out", "grad", "grad_src", "dw_w", "dw_b", "pw_w", "pw_b")
+    pointers = ("q", "k", "v", "rotated_q", "rotated_k", "src", "out", "grad", "grad_q", "grad_k", "grad_v",
+                "grad_rotated_q", "grad_rotated_k", "dw_w", "dw_b", "pw_w", "pw_b")
     for dtype, ptr in POINTER_TYPES.items():
         for dim in HEAD_DIMS:
             plain = {"D": dim, "D_PAD": dot_size(dim), "BLOCK_N": BLOCK_N}
-            backward = {**plain, "BLOCK_N": _heavy_block(plain["D_PAD"], dtype)}
-            configs = [(_rla_fwd_reduce_kernel, {**plain, **dot_mode(dtype)}),
-                       (_rla_fwd_apply_kernel, {**plain, "PRECISION": "ieee"}),
-                       (_rla_bwd_reduce_kernel, backward), (_rla_bwd_apply_kernel, backward)]
+            configs = []
+            for rotated in (False, True):
+                backward = {**plain, "BLOCK_N": _heavy_block(plain["D_PAD"], dtype, rotated), "ROTATED": rotated}
+                configs += [(_rla_fwd_reduce_kernel, {**plain, **dot_mode(dtype), "ROTATED": rotated}),
+                            (_rla_fwd_apply_kernel, {**plain, "BLOCK_N": _apply_block(plain["D_PAD"], rotated),
+                                                     "PRECISION": "ieee", "ROTATED": rotated}),
+                            (_rla_bwd_reduce_kernel, backward), (_rla_bwd_apply_kernel, backward)]
             configs += [(kernel, _aggregated_constexprs(dim, dtype, k))
                         for kernel in (_rla_agg_fwd_reduce_kernel, _rla_agg_fwd_apply_kernel)
                         for k in AGGREGATION_KERNEL_SIZES]

@@ -1,0 +1,112 @@
+"""patch() on diffusers' AutoencoderDC (DC-AE): every channel RMSNorm and SanaMultiscaleLinearAttention swapped, the
+same outputs (eval) and gradients (train) as the untouched model, low precision within twice eager's error, exact
+unpatch. "experimental" runs every op on its Triton kernel where it has one (the multi-scale aggregation has none
+outside the fused inference op)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import evit_kernels
+from tests.models import assert_same_gradients, rel_err
+from tests.numerics import max_err
+
+pytest.importorskip("diffusers")
+
+from tests.diffusers_models import autoencoder_dc  # noqa: E402
+
+SIZE = (16, 12)  # one pixel-unshuffle stage: an 8×6 latent, non-square
+
+
+SWAPPED = ("RMSNorm", "SanaMultiscaleLinearAttention")
+
+
+def _count(model, names=SWAPPED) -> int:
+    return sum(type(m).__name__ in names for m in model.modules())
+
+
+@pytest.mark.parametrize("backend", ["auto", "experimental"])
+@pytest.mark.parametrize("norm", ["rms_norm", "batch_norm"])
+def test_eval_matches_and_every_channel_norm_and_attention_is_swapped(norm, backend, op_runs):
+    model = autoencoder_dc(norm)
+    patched = copy.deepcopy(model)
+    report = evit_kernels.patch(patched, backend=backend)
+    assert _count(model) == len(report.swapped) and _count(patched) == 0, str(report)
+    assert _count(model, ("SanaMultiscaleLinearAttention",)) == 2  # one per EfficientViT block
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        expected, got = model(x).sample, patched(x).sample
+    assert torch.isfinite(got).all() and rel_err(got, expected) < 1e-4
+    ops = {op for op, _ in op_runs}
+    attention = "relu_linear_attention" if backend == "auto" else "relu_linear_attention_aggregated"
+    assert ops == {"rms_norm", attention} | ({"multiscale_aggregation"} if backend == "auto" else set())
+    assert {ran for _, ran in op_runs} == {"torch" if backend == "auto" else "triton"}
+
+
+def test_multiscale_attention_quadratic_branch_and_refusals():
+    """Maps of at most attention_head_dim pixels take diffusers' quadratic branch: the same function."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, SanaMultiscaleLinearAttention
+
+    from evit_kernels.nn._base import Unsupported
+    from evit_kernels.nn.lite_mla import FusedSanaMultiscaleLinearAttention
+
+    attention = SanaMultiscaleLinearAttention(16, 16, attention_head_dim=8, norm_type="rms_norm", kernel_sizes=(3,),
+                                              residual_connection=True)
+    for p in attention.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    fused = FusedSanaMultiscaleLinearAttention(copy.deepcopy(attention))
+    for size in ((2, 3), (5, 4)):  # 6 ≤ 8 pixels: quadratic; 20: linear
+        x = torch.randn(2, 16, *size)
+        with torch.no_grad():
+            assert rel_err(fused(x), attention(x)) < 1e-5, size
+    attention.processor = AttnProcessor2_0()
+    with pytest.raises(Unsupported, match="SanaMultiscaleAttnProcessor2_0"):
+        FusedSanaMultiscaleLinearAttention(attention)
+
+
+@pytest.mark.parametrize("backend", ["auto", "experimental"])
+def test_train_loss_and_every_gradient_match(backend):
+    model = autoencoder_dc().train()
+    patched = copy.deepcopy(model)
+    evit_kernels.patch(patched, backend=backend)
+    x = torch.randn(2, 3, *SIZE)
+    losses = [(m(x).sample * torch.linspace(-1, 1, 3 * SIZE[0] * SIZE[1]).reshape(1, 3, *SIZE)).sum()
+              for m in (model, patched)]
+    for loss in losses:
+        loss.backward()
+    assert rel_err(losses[1].detach(), losses[0].detach()) < 1e-4
+    assert_same_gradients({n: p.grad for n, p in patched.named_parameters() if p.grad is not None},
+                          {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    for (name, buf), ref in zip(patched.named_buffers(), model.buffers(), strict=True):  # the encoder's BatchNorms
+        assert rel_err(buf, ref) < 1e-5 if buf.is_floating_point() else torch.equal(buf, ref), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["auto", "experimental"])
+def test_low_precision_is_finite_and_within_twice_eager_error(backend, dtype):
+    model = autoencoder_dc()
+    patched = copy.deepcopy(model)
+    evit_kernels.patch(patched, backend=backend)
+    x = torch.randn(1, 3, *SIZE)
+    with torch.no_grad():
+        expected = model.double()(x.double()).sample
+        eager = model.to(dtype)(x.to(dtype)).sample
+        got = patched.to(dtype)(x.to(dtype)).sample
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    floor = torch.finfo(dtype).eps * expected.abs().max().item()
+    assert max_err(got, expected) <= 2 * max_err(eager, expected) + floor
+
+
+def test_state_dict_unpatch_and_idempotence():
+    model = autoencoder_dc()
+    before = [(n, id(m)) for n, m in model.named_modules()]
+    sd = model.state_dict()
+    report = evit_kernels.patch(model)
+    assert list(model.state_dict()) == list(sd)
+    assert all(model.state_dict()[k].shape == v.shape for k, v in sd.items())
+    assert not evit_kernels.patch(model).swapped
+    assert evit_kernels.unpatch(model) == len(report.swapped)
+    assert [(n, id(m)) for n, m in model.named_modules()] == before

@@ -1,0 +1,132 @@
+"""evit::rms_norm against diffusers' RMSNorm, its Triton kernel on every layout the channel norm meets, and the
+FusedRMSNorm drop-in (its fused path and the cases it hands back to the original's own forward)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from evit_kernels import dispatch
+from evit_kernels.nn._base import Unsupported
+from evit_kernels.nn.rms_norm import FusedRMSNorm
+from evit_kernels.ops.rms_norm import RmsNormArgs, rms_norm, rms_norm_reference
+from tests.numerics import assert_within_twice_eager
+
+RMSNorm = pytest.importorskip("diffusers.models.normalization").RMSNorm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+C = 12
+
+
+def _norm(affine=True, bias=True, dtype=torch.float32, eps=1e-5):
+    norm = RMSNorm(C, eps=eps, elementwise_affine=affine, bias=bias).to(DEVICE, dtype)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.normal_()
+    return norm
+
+
+# The views a channel RMSNorm is applied to: an NCHW map's movedim(1, -1) (channel stride H·W), a channels-last
+# map's (dense), a token-major (B, N, C) tensor, a strided slice of a map, and a single vector.
+LAYOUTS = {
+    "nchw": lambda: torch.randn(2, C, 5, 3).movedim(1, -1),
+    "channels_last": lambda: torch.randn(2, C, 5, 3).contiguous(memory_format=torch.channels_last).movedim(1, -1),
+    "tokens": lambda: torch.randn(2, 7, C),
+    "strided": lambda: torch.randn(2, C, 6, 4)[..., ::2].movedim(1, -1),
+    "vector": lambda: torch.randn(C),
+}
+
+
+@pytest.mark.parametrize("affine, bias", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_reference_is_diffusers_rms_norm_in_fp32(layout, affine, bias):
+    norm = _norm(affine, bias)
+    x = LAYOUTS[layout]().to(DEVICE)
+    expected = norm(x)
+    got = rms_norm(x, norm.weight, norm.bias, norm.eps, backend="torch")
+    assert got.stride() == expected.stride()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("affine, bias", [(True, True), (False, False)])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_triton_within_twice_eager_error(poisoned_empty, layout, affine, bias, dtype):
+    norm = _norm(affine, bias, dtype)
+    x = (LAYOUTS[layout]() * 3).to(DEVICE, dtype)
+    params = (norm.weight, norm.bias)
+    expected = rms_norm_reference(RmsNormArgs(x.double(), *(None if p is None else p.double() for p in params),
+                                              norm.eps))
+    got = rms_norm(x, *params, norm.eps, backend="triton")
+    eager = rms_norm(x, *params, norm.eps, backend="torch")
+    assert got.dtype == dtype and got.stride() == eager.stride() and torch.isfinite(got).all()
+    assert_within_twice_eager(got, eager, expected, dtype, terms=C)
+
+
+def test_triton_refuses_rows_it_cannot_walk_and_auto_passes_them_over(pretend_measured):
+    x = torch.randn(2, 3, 5, 7, C).permute(0, 2, 1, 3, 4)  # leading strides that form three groups
+    norm = _norm()
+    reasons = dispatch.get("rms_norm", "triton").not_supported_reasons(RmsNormArgs(x, norm.weight, None, 1e-5))
+    assert any("rows" in r for r in reasons)
+    with pytest.raises(dispatch.BackendUnavailable, match="rows"):
+        rms_norm(x, norm.weight, None, 1e-5, backend="triton")
+    pretend_measured("rms_norm", "triton")
+    norm.bias = None
+    torch.testing.assert_close(rms_norm(x, norm.weight, None, 1e-5), norm(x))
+
+
+def test_bad_shapes_raise():
+    with pytest.raises(ValueError, match="weight must have shape"):
+        rms_norm(torch.randn(2, C), torch.ones(C + 1), None, 1e-5)
+    with pytest.raises(TypeError, match="dtype"):
+        rms_norm(torch.randn(2, C), torch.ones(C, dtype=torch.float16), None, 1e-5)
+
+
+def test_opcheck_triton_backend():
+    norm = _norm()
+    x = LAYOUTS["nchw"]().to(DEVICE).requires_grad_()
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    if DEVICE == "cpu":  # the interpreter cannot read the storage of the tensors AOT tracing hands the kernel
+        tests = tests[:-1]
+    torch.library.opcheck(torch.ops.evit.rms_norm, (x, norm.weight, norm.bias, 1e-5, "triton"), test_utils=tests)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_fused_module_matches_forward_and_gradients(backend, op_runs):
+    norm = _norm()
+    fused = FusedRMSNorm(copy.deepcopy(norm), backend)
+    x = LAYOUTS["nchw"]().to(DEVICE).requires_grad_()
+    expected, got = norm(x), fused(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(expected.square().sum(), [x, norm.weight, norm.bias])
+    fused_grads = torch.autograd.grad(got.square().sum(), [x, fused.weight, fused.bias])
+    for g, e in zip(fused_grads, grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert op_runs == [("rms_norm", "torch" if backend == "auto" else "triton")]
+
+
+def test_fused_module_runs_the_original_where_its_dtype_rules_differ(op_runs):
+    """fp16 input with fp32 weights gives the original's fp32 output; under autocast too."""
+    norm = _norm()
+    fused = FusedRMSNorm(copy.deepcopy(norm))
+    x = LAYOUTS["tokens"]().to(DEVICE)
+    for inputs in (x.half(), x.bfloat16()):
+        expected = norm(inputs)
+        got = fused(inputs)
+        assert got.dtype == expected.dtype == torch.float32 and torch.equal(got, expected)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        assert torch.equal(fused(x), norm(x))
+    assert op_runs == []
+
+
+def test_fused_module_without_affine_and_refusals():
+    norm = _norm(affine=False)
+    fused = FusedRMSNorm(copy.deepcopy(norm))
+    assert fused.weight is None and fused.bias is None
+    x = LAYOUTS["channels_last"]().to(DEVICE)
+    torch.testing.assert_close(fused(x), norm(x))
+    with pytest.raises(Unsupported, match="one dimension"):
+        FusedRMSNorm(RMSNorm((3, C), eps=1e-5))

@@ -1,0 +1,242 @@
+"""patch() on diffusers' Sana transformers (image and video): every ReLU linear-attention processor swapped, the same
+outputs (eval) and gradients (train) as the untouched model, LoRA adapters added before or after patching training
+the same, exact unpatch, set_attn_processor after patch, and one graph under torch.compile."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import evit_kernels
+from evit_kernels.nn._base import FusedProcessor
+from tests.models import assert_same_gradients, rel_err
+from tests.numerics import max_err
+
+pytest.importorskip("diffusers")
+
+from tests.diffusers_models import (  # noqa: E402
+    sana_transformer,
+    sana_transformer_inputs,
+    sana_video_inputs,
+    sana_video_transformer,
+)
+
+LINEAR_PROCESSORS = ("SanaLinearAttnProcessor2_0", "SanaLinearAttnProcessor3_0")
+MODELS = {
+    "image": (sana_transformer, sana_transformer_inputs),
+    "image-qk-norm": (lambda: sana_transformer("rms_norm_across_heads"), sana_transformer_inputs),
+    "video": (sana_video_transformer, sana_video_inputs),
+}
+OP = "relu_linear_attention_tokens"
+
+
+def _linear_processors(model) -> int:
+    return sum(type(p).__name__ in LINEAR_PROCESSORS for p in model.attn_processors.values())
+
+
+def _patched(model, backend="auto"):
+    patched = copy.deepcopy(model)
+    report = evit_kernels.patch(patched, backend=backend)
+    return patched, report
+
+
+def _swapped_processors(report) -> int:
+    return sum(path.endswith(".processor") for path, _, _ in report.swapped)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_eval_matches_and_every_linear_attention_processor_is_swapped(name, backend, op_runs):
+    build, inputs = MODELS[name]
+    model = build()
+    patched, report = _patched(model, backend)
+    assert _linear_processors(model) == len(model.transformer_blocks) == _swapped_processors(report), str(report)
+    assert _linear_processors(patched) == 0
+    assert all(path.endswith("attn1.processor") for path, _, _ in report.swapped if path.endswith(".processor"))
+    rms_norms = sum(type(m).__name__ == "RMSNorm" for m in model.modules())
+    assert rms_norms > 0 and sum(type(m).__name__ == "RMSNorm" for m in patched.modules()) == 0
+    x = inputs()
+    with torch.no_grad():
+        expected, got = model(**x).sample, patched(**x).sample
+    assert torch.isfinite(got).all() and rel_err(got, expected) < 1e-4
+    ran = "torch" if backend == "auto" else "triton"
+    assert [run for run in op_runs if run[0] == OP] == [(OP, ran)] * len(model.transformer_blocks)
+    assert {run for run in op_runs if run[0] != OP} == {("rms_norm", ran)}  # the caption and q/k norms
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("name", ["image-qk-norm", "video"])
+def test_train_loss_and_every_gradient_match(name, backend):
+    build, inputs = MODELS[name]
+    model = build().train()
+    patched, _ = _patched(model, backend)
+    x = inputs()
+    weight = torch.randn_like(model(**x).sample)
+    model.zero_grad()
+    losses = []
+    for m in (model, patched):
+        loss = (m(**x).sample * weight).sum()
+        loss.backward()
+        losses.append(loss.detach())
+    assert rel_err(losses[1], losses[0]) < 1e-4
+    assert_same_gradients({n: p.grad for n, p in patched.named_parameters() if p.grad is not None},
+                          {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("name", ["image", "video"])
+def test_low_precision_is_finite_and_within_twice_eager_error(name, backend, dtype):
+    """Against the fp32 model (diffusers rounds float64 to float32 in its processors, so fp32 is its most exact
+    form): the patched model's error at most twice eager's own in the same dtype, plus one ulp of the output."""
+    build, inputs = MODELS[name]
+    model = build()
+    patched, _ = _patched(model, backend)
+    x = inputs()
+    with torch.no_grad():
+        expected = model(**x).sample
+        eager = model.to(dtype)(**{k: v.to(dtype) for k, v in x.items()}).sample
+        got = patched.to(dtype)(**{k: v.to(dtype) for k, v in x.items()}).sample
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    floor = torch.finfo(dtype).eps * expected.abs().max().item()
+    assert max_err(got, expected) <= 2 * max_err(eager, expected) + floor
+
+
+def _add_lora(model, seed: int = 1) -> None:
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)  # the same adapter weights in every model (B random, so the adapter is not a no-op)
+    model.add_adapter(LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+
+
+def _train_lora(model, x, steps: int = 2) -> list[float]:
+    params = [p for n, p in model.named_parameters() if "lora" in n]
+    assert params
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(**x).sample.square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("when, backend", [("before", "auto"), ("after", "auto"), ("after", "triton")])
+def test_lora_added_before_or_after_patch_trains_the_same(when, backend):
+    pytest.importorskip("peft")
+    base = sana_transformer("rms_norm_across_heads").train()
+    reference = copy.deepcopy(base)
+    _add_lora(reference)
+    model = copy.deepcopy(base)
+    if when == "before":
+        _add_lora(model)
+    report = evit_kernels.patch(model, backend=backend)
+    assert _swapped_processors(report) == len(base.transformer_blocks)
+    if when == "after":
+        _add_lora(model)
+    assert type(model.transformer_blocks[0].attn1.to_q).__module__.startswith("peft.")
+    x = sana_transformer_inputs()
+    expected, got = _train_lora(reference, x), _train_lora(model, x)
+    assert got[1] < got[0] and rel_err(torch.tensor(got), torch.tensor(expected)) < 1e-4
+    lora = {n: p for n, p in reference.named_parameters() if "lora" in n}
+    for n, p in model.named_parameters():
+        if "lora" in n:
+            assert rel_err(p, lora[n]) < 1e-5, n
+
+
+def test_state_dict_unpatch_idempotence_and_set_attn_processor():
+    from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
+
+    model = sana_transformer()
+    originals = dict(model.attn_processors)
+    sd = model.state_dict()
+    x = sana_transformer_inputs()
+    with torch.no_grad():
+        expected = model(**x).sample
+    report = evit_kernels.patch(model)
+    assert list(model.state_dict()) == list(sd)
+    assert not evit_kernels.patch(model).swapped, "patching twice must change nothing"
+    patched_processors = model.attn_processors
+    assert all(isinstance(p, FusedProcessor) == (type(originals[n]).__name__ in LINEAR_PROCESSORS)
+               for n, p in patched_processors.items())
+
+    # set_attn_processor still sees every attention layer and replaces the fused processors
+    fresh = {n: SanaLinearAttnProcessor2_0() if isinstance(p, FusedProcessor) else p
+             for n, p in patched_processors.items()}
+    model.set_attn_processor(fresh)
+    assert not any(isinstance(p, FusedProcessor) for p in model.attn_processors.values())
+    with torch.no_grad():
+        assert rel_err(model(**x).sample, expected) < 1e-6
+    assert len(evit_kernels.patch(model).swapped) == _swapped_processors(report)
+
+    model.set_attn_processor(dict(originals))  # (it empties the dict it is given)
+    evit_kernels.patch(model)
+    assert evit_kernels.unpatch(model) == len(report.swapped)
+    assert all(p is originals[n] for n, p in model.attn_processors.items())
+
+
+def test_video_processor_needs_rotary_emb_as_the_original():
+    model = sana_video_transformer()
+    evit_kernels.patch(model)
+    attn = model.transformer_blocks[0].attn1
+    with pytest.raises(ValueError, match="rotary_emb"):
+        attn.processor(attn, torch.randn(1, 4, 16))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["auto", f"{OP}=triton"])
+@pytest.mark.parametrize("name", ["image-qk-norm", "video"])
+def test_compiled_patched_transformer_block_is_one_graph(name, backend):
+    """A patched block under torch.compile(fullgraph=True): one graph, same numbers; with the attention on the
+    Triton kernels it is one node of that graph ("auto" runs the reference as plain ops, traced through)."""
+    torch._dynamo.reset()
+    build, inputs = MODELS[name]
+    model = build()
+    block = model.transformer_blocks[0]
+    captured = {}
+    handle = block.register_forward_pre_hook(lambda m, args, kwargs: captured.setdefault("in", (args, kwargs)),
+                                             with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs())
+    handle.remove()
+    args, kwargs = captured["in"]
+    patched = copy.deepcopy(block)
+    evit_kernels.patch(patched, backend=backend)
+    nodes = []
+
+    def compiler(gm, example_inputs):
+        nodes.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    compiled = torch.compile(patched, backend=compiler, fullgraph=True)
+    with torch.no_grad():
+        assert rel_err(compiled(*args, **kwargs), block(*args, **kwargs)) < 1e-4
+    assert nodes.count(f"evit.{OP}") == (0 if backend == "auto" else 1), nodes
+
+
+def test_patch_on_a_pipelines_transformer_and_vae():
+    """SanaPipeline (no text encoder: the prompt embeddings are given) patched through pipe.transformer and pipe.vae
+    gives the same latents and images."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
+
+    from tests.diffusers_models import autoencoder_dc
+
+    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=autoencoder_dc(), transformer=sana_transformer(),
+                        scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    embeds = {"prompt_embeds": torch.randn(1, 3, 8), "prompt_attention_mask": torch.ones(1, 3),
+              "negative_prompt_embeds": torch.randn(1, 3, 8), "negative_prompt_attention_mask": torch.ones(1, 3)}
+
+    def run(output_type):
+        return pipe(**embeds, negative_prompt=None, num_inference_steps=2, height=32, width=32, output_type=output_type,
+                    use_resolution_binning=False, generator=torch.Generator().manual_seed(0)).images
+
+    expected = {kind: run(kind) for kind in ("latent", "pt")}
+    assert evit_kernels.patch(pipe.transformer).swapped and evit_kernels.patch(pipe.vae).swapped
+    for kind, image in expected.items():
+        assert rel_err(run(kind), image) < 1e-4, kind
