@@ -45,8 +45,10 @@ lint: setup
 
 # Wheels for the GPU machine, which has torch but no network (carried by the device call; see gpu_pass.sh).
 gpu-wheels: setup
-	$(PY) -m pip download -q -d .gpu_wheels timm efficientsam pytest-benchmark --no-deps
-	$(PY) -m pip download -q -d .gpu_wheels huggingface_hub safetensors pyyaml py-cpuinfo
+	$(PY) -m pip download -q -d .gpu_wheels timm efficientsam pytest-benchmark diffusers --no-deps
+	# their dependencies, for the GPU machine's Python 3.12 (binary wheels included)
+	$(PY) -m pip download -q -d .gpu_wheels --python-version 3.12 --platform manylinux2014_x86_64 --only-binary=:all: \
+		huggingface_hub safetensors pyyaml py-cpuinfo regex importlib_metadata
 
 gpu-pass:
 	bash benchmarks/gpu_pass.sh

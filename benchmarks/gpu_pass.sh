@@ -52,7 +52,7 @@ environment() {
     "$PY" -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
     git rev-parse HEAD 2>/dev/null
     if [ -d .gpu_wheels ]; then
-      "$PY" -m pip install -q --no-index --find-links .gpu_wheels timm efficientsam pytest-benchmark 2>&1 | tail -3
+      "$PY" -m pip install -q --no-index --find-links .gpu_wheels timm efficientsam pytest-benchmark diffusers 2>&1 | tail -3
     fi
   } >> "$OUT/environment.txt" 2>&1
 }
