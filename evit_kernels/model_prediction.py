@@ -100,7 +100,8 @@ class Prediction:
     launches: list[PricedLaunch] = field(default_factory=list)
     modules: dict[str, dict] = field(default_factory=dict)
     """Per fused-module class (and "" for everything not patched): instances, eager and patched milliseconds."""
-    useful_flops_by_op: dict[str, int] = field(default_factory=dict)
+    op_calls: dict[int, dict] = field(default_factory=dict)
+    """Per op call that launched a kernel (``PricedLaunch.op_call``): its op, shape class and useful FLOPs."""
 
 
 def predict_model(name: str, batch: int, res: tuple[int, int], dtype: str, gpu_name: str,
@@ -123,9 +124,10 @@ def predict_model(name: str, batch: int, res: tuple[int, int], dtype: str, gpu_n
             facts[key] = predict.compile_facts(launch, ptxas)
         counts = Counts(*(c[f] for f in Counts.__dataclass_fields__))
         priced.append(price(launch, facts[key], counts, gpu))
-    useful: dict[str, int] = defaultdict(int)
-    for args in {launch.op_call: run.op_calls[launch.op_call] for launch in launches}.values():
-        useful[args.op] += useful_flops(args)
+    op_calls = {}
+    for index in dict.fromkeys(launch.op_call for launch in launches):
+        args = run.op_calls[index]
+        op_calls[index] = {"op": args.op, "shape_class": args.shape_class(), "useful_flops": useful_flops(args)}
 
     modules: dict[str, dict] = defaultdict(lambda: {"instances": set(), "eager_ms": 0.0, "patched_ms": 0.0})
     for cost in eager:
@@ -138,7 +140,7 @@ def predict_model(name: str, batch: int, res: tuple[int, int], dtype: str, gpu_n
         name, batch, res, dtype, gpu.name, git_commit(), sum(c.seconds for c in eager) * 1e3,
         sum(item.seconds for item in [*glue, *priced]) * 1e3, len(eager), len(glue),
         sum(c.seconds for c in glue) * 1e3, priced,
-        {cls: {**m, "instances": len(m["instances"])} for cls, m in modules.items()}, dict(useful))
+        {cls: {**m, "instances": len(m["instances"])} for cls, m in modules.items()}, op_calls)
 
 
 def format_prediction(p: Prediction) -> str:
@@ -158,12 +160,15 @@ def format_prediction(p: Prediction) -> str:
                      f"{m['patched_ms']:>12.3f}{m['eager_ms'] / m['patched_ms']:>8.2f}x")
     lines += ["", f"{'op / kernel':<34}{'launches':>9}{'regs':>5}{'spill':>6}{'CTA/SM':>7}{'instr':>9}{'ld/st B':>8}"
                   f"{'useful GF':>10}{'exec GF':>9}{'HBM GB':>8}{'req GB':>8}{'ms':>8}"]
+    useful: dict[str, int] = defaultdict(int)
+    for call in p.op_calls.values():
+        useful[call["op"]] += call["useful_flops"]
     by_op: dict[str, dict[str, list[PricedLaunch]]] = defaultdict(lambda: defaultdict(list))
     for launch in p.launches:
         by_op[launch.op][launch.kernel].append(launch)
     for op, kernels in by_op.items():
         launches = [x for group in kernels.values() for x in group]
-        lines.append(f"{op:<34}{len(launches):>9}{'':>43}{p.useful_flops_by_op.get(op, 0) / 1e9:>10.1f}{'':>25}"
+        lines.append(f"{op:<34}{len(launches):>9}{'':>43}{useful[op] / 1e9:>10.1f}{'':>25}"
                      f"{sum(x.seconds for x in launches) * 1e3:>8.3f}")
         for kernel, group in kernels.items():
             f = group[0].facts

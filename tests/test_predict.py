@@ -281,6 +281,8 @@ def test_predict_command_prices_every_launch(tmp_path):
     assert p["gpu"] == "H200" and "commit" in p and p["launches"]
     for launch in p["launches"]:
         assert launch["facts"]["spill_bytes"] == 0 and launch["op"] and launch["module"]
+        call = p["op_calls"][str(launch["op_call"])]
+        assert call["op"] == launch["op"] and call["useful_flops"] > 0
         assert launch["counts"]["stored_bytes"] > 0 and launch["hbm_bytes"] <= launch["footprint_bytes"]
         assert launch["seconds"] > 3e-6
     assert p["patched_ms"] == pytest.approx(sum(x["seconds"] for x in p["launches"]) * 1e3 + p["patched_aten_ms"])
