@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                            help="input size (default 224 224; 512 512 for SAM encoders)")
     p_predict.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16")
     p_predict.add_argument("--gpu", choices=["h100", "h200"], default="h100")
+    p_predict.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw",
+                           help="memory format of the model's weights and input")
     p_predict.add_argument("--ptxas", default=None, help="ptxas of a CUDA toolkit (default: $CUDA_HOME/bin/ptxas)")
     p_predict.add_argument("--json", metavar="PATH", help="also save every launch and the totals as JSON")
 
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         from evit_kernels import model_prediction
 
         ptxas = args.ptxas or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "ptxas")
-        prediction = model_prediction.predict_model(args.model, args.batch, res, args.dtype, args.gpu, ptxas)
+        prediction = model_prediction.predict_model(args.model, args.batch, res, args.dtype, args.gpu, ptxas,
+                                                    args.layout)
         print(model_prediction.format_prediction(prediction))
         if args.json:
             model_prediction.save_json(prediction, args.json)

@@ -73,11 +73,11 @@ def useful_flops(args: object) -> int:
     return counter.get_total_flops()
 
 
-def program_counts(name: str, batch: int, res: tuple[int, int], dtype: str) -> list[dict]:
+def program_counts(name: str, batch: int, res: tuple[int, int], dtype: str, layout: str) -> list[dict]:
     """:mod:`evit_kernels.program_counts` of the patched model, run in a subprocess under the interpreter."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-m", "evit_kernels.program_counts", name, str(batch), *map(str, res),
-                          dtype], capture_output=True, text=True, env=env)
+                          dtype, layout], capture_output=True, text=True, env=env)
     if run.returncode:
         raise RuntimeError(f"counting the launches of {name} failed:\n{run.stderr[-3000:]}")
     return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
@@ -89,6 +89,7 @@ class Prediction:
     batch: int
     res: tuple[int, int]
     dtype: str
+    layout: str
     gpu: str
     commit: str | None
     eager_ms: float
@@ -104,16 +105,17 @@ class Prediction:
     """Per op call that launched a kernel (``PricedLaunch.op_call``): its op, shape class and useful FLOPs."""
 
 
-def predict_model(name: str, batch: int, res: tuple[int, int], dtype: str, gpu_name: str,
-                  ptxas: str) -> Prediction:
+def predict_model(name: str, batch: int, res: tuple[int, int], dtype: str, gpu_name: str, ptxas: str,
+                  layout: str = "nchw") -> Prediction:
     from evit_kernels.bench import DTYPES, git_commit
 
     gpu = predict.GPUS[gpu_name]
     torch_dtype = DTYPES[dtype]
-    run = predict.patched_run(name, batch, res, torch_dtype, gpu)
+    memory_format = predict.LAYOUTS[layout]
+    run = predict.patched_run(name, batch, res, torch_dtype, gpu, memory_format)
     glue, launches, fused = run.aten, run.launches, run.fused
-    eager = predict.eager_run(name, batch, res, torch_dtype, gpu, list(fused))
-    counted = program_counts(name, batch, res, dtype)
+    eager = predict.eager_run(name, batch, res, torch_dtype, gpu, list(fused), memory_format)
+    counted = program_counts(name, batch, res, dtype, layout)
     if [(c["kernel"], tuple(c["grid"])) for c in counted] != [(launch.kernel, launch.grid) for launch in launches]:
         raise RuntimeError(f"{name}: the interpreter run launched other kernels than the compiled one")
     facts: dict[tuple, predict.CompileFacts] = {}
@@ -137,7 +139,7 @@ def predict_model(name: str, batch: int, res: tuple[int, int], dtype: str, gpu_n
     for module, cls in fused.items():
         modules[cls]["instances"].add(module)
     return Prediction(
-        name, batch, res, dtype, gpu.name, git_commit(), sum(c.seconds for c in eager) * 1e3,
+        name, batch, res, dtype, layout, gpu.name, git_commit(), sum(c.seconds for c in eager) * 1e3,
         sum(item.seconds for item in [*glue, *priced]) * 1e3, len(eager), len(glue),
         sum(c.seconds for c in glue) * 1e3, priced,
         {cls: {**m, "instances": len(m["instances"])} for cls, m in modules.items()}, op_calls)
@@ -145,7 +147,7 @@ def predict_model(name: str, batch: int, res: tuple[int, int], dtype: str, gpu_n
 
 def format_prediction(p: Prediction) -> str:
     lines = [
-        f"{p.model}  batch {p.batch}  {p.res[0]}x{p.res[1]}  {p.dtype}  predicted for {p.gpu}"
+        f"{p.model}  batch {p.batch}  {p.res[0]}x{p.res[1]}  {p.dtype}  {p.layout}  predicted for {p.gpu}"
         f"{'  (' + p.commit + ')' if p.commit else ''}",
         "PREDICTION by the fixed formula of docs/performance.md, not a GPU measurement.",
         "",

@@ -59,6 +59,10 @@ def seconds(gpu: Gpu, bytes_moved: float, flops: dict[str, float],
     return max(memory, compute) * wave_factor + LAUNCH_SECONDS
 
 
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+"""The memory formats a model can be predicted in, by the name the command line takes."""
+
+
 def memory_efficiency(width: int) -> float:
     """e_mem of a global access ``width`` bytes wide (wider than 16 bytes as 16, narrower than 2 as 2)."""
     return MEMORY_EFFICIENCY[min(max(width, 2), 16)]
@@ -396,10 +400,12 @@ def _precision(name: str, dtype: torch.dtype) -> contextlib.AbstractContextManag
     return autocast_on_meta(dtype) if needs_autocast(name) and dtype != torch.float32 else contextlib.nullcontext()
 
 
-def patched_model(name: str, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[str, str]]:
+def patched_model(name: str, dtype: torch.dtype, memory_format: torch.memory_format = torch.contiguous_format
+                  ) -> tuple[torch.nn.Module, dict[str, str]]:
     """Model ``name`` (:func:`evit_kernels.bench.build_model`) patched on every kernel that takes its inputs, on meta
     tensors of ``dtype`` (patched on the CPU first: patching reads the weights), and the class of each outermost
-    fused module by name (a fused module's fused children, kept for its fallback, count as part of it)."""
+    fused module by name (a fused module's fused children, kept for its fallback, count as part of it). Its 4-D
+    weights are laid out in ``memory_format``."""
     from evit_kernels import patch
     from evit_kernels.bench import build_model
     from evit_kernels.patch import FUSED_CLASSES
@@ -408,7 +414,7 @@ def patched_model(name: str, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[
     patch(model, backend="experimental")
     fused = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, FUSED_CLASSES)}
     outermost = {n: cls for n, cls in fused.items() if not any(n.startswith(f"{outer}.") for outer in fused)}
-    return model.to("meta", dtype), outermost
+    return model.to("meta", dtype).to(memory_format=memory_format), outermost
 
 
 @dataclass
@@ -427,11 +433,12 @@ class PatchedRun:
 
 
 @torch.no_grad()
-def patched_run(name: str, batch: int, res: tuple[int, int], dtype: torch.dtype,
-                gpu: Gpu = GPUS["h100"]) -> PatchedRun:
-    """One steady-state call of :func:`patched_model` at ``batch`` × ``res``."""
-    model, fused = patched_model(name, dtype)
-    x = torch.empty(batch, 3, *res, dtype=dtype, device="meta")
+def patched_run(name: str, batch: int, res: tuple[int, int], dtype: torch.dtype, gpu: Gpu = GPUS["h100"],
+                memory_format: torch.memory_format = torch.contiguous_format) -> PatchedRun:
+    """One steady-state call of :func:`patched_model` at ``batch`` × ``res``, the model and its input in
+    ``memory_format``."""
+    model, fused = patched_model(name, dtype, memory_format)
+    x = torch.empty(batch, 3, *res, dtype=dtype, device="meta", memory_format=memory_format)
     op_calls = []
     with _precision(name, dtype):
         with recorded_launches():
@@ -442,14 +449,16 @@ def patched_run(name: str, batch: int, res: tuple[int, int], dtype: torch.dtype,
     return PatchedRun(counter.costs, launches, op_calls, fused)
 
 
-def eager_run(name: str, batch: int, res: tuple[int, int], dtype: torch.dtype, gpu: Gpu,
-              watched: list[str]) -> list[AtenCost]:
-    """:func:`eager_costs` of model ``name`` as built, unpatched, on meta tensors of ``dtype``."""
+def eager_run(name: str, batch: int, res: tuple[int, int], dtype: torch.dtype, gpu: Gpu, watched: list[str],
+              memory_format: torch.memory_format = torch.contiguous_format) -> list[AtenCost]:
+    """:func:`eager_costs` of model ``name`` as built, unpatched, on meta tensors of ``dtype``, the model and its
+    input in ``memory_format``."""
     from evit_kernels.bench import build_model
 
-    model = build_model(name).to("meta", dtype)
+    model = build_model(name).to("meta", dtype).to(memory_format=memory_format)
+    x = torch.empty(batch, 3, *res, dtype=dtype, device="meta", memory_format=memory_format)
     with _precision(name, dtype):
-        return eager_costs(model, torch.empty(batch, 3, *res, dtype=dtype, device="meta"), gpu, watched)
+        return eager_costs(model, x, gpu, watched)
 
 
 def model_launches(name: str, batch: int, res: int, dtype: torch.dtype = torch.bfloat16) -> list[Launch]:

@@ -11,8 +11,8 @@ and no per-kernel formula can drift from the kernel.
 - Sampling: ``SAMPLES`` programs evenly spread over the grid, the first and last included, run with their true
   program ids and grid size; the launch's counts are their mean times the number of programs.
 
-Run as ``python -m evit_kernels.program_counts MODEL BATCH H W DTYPE`` (with ``TRITON_INTERPRET=1``): prints one JSON
-object per launch the patched model makes (:func:`evit_kernels.predict.patched_run`), in launch order.
+Run as ``python -m evit_kernels.program_counts MODEL BATCH H W DTYPE LAYOUT`` (with ``TRITON_INTERPRET=1``): prints
+one JSON object per launch the patched model makes (:func:`evit_kernels.predict.patched_run`), in launch order.
 """
 
 from __future__ import annotations
@@ -135,9 +135,10 @@ def _key(launch: predict.Launch) -> str:
 
 
 def main(argv: list[str]) -> None:
-    name, batch, height, width, dtype = argv
+    name, batch, height, width, dtype, layout = argv
     known: dict[str, Counts] = {}
-    run = predict.patched_run(name, int(batch), (int(height), int(width)), DTYPES[dtype])
+    run = predict.patched_run(name, int(batch), (int(height), int(width)), DTYPES[dtype],
+                              memory_format=predict.LAYOUTS[layout])
     for launch in run.launches:
         key = _key(launch)
         if key not in known:
