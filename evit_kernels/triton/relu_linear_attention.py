@@ -49,6 +49,12 @@ def _heavy_block(d_pad: int, dtype: torch.dtype) -> int:
     return BLOCK_N // 4 if dtype == torch.float32 else BLOCK_N // 2
 
 
+def _apply_block(d_pad: int, dtype: torch.dtype) -> int:
+    """Token tile of the forward's apply pass: fp32 inputs at d = 32 take half a block (with 64 tokens its IEEE
+    product, which holds kv and the q tile in registers, spills on sm_90 under triton 3.6). Divides every chunk."""
+    return BLOCK_N // 2 if d_pad > 16 and dtype == torch.float32 else BLOCK_N
+
+
 def _chunking(n_tokens: int, programs: int) -> tuple[int, int]:
     """(tokens per chunk, chunks) for ``programs`` (batch·heads) independent reductions over ``n_tokens``."""
     blocks = triton.cdiv(n_tokens, BLOCK_N)
@@ -339,8 +345,8 @@ def _attend(src: torch.Tensor, out: torch.Tensor, index: int, dim: int, eps: flo
     partial = _partials(src, dim, per_chunk, chunks)
     _rla_fwd_apply_kernel[(batch * heads, chunks)](
         src, partial, out, heads, index * heads, height * width, per_chunk, chunks, eps,
-        *_token_strides(src), *_token_strides(out), D=dim, D_PAD=dot_size(dim), BLOCK_N=BLOCK_N,
-        PRECISION="ieee")
+        *_token_strides(src), *_token_strides(out), D=dim, D_PAD=dot_size(dim),
+        BLOCK_N=_apply_block(dot_size(dim), src.dtype), PRECISION="ieee")
 
 
 def forward(sources: list[torch.Tensor], dim: int, eps: float) -> torch.Tensor:
@@ -428,7 +434,8 @@ def compile_configs():
             plain = {"D": dim, "D_PAD": dot_size(dim), "BLOCK_N": BLOCK_N}
             backward = {**plain, "BLOCK_N": _heavy_block(plain["D_PAD"], dtype)}
             configs = [(_rla_fwd_reduce_kernel, {**plain, **dot_mode(dtype)}),
-                       (_rla_fwd_apply_kernel, {**plain, "PRECISION": "ieee"}),
+                       (_rla_fwd_apply_kernel,
+                        {**plain, "BLOCK_N": _apply_block(plain["D_PAD"], dtype), "PRECISION": "ieee"}),
                        (_rla_bwd_reduce_kernel, backward), (_rla_bwd_apply_kernel, backward)]
             configs += [(kernel, _aggregated_constexprs(dim, dtype, k))
                         for kernel in (_rla_agg_fwd_reduce_kernel, _rla_agg_fwd_apply_kernel)
