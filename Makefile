@@ -45,7 +45,8 @@ test-numerics: setup
 # The GPU machine's versions (torch 2.11.0, triton 3.6.0, Python 3.12), proven on this CPU before device time is
 # spent: a second venv with them (its own extension build: _C.cpython-312-*.so beside .venv's -311 one), then the
 # Triton kernels through the interpreter and every sm_90 build, spills included. Manual: too heavy for CI.
-# numpy<2.4: triton 3.6's interpreter fails on numpy 2.4 ("only 0-dimensional arrays can be converted ...").
+# numpy<2.4: triton 3.6's interpreter fails on numpy 2.4 ("only 0-dimensional arrays can be converted ..."), and
+# below it warns thousands of times of that coming error: the warning is silenced.
 COMPAT_VENV := .venv-compat
 COMPAT_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(shell command -v python3.12))
 COMPAT_TORCH := torch==2.11.0 triton==3.6.0 torchvision==0.26.0 "numpy<2.4"
@@ -53,6 +54,7 @@ test-compat:
 	@test -n "$(COMPAT_PYTHON)" || { echo "test-compat needs Python 3.12 (set COMPAT_PYTHON)"; exit 1; }
 	$(MAKE) setup VENV=$(COMPAT_VENV) PYTHON3=$(COMPAT_PYTHON) TORCH='$(COMPAT_TORCH)'
 	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} $(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		-W "ignore:Conversion of an array with ndim > 0:DeprecationWarning" \
 		--benchmark-disable --durations=5 -m "not gpu" tests/test_conv_bn_act_triton.py tests/test_ffn.py \
 		tests/test_conv_block.py tests/test_relu_linear_attention_triton.py \
 		tests/test_cascaded_group_attention_triton.py tests/test_triton_sm90.py
