@@ -5,16 +5,18 @@ QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 # Two entry points for a fresh machine (see README): `make demo` and `make test`. Both set up .venv first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PYTHON3 ?= python3
 # torch 2.14.1 is a CUDA build: the extension compiles against it even on a machine without a GPU.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 MODEL ?= efficientvit_b1
 
-.PHONY: setup demo test test-fast test-numerics lint gpu-pass gpu-pass-dry-run predictions
+.PHONY: setup demo test test-fast test-numerics test-compat lint gpu-pass gpu-pass-dry-run predictions
 
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
-	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) $(QUIET_PIP)
-	$(PY) -m pip install -q timm efficientsam diffusers peft pytest pytest-benchmark ninja ruff setuptools wheel onnx onnxruntime hypothesis $(QUIET_PIP)
+	# torch named again: otherwise a dependency (timm's torchvision) may bring a newer torch in its place
+	$(PY) -m pip install -q $(TORCH) timm efficientsam diffusers peft pytest pytest-benchmark ninja ruff setuptools wheel onnx onnxruntime hypothesis $(QUIET_PIP)
 	# --no-build-isolation: build against the torch installed above, not a fresh copy in an isolated env
 	$(PY) -m pip install -v --no-build-isolation --no-deps -e . > $(VENV)/build.log 2>&1 || (cat $(VENV)/build.log; exit 1)
 	grep -E "evit_kernels:|/nvcc |c\+\+ .*csrc|Successfully installed" $(VENV)/build.log | cut -c1-160
@@ -39,6 +41,23 @@ test-numerics: setup
 	for setting in "OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=default" "OMP_NUM_THREADS=2 ATEN_CPU_CAPABILITY=avx2"; do \
 		echo "numerics with $$setting"; env $$setting $(PY) -m pytest -q --benchmark-disable -m numerics || exit 1; \
 	done
+
+# The GPU machine's versions (torch 2.11.0, triton 3.6.0, Python 3.12), proven on this CPU before device time is
+# spent: a second venv with them (its own extension build: _C.cpython-312-*.so beside .venv's -311 one), then the
+# Triton kernels through the interpreter and every sm_90 build, spills included. Manual: too heavy for CI.
+# numpy<2.4: triton 3.6's interpreter fails on numpy 2.4 ("only 0-dimensional arrays can be converted ..."), and
+# below it warns thousands of times of that coming error: the warning is silenced.
+COMPAT_VENV := .venv-compat
+COMPAT_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(shell command -v python3.12))
+COMPAT_TORCH := torch==2.11.0 triton==3.6.0 torchvision==0.26.0 "numpy<2.4"
+test-compat:
+	@test -n "$(COMPAT_PYTHON)" || { echo "test-compat needs Python 3.12 (set COMPAT_PYTHON)"; exit 1; }
+	$(MAKE) setup VENV=$(COMPAT_VENV) PYTHON3=$(COMPAT_PYTHON) TORCH='$(COMPAT_TORCH)'
+	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} $(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		-W "ignore:Conversion of an array with ndim > 0:DeprecationWarning" \
+		--benchmark-disable --durations=5 -m "not gpu" tests/test_conv_bn_act_triton.py tests/test_ffn.py \
+		tests/test_conv_block.py tests/test_relu_linear_attention_triton.py \
+		tests/test_cascaded_group_attention_triton.py tests/test_triton_sm90.py
 
 lint: setup
 	$(PY) -m ruff check evit_kernels tests benchmarks python setup.py

@@ -183,7 +183,7 @@ class Launch:
         return math.prod(self.grid)
 
 
-_OPTIONS = ("num_warps", "num_stages")
+_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 
 
 def materialized(tree, device: str, fill: Callable[[torch.Tensor], object] | None = None):
@@ -279,7 +279,8 @@ SM90_REGISTERS, SM90_SHARED_BYTES, SM90_THREADS, SM90_CTAS = 65536, 228 * 1024, 
 
 def bind(launch: Launch) -> tuple:
     """(kernel, keyword arguments, bound arguments, specialization, options) of ``launch`` as the JIT binds them for
-    sm_90. Needs the compiled JIT (not ``TRITON_INTERPRET=1``); uses the JIT's own binder, as of triton 3.8."""
+    sm_90. Needs the compiled JIT (not ``TRITON_INTERPRET=1``); uses the JIT's own binder, the same in triton 3.6 and
+    3.8 (``make test-compat``)."""
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 

@@ -218,7 +218,8 @@ def test_meta_traces_with_symbolic_shapes():
     graph = make_fx(op, tracing_mode="symbolic")(x, torch.randn(6, 1, 5, 5))
     out = next(n for n in graph.graph.nodes if n.target is torch.ops.evit.depthwise_conv_cuda.default).meta["val"]
     assert isinstance(out.shape[2], torch.SymInt)
-    assert out.shape == (2, 6, 5, 7) and out.is_contiguous(memory_format=torch.channels_last)
+    # The strides themselves: torch 2.11's is_contiguous(memory_format=...) answers False on a symbolic height.
+    assert out.shape == (2, 6, 5, 7) and out.stride() == (6 * 5 * 7, 1, 7 * 6, 6)  # channels-last
 
 
 @needs_extension

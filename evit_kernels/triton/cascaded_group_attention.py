@@ -41,6 +41,12 @@ def grid_side(resolution: int) -> int:
     return max(4, triton.next_power_of_2(resolution))
 
 
+def _backward_warps(r_pad: int) -> int:
+    """8 warps for the backward of 64-token windows: its N×N fp32 tiles (P, dP, dS) spill the registers of 4 (fp32
+    under triton 3.6); smaller windows keep 4."""
+    return 8 if r_pad > 4 else 4
+
+
 @triton.jit
 def _tokens(resolution, R_PAD: tl.constexpr):
     """Per tile position: the token's row y, column x, memory index y·R + x, and whether it is in the window."""
@@ -198,17 +204,18 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_row: torch.
         grad_out = grad_out.contiguous()
     grad_q, grad_k, grad_v = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
     partial = torch.empty(n_windows, n_tokens, device=q.device, dtype=torch.float32)
+    r_pad = grid_side(resolution)
     if n_windows:
         _cga_bwd_kernel[(n_windows,)](
             q, k, v, bias_row, grad_out, grad_q, grad_k, grad_v, partial, n_tokens, resolution, key_dim, val_dim,
             scale, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), bias_row.stride(0),
-            R_PAD=grid_side(resolution), BLOCK_D=BLOCK_D, BINS=_BINS, **dot_mode(q.dtype))
+            R_PAD=r_pad, BLOCK_D=BLOCK_D, BINS=_BINS, num_warps=_backward_warps(r_pad), **dot_mode(q.dtype))
     return grad_q, grad_k, grad_v, partial.sum(dim=0)
 
 
 def compile_configs():
-    """Every (kernel, signature, constexprs) the launchers above can request: CI compiles each one ahead of time
-    for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU. The bias
+    """Every (kernel, signature, constexprs, options) the launchers above can request: CI compiles each one ahead of
+    time for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU. The bias
     row is either in the input dtype (folded inference weights) or fp32 (the parameter under autocast)."""
     pointers = {"q", "k", "v", "out", "grad", "grad_q", "grad_k", "grad_v"}
     for dtype, ptr in POINTER_TYPES.items():
@@ -217,6 +224,8 @@ def compile_configs():
             for r_pad in sorted({grid_side(r) for r in range(1, MAX_RESOLUTION + 1)}):
                 for kernel in (_cga_fwd_kernel, _cga_bwd_kernel):
                     constexprs = {"R_PAD": r_pad, "BLOCK_D": BLOCK_D, **dot_mode(dtype)}
+                    options = {}
                     if kernel is _cga_bwd_kernel:
                         constexprs["BINS"] = _BINS
-                    yield kernel, signature(kernel, ptr, constexprs, pointers, special), constexprs
+                        options["num_warps"] = _backward_warps(r_pad)
+                    yield kernel, signature(kernel, ptr, constexprs, pointers, special), constexprs, options

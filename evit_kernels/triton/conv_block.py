@@ -174,16 +174,21 @@ class Tiles:
     depthwise and full kinds, which have no input slots. More output channels than a block holds take two passes
     (:func:`one_pass`). Every size here compiles for sm_90 without register spills (compile_configs);
     wider ones spill: the (pixels × channels) accumulator and the epilogue's 64-bit addresses fill the registers.
-    fp32 runs IEEE dots on FMA units, which hold their operands in registers, hence its smaller tiles."""
+    fp32 runs IEEE dots on FMA units, which hold their operands in registers, hence its smaller tiles.
+    ``maxnreg``: the register limit given to ptxas. fp32 sets the hardware's 255: without a limit ptxas spills a
+    few registers in some fp32 tiles to fit more CTAs on an SM, and which tiles changes with the Triton version
+    (under triton 3.6, twelve of these, 8–32 B; the other sizes tried spilled under 3.8). The low precisions need no
+    limit, and one would cost them occupancy."""
 
     warps: int
     bands: tuple[tuple[int, int, int], ...]
     direct_pixels: int
     direct_channels: int = 128
     block_k: int = 32
+    maxnreg: int | None = None
 
 
-TILES = {torch.float32: Tiles(warps=4, bands=((32, 128, 64),), direct_pixels=32, block_k=16),
+TILES = {torch.float32: Tiles(warps=4, bands=((32, 128, 64),), direct_pixels=32, block_k=16, maxnreg=255),
          torch.float16: Tiles(warps=8, bands=((64, 128, 64), (64, 256, 32)), direct_pixels=64),
          torch.bfloat16: Tiles(warps=8, bands=((64, 128, 64), (64, 256, 32)), direct_pixels=64)}
 BLOCK_H = 16
@@ -220,7 +225,8 @@ def tile_config(spatial: str, dtype: torch.dtype, x_shape, out_shape, stride: in
     else:
         p, slots, channels, band_rows, images = tiles.direct_pixels, 16, tiles.direct_channels, 1, 1
     return {"P": p, "SLOTS": slots, "BLOCK_CO": min(common.dot_size(out_channels), channels), "BLOCK_H": BLOCK_H,
-            "BLOCK_K": tiles.block_k, "num_warps": tiles.warps, "band_rows": band_rows, "images": images}
+            "BLOCK_K": tiles.block_k, "num_warps": tiles.warps, "maxnreg": tiles.maxnreg, "band_rows": band_rows,
+            "images": images}
 
 
 def one_pass(config: dict, out_channels: int) -> bool:
@@ -256,7 +262,8 @@ def _launch(a: ConvBlockArgs, out: torch.Tensor, spatial: str, config: dict, sto
     b3, has_b3, _ = common.optional(a.b3, a.w3)
     residual, has_residual, r_strides = common.optional(None if store_hidden else a.residual, out)
     config = dict(config)
-    band_rows, images, num_warps = config.pop("band_rows"), config.pop("images"), config.pop("num_warps")
+    band_rows, images = config.pop("band_rows"), config.pop("images")
+    options = {"num_warps": config.pop("num_warps"), "maxnreg": config.pop("maxnreg")}
     # num_stages=1: the loops are short and their loads feed on-chip math, not a long GEMM to pipeline.
     if spatial == "expand_depthwise":
         bands = triton.cdiv(out_height, band_rows)
@@ -272,7 +279,7 @@ def _launch(a: ConvBlockArgs, out: torch.Tensor, spatial: str, config: dict, sto
         *a.stride, *a.padding, band_rows, bands, images, has_b1, has_b2, has_b3, has_residual,
         *a.x.stride(), w1.stride(0), w1.stride(1), *a.w2.stride(), a.w3.stride(0), a.w3.stride(1), *r_strides,
         *out.stride(),
-        SPATIAL=spatial, ACT1=a.act1, ACT2=a.act2, ACT3=a.act3, K=a.w2.shape[2], num_warps=num_warps, num_stages=1,
+        SPATIAL=spatial, ACT1=a.act1, ACT2=a.act2, ACT3=a.act3, K=a.w2.shape[2], num_stages=1, **options,
         STORE_HIDDEN=store_hidden, **config, **common.dot_mode(a.x.dtype))
 
 
@@ -294,4 +301,5 @@ def compile_configs():
                                   "K": ksize, "SLOTS": slots, "P": p, "BLOCK_H": block_h, "BLOCK_K": tiles.block_k,
                                   "BLOCK_CO": block_co, "STORE_HIDDEN": store_hidden, **common.dot_mode(dtype)}
                     types = common.signature(_conv_block_fwd_kernel, common.POINTER_TYPES[dtype], constexprs, pointers)
-                    yield _conv_block_fwd_kernel, types, constexprs, {"num_warps": tiles.warps, "num_stages": 1}
+                    yield _conv_block_fwd_kernel, types, constexprs, {"num_warps": tiles.warps, "num_stages": 1,
+                                                                      "maxnreg": tiles.maxnreg}

@@ -30,12 +30,15 @@ MAX_CHANNELS = 512
 
 
 def blocks(block_c: int, dtype: torch.dtype) -> dict[str, int]:
-    """BLOCK_M / BLOCK_H / BLOCK_K for a padded width and dtype: tiles that compile for sm_90 with 4 warps and no
-    register spills (the fp32 accumulator alone is BLOCK_M × BLOCK_C). fp32 runs IEEE dots on FMA units, which
-    hold every operand in registers, hence its small tiles."""
+    """BLOCK_M / BLOCK_H / BLOCK_K and num_warps for a padded width and dtype: tiles that compile for sm_90 without
+    register spills under triton 3.6 and 3.8 (the fp32 accumulator alone is BLOCK_M × BLOCK_C). fp32 runs IEEE dots
+    on FMA units, which hold every operand in registers, hence its small tiles. The widest block takes 8 warps and
+    16 hidden channels a step: with 4 warps, or 32 channels, its accumulator and w2 tile spill under triton 3.6."""
+    widest = block_c == MAX_CHANNELS
+    warps = {"num_warps": 8 if widest else 4}
     if dtype == torch.float32:
-        return {"BLOCK_M": 16, "BLOCK_H": 16, "BLOCK_K": 16}
-    return {"BLOCK_M": _LOW_PRECISION_BLOCK_M[block_c], "BLOCK_H": 32, "BLOCK_K": 32}
+        return {"BLOCK_M": 16, "BLOCK_H": 16, "BLOCK_K": 16, **warps}
+    return {"BLOCK_M": _LOW_PRECISION_BLOCK_M[block_c], "BLOCK_H": 16 if widest else 32, "BLOCK_K": 32, **warps}
 
 
 _LOW_PRECISION_BLOCK_M = {16: 64, 32: 64, 64: 64, 128: 32, 256: 32, 512: 16}  # every padded width up to 512
@@ -88,10 +91,12 @@ def forward(a: FfnArgs, out: torch.Tensor) -> torch.Tensor:
 
 
 def compile_configs():
-    """Every (kernel, signature, constexprs) the launcher above can request: CI compiles each one ahead of time
-    for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
+    """Every (kernel, signature, constexprs, options) the launcher above can request: CI compiles each one ahead of
+    time for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
     pointers = ("x", "w1", "b1", "w2", "b2", "residual", "out")
     for dtype, ptr in common.POINTER_TYPES.items():
         for block_c in _LOW_PRECISION_BLOCK_M:  # every padded width
-            constexprs = {"BLOCK_C": block_c, **blocks(block_c, dtype), **common.dot_mode(dtype)}
-            yield _ffn_fwd_kernel, common.signature(_ffn_fwd_kernel, ptr, constexprs, pointers), constexprs
+            sizes = blocks(block_c, dtype)
+            options = {"num_warps": sizes.pop("num_warps")}
+            constexprs = {"BLOCK_C": block_c, **sizes, **common.dot_mode(dtype)}
+            yield _ffn_fwd_kernel, common.signature(_ffn_fwd_kernel, ptr, constexprs, pointers), constexprs, options
