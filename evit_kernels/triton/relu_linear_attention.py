@@ -62,11 +62,11 @@ def _heavy_block(d_pad: int, dtype: torch.dtype, rotated: bool = False) -> int:
     return BLOCK_N // 4 if dtype == torch.float32 or rotated else BLOCK_N // 2
 
 
-def _apply_block(d_pad: int, dtype: torch.dtype, rotated: bool) -> int:
-    """Token tile of the forward's apply pass: at d = 32 half a block for the rotated form (its extra q tile) and
-    for fp32 inputs (the IEEE product holds kv and the q tile in registers); with 64 tokens either spills on sm_90
-    (fp32 under triton 3.6). Divides every chunk."""
-    return BLOCK_N // 2 if d_pad > 16 and (rotated or dtype == torch.float32) else BLOCK_N
+def _apply_block(d_pad: int) -> int:
+    """Token tile of the forward's apply pass: half a block at d = 32, where kv and the q tile (two of them in the
+    rotated form) fill the registers: with 64 tokens it spills on sm_90 (under triton 3.6 in every dtype, under 3.8
+    in the rotated form). Divides every chunk."""
+    return BLOCK_N // 2 if d_pad > 16 else BLOCK_N
 
 
 def _chunking(n_tokens: int, programs: int) -> tuple[int, int]:
@@ -439,7 +439,7 @@ def attend(src: Heads, out: torch.Tensor, out_strides: tuple[int, int, int], ind
     _rla_fwd_apply_kernel[(src.batch * src.heads, chunks)](
         src.q, src.rotated_or_stand_ins()[0], partial, out, src.heads, index * src.heads, src.n_tokens, per_chunk,
         chunks, eps, *src.strides, *out_strides, D=dim, D_PAD=dot_size(dim),
-        BLOCK_N=_apply_block(dot_size(dim), src.q.dtype, src.rotated), PRECISION="ieee", ROTATED=src.rotated)
+        BLOCK_N=_apply_block(dot_size(dim)), PRECISION="ieee", ROTATED=src.rotated)
 
 
 def forward(sources: list[torch.Tensor], dim: int, eps: float) -> torch.Tensor:
@@ -539,7 +539,7 @@ def compile_configs():
             for rotated in (False, True):
                 backward = {**plain, "BLOCK_N": _heavy_block(plain["D_PAD"], dtype, rotated), "ROTATED": rotated}
                 configs += [(_rla_fwd_reduce_kernel, {**plain, **dot_mode(dtype), "ROTATED": rotated}),
-                            (_rla_fwd_apply_kernel, {**plain, "BLOCK_N": _apply_block(plain["D_PAD"], dtype, rotated),
+                            (_rla_fwd_apply_kernel, {**plain, "BLOCK_N": _apply_block(plain["D_PAD"]),
                                                      "PRECISION": "ieee", "ROTATED": rotated}),
                             (_rla_bwd_reduce_kernel, backward), (_rla_bwd_apply_kernel, backward)]
             configs += [(kernel, _aggregated_constexprs(dim, dtype, k))
