@@ -33,6 +33,8 @@ SHAPES = {
     "c24_channels_last_no_bias": (2, 24, 7, 3, "channels_last", False, True),
     "c64_nchw_no_residual": (1, 64, 5, 13, "nchw", True, False),
     "c24_strided": (2, 24, 3, 5, "strided", True, True),
+    # A small map: the 96 output channels are split over two programs (ffn kernel, FEW_PIXEL_TILES).
+    "c96_small_map_channel_blocks": (1, 96, 3, 4, "nchw", True, True),
 }
 
 
@@ -59,6 +61,19 @@ def test_within_twice_eager_error(poisoned_empty, name, dtype):
     assert torch.isfinite(out).all()
     channels, hidden = args[1].shape[1], args[1].shape[0]
     assert_within_twice_eager(out, eager, expected, dtype, channels + hidden)
+
+
+def test_small_maps_split_the_output_channels_over_programs():
+    from evit_kernels import predict
+
+    with torch.device("meta"):
+        small = [torch.empty(1, 96, 3, 4), torch.empty(192, 96, 1, 1), None, torch.empty(96, 192, 1, 1), None, None]
+        large = [torch.empty(64, 96, 28, 28), *small[1:]]
+    with predict.recorded_launches() as launches:
+        ffn(*small, backend="triton")
+        ffn(*large, backend="triton")
+    assert [launch.grid[1] for launch in launches] == [2, 1]
+    assert launches[0].constexprs["BLOCK_C"] == 64 and launches[1].constexprs["BLOCK_C"] == 128
 
 
 def test_reference_gradients_after_triton_forward():

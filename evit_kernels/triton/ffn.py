@@ -42,6 +42,11 @@ def blocks(block_c: int, dtype: torch.dtype) -> dict[str, int]:
 
 
 _LOW_PRECISION_BLOCK_M = {16: 64, 32: 64, 64: 64, 128: 32, 256: 32, 512: 16}  # every padded width up to 512
+FEW_PIXEL_TILES = 132
+"""Fewer pixel tiles than an H100 has SMs: the output channels are then split over programs too, in blocks of
+``SMALL_GRID_BLOCK_C``, each program recomputing the hidden tile of its pixels (cheap on maps this small), so that
+a batch-1 layer (a 7×7 to 14×14 map: one to seven pixel tiles) does not leave nearly every SM idle."""
+SMALL_GRID_BLOCK_C = 64
 
 
 @triton.jit
@@ -51,7 +56,7 @@ def _ffn_fwd_kernel(x, w1, b1, w2, b2, residual, out, n_pixels, channels, hidden
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.arange(0, BLOCK_C)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_m = offs_m < n_pixels
     mask_c = offs_c < channels
     offs_b, offs_y, offs_x = common.pixel_coords(offs_m, height, width)
@@ -81,8 +86,10 @@ def forward(a: FfnArgs, out: torch.Tensor) -> torch.Tensor:
     b2, has_b2, _ = common.optional(a.b2, a.w2)
     residual, has_residual, r_strides = common.optional(a.residual, out)
     block_c = common.dot_size(channels)
+    if triton.cdiv(n_pixels, blocks(block_c, a.x.dtype)["BLOCK_M"]) < FEW_PIXEL_TILES:
+        block_c = min(block_c, SMALL_GRID_BLOCK_C)
     sizes = blocks(block_c, a.x.dtype)
-    _ffn_fwd_kernel[(triton.cdiv(n_pixels, sizes["BLOCK_M"]),)](
+    _ffn_fwd_kernel[(triton.cdiv(n_pixels, sizes["BLOCK_M"]), triton.cdiv(channels, block_c))](
         a.x, a.w1, b1, a.w2, b2, residual, out, n_pixels, channels, hidden, height, width,
         has_b1, has_b2, has_residual, *a.x.stride(), a.w1.stride(0), a.w1.stride(1), a.w2.stride(0), a.w2.stride(1),
         *r_strides, *out.stride(),
