@@ -30,15 +30,18 @@ MAX_CHANNELS = 512
 
 
 def blocks(block_c: int, dtype: torch.dtype) -> dict[str, int]:
-    """BLOCK_M / BLOCK_H / BLOCK_K and num_warps for a padded width and dtype: tiles that compile for sm_90 without
-    register spills under triton 3.6 and 3.8 (the fp32 accumulator alone is BLOCK_M × BLOCK_C). fp32 runs IEEE dots
-    on FMA units, which hold every operand in registers, hence its small tiles. The widest block takes 8 warps and
-    16 hidden channels a step: with 4 warps, or 32 channels, its accumulator and w2 tile spill under triton 3.6."""
+    """BLOCK_M / BLOCK_H / BLOCK_K, num_warps and maxnreg for a padded width and dtype: tiles that compile for sm_90
+    without register spills under triton 3.6 and 3.8 (the fp32 accumulator alone is BLOCK_M × BLOCK_C). fp32 runs
+    IEEE dots on FMA units, which hold every operand in registers, hence its small tiles. The widest block takes 8
+    warps, and blocks of 256 and 512 channels 16 hidden channels a step: otherwise their accumulator and w2 tile spill
+    under triton 3.6. ``maxnreg`` 255 (the hardware's limit, given to ptxas): without it ptxas caps some of these at
+    128 registers under triton 3.8 and spills 8–24 B to fit more CTAs on an SM."""
     widest = block_c == MAX_CHANNELS
-    warps = {"num_warps": 8 if widest else 4}
+    warps = {"num_warps": 8 if widest else 4, "maxnreg": 255}
     if dtype == torch.float32:
         return {"BLOCK_M": 16, "BLOCK_H": 16, "BLOCK_K": 16, **warps}
-    return {"BLOCK_M": _LOW_PRECISION_BLOCK_M[block_c], "BLOCK_H": 16 if widest else 32, "BLOCK_K": 32, **warps}
+    return {"BLOCK_M": _LOW_PRECISION_BLOCK_M[block_c], "BLOCK_H": 16 if block_c >= 256 else 32, "BLOCK_K": 32,
+            **warps}
 
 
 _LOW_PRECISION_BLOCK_M = {16: 64, 32: 64, 64: 64, 128: 32, 256: 32, 512: 16}  # every padded width up to 512
@@ -104,6 +107,6 @@ def compile_configs():
     for dtype, ptr in common.POINTER_TYPES.items():
         for block_c in _LOW_PRECISION_BLOCK_M:  # every padded width
             sizes = blocks(block_c, dtype)
-            options = {"num_warps": sizes.pop("num_warps")}
+            options = {"num_warps": sizes.pop("num_warps"), "maxnreg": sizes.pop("maxnreg")}
             constexprs = {"BLOCK_C": block_c, **sizes, **common.dot_mode(dtype)}
             yield _ffn_fwd_kernel, common.signature(_ffn_fwd_kernel, ptr, constexprs, pointers), constexprs, options
