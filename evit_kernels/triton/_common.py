@@ -66,13 +66,25 @@ def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     intermediates). fp32 tensors: fp32 operands at ``PRECISION``; fp16 and bf16: on the tensor cores."""
     if a.dtype == tl.float32 and b.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision=PRECISION)
+    if UPCAST:
+        return tl.dot(rounded(a, tl.bfloat16, UPCAST), rounded(b, tl.bfloat16, UPCAST), acc, input_precision="ieee")
     if a.dtype == tl.float32:
         a = a.to(b.dtype)
     else:
         b = b.to(a.dtype)
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc)
+
+
+@triton.jit
+def rounded(t, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """``t`` rounded to ``dtype`` to nearest even, as the GPU converts. Under the interpreter's bf16 (``UPCAST``),
+    whose conversion truncates, the rounding is done on the fp32 bits and the tile stays fp32, holding bf16 values
+    (storing it as bf16 is then exact)."""
+    if UPCAST:
+        bits = t.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return t.to(dtype)
 
 
 @triton.jit
