@@ -142,7 +142,7 @@ def test_no_output_channel_block_recomputes_the_hidden_tensor(name):
         first, project = launches
         assert first.kernel == "_conv_block_fwd_kernel" and first.constexprs["STORE_HIDDEN"]
         assert first.grid[1] == -(-w2.shape[0] // first.constexprs["BLOCK_H"])
-        assert project.kernel == "_conv_pw_kernel" and project.scalars["out_channels"] == w3.shape[0]
+        assert project.kernel == "_conv_dense_kernel" and project.scalars["out_channels"] == w3.shape[0]
         assert project.scalars["has_residual"] == (residual is not None)
     else:
         (launch,) = launches

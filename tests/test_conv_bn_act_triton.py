@@ -38,6 +38,13 @@ POINTWISE = {
     "map_1x1": (3, 17, 9, 1, 1, True, False, "channels_last"),
     "strided_input": (2, 6, 8, 5, 4, True, True, "strided"),
 }
+# (batch, C_in, C_out, H, W, stride, padding, bias, residual, layout) of 3×3 convs with groups 1: the M-series stem
+# (3 input channels, stride 2), several M, N and K blocks, asymmetric stride and padding on a strided input.
+DENSE_3X3 = {
+    "stem": (2, 3, 8, 11, 9, 2, 1, True, False, "nchw"),
+    "blocks": (1, 40, 70, 5, 7, 1, 1, True, True, "channels_last"),
+    "stride_1x2_pad_0x1": (1, 6, 8, 6, 5, (1, 2), (0, 1), False, True, "strided"),
+}
 
 
 def _inputs(batch, c_in, c_out, height, width, k, stride, padding, groups, bias, residual, layout, dtype):
@@ -93,6 +100,17 @@ def test_depthwise_within_twice_eager_error(poisoned_empty, name, activation, dt
 @pytest.mark.parametrize("name", POINTWISE)
 def test_pointwise_within_twice_eager_error(poisoned_empty, name, activation, dtype):
     x, weight, bias, residual, conv = _pointwise_inputs(name, dtype)
+    _check_against_float64(x, weight, bias, residual, conv, activation)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("activation", ["none", "relu"])
+@pytest.mark.parametrize("name", DENSE_3X3)
+def test_dense_3x3_within_twice_eager_error(poisoned_empty, name, activation, dtype):
+    batch, c_in, c_out, height, width, stride, padding, bias, residual, layout = DENSE_3X3[name]
+    x, weight, bias, residual, conv = _inputs(batch, c_in, c_out, height, width, 3, stride, padding, 1, bias, residual,
+                                              layout, dtype)
     _check_against_float64(x, weight, bias, residual, conv, activation)
 
 
@@ -162,7 +180,7 @@ def _conv_args(c_in=4, c_out=4, k=3, groups=4, stride=1, padding=1, dilation=1, 
 
 
 UNSUPPORTED = {
-    "dense_k3": (dict(groups=1), "depthwise"),
+    "dense_k5": (dict(groups=1, k=5, padding=2), "3×3 conv with groups 1"),
     "grouped": (dict(c_in=4, c_out=6, groups=2), "depthwise"),
     "depthwise_k9": (dict(k=9, padding=4), "depthwise"),
     "depthwise_k1": (dict(k=1, padding=0), "depthwise"),

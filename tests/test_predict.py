@@ -104,7 +104,7 @@ def test_launches_of_a_patched_call_are_recorded_not_run():
     assert out.shape == (2, 80, 8, 8) and out.device.type == "meta"
     (launch,) = launches
     # 128 pixels in 64-pixel blocks × 80 output channels in 64-channel blocks, one program per tile.
-    assert launch.kernel == "_conv_pw_kernel" and launch.grid == (2 * 2,) and launch.ctas == 4
+    assert launch.kernel == "_conv_dense_kernel" and launch.grid == (2 * 2,) and launch.ctas == 4
     assert launch.constexprs["ACTIVATION"] == "relu"
     # x, weight and the output once each (the weight also stands in for the absent bias, the output for the absent
     # residual): 2·32·64 + 80·32 + 2·80·64 bf16 elements.

@@ -141,10 +141,14 @@ _DEPTHWISE_SIZES = (3, 5, 7)
 
 
 def _kernel_kind(a: ConvBnActArgs) -> str | None:
-    """Which kernel computes this conv: "depthwise" (Triton or CUDA), "pointwise" (1×1, Triton) or None."""
+    """Which kernel computes this conv: "depthwise" (Triton or CUDA), "dense" (groups 1: a 1×1 with stride 1 and no
+    padding, or a 3×3; Triton) or None."""
+    from evit_kernels.triton.conv_bn_act import DENSE_KERNEL_SIZES
+
     out_channels, in_per_group, kernel_h, kernel_w = a.weight.shape
-    if a.groups == 1 and (kernel_h, kernel_w) == (1, 1) and a.stride == [1, 1] and a.padding == [0, 0]:
-        return "pointwise"
+    if a.groups == 1 and kernel_h == kernel_w and kernel_h in DENSE_KERNEL_SIZES and (
+            kernel_h > 1 or (a.stride == [1, 1] and a.padding == [0, 0])):
+        return "dense"
     if (a.groups == a.x.shape[1] == out_channels and in_per_group == 1 and kernel_h == kernel_w
             and kernel_h in _DEPTHWISE_SIZES and all(s in (1, 2) for s in a.stride)):
         return "depthwise"
@@ -156,7 +160,7 @@ def _triton_forward(a: ConvBnActArgs) -> Tensor:
 
     if _kernel_kind(a) == "depthwise":
         return kernels.depthwise(a, a.new_output())
-    return kernels.pointwise(a, a.new_output())
+    return kernels.dense(a, a.new_output())
 
 
 def _triton_reasons(a: ConvBnActArgs) -> list[str]:
@@ -166,7 +170,8 @@ def _triton_reasons(a: ConvBnActArgs) -> list[str]:
     if _kernel_kind(a) is None:
         reasons.append(f"a conv with weight {tuple(a.weight.shape)}, groups={a.groups}, stride={a.stride}, "
                        f"padding={a.padding} (the Triton kernels take a depthwise 3×3, 5×5 or 7×7 conv with "
-                       f"stride 1 or 2, or a 1×1 conv with groups 1, stride 1 and padding 0)")
+                       f"stride 1 or 2, a 1×1 conv with groups 1, stride 1 and padding 0, or a 3×3 conv with "
+                       f"groups 1)")
     return reasons
 
 

@@ -1,5 +1,6 @@
-"""Triton kernels of ``evit::conv_bn_act`` (inference) for the two convolutions that make up EfficientViT's
-conv stacks: the depthwise k×k conv (k = 3, 5, 7; stride 1 or 2) and the 1×1 conv. Each computes
+"""Triton kernels of ``evit::conv_bn_act`` (inference) for the convolutions that make up EfficientViT's conv
+stacks: the depthwise k×k conv (k = 3, 5, 7; stride 1 or 2) and the groups-1 conv (1×1, and the 3×3 of the
+M-series stem) as an implicit GEMM. Each computes
 
     out = act(conv2d(x, weight) + bias) + residual
 
@@ -29,8 +30,15 @@ if TYPE_CHECKING:
 
 # Depthwise: a tile of output pixels × channels per program, each k×k tap one masked 2D load.
 DW_BLOCK_P, DW_BLOCK_C = 64, 32
-# 1×1: a (pixels × output channels) tile of the GEMM (B·H·W) × C_out × C_in per program.
-PW_BLOCK_M, PW_BLOCK_N, PW_BLOCK_K = 64, 64, 32
+# Groups 1 (1×1 and k×k): a (pixels × output channels) tile of the GEMM (B·H·W) × C_out × (C_in·k²) per program.
+DENSE_BLOCK_M, DENSE_BLOCK_N, DENSE_BLOCK_K = 64, 64, 32
+DENSE_KERNEL_SIZES = (1, 3)
+"""The kernel sizes of the groups-1 convs: 1×1 (stride 1, no padding) and 3×3 (the M-series stem)."""
+
+
+def dense_warps(dtype: torch.dtype, ksize: int) -> int:
+    """4 warps, 8 for fp32 k×k convs (whose FMA products spill the registers of 4 warps on sm_90)."""
+    return 8 if dtype == torch.float32 and ksize > 1 else 4
 
 
 @triton.jit
@@ -51,11 +59,11 @@ def _conv_dw_kernel(x, weight, bias, residual, out, n_pixels, channels, height, 
 
 
 @triton.jit
-def _conv_pw_kernel(x, weight, bias, residual, out, n_pixels, in_channels, out_channels, height, width,
-                    has_bias, has_residual, x_sb, x_sc, x_sh, x_sw, w_sn, w_sk,
-                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw,
-                    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _conv_dense_kernel(x, weight, bias, residual, out, n_pixels, in_channels, out_channels, height, width,
+                       out_height, out_width, stride_h, stride_w, pad_h, pad_w, has_bias, has_residual,
+                       x_sb, x_sc, x_sh, x_sw, w_sn, w_sk, w_skh, w_skw, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw,
+                       ACTIVATION: tl.constexpr, KSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # Output-channel blocks of one pixel block are neighbouring programs, so its x tile is read from HBM once
     # and then from L2.
     n_blocks = tl.cdiv(out_channels, BLOCK_N)
@@ -65,10 +73,20 @@ def _conv_pw_kernel(x, weight, bias, residual, out, n_pixels, in_channels, out_c
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < n_pixels
     mask_n = offs_n < out_channels
-    offs_b, offs_h, offs_w = common.pixel_coords(offs_m, height, width)
-    x_rows = x + offs_b * x_sb + offs_h * x_sh + offs_w * x_sw
-    acc = common.gemm_rows(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_rows, mask_m, x_sc, in_channels, weight,
-                           w_sk, w_sn, offs_n, mask_n, BLOCK_K=BLOCK_K, PRECISION=PRECISION, UPCAST=UPCAST)
+    offs_b, offs_h, offs_w = common.pixel_coords(offs_m, out_height, out_width)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if KSIZE == 1:  # 1×1, stride 1, no padding: each output pixel's own input pixel
+        x_rows = x + offs_b * x_sb + offs_h * x_sh + offs_w * x_sw
+        acc = common.gemm_rows(acc, x_rows, mask_m, x_sc, in_channels, weight, w_sk, w_sn, offs_n, mask_n,
+                               BLOCK_K=BLOCK_K, PRECISION=PRECISION, UPCAST=UPCAST)
+    else:  # k×k: one GEMM over the input channels per tap (an implicit GEMM)
+        for kh in range(0, KSIZE):
+            for kw in range(0, KSIZE):
+                iy, ix, inside = common.tap(offs_h, offs_w, mask_m, kh, kw, stride_h, stride_w, pad_h, pad_w, height,
+                                            width)
+                acc = common.gemm_rows(acc, x + offs_b * x_sb + iy * x_sh + ix * x_sw, inside, x_sc, in_channels,
+                                       weight + kh * w_skh + kw * w_skw, w_sk, w_sn, offs_n, mask_n, BLOCK_K=BLOCK_K,
+                                       PRECISION=PRECISION, UPCAST=UPCAST)
     common.epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_n, mask_m, mask_n, has_bias, has_residual,
                     r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION)
 
@@ -90,35 +108,35 @@ def depthwise(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def pointwise(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
-    """Writes ``act(conv1x1(x) + bias) + residual`` into ``out`` (B, C_out, H, W), any strides. ``weight`` is
-    (C_out, C_in, 1, 1)."""
+def dense(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
+    """Writes ``act(conv2d(x, weight) + bias) + residual`` into ``out`` (B, C_out, H_out, W_out), any strides, for
+    a conv with groups 1 and a square k×k kernel of :data:`DENSE_KERNEL_SIZES` (``weight`` (C_out, C_in, k, k))."""
     batch, in_channels, height, width = a.x.shape
-    out_channels = a.weight.shape[0]
-    n_pixels = batch * height * width
+    _, out_channels, out_height, out_width = out.shape
+    n_pixels = batch * out_height * out_width
     bias, has_bias, _ = common.optional(a.bias, a.weight)
     residual, has_residual, r_strides = common.optional(a.residual, out)
-    grid = (triton.cdiv(n_pixels, PW_BLOCK_M) * triton.cdiv(out_channels, PW_BLOCK_N),)
-    _conv_pw_kernel[grid](
-        a.x, a.weight, bias, residual, out, n_pixels, in_channels, out_channels, height, width,
-        has_bias, has_residual, *a.x.stride(), a.weight.stride(0), a.weight.stride(1), *r_strides, *out.stride(),
-        ACTIVATION=a.activation, BLOCK_M=PW_BLOCK_M, BLOCK_N=PW_BLOCK_N, BLOCK_K=PW_BLOCK_K,
-        **common.dot_mode(a.x.dtype))
+    grid = (triton.cdiv(n_pixels, DENSE_BLOCK_M) * triton.cdiv(out_channels, DENSE_BLOCK_N),)
+    _conv_dense_kernel[grid](
+        a.x, a.weight, bias, residual, out, n_pixels, in_channels, out_channels, height, width, out_height, out_width,
+        *a.stride, *a.padding, has_bias, has_residual, *a.x.stride(), *a.weight.stride(), *r_strides, *out.stride(),
+        ACTIVATION=a.activation, KSIZE=a.weight.shape[2], BLOCK_M=DENSE_BLOCK_M, BLOCK_N=DENSE_BLOCK_N,
+        BLOCK_K=DENSE_BLOCK_K, num_warps=dense_warps(a.x.dtype, a.weight.shape[2]), **common.dot_mode(a.x.dtype))
     return out
 
 
 def compile_configs():
-    """Every (kernel, signature, constexprs) the launchers above can request: CI compiles each one ahead of time
-    for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
+    """Every (kernel, signature, constexprs[, options]) the launchers above can request: CI compiles each one ahead of
+    time for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
     from evit_kernels.ops.conv_bn_act import ACTIVATIONS
 
     pointers = ("x", "weight", "bias", "residual", "out")
-    blocks = {_conv_dw_kernel: {"BLOCK_P": DW_BLOCK_P, "BLOCK_C": DW_BLOCK_C},
-              _conv_pw_kernel: {"BLOCK_M": PW_BLOCK_M, "BLOCK_N": PW_BLOCK_N, "BLOCK_K": PW_BLOCK_K}}
+    dense_blocks = {"BLOCK_M": DENSE_BLOCK_M, "BLOCK_N": DENSE_BLOCK_N, "BLOCK_K": DENSE_BLOCK_K}
     for dtype, ptr in common.POINTER_TYPES.items():
         for activation in ACTIVATIONS:
-            for kernel, block in blocks.items():
-                constexprs = {"ACTIVATION": activation, **block}
-                if kernel is _conv_pw_kernel:
-                    constexprs.update(common.dot_mode(dtype))
-                yield kernel, common.signature(kernel, ptr, constexprs, pointers), constexprs
+            constexprs = {"ACTIVATION": activation, "BLOCK_P": DW_BLOCK_P, "BLOCK_C": DW_BLOCK_C}
+            yield _conv_dw_kernel, common.signature(_conv_dw_kernel, ptr, constexprs, pointers), constexprs
+            for ksize in DENSE_KERNEL_SIZES:
+                constexprs = {"ACTIVATION": activation, "KSIZE": ksize, **dense_blocks, **common.dot_mode(dtype)}
+                yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers), constexprs,
+                       {"num_warps": dense_warps(dtype, ksize)})
