@@ -25,7 +25,7 @@ from evit_kernels.ops.cascaded_group_attention import (
 from evit_kernels.triton import cascaded_group_attention as triton_cga
 from tests.cga_configs import CONFIGS, cast, folded_inputs, whole_map_terms
 from tests.models import randomize_bn
-from tests.numerics import assert_within_twice_eager, max_err
+from tests.numerics import assert_within_twice_eager, in_layout, max_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -219,16 +219,37 @@ def test_patched_module_requesting_triton_raises_for_unsupported_dtype():
         patched(torch.randn(1, original.dim, 7, 7, dtype=torch.float64, device=DEVICE))
 
 
+def _check_whole_map(config, H, W, window, dtype, layout="contiguous"):
+    args = folded_inputs(config, H, W, window, dtype, DEVICE, batch=1)
+    args = (in_layout(args[0], layout), *args[1:])
+    if triton_cga.map_warps(dtype, window, config[0] // config[1]) is None:  # refused, saying why
+        with pytest.raises(dispatch.BackendUnavailable, match="would spill"):
+            cascaded_group_attention(*args, backend="triton")
+        return
+    expected = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*cast(args, torch.float64)))
+    out = cascaded_group_attention(*args, backend="triton")
+    eager = cascaded_group_attention(*args, backend="torch")
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_within_twice_eager(out, eager, expected, dtype, whole_map_terms(config, window), f"{H}x{W} {layout}")
+
+
 @pytest.mark.numerics
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
-def test_whole_map_triton_on_every_released_configuration(config):
-    """The whole-map op with the attention core on Triton, for every released M0-M5 attention (heads, kernels,
-    value dims), at a stage map with 4 windows (14x14), a map needing padding (9x11) and the 4x4 stage."""
+def test_whole_map_triton_on_every_released_configuration(config, dtype):
+    """The whole-map kernel for every released M0-M5 attention (heads, kernels, value dims), at a stage map with
+    4 windows (14x14), a map needing padding (9x11) and the 4x4 stage (or its refusal where it would spill)."""
     torch.manual_seed(0)
     for H, W, window in ((14, 14, 7), (9, 11, 7), (4, 4, 4)):
-        args = folded_inputs(config, H, W, window, torch.float32, DEVICE, batch=1)
-        expected = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*cast(args, torch.float64)))
-        out = cascaded_group_attention(*args, backend="triton")
-        eager = cascaded_group_attention(*args, backend="torch")
-        assert_within_twice_eager(out, eager, expected, torch.float32, whole_map_terms(config, window), f"{H}x{W}")
+        _check_whole_map(config, H, W, window, dtype)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_whole_map_triton_low_precision_and_any_layout(dtype, layout):
+    """Reduced precision on the tensor cores, and the map read in place whatever its strides: m1's mixed depthwise
+    kernels (7, 5, 3) and 48-channel heads on a padded map."""
+    torch.manual_seed(0)
+    _check_whole_map((144, 3, (7, 5, 3)), 9, 11, 7, dtype, layout)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from evit_kernels.dispatch import span
-from evit_kernels.triton._common import POINTER_TYPES, dot_mode, mma, signature
+from evit_kernels.triton._common import POINTER_TYPES, dot_mode, dot_size, mma, rounded, signature
 
 BLOCK_D = 16  # channel chunk: tl.dot's minimum size; released key/value dims are multiples of it
 MAX_RESOLUTION = 8  # N = R² ≤ 64: the N×N fp32 tiles of the backward stay in registers on sm_90
@@ -99,11 +99,25 @@ def _probabilities(q_base, k_base, bias_row, bias_stride, scale, key_dim, resolu
         q_t = _load_t(q_base, c0, key_dim, offs_c, index, valid, q_sc, q_sn)
         k = _load(k_base, c0, key_dim, offs_c, index, valid, k_sc, k_sn)
         scores = mma(q_t, k, scores, PRECISION=PRECISION, UPCAST=UPCAST)
+    return _softmax(scores, bias_row, bias_stride, scale, resolution, y, x, valid)
+
+
+@triton.jit
+def _softmax(scores, bias_row, bias_stride, scale, resolution, y, x, valid, KEYS_AXIS: tl.constexpr = 1):
+    """softmax over keys of scale·scores + bias for the (N_PAD, N_PAD) fp32 qᵀk of one window (queries × keys;
+    ``KEYS_AXIS`` 0: its transpose kᵀq, keys × queries; the bias is symmetric)."""
     offset = tl.abs(y[:, None] - y[None, :]) * resolution + tl.abs(x[:, None] - x[None, :])
     bias = tl.load(bias_row + offset * bias_stride, mask=valid[:, None] & valid[None, :], other=0.0)
-    scores = tl.where(valid[None, :], scores * scale + bias.to(tl.float32), float("-inf"))
-    exp = tl.exp(scores - tl.max(scores, axis=1)[:, None])
-    return exp / tl.sum(exp, axis=1)[:, None]
+    if KEYS_AXIS == 1:
+        keys = valid[None, :]
+    else:
+        keys = valid[:, None]
+    scores = tl.where(keys, scores * scale + bias.to(tl.float32), float("-inf"))
+    if KEYS_AXIS == 1:
+        exp = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+        return exp / tl.sum(exp, axis=1)[:, None]
+    exp = tl.exp(scores - tl.max(scores, axis=0)[None, :])
+    return exp / tl.sum(exp, axis=0)[None, :]
 
 
 @triton.jit
@@ -176,6 +190,137 @@ def _cga_bwd_kernel(q, k, v, bias_row, grad, grad_q, grad_k, grad_v, bias_partia
     tl.store(bias_partial + w * n_tokens + dy[:, None] * resolution + dy[None, :], bins, mask=in_window)
 
 
+@triton.jit
+def _project(weight, bias, row0, n_rows, offs_r, feat, offs_c, n_channels, PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr):
+    """Rows [row0, row0 + n_rows) of a head's qkv conv (weight (rows, C/h) contiguous, bias (rows,)) applied to
+    ``feat`` (C_PAD channels, N_PAD tokens) on chip: (R_PAD rows, N_PAD) fp32, zero in the padded rows."""
+    mask_r = offs_r < n_rows
+    w = tl.load(weight + (row0 + offs_r)[:, None] * n_channels + offs_c[None, :],
+                mask=mask_r[:, None] & (offs_c < n_channels)[None, :], other=0.0)
+    out = mma(w, feat, None, PRECISION=PRECISION, UPCAST=UPCAST)
+    return out + tl.load(bias + row0 + offs_r, mask=mask_r, other=0.0).to(tl.float32)[:, None]
+
+
+@triton.jit
+def _window_depthwise(q_scratch, weight, bias, ksize, key_dim, resolution, offs_k, y, x, valid,
+                      R_PAD: tl.constexpr, KD_PAD: tl.constexpr):
+    """The depthwise k×k conv of q within the window (zero outside it, as the original pads each window), q read
+    back from this program's scratch tile (KD_PAD channels × grid positions); weight (kd, k, k) contiguous.
+    (KD_PAD, N_PAD) fp32."""
+    mask_k = offs_k < key_dim
+    pad = ksize // 2
+    acc = tl.zeros((KD_PAD, R_PAD * R_PAD), dtype=tl.float32)
+    for kh in range(0, ksize):
+        for kw in range(0, ksize):
+            ty = y + kh - pad
+            tx = x + kw - pad
+            inside = valid & (ty >= 0) & (ty < resolution) & (tx >= 0) & (tx < resolution)
+            q = tl.load(q_scratch + offs_k[:, None] * (R_PAD * R_PAD) + (ty * R_PAD + tx)[None, :],
+                        mask=mask_k[:, None] & inside[None, :], other=0.0)
+            w = tl.load(weight + offs_k * ksize * ksize + kh * ksize + kw, mask=mask_k, other=0.0)
+            acc += q.to(tl.float32) * w.to(tl.float32)[:, None]
+    return acc + tl.load(bias + offs_k, mask=mask_k, other=0.0).to(tl.float32)[:, None]
+
+
+@triton.jit
+def _cga_map_fwd_kernel(x, weights, attention_biases, heads_out, scratch, heads, height, width, windows_w, n_windows,
+                        resolution, key_dim, val_dim, kernel_sizes, scale, x_sb, x_sc, x_sh, x_sw, ab_sh, ab_sn,
+                        R_PAD: tl.constexpr, KD_PAD: tl.constexpr, VD_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                        UPCAST: tl.constexpr):
+    N_PAD: tl.constexpr = R_PAD * R_PAD
+    w = tl.program_id(0)
+    b = w // n_windows
+    y, xx, index, valid = _tokens(resolution, R_PAD)
+    gy = (w % n_windows) // windows_w * resolution + y
+    gx = (w % n_windows) % windows_w * resolution + xx
+    in_map = valid & (gy < height) & (gx < width)
+    offs_k = tl.arange(0, KD_PAD)
+    offs_v = tl.arange(0, VD_PAD)
+    mask_v = offs_v < val_dim
+    dtype = heads_out.dtype.element_ty
+    # weights: every head's qkv weight (rows, vd) and bias (rows,), the depthwise biases (kd,) and the depthwise
+    # weights (kd, k_i, k_i), packed in that order; k_i = 2·(2-bit field i of kernel_sizes) + 1.
+    rows = 2 * key_dim + val_dim
+    qkv_b = weights + heads * rows * val_dim
+    dw_b = qkv_b + heads * rows
+    dw_w = dw_b + heads * key_dim
+    x_tokens = x + b * x_sb + gy * x_sh + gx * x_sw
+    out_tokens = heads_out + b * heads * val_dim * height * width + gy * width + gx
+    q_scratch = scratch + w * KD_PAD * N_PAD
+    # The previous head's output (C/h = vd channels). feat, v, p and the output are held rounded to the input dtype,
+    # as every product rounds its operands and eager stores them: half the registers of fp32 tiles.
+    carried = rounded(tl.zeros((VD_PAD, N_PAD), dtype=tl.float32), dtype, UPCAST)
+    for i in range(0, heads):
+        chunk = tl.load(x_tokens[None, :] + (i * val_dim + offs_v)[:, None] * x_sc,
+                        mask=mask_v[:, None] & in_map[None, :], other=0.0)
+        feat = rounded(chunk.to(tl.float32) + carried.to(tl.float32), dtype, UPCAST)
+        w_head = weights + i * rows * val_dim
+        q = _project(w_head, qkv_b + i * rows, 0, key_dim, offs_k, feat, offs_v, val_dim, PRECISION, UPCAST)
+        # The depthwise conv reads neighbouring tokens: q goes through this program's scratch tile (in the input
+        # dtype, as eager stores it), with a barrier before reading it and before the next head overwrites it.
+        q_tile = q_scratch + offs_k[:, None] * N_PAD + tl.arange(0, N_PAD)[None, :]
+        tl.store(q_tile, rounded(q, dtype, UPCAST).to(dtype))
+        tl.debug_barrier()
+        ksize = (kernel_sizes >> (2 * i)) % 4 * 2 + 1
+        q = _window_depthwise(q_scratch, dw_w, dw_b + i * key_dim, ksize, key_dim, resolution, offs_k, y, xx, valid,
+                              R_PAD, KD_PAD)
+        dw_w += key_dim * ksize * ksize
+        tl.debug_barrier()
+        k = _project(w_head, qkv_b + i * rows, key_dim, key_dim, offs_k, feat, offs_v, val_dim, PRECISION, UPCAST)
+        # keys × queries, so that the value product needs no transpose: out[c, i] = Σ_j v[c, j] P[i, j]
+        scores_t = mma(tl.trans(rounded(k, dtype, UPCAST)), rounded(q, dtype, UPCAST), None, PRECISION=PRECISION,
+                       UPCAST=UPCAST)
+        p_t = _softmax(scores_t, attention_biases + i * ab_sh, ab_sn, scale, resolution, y, xx, valid, KEYS_AXIS=0)
+        v = _project(w_head, qkv_b + i * rows, 2 * key_dim, val_dim, offs_v, feat, offs_v, val_dim, PRECISION,
+                     UPCAST)
+        out = mma(rounded(v, dtype, UPCAST), rounded(p_t, dtype, UPCAST), None, PRECISION=PRECISION, UPCAST=UPCAST)
+        tl.store(out_tokens[None, :] + (i * val_dim + offs_v)[:, None] * height * width,
+                 rounded(tl.where(out > 0, out, 0.0), dtype, UPCAST).to(dtype), mask=mask_v[:, None] & in_map[None, :])
+        carried = rounded(out, dtype, UPCAST)
+
+
+MAP_KERNEL_SIZES = (1, 3, 5, 7)
+"""The depthwise kernel sizes of the whole-map kernel (2 bits per head in one argument)."""
+MAP_MAX_HEADS = 15
+
+
+def map_warps(dtype: torch.dtype, resolution: int, val_dim: int) -> int | None:
+    """The warps of the whole-map kernel for ``dtype`` inputs, R×R windows and heads of ``val_dim`` channels (4 on
+    windows of up to 16 tokens, 8 on larger ones), or None where it would spill registers on sm_90: heads wider
+    than 64 channels, except in fp16/bf16 on windows of up to 16 tokens (a head's input, queries, keys, values and
+    output stay in registers)."""
+    r_pad, vd_pad = grid_side(resolution), dot_size(val_dim)
+    if vd_pad > 64 and (r_pad > 4 or dtype == torch.float32):
+        return None
+    return 4 if r_pad == 4 else 8
+
+
+def whole_map_heads(x: torch.Tensor, qkv_weights: list[torch.Tensor], qkv_biases: list[torch.Tensor],
+                    dw_weights: list[torch.Tensor], dw_biases: list[torch.Tensor], attention_biases: torch.Tensor,
+                    key_dim: int, window: int) -> torch.Tensor:
+    """relu of the concatenated head outputs of cascaded group attention over a whole map ``x`` (B, C, H, W), any
+    strides, zero padded bottom/right to whole windows: (B, h·vd, H, W), contiguous, in x's dtype. One program per
+    window runs every head (qkv conv, depthwise on q, attention) with the window on chip; C/h = vd, at most
+    :data:`MAP_MAX_HEADS` heads with kernel sizes in :data:`MAP_KERNEL_SIZES`."""
+    batch, _, height, width = x.shape
+    heads, val_dim = len(qkv_weights), qkv_weights[0].shape[0] - 2 * key_dim
+    windows_h, windows_w = -(-height // window), -(-width // window)
+    weights = torch.cat([t.reshape(-1) for t in (*qkv_weights, *qkv_biases, *dw_biases, *dw_weights)])
+    kernel_sizes = sum(w.shape[-1] // 2 << 2 * i for i, w in enumerate(dw_weights))
+    out = torch.empty(batch, heads * val_dim, height, width, device=x.device, dtype=x.dtype)
+    n_programs = batch * windows_h * windows_w
+    r_pad, kd_pad, vd_pad = grid_side(window), dot_size(key_dim), dot_size(val_dim)
+    scratch = torch.empty(n_programs, kd_pad, r_pad * r_pad, device=x.device, dtype=x.dtype)
+    if n_programs:
+        _cga_map_fwd_kernel[(n_programs,)](
+            x, weights, attention_biases, out, scratch, heads, height, width, windows_w, windows_h * windows_w, window,
+            key_dim, val_dim, kernel_sizes, key_dim ** -0.5, *x.stride(), *attention_biases.stride(),
+            R_PAD=r_pad, KD_PAD=kd_pad, VD_PAD=vd_pad, num_warps=map_warps(x.dtype, window, val_dim),
+            **dot_mode(x.dtype))
+    return out
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -216,7 +361,8 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_row: torch.
 def compile_configs():
     """Every (kernel, signature, constexprs, options) the launchers above can request: CI compiles each one ahead of
     time for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU. The bias
-    row is either in the input dtype (folded inference weights) or fp32 (the parameter under autocast)."""
+    row (table) is either in the input dtype (folded inference weights) or fp32 (the parameter under autocast); the
+    whole-map kernel is compiled for key dim 16 (every released model's)."""
     pointers = {"q", "k", "v", "out", "grad", "grad_q", "grad_k", "grad_v"}
     for dtype, ptr in POINTER_TYPES.items():
         for bias_ptr in sorted({ptr, "*fp32"}):
@@ -229,3 +375,11 @@ def compile_configs():
                         constexprs["BINS"] = _BINS
                         options["num_warps"] = _backward_warps(r_pad)
                     yield kernel, signature(kernel, ptr, constexprs, pointers, special), constexprs, options
+                for vd_pad in (16, 32, 64, 128):
+                    warps = map_warps(dtype, r_pad, vd_pad)
+                    if warps is not None:
+                        constexprs = {"R_PAD": r_pad, "KD_PAD": BLOCK_D, "VD_PAD": vd_pad, **dot_mode(dtype)}
+                        map_special = {"attention_biases": bias_ptr, "scale": "fp32"}
+                        yield (_cga_map_fwd_kernel, signature(_cga_map_fwd_kernel, ptr, constexprs,
+                                                              {"x", "weights", "heads_out", "scratch"}, map_special),
+                               constexprs, {"num_warps": warps})
