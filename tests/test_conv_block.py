@@ -233,7 +233,7 @@ def test_opcheck(backend):
     args, kwargs = _inputs(CASES["mbconv_7x7_packed_residual"], torch.float32)
     x, w1, b1, w2, b2, w3, b3 = (t.requires_grad_() for t in args)
     op_args = (x, w1, b1, "hardswish", w2, b2, "hardswish", [1, 1], [1, 1], w2.shape[0], w3, b3, "none",
-               kwargs["residual"], backend)
+               kwargs["residual"], None, backend)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     if DEVICE == "cpu" and backend == "triton":  # the interpreter cannot read the storage AOT tracing hands it
         tests = tests[:-1]
