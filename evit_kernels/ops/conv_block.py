@@ -189,8 +189,8 @@ def _triton_forward(a: ConvBlockArgs) -> Tensor:
         return _per_layer(a)
     if kernels.one_pass(config, a.w3.shape[0]):
         return kernels.forward(a, a.new_output(), kind, config)
-    # Two passes: the hidden tensor once (only its gated half in GLU mode), then the projection on conv_bn_act's 1×1 kernel (its epilogue adds b3,
-    # act3 and the residual).
+    # Two passes: the hidden tensor once (gated, m channels, in GLU mode), then the projection on conv_bn_act's 1×1
+    # kernel (its epilogue adds b3, act3 and the residual).
     *_, project = a.layers()
     hidden = kernels.hidden(a, kind, config, a.output_layout())
     return _per_layer_call(project(hidden))

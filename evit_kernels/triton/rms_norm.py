@@ -2,9 +2,10 @@
 of a view whose leading dimensions walk as rows of two strides (``evit_kernels.ops.rms_norm.rows``).
 
 Each program owns BLOCK_R rows and walks the C channels twice in chunks of BLOCK_C: first the fp32 sum of squares,
-then ``x · rsqrt(mean + eps) · weight + bias + residual`` in fp32, rounded once on store. The channels are read through their
-stride, so the channel view of an NCHW map (channel stride H·W, rows contiguous) and a token-major (B, N, C) tensor
-(channel stride 1) take the same kernel without a copy; the second pass re-reads x from L1/L2.
+then ``x · rsqrt(mean + eps) · weight + bias + residual`` in fp32, rounded once on store. The channels (and the
+residual's) are read through their stride, so the channel view of an NCHW map (channel stride H·W, rows contiguous)
+and a token-major (B, N, C) tensor (channel stride 1) take the same kernel without a copy; the second pass re-reads x
+from L1/L2.
 """
 
 from __future__ import annotations
@@ -87,5 +88,5 @@ def compile_configs():
     """Every (kernel, signature, constexprs) the launcher can request, for the ahead-of-time sm_90 compile."""
     constexprs = {"BLOCK_R": BLOCK_R, "BLOCK_C": BLOCK_C}
     for ptr in POINTER_TYPES.values():
-        yield (_rms_norm_kernel, signature(_rms_norm_kernel, ptr, constexprs, ("x", "weight", "bias", "residual", "out"),
-                                           {"eps": "fp32"}), constexprs)
+        pointers = ("x", "weight", "bias", "residual", "out")
+        yield _rms_norm_kernel, signature(_rms_norm_kernel, ptr, constexprs, pointers, {"eps": "fp32"}), constexprs
