@@ -252,12 +252,14 @@ def test_reference_gradients_after_triton_forward():
             torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["mbconv_7x7_packed_residual", "glumbconv_sana_channels_last"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_opcheck(backend):
-    args, kwargs = _inputs(CASES["mbconv_7x7_packed_residual"], torch.float32)
-    x, w1, b1, w2, b2, w3, b3 = (t.requires_grad_() for t in args)
-    op_args = (x, w1, b1, "hardswish", w2, b2, "hardswish", [1, 1], [1, 1], w2.shape[0], w3, b3, "none",
-               kwargs["residual"], None, backend)
+def test_opcheck(backend, name):
+    args, kwargs = _inputs(CASES[name], torch.float32)
+    x, w1, b1, w2, b2, w3, b3 = (None if t is None else t.requires_grad_() for t in args)
+    act1, act2, act3 = kwargs["activations"]
+    op_args = (x, w1, b1, act1, w2, b2, act2, [1, 1], [1, 1], w2.shape[0], w3, b3, act3, kwargs["residual"],
+               kwargs["gate"], backend)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     if DEVICE == "cpu" and backend == "triton":  # the interpreter cannot read the storage AOT tracing hands it
         tests = tests[:-1]
