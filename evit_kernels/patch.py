@@ -24,6 +24,7 @@ from evit_kernels.nn.cascaded_group_attention import FusedCascadedGroupAttention
 from evit_kernels.nn.conv_block import FusedConvBlock
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct, FusedResidualConvNorm
 from evit_kernels.nn.ffn import FusedResidualFFN
+from evit_kernels.nn.glumbconv import FusedGLUMBConv
 from evit_kernels.nn.lite_mla import FusedLiteMLA, FusedSanaMultiscaleLinearAttention
 from evit_kernels.nn.norm_linear import FusedNormLinear
 from evit_kernels.nn.patch_layers import FusedPatchEmbedding, FusedPatchMerging
@@ -32,8 +33,8 @@ from evit_kernels.nn.sana_attention import FusedSanaLinearAttnProcessor, FusedSa
 
 FUSED_CLASSES: tuple[type[FusedModule], ...] = (
     FusedLiteMLA, FusedLocalWindowAttention, FusedCascadedGroupAttention, FusedResidualFFN, FusedResidualConvNorm,
-    FusedConvBlock, FusedConvNormAct, FusedNormLinear, FusedRMSNorm, FusedSanaMultiscaleLinearAttention,
-    FusedPatchMerging, FusedPatchEmbedding,
+    FusedConvBlock, FusedGLUMBConv, FusedConvNormAct, FusedNormLinear, FusedRMSNorm,
+    FusedSanaMultiscaleLinearAttention, FusedPatchMerging, FusedPatchEmbedding,
 )
 """The drop-ins :func:`patch` swaps in, each recognising its originals by its own ``MATCHES`` (tried in order)."""
 _FUSED_CLASS_OF = {match: fused for fused in FUSED_CLASSES for match in fused.MATCHES}

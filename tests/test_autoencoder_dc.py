@@ -1,7 +1,7 @@
-"""patch() on diffusers' AutoencoderDC (DC-AE): every channel RMSNorm and SanaMultiscaleLinearAttention swapped, the
-same outputs (eval) and gradients (train) as the untouched model, low precision within twice eager's error, exact
-unpatch. "experimental" runs every op on its Triton kernel where it has one (the multi-scale aggregation has none
-outside the fused inference op)."""
+"""patch() on diffusers' AutoencoderDC (DC-AE): every channel RMSNorm, SanaMultiscaleLinearAttention and GLUMBConv
+swapped, the same outputs (eval) and gradients (train) as the untouched model, low precision within twice eager's
+error, exact unpatch. "experimental" runs every op on its Triton kernel where it has one (the multi-scale
+aggregation has none outside the fused inference op)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tests.diffusers_models import autoencoder_dc  # noqa: E402
 SIZE = (16, 12)  # one pixel-unshuffle stage: an 8×6 latent, non-square
 
 
-SWAPPED = ("RMSNorm", "SanaMultiscaleLinearAttention")
+SWAPPED = ("RMSNorm", "SanaMultiscaleLinearAttention", "GLUMBConv")
 
 
 def _count(model, names=SWAPPED) -> int:
@@ -35,14 +35,16 @@ def test_eval_matches_and_every_channel_norm_and_attention_is_swapped(norm, back
     patched = copy.deepcopy(model)
     report = evit_kernels.patch(patched, backend=backend)
     assert _count(model) == len(report.swapped) and _count(patched) == 0, str(report)
-    assert _count(model, ("SanaMultiscaleLinearAttention",)) == 2  # one per EfficientViT block
+    # one of each per EfficientViT block
+    assert _count(model, ("SanaMultiscaleLinearAttention",)) == _count(model, ("GLUMBConv",)) == 2
     x = torch.randn(2, 3, *SIZE)
     with torch.no_grad():
         expected, got = model(x).sample, patched(x).sample
     assert torch.isfinite(got).all() and rel_err(got, expected) < 1e-4
     ops = {op for op, _ in op_runs}
     attention = "relu_linear_attention" if backend == "auto" else "relu_linear_attention_aggregated"
-    assert ops == {"rms_norm", attention} | ({"multiscale_aggregation"} if backend == "auto" else set())
+    assert ops == {"rms_norm", "conv_block", attention} | ({"multiscale_aggregation"} if backend == "auto" else set())
+    assert sum(op == "conv_block" for op, _ in op_runs) == 2
     assert {ran for _, ran in op_runs} == {"torch" if backend == "auto" else "triton"}
 
 

@@ -33,6 +33,8 @@ from tests.numerics import assert_same_grads_and_buffers, assert_within_twice_ea
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
+GLUMBCONV = ("silu", "none", "none")
+"""GLUMBConv's activations (expand, depthwise, projection; its gate is SiLU too)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +42,7 @@ class Case:
     kind: str  # "mbconv" (expand → depthwise → project), "dsconv" (depthwise → project), "fused" (k×k → 1×1)
     batch: int
     channels: int
-    hidden: int
+    hidden: int  # the spatial conv's width; the projection takes half of it in GLU mode
     out_channels: int
     height: int
     width: int
@@ -50,6 +52,7 @@ class Case:
     biases: bool = True
     residual: bool = False
     activations: tuple[str, str, str] = ("hardswish", "hardswish", "none")
+    gate: str | None = None  # GLU mode (GLUMBConv)
 
 
 # Each takes the whole-block kernel in every dtype (test_cases_take_the_whole_block_kernel): images packed several
@@ -73,8 +76,20 @@ CASES = {
     "dsconv_two_passes_channels_last": Case("dsconv", 1, 24, 24, 136, 9, 9, layout="channels_last", residual=True,
                                             activations=("none", "relu6", "hardswish")),
     "fused_two_passes_stride2": Case("fused", 1, 8, 20, 130, 9, 7, stride=2, activations=("none", "gelu_tanh", "none")),
+    # GLUMBConv (GLU mode): Sana's channels-last view of token-major data, row bands, stride 2 with another gate, and
+    # two passes, in which the first writes only the gated half.
+    "glumbconv_sana_channels_last": Case("mbconv", 2, 16, 80, 16, 6, 5, layout="channels_last",
+                                         activations=GLUMBCONV, gate="silu"),
+    "glumbconv_bands_residual": Case("mbconv", 1, 8, 24, 8, 11, 9, residual=True, activations=GLUMBCONV, gate="silu"),
+    "glumbconv_stride2_5x5_no_bias": Case("mbconv", 2, 8, 40, 12, 9, 6, ksize=5, stride=2, biases=False,
+                                          activations=("hardswish", "relu", "none"), gate="gelu_tanh"),
+    "glumbconv_two_passes_residual": Case("mbconv", 2, 16, 48, 80, 5, 7, residual=True, activations=GLUMBCONV,
+                                          gate="silu"),
+    "glumbconv_two_passes_channels_last": Case("mbconv", 1, 24, 40, 136, 4, 7, layout="channels_last",
+                                               activations=("silu", "none", "relu"), gate="silu"),
 }
-TWO_PASS_CASES = ("mbconv_two_passes_residual", "dsconv_two_passes_channels_last", "fused_two_passes_stride2")
+TWO_PASS_CASES = ("mbconv_two_passes_residual", "dsconv_two_passes_channels_last", "fused_two_passes_stride2",
+                  "glumbconv_two_passes_residual", "glumbconv_two_passes_channels_last")
 
 
 def _inputs(case: Case, dtype: torch.dtype) -> tuple[tuple, dict]:
@@ -92,14 +107,16 @@ def _inputs(case: Case, dtype: torch.dtype) -> tuple[tuple, dict]:
         w2, groups = randn(case.hidden, case.channels, k, k, scale=(case.channels * k * k) ** -0.5), 1
     else:
         w2, groups = randn(width, 1, k, k, scale=1 / k), None
-    w3 = randn(case.out_channels, width, 1, 1, scale=width ** -0.5)
+    projected = width // 2 if case.gate else width
+    w3 = randn(case.out_channels, projected, 1, 1, scale=projected ** -0.5)
     b1, b2, b3 = ((randn(n) if case.biases else None) for n in (width if w1 is not None else 0, width,
                                                                  case.out_channels))
     b1 = b1 if w1 is not None else None
     out_hw = [(n + 2 * (k // 2) - k) // case.stride + 1 for n in (case.height, case.width)]
     residual = in_layout(randn(case.batch, case.out_channels, *out_hw), case.layout) if case.residual else None
     cast = [None if t is None else t.to(dtype) for t in (x, w1, b1, w2, b2, w3, b3, residual)]
-    kwargs = {"stride": case.stride, "groups": groups, "activations": case.activations, "residual": cast[-1]}
+    kwargs = {"stride": case.stride, "groups": groups, "activations": case.activations, "residual": cast[-1],
+              "gate": case.gate}
     return tuple(cast[:-1]), kwargs
 
 
@@ -122,15 +139,17 @@ def test_cases_take_the_whole_block_kernel(name, dtype):
     x, w1, _, w2, _, w3, _ = args
     groups = kwargs["groups"] if kwargs["groups"] is not None else w2.shape[0]
     stride, padding = [kwargs["stride"]] * 2, [w2.shape[2] // 2] * 2
-    block = ConvBlockArgs(x, w1, None, "none", w2, None, "none", stride, padding, groups, w3, None, "none")
+    block = ConvBlockArgs(x, w1, None, "none", w2, None, "none", stride, padding, groups, w3, None, "none", None,
+                          kwargs["gate"])
     kind, config = _whole_block_config(block)
     assert kind is not None, config
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_no_output_channel_block_recomputes_the_hidden_tensor(name):
-    """One pass where one program holds every output channel; else the hidden tensor is written once, each
-    (pixel tile, hidden chunk) by one program, and projected by the 1×1 kernel, which adds b3, act3, residual."""
+    """One pass where one program holds every output channel; else the hidden tensor (in GLU mode its gated half
+    only) is written once, each (pixel tile, hidden chunk) by one program, and projected by the 1×1 kernel, which
+    adds b3, act3, residual."""
     args, kwargs = _inputs(CASES[name], torch.bfloat16)
     meta_args = tuple(None if t is None else t.to("meta") for t in args)
     residual = kwargs["residual"]
@@ -138,10 +157,15 @@ def test_no_output_channel_block_recomputes_the_hidden_tensor(name):
     with predict.recorded_launches() as launches:
         conv_block(*meta_args, **meta_kwargs, backend="triton")
     _, _, _, w2, _, w3, _ = args
+    gate = kwargs["gate"]
+    assert launches[0].constexprs["GATED"] == (gate is not None)
+    assert launches[0].constexprs["ACT_GATE"] == (gate or "none")
     if name in TWO_PASS_CASES:
         first, project = launches
         assert first.kernel == "_conv_block_fwd_kernel" and first.constexprs["STORE_HIDDEN"]
-        assert first.grid[1] == -(-w2.shape[0] // first.constexprs["BLOCK_H"])
+        hidden = w2.shape[0] // 2 if gate else w2.shape[0]
+        assert first.scalars["hidden"] == hidden == w3.shape[1]
+        assert first.grid[1] == -(-hidden // first.constexprs["BLOCK_H"])
         assert project.kernel == "_conv_dense_kernel" and project.scalars["out_channels"] == w3.shape[0]
         assert project.scalars["has_residual"] == (residual is not None)
     else:
@@ -228,12 +252,14 @@ def test_reference_gradients_after_triton_forward():
             torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["mbconv_7x7_packed_residual", "glumbconv_sana_channels_last"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_opcheck(backend):
-    args, kwargs = _inputs(CASES["mbconv_7x7_packed_residual"], torch.float32)
-    x, w1, b1, w2, b2, w3, b3 = (t.requires_grad_() for t in args)
-    op_args = (x, w1, b1, "hardswish", w2, b2, "hardswish", [1, 1], [1, 1], w2.shape[0], w3, b3, "none",
-               kwargs["residual"], backend)
+def test_opcheck(backend, name):
+    args, kwargs = _inputs(CASES[name], torch.float32)
+    x, w1, b1, w2, b2, w3, b3 = (None if t is None else t.requires_grad_() for t in args)
+    act1, act2, act3 = kwargs["activations"]
+    op_args = (x, w1, b1, act1, w2, b2, act2, [1, 1], [1, 1], w2.shape[0], w3, b3, act3, kwargs["residual"],
+               kwargs["gate"], backend)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     if DEVICE == "cpu" and backend == "triton":  # the interpreter cannot read the storage AOT tracing hands it
         tests = tests[:-1]

@@ -66,6 +66,27 @@ def test_triton_within_twice_eager_error(poisoned_empty, layout, affine, bias, d
     assert_within_twice_eager(got, eager, expected, dtype, terms=C)
 
 
+@pytest.mark.numerics
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "tokens"])
+def test_residual_after_the_norm(poisoned_empty, layout, dtype):
+    """DC-AE's GLUMBConv adds its input after the channel norm: ``norm(x) + residual``, the residual read through its
+    own strides (here the other layout than x's where x is a map's channel view)."""
+    norm = _norm(dtype=dtype)
+    x = (LAYOUTS[layout]() * 3).to(DEVICE, dtype)
+    other = {"nchw": "channels_last", "channels_last": "nchw"}.get(layout, layout)
+    residual = LAYOUTS[other]().to(DEVICE, dtype)
+    expected = rms_norm_reference(RmsNormArgs(x.double(), norm.weight.double(), norm.bias.double(), norm.eps))
+    with torch.no_grad():
+        expected, eager = expected + residual.double(), norm(x) + residual
+    for backend in ("torch", "triton"):
+        got = rms_norm(x, norm.weight, norm.bias, norm.eps, residual=residual, backend=backend)
+        assert got.dtype == dtype and got.stride() == x.stride() and torch.isfinite(got).all()
+        assert_within_twice_eager(got, eager, expected, dtype, terms=C, what=backend)
+    with pytest.raises(ValueError, match="residual has shape"):
+        rms_norm(x, norm.weight, norm.bias, norm.eps, residual=residual[..., :-1])
+
+
 def test_triton_refuses_rows_it_cannot_walk_and_auto_passes_them_over(pretend_measured):
     x = torch.randn(2, 3, 5, 7, C).permute(0, 2, 1, 3, 4)  # leading strides that form three groups
     norm = _norm()
@@ -91,7 +112,9 @@ def test_opcheck_triton_backend():
     tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     if DEVICE == "cpu":  # the interpreter cannot read the storage of the tensors AOT tracing hands the kernel
         tests = tests[:-1]
-    torch.library.opcheck(torch.ops.evit.rms_norm, (x, norm.weight, norm.bias, 1e-5, "triton"), test_utils=tests)
+    residual = torch.randn_like(x, requires_grad=True)
+    torch.library.opcheck(torch.ops.evit.rms_norm, (x, norm.weight, norm.bias, 1e-5, residual, "triton"),
+                          test_utils=tests)
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])

@@ -57,13 +57,19 @@ def test_eval_matches_and_every_linear_attention_processor_is_swapped(name, back
     assert all(path.endswith("attn1.processor") for path, _, _ in report.swapped if path.endswith(".processor"))
     rms_norms = sum(type(m).__name__ == "RMSNorm" for m in model.modules())
     assert rms_norms > 0 and sum(type(m).__name__ == "RMSNorm" for m in patched.modules()) == 0
+    # every image block's feed-forward (the video model's GLUMBTempConv is another module)
+    feed_forwards = 0 if name == "video" else len(model.transformer_blocks)
+    assert sum(type(m).__name__ == "GLUMBConv" for m in model.modules()) == feed_forwards
+    assert sum(type(m).__name__ == "FusedGLUMBConv" for m in patched.modules()) == feed_forwards
     x = inputs()
     with torch.no_grad():
         expected, got = model(**x).sample, patched(**x).sample
     assert torch.isfinite(got).all() and rel_err(got, expected) < 1e-4
     ran = "torch" if backend == "auto" else "triton"
     assert [run for run in op_runs if run[0] == OP] == [(OP, ran)] * len(model.transformer_blocks)
-    assert {run for run in op_runs if run[0] != OP} == {("rms_norm", ran)}  # the caption and q/k norms
+    others = {run for run in op_runs if run[0] != OP}
+    assert others == {("rms_norm", ran)} | ({("conv_block", ran)} if feed_forwards else set())  # norms, GLUMBConvs
+    assert sum(run[0] == "conv_block" for run in op_runs) == feed_forwards
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])

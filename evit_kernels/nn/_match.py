@@ -18,6 +18,7 @@ MIT_HAN_LAB = ("efficientsam.models.nn.ops", "efficientvit.models.nn.ops")
 DIFFUSERS_ATTENTION = "diffusers.models.attention_processor"
 DIFFUSERS_NORMALIZATION = "diffusers.models.normalization"
 DIFFUSERS_SANA_VIDEO = "diffusers.models.transformers.transformer_sana_video"
+DIFFUSERS_SANA = "diffusers.models.transformers.sana_transformer"
 PACKAGED = ("timm.", "efficientsam.", "efficientvit.", "torch.", "diffusers.")
 """Packages whose classes only the matches naming their exact module may match."""
 

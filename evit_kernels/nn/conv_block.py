@@ -28,10 +28,44 @@ IDENTITY_LAYER = Match("mit-han-lab", "IdentityLayer", MIT_HAN_LAB)
 _LAYER_CHILDREN = {"dropout", "conv", "norm", "act"}
 
 
-def _live(module: nn.Module, name: str) -> nn.Module | None:
+def live(module: nn.Module, name: str) -> nn.Module | None:
     """The child ``name`` as it is now (absent and nn.Identity: None)."""
     child = module._modules.get(name)
     return None if isinstance(child, nn.Identity) else child
+
+
+def check_conv_layer(name: str, layer: nn.Module) -> str:
+    """The activation of a conv + norm + activation layer (timm ``ConvNormAct``, mit-han-lab ``ConvLayer``) that the
+    conv block ops can run, BatchNorm folded; :class:`Unsupported` for any other."""
+    if not set(layer._modules) <= _LAYER_CHILDREN or "conv" not in layer._modules:
+        raise Unsupported(f"{name} has children {sorted(layer._modules)}, not a conv + norm + activation layer")
+    check_plain_conv(name, layer._modules["conv"])
+    norm = live(layer, "norm")
+    if norm is not None and not isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        raise Unsupported(f"{name}'s norm {type(norm).__qualname__} is not a BatchNorm2d")
+    return activation_name(live(layer, "act"))
+
+
+def check_plain_conv(name: str, conv: nn.Module) -> None:
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str) \
+            or conv.dilation != (1, 1):
+        raise Unsupported(f"{name}'s conv {conv!r} is not a plain zero-padded nn.Conv2d without dilation")
+
+
+def check_pointwise(conv: nn.Conv2d) -> None:
+    if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding != (0, 0) or conv.groups != 1:
+        raise Unsupported(f"{conv!r} is not a 1×1 conv with stride 1, no padding and groups 1")
+
+
+def check_depthwise(conv: nn.Conv2d) -> None:
+    if conv.groups != conv.in_channels:
+        raise Unsupported(f"the depthwise conv {conv!r} has groups {conv.groups}, not its width")
+
+
+def dropout_active(module: nn.Module, layers: list[nn.Module]) -> bool:
+    """Whether one of ``layers`` (conv + norm + activation layers of ``module``) drops out in this mode."""
+    return module.training and any(isinstance(layer._modules.get("dropout"), nn.Dropout2d | nn.Dropout)
+                                   and layer._modules["dropout"].p > 0 for layer in layers)
 
 
 class FusedConvBlock(FusedModule):
@@ -58,7 +92,8 @@ class FusedConvBlock(FusedModule):
         self._layer_names = match.attributes
         if set(block._modules) != set(self._layer_names):
             raise Unsupported(f"the {self.kind} has children {sorted(block._modules)}, expected {self._layer_names}")
-        self.activations = tuple(self._check_layer(name) for name in self._layer_names)
+        self.activations = tuple(check_conv_layer(name, layer) for name, layer in zip(self._layer_names,
+                                                                                        self._layers()))
         self._check_shapes()
         self._fold_cache = FoldCache()
 
@@ -79,37 +114,20 @@ class FusedConvBlock(FusedModule):
         block = self._modules["main"]
         return [block._modules[name] for name in self._layer_names]
 
-    def _check_layer(self, name: str) -> str:
-        layer = dict(zip(self._layer_names, self._layers()))[name]
-        if not set(layer._modules) <= _LAYER_CHILDREN or "conv" not in layer._modules:
-            raise Unsupported(f"{name} has children {sorted(layer._modules)}, not a conv + norm + activation layer")
-        conv, norm = layer._modules["conv"], _live(layer, "norm")
-        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str) \
-                or conv.dilation != (1, 1):
-            raise Unsupported(f"{name}'s conv {conv!r} is not a plain zero-padded nn.Conv2d without dilation")
-        if norm is not None and not isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-            raise Unsupported(f"{name}'s norm {type(norm).__qualname__} is not a BatchNorm2d")
-        return activation_name(_live(layer, "act"))
-
     def _check_shapes(self) -> None:
         convs = [layer._modules["conv"] for layer in self._layers()]
         for conv in (convs[0], convs[-1]) if self.kind == "MBConv" else convs[-1:]:
-            if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding != (0, 0) or conv.groups != 1:
-                raise Unsupported(f"{conv!r} is not a 1×1 conv with stride 1, no padding and groups 1")
+            check_pointwise(conv)
         spatial = convs[-2]
-        if self.kind != "FusedMBConv" and spatial.groups != spatial.in_channels:
-            raise Unsupported(f"the depthwise conv {spatial!r} has groups {spatial.groups}, not its width")
+        if self.kind != "FusedMBConv":
+            check_depthwise(spatial)
         if self._residual and (convs[0].in_channels != convs[-1].out_channels or spatial.stride != (1, 1)):
             raise Unsupported("the identity shortcut needs a block that keeps the channels and the resolution")
 
-    def _dropout_active(self) -> bool:
-        return self.training and any(isinstance(layer._modules.get("dropout"), nn.Dropout2d | nn.Dropout)
-                                     and layer._modules["dropout"].p > 0 for layer in self._layers())
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = self._layers()
-        norms = [_live(layer, "norm") for layer in layers]
-        if self._dropout_active() or not all(foldable(norm) for norm in norms):
+        norms = [live(layer, "norm") for layer in layers]
+        if dropout_active(self, layers) or not all(foldable(norm) for norm in norms):
             y = self._modules["main"](x)  # the block's own forward, on its live (maybe patched) layers
             return y + x if self._residual else y
         convs = [layer._modules["conv"] for layer in layers]

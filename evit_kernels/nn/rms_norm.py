@@ -15,6 +15,14 @@ DIFFUSERS_RMS_NORM = Match("diffusers", "RMSNorm", (DIFFUSERS_NORMALIZATION,),
                            ("eps", "elementwise_affine", "dim", "weight", "bias"))
 
 
+def computes_as_diffusers(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether ``evit::rms_norm`` gives diffusers' ``RMSNorm`` output dtype for these tensors: one dtype, on a CPU or
+    CUDA tensor, outside autocast (elsewhere the original's own forward runs)."""
+    device = x.device.type
+    return (all(t is None or t.dtype == x.dtype for t in (weight, bias)) and device in ("cpu", "cuda", "meta")
+            and not (device != "meta" and torch.is_autocast_enabled(device)))
+
+
 class FusedRMSNorm(FusedModule):
     """Drop-in for diffusers' ``RMSNorm`` over the last dimension.
 
@@ -38,12 +46,8 @@ rounds once). Otherwise the
                 self.__dict__[name] = None
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        weight, bias = self.weight, self.bias
-        same_dtype = all(t is None or t.dtype == hidden_states.dtype for t in (weight, bias))
-        device = hidden_states.device.type
-        if same_dtype and device in ("cpu", "cuda", "meta") and not (
-                device != "meta" and torch.is_autocast_enabled(device)):
-            return rms_norm(hidden_states, weight, bias, self.eps, backend=self.backend)
+        if computes_as_diffusers(hidden_states, self.weight, self.bias):
+            return rms_norm(hidden_states, self.weight, self.bias, self.eps, backend=self.backend)
         return type(self.original).forward(self, hidden_states)
 
     def extra_repr(self) -> str:

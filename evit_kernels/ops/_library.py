@@ -125,7 +125,7 @@ def _batch_bucket(n: int) -> str:
 
 _SCHEMA_TYPES = {"Tensor": "Tensor", "Tensor | None": "Tensor?", "list[Tensor]": "Tensor[]",
                  "list[Tensor | None]": "Tensor?[]", "int": "SymInt", "list[int]": "SymInt[]", "float": "float",
-                 "str": "str"}
+                 "str": "str", "str | None": "str?"}
 
 
 def define_op(args_type: type[OpArgs], reference: Callable[[OpArgs], Tensor],

@@ -2,10 +2,11 @@
 
     h   = act1(conv1x1(x, w1, b1))                 MBConv's expand (``w1`` None: DSConv, FusedMBConv)
     d   = act2(conv2d(h, w2, b2, stride, padding, groups))   depthwise (groups = width) or full (groups = 1)
+    d   = d[:, :m] · gate(d[:, m:])                 GLU mode only (``gate`` given; m = half of d's channels)
     out = act3(conv1x1(d, w3, b3)) + residual
 
-MBConv is expand → depthwise → project, DSConv depthwise → project, FusedMBConv full k×k → project
-(docs/ops.md, "conv_block").
+MBConv is expand → depthwise → project, DSConv depthwise → project, FusedMBConv full k×k → project; GLUMBConv is
+MBConv in GLU mode (docs/ops.md, "conv_block").
 The Triton backend keeps ``h`` and ``d`` on chip (whole-block fusion) where its tiles hold the shape and every
 output channel, writes ``d`` once and projects it where they hold the shape but not every output channel (two
 passes), and otherwise runs the block layer by layer through ``evit::conv_bn_act``'s kernels (per-layer fusion),
@@ -24,6 +25,7 @@ from torch import Tensor
 from evit_kernels import dispatch
 from evit_kernels.ops._library import OpArgs, define_op
 from evit_kernels.ops.conv_bn_act import (
+    _ACTIVATION_FUNCTIONS,
     ACTIVATIONS,
     ConvBnActArgs,
     _pair,
@@ -55,6 +57,7 @@ class ConvBlockArgs(OpArgs):
     b3: Tensor | None
     act3: str
     residual: Tensor | None = None
+    gate: str | None = None
 
     def output_shape(self) -> list[int]:
         batch, _, out_height, out_width = conv_output_shape(self.x, self.w2, self.stride, self.padding, _ONE)
@@ -71,13 +74,26 @@ class ConvBlockArgs(OpArgs):
                                       None)
         yield lambda t: ConvBnActArgs(t, self.w3, self.b3, _ONE, _ZERO, _ONE, 1, self.act3, self.residual)
 
+    def gated(self, d: Tensor) -> Tensor:
+        """The projection's input: ``d`` itself, or in GLU mode its first half times ``gate`` of its second half, in
+        ``d``'s dtype and layout, as eager computes it."""
+        if self.gate is None:
+            return d
+        value, gate = d.chunk(2, dim=1)
+        return (value * _ACTIVATION_FUNCTIONS[self.gate](gate)).contiguous(memory_format=output_memory_format(d))
+
+    def run_layers(self, run: Callable[[ConvBnActArgs], Tensor]) -> Tensor:
+        """The block layer after layer, each layer computed by ``run``, the GLU gate before the projection."""
+        *spatial, project = self.layers()
+        x = self.x
+        for layer in spatial:
+            x = run(layer(x))
+        return run(project(self.gated(x)))
+
 
 def conv_block_reference(a: ConvBlockArgs) -> Tensor:
     """Eager PyTorch, layer after layer; laid out as :func:`output_memory_format` of ``x``."""
-    x = a.x
-    for layer in a.layers():
-        x = conv_bn_act_reference(layer(x))
-    return x
+    return a.run_layers(conv_bn_act_reference)
 
 
 define_op(ConvBlockArgs, conv_block_reference)
@@ -86,24 +102,25 @@ define_op(ConvBlockArgs, conv_block_reference)
 def conv_block(x: Tensor, w1: Tensor | None, b1: Tensor | None, w2: Tensor, b2: Tensor | None, w3: Tensor,
                b3: Tensor | None, *, stride: int | Sequence[int] = 1, padding: int | Sequence[int] | None = None,
                groups: int | None = None, activations: Sequence[str] = ("none", "none", "none"),
-               residual: Tensor | None = None, backend: str = "auto") -> Tensor:
+               residual: Tensor | None = None, gate: str | None = None, backend: str = "auto") -> Tensor:
     """One EfficientViT conv block (see the module docstring), BatchNorms folded into the weights.
 
     ``x`` is (B, C_in, H, W), NCHW or channels-last (the output keeps it). ``w1`` (hidden, C_in, 1, 1) or None;
-    ``w2`` (mid, width / groups, k, k) where width is hidden, or C_in without ``w1``; ``w3`` (C_out, mid, 1, 1).
-    ``padding`` defaults to k // 2 and ``groups`` to the width (depthwise). ``activations`` names the three
-    activations (one of :data:`ACTIVATIONS` each; the first is ignored without ``w1``). ``residual``, when given,
-    has the output's shape and is added last.
+    ``w2`` (mid, width / groups, k, k) where width is hidden, or C_in without ``w1``; ``w3`` (C_out, mid, 1, 1),
+    or (C_out, mid / 2, 1, 1) with ``gate``. ``padding`` defaults to k // 2 and ``groups`` to the width
+    (depthwise). ``activations`` names the three activations (one of :data:`ACTIVATIONS` each; the first is ignored
+    without ``w1``). ``gate``, one of :data:`ACTIVATIONS` or None, turns on the GLU mode: the projection takes
+    ``d[:, :mid/2] · gate(d[:, mid/2:])``. ``residual``, when given, has the output's shape and is added last.
     """
     act1, act2, act3 = activations
-    for name in activations:
+    for name in (*activations, *([] if gate is None else [gate])):
         if name not in ACTIVATIONS:
             raise ValueError(f"conv_block: unknown activation {name!r}; expected one of {ACTIVATIONS}")
     width = x.shape[1] if w1 is None else w1.shape[0]
     groups = width if groups is None else groups
     stride = _pair("stride", stride, 1)
     padding = _pair("padding", [w2.shape[2] // 2, w2.shape[3] // 2] if padding is None else padding, 0)
-    args = ConvBlockArgs(x, w1, b1, act1, w2, b2, act2, stride, padding, groups, w3, b3, act3, residual)
+    args = ConvBlockArgs(x, w1, b1, act1, w2, b2, act2, stride, padding, groups, w3, b3, act3, residual, gate)
     _check_shapes(args)
     return dispatch.run(args.cast_and_checked(), backend)
 
@@ -122,8 +139,11 @@ def _check_shapes(a: ConvBlockArgs) -> None:
         raise ValueError(f"conv_block: w2 {tuple(w2.shape)} with groups={groups} does not take the {width} "
                          "channels it receives")
     mid = w2.shape[0]
-    if w3.dim() != 4 or tuple(w3.shape[1:]) != (mid, 1, 1):
-        raise ValueError(f"conv_block: w3 must be (C_out, {mid}, 1, 1), got {tuple(w3.shape)}")
+    if a.gate is not None and mid % 2:
+        raise ValueError(f"conv_block: the GLU gate splits the spatial conv's channels in two halves, got {mid}")
+    projected = mid if a.gate is None else mid // 2
+    if w3.dim() != 4 or tuple(w3.shape[1:]) != (projected, 1, 1):
+        raise ValueError(f"conv_block: w3 must be (C_out, {projected}, 1, 1), got {tuple(w3.shape)}")
     check_biases_and_output(a, w2, f"padding {a.padding}", b1=(b1, width), b2=(b2, mid), b3=(b3, w3.shape[0]))
 
 
@@ -152,6 +172,8 @@ def _whole_block_config(a: ConvBlockArgs) -> tuple[str, dict] | tuple[None, str]
         return None, (f"the spatial conv {tuple(a.w2.shape)} (groups={a.groups}, stride={a.stride}) after "
                       f"{'an expand' if a.w1 is not None else 'no expand'} is not a depthwise or full square 3×3, "
                       "5×5 or 7×7 conv with stride 1 or 2 (a full conv only without an expand)")
+    if a.gate is not None and kind != "expand_depthwise":
+        return None, f"a GLU gate after a {kind} conv (the kernel gates only an expand followed by a depthwise conv)"
     config = tile_config(kind, a.x.dtype, a.x.shape, a.output_shape(), a.stride[0], a.w2.shape[2])
     if config is None:
         return None, f"a {a.x.shape[3]}-pixel-wide map (one output row and its halo exceed the largest tile)"
@@ -167,8 +189,8 @@ def _triton_forward(a: ConvBlockArgs) -> Tensor:
         return _per_layer(a)
     if kernels.one_pass(config, a.w3.shape[0]):
         return kernels.forward(a, a.new_output(), kind, config)
-    # Two passes: the hidden tensor once, then the projection on conv_bn_act's 1×1 kernel (its epilogue adds b3,
-    # act3 and the residual).
+    # Two passes: the hidden tensor once (gated, m channels, in GLU mode), then the projection on conv_bn_act's 1×1
+    # kernel (its epilogue adds b3, act3 and the residual).
     *_, project = a.layers()
     hidden = kernels.hidden(a, kind, config, a.output_layout())
     return _per_layer_call(project(hidden))
@@ -176,10 +198,7 @@ def _triton_forward(a: ConvBlockArgs) -> Tensor:
 
 def _per_layer(a: ConvBlockArgs) -> Tensor:
     """The fallback: each layer one conv_bn_act call, on its Triton kernel where that takes the layer."""
-    x = a.x
-    for layer in a.layers():
-        x = _per_layer_call(layer(x))
-    return x
+    return a.run_layers(_per_layer_call)
 
 
 def _per_layer_call(args: ConvBnActArgs) -> Tensor:

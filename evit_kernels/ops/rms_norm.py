@@ -1,6 +1,7 @@
 """``evit::rms_norm``: RMSNorm over the last dimension of any view, as diffusers' ``RMSNorm`` computes it, including
 the channel RMSNorm of DC-AE (applied to ``x.movedim(1, -1)``: the channels are read through their stride, nothing
-is copied) and the q/k norms and caption norm of the Sana transformers (docs/ops.md, "RMSNorm")."""
+is copied) and the q/k norms and caption norm of the Sana transformers, with an optional residual added after the
+norm (DC-AE's GLUMBConv: ``x + norm(y)``) (docs/ops.md, "RMSNorm")."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class RmsNormArgs(OpArgs):
     weight: Tensor | None
     bias: Tensor | None
     eps: float
+    residual: Tensor | None = None
 
     def output_shape(self) -> list[int]:
         return list(self.x.shape)
@@ -34,8 +36,8 @@ class RmsNormArgs(OpArgs):
 
 
 def rms_norm_reference(a: RmsNormArgs) -> Tensor:
-    """Eager PyTorch: ``x · rsqrt(mean(x², -1) + eps) · weight + bias`` in fp32 (fp64 for fp64 inputs), rounded once
-    to ``x``'s dtype and laid out as ``x``."""
+    """Eager PyTorch: ``x · rsqrt(mean(x², -1) + eps) · weight + bias + residual`` in fp32 (fp64 for fp64 inputs),
+    rounded once to ``x``'s dtype and laid out as ``x``."""
     compute = torch.promote_types(a.x.dtype, torch.float32)
     with autocast_off(a.x):
         x = a.x.to(compute)
@@ -44,22 +46,28 @@ def rms_norm_reference(a: RmsNormArgs) -> Tensor:
             y = y * a.weight.to(compute)
         if a.bias is not None:
             y = y + a.bias.to(compute)
+        if a.residual is not None:
+            y = y + a.residual.to(compute)
     return y.to(a.x.dtype)
 
 
 define_op(RmsNormArgs, rms_norm_reference)
 
 
-def rms_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str = "auto") -> Tensor:
-    """RMSNorm of ``x`` over its last dimension (C): ``x / sqrt(mean(x²) + eps) · weight + bias``, ``weight`` and
-    ``bias`` (C,) or None, computed in fp32 and returned in ``x``'s dtype and layout. ``x`` may be any view: the
-    channel RMSNorm of an NCHW map is ``rms_norm(x.movedim(1, -1), ...).movedim(-1, 1)``."""
+def rms_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, residual: Tensor | None = None,
+             backend: str = "auto") -> Tensor:
+    """RMSNorm of ``x`` over its last dimension (C): ``x / sqrt(mean(x²) + eps) · weight + bias + residual``,
+    ``weight`` and ``bias`` (C,) or None, ``residual`` shaped as ``x`` or None, computed in fp32 and returned in
+    ``x``'s dtype and layout. ``x`` may be any view: the channel RMSNorm of an NCHW map is
+    ``rms_norm(x.movedim(1, -1), ...).movedim(-1, 1)``."""
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"rms_norm: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (x.shape[-1],):
             raise ValueError(f"rms_norm: {name} must have shape ({x.shape[-1]},), got {tuple(t.shape)}")
-    return dispatch.run(RmsNormArgs(x, weight, bias, float(eps)).cast_and_checked(), backend)
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"rms_norm: residual has shape {tuple(residual.shape)} but x {tuple(x.shape)}")
+    return dispatch.run(RmsNormArgs(x, weight, bias, float(eps), residual).cast_and_checked(), backend)
 
 
 def rows(x: Tensor) -> tuple[int, int, int, int] | None:
@@ -86,9 +94,8 @@ def _triton_forward(a: RmsNormArgs) -> Tensor:
 
 
 def _triton_reasons(a: RmsNormArgs) -> list[str]:
-    if rows(a.x) is None:
-        return ["x's leading dimensions cannot be walked as rows with two strides (make it contiguous)"]
-    return []
+    return [f"{name}'s leading dimensions cannot be walked as rows with two strides (make it contiguous)"
+            for name, t in (("x", a.x), ("residual", a.residual)) if t is not None and rows(t) is None]
 
 
 dispatch.register("rms_norm", dispatch.Backend("triton", _triton_forward, _triton_reasons))

@@ -2,6 +2,7 @@
 
     h   = act1(conv1x1(x, w1) + b1)                       (MBConv's expand; absent in DSConv / FusedMBConv)
     d   = act2(conv_kxk(h, w2, stride, padding) + b2)      (depthwise in MBConv / DSConv, full in FusedMBConv)
+    d   = d[:, :m] · gate(d[:, m:])                   (GLU mode, ``GATED``: GLUMBConv; m = half of d's channels)
     out = act3(conv1x1(d, w3) + b3) + residual
 
 in one pass where one program holds every output channel. A program owns a tile of output pixels and walks the
@@ -10,7 +11,9 @@ consumed at once by ``acc += d · w3_chunkᵀ``, so neither the expanded tensor 
 the block's input in MBConv, docs/performance.md, "Minimum traffic") ever reaches memory. Where the output
 channels need several blocks, each block would recompute every chunk of ``d``: the block then runs in two passes
 (:func:`one_pass`), the first (``STORE_HIDDEN``) writing ``d`` once, a program per (pixel tile, hidden chunk), the
-second the projection on conv_bn_act's 1×1 kernel. How a chunk of ``d`` is produced is the constexpr ``SPATIAL``:
+second the projection on conv_bn_act's 1×1 kernel. In GLU mode a chunk of the projection's input is made of two
+chunks of ``d``, channels c and c + m, computed one after the other; the first pass then writes only the gated
+m channels. How a chunk of ``d`` is produced is the constexpr ``SPATIAL``:
 
 - "expand_depthwise" (MBConv): the expand GEMM runs on the program's input *slots*, the input pixels its output
   tile reads (whole images for small maps, else a band of rows plus the depthwise halo), into an fp32 register
@@ -105,10 +108,12 @@ def _conv_block_fwd_kernel(
         r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw,
         SPATIAL: tl.constexpr, ACT1: tl.constexpr, ACT2: tl.constexpr, ACT3: tl.constexpr, K: tl.constexpr,
         SLOTS: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_CO: tl.constexpr, STORE_HIDDEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # STORE_HIDDEN: the first of two passes. Program (tile, j) computes hidden chunk j of d and stores it in `out`
-    # (the hidden tensor); no chunk is computed twice. Otherwise program (tile, j) computes every chunk of d and
-    # projects it onto output-channel block j.
+        BLOCK_CO: tl.constexpr, STORE_HIDDEN: tl.constexpr, GATED: tl.constexpr, ACT_GATE: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # `hidden`: the projection's input channels (half of d's in GLU mode). STORE_HIDDEN: the first of two passes.
+    # Program (tile, j) computes hidden chunk j (of the gated tensor in GLU mode) and stores it in `out`; no chunk
+    # is computed twice. Otherwise program (tile, j) computes every chunk and projects it onto output-channel
+    # block j.
     offs_co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     mask_co = offs_co < out_channels
     if STORE_HIDDEN:
@@ -134,27 +139,34 @@ def _conv_block_fwd_kernel(
     for h0 in range(h_first, h_end, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         mask_h = offs_h < hidden
-        if SPATIAL == "expand_depthwise":
-            d = _expand_depthwise_chunk(
-                x, w1, b1, w2, offs_h, mask_h, img0, images, in_row0, in_rows, out_img, out_y, out_x, out_ok, batch,
-                in_channels, height, width, stride_h, stride_w, pad_h, pad_w, has_b1, x_sb, x_sc, x_sh, x_sw,
-                w1_sh, w1_sc, w2_sh, w2_skh, w2_skw, ACT1=ACT1, K=K, SLOTS=SLOTS, P=P, BLOCK_H=BLOCK_H,
-                BLOCK_K=BLOCK_K, PRECISION=PRECISION, UPCAST=UPCAST)
-        elif SPATIAL == "depthwise":
-            d = common.depthwise_taps(x + out_img * x_sb, x_sc, x_sh, x_sw, w2, w2_sh, w2_skh, w2_skw, offs_h, mask_h,
-                                      out_y, out_x, out_ok, K, stride_h, stride_w, pad_h, pad_w, height, width,
-                                      BLOCK_P=P, BLOCK_C=BLOCK_H)
-        else:
-            d = _full_conv_chunk(x, w2, offs_h, mask_h, out_img, out_y, out_x, out_ok, in_channels, height, width,
-                                 stride_h, stride_w, pad_h, pad_w, x_sb, x_sc, x_sh, x_sw, w2_sh, w2_sc, w2_skh,
-                                 w2_skw, K=K, P=P, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, PRECISION=PRECISION,
-                                 UPCAST=UPCAST)
+        # act2(conv + b2) of channels offs_h of d, then in GLU mode of their gates, channels offs_h + hidden.
+        for half in tl.static_range(2 if GATED else 1):
+            offs_d = offs_h + half * hidden
+            if SPATIAL == "expand_depthwise":
+                part = _expand_depthwise_chunk(
+                    x, w1, b1, w2, offs_d, mask_h, img0, images, in_row0, in_rows, out_img, out_y, out_x, out_ok,
+                    batch, in_channels, height, width, stride_h, stride_w, pad_h, pad_w, has_b1, x_sb, x_sc, x_sh,
+                    x_sw, w1_sh, w1_sc, w2_sh, w2_skh, w2_skw, ACT1=ACT1, K=K, SLOTS=SLOTS, P=P, BLOCK_H=BLOCK_H,
+                    BLOCK_K=BLOCK_K, PRECISION=PRECISION, UPCAST=UPCAST)
+            elif SPATIAL == "depthwise":
+                part = common.depthwise_taps(x + out_img * x_sb, x_sc, x_sh, x_sw, w2, w2_sh, w2_skh, w2_skw, offs_d,
+                                             mask_h, out_y, out_x, out_ok, K, stride_h, stride_w, pad_h, pad_w,
+                                             height, width, BLOCK_P=P, BLOCK_C=BLOCK_H)
+            else:
+                part = _full_conv_chunk(x, w2, offs_d, mask_h, out_img, out_y, out_x, out_ok, in_channels, height,
+                                        width, stride_h, stride_w, pad_h, pad_w, x_sb, x_sc, x_sh, x_sw, w2_sh, w2_sc,
+                                        w2_skh, w2_skw, K=K, P=P, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K,
+                                        PRECISION=PRECISION, UPCAST=UPCAST)
+            part = common.activate(common.add_bias(part, b2, offs_d, mask_h, has_b2), ACTIVATION=ACT2)
+            if half == 0:
+                d = part
+            else:
+                d = d * common.activate(part, ACTIVATION=ACT_GATE)
         if STORE_HIDDEN:
-            common.epilogue(d, b2, residual, out, out_img, out_y, out_x, offs_h, out_ok, mask_h, has_b2, 0,
-                            r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACT2)
+            common.epilogue(d, b2, residual, out, out_img, out_y, out_x, offs_h, out_ok, mask_h, 0, 0,
+                            r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION="none")
         else:
-            # Padded hidden columns hold act2(0), finite, and meet w3 rows masked to 0.
-            d = common.activate(common.add_bias(d, b2, offs_h, mask_h, has_b2), ACTIVATION=ACT2)
+            # Padded hidden columns hold finite values (act2(0), gated) and meet w3 rows masked to 0.
             w3_tile = tl.load(w3 + offs_h[:, None] * w3_sh + offs_co[None, :] * w3_so,
                               mask=mask_h[:, None] & mask_co[None, :], other=0.0)
             acc = common.mma(d, w3_tile, acc, PRECISION=PRECISION, UPCAST=UPCAST)
@@ -244,10 +256,10 @@ def forward(a: ConvBlockArgs, out: torch.Tensor, spatial: str, config: dict) -> 
 
 
 def hidden(a: ConvBlockArgs, spatial: str, config: dict, memory_format: torch.memory_format) -> torch.Tensor:
-    """The first of two passes: ``d = act2(conv_kxk(h) + b2)`` (B, mid, H_out, W_out) in the input dtype, each
-    chunk computed once."""
+    """The first of two passes: ``d = act2(conv_kxk(h) + b2)``, gated in GLU mode, (B, w3's input channels, H_out,
+    W_out) in the input dtype, each chunk computed once."""
     batch, _, out_height, out_width = a.output_shape()
-    d = torch.empty(batch, a.w2.shape[0], out_height, out_width, dtype=a.x.dtype, device=a.x.device,
+    d = torch.empty(batch, a.w3.shape[1], out_height, out_width, dtype=a.x.dtype, device=a.x.device,
                     memory_format=memory_format)
     _launch(a, d, spatial, {**config, "BLOCK_H": STORE_BLOCK_H}, store_hidden=True)
     return d
@@ -275,31 +287,36 @@ def _launch(a: ConvBlockArgs, out: torch.Tensor, spatial: str, config: dict, sto
     grid = (tiles, triton.cdiv(out_channels, blocks))
     _conv_block_fwd_kernel[grid](
         a.x, w1, b1, a.w2, b2, a.w3, b3, residual, out,
-        batch, in_channels, a.w2.shape[0], out_channels, height, width, out_height, out_width,
+        batch, in_channels, a.w3.shape[1], out_channels, height, width, out_height, out_width,
         *a.stride, *a.padding, band_rows, bands, images, has_b1, has_b2, has_b3, has_residual,
         *a.x.stride(), w1.stride(0), w1.stride(1), *a.w2.stride(), a.w3.stride(0), a.w3.stride(1), *r_strides,
         *out.stride(),
         SPATIAL=spatial, ACT1=a.act1, ACT2=a.act2, ACT3=a.act3, K=a.w2.shape[2], num_stages=1, **options,
-        STORE_HIDDEN=store_hidden, **config, **common.dot_mode(a.x.dtype))
+        STORE_HIDDEN=store_hidden, GATED=a.gate is not None, ACT_GATE=a.gate or "none", **config,
+        **common.dot_mode(a.x.dtype))
 
 
 def compile_configs():
     """Every (kernel, signature, constexprs, options) the launcher can request, for CI's ahead-of-time sm_90
-    compile: each spatial kind × dtype × tile × output-channel block × kernel size, with one representative set
-    of activations (they change only elementwise code; conv_bn_act compiles every activation)."""
+    compile: each spatial kind × dtype × tile × output-channel block × kernel size, and the GLU mode of the
+    expand_depthwise kind (the only one the launcher gates), with one representative set of activations each (they
+    change only elementwise code; conv_bn_act compiles every activation)."""
     pointers = ("x", "w1", "b1", "w2", "b2", "w3", "b3", "residual", "out")
+    activations = {False: {"ACT1": "hardswish", "ACT2": "gelu_tanh", "ACT3": "none", "ACT_GATE": "none"},
+                   True: {"ACT1": "silu", "ACT2": "none", "ACT3": "none", "ACT_GATE": "silu"}}  # GLUMBConv's
     for dtype, tiles in TILES.items():
-        kinds = [("expand_depthwise", p, slots, channels) for p, slots, channels in tiles.bands]
-        kinds += [(kind, tiles.direct_pixels, 16, tiles.direct_channels) for kind in ("depthwise", "full")]
-        for spatial, p, slots, widest in kinds:
+        kinds = [("expand_depthwise", p, slots, channels, gated) for p, slots, channels in tiles.bands
+                 for gated in (False, True)]
+        kinds += [(kind, tiles.direct_pixels, 16, tiles.direct_channels, False) for kind in ("depthwise", "full")]
+        for spatial, p, slots, widest, gated in kinds:
             # every dot_size up to widest in one pass; the widest in the first of two
             passes = [(16 << i, False) for i in range((widest // 16).bit_length())] + [(widest, True)]
             for block_co, store_hidden in passes:
                 for ksize in KERNEL_SIZES:
                     block_h = STORE_BLOCK_H if store_hidden else BLOCK_H
-                    constexprs = {"SPATIAL": spatial, "ACT1": "hardswish", "ACT2": "gelu_tanh", "ACT3": "none",
-                                  "K": ksize, "SLOTS": slots, "P": p, "BLOCK_H": block_h, "BLOCK_K": tiles.block_k,
-                                  "BLOCK_CO": block_co, "STORE_HIDDEN": store_hidden, **common.dot_mode(dtype)}
+                    constexprs = {"SPATIAL": spatial, **activations[gated], "K": ksize, "SLOTS": slots, "P": p,
+                                  "BLOCK_H": block_h, "BLOCK_K": tiles.block_k, "BLOCK_CO": block_co,
+                                  "STORE_HIDDEN": store_hidden, "GATED": gated, **common.dot_mode(dtype)}
                     types = common.signature(_conv_block_fwd_kernel, common.POINTER_TYPES[dtype], constexprs, pointers)
                     yield _conv_block_fwd_kernel, types, constexprs, {"num_warps": tiles.warps, "num_stages": 1,
                                                                       "maxnreg": tiles.maxnreg}

@@ -2,9 +2,10 @@
 of a view whose leading dimensions walk as rows of two strides (``evit_kernels.ops.rms_norm.rows``).
 
 Each program owns BLOCK_R rows and walks the C channels twice in chunks of BLOCK_C: first the fp32 sum of squares,
-then ``x · rsqrt(mean + eps) · weight + bias`` in fp32, rounded once on store. The channels are read through their
-stride, so the channel view of an NCHW map (channel stride H·W, rows contiguous) and a token-major (B, N, C) tensor
-(channel stride 1) take the same kernel without a copy; the second pass re-reads x from L1/L2.
+then ``x · rsqrt(mean + eps) · weight + bias + residual`` in fp32, rounded once on store. The channels (and the
+residual's) are read through their stride, so the channel view of an NCHW map (channel stride H·W, rows contiguous)
+and a token-major (B, N, C) tensor (channel stride 1) take the same kernel without a copy; the second pass re-reads x
+from L1/L2.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ def _row_offsets(rows, inner, outer_stride, inner_stride):
 
 
 @triton.jit
-def _rms_norm_kernel(x, weight, bias, out, n_rows, channels, eps, has_weight, has_bias,
-                     x_inner, x_outer_stride, x_inner_stride, x_sc, o_inner, o_outer_stride, o_inner_stride, o_sc,
-                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _rms_norm_kernel(x, weight, bias, residual, out, n_rows, channels, eps, has_weight, has_bias, has_residual,
+                     x_inner, x_outer_stride, x_inner_stride, x_sc, r_inner, r_outer_stride, r_inner_stride, r_sc,
+                     o_inner, o_outer_stride, o_inner_stride, o_sc, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     x_rows = x + _row_offsets(rows, x_inner, x_outer_stride, x_inner_stride)
+    r_rows = residual + _row_offsets(rows, r_inner, r_outer_stride, r_inner_stride)
     o_rows = out + _row_offsets(rows, o_inner, o_outer_stride, o_inner_stride)
     squares = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for c0 in range(0, channels, BLOCK_C):
@@ -54,6 +56,8 @@ def _rms_norm_kernel(x, weight, bias, out, n_rows, channels, eps, has_weight, ha
             y = y * tl.load(weight + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         if has_bias != 0:
             y = y + tl.load(bias + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        if has_residual != 0:
+            y = y + tl.load(r_rows[:, None] + offs_c[None, :] * r_sc, mask=mask, other=0.0).to(tl.float32)
         tl.store(o_rows[:, None] + offs_c[None, :] * o_sc, y.to(out.dtype.element_ty), mask=mask)
 
 
@@ -68,12 +72,15 @@ def _walk(t: torch.Tensor) -> tuple[int, int, int, int]:
 def forward(a: RmsNormArgs, out: torch.Tensor) -> torch.Tensor:
     channels = a.x.shape[-1]
     n_rows = a.x.numel() // channels
-    # An absent weight or bias passes x as a never-read pointer; the (C,) parameters are made contiguous (no-op).
+    # An absent weight, bias or residual passes x as a never-read pointer; the (C,) parameters are made contiguous
+    # (no-op).
     weight = a.x if a.weight is None else a.weight.contiguous()
     bias = a.x if a.bias is None else a.bias.contiguous()
+    residual = a.x if a.residual is None else a.residual
     _rms_norm_kernel[(triton.cdiv(n_rows, BLOCK_R),)](
-        a.x, weight, bias, out, n_rows, channels, a.eps, int(a.weight is not None), int(a.bias is not None),
-        *_walk(a.x), *_walk(out), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+        a.x, weight, bias, residual, out, n_rows, channels, a.eps, int(a.weight is not None),
+        int(a.bias is not None), int(a.residual is not None), *_walk(a.x), *_walk(residual), *_walk(out),
+        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     return out
 
 
@@ -81,5 +88,5 @@ def compile_configs():
     """Every (kernel, signature, constexprs) the launcher can request, for the ahead-of-time sm_90 compile."""
     constexprs = {"BLOCK_R": BLOCK_R, "BLOCK_C": BLOCK_C}
     for ptr in POINTER_TYPES.values():
-        yield (_rms_norm_kernel, signature(_rms_norm_kernel, ptr, constexprs, ("x", "weight", "bias", "out"),
-                                           {"eps": "fp32"}), constexprs)
+        pointers = ("x", "weight", "bias", "residual", "out")
+        yield _rms_norm_kernel, signature(_rms_norm_kernel, ptr, constexprs, pointers, {"eps": "fp32"}), constexprs
