@@ -27,7 +27,12 @@ from evit_kernels.nn.ffn import FusedResidualFFN
 from evit_kernels.nn.lite_mla import FusedLiteMLA, FusedSanaMultiscaleLinearAttention
 from evit_kernels.nn.norm_linear import FusedNormLinear
 from evit_kernels.nn.rms_norm import FusedRMSNorm
-from evit_kernels.nn.sana_attention import FusedSanaLinearAttnProcessor, FusedSanaVideoLinearAttnProcessor
+from evit_kernels.nn.sana_attention import (
+    FusedPAGCFGSanaLinearAttnProcessor,
+    FusedPAGIdentitySanaLinearAttnProcessor,
+    FusedSanaLinearAttnProcessor,
+    FusedSanaVideoLinearAttnProcessor,
+)
 
 FUSED_CLASSES: tuple[type[FusedModule], ...] = (
     FusedLiteMLA, FusedLocalWindowAttention, FusedCascadedGroupAttention, FusedResidualFFN, FusedResidualConvNorm,
@@ -35,7 +40,9 @@ FUSED_CLASSES: tuple[type[FusedModule], ...] = (
 )
 """The drop-ins :func:`patch` swaps in, each recognising its originals by its own ``MATCHES`` (tried in order)."""
 _FUSED_CLASS_OF = {match: fused for fused in FUSED_CLASSES for match in fused.MATCHES}
-FUSED_PROCESSORS: tuple[type[FusedProcessor], ...] = (FusedSanaLinearAttnProcessor, FusedSanaVideoLinearAttnProcessor)
+FUSED_PROCESSORS: tuple[type[FusedProcessor], ...] = (FusedSanaLinearAttnProcessor, FusedSanaVideoLinearAttnProcessor,
+                                                      FusedPAGCFGSanaLinearAttnProcessor,
+                                                      FusedPAGIdentitySanaLinearAttnProcessor)
 """The drop-in attention processors :func:`patch` swaps into the attention modules holding their originals."""
 _FUSED_PROCESSOR_OF = {match: fused for fused in FUSED_PROCESSORS for match in fused.MATCHES}
 
