@@ -4,7 +4,7 @@ this package's kernels, inference, the configurations `python -m evit_kernels pr
 
 On a GPU: bf16, batch 1, one Sana 600M transformer call at 1024 and 2048 px (32×32 and 64×64 latents), one Sana
 1600M call at 1024 px, the DC-AE f32c32 decoder at 1024 and 2048 px. Not part of `benchmarks/gpu_pass.sh`: compiling
-the transformers takes minutes, beyond the pass's budget; run it on its own,
+the transformers is expected to take minutes, beyond the pass's budget; run it on its own,
 ``python -m pytest -p no:cacheprovider benchmarks/bench_diffusers.py --benchmark-json diffusers.json``.
 On CPU (with --benchmark-disable): fp32, the DC-AE decoder on a 1×1 latent (32 px), a smoke run of the code paths,
 marked slow (building the decoder and running it through the Triton interpreter take minutes on two cores).
