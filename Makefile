@@ -82,7 +82,8 @@ predictions: setup
 	mkdir -p benchmarks/predictions
 	$(PY) -c "from evit_kernels.predict import RELEASED; print('\n'.join(f'{m} {b} {r}' for m, b, r in RELEASED))" | \
 	while read model batch res; do \
-		echo "$$model batch $$batch"; \
+		echo "$$model batch $$batch $$res px"; \
 		$(PY) -m evit_kernels predict --model $$model --batch $$batch --res $$res $$res \
-			--json benchmarks/predictions/$${model}_$$batch.json > benchmarks/predictions/$${model}_$$batch.txt || exit 1; \
+			--json benchmarks/predictions/$${model}_$${batch}_$$res.json > benchmarks/predictions/$${model}_$${batch}_$$res.txt \
+			|| exit 1; \
 	done

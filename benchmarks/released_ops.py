@@ -3,7 +3,7 @@ it: checked against the reference and timed, next to the performance model's pre
 
 The op calls are those the patched model makes (recorded on meta tensors, as ``predict`` records them), made real
 with random values; calls of one shape class (``OpArgs.shape_class``) are measured once. The kernel side of the
-prediction is read from ``benchmarks/predictions/<model>_<batch>.json`` (``make predictions``: it needs the
+prediction is read from ``benchmarks/predictions/<model>_<batch>_<res>.json`` (``make predictions``: it needs the
 interpreter and ptxas, too slow for the GPU window), the reference side is priced here. The JSON this writes is
 what ``benchmarks/record_measured.py`` turns into the automatic choice's table.
 
@@ -29,9 +29,9 @@ PREDICTIONS = Path(__file__).with_name("predictions")
 DRY_RUN = (("efficientvit_b0", 1, 64),)
 
 
-def predicted_kernel_ms(name: str, batch: int) -> dict[int, dict[str, float]]:
+def predicted_kernel_ms(name: str, batch: int, res: int) -> dict[int, dict[str, float]]:
     """Per op call index: the predicted milliseconds of its launches by kernel, from the committed prediction."""
-    path = PREDICTIONS / f"{name}_{batch}.json"
+    path = PREDICTIONS / f"{name}_{batch}_{res}.json"
     if not path.exists():
         return {}
     calls: dict[int, dict[str, float]] = {}
@@ -71,7 +71,7 @@ def measure_call(args, device: str) -> dict[str, dict]:
 
 def measure_model(name: str, batch: int, res: int, gpu: predict.Gpu, device: str) -> list[dict]:
     run = predict.patched_run(name, batch, (res, res), DTYPES["bf16" if ON_GPU else "fp32"], gpu)
-    kernels = predicted_kernel_ms(name, batch)
+    kernels = predicted_kernel_ms(name, batch, res)
     launched = {}
     for launch in run.launches:
         launched.setdefault(launch.op_call, []).append(launch.kernel)

@@ -75,9 +75,15 @@ class Progress:
             print(file=sys.stderr)
 
 
-def build_model(name: str) -> nn.Module:
-    """A timm EfficientViT (``efficientvit_*``) or an efficientsam image encoder (``efficientvit-sam-*``), built
-    offline with random weights, in eval mode, with :func:`randomize_untrained_state` applied."""
+def build_model(name: str, device: str | torch.device = "cpu") -> nn.Module:
+    """A timm EfficientViT (``efficientvit_*``), an efficientsam image encoder (``efficientvit-sam-*``) or one of
+    :data:`evit_kernels.diffusers_models.MODELS`, built offline with random weights, in eval mode, with
+    :func:`randomize_untrained_state` applied. A diffusers model is built on ``device`` (on "meta" a billion
+    parameters cost nothing); the others on the CPU, where patching reads their weights."""
+    from evit_kernels import diffusers_models
+
+    if name in diffusers_models.MODELS:
+        return diffusers_models.build(name, device)
     if name.startswith("efficientvit-sam-"):
         from efficientsam.sam_model_zoo import create_efficientvit_sam_model
 
@@ -88,6 +94,16 @@ def build_model(name: str) -> nn.Module:
         model = timm.create_model(name, pretrained=False)
     randomize_untrained_state(model)
     return model.eval()
+
+
+def input_shape(name: str, batch: int, res: tuple[int, int]) -> tuple[int, ...]:
+    """The input of model ``name`` for ``batch`` images of ``res`` pixels: the images, or for a diffusers model
+    their latents (:func:`evit_kernels.diffusers_models.latent_shape`)."""
+    from evit_kernels import diffusers_models
+
+    if name in diffusers_models.MODELS:
+        return diffusers_models.latent_shape(batch, res)
+    return batch, 3, *res
 
 
 def needs_autocast(name: str) -> bool:
@@ -161,8 +177,8 @@ def run(model_name: str, batch: int, res: tuple[int, int], dtype: str, device: s
     progress = Progress(len(variants) + 2)
 
     tick = progress.start(f"building {model_name}")
-    model = build_model(model_name).to(dev, torch_dtype)
-    x = torch.randn(batch, 3, *res, device=dev, dtype=torch_dtype)
+    model = build_model(model_name, dev).to(dev, torch_dtype)
+    x = torch.randn(input_shape(model_name, batch, res), device=dev, dtype=torch_dtype)
     progress.done(tick, "done")
 
     report = Report(model_name, batch, res, dtype, device, info(), git_commit())

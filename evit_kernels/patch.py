@@ -29,7 +29,12 @@ from evit_kernels.nn.lite_mla import FusedLiteMLA, FusedSanaMultiscaleLinearAtte
 from evit_kernels.nn.norm_linear import FusedNormLinear
 from evit_kernels.nn.patch_layers import FusedPatchEmbedding, FusedPatchMerging
 from evit_kernels.nn.rms_norm import FusedRMSNorm
-from evit_kernels.nn.sana_attention import FusedSanaLinearAttnProcessor, FusedSanaVideoLinearAttnProcessor
+from evit_kernels.nn.sana_attention import (
+    FusedPAGCFGSanaLinearAttnProcessor,
+    FusedPAGIdentitySanaLinearAttnProcessor,
+    FusedSanaLinearAttnProcessor,
+    FusedSanaVideoLinearAttnProcessor,
+)
 
 FUSED_CLASSES: tuple[type[FusedModule], ...] = (
     FusedLiteMLA, FusedLocalWindowAttention, FusedCascadedGroupAttention, FusedResidualFFN, FusedResidualConvNorm,
@@ -38,7 +43,9 @@ FUSED_CLASSES: tuple[type[FusedModule], ...] = (
 )
 """The drop-ins :func:`patch` swaps in, each recognising its originals by its own ``MATCHES`` (tried in order)."""
 _FUSED_CLASS_OF = {match: fused for fused in FUSED_CLASSES for match in fused.MATCHES}
-FUSED_PROCESSORS: tuple[type[FusedProcessor], ...] = (FusedSanaLinearAttnProcessor, FusedSanaVideoLinearAttnProcessor)
+FUSED_PROCESSORS: tuple[type[FusedProcessor], ...] = (FusedSanaLinearAttnProcessor, FusedSanaVideoLinearAttnProcessor,
+                                                      FusedPAGCFGSanaLinearAttnProcessor,
+                                                      FusedPAGIdentitySanaLinearAttnProcessor)
 """The drop-in attention processors :func:`patch` swaps into the attention modules holding their originals."""
 _FUSED_PROCESSOR_OF = {match: fused for fused in FUSED_PROCESSORS for match in fused.MATCHES}
 

@@ -358,8 +358,10 @@ def _widest(ptx: str, access: str) -> int:
 
 
 RELEASED = (("efficientvit_b1", 256, 224), ("efficientvit_l2", 256, 224), ("efficientvit_m4", 256, 224),
-            ("efficientvit_b1", 1, 224), ("efficientvit_m4", 1, 224), ("efficientvit-sam-l0", 16, 512))
-"""The released configurations the performance goals name: (model, batch, resolution), bf16."""
+            ("efficientvit_b1", 1, 224), ("efficientvit_m4", 1, 224), ("efficientvit-sam-l0", 16, 512),
+            ("sana-600m", 1, 1024), ("sana-600m", 1, 2048), ("sana-1600m", 1, 1024), ("dc-ae-f32c32-decode", 1, 1024))
+"""The released configurations the performance goals name: (model, batch, resolution), bf16. The DC-AE decoder at
+2048 px is left out: its prediction took 9 minutes on two cores, most of it the interpreter counting its launches."""
 
 _LOWER_PRECISION = {torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
                     torch.conv_transpose3d, torch.nn.functional.linear, torch.matmul, torch.Tensor.matmul,
@@ -404,16 +406,20 @@ def _precision(name: str, dtype: torch.dtype) -> contextlib.AbstractContextManag
 def patched_model(name: str, dtype: torch.dtype, memory_format: torch.memory_format = torch.contiguous_format
                   ) -> tuple[torch.nn.Module, dict[str, str]]:
     """Model ``name`` (:func:`evit_kernels.bench.build_model`) patched on every kernel that takes its inputs, on meta
-    tensors of ``dtype`` (patched on the CPU first: patching reads the weights), and the class of each outermost
-    fused module by name (a fused module's fused children, kept for its fallback, count as part of it). Its 4-D
-    weights are laid out in ``memory_format``."""
+    tensors of ``dtype`` (a timm or efficientsam model is patched on the CPU first: patching reads its weights), and
+    the class of each outermost fused module (or fused attention processor) by name (a fused module's fused
+    children, kept for its fallback, count as part of it). Its 4-D weights are laid out in ``memory_format``."""
     from evit_kernels import patch
     from evit_kernels.bench import build_model
-    from evit_kernels.patch import FUSED_CLASSES
+    from evit_kernels.nn._base import FusedProcessor
+    from evit_kernels.patch import FUSED_CLASSES, FUSED_PROCESSORS
 
-    model = build_model(name)
+    model = build_model(name, "meta")
     patch(model, backend="experimental")
     fused = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, FUSED_CLASSES)}
+    # an attention module whose processor is fused counts as that processor
+    fused |= {n: type(m.processor).__name__ for n, m in model.named_modules()
+              if isinstance(getattr(m, FusedProcessor.HOLDER_ATTRIBUTE, None), FUSED_PROCESSORS)}
     outermost = {n: cls for n, cls in fused.items() if not any(n.startswith(f"{outer}.") for outer in fused)}
     return model.to("meta", dtype).to(memory_format=memory_format), outermost
 
@@ -438,8 +444,10 @@ def patched_run(name: str, batch: int, res: tuple[int, int], dtype: torch.dtype,
                 memory_format: torch.memory_format = torch.contiguous_format) -> PatchedRun:
     """One steady-state call of :func:`patched_model` at ``batch`` × ``res``, the model and its input in
     ``memory_format``."""
+    from evit_kernels.bench import input_shape
+
     model, fused = patched_model(name, dtype, memory_format)
-    x = torch.empty(batch, 3, *res, dtype=dtype, device="meta", memory_format=memory_format)
+    x = torch.empty(input_shape(name, batch, res), dtype=dtype, device="meta", memory_format=memory_format)
     op_calls = []
     with _precision(name, dtype):
         with recorded_launches():
@@ -454,10 +462,10 @@ def eager_run(name: str, batch: int, res: tuple[int, int], dtype: torch.dtype, g
               memory_format: torch.memory_format = torch.contiguous_format) -> list[AtenCost]:
     """:func:`eager_costs` of model ``name`` as built, unpatched, on meta tensors of ``dtype``, the model and its
     input in ``memory_format``."""
-    from evit_kernels.bench import build_model
+    from evit_kernels.bench import build_model, input_shape
 
-    model = build_model(name).to("meta", dtype).to(memory_format=memory_format)
-    x = torch.empty(batch, 3, *res, dtype=dtype, device="meta", memory_format=memory_format)
+    model = build_model(name, "meta").to("meta", dtype).to(memory_format=memory_format)
+    x = torch.empty(input_shape(name, batch, res), dtype=dtype, device="meta", memory_format=memory_format)
     with _precision(name, dtype):
         return eager_costs(model, x, gpu, watched)
 

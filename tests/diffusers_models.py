@@ -4,31 +4,13 @@ channels, so that the Triton interpreter runs them in seconds."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from evit_kernels.diffusers_models import randomize
+
 HEADS, HEAD_DIM = 2, 8
 """Two heads of a head dim the Triton kernels take."""
-
-
-def randomize(model: nn.Module) -> nn.Module:
-    """Every parameter random (diffusers zero-initialises some layers, which would hide their mistakes): matrices
-    and kernels with a 1/sqrt(fan-in) scale, norm weights about 1, biases and tables about 0.1."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel()))
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.1 * torch.randn_like(p))
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
 
 
 def sana_transformer(qk_norm: str | None = None) -> nn.Module:

@@ -311,3 +311,67 @@ def test_access_widths_and_matrix_instruction_are_read_from_the_ptx():
     assert predict._instruction(wgmma + tf32) == "tf32"
     assert predict._instruction(fp16) == "mma.sync"
     assert predict._instruction(ptx) == "fma"
+
+
+def test_diffusers_models_have_the_released_sizes_and_shapes():
+    """Built on meta from their configurations: Sana 600M and 1600M have the parameter counts the Sana paper gives
+    (0.59 B and 1.6 B), and map a 1024 px latent (32 channels, 32×32) to one of the same shape; the DC-AE decoder
+    makes the 1024×1024 RGB image of it."""
+    from evit_kernels.bench import build_model, input_shape
+
+    latent = input_shape("sana-600m", 2, (1024, 512))
+    assert latent == (2, 32, 32, 16) == input_shape("dc-ae-f32c32-decode", 2, (1024, 512))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        input_shape("sana-600m", 1, (1000, 1000))
+    x = torch.empty(latent, dtype=torch.bfloat16, device="meta")
+    for name, params in (("sana-600m", 0.59e9), ("sana-1600m", 1.6e9)):
+        model = build_model(name, "meta").to(torch.bfloat16)
+        assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=0.02), name
+        assert model(x).shape == latent
+    decoder = build_model("dc-ae-f32c32-decode", "meta").to(torch.bfloat16)
+    assert decoder(x).shape == (2, 3, 1024, 512)
+
+
+@pytest.mark.parametrize("name, blocks", [("sana-600m", 28), ("sana-1600m", 20)])
+def test_sana_prediction_runs_every_self_attention_on_the_kernel(name, blocks):
+    """At 256 px (an 8×8 latent): each block's self-attention is one fused processor, launching the token-major
+    linear attention; the eager side charges every one of those attention modules."""
+    run = predict.patched_run(name, 1, (256, 256), torch.bfloat16)
+    attention = {n for n, cls in run.fused.items() if cls == "FusedSanaLinearAttnProcessor"}
+    assert attention == {f"transformer.transformer_blocks.{i}.attn1" for i in range(blocks)}
+    ops = [launch.op for launch in run.launches if launch.module in attention]
+    assert ops and set(ops) == {"relu_linear_attention_tokens"}
+    assert {launch.module for launch in run.launches if launch.module in attention} == attention
+    eager = predict.eager_run(name, 1, (256, 256), torch.bfloat16, H100, list(run.fused))
+    assert {c.module for c in eager if c.seconds > 0} >= attention
+
+
+def test_dc_ae_decode_prediction_fuses_every_linear_attention():
+    """The released f32c32 decoder has three EfficientViT stages of three blocks: nine multi-scale linear
+    attentions, each launching its kernels."""
+    run = predict.patched_run("dc-ae-f32c32-decode", 1, (256, 256), torch.bfloat16)
+    attention = {n for n, cls in run.fused.items() if cls == "FusedSanaMultiscaleLinearAttention"}
+    assert len(attention) == 9
+    assert {launch.module for launch in run.launches if launch.module in attention} == attention
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(PTXAS is None, reason="needs ptxas (CUDA toolkit)")
+@pytest.mark.parametrize("name", ["sana-600m", "dc-ae-f32c32-decode"])
+def test_predict_command_on_a_diffusers_model(tmp_path, name):
+    """The command by the model's name, at 256 px: every launch priced, totals adding up, and the fused attention's
+    row in the module table."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "p.json"
+    run = subprocess.run([sys.executable, "-m", "evit_kernels", "predict", "--model", name, "--batch", "1",
+                          "--res", "256", "256", "--ptxas", PTXAS, "--json", str(out)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "PREDICTION" in run.stdout and "_rla_fwd_apply_kernel" in run.stdout
+    p = json.loads(out.read_text())
+    assert p["res"] == [256, 256] and p["launches"]
+    assert all(launch["facts"]["spill_bytes"] == 0 and launch["seconds"] > 3e-6 for launch in p["launches"])
+    assert p["patched_ms"] == pytest.approx(sum(x["seconds"] for x in p["launches"]) * 1e3 + p["patched_aten_ms"])
+    assert sum(m["eager_ms"] for m in p["modules"].values()) == pytest.approx(p["eager_ms"])
+    fused = "FusedSanaLinearAttnProcessor" if name.startswith("sana") else "FusedSanaMultiscaleLinearAttention"
+    assert p["modules"][fused]["instances"] == (28 if name.startswith("sana") else 9)

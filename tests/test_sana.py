@@ -1,6 +1,7 @@
-"""patch() on diffusers' Sana transformers (image and video): every ReLU linear-attention processor swapped, the same
-outputs (eval) and gradients (train) as the untouched model, LoRA adapters added before or after patching training
-the same, exact unpatch, set_attn_processor after patch, and one graph under torch.compile."""
+"""patch() on diffusers' Sana transformers (image and video): every ReLU linear-attention processor swapped (the PAG
+pipeline's included), the same outputs (eval) and gradients (train) as the untouched model, LoRA adapters added
+before or after patching training the same, exact unpatch, set_attn_processor after patch, and one graph under
+torch.compile."""
 
 from __future__ import annotations
 
@@ -184,6 +185,74 @@ def test_state_dict_unpatch_idempotence_and_set_attn_processor():
     evit_kernels.patch(model)
     assert evit_kernels.unpatch(model) == len(report.swapped)
     assert all(p is originals[n] for n, p in model.attn_processors.items())
+
+
+PAG_PROCESSORS = {True: "PAGCFGSanaLinearAttnProcessor2_0", False: "PAGIdentitySanaLinearAttnProcessor2_0"}
+"""The processor SanaPAGPipeline sets on its guided layers, with and without classifier-free guidance."""
+
+
+def _pag_transformer(guidance: bool, layers: str | list[str], qk_norm: str | None = None):
+    """A small Sana transformer whose processors SanaPAGPipeline itself has set for a call with or without
+    classifier-free guidance: the PAG processor (one object) on the self-attention of every block ``layers`` names,
+    ``SanaLinearAttnProcessor2_0`` on the others."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPAGPipeline
+
+    pipe = SanaPAGPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=sana_transformer(qk_norm),
+                           scheduler=FlowMatchEulerDiscreteScheduler(), pag_applied_layers=layers)
+    pipe._set_pag_attn_processor(pipe.pag_applied_layers, do_classifier_free_guidance=guidance)
+    return pipe.transformer
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("qk_norm", [None, "rms_norm_across_heads"])
+@pytest.mark.parametrize("guidance", [True, False], ids=["cfg", "identity"])
+def test_pag_processors_are_swapped_and_match(guidance, qk_norm, backend, op_runs):
+    """Block 1 guided, block 0 not: the batch is (unconditional, conditional, perturbed) with guidance, (conditional,
+    perturbed) without, two latents a chunk. With q/k norms in the model, the PAG originals skip them: so must the
+    fused ones."""
+    model = _pag_transformer(guidance, ["transformer_blocks.1"], qk_norm)
+    assert type(model.transformer_blocks[1].attn1.processor).__name__ == PAG_PROCESSORS[guidance]
+    patched, report = _patched(model, backend)
+    assert _swapped_processors(report) == 2 and _linear_processors(patched) == 0, str(report)
+    assert f"{PAG_PROCESSORS[guidance]} -> FusedPAG" in str(report)
+    chunks = 3 if guidance else 2
+    x = sana_transformer_inputs(batch=2 * chunks)
+    with torch.no_grad():
+        expected, got = model(**x).sample, patched(**x).sample
+    assert torch.isfinite(got).all() and rel_err(got, expected) < 1e-4
+    # block 0 attends over the whole batch, block 1 over every chunk but the perturbed one
+    ran = "torch" if backend == "auto" else "triton"
+    assert [run for run in op_runs if run[0] == OP] == [(OP, ran)] * 2
+    query = patched.transformer_blocks[1].attn1.to_q
+    seen = []
+    handle = query.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        patched(**x)
+    handle.remove()
+    assert seen == [2 * (chunks - 1)]
+
+
+@pytest.mark.parametrize("guidance", [True, False], ids=["cfg", "identity"])
+def test_pag_processors_unpatch_exactly_and_refuse_a_batch_the_original_refuses(guidance):
+    model = _pag_transformer(guidance, "transformer_blocks")  # every block's self-attention: one shared object
+    shared = model.transformer_blocks[0].attn1.processor
+    assert all(block.attn1.processor is shared for block in model.transformer_blocks)
+    x = sana_transformer_inputs(batch=3 if guidance else 2)
+    with torch.no_grad():
+        expected = model(**x).sample
+    report = evit_kernels.patch(model)
+    assert _swapped_processors(report) == len(model.transformer_blocks)
+    assert not any(block.attn1.processor is shared for block in model.transformer_blocks)
+    attn = model.transformer_blocks[0].attn1
+    hidden = torch.randn(1, 30, attn.inner_dim)  # one latent: fewer chunks than the processor splits the batch into
+    with pytest.raises(ValueError):
+        shared(attn, hidden)
+    with pytest.raises(ValueError, match="chunks"):
+        attn.processor(attn, hidden)
+    assert evit_kernels.unpatch(model) == len(report.swapped)
+    assert all(block.attn1.processor is shared for block in model.transformer_blocks)
+    with torch.no_grad():
+        assert torch.equal(model(**x).sample, expected)
 
 
 def test_video_processor_needs_rotary_emb_as_the_original():

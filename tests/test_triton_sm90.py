@@ -36,18 +36,20 @@ _SCRIPT = textwrap.dedent("""
     print(json.dumps(results))
 """)
 
-# The exact specializations the released models launch (evit_kernels.predict), each built once.
+# The exact specializations the released models launch (evit_kernels.predict), each built once, and listed for every
+# model that launches it (two models may launch the same builds: Sana 600M and 1600M do).
 _RELEASED_SCRIPT = textwrap.dedent("""
     import json, sys
     from evit_kernels import predict
-    facts, seen = [], set()
+    facts, built = [], {}
     for name, batch, res in predict.RELEASED:
         for launch in predict.model_launches(name, batch, res):
             key = predict.specialization_key(launch)
-            if key not in seen:
-                seen.add(key)
-                facts.append({"model": name, "batch": batch, "kernel": launch.kernel,
-                              **predict.compile_facts(launch, sys.argv[1]).__dict__})
+            if key not in built:
+                built[key] = predict.compile_facts(launch, sys.argv[1]).__dict__
+            fact = {"model": name, "batch": batch, "kernel": launch.kernel, **built[key]}
+            if fact not in facts:
+                facts.append(fact)
     print(json.dumps(facts))
 """)
 
