@@ -15,6 +15,7 @@ from torch import nn
 from evit_kernels import dispatch
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct
 from evit_kernels.ops.conv_bn_act import ACTIVATIONS, ConvBnActArgs, conv_bn_act, conv_bn_act_reference
+from evit_kernels.triton import conv_bn_act as triton_conv
 from tests.numerics import assert_within_twice_eager, in_layout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,11 +95,25 @@ def test_depthwise_within_twice_eager_error(poisoned_empty, name, activation, dt
     _check_against_float64(x, weight, bias, residual, conv, activation)
 
 
+@pytest.fixture(params=["regular_tiles", "small_grid_tiles"])
+def dense_tiles(request, monkeypatch):
+    """Both tile sizes of the groups-1 kernel: the tests' maps are small enough to take the small-grid tiles, so
+    the regular ones are forced by declaring no grid small."""
+    if request.param == "regular_tiles":
+        monkeypatch.setattr(triton_conv, "FEW_PROGRAMS", 0)
+    return request.param
+
+
+def test_small_grids_take_quarter_size_tiles():
+    assert triton_conv.dense_blocks(7 * 7, 256) == triton_conv.DENSE_SMALL_GRID_BLOCKS  # a batch-1 7×7 layer
+    assert triton_conv.dense_blocks(256 * 14 * 14, 256) == triton_conv.DENSE_BLOCKS
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("name", POINTWISE)
-def test_pointwise_within_twice_eager_error(poisoned_empty, name, activation, dtype):
+def test_pointwise_within_twice_eager_error(poisoned_empty, dense_tiles, name, activation, dtype):
     x, weight, bias, residual, conv = _pointwise_inputs(name, dtype)
     _check_against_float64(x, weight, bias, residual, conv, activation)
 
@@ -107,7 +122,7 @@ def test_pointwise_within_twice_eager_error(poisoned_empty, name, activation, dt
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("activation", ["none", "relu"])
 @pytest.mark.parametrize("name", DENSE_3X3)
-def test_dense_3x3_within_twice_eager_error(poisoned_empty, name, activation, dtype):
+def test_dense_3x3_within_twice_eager_error(poisoned_empty, dense_tiles, name, activation, dtype):
     batch, c_in, c_out, height, width, stride, padding, bias, residual, layout = DENSE_3X3[name]
     x, weight, bias, residual, conv = _inputs(batch, c_in, c_out, height, width, 3, stride, padding, 1, bias, residual,
                                               layout, dtype)

@@ -31,9 +31,20 @@ if TYPE_CHECKING:
 # Depthwise: a tile of output pixels × channels per program, each k×k tap one masked 2D load.
 DW_BLOCK_P, DW_BLOCK_C = 64, 32
 # Groups 1 (1×1 and k×k): a (pixels × output channels) tile of the GEMM (B·H·W) × C_out × (C_in·k²) per program.
-DENSE_BLOCK_M, DENSE_BLOCK_N, DENSE_BLOCK_K = 64, 64, 32
+DENSE_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
+DENSE_SMALL_GRID_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}
+FEW_PROGRAMS = 132
+"""Fewer programs than an H100 has SMs with the regular tiles (a batch-1 layer on a 7×7 to 28×28 map): quarter-size
+output tiles (:data:`DENSE_SMALL_GRID_BLOCKS`), so that four times as many programs share the GEMM, each with half
+the steps over the input channels."""
 DENSE_KERNEL_SIZES = (1, 3)
 """The kernel sizes of the groups-1 convs: 1×1 (stride 1, no padding) and 3×3 (the M-series stem)."""
+
+
+def dense_blocks(n_pixels: int, out_channels: int) -> dict[str, int]:
+    """The tile sizes of the groups-1 kernel for a GEMM of ``n_pixels`` × ``out_channels`` outputs."""
+    regular = triton.cdiv(n_pixels, DENSE_BLOCKS["BLOCK_M"]) * triton.cdiv(out_channels, DENSE_BLOCKS["BLOCK_N"])
+    return DENSE_SMALL_GRID_BLOCKS if regular < FEW_PROGRAMS else DENSE_BLOCKS
 
 
 def dense_warps(dtype: torch.dtype, ksize: int) -> int:
@@ -116,12 +127,13 @@ def dense(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
     n_pixels = batch * out_height * out_width
     bias, has_bias, _ = common.optional(a.bias, a.weight)
     residual, has_residual, r_strides = common.optional(a.residual, out)
-    grid = (triton.cdiv(n_pixels, DENSE_BLOCK_M) * triton.cdiv(out_channels, DENSE_BLOCK_N),)
+    blocks = dense_blocks(n_pixels, out_channels)
+    grid = (triton.cdiv(n_pixels, blocks["BLOCK_M"]) * triton.cdiv(out_channels, blocks["BLOCK_N"]),)
     _conv_dense_kernel[grid](
         a.x, a.weight, bias, residual, out, n_pixels, in_channels, out_channels, height, width, out_height, out_width,
         *a.stride, *a.padding, has_bias, has_residual, *a.x.stride(), *a.weight.stride(), *r_strides, *out.stride(),
-        ACTIVATION=a.activation, KSIZE=a.weight.shape[2], BLOCK_M=DENSE_BLOCK_M, BLOCK_N=DENSE_BLOCK_N,
-        BLOCK_K=DENSE_BLOCK_K, num_warps=dense_warps(a.x.dtype, a.weight.shape[2]), **common.dot_mode(a.x.dtype))
+        ACTIVATION=a.activation, KSIZE=a.weight.shape[2], **blocks, num_warps=dense_warps(a.x.dtype, a.weight.shape[2]),
+        **common.dot_mode(a.x.dtype))
     return out
 
 
@@ -131,12 +143,12 @@ def compile_configs():
     from evit_kernels.ops.conv_bn_act import ACTIVATIONS
 
     pointers = ("x", "weight", "bias", "residual", "out")
-    dense_blocks = {"BLOCK_M": DENSE_BLOCK_M, "BLOCK_N": DENSE_BLOCK_N, "BLOCK_K": DENSE_BLOCK_K}
     for dtype, ptr in common.POINTER_TYPES.items():
         for activation in ACTIVATIONS:
             constexprs = {"ACTIVATION": activation, "BLOCK_P": DW_BLOCK_P, "BLOCK_C": DW_BLOCK_C}
             yield _conv_dw_kernel, common.signature(_conv_dw_kernel, ptr, constexprs, pointers), constexprs
             for ksize in DENSE_KERNEL_SIZES:
-                constexprs = {"ACTIVATION": activation, "KSIZE": ksize, **dense_blocks, **common.dot_mode(dtype)}
-                yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers), constexprs,
-                       {"num_warps": dense_warps(dtype, ksize)})
+                for blocks in (DENSE_BLOCKS, DENSE_SMALL_GRID_BLOCKS):
+                    constexprs = {"ACTIVATION": activation, "KSIZE": ksize, **blocks, **common.dot_mode(dtype)}
+                    yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers),
+                           constexprs, {"num_warps": dense_warps(dtype, ksize)})
