@@ -39,12 +39,12 @@ POINTWISE = {
     "map_1x1": (3, 17, 9, 1, 1, True, False, "channels_last"),
     "strided_input": (2, 6, 8, 5, 4, True, True, "strided"),
 }
-# (batch, C_in, C_out, H, W, stride, padding, bias, residual, layout) of 3×3 convs with groups 1: the M-series stem
-# (3 input channels, stride 2), several M, N and K blocks, asymmetric stride and padding on a strided input.
+# (batch, C_in, C_out, H, W, stride, padding, bias, residual, layout) of 3×3 convs with groups 1: an M-series stem
+# layer (stride 2, odd channel counts), several M, N and K blocks, asymmetric stride and padding on a strided input.
 DENSE_3X3 = {
-    "stem": (2, 3, 8, 11, 9, 2, 1, True, False, "nchw"),
+    "stem": (2, 17, 24, 11, 9, 2, 1, True, False, "nchw"),
     "blocks": (1, 40, 70, 5, 7, 1, 1, True, True, "channels_last"),
-    "stride_1x2_pad_0x1": (1, 6, 8, 6, 5, (1, 2), (0, 1), False, True, "strided"),
+    "stride_1x2_pad_0x1": (1, 16, 8, 6, 5, (1, 2), (0, 1), False, True, "strided"),
 }
 
 
@@ -196,6 +196,7 @@ def _conv_args(c_in=4, c_out=4, k=3, groups=4, stride=1, padding=1, dilation=1, 
 
 UNSUPPORTED = {
     "dense_k5": (dict(groups=1, k=5, padding=2), "3×3 conv with groups 1"),
+    "dense_k3_rgb": (dict(c_in=3, c_out=8, groups=1), "at least 16 input channels"),
     "grouped": (dict(c_in=4, c_out=6, groups=2), "depthwise"),
     "depthwise_k9": (dict(k=9, padding=4), "depthwise"),
     "depthwise_k1": (dict(k=1, padding=0), "depthwise"),

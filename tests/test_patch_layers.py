@@ -37,7 +37,8 @@ def _cream_patch_merging():
     (_timm_patch_merging, FusedPatchMerging, 3),
     (_cream_patch_merging, FusedPatchMerging, 3),
 ])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+# experimental: the kernels where they take the layer (not the stem's convs with fewer than 16 input channels)
+@pytest.mark.parametrize("backend", ["torch", "experimental"])
 def test_eval_matches_with_activations_in_the_conv_epilogues(build, fused_class, calls, backend, op_runs):
     original, in_channels = build()
     holder = torch.nn.Sequential(copy.deepcopy(original.eval()))
@@ -49,7 +50,9 @@ def test_eval_matches_with_activations_in_the_conv_epilogues(build, fused_class,
         expected = copy.deepcopy(original).double()(x.double())
         got = holder(x)
     assert got.shape == expected.shape and rel_err(got, expected) < 1e-5
-    assert [op for op, _ in op_runs] == ["conv_bn_act"] * calls and {b for _, b in op_runs} == {backend}
+    assert [op for op, _ in op_runs] == ["conv_bn_act"] * calls
+    backends = {b for _, b in op_runs}
+    assert backends == {"torch"} if backend == "torch" else "triton" in backends
 
 
 @pytest.mark.parametrize("build", [_timm_patch_embedding, _timm_patch_merging])

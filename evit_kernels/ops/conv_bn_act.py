@@ -142,12 +142,13 @@ _DEPTHWISE_SIZES = (3, 5, 7)
 
 def _kernel_kind(a: ConvBnActArgs) -> str | None:
     """Which kernel computes this conv: "depthwise" (Triton or CUDA), "dense" (groups 1: a 1×1 with stride 1 and no
-    padding, or a 3×3; Triton) or None."""
-    from evit_kernels.triton.conv_bn_act import DENSE_KERNEL_SIZES
+    padding, or a 3×3 with at least :data:`DENSE_MIN_TAP_CHANNELS` input channels; Triton) or None."""
+    from evit_kernels.triton.conv_bn_act import DENSE_KERNEL_SIZES, DENSE_MIN_TAP_CHANNELS
 
     out_channels, in_per_group, kernel_h, kernel_w = a.weight.shape
     if a.groups == 1 and kernel_h == kernel_w and kernel_h in DENSE_KERNEL_SIZES and (
-            kernel_h > 1 or (a.stride == [1, 1] and a.padding == [0, 0])):
+            (kernel_h > 1 and in_per_group >= DENSE_MIN_TAP_CHANNELS)
+            or (a.stride == [1, 1] and a.padding == [0, 0])):
         return "dense"
     if (a.groups == a.x.shape[1] == out_channels and in_per_group == 1 and kernel_h == kernel_w
             and kernel_h in _DEPTHWISE_SIZES and all(s in (1, 2) for s in a.stride)):
@@ -171,7 +172,7 @@ def _triton_reasons(a: ConvBnActArgs) -> list[str]:
         reasons.append(f"a conv with weight {tuple(a.weight.shape)}, groups={a.groups}, stride={a.stride}, "
                        f"padding={a.padding} (the Triton kernels take a depthwise 3×3, 5×5 or 7×7 conv with "
                        f"stride 1 or 2, a 1×1 conv with groups 1, stride 1 and padding 0, or a 3×3 conv with "
-                       f"groups 1)")
+                       f"groups 1 and at least 16 input channels)")
     return reasons
 
 

@@ -39,6 +39,9 @@ output tiles (:data:`DENSE_SMALL_GRID_BLOCKS`), so that four times as many progr
 the steps over the input channels."""
 DENSE_KERNEL_SIZES = (1, 3)
 """The kernel sizes of the groups-1 convs: 1×1 (stride 1, no padding) and 3×3 (the M-series stem)."""
+DENSE_MIN_TAP_CHANNELS = 16
+"""The fewest input channels a 3×3 conv takes: each tap is one product over the input channels in steps of 32, so
+an RGB stem (3 channels) would execute ten times its FLOPs, and is predicted slower than cuDNN plus its activation."""
 
 
 def dense_blocks(n_pixels: int, out_channels: int) -> dict[str, int]:
