@@ -12,6 +12,7 @@ from evit_kernels import dispatch
 from evit_kernels.nn._base import Unsupported
 from evit_kernels.nn.rms_norm import FusedRMSNorm
 from evit_kernels.ops.rms_norm import RmsNormArgs, rms_norm, rms_norm_reference
+from evit_kernels.triton import rms_norm as triton_rms_norm
 from tests.numerics import assert_within_twice_eager
 
 RMSNorm = pytest.importorskip("diffusers.models.normalization").RMSNorm
@@ -50,11 +51,24 @@ def test_reference_is_diffusers_rms_norm_in_fp32(layout, affine, bias):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.fixture(params=["32_rows", "8_rows"])
+def rows_per_program(request, monkeypatch):
+    """Both row blocks: the tests' tensors have few rows, so the 32-row block is forced by declaring no grid small."""
+    if request.param == "32_rows":
+        monkeypatch.setattr(triton_rms_norm, "FEW_PROGRAMS", 0)
+    return request.param
+
+
+def test_few_rows_take_smaller_row_blocks():
+    assert triton_rms_norm.block_rows(300) == triton_rms_norm.SMALL_GRID_BLOCK_R  # a Sana caption
+    assert triton_rms_norm.block_rows(256 * 32 * 32) == triton_rms_norm.BLOCK_R
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("affine, bias", [(True, True), (False, False)])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_triton_within_twice_eager_error(poisoned_empty, layout, affine, bias, dtype):
+def test_triton_within_twice_eager_error(poisoned_empty, rows_per_program, layout, affine, bias, dtype):
     norm = _norm(affine, bias, dtype)
     x = (LAYOUTS[layout]() * 3).to(DEVICE, dtype)
     params = (norm.weight, norm.bias)

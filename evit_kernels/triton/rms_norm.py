@@ -1,8 +1,9 @@
 """Triton kernel of ``evit::rms_norm`` (forward; the gradient is the reference's): RMSNorm over the last dimension
 of a view whose leading dimensions walk as rows of two strides (``evit_kernels.ops.rms_norm.rows``).
 
-Each program owns BLOCK_R rows and walks the C channels twice in chunks of BLOCK_C: first the fp32 sum of squares,
-then ``x · rsqrt(mean + eps) · weight + bias + residual`` in fp32, rounded once on store. The channels (and the
+Each program owns BLOCK_R rows (fewer when rows are few: :func:`block_rows`) and walks the C channels twice in
+chunks of BLOCK_C: first the fp32 sum of squares, then ``x · rsqrt(mean + eps) · weight + bias + residual`` in
+fp32, rounded once on store. The channels (and the
 residual's) are read through their stride, so the channel view of an NCHW map (channel stride H·W, rows contiguous)
 and a token-major (B, N, C) tensor (channel stride 1) take the same kernel without a copy; the second pass re-reads x
 from L1/L2.
@@ -22,7 +23,16 @@ if TYPE_CHECKING:
     from evit_kernels.ops.rms_norm import RmsNormArgs
 
 BLOCK_R = 32
+SMALL_GRID_BLOCK_R = 8
+FEW_PROGRAMS = 132
+"""Fewer programs than an H100 has SMs with BLOCK_R rows each (a caption of a few hundred tokens, a low-resolution
+map): SMALL_GRID_BLOCK_R rows a program instead, four times the programs."""
 BLOCK_C = 64
+
+
+def block_rows(n_rows: int) -> int:
+    """The rows a program owns for ``n_rows`` rows."""
+    return SMALL_GRID_BLOCK_R if triton.cdiv(n_rows, BLOCK_R) < FEW_PROGRAMS else BLOCK_R
 
 
 @triton.jit
@@ -77,16 +87,18 @@ def forward(a: RmsNormArgs, out: torch.Tensor) -> torch.Tensor:
     weight = a.x if a.weight is None else a.weight.contiguous()
     bias = a.x if a.bias is None else a.bias.contiguous()
     residual = a.x if a.residual is None else a.residual
-    _rms_norm_kernel[(triton.cdiv(n_rows, BLOCK_R),)](
+    block_r = block_rows(n_rows)
+    _rms_norm_kernel[(triton.cdiv(n_rows, block_r),)](
         a.x, weight, bias, residual, out, n_rows, channels, a.eps, int(a.weight is not None),
         int(a.bias is not None), int(a.residual is not None), *_walk(a.x), *_walk(residual), *_walk(out),
-        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+        BLOCK_R=block_r, BLOCK_C=BLOCK_C)
     return out
 
 
 def compile_configs():
     """Every (kernel, signature, constexprs) the launcher can request, for the ahead-of-time sm_90 compile."""
-    constexprs = {"BLOCK_R": BLOCK_R, "BLOCK_C": BLOCK_C}
     for ptr in POINTER_TYPES.values():
-        pointers = ("x", "weight", "bias", "residual", "out")
-        yield _rms_norm_kernel, signature(_rms_norm_kernel, ptr, constexprs, pointers, {"eps": "fp32"}), constexprs
+        for block_r in (BLOCK_R, SMALL_GRID_BLOCK_R):
+            constexprs = {"BLOCK_R": block_r, "BLOCK_C": BLOCK_C}
+            pointers = ("x", "weight", "bias", "residual", "out")
+            yield _rms_norm_kernel, signature(_rms_norm_kernel, ptr, constexprs, pointers, {"eps": "fp32"}), constexprs
