@@ -1,5 +1,6 @@
-"""evit::rms_norm against diffusers' RMSNorm, its Triton kernel on every layout the channel norm meets, and the
-FusedRMSNorm drop-in (its fused path and the cases it hands back to the original's own forward)."""
+"""evit::rms_norm against diffusers' RMSNorm, its Triton kernel on every layout the channel norm meets, the
+FusedRMSNorm drop-in (its fused path and the cases it hands back to the original's own forward), and the drop-in for
+mit-han-lab's TritonRMSNorm2d."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
+import evit_kernels
 from evit_kernels import dispatch
 from evit_kernels.nn._base import Unsupported
 from evit_kernels.nn.rms_norm import FusedRMSNorm
@@ -167,3 +170,63 @@ def test_fused_module_without_affine_and_refusals():
     torch.testing.assert_close(fused(x), norm(x))
     with pytest.raises(Unsupported, match="one dimension"):
         FusedRMSNorm(RMSNorm((3, C), eps=1e-5))
+
+
+class TritonRMSNorm2d(nn.LayerNorm):
+    """mit-han-lab's TritonRMSNorm2d (efficientvit.models.nn.norm), whose Triton kernel allocates on "cuda" by name:
+    the same math written in PyTorch (fp32, one rounding), under the original's class name and module."""
+
+    def forward(self, x):
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.float().view(1, -1, 1, 1) + self.bias.float().view(1, -1, 1, 1)
+        return y.to(x.dtype)
+
+
+TritonRMSNorm2d.__module__ = "efficientvit.models.nn.norm"
+
+
+def _mit_han_lab_norm(affine=True):
+    norm = TritonRMSNorm2d(C, eps=1e-5, elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_(1, 0.1)
+            norm.bias.normal_(0, 0.1)
+    return norm.to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_mit_han_lab_triton_rms_norm_2d_is_swapped_and_matches(backend, affine, op_runs):
+    original = _mit_han_lab_norm(affine)
+    holder = nn.Sequential(copy.deepcopy(original))
+    report = evit_kernels.patch(holder, backend=backend)
+    assert type(holder[0]).__name__ == "FusedTritonRMSNorm2d", str(report)
+    assert holder.state_dict().keys() == nn.Sequential(original).state_dict().keys()
+    x = torch.randn(2, C, 5, 3, device=DEVICE)
+    for inputs in (x, x.contiguous(memory_format=torch.channels_last)):
+        got = holder(inputs)
+        assert got.stride() == inputs.stride()
+        torch.testing.assert_close(got, original(inputs), rtol=1e-6, atol=1e-6)
+    assert [op for op, _ in op_runs] == ["rms_norm"] * 2
+    if affine:  # training: the reference's gradients, for x and both parameters
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        grad = torch.randn_like(x)
+        for module, xi in zip((original, holder), xs, strict=True):
+            module(xi).backward(grad)
+        torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-5, atol=1e-6)
+        for p_fused, p_original in zip(holder.parameters(), original.parameters(), strict=True):
+            torch.testing.assert_close(p_fused.grad, p_original.grad, rtol=1e-5, atol=1e-6)
+    evit_kernels.unpatch(holder)
+    assert type(holder[0]) is TritonRMSNorm2d
+
+
+def test_mit_han_lab_triton_rms_norm_2d_in_low_precision_and_with_fp32_weights():
+    original = _mit_han_lab_norm()
+    fused = nn.Sequential(copy.deepcopy(original))
+    evit_kernels.patch(fused)
+    x = torch.randn(2, C, 5, 3, device=DEVICE)
+    for dtype in (torch.float16, torch.bfloat16):  # fp32 weights, low-precision map: fp32 math, one rounding
+        torch.testing.assert_close(fused(x.to(dtype)), original(x.to(dtype)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\(B, 12, H, W\)"):
+        fused(torch.randn(2, C + 1, 5, 3, device=DEVICE))

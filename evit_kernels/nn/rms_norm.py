@@ -1,6 +1,9 @@
-"""``FusedRMSNorm``: diffusers' ``RMSNorm`` (the channel norms of DC-AE's ResBlocks, GLUMBConvs and multi-scale
-attentions, applied to ``x.movedim(1, -1)``; the Sana transformers' q/k and caption norms) running as
-``evit::rms_norm`` (docs/ops.md, "RMSNorm")."""
+"""The RMSNorms of the Sana family running as ``evit::rms_norm`` (docs/ops.md, "RMSNorm"):
+
+- ``FusedRMSNorm``: diffusers' ``RMSNorm`` (the channel norms of DC-AE's ResBlocks, GLUMBConvs and multi-scale
+  attentions, applied to ``x.movedim(1, -1)``; the Sana transformers' q/k and caption norms);
+- ``FusedTritonRMSNorm2d``: mit-han-lab's ``TritonRMSNorm2d`` (its DC-AE's channel norm of NCHW maps), whose own
+  kernel runs only on CUDA: patched, the model also runs on a CPU."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from evit_kernels.nn._base import FusedModule, Unsupported
-from evit_kernels.nn._match import DIFFUSERS_NORMALIZATION, Match
+from evit_kernels.nn._match import DIFFUSERS_NORMALIZATION, MIT_HAN_LAB_NORM, Match
 from evit_kernels.ops.rms_norm import rms_norm
 
 DIFFUSERS_RMS_NORM = Match("diffusers", "RMSNorm", (DIFFUSERS_NORMALIZATION,),
@@ -52,3 +55,37 @@ rounds once). Otherwise the
 
     def extra_repr(self) -> str:
         return f"{tuple(self.dim)}, eps={self.eps}, " + super().extra_repr()
+
+
+class FusedTritonRMSNorm2d(FusedModule):
+    """Drop-in for mit-han-lab's ``TritonRMSNorm2d`` (an ``nn.LayerNorm`` over the channels of a (B, C, H, W) map):
+    ``x / sqrt(mean_c(x²) + eps) · weight + bias`` computed in fp32 and rounded once to x's dtype, as its Triton
+    kernel does, through the map's channel view (no copy). Weights of another dtype than x (autocast) are applied
+    in fp32 too."""
+
+    MATCHES = (Match("mit-han-lab", "TritonRMSNorm2d", MIT_HAN_LAB_NORM,
+                     ("normalized_shape", "eps", "elementwise_affine", "weight", "bias")),)
+
+    def __init__(self, original: nn.Module, backend: str = "auto"):
+        if len(original.normalized_shape) != 1:
+            raise Unsupported(f"normalized shape {tuple(original.normalized_shape)}: it normalises the channels")
+        super().__init__(original, backend)
+        for name in ("normalized_shape", "eps", "elementwise_affine"):
+            self.__dict__[name] = getattr(original, name)
+        for name in ("weight", "bias"):  # None when absent, as nn.LayerNorm registers them
+            if name not in self._parameters:
+                self.__dict__[name] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.normalized_shape[0]:
+            raise ValueError(f"{type(self).__name__}: expected a (B, {self.normalized_shape[0]}, H, W) map, got "
+                             f"shape {tuple(x.shape)}")
+        params = (self.weight, self.bias)
+        if any(p is not None and p.dtype != x.dtype for p in params):
+            y = rms_norm(x.float().movedim(1, -1), *(None if p is None else p.float() for p in params), self.eps,
+                         backend=self.backend)
+            return y.movedim(-1, 1).to(x.dtype)
+        return rms_norm(x.movedim(1, -1), *params, self.eps, backend=self.backend).movedim(-1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.normalized_shape)}, eps={self.eps}, " + super().extra_repr()
