@@ -287,11 +287,12 @@ MAP_MAX_HEADS = 15
 
 def map_warps(dtype: torch.dtype, resolution: int, val_dim: int) -> int | None:
     """The warps of the whole-map kernel for ``dtype`` inputs, R×R windows and heads of ``val_dim`` channels (4 on
-    windows of up to 16 tokens, 8 on larger ones), or None where it would spill registers on sm_90: heads wider
-    than 64 channels, except in fp16/bf16 on windows of up to 16 tokens (a head's input, queries, keys, values and
-    output stay in registers)."""
+    windows of up to 16 tokens, 8 on larger ones), or None where it would spill registers on sm_90 under triton 3.6
+    or 3.8: heads wider than 64 channels on windows of up to 16 tokens, wider than 32 on larger ones (a head's input,
+    queries, keys, values and output stay in registers; under 3.6, 64-channel heads on 7×7 windows spill 32 B in
+    fp16/bf16 and 544 B in fp32, 128-channel heads on 4×4 windows 380 B)."""
     r_pad, vd_pad = grid_side(resolution), dot_size(val_dim)
-    if vd_pad > 64 and (r_pad > 4 or dtype == torch.float32):
+    if vd_pad > (64 if r_pad == 4 else 32):
         return None
     return 4 if r_pad == 4 else 8
 
