@@ -222,53 +222,55 @@ class CascadedGroupAttentionArgs(OpArgs):
         return [self.x.shape[0], self.proj_weight.shape[0], self.x.shape[2], self.x.shape[3]]
 
 
-def cascaded_group_attention_reference(a: CascadedGroupAttentionArgs) -> Tensor:
-    """The eager reference: windows, the head cascade (convs through F.conv2d, the attention core in PyTorch), the
-    projection."""
+def _composition(a: CascadedGroupAttentionArgs, core: str) -> Tensor:
+    """Cascaded group attention with folded weights as a composition of PyTorch ops (convs through F.conv2d), the
+    attention core (:func:`window_attention`) on backend ``core``."""
     windows, meta = window_partition(a.x, a.window)
     qkvs = [lambda t, w=w, b=b: F.conv2d(t, w, b) for w, b in zip(a.qkv_weights, a.qkv_biases, strict=True)]
     dws = [lambda t, w=w, b=b: F.conv2d(t, w, b, padding=w.shape[-1] // 2, groups=w.shape[0])
            for w, b in zip(a.dw_weights, a.dw_biases, strict=True)]
-    heads = cascade_heads(windows, qkvs, dws, a.attention_biases, a.key_dim, backend="torch")
+    heads = cascade_heads(windows, qkvs, dws, a.attention_biases, a.key_dim, backend=core)
     out = F.conv2d(F.relu(heads), a.proj_weight, a.proj_bias)
     return window_merge(out, meta).contiguous()
 
 
+def cascaded_group_attention_reference(a: CascadedGroupAttentionArgs) -> Tensor:
+    """The eager reference: the composition with the attention core in PyTorch."""
+    return _composition(a, core="torch")
+
+
 def _triton_forward(a: CascadedGroupAttentionArgs) -> Tensor:
-    """The op's Triton backend: one kernel runs every head of a window with the window on chip and writes the
-    relu of their outputs; the projection is ``evit::conv_bn_act``'s 1×1 kernel."""
+    """The op's Triton backend: where the whole-window kernel takes the shape, one kernel runs every head of a window
+    with the window on chip and writes the relu of their outputs, and the projection is ``evit::conv_bn_act``'s 1×1
+    kernel; elsewhere the composition with the attention core on Triton (saying why, once)."""
     from evit_kernels.ops.conv_bn_act import ConvBnActArgs
     from evit_kernels.triton import cascaded_group_attention as kernels
     from evit_kernels.triton.conv_bn_act import dense
 
+    refused = whole_map_kernel_reasons(a)
+    if refused:
+        dispatch.log_once(OP, f"{OP}: the eager composition around the Triton attention core, not the whole-window "
+                              f"kernel: {'; '.join(refused)}")
+        return _composition(a, core="triton")
     heads = kernels.whole_map_heads(a.x, a.qkv_weights, a.qkv_biases, a.dw_weights, a.dw_biases,
                                     a.attention_biases, a.key_dim, a.window)
     projection = ConvBnActArgs(heads, a.proj_weight, a.proj_bias, [1, 1], [0, 0], [1, 1], 1, "none", None)
     return dense(projection, projection.new_output())
 
 
-def _triton_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
-    """What the whole-map kernel does not take."""
+def whole_map_kernel_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
+    """What the whole-window kernel does not take (the Triton backend then runs the composition)."""
     from evit_kernels.triton._common import dot_size
-    from evit_kernels.triton.cascaded_group_attention import (
-        MAP_KERNEL_SIZES,
-        MAP_MAX_HEADS,
-        MAX_RESOLUTION,
-        grid_side,
-        map_warps,
-    )
+    from evit_kernels.triton.cascaded_group_attention import MAP_KERNEL_SIZES, MAP_MAX_HEADS, grid_side, map_warps
 
     reasons = []
-    if a.window > MAX_RESOLUTION:
-        reasons.append(f"window {a.window}×{a.window} > {MAX_RESOLUTION}×{MAX_RESOLUTION} (the kernel keeps the "
-                       f"N×N scores in registers)")
     B, C, H, W = a.x.shape
     heads = len(a.qkv_weights)
     val_dim = a.qkv_weights[0].shape[0] - 2 * a.key_dim
     if val_dim != C // heads:
         reasons.append(f"value dim {val_dim} ≠ C/heads = {C}/{heads} (the kernel carries each head's output into "
                        f"the next head's input)")
-    if a.window <= MAX_RESOLUTION and map_warps(a.x.dtype, a.window, val_dim) is None:
+    if map_warps(a.x.dtype, a.window, val_dim) is None:
         reasons.append(f"{str(a.x.dtype).removeprefix('torch.')} heads of {val_dim} channels on {a.window}×{a.window} "
                        f"windows (a head's input, output and values stay in registers, and would spill)")
     if heads > MAP_MAX_HEADS:
@@ -279,6 +281,24 @@ def _triton_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
     windows = B * -(-H // a.window) * -(-W // a.window)
     if windows * dot_size(a.key_dim) * grid_side(a.window) ** 2 >= 2**31:
         reasons.append("a q scratch of 2^31 elements or more (the kernel indexes with 32 bits)")
+    if 2 * dispatch.span(a.x) >= 2**31:  # the map and the heads' output (the same size) are indexed with 32 bits
+        reasons.append("a map of 2^30 elements or more (the kernel indexes with 32 bits)")
+    return reasons
+
+
+def _triton_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
+    """What keeps the Triton attention core from running every head (in the composition, the convs run through
+    PyTorch)."""
+    from evit_kernels.triton.cascaded_group_attention import MAX_RESOLUTION
+
+    reasons = []
+    if a.window > MAX_RESOLUTION:
+        reasons.append(f"window {a.window}×{a.window} > {MAX_RESOLUTION}×{MAX_RESOLUTION} (the kernels keep the "
+                       f"N×N scores in registers)")
+    B, _, H, W = a.x.shape
+    per_head = B * -(-H // a.window) * -(-W // a.window) * a.window * a.window * a.qkv_weights[0].shape[0]
+    if per_head >= 2**31:
+        reasons.append("a head's qkv map of 2^31 elements or more (the kernels index with 32 bits)")
     return reasons
 
 
@@ -349,7 +369,8 @@ def _cuda_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
 # evit::window_attention's own autograd. This op serves inference (the modules' training path calls
 # window_attention directly and so trains through its Triton backward); the cuda backend refuses gradients.
 define_op(CascadedGroupAttentionArgs, cascaded_group_attention_reference)
-dispatch.register(OP, dispatch.Backend("triton", _triton_forward, _triton_reasons))
+# The composition checks each window_attention call's tensors; the whole-window kernel its own sizes above.
+dispatch.register(OP, dispatch.Backend("triton", _triton_forward, _triton_reasons, int32_offsets=False))
 dispatch.register(OP, dispatch.Backend("cuda", _cuda_forward, _cuda_reasons, int32_offsets=False))
 
 
