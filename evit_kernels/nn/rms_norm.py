@@ -26,6 +26,16 @@ def computes_as_diffusers(x: Tensor, weight: Tensor | None, bias: Tensor | None)
             and not (device != "meta" and torch.is_autocast_enabled(device)))
 
 
+def _adopt_norm_attributes(fused: FusedModule, original: nn.Module, names: tuple[str, ...]) -> None:
+    """The original norm's plain attributes ``names``, and its ``weight`` and ``bias`` as None where it has none (a
+    plain attribute, as the originals keep them)."""
+    for name in names:
+        fused.__dict__[name] = getattr(original, name)
+    for name in ("weight", "bias"):
+        if name not in fused._parameters:
+            fused.__dict__[name] = None
+
+
 class FusedRMSNorm(FusedModule):
     """Drop-in for diffusers' ``RMSNorm`` over the last dimension.
 
@@ -42,11 +52,7 @@ rounds once). Otherwise the
         if len(original.dim) != 1:
             raise Unsupported(f"normalized shape {tuple(original.dim)}: only one dimension is supported")
         super().__init__(original, backend)
-        for name in ("eps", "elementwise_affine", "dim"):
-            self.__dict__[name] = getattr(original, name)
-        for name in ("weight", "bias"):  # None when absent: a plain attribute, as in the original
-            if name not in self._parameters:
-                self.__dict__[name] = None
+        _adopt_norm_attributes(self, original, ("eps", "elementwise_affine", "dim"))
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         if computes_as_diffusers(hidden_states, self.weight, self.bias):
@@ -70,11 +76,7 @@ class FusedTritonRMSNorm2d(FusedModule):
         if len(original.normalized_shape) != 1:
             raise Unsupported(f"normalized shape {tuple(original.normalized_shape)}: it normalises the channels")
         super().__init__(original, backend)
-        for name in ("normalized_shape", "eps", "elementwise_affine"):
-            self.__dict__[name] = getattr(original, name)
-        for name in ("weight", "bias"):  # None when absent, as nn.LayerNorm registers them
-            if name not in self._parameters:
-                self.__dict__[name] = None
+        _adopt_norm_attributes(self, original, ("normalized_shape", "eps", "elementwise_affine"))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.normalized_shape[0]:
