@@ -69,6 +69,30 @@ def test_multiscale_attention_quadratic_branch_and_refusals():
         FusedSanaMultiscaleLinearAttention(attention)
 
 
+@pytest.mark.parametrize("residual", [True, False])
+def test_multiscale_attention_rms_norm_takes_the_residual_in_the_same_call(residual):
+    """The output RMSNorm and the residual as one rms_norm call (and the norm module itself not called); the same
+    numbers as the original, a second add only where the dtypes differ."""
+    from diffusers.models.attention_processor import SanaMultiscaleLinearAttention
+
+    from evit_kernels import dispatch
+    from evit_kernels.nn.lite_mla import FusedSanaMultiscaleLinearAttention
+
+    attention = SanaMultiscaleLinearAttention(16, 16, attention_head_dim=8, norm_type="rms_norm", kernel_sizes=(3,),
+                                              residual_connection=residual)
+    for p in attention.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    fused = FusedSanaMultiscaleLinearAttention(copy.deepcopy(attention))
+    fused.norm_out.register_forward_hook(lambda *_: pytest.fail("norm_out was called"))
+    calls = []
+    x = torch.randn(2, 16, 5, 4)
+    with torch.no_grad(), dispatch.observing(lambda _backend, args: calls.append(args)):
+        got = fused(x)
+    assert rel_err(got, attention(x)) < 1e-5
+    (norm_call,) = [args for args in calls if args.op == "rms_norm"]
+    assert (norm_call.residual is not None) == residual
+
+
 @pytest.mark.parametrize("backend", ["auto", "experimental"])
 def test_train_loss_and_every_gradient_match(backend):
     model = autoencoder_dc().train()

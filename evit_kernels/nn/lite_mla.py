@@ -11,8 +11,10 @@ from torch import Tensor, nn
 from evit_kernels import dispatch
 from evit_kernels.nn._base import FusedModule, Unsupported
 from evit_kernels.nn._match import DIFFUSERS_ATTENTION, MIT_HAN_LAB, TIMM_MIT, Match
+from evit_kernels.nn.rms_norm import computes_as_diffusers
 from evit_kernels.ops.multiscale_aggregation import multiscale_aggregation
 from evit_kernels.ops.relu_linear_attention import choose_aggregated, relu_linear_attention
+from evit_kernels.ops.rms_norm import rms_norm
 
 LITE_MLA = Match("timm/mit-han-lab", "LiteMLA", (TIMM_MIT, *MIT_HAN_LAB),
                  ("qkv", "aggreg", "kernel_func", "proj", "dim", "eps"))
@@ -62,8 +64,10 @@ class FusedSanaMultiscaleLinearAttention(FusedModule):
     head-interleaved qkv map, whose multi-scale projections and ReLU linear attention run as for LiteMLA
     (:func:`multiscale_relu_linear_attention`: on inference with a kernel, the projections folded into the
     attention's loads); then ``to_out``, ``norm_out`` (over the channels for RMSNorm, as the processor applies it)
-    and the residual. The processor's quadratic branch for maps of at most ``attention_head_dim`` pixels is the
-    same function in another order of sums; the linear form is computed for every size."""
+    and the residual: an RMSNorm of one dtype with its input takes the residual in the same ``rms_norm`` call (one
+    rounding; ``norm_out`` is then computed here, not called). The processor's quadratic branch for maps of at most
+    ``attention_head_dim`` pixels is the same function in another order of sums; the linear form is computed for
+    every size."""
 
     MATCHES = (SANA_MULTISCALE,)
 
@@ -93,11 +97,17 @@ class FusedSanaMultiscaleLinearAttention(FusedModule):
         qkv = torch.cat([self.to_q(x), self.to_k(x), self.to_v(x)], dim=3).movedim(-1, 1)  # channels-last map
         scales = [(scale.proj_in, scale.proj_out) for scale in self.to_qkv_multiscale]
         out = multiscale_relu_linear_attention(qkv, scales, self.dim, self.eps, self.backend)
-        out = self.to_out(out.movedim(1, -1)).movedim(-1, 1)
-        if self.original.norm_type == "rms_norm":
-            out = self.norm_out(out.movedim(1, -1)).movedim(-1, 1)
-        else:
-            out = self.norm_out(out)
+        out = self.to_out(out.movedim(1, -1))  # channels last
+        if self.original.norm_type != "rms_norm":
+            out = self.norm_out(out.movedim(-1, 1))
+            return out + residual if self.original.residual_connection else out
+        norm = self.norm_out
+        weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+        skip = residual.movedim(1, -1) if self.original.residual_connection else None
+        if computes_as_diffusers(out, weight, bias) and (skip is None or skip.dtype == out.dtype):
+            # the RMSNorm and the residual as one rms_norm call, the sum rounded once
+            return rms_norm(out, weight, bias, norm.eps, residual=skip, backend=self.backend).movedim(-1, 1)
+        out = norm(out).movedim(-1, 1)
         return out + residual if self.original.residual_connection else out
 
     def extra_repr(self) -> str:
