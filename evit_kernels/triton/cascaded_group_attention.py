@@ -248,8 +248,8 @@ def _cga_map_fwd_kernel(x, weights, attention_biases, heads_out, scratch, heads,
     x_tokens = x + b * x_sb + gy * x_sh + gx * x_sw
     out_tokens = heads_out + b * heads * val_dim * height * width + gy * width + gx
     q_scratch = scratch + w * KD_PAD * N_PAD
-    # The previous head's output (C/h = vd channels). feat, v, p and the output are held rounded to the input dtype,
-    # as every product rounds its operands and eager stores them: half the registers of fp32 tiles.
+    # The previous head's output (C/h = vd channels). feat, v, p and the output are rounded to the input dtype where
+    # eager stores them (every product rounds its operands to it anyway).
     carried = rounded(tl.zeros((VD_PAD, N_PAD), dtype=tl.float32), dtype, UPCAST)
     for i in range(0, heads):
         chunk = tl.load(x_tokens[None, :] + (i * val_dim + offs_v)[:, None] * x_sc,
