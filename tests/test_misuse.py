@@ -19,7 +19,8 @@ from tests.models import build, rel_err
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")]
 
 TYPES = ["FusedConvNormAct", "FusedResidualConvNorm", "FusedConvBlock", "FusedLiteMLA", "FusedResidualFFN",
-         "FusedLocalWindowAttention", "FusedCascadedGroupAttention", "FusedNormLinear"]
+         "FusedLocalWindowAttention", "FusedCascadedGroupAttention", "FusedNormLinear", "FusedPatchEmbedding",
+         "FusedPatchMerging"]
 
 
 @functools.cache
