@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from evit_kernels import dispatch, model_prediction, predict, program_counts
 from evit_kernels.ops import conv_bn_act
+from evit_kernels.triton import conv_bn_act as triton_conv_bn_act
 from tests.test_triton_sm90 import PTXAS
 
 H100 = predict.GPUS["h100"]
@@ -95,7 +96,14 @@ def test_released_model_at_batch_256_is_counted_on_meta_tensors():
     assert total >= len(costs) * 3e-6 + sum(c.bytes_moved for c in costs) / (3.35e12 * 0.85)
 
 
-def test_launches_of_a_patched_call_are_recorded_not_run():
+@pytest.fixture
+def regular_tiles(monkeypatch):
+    """The groups-1 kernel's regular 64×64 tiles on these small maps (which would otherwise take the small-grid
+    tiles), so that the counts below can be worked by hand."""
+    monkeypatch.setattr(triton_conv_bn_act, "FEW_PROGRAMS", 0)
+
+
+def test_launches_of_a_patched_call_are_recorded_not_run(regular_tiles):
     with torch.device("meta"):
         x = torch.empty(2, 32, 8, 8, dtype=torch.bfloat16)
         weight = torch.empty(80, 32, 1, 1, dtype=torch.bfloat16)
@@ -144,7 +152,7 @@ from evit_kernels import predict
 from evit_kernels.ops import conv_bn_act
 from tests.test_triton_sm90 import PTXAS
 with torch.device("meta"):
-    x = torch.empty(4, 64, 28, 28, dtype=torch.bfloat16)
+    x = torch.empty(16, 64, 28, 28, dtype=torch.bfloat16)  # 392 programs: the regular 64×64 tiles
     weight = torch.empty(128, 64, 1, 1, dtype=torch.bfloat16)
 with predict.recorded_launches() as launches:
     conv_bn_act(x, weight, activation="relu", backend="triton")
@@ -186,7 +194,7 @@ def _recorded_pointwise(batch: int, out_channels: int) -> predict.Launch:
     return launch
 
 
-def test_counts_of_a_launch_are_its_programs_loads_stores_and_products():
+def test_counts_of_a_launch_are_its_programs_loads_stores_and_products(regular_tiles):
     """A 1×1 conv of 128 pixels, 32 → 80 channels, bf16: 2 pixel blocks × 2 output-channel blocks of 64. Each
     program reads its 64 × 32 x tile and the 32 weight rows of its channels (64, or the 16 left), multiplies
     whole tiles, and writes the output elements inside the bounds; every program runs (4 ≤ 8 samples)."""
@@ -201,7 +209,7 @@ def test_counts_of_a_launch_are_its_programs_loads_stores_and_products():
     assert counts.dot_flops == 4 * k_steps * 2 * 64 * block["BLOCK_K"] * 64
 
 
-def test_counts_of_a_large_grid_come_from_a_sample_scaled_to_the_grid():
+def test_counts_of_a_large_grid_come_from_a_sample_scaled_to_the_grid(regular_tiles):
     """16 identical programs (1024 pixels, 64 output channels): 8 are run, the counts are exact."""
     launch = _recorded_pointwise(batch=16, out_channels=64)
     assert launch.grid == (16,)
