@@ -166,6 +166,7 @@ def test_no_output_channel_block_recomputes_the_hidden_tensor(name):
         hidden = w2.shape[0] // 2 if gate else w2.shape[0]
         assert first.scalars["hidden"] == hidden == w3.shape[1]
         assert first.grid[1] == -(-hidden // first.constexprs["BLOCK_H"])
+        assert first.scalars["o_sc"] == 1  # d is channels-last whatever x's layout: 16-byte stores and loads
         assert project.kernel == "_conv_dense_kernel" and project.scalars["out_channels"] == w3.shape[0]
         assert project.scalars["has_residual"] == (residual is not None)
     else:
@@ -184,6 +185,33 @@ def test_within_twice_eager_error(poisoned_empty, name, dtype):
     assert out.dtype == dtype and out.shape == eager.shape and out.stride() == eager.stride()
     assert torch.isfinite(out).all()
     assert_within_twice_eager(out, eager, expected, dtype, _terms(args))
+
+
+BAND_TILE_CASES = ("mbconv_7x7_packed_residual", "mbconv_14x14_bands", "mbconv_stride2_channels_last",
+                   "glumbconv_two_passes_residual")
+"""Packed images, row bands, stride 2, GLU mode: the small maps above pick the smallest tile (band_tile's choice
+for a small grid), so each tile is tested by making it the only one."""
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("tile", kernels.TILES[torch.bfloat16].bands, ids=lambda t: "x".join(map(str, t)))
+@pytest.mark.parametrize("name", BAND_TILE_CASES)
+def test_every_band_tile_within_twice_eager_error(poisoned_empty, monkeypatch, name, tile):
+    monkeypatch.setitem(kernels.TILES, torch.bfloat16,
+                        dataclasses.replace(kernels.TILES[torch.bfloat16], bands=(tile,)))
+    args, kwargs = _inputs(CASES[name], torch.bfloat16)
+    meta_args = tuple(None if t is None else t.to("meta") for t in args)
+    residual = kwargs["residual"]
+    with predict.recorded_launches() as launches:
+        conv_block(*meta_args, **{**kwargs, "residual": None if residual is None else residual.to("meta")},
+                   backend="triton")
+    assert (launches[0].constexprs["P"], launches[0].constexprs["SLOTS"]) == tile[:2]
+    two_passes = args[5].shape[0] > tile[2]  # more output channels than the tile holds in one pass
+    assert launches[0].constexprs["STORE_HIDDEN"] == two_passes and len(launches) == 1 + two_passes
+    out = conv_block(*args, **kwargs, backend="triton")
+    eager = conv_block(*args, **kwargs, backend="torch")
+    expected = conv_block(*_double(args, kwargs)[0], **_double(args, kwargs)[1], backend="torch")
+    assert_within_twice_eager(out, eager, expected, torch.bfloat16, _terms(args))
 
 
 def test_reference_is_the_three_layers():
@@ -227,18 +255,38 @@ def test_wide_maps_fall_back_to_per_layer_kernels(poisoned_empty, caplog, monkey
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_hidden_tensor_beyond_32_bit_offsets_goes_layer_by_layer():
+    # 1024 images of 64×64 pixels: x and the output fit 32-bit offsets, the 512-channel hidden tensor of the two
+    # passes (2^31 elements) does not; the per-layer path checks each layer's tensors itself.
+    with torch.device("meta"):
+        x = torch.empty(1024, 64, 64, 64, dtype=torch.bfloat16)
+        w1, w2, w3 = (torch.empty(shape, dtype=torch.bfloat16) for shape in ((512, 64, 1, 1), (512, 1, 3, 3),
+                                                                              (128, 512, 1, 1)))
+    block = ConvBlockArgs(x, w1, None, "none", w2, None, "none", [1, 1], [1, 1], 512, w3, None, "none")
+    kind, reason = _whole_block_config(block)
+    assert kind is None and "hidden tensor of 2^31 elements" in reason
+    narrower = dataclasses.replace(block, x=x[:1023])
+    assert _whole_block_config(narrower)[0] == "expand_depthwise"
+
+
 def test_band_tiles_cover_the_map_with_their_halo():
     tiles = kernels.TILES[torch.float16]
-    # 14×14, stride 1: bands of 4 output rows read 6 input rows (84 of 128 slots); 4 bands per image.
-    assert kernels.band_tile(tiles, 14, 14, 14, 14, 1, 3) == (64, 128, 64, 4, 1)
-    # 7×7: whole images, packed: one image per 64 outputs.
-    assert kernels.band_tile(tiles, 7, 7, 7, 7, 1, 3) == (64, 128, 64, 7, 1)
-    # 4×4 maps: four images per program.
-    assert kernels.band_tile(tiles, 4, 4, 4, 4, 1, 3) == (64, 128, 64, 4, 4)
-    # 56 wide: one output row with its 3 input rows needs the 256-slot tile.
-    assert kernels.band_tile(tiles, 56, 56, 56, 56, 1, 3) == (64, 256, 32, 1, 1)
+    # (x shape, output shape, stride, k, hidden) → (P, SLOTS, one-pass block, band_rows, images).
+    # 14×14, 64 outputs (one pass), batch 256: bands of 4 output rows read 6 input rows (84 of 128 slots) and fill
+    # 56 of 64 outputs, against 28 of 64 from 56 of 64 slots in the 64-slot tile.
+    assert kernels.band_tile(tiles, (256, 24, 14, 14), (256, 64, 14, 14), 1, 3, 96) == (64, 128, 64, 4, 1)
+    # Batch 8: 32 such programs leave most SMs idle; the 64-slot tile's 56 programs each finish sooner.
+    assert kernels.band_tile(tiles, (8, 24, 14, 14), (8, 64, 14, 14), 1, 3, 96) == (64, 64, 64, 2, 1)
+    # 256 outputs need two passes: the first-pass-only tile holds a whole image (196 of 256 slots, no halo).
+    assert kernels.band_tile(tiles, (256, 24, 14, 14), (256, 256, 14, 14), 1, 3, 1024) == (256, 256, 0, 14, 1)
+    # 7×7, two passes: five whole images packed (245 of 256).
+    assert kernels.band_tile(tiles, (256, 24, 7, 7), (256, 512, 7, 7), 1, 3, 1024) == (256, 256, 0, 7, 5)
+    # 4×4 maps, one pass: four images per program fill the 64-slot tile.
+    assert kernels.band_tile(tiles, (8, 24, 4, 4), (8, 64, 4, 4), 1, 3, 96) == (64, 64, 64, 4, 4)
+    # 56 wide: one output row with its 3 input rows needs 256 slots; only that tile holds 32 outputs in one pass.
+    assert kernels.band_tile(tiles, (8, 24, 56, 56), (8, 32, 56, 56), 1, 3, 96) == (64, 256, 32, 1, 1)
     # 112 wide, stride 2: 3 input rows of 112 fit no tile.
-    assert kernels.band_tile(tiles, 112, 112, 56, 56, 2, 3) is None
+    assert kernels.band_tile(tiles, (8, 24, 112, 112), (8, 32, 56, 56), 2, 3, 96) is None
 
 
 def test_reference_gradients_after_triton_forward():

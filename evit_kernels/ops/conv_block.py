@@ -165,7 +165,7 @@ def _spatial_kind(a: ConvBlockArgs) -> str | None:
 
 def _whole_block_config(a: ConvBlockArgs) -> tuple[str, dict] | tuple[None, str]:
     """(kind, tile config) for the whole-block kernel, or (None, why it does not take this block)."""
-    from evit_kernels.triton.conv_block import tile_config
+    from evit_kernels.triton import conv_block as kernels
 
     kind = _spatial_kind(a)
     if kind is None:
@@ -174,9 +174,13 @@ def _whole_block_config(a: ConvBlockArgs) -> tuple[str, dict] | tuple[None, str]
                       "5×5 or 7×7 conv with stride 1 or 2 (a full conv only without an expand)")
     if a.gate is not None and kind != "expand_depthwise":
         return None, f"a GLU gate after a {kind} conv (the kernel gates only an expand followed by a depthwise conv)"
-    config = tile_config(kind, a.x.dtype, a.x.shape, a.output_shape(), a.stride[0], a.w2.shape[2])
+    config = kernels.tile_config(kind, a.x.dtype, a.x.shape, a.output_shape(), a.stride[0], a.w2.shape[2],
+                                 a.w3.shape[1])
     if config is None:
         return None, f"a {a.x.shape[3]}-pixel-wide map (one output row and its halo exceed the largest tile)"
+    batch, out_channels, out_height, out_width = a.output_shape()
+    if not kernels.one_pass(config, out_channels) and batch * a.w3.shape[1] * out_height * out_width >= 2**31:
+        return None, "a hidden tensor of 2^31 elements or more between its two passes (the kernels index with 32 bits)"
     return kind, config
 
 
@@ -189,11 +193,14 @@ def _triton_forward(a: ConvBlockArgs) -> Tensor:
         return _per_layer(a)
     if kernels.one_pass(config, a.w3.shape[0]):
         return kernels.forward(a, a.new_output(), kind, config)
-    # Two passes: the hidden tensor once (gated, m channels, in GLU mode), then the projection on conv_bn_act's 1×1
-    # kernel (its epilogue adds b3, act3 and the residual).
+    # Two passes: the hidden tensor once (gated, m channels, in GLU mode; channels-last), then the projection on
+    # conv_bn_act's 1×1 kernel (its epilogue adds b3, act3 and the residual), written in the block's layout.
     *_, project = a.layers()
-    hidden = kernels.hidden(a, kind, config, a.output_layout())
-    return _per_layer_call(project(hidden))
+    # The 1×1 kernel takes every projection: same device and dtype as the block, the hidden tensor checked for
+    # 32-bit offsets above.
+    from evit_kernels.triton.conv_bn_act import dense
+
+    return dense(project(kernels.hidden(a, kind, config)), a.new_output())
 
 
 def _per_layer(a: ConvBlockArgs) -> Tensor:

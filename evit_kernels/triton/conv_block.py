@@ -180,15 +180,15 @@ def _conv_block_fwd_kernel(
 
 @dataclass(frozen=True)
 class Tiles:
-    """The tile shapes of one precision. ``bands``: (P output pixels, SLOTS input pixels, widest output-channel
-    block) of the expand_depthwise tiles, tried in order (the first that holds at least one output row with its
-    halo wins; wider maps take the per-layer kernels). ``direct_pixels`` / ``direct_channels``: the same for the
-    depthwise and full kinds, which have no input slots. More output channels than a block holds take two passes
-    (:func:`one_pass`). Every size here compiles for sm_90 without register spills (compile_configs);
-    wider ones spill: the (pixels × channels) accumulator and the epilogue's 64-bit addresses fill the registers.
-    fp32 runs IEEE dots on FMA units, which hold their operands in registers, hence its smaller tiles.
-    ``maxnreg``: the register limit given to ptxas. fp32 sets the hardware's 255: without a limit ptxas spills a
-    few registers in some fp32 tiles to fit more CTAs on an SM, and which tiles changes with the Triton version
+    """The tile shapes of one precision. ``bands``: the expand_depthwise tiles, (P output pixels, SLOTS input
+    pixels, widest output-channel block of one pass, 0 for a tile that only runs the first of two passes);
+    :func:`band_tile` picks one per shape. ``direct_pixels`` / ``direct_channels``: the same for the depthwise and
+    full kinds, which have no input slots. More output channels than a block holds take two passes
+    (:func:`one_pass`). Every size here compiles for sm_90 without register spills under triton 3.6 and 3.8
+    (compile_configs); wider ones spill: the (pixels × channels) accumulator and the epilogue's 64-bit addresses fill
+    the registers. fp32 runs IEEE dots on FMA units, which hold their operands in registers, hence its smaller
+    tiles. ``maxnreg``: the register limit given to ptxas. fp32 sets the hardware's 255: without a limit ptxas spills
+    a few registers in some fp32 tiles to fit more CTAs on an SM, and which tiles changes with the Triton version
     (under triton 3.6, twelve of these, 8–32 B; the other sizes tried spilled under 3.8). The low precisions need no
     limit, and one would cost them occupancy."""
 
@@ -200,45 +200,83 @@ class Tiles:
     maxnreg: int | None = None
 
 
+_LOW_PRECISION = Tiles(warps=8, bands=((64, 64, 64), (64, 128, 64), (64, 256, 32), (128, 256, 0), (256, 256, 0)),
+                       direct_pixels=64)
 TILES = {torch.float32: Tiles(warps=4, bands=((32, 128, 64),), direct_pixels=32, block_k=16, maxnreg=255),
-         torch.float16: Tiles(warps=8, bands=((64, 128, 64), (64, 256, 32)), direct_pixels=64),
-         torch.bfloat16: Tiles(warps=8, bands=((64, 128, 64), (64, 256, 32)), direct_pixels=64)}
+         torch.float16: _LOW_PRECISION, torch.bfloat16: _LOW_PRECISION}
 BLOCK_H = 16
 STORE_BLOCK_H = 32
 """The hidden chunk of the first of two passes, which holds no output accumulator: twice the one-pass chunk, so
 each program's input tile is re-read from L2 half as often (wider spills with fp32 or 256 input slots)."""
+STORE_BLOCK_CO = 16
+"""The first pass holds no output accumulator: its BLOCK_CO is a placeholder (tl.dot's minimum)."""
+ACTIVATION_FLOPS = 4
+"""What :func:`band_tile` charges an activation per element (hardswish and the tanh GELU take a few operations)."""
 
 
-def band_tile(tiles: Tiles, height: int, width: int, out_height: int, out_width: int, stride: int, ksize: int
+def _band_geometry(p: int, slots: int, height: int, width: int, out_height: int, out_width: int, stride: int,
+                   ksize: int) -> tuple[int, int] | None:
+    """(band_rows, images) of a P × SLOTS tile on this map: whole images packed together when they fit, else the
+    most output rows whose input rows (halo included) fit the slots; None when not even one row fits."""
+    if out_height * out_width <= p and height * width <= slots:
+        return out_height, min(p // (out_height * out_width), slots // (height * width))
+    rows = min(p // out_width, out_height)
+    while rows >= 1 and min((rows - 1) * stride + ksize, height) * width > slots:
+        rows -= 1
+    return (rows, 1) if rows >= 1 else None
+
+
+def band_tile(tiles: Tiles, x_shape, out_shape, stride: int, ksize: int, hidden: int
               ) -> tuple[int, int, int, int, int] | None:
-    """(P, SLOTS, widest channel block, band_rows, images) of the expand_depthwise tile for this map, or None when
-    even one output row and its k input rows fit no tile. Whole images are packed together when they fit."""
-    for p, slots, channels in tiles.bands:
-        if out_height * out_width <= p and height * width <= slots:
-            return p, slots, channels, out_height, min(p // (out_height * out_width), slots // (height * width))
-        rows = min(p // out_width, out_height)
-        while rows >= 1 and min((rows - 1) * stride + ksize, height) * width > slots:
-            rows -= 1
-        if rows >= 1:
-            return p, slots, channels, rows, 1
-    return None
+    """(P, SLOTS, widest channel block, band_rows, images) of the expand_depthwise tile for this block, or None when
+    even one output row and its k input rows fit no tile.
 
+    Among the tiles that fit (those holding every output channel in one pass, if any do), the one whose programs
+    the performance model (docs/performance.md) prices lowest: per program, the expand on SLOTS input pixels
+    (products at the tensor-core rate, its activation on FMA), the taps on P output pixels (FMA) and, in one pass,
+    the projection; times the waves of programs on the GPU's SMs. Slots and outputs a band leaves empty cost as
+    much as used ones, as the GPU runs whole tiles: this is what weighs a tall band's smaller halo against its
+    padding and against fewer programs on a small grid."""
+    from evit_kernels.predict import GPUS, PEAK_FLOPS
 
-def tile_config(spatial: str, dtype: torch.dtype, x_shape, out_shape, stride: int, ksize: int) -> dict | None:
-    """Every launch parameter that depends on the shape, or None when the whole-block kernel does not take it."""
-    _, _, height, width = x_shape
+    batch, in_channels, height, width = x_shape
     _, out_channels, out_height, out_width = out_shape
+    fitting = [(tile, geometry) for tile in tiles.bands
+               if (geometry := _band_geometry(*tile[:2], height, width, out_height, out_width, stride, ksize))]
+    if not fitting:
+        return None
+    block_co = common.dot_size(out_channels)
+    single = [(tile, geometry) for tile, geometry in fitting if tile[2] >= block_co]
+
+    def seconds(candidate) -> float:
+        (p, slots, _), (rows, images) = candidate
+        per_hidden = (slots * 2 * in_channels + (p * 2 * block_co if single else 0)) / PEAK_FLOPS["wgmma"]
+        per_hidden += (slots * ACTIVATION_FLOPS + p * 3 * ksize * ksize) / PEAK_FLOPS["fma"]
+        programs = triton.cdiv(batch, images) * triton.cdiv(out_height, rows)
+        chunk = hidden if single else STORE_BLOCK_H
+        programs *= 1 if single else triton.cdiv(hidden, STORE_BLOCK_H)
+        return per_hidden * chunk * triton.cdiv(programs, GPUS["h100"].sms)
+
+    (p, slots, channels), (rows, images) = min(single or fitting, key=seconds)
+    return p, slots, channels, rows, images
+
+
+def tile_config(spatial: str, dtype: torch.dtype, x_shape, out_shape, stride: int, ksize: int, hidden: int
+                ) -> dict | None:
+    """Every launch parameter that depends on the shape, or None when the whole-block kernel does not take it."""
     tiles = TILES[dtype]
+    out_channels = out_shape[1]
     if spatial == "expand_depthwise":
-        tile = band_tile(tiles, height, width, out_height, out_width, stride, ksize)
+        tile = band_tile(tiles, x_shape, out_shape, stride, ksize, hidden)
         if tile is None:
             return None
         p, slots, channels, band_rows, images = tile
     else:
         p, slots, channels, band_rows, images = tiles.direct_pixels, 16, tiles.direct_channels, 1, 1
-    return {"P": p, "SLOTS": slots, "BLOCK_CO": min(common.dot_size(out_channels), channels), "BLOCK_H": BLOCK_H,
-            "BLOCK_K": tiles.block_k, "num_warps": tiles.warps, "maxnreg": tiles.maxnreg, "band_rows": band_rows,
-            "images": images}
+    # BLOCK_CO is 0 for a first-pass-only tile: two passes (:func:`one_pass`).
+    return {"P": p, "SLOTS": slots, "BLOCK_CO": min(common.dot_size(out_channels), channels),
+            "BLOCK_H": BLOCK_H, "BLOCK_K": tiles.block_k, "num_warps": tiles.warps, "maxnreg": tiles.maxnreg,
+            "band_rows": band_rows, "images": images}
 
 
 def one_pass(config: dict, out_channels: int) -> bool:
@@ -255,13 +293,15 @@ def forward(a: ConvBlockArgs, out: torch.Tensor, spatial: str, config: dict) -> 
     return out
 
 
-def hidden(a: ConvBlockArgs, spatial: str, config: dict, memory_format: torch.memory_format) -> torch.Tensor:
+def hidden(a: ConvBlockArgs, spatial: str, config: dict) -> torch.Tensor:
     """The first of two passes: ``d = act2(conv_kxk(h) + b2)``, gated in GLU mode, (B, w3's input channels, H_out,
-    W_out) in the input dtype, each chunk computed once."""
+    W_out) in the input dtype, each chunk computed once. Channels-last whatever x's layout: each pixel's chunk of
+    channels is contiguous, so this pass stores and the projection loads 16 bytes at a time (in NCHW a map whose
+    rows are not a multiple of 8 pixels allows no wider access than its alignment)."""
     batch, _, out_height, out_width = a.output_shape()
     d = torch.empty(batch, a.w3.shape[1], out_height, out_width, dtype=a.x.dtype, device=a.x.device,
-                    memory_format=memory_format)
-    _launch(a, d, spatial, {**config, "BLOCK_H": STORE_BLOCK_H}, store_hidden=True)
+                    memory_format=torch.channels_last)
+    _launch(a, d, spatial, {**config, "BLOCK_H": STORE_BLOCK_H, "BLOCK_CO": STORE_BLOCK_CO}, store_hidden=True)
     return d
 
 
@@ -309,8 +349,8 @@ def compile_configs():
                  for gated in (False, True)]
         kinds += [(kind, tiles.direct_pixels, 16, tiles.direct_channels, False) for kind in ("depthwise", "full")]
         for spatial, p, slots, widest, gated in kinds:
-            # every dot_size up to widest in one pass; the widest in the first of two
-            passes = [(16 << i, False) for i in range((widest // 16).bit_length())] + [(widest, True)]
+            # every dot_size up to widest in one pass, and the first of two
+            passes = [(16 << i, False) for i in range((widest // 16).bit_length())] + [(STORE_BLOCK_CO, True)]
             for block_co, store_hidden in passes:
                 for ksize in KERNEL_SIZES:
                     block_h = STORE_BLOCK_H if store_hidden else BLOCK_H
