@@ -351,10 +351,18 @@ def _instruction(ptx: str) -> str:
 
 
 def _widest(ptx: str, access: str) -> int:
-    """The widest global ``access`` ("ld" or "st") in ``ptx``, in bytes: vector length × element width."""
+    """The widest global ``access`` ("ld" or "st") in ``ptx``, in bytes: vector length × element width. Loads include
+    the asynchronous copies from global to shared memory (``cp.async``, its copy size in bytes), which is how
+    Triton's pipelined loops read their operands."""
     widths = [int(vector or 1) * int(bits) // 8
               for vector, bits in re.findall(access + r"\.global(?:\.[\w:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s", ptx)]
+    if access == "ld":
+        widths += [int(size, 0) for size in re.findall(_ASYNC_COPY, ptx)]
     return max(widths, default=0)
+
+
+_ASYNC_COPY = r"cp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s+\[[^]]*\],\s*\[[^]]*\],\s*(0x[0-9a-fA-F]+|\d+)"
+"""``cp.async.{ca,cg}.shared.global [dst], [src], cp-size``: the copy size, decimal or hex."""
 
 
 RELEASED = (("efficientvit_b1", 256, 224), ("efficientvit_l2", 256, 224), ("efficientvit_m4", 256, 224),

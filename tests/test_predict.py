@@ -312,6 +312,14 @@ def test_access_widths_and_matrix_instruction_are_read_from_the_ptx():
     """
     assert predict._widest(ptx, "ld") == 16 and predict._widest(ptx, "st") == 4
     assert predict._widest("", "ld") == 0
+    # A pipelined loop's operands: asynchronous copies of 16 (hex) and 4 bytes into shared memory are loads.
+    copies = """
+        ld.global.b16 %rs1, [%rd2];
+        @%p2 cp.async.cg.shared.global [ %r185 + 0 ], [ %rd13 + 0 ], 0x10, %r186;
+        cp.async.ca.shared.global [%r7], [%rd8], 4, %r9;
+    """
+    assert predict._widest(copies, "ld") == 16 and predict._widest(copies, "st") == 0
+    assert predict._widest(copies.replace("0x10", "8"), "ld") == 8
     wgmma = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1}, %rd1, %rd2, 1, 1, 1, 0, 1;"
     tf32 = "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%f1}, {%r1}, {%r2}, {%f2};"
     fp16 = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%f1}, {%r1}, {%r2}, {%f2};"
