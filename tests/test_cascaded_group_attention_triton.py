@@ -11,8 +11,9 @@ import pytest
 import timm
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
-from evit_kernels import dispatch
+from evit_kernels import dispatch, predict
 from evit_kernels.nn.cascaded_group_attention import FusedCascadedGroupAttention, FusedLocalWindowAttention
 from evit_kernels.ops.cascaded_group_attention import (
     CascadedGroupAttentionArgs,
@@ -220,6 +221,17 @@ def test_patched_module_requesting_triton_raises_for_unsupported_dtype():
         patched(torch.randn(1, original.dim, 7, 7, dtype=torch.float64, device=DEVICE))
 
 
+def test_per_head_scratch_beyond_32_bit_offsets_is_refused():
+    # One 40-channel head (one launch per head in bf16): 2^19 windows of 7×7 keep the map and the heads' output
+    # within 32-bit offsets, but not the per-window tiles passing each head's output on (64 × 64 each).
+    def reasons(batch):
+        args = folded_inputs((40, 1, (5,)), 7, 7, 7, torch.bfloat16, "meta", batch=batch)
+        return whole_map_kernel_reasons(CascadedGroupAttentionArgs(*args))
+
+    assert reasons(2**19) == ["a scratch tile per window of 2^31 elements or more (the kernel indexes with 32 bits)"]
+    assert reasons(2**18) == []
+
+
 def _check_whole_map(config, H, W, window, dtype, layout="contiguous"):
     args = folded_inputs(config, H, W, window, dtype, DEVICE, batch=1)
     args = (in_layout(args[0], layout), *args[1:])
@@ -228,9 +240,20 @@ def _check_whole_map(config, H, W, window, dtype, layout="contiguous"):
     eager = cascaded_group_attention(*args, backend="torch")
     assert out.dtype == dtype and out.is_contiguous()
     assert_within_twice_eager(out, eager, expected, dtype, whole_map_terms(config, window), f"{H}x{W} {layout}")
-    # where the whole-window kernel would spill, the Triton backend runs the composition around the Triton core
-    whole_window = triton_cga.map_warps(dtype, window, config[0] // config[1]) is not None
-    assert bool(whole_map_kernel_reasons(CascadedGroupAttentionArgs(*args))) != whole_window
+    # One whole-window kernel for every head, or for heads too wide for it one launch per head; where both would
+    # spill, the Triton backend runs the composition around the Triton core.
+    val_dim, heads = config[0] // config[1], config[1]
+    whole_window = triton_cga.map_warps(dtype, window, val_dim) is not None
+    per_head = not whole_window and triton_cga.head_warps(dtype, window, val_dim) is not None
+    assert bool(whole_map_kernel_reasons(CascadedGroupAttentionArgs(*args))) != (whole_window or per_head)
+    with predict.recorded_launches() as launches:
+        cascaded_group_attention(*tree_map_only(torch.Tensor, lambda t: t.to("meta"), args), backend="triton")
+    kernels = [launch.kernel for launch in launches]
+    if whole_window:
+        assert kernels == ["_cga_map_fwd_kernel", "_conv_dense_kernel"]
+    elif per_head:
+        assert kernels == ["_cga_head_fwd_kernel"] * heads + ["_conv_dense_kernel"]
+        assert [launch.constexprs["FIRST"] for launch in launches[:heads]] == [True] + [False] * (heads - 1)
 
 
 @pytest.mark.numerics
@@ -248,7 +271,7 @@ def test_whole_map_triton_on_every_released_configuration(config, dtype):
 @pytest.mark.numerics
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-@pytest.mark.parametrize("channels", [96, 144])  # 32-channel heads: the whole-window kernel; 48: the composition
+@pytest.mark.parametrize("channels", [96, 144])  # 32-channel heads: the whole-window kernel; 48: one per head
 def test_whole_map_triton_low_precision_and_any_layout(dtype, layout, channels):
     """Reduced precision on the tensor cores, and the map read in place whatever its strides: m1's mixed depthwise
     kernels (7, 5, 3) on a padded map."""

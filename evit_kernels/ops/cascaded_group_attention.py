@@ -240,9 +240,10 @@ def cascaded_group_attention_reference(a: CascadedGroupAttentionArgs) -> Tensor:
 
 
 def _triton_forward(a: CascadedGroupAttentionArgs) -> Tensor:
-    """The op's Triton backend: where the whole-window kernel takes the shape, one kernel runs every head of a window
-    with the window on chip and writes the relu of their outputs, and the projection is ``evit::conv_bn_act``'s 1×1
-    kernel; elsewhere the composition with the attention core on Triton (saying why, once)."""
+    """The op's Triton backend: where the whole-window kernels take the shape, one kernel runs every head of a window
+    with the window on chip (or, for wide heads, one launch per head) and writes the relu of their outputs, and the
+    projection is ``evit::conv_bn_act``'s 1×1 kernel; elsewhere the composition with the attention core on Triton
+    (saying why, once)."""
     from evit_kernels.ops.conv_bn_act import ConvBnActArgs
     from evit_kernels.triton import cascaded_group_attention as kernels
     from evit_kernels.triton.conv_bn_act import dense
@@ -261,7 +262,13 @@ def _triton_forward(a: CascadedGroupAttentionArgs) -> Tensor:
 def whole_map_kernel_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
     """What the whole-window kernel does not take (the Triton backend then runs the composition)."""
     from evit_kernels.triton._common import dot_size
-    from evit_kernels.triton.cascaded_group_attention import MAP_KERNEL_SIZES, MAP_MAX_HEADS, grid_side, map_warps
+    from evit_kernels.triton.cascaded_group_attention import (
+        MAP_KERNEL_SIZES,
+        MAP_MAX_HEADS,
+        grid_side,
+        head_warps,
+        map_warps,
+    )
 
     reasons = []
     B, C, H, W = a.x.shape
@@ -270,7 +277,7 @@ def whole_map_kernel_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
     if val_dim != C // heads:
         reasons.append(f"value dim {val_dim} ≠ C/heads = {C}/{heads} (the kernel carries each head's output into "
                        f"the next head's input)")
-    if map_warps(a.x.dtype, a.window, val_dim) is None:
+    if map_warps(a.x.dtype, a.window, val_dim) is None and head_warps(a.x.dtype, a.window, val_dim) is None:
         reasons.append(f"{str(a.x.dtype).removeprefix('torch.')} heads of {val_dim} channels on {a.window}×{a.window} "
                        f"windows (a head's input, output and values stay in registers, and would spill)")
     if heads > MAP_MAX_HEADS:
@@ -279,8 +286,10 @@ def whole_map_kernel_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
     if any(k not in MAP_KERNEL_SIZES for k in sizes):
         reasons.append(f"depthwise kernel sizes {sizes} (the kernel takes {MAP_KERNEL_SIZES})")
     windows = B * -(-H // a.window) * -(-W // a.window)
-    if windows * dot_size(a.key_dim) * grid_side(a.window) ** 2 >= 2**31:
-        reasons.append("a q scratch of 2^31 elements or more (the kernel indexes with 32 bits)")
+    per_head = map_warps(a.x.dtype, a.window, val_dim) is None  # each head's output passes through a scratch too
+    scratch_rows = max(dot_size(a.key_dim), dot_size(val_dim) if per_head else 0)
+    if windows * scratch_rows * grid_side(a.window) ** 2 >= 2**31:
+        reasons.append("a scratch tile per window of 2^31 elements or more (the kernel indexes with 32 bits)")
     if 2 * dispatch.span(a.x) >= 2**31:  # the map and the heads' output (the same size) are indexed with 32 bits
         reasons.append("a map of 2^30 elements or more (the kernel indexes with 32 bits)")
     return reasons

@@ -224,60 +224,116 @@ def _window_depthwise(q_scratch, weight, bias, ksize, key_dim, resolution, offs_
 
 
 @triton.jit
+def _head(feat, w_head, b_head, dw_w, dw_b, ksize, bias_row, bias_stride, scale, q_scratch, key_dim, val_dim,
+          resolution, offs_k, offs_v, y, x, valid, R_PAD: tl.constexpr, KD_PAD: tl.constexpr,
+          PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One head of cascaded group attention on one window, its input ``feat`` (VD_PAD channels × N_PAD tokens) on
+    chip: the head's qkv conv (weight ``w_head`` (rows, vd), bias ``b_head``), the k×k depthwise conv on q (weight
+    ``dw_w`` (kd, k, k), bias ``dw_b``), softmax attention with the head's bias row; the output before relu,
+    (VD_PAD, N_PAD) fp32. q, k, v, p and the output are rounded to the input dtype where eager stores them (every
+    product rounds its operands to it anyway)."""
+    N_PAD: tl.constexpr = R_PAD * R_PAD
+    dtype = q_scratch.dtype.element_ty
+    q = _project(w_head, b_head, 0, key_dim, offs_k, feat, offs_v, val_dim, PRECISION, UPCAST)
+    # The depthwise conv reads neighbouring tokens: q goes through this program's scratch tile (in the input dtype,
+    # as eager stores it), with a barrier before reading it and one before a next head overwrites it.
+    q_tile = q_scratch + offs_k[:, None] * N_PAD + tl.arange(0, N_PAD)[None, :]
+    tl.store(q_tile, rounded(q, dtype, UPCAST).to(dtype))
+    tl.debug_barrier()
+    q = _window_depthwise(q_scratch, dw_w, dw_b, ksize, key_dim, resolution, offs_k, y, x, valid, R_PAD, KD_PAD)
+    tl.debug_barrier()
+    k = _project(w_head, b_head, key_dim, key_dim, offs_k, feat, offs_v, val_dim, PRECISION, UPCAST)
+    # keys × queries, so that the value product needs no transpose: out[c, i] = Σ_j v[c, j] P[i, j]
+    scores_t = mma(tl.trans(rounded(k, dtype, UPCAST)), rounded(q, dtype, UPCAST), None, PRECISION=PRECISION,
+                   UPCAST=UPCAST)
+    p_t = _softmax(scores_t, bias_row, bias_stride, scale, resolution, y, x, valid, KEYS_AXIS=0)
+    v = _project(w_head, b_head, 2 * key_dim, val_dim, offs_v, feat, offs_v, val_dim, PRECISION, UPCAST)
+    return mma(rounded(v, dtype, UPCAST), rounded(p_t, dtype, UPCAST), None, PRECISION=PRECISION, UPCAST=UPCAST)
+
+
+@triton.jit
+def _window(w, n_windows, windows_w, resolution, height, width, val_dim, R_PAD: tl.constexpr, KD_PAD: tl.constexpr,
+            VD_PAD: tl.constexpr):
+    """Window ``w``'s image; per tile position its token's row, column and validity in the window, and its row and
+    column in the map; the key and value channel ranges; the (value channel, token) mask of the map's tokens."""
+    b = w // n_windows
+    y, x, _, valid = _tokens(resolution, R_PAD)
+    gy = (w % n_windows) // windows_w * resolution + y
+    gx = (w % n_windows) % windows_w * resolution + x
+    offs_v = tl.arange(0, VD_PAD)
+    mask = (offs_v < val_dim)[:, None] & (valid & (gy < height) & (gx < width))[None, :]
+    return b, y, x, valid, gy, gx, tl.arange(0, KD_PAD), offs_v, mask
+
+
+@triton.jit
+def _packed(weights, heads, key_dim, val_dim):
+    """Where each part of the packed ``weights`` starts: every head's qkv weight (rows, vd) and bias (rows,), the
+    depthwise biases (kd,) and the depthwise weights (kd, k_i, k_i), in that order. (rows, qkv biases, depthwise
+    biases, depthwise weights)."""
+    rows = 2 * key_dim + val_dim
+    qkv_b = weights + heads * rows * val_dim
+    dw_b = qkv_b + heads * rows
+    return rows, qkv_b, dw_b, dw_b + heads * key_dim
+
+
+@triton.jit
 def _cga_map_fwd_kernel(x, weights, attention_biases, heads_out, scratch, heads, height, width, windows_w, n_windows,
                         resolution, key_dim, val_dim, kernel_sizes, scale, x_sb, x_sc, x_sh, x_sw, ab_sh, ab_sn,
                         R_PAD: tl.constexpr, KD_PAD: tl.constexpr, VD_PAD: tl.constexpr, PRECISION: tl.constexpr,
                         UPCAST: tl.constexpr):
     N_PAD: tl.constexpr = R_PAD * R_PAD
     w = tl.program_id(0)
-    b = w // n_windows
-    y, xx, index, valid = _tokens(resolution, R_PAD)
-    gy = (w % n_windows) // windows_w * resolution + y
-    gx = (w % n_windows) % windows_w * resolution + xx
-    in_map = valid & (gy < height) & (gx < width)
-    offs_k = tl.arange(0, KD_PAD)
-    offs_v = tl.arange(0, VD_PAD)
-    mask_v = offs_v < val_dim
+    b, y, xx, valid, gy, gx, offs_k, offs_v, mask = _window(w, n_windows, windows_w, resolution, height, width,
+                                                            val_dim, R_PAD, KD_PAD, VD_PAD)
     dtype = heads_out.dtype.element_ty
-    # weights: every head's qkv weight (rows, vd) and bias (rows,), the depthwise biases (kd,) and the depthwise
-    # weights (kd, k_i, k_i), packed in that order; k_i = 2·(2-bit field i of kernel_sizes) + 1.
-    rows = 2 * key_dim + val_dim
-    qkv_b = weights + heads * rows * val_dim
-    dw_b = qkv_b + heads * rows
-    dw_w = dw_b + heads * key_dim
+    rows, qkv_b, dw_b, dw_w = _packed(weights, heads, key_dim, val_dim)  # head i's k_i: 2·(2-bit field i) + 1
     x_tokens = x + b * x_sb + gy * x_sh + gx * x_sw
     out_tokens = heads_out + b * heads * val_dim * height * width + gy * width + gx
     q_scratch = scratch + w * KD_PAD * N_PAD
-    # The previous head's output (C/h = vd channels). feat, v, p and the output are rounded to the input dtype where
-    # eager stores them (every product rounds its operands to it anyway).
+    # The previous head's output (C/h = vd channels), in the input dtype as eager stores it.
     carried = rounded(tl.zeros((VD_PAD, N_PAD), dtype=tl.float32), dtype, UPCAST)
     for i in range(0, heads):
-        chunk = tl.load(x_tokens[None, :] + (i * val_dim + offs_v)[:, None] * x_sc,
-                        mask=mask_v[:, None] & in_map[None, :], other=0.0)
+        chunk = tl.load(x_tokens[None, :] + (i * val_dim + offs_v)[:, None] * x_sc, mask=mask, other=0.0)
         feat = rounded(chunk.to(tl.float32) + carried.to(tl.float32), dtype, UPCAST)
-        w_head = weights + i * rows * val_dim
-        q = _project(w_head, qkv_b + i * rows, 0, key_dim, offs_k, feat, offs_v, val_dim, PRECISION, UPCAST)
-        # The depthwise conv reads neighbouring tokens: q goes through this program's scratch tile (in the input
-        # dtype, as eager stores it), with a barrier before reading it and before the next head overwrites it.
-        q_tile = q_scratch + offs_k[:, None] * N_PAD + tl.arange(0, N_PAD)[None, :]
-        tl.store(q_tile, rounded(q, dtype, UPCAST).to(dtype))
-        tl.debug_barrier()
         ksize = (kernel_sizes >> (2 * i)) % 4 * 2 + 1
-        q = _window_depthwise(q_scratch, dw_w, dw_b + i * key_dim, ksize, key_dim, resolution, offs_k, y, xx, valid,
-                              R_PAD, KD_PAD)
+        out = _head(feat, weights + i * rows * val_dim, qkv_b + i * rows, dw_w, dw_b + i * key_dim, ksize,
+                    attention_biases + i * ab_sh, ab_sn, scale, q_scratch, key_dim, val_dim, resolution, offs_k,
+                    offs_v, y, xx, valid, R_PAD, KD_PAD, PRECISION, UPCAST)
         dw_w += key_dim * ksize * ksize
-        tl.debug_barrier()
-        k = _project(w_head, qkv_b + i * rows, key_dim, key_dim, offs_k, feat, offs_v, val_dim, PRECISION, UPCAST)
-        # keys × queries, so that the value product needs no transpose: out[c, i] = Σ_j v[c, j] P[i, j]
-        scores_t = mma(tl.trans(rounded(k, dtype, UPCAST)), rounded(q, dtype, UPCAST), None, PRECISION=PRECISION,
-                       UPCAST=UPCAST)
-        p_t = _softmax(scores_t, attention_biases + i * ab_sh, ab_sn, scale, resolution, y, xx, valid, KEYS_AXIS=0)
-        v = _project(w_head, qkv_b + i * rows, 2 * key_dim, val_dim, offs_v, feat, offs_v, val_dim, PRECISION,
-                     UPCAST)
-        out = mma(rounded(v, dtype, UPCAST), rounded(p_t, dtype, UPCAST), None, PRECISION=PRECISION, UPCAST=UPCAST)
         tl.store(out_tokens[None, :] + (i * val_dim + offs_v)[:, None] * height * width,
-                 rounded(tl.where(out > 0, out, 0.0), dtype, UPCAST).to(dtype), mask=mask_v[:, None] & in_map[None, :])
+                 rounded(tl.where(out > 0, out, 0.0), dtype, UPCAST).to(dtype), mask=mask)
         carried = rounded(out, dtype, UPCAST)
+
+
+@triton.jit
+def _cga_head_fwd_kernel(x, carried, weights, attention_biases, heads_out, carry_out, scratch, head, heads, height,
+                         width, windows_w, n_windows, resolution, key_dim, val_dim, ksize, dw_offset, scale,
+                         x_sb, x_sc, x_sh, x_sw, ab_sh, ab_sn, R_PAD: tl.constexpr, KD_PAD: tl.constexpr,
+                         VD_PAD: tl.constexpr, FIRST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Head ``head`` of every window, for heads too wide for :func:`_cga_map_fwd_kernel`: its input is its chunk
+    of x plus the previous head's output ``carried`` (absent for the first head); it writes relu of its output into
+    ``heads_out`` and the output into ``carry_out``, the next head's ``carried``. Both are (windows, VD_PAD, N_PAD)
+    tiles, whole windows: the cascade carries values at the padded positions too, as the original does on its
+    zero-padded map. Same packed ``weights`` as the whole-map kernel; ``dw_offset``: where this head's depthwise
+    weights start."""
+    N_PAD: tl.constexpr = R_PAD * R_PAD
+    w = tl.program_id(0)
+    b, y, xx, valid, gy, gx, offs_k, offs_v, mask = _window(w, n_windows, windows_w, resolution, height, width,
+                                                            val_dim, R_PAD, KD_PAD, VD_PAD)
+    dtype = heads_out.dtype.element_ty
+    rows, qkv_b, dw_b, dw_w = _packed(weights, heads, key_dim, val_dim)
+    tile = w * VD_PAD * N_PAD + offs_v[:, None] * N_PAD + tl.arange(0, N_PAD)[None, :]
+    feat = tl.load(x + b * x_sb + (head * val_dim + offs_v)[:, None] * x_sc + (gy * x_sh + gx * x_sw)[None, :],
+                   mask=mask, other=0.0)
+    if not FIRST:
+        feat = rounded(feat.to(tl.float32) + tl.load(carried + tile).to(tl.float32), dtype, UPCAST)
+    out = _head(feat, weights + head * rows * val_dim, qkv_b + head * rows, dw_w + dw_offset,
+                dw_b + head * key_dim, ksize, attention_biases + head * ab_sh, ab_sn, scale,
+                scratch + w * KD_PAD * N_PAD, key_dim, val_dim, resolution, offs_k, offs_v, y, xx, valid, R_PAD, KD_PAD,
+                PRECISION, UPCAST)
+    tl.store(heads_out + (b * heads + head) * val_dim * height * width + offs_v[:, None] * height * width
+             + (gy * width + gx)[None, :], rounded(tl.where(out > 0, out, 0.0), dtype, UPCAST).to(dtype), mask=mask)
+    tl.store(carry_out + tile, rounded(out, dtype, UPCAST).to(dtype))
 
 
 MAP_KERNEL_SIZES = (1, 3, 5, 7)
@@ -288,13 +344,24 @@ MAP_MAX_HEADS = 15
 def map_warps(dtype: torch.dtype, resolution: int, val_dim: int) -> int | None:
     """The warps of the whole-map kernel for ``dtype`` inputs, R×R windows and heads of ``val_dim`` channels (4 on
     windows of up to 16 tokens, 8 on larger ones), or None where it would spill registers on sm_90 under triton 3.6
-    or 3.8: heads wider than 64 channels on windows of up to 16 tokens, wider than 32 on larger ones (a head's input,
-    queries, keys, values and output stay in registers; under 3.6, 64-channel heads on 7×7 windows spill 32 B in
-    fp16/bf16 and 544 B in fp32, 128-channel heads on 4×4 windows 380 B)."""
+    or 3.8: heads wider than 64 channels on windows of up to 16 tokens, wider than 32 on larger ones (under 3.6,
+    64-channel heads on 7×7 windows spill 32 B in fp16/bf16 and 544 B in fp32, 128-channel heads on 4×4 windows
+    380 B, whatever the warps; the head kernel, which carries nothing from head to head, does not)."""
     r_pad, vd_pad = grid_side(resolution), dot_size(val_dim)
     if vd_pad > (64 if r_pad == 4 else 32):
         return None
     return 4 if r_pad == 4 else 8
+
+
+HEAD_WARPS = 8
+HEAD_MAX_VD_PAD = 128  # every released value dim (up to 112); wider heads are neither compiled nor tested
+
+
+def head_warps(dtype: torch.dtype, resolution: int, val_dim: int) -> int | None:
+    """The warps of the head kernel (one launch per head, for fp16/bf16 heads up to 128 channels wide), or None: in
+    fp32, whose products run on FMA units with their operands in registers, the heads the whole-map kernel leaves
+    (64 channels on 7×7 windows) spill under triton 3.6 (24-184 B)."""
+    return None if dtype == torch.float32 or dot_size(val_dim) > HEAD_MAX_VD_PAD else HEAD_WARPS
 
 
 def whole_map_heads(x: torch.Tensor, qkv_weights: list[torch.Tensor], qkv_biases: list[torch.Tensor],
@@ -302,23 +369,36 @@ def whole_map_heads(x: torch.Tensor, qkv_weights: list[torch.Tensor], qkv_biases
                     key_dim: int, window: int) -> torch.Tensor:
     """relu of the concatenated head outputs of cascaded group attention over a whole map ``x`` (B, C, H, W), any
     strides, zero padded bottom/right to whole windows: (B, h·vd, H, W), contiguous, in x's dtype. One program per
-    window runs every head (qkv conv, depthwise on q, attention) with the window on chip; C/h = vd, at most
-    :data:`MAP_MAX_HEADS` heads with kernel sizes in :data:`MAP_KERNEL_SIZES`."""
+    window runs every head (qkv conv, depthwise on q, attention) with the window on chip where :func:`map_warps`
+    allows; else one launch per head (:func:`head_warps`), each head's output passed to the next through memory.
+    C/h = vd, at most :data:`MAP_MAX_HEADS` heads with kernel sizes in :data:`MAP_KERNEL_SIZES`."""
     batch, _, height, width = x.shape
     heads, val_dim = len(qkv_weights), qkv_weights[0].shape[0] - 2 * key_dim
     windows_h, windows_w = -(-height // window), -(-width // window)
     weights = torch.cat([t.reshape(-1) for t in (*qkv_weights, *qkv_biases, *dw_biases, *dw_weights)])
-    kernel_sizes = sum(w.shape[-1] // 2 << 2 * i for i, w in enumerate(dw_weights))
     out = torch.empty(batch, heads * val_dim, height, width, device=x.device, dtype=x.dtype)
     n_programs = batch * windows_h * windows_w
     r_pad, kd_pad, vd_pad = grid_side(window), dot_size(key_dim), dot_size(val_dim)
     scratch = torch.empty(n_programs, kd_pad, r_pad * r_pad, device=x.device, dtype=x.dtype)
-    if n_programs:
+    if not n_programs:
+        return out
+    geometry = (height, width, windows_w, windows_h * windows_w, window, key_dim, val_dim)
+    constexprs = {"R_PAD": r_pad, "KD_PAD": kd_pad, "VD_PAD": vd_pad, **dot_mode(x.dtype)}
+    warps = map_warps(x.dtype, window, val_dim)
+    if warps is not None:
+        kernel_sizes = sum(w.shape[-1] // 2 << 2 * i for i, w in enumerate(dw_weights))
         _cga_map_fwd_kernel[(n_programs,)](
-            x, weights, attention_biases, out, scratch, heads, height, width, windows_w, windows_h * windows_w, window,
-            key_dim, val_dim, kernel_sizes, key_dim ** -0.5, *x.stride(), *attention_biases.stride(),
-            R_PAD=r_pad, KD_PAD=kd_pad, VD_PAD=vd_pad, num_warps=map_warps(x.dtype, window, val_dim),
-            **dot_mode(x.dtype))
+            x, weights, attention_biases, out, scratch, heads, *geometry, kernel_sizes, key_dim ** -0.5, *x.stride(),
+            *attention_biases.stride(), num_warps=warps, **constexprs)
+        return out
+    carried = [torch.empty(n_programs, vd_pad, r_pad * r_pad, device=x.device, dtype=x.dtype) for _ in range(2)]
+    dw_offset = 0
+    for i, dw in enumerate(dw_weights):
+        _cga_head_fwd_kernel[(n_programs,)](
+            x, carried[(i + 1) % 2], weights, attention_biases, out, carried[i % 2], scratch, i, heads, *geometry,
+            dw.shape[-1], dw_offset, key_dim ** -0.5, *x.stride(), *attention_biases.stride(), FIRST=i == 0,
+            num_warps=head_warps(x.dtype, window, val_dim), **constexprs)
+        dw_offset += dw.numel()
     return out
 
 
@@ -363,7 +443,7 @@ def compile_configs():
     """Every (kernel, signature, constexprs, options) the launchers above can request: CI compiles each one ahead of
     time for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU. The bias
     row (table) is either in the input dtype (folded inference weights) or fp32 (the parameter under autocast); the
-    whole-map kernel is compiled for key dim 16 (every released model's)."""
+    whole-map and head kernels are compiled for key dim 16 (every released model's)."""
     pointers = {"q", "k", "v", "out", "grad", "grad_q", "grad_k", "grad_v"}
     for dtype, ptr in POINTER_TYPES.items():
         for bias_ptr in sorted({ptr, "*fp32"}):
@@ -376,11 +456,19 @@ def compile_configs():
                         constexprs["BINS"] = _BINS
                         options["num_warps"] = _backward_warps(r_pad)
                     yield kernel, signature(kernel, ptr, constexprs, pointers, special), constexprs, options
-                for vd_pad in (16, 32, 64, 128):
+                map_special = {"attention_biases": bias_ptr, "scale": "fp32"}
+                for vd_pad in (16, 32, 64, HEAD_MAX_VD_PAD):
+                    constexprs = {"R_PAD": r_pad, "KD_PAD": BLOCK_D, "VD_PAD": vd_pad, **dot_mode(dtype)}
                     warps = map_warps(dtype, r_pad, vd_pad)
                     if warps is not None:
-                        constexprs = {"R_PAD": r_pad, "KD_PAD": BLOCK_D, "VD_PAD": vd_pad, **dot_mode(dtype)}
-                        map_special = {"attention_biases": bias_ptr, "scale": "fp32"}
                         yield (_cga_map_fwd_kernel, signature(_cga_map_fwd_kernel, ptr, constexprs,
                                                               {"x", "weights", "heads_out", "scratch"}, map_special),
                                constexprs, {"num_warps": warps})
+                    elif head_warps(dtype, r_pad, vd_pad) is not None:
+                        for first in (True, False):
+                            head_constexprs = {**constexprs, "FIRST": first}
+                            yield (_cga_head_fwd_kernel,
+                                   signature(_cga_head_fwd_kernel, ptr, head_constexprs,
+                                             {"x", "carried", "weights", "heads_out", "carry_out", "scratch"},
+                                             map_special),
+                                   head_constexprs, {"num_warps": head_warps(dtype, r_pad, vd_pad)})
