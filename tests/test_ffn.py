@@ -63,6 +63,30 @@ def test_within_twice_eager_error(poisoned_empty, name, dtype):
     assert_within_twice_eager(out, eager, expected, dtype, channels + hidden)
 
 
+@pytest.mark.numerics
+def test_256_channel_blocks_split_in_two_for_64_pixel_tiles(poisoned_empty, monkeypatch):
+    from evit_kernels import predict
+    from evit_kernels.triton import ffn as triton_ffn
+
+    # M4's 256-channel FFNs at batch 256: two 128-wide blocks of 64-pixel tiles (wgmma) in fp16/bf16; fp32 keeps one.
+    assert triton_ffn.output_block(256, 256 * 7 * 7, torch.bfloat16) == 128
+    assert triton_ffn.output_block(256, 256 * 7 * 7, torch.float32) == 256
+    monkeypatch.setattr(triton_ffn, "FEW_PIXEL_TILES", 0)  # a small map, without the small-grid split
+    g = torch.Generator().manual_seed(0)
+    x, w1, b1, w2, b2, r = (torch.randn(*shape, generator=g) * scale for shape, scale in (
+        ((1, 200, 3, 5), 1.0), ((400, 200, 1, 1), 200 ** -0.5), ((400,), 1.0), ((200, 400, 1, 1), 400 ** -0.5),
+        ((200,), 1.0), ((1, 200, 3, 5), 1.0)))
+    args = tuple(t.to(DEVICE, torch.bfloat16) for t in (x, w1, b1, w2, b2, r))
+    with predict.recorded_launches() as launches:
+        ffn(*(t.to("meta") for t in args), backend="triton")
+    (launch,) = launches
+    assert launch.grid[1] == 2 and launch.constexprs["BLOCK_C"] == 128 and launch.constexprs["BLOCK_M"] == 64
+    out = ffn(*args, backend="triton")
+    eager = ffn_reference(FfnArgs(*args))
+    expected = ffn_reference(FfnArgs(*(t.double() for t in args)))
+    assert_within_twice_eager(out, eager, expected, torch.bfloat16, 200 + 400)
+
+
 def test_small_maps_split_the_output_channels_over_programs():
     from evit_kernels import predict
 

@@ -32,19 +32,38 @@ MAX_CHANNELS = 512
 def blocks(block_c: int, dtype: torch.dtype) -> dict[str, int]:
     """BLOCK_M / BLOCK_H / BLOCK_K, num_warps and maxnreg for a padded width and dtype: tiles that compile for sm_90
     without register spills under triton 3.6 and 3.8 (the fp32 accumulator alone is BLOCK_M × BLOCK_C). fp32 runs
-    IEEE dots on FMA units, which hold every operand in registers, hence its small tiles. The widest block takes 8
-    warps, and blocks of 256 and 512 channels 16 hidden channels a step: otherwise their accumulator and w2 tile spill
-    under triton 3.6. ``maxnreg`` 255 (the hardware's limit, given to ptxas): without it ptxas caps some of these at
-    128 registers under triton 3.8 and spills 8–24 B to fit more CTAs on an SM."""
-    widest = block_c == MAX_CHANNELS
-    warps = {"num_warps": 8 if widest else 4, "maxnreg": 255}
-    if dtype == torch.float32:
+    IEEE dots on FMA units, which hold every operand in registers, hence its small tiles. The widest block and the
+    fp16/bf16 128-wide one (64-pixel tiles) take 8 warps, and blocks of 256 and 512 channels 16 hidden channels a
+    step: otherwise their accumulator and w2 tile spill under triton 3.6. ``maxnreg`` 255 (the hardware's limit,
+    given to ptxas): without it ptxas caps some of these at 128 registers under triton 3.8 and spills 8–24 B to fit
+    more CTAs on an SM."""
+    low_precision = dtype != torch.float32
+    eight = block_c == MAX_CHANNELS or (low_precision and block_c == WGMMA_BLOCK_C)
+    warps = {"num_warps": 8 if eight else 4, "maxnreg": 255}
+    if not low_precision:
         return {"BLOCK_M": 16, "BLOCK_H": 16, "BLOCK_K": 16, **warps}
     return {"BLOCK_M": _LOW_PRECISION_BLOCK_M[block_c], "BLOCK_H": 16 if block_c >= 256 else 32, "BLOCK_K": 32,
             **warps}
 
 
-_LOW_PRECISION_BLOCK_M = {16: 64, 32: 64, 64: 64, 128: 32, 256: 32, 512: 16}  # every padded width up to 512
+PADDED_WIDTHS = (16, 32, 64, 128, 256, 512)
+_LOW_PRECISION_BLOCK_M = {16: 64, 32: 64, 64: 64, 128: 64, 512: 16}  # 256: two 128-wide blocks (output_block)
+WGMMA_BLOCK_C = 128
+"""The widest output-channel block whose fp16/bf16 tiles hold 64 pixels, wgmma's smallest product (with 8 warps;
+wider blocks' 64-pixel tiles spill). A 256-wide block is split in two such blocks (:func:`output_block`)."""
+
+
+def output_block(channels: int, n_pixels: int, dtype: torch.dtype) -> int:
+    """The output channels a program holds: all of them where they fit one block, except that in fp16/bf16 256
+    padded channels take two blocks of :data:`WGMMA_BLOCK_C`, each program recomputing its pixels' hidden tile (1.5×
+    the block's FLOPs, on wgmma instead of mma.sync at 32-pixel tiles), and that a small grid splits them in
+    :data:`SMALL_GRID_BLOCK_C` (:data:`FEW_PIXEL_TILES`)."""
+    block_c = common.dot_size(channels)
+    if dtype != torch.float32 and block_c == 2 * WGMMA_BLOCK_C:
+        block_c = WGMMA_BLOCK_C
+    if triton.cdiv(n_pixels, blocks(block_c, dtype)["BLOCK_M"]) < FEW_PIXEL_TILES:
+        block_c = min(block_c, SMALL_GRID_BLOCK_C)
+    return block_c
 FEW_PIXEL_TILES = 132
 """Fewer pixel tiles than an H100 has SMs: the output channels are then split over programs too, in blocks of
 ``SMALL_GRID_BLOCK_C``, each program recomputing the hidden tile of its pixels (cheap on maps this small), so that
@@ -88,9 +107,7 @@ def forward(a: FfnArgs, out: torch.Tensor) -> torch.Tensor:
     b1, has_b1, _ = common.optional(a.b1, a.w1)
     b2, has_b2, _ = common.optional(a.b2, a.w2)
     residual, has_residual, r_strides = common.optional(a.residual, out)
-    block_c = common.dot_size(channels)
-    if triton.cdiv(n_pixels, blocks(block_c, a.x.dtype)["BLOCK_M"]) < FEW_PIXEL_TILES:
-        block_c = min(block_c, SMALL_GRID_BLOCK_C)
+    block_c = output_block(channels, n_pixels, a.x.dtype)
     sizes = blocks(block_c, a.x.dtype)
     _ffn_fwd_kernel[(triton.cdiv(n_pixels, sizes["BLOCK_M"]), triton.cdiv(channels, block_c))](
         a.x, a.w1, b1, a.w2, b2, residual, out, n_pixels, channels, hidden, height, width,
@@ -105,7 +122,9 @@ def compile_configs():
     time for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
     pointers = ("x", "w1", "b1", "w2", "b2", "residual", "out")
     for dtype, ptr in common.POINTER_TYPES.items():
-        for block_c in _LOW_PRECISION_BLOCK_M:  # every padded width
+        for block_c in PADDED_WIDTHS:
+            if dtype != torch.float32 and block_c not in _LOW_PRECISION_BLOCK_M:
+                continue
             sizes = blocks(block_c, dtype)
             options = {"num_warps": sizes.pop("num_warps"), "maxnreg": sizes.pop("maxnreg")}
             constexprs = {"BLOCK_C": block_c, **sizes, **common.dot_mode(dtype)}
