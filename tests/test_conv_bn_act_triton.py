@@ -15,6 +15,7 @@ from torch import nn
 from evit_kernels import dispatch
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct
 from evit_kernels.ops.conv_bn_act import ACTIVATIONS, ConvBnActArgs, conv_bn_act, conv_bn_act_reference
+from evit_kernels.triton import _common as triton_common
 from evit_kernels.triton import conv_bn_act as triton_conv
 from tests.numerics import assert_within_twice_eager, in_layout
 
@@ -100,7 +101,7 @@ def dense_tiles(request, monkeypatch):
     """Both tile sizes of the groups-1 kernel: the tests' maps are small enough to take the small-grid tiles, so
     the regular ones are forced by declaring no grid small."""
     if request.param == "regular_tiles":
-        monkeypatch.setattr(triton_conv, "FEW_PROGRAMS", 0)
+        monkeypatch.setattr(triton_common, "SMS", 0)
     return request.param
 
 

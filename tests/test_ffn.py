@@ -33,7 +33,7 @@ SHAPES = {
     "c24_channels_last_no_bias": (2, 24, 7, 3, "channels_last", False, True),
     "c64_nchw_no_residual": (1, 64, 5, 13, "nchw", True, False),
     "c24_strided": (2, 24, 3, 5, "strided", True, True),
-    # A small map: the 96 output channels are split over two programs (ffn kernel, FEW_PIXEL_TILES).
+    # A small map: the 96 output channels are split over two programs (ffn kernel, fewer pixel tiles than SMs).
     "c96_small_map_channel_blocks": (1, 96, 3, 4, "nchw", True, True),
 }
 
@@ -66,12 +66,13 @@ def test_within_twice_eager_error(poisoned_empty, name, dtype):
 @pytest.mark.numerics
 def test_256_channel_blocks_split_in_two_for_64_pixel_tiles(poisoned_empty, monkeypatch):
     from evit_kernels import predict
+    from evit_kernels.triton import _common as triton_common
     from evit_kernels.triton import ffn as triton_ffn
 
     # M4's 256-channel FFNs at batch 256: two 128-wide blocks of 64-pixel tiles (wgmma) in fp16/bf16; fp32 keeps one.
     assert triton_ffn.output_block(256, 256 * 7 * 7, torch.bfloat16) == 128
     assert triton_ffn.output_block(256, 256 * 7 * 7, torch.float32) == 256
-    monkeypatch.setattr(triton_ffn, "FEW_PIXEL_TILES", 0)  # a small map, without the small-grid split
+    monkeypatch.setattr(triton_common, "SMS", 0)  # a small map, without the small-grid split
     g = torch.Generator().manual_seed(0)
     x, w1, b1, w2, b2, r = (torch.randn(*shape, generator=g) * scale for shape, scale in (
         ((1, 200, 3, 5), 1.0), ((400, 200, 1, 1), 200 ** -0.5), ((400,), 1.0), ((200, 400, 1, 1), 400 ** -0.5),

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from evit_kernels import dispatch, model_prediction, predict, program_counts
 from evit_kernels.ops import conv_bn_act
-from evit_kernels.triton import conv_bn_act as triton_conv_bn_act
+from evit_kernels.triton import _common as triton_common
 from tests.test_triton_sm90 import PTXAS
 
 H100 = predict.GPUS["h100"]
@@ -100,7 +100,7 @@ def test_released_model_at_batch_256_is_counted_on_meta_tensors():
 def regular_tiles(monkeypatch):
     """The groups-1 kernel's regular 64×64 tiles on these small maps (which would otherwise take the small-grid
     tiles), so that the counts below can be worked by hand."""
-    monkeypatch.setattr(triton_conv_bn_act, "FEW_PROGRAMS", 0)
+    monkeypatch.setattr(triton_common, "SMS", 0)
 
 
 def test_launches_of_a_patched_call_are_recorded_not_run(regular_tiles):

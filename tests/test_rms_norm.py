@@ -15,6 +15,7 @@ from evit_kernels import dispatch
 from evit_kernels.nn._base import Unsupported
 from evit_kernels.nn.rms_norm import FusedRMSNorm
 from evit_kernels.ops.rms_norm import RmsNormArgs, rms_norm, rms_norm_reference
+from evit_kernels.triton import _common as triton_common
 from evit_kernels.triton import rms_norm as triton_rms_norm
 from tests.numerics import assert_within_twice_eager
 
@@ -58,7 +59,7 @@ def test_reference_is_diffusers_rms_norm_in_fp32(layout, affine, bias):
 def rows_per_program(request, monkeypatch):
     """Both row blocks: the tests' tensors have few rows, so the 32-row block is forced by declaring no grid small."""
     if request.param == "32_rows":
-        monkeypatch.setattr(triton_rms_norm, "FEW_PROGRAMS", 0)
+        monkeypatch.setattr(triton_common, "SMS", 0)
     return request.param
 
 

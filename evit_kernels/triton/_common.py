@@ -12,11 +12,18 @@ import triton
 import triton.language as tl
 
 from evit_kernels.dispatch import KERNEL_DTYPES
+from evit_kernels.predict import GPUS
 
 POINTER_TYPES = {dtype: {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
                  for dtype in KERNEL_DTYPES}
 """The kernels' input dtypes (``dispatch.KERNEL_DTYPES``) and their Triton pointer types (the compile configurations
 take one per dtype)."""
+
+
+SMS = GPUS["h100"].sms
+"""Streaming multiprocessors of the GPU the launch heuristics size their grids for, the performance model's H100
+(the H200 has as many): a grid of fewer programs than this leaves SMs idle, so the kernels then take smaller
+tiles."""
 
 
 def dot_size(n: int) -> int:

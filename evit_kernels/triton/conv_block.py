@@ -237,7 +237,7 @@ def band_tile(tiles: Tiles, x_shape, out_shape, stride: int, ksize: int, hidden:
     the projection; times the waves of programs on the GPU's SMs. Slots and outputs a band leaves empty cost as
     much as used ones, as the GPU runs whole tiles: this is what weighs a tall band's smaller halo against its
     padding and against fewer programs on a small grid."""
-    from evit_kernels.predict import GPUS, PEAK_FLOPS
+    from evit_kernels.predict import PEAK_FLOPS
 
     batch, in_channels, height, width = x_shape
     _, out_channels, out_height, out_width = out_shape
@@ -255,7 +255,7 @@ def band_tile(tiles: Tiles, x_shape, out_shape, stride: int, ksize: int, hidden:
         programs = triton.cdiv(batch, images) * triton.cdiv(out_height, rows)
         chunk = hidden if single else STORE_BLOCK_H
         programs *= 1 if single else triton.cdiv(hidden, STORE_BLOCK_H)
-        return per_hidden * chunk * triton.cdiv(programs, GPUS["h100"].sms)
+        return per_hidden * chunk * triton.cdiv(programs, common.SMS)
 
     (p, slots, channels), (rows, images) = min(single or fitting, key=seconds)
     return p, slots, channels, rows, images

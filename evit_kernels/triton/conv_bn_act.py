@@ -33,10 +33,6 @@ DW_BLOCK_P, DW_BLOCK_C = 64, 32
 # Groups 1 (1×1 and k×k): a (pixels × output channels) tile of the GEMM (B·H·W) × C_out × (C_in·k²) per program.
 DENSE_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
 DENSE_SMALL_GRID_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}
-FEW_PROGRAMS = 132
-"""Fewer programs than an H100 has SMs with the regular tiles (a batch-1 layer on a 7×7 to 28×28 map): quarter-size
-output tiles (:data:`DENSE_SMALL_GRID_BLOCKS`), so that four times as many programs share the GEMM, each with half
-the steps over the input channels."""
 DENSE_KERNEL_SIZES = (1, 3)
 """The kernel sizes of the groups-1 convs: 1×1 (stride 1, no padding) and 3×3 (the M-series stem)."""
 DENSE_MIN_TAP_CHANNELS = 16
@@ -45,9 +41,12 @@ an RGB stem (3 channels) would execute ten times its FLOPs, and is predicted slo
 
 
 def dense_blocks(n_pixels: int, out_channels: int) -> dict[str, int]:
-    """The tile sizes of the groups-1 kernel for a GEMM of ``n_pixels`` × ``out_channels`` outputs."""
+    """The tile sizes of the groups-1 kernel for a GEMM of ``n_pixels`` × ``out_channels`` outputs: where the regular
+    tiles make fewer programs than the GPU has SMs (``common.SMS``; a batch-1 layer on a 7×7 to 28×28 map),
+    quarter-size output tiles, so that four times as many programs share the GEMM, each with half the steps over the
+    input channels."""
     regular = triton.cdiv(n_pixels, DENSE_BLOCKS["BLOCK_M"]) * triton.cdiv(out_channels, DENSE_BLOCKS["BLOCK_N"])
-    return DENSE_SMALL_GRID_BLOCKS if regular < FEW_PROGRAMS else DENSE_BLOCKS
+    return DENSE_SMALL_GRID_BLOCKS if regular < common.SMS else DENSE_BLOCKS
 
 
 def dense_warps(dtype: torch.dtype, ksize: int) -> int:

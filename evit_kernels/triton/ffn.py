@@ -57,17 +57,15 @@ def output_block(channels: int, n_pixels: int, dtype: torch.dtype) -> int:
     """The output channels a program holds: all of them where they fit one block, except that in fp16/bf16 256
     padded channels take two blocks of :data:`WGMMA_BLOCK_C`, each program recomputing its pixels' hidden tile (1.5×
     the block's FLOPs, on wgmma instead of mma.sync at 32-pixel tiles), and that a small grid splits them in
-    :data:`SMALL_GRID_BLOCK_C` (:data:`FEW_PIXEL_TILES`)."""
+    :data:`SMALL_GRID_BLOCK_C`: with fewer pixel tiles than the GPU has SMs (``common.SMS``), each program
+    recomputes the hidden tile of its pixels (cheap on maps this small), so that a batch-1 layer (a 7×7 to 14×14
+    map: one to seven pixel tiles) does not leave nearly every SM idle."""
     block_c = common.dot_size(channels)
     if dtype != torch.float32 and block_c == 2 * WGMMA_BLOCK_C:
         block_c = WGMMA_BLOCK_C
-    if triton.cdiv(n_pixels, blocks(block_c, dtype)["BLOCK_M"]) < FEW_PIXEL_TILES:
+    if triton.cdiv(n_pixels, blocks(block_c, dtype)["BLOCK_M"]) < common.SMS:
         block_c = min(block_c, SMALL_GRID_BLOCK_C)
     return block_c
-FEW_PIXEL_TILES = 132
-"""Fewer pixel tiles than an H100 has SMs: the output channels are then split over programs too, in blocks of
-``SMALL_GRID_BLOCK_C``, each program recomputing the hidden tile of its pixels (cheap on maps this small), so that
-a batch-1 layer (a 7×7 to 14×14 map: one to seven pixel tiles) does not leave nearly every SM idle."""
 SMALL_GRID_BLOCK_C = 64
 
 

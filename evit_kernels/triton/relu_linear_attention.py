@@ -43,7 +43,7 @@ import triton.language as tl
 
 from evit_kernels.triton._common import POINTER_TYPES, dot_mode, dot_size, signature
 
-_TARGET_PROGRAMS = 512  # about four waves of 132 SMs: split N until (batch·heads·chunks) reaches this
+_TARGET_PROGRAMS = 512  # about four waves of 132 SMs (_common.SMS): split N until (batch·heads·chunks) reaches this
 BLOCK_N = 64
 
 

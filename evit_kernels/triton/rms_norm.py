@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from evit_kernels.triton import _common as common
 from evit_kernels.triton._common import POINTER_TYPES, signature
 
 if TYPE_CHECKING:
@@ -24,15 +25,14 @@ if TYPE_CHECKING:
 
 BLOCK_R = 32
 SMALL_GRID_BLOCK_R = 8
-FEW_PROGRAMS = 132
-"""Fewer programs than an H100 has SMs with BLOCK_R rows each (a caption of a few hundred tokens, a low-resolution
-map): SMALL_GRID_BLOCK_R rows a program instead, four times the programs."""
 BLOCK_C = 64
 
 
 def block_rows(n_rows: int) -> int:
-    """The rows a program owns for ``n_rows`` rows."""
-    return SMALL_GRID_BLOCK_R if triton.cdiv(n_rows, BLOCK_R) < FEW_PROGRAMS else BLOCK_R
+    """The rows a program owns for ``n_rows`` rows: BLOCK_R, or SMALL_GRID_BLOCK_R (four times the programs) where
+    BLOCK_R rows each would make fewer programs than the GPU has SMs (``common.SMS``; a caption of a few hundred
+    tokens, a low-resolution map)."""
+    return SMALL_GRID_BLOCK_R if triton.cdiv(n_rows, BLOCK_R) < common.SMS else BLOCK_R
 
 
 @triton.jit
