@@ -53,6 +53,7 @@ class Case:
     residual: bool = False
     activations: tuple[str, str, str] = ("hardswish", "hardswish", "none")
     gate: str | None = None  # GLU mode (GLUMBConv)
+    projection: bool = True  # False: the block ends with the hidden tensor (PatchMerging's conv1 → conv2)
 
 
 # Each takes the whole-block kernel in every dtype (test_cases_take_the_whole_block_kernel): images packed several
@@ -87,6 +88,13 @@ CASES = {
                                           gate="silu"),
     "glumbconv_two_passes_channels_last": Case("mbconv", 1, 24, 40, 136, 4, 7, layout="channels_last",
                                                activations=("silu", "none", "relu"), gate="silu"),
+    # No projection (w3 None): the first pass alone, written in x's layout.
+    "expand_depthwise_stride2_no_projection": Case("mbconv", 2, 16, 64, 64, 9, 9, stride=2, projection=False,
+                                                   activations=("relu", "relu", "none")),
+    "expand_depthwise_channels_last_no_projection": Case("mbconv", 1, 8, 40, 40, 7, 6, layout="channels_last",
+                                                         projection=False),
+    "glumbconv_no_projection": Case("mbconv", 1, 8, 48, 24, 5, 7, activations=GLUMBCONV, gate="silu",
+                                    projection=False),
 }
 TWO_PASS_CASES = ("mbconv_two_passes_residual", "dsconv_two_passes_channels_last", "fused_two_passes_stride2",
                   "glumbconv_two_passes_residual", "glumbconv_two_passes_channels_last")
@@ -108,10 +116,11 @@ def _inputs(case: Case, dtype: torch.dtype) -> tuple[tuple, dict]:
     else:
         w2, groups = randn(width, 1, k, k, scale=1 / k), None
     projected = width // 2 if case.gate else width
-    w3 = randn(case.out_channels, projected, 1, 1, scale=projected ** -0.5)
+    w3 = randn(case.out_channels, projected, 1, 1, scale=projected ** -0.5) if case.projection else None
     b1, b2, b3 = ((randn(n) if case.biases else None) for n in (width if w1 is not None else 0, width,
                                                                  case.out_channels))
     b1 = b1 if w1 is not None else None
+    b3 = b3 if w3 is not None else None
     out_hw = [(n + 2 * (k // 2) - k) // case.stride + 1 for n in (case.height, case.width)]
     residual = in_layout(randn(case.batch, case.out_channels, *out_hw), case.layout) if case.residual else None
     cast = [None if t is None else t.to(dtype) for t in (x, w1, b1, w2, b2, w3, b3, residual)]
@@ -123,7 +132,7 @@ def _inputs(case: Case, dtype: torch.dtype) -> tuple[tuple, dict]:
 def _terms(args: tuple) -> int:
     """The longest chain of sums behind one output: the expand (if any), the k×k conv and the projection."""
     _, w1, _, w2, _, w3, _ = args
-    return (0 if w1 is None else w1[0].numel()) + w2[0].numel() + w3[0].numel()
+    return sum(0 if w is None else w[0].numel() for w in (w1, w2, w3))
 
 
 def _double(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -155,12 +164,19 @@ def test_no_output_channel_block_recomputes_the_hidden_tensor(name):
     residual = kwargs["residual"]
     meta_kwargs = {**kwargs, "residual": None if residual is None else residual.to("meta")}
     with predict.recorded_launches() as launches:
-        conv_block(*meta_args, **meta_kwargs, backend="triton")
+        out = conv_block(*meta_args, **meta_kwargs, backend="triton")
     _, _, _, w2, _, w3, _ = args
     gate = kwargs["gate"]
     assert launches[0].constexprs["GATED"] == (gate is not None)
     assert launches[0].constexprs["ACT_GATE"] == (gate or "none")
-    if name in TWO_PASS_CASES:
+    if not CASES[name].projection:
+        (launch,) = launches  # the first pass alone, in the block's layout
+        assert launch.constexprs["STORE_HIDDEN"]
+        assert launch.scalars["hidden"] == launch.scalars["out_channels"] == out.shape[1]
+        assert launch.scalars["o_sc"] == out.stride(1)
+        assert out.is_contiguous(memory_format=torch.channels_last if CASES[name].layout == "channels_last"
+                                 else torch.contiguous_format)
+    elif name in TWO_PASS_CASES:
         first, project = launches
         assert first.kernel == "_conv_block_fwd_kernel" and first.constexprs["STORE_HIDDEN"]
         hidden = w2.shape[0] // 2 if gate else w2.shape[0]
@@ -300,7 +316,8 @@ def test_reference_gradients_after_triton_forward():
             torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["mbconv_7x7_packed_residual", "glumbconv_sana_channels_last"])
+@pytest.mark.parametrize("name", ["mbconv_7x7_packed_residual", "glumbconv_sana_channels_last",
+                                  "glumbconv_no_projection"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck(backend, name):
     args, kwargs = _inputs(CASES[name], torch.float32)
@@ -323,6 +340,10 @@ def test_invalid_arguments_raise_clear_errors():
         conv_block(x, w1, b1, w2[:32], b2, w3, b3)
     with pytest.raises(ValueError, match="w3 must be"):
         conv_block(x, w1, b1, w2, b2, w3[:, :8], b3)
+    with pytest.raises(ValueError, match="without w3 there is none"):
+        conv_block(x, w1, b1, w2, b2, None, b3)
+    with pytest.raises(ValueError, match="without w3 there is none"):
+        conv_block(x, w1, b1, w2, b2, None, None, residual=kwargs["residual"])
     with pytest.raises(ValueError, match="b2 must have shape"):
         conv_block(x, w1, b1, w2, b3, w3, b3)
     with pytest.raises(ValueError, match="residual has shape"):

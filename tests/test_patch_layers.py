@@ -32,10 +32,23 @@ def _cream_patch_merging():
     return randomize_bn(CreamPatchMerging(16, 24)), 16
 
 
+def _patch_merging_with_3x3_conv1():
+    """conv1 made a 3×3 conv: not an expand, so conv1 and conv2 run as two conv_bn_act calls."""
+    merging, in_channels = _timm_patch_merging()
+    conv = merging.conv1.conv
+    merging.conv1.conv = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1, bias=False)
+    return merging, in_channels
+
+
+MERGING_CALLS = ["conv_block", "conv_bn_act"]
+"""conv1 → act → conv2 → act as one conv_block without a projection, then conv3."""
+
+
 @pytest.mark.parametrize("build, fused_class, calls", [
-    (_timm_patch_embedding, FusedPatchEmbedding, 4),
-    (_timm_patch_merging, FusedPatchMerging, 3),
-    (_cream_patch_merging, FusedPatchMerging, 3),
+    (_timm_patch_embedding, FusedPatchEmbedding, ["conv_bn_act"] * 4),
+    (_timm_patch_merging, FusedPatchMerging, MERGING_CALLS),
+    (_cream_patch_merging, FusedPatchMerging, MERGING_CALLS),
+    (_patch_merging_with_3x3_conv1, FusedPatchMerging, ["conv_bn_act"] * 3),
 ])
 # experimental: the kernels where they take the layer (not the stem's convs with fewer than 16 input channels)
 @pytest.mark.parametrize("backend", ["torch", "experimental"])
@@ -50,9 +63,11 @@ def test_eval_matches_with_activations_in_the_conv_epilogues(build, fused_class,
         expected = copy.deepcopy(original).double()(x.double())
         got = holder(x)
     assert got.shape == expected.shape and rel_err(got, expected) < 1e-5
-    assert [op for op, _ in op_runs] == ["conv_bn_act"] * calls
+    assert [op for op, _ in op_runs] == calls
     backends = {b for _, b in op_runs}
     assert backends == {"torch"} if backend == "torch" else "triton" in backends
+    if backend == "experimental":  # the expand and depthwise on the whole-block kernel
+        assert all(b == "triton" for op, b in op_runs if op == "conv_block")
 
 
 @pytest.mark.parametrize("build", [_timm_patch_embedding, _timm_patch_merging])

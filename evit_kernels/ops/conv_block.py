@@ -3,14 +3,15 @@
     h   = act1(conv1x1(x, w1, b1))                 MBConv's expand (``w1`` None: DSConv, FusedMBConv)
     d   = act2(conv2d(h, w2, b2, stride, padding, groups))   depthwise (groups = width) or full (groups = 1)
     d   = d[:, :m] · gate(d[:, m:])                 GLU mode only (``gate`` given; m = half of d's channels)
-    out = act3(conv1x1(d, w3, b3)) + residual
+    out = act3(conv1x1(d, w3, b3)) + residual       (``w3`` None: out = d, the block without its projection)
 
 MBConv is expand → depthwise → project, DSConv depthwise → project, FusedMBConv full k×k → project; GLUMBConv is
-MBConv in GLU mode (docs/ops.md, "conv_block").
+MBConv in GLU mode; EfficientViT-M's PatchMerging is expand → depthwise without the projection (its squeeze-excite
+comes before it) (docs/ops.md, "conv_block").
 The Triton backend keeps ``h`` and ``d`` on chip (whole-block fusion) where its tiles hold the shape and every
 output channel, writes ``d`` once and projects it where they hold the shape but not every output channel (two
-passes), and otherwise runs the block layer by layer through ``evit::conv_bn_act``'s kernels (per-layer fusion),
-saying so once.
+passes; without a projection that first pass is the block), and otherwise runs the block layer by layer through
+``evit::conv_bn_act``'s kernels (per-layer fusion), saying so once.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class ConvBlockArgs(OpArgs):
     stride: list[int]
     padding: list[int]
     groups: int
-    w3: Tensor
+    w3: Tensor | None
     b3: Tensor | None
     act3: str
     residual: Tensor | None = None
@@ -61,7 +62,14 @@ class ConvBlockArgs(OpArgs):
 
     def output_shape(self) -> list[int]:
         batch, _, out_height, out_width = conv_output_shape(self.x, self.w2, self.stride, self.padding, _ONE)
-        return [batch, self.w3.shape[0], out_height, out_width]
+        return [batch, self.projected if self.w3 is None else self.w3.shape[0], out_height, out_width]
+
+    @property
+    def projected(self) -> int:
+        """The channels of ``d`` the projection takes (half of the spatial conv's in GLU mode): the block's output
+        channels without a projection."""
+        mid = self.w2.shape[0]
+        return mid if self.gate is None else mid // 2
 
     def output_layout(self) -> torch.memory_format:
         return output_memory_format(self.x)
@@ -72,7 +80,8 @@ class ConvBlockArgs(OpArgs):
             yield lambda t: ConvBnActArgs(t, self.w1, self.b1, _ONE, _ZERO, _ONE, 1, self.act1, None)
         yield lambda t: ConvBnActArgs(t, self.w2, self.b2, self.stride, self.padding, _ONE, self.groups, self.act2,
                                       None)
-        yield lambda t: ConvBnActArgs(t, self.w3, self.b3, _ONE, _ZERO, _ONE, 1, self.act3, self.residual)
+        if self.w3 is not None:
+            yield lambda t: ConvBnActArgs(t, self.w3, self.b3, _ONE, _ZERO, _ONE, 1, self.act3, self.residual)
 
     def gated(self, d: Tensor) -> Tensor:
         """The projection's input: ``d`` itself, or in GLU mode its first half times ``gate`` of its second half, in
@@ -84,11 +93,12 @@ class ConvBlockArgs(OpArgs):
 
     def run_layers(self, run: Callable[[ConvBnActArgs], Tensor]) -> Tensor:
         """The block layer after layer, each layer computed by ``run``, the GLU gate before the projection."""
-        *spatial, project = self.layers()
+        layers = list(self.layers())
+        spatial, project = (layers, None) if self.w3 is None else (layers[:-1], layers[-1])
         x = self.x
         for layer in spatial:
             x = run(layer(x))
-        return run(project(self.gated(x)))
+        return self.gated(x) if project is None else run(project(self.gated(x)))
 
 
 def conv_block_reference(a: ConvBlockArgs) -> Tensor:
@@ -99,7 +109,7 @@ def conv_block_reference(a: ConvBlockArgs) -> Tensor:
 define_op(ConvBlockArgs, conv_block_reference)
 
 
-def conv_block(x: Tensor, w1: Tensor | None, b1: Tensor | None, w2: Tensor, b2: Tensor | None, w3: Tensor,
+def conv_block(x: Tensor, w1: Tensor | None, b1: Tensor | None, w2: Tensor, b2: Tensor | None, w3: Tensor | None,
                b3: Tensor | None, *, stride: int | Sequence[int] = 1, padding: int | Sequence[int] | None = None,
                groups: int | None = None, activations: Sequence[str] = ("none", "none", "none"),
                residual: Tensor | None = None, gate: str | None = None, backend: str = "auto") -> Tensor:
@@ -107,9 +117,10 @@ def conv_block(x: Tensor, w1: Tensor | None, b1: Tensor | None, w2: Tensor, b2: 
 
     ``x`` is (B, C_in, H, W), NCHW or channels-last (the output keeps it). ``w1`` (hidden, C_in, 1, 1) or None;
     ``w2`` (mid, width / groups, k, k) where width is hidden, or C_in without ``w1``; ``w3`` (C_out, mid, 1, 1),
-    or (C_out, mid / 2, 1, 1) with ``gate``. ``padding`` defaults to k // 2 and ``groups`` to the width
-    (depthwise). ``activations`` names the three activations (one of :data:`ACTIVATIONS` each; the first is ignored
-    without ``w1``). ``gate``, one of :data:`ACTIVATIONS` or None, turns on the GLU mode: the projection takes
+    or (C_out, mid / 2, 1, 1) with ``gate``; or None: the block ends with ``d`` (gated in GLU mode), and takes no
+    ``b3`` or ``residual``. ``padding`` defaults to k // 2 and ``groups`` to the width (depthwise). ``activations``
+    names the three activations (one of :data:`ACTIVATIONS` each; the first is ignored without ``w1``, the third
+    without ``w3``). ``gate``, one of :data:`ACTIVATIONS` or None, turns on the GLU mode: the projection takes
     ``d[:, :mid/2] · gate(d[:, mid/2:])``. ``residual``, when given, has the output's shape and is added last.
     """
     act1, act2, act3 = activations
@@ -141,10 +152,13 @@ def _check_shapes(a: ConvBlockArgs) -> None:
     mid = w2.shape[0]
     if a.gate is not None and mid % 2:
         raise ValueError(f"conv_block: the GLU gate splits the spatial conv's channels in two halves, got {mid}")
-    projected = mid if a.gate is None else mid // 2
-    if w3.dim() != 4 or tuple(w3.shape[1:]) != (projected, 1, 1):
-        raise ValueError(f"conv_block: w3 must be (C_out, {projected}, 1, 1), got {tuple(w3.shape)}")
-    check_biases_and_output(a, w2, f"padding {a.padding}", b1=(b1, width), b2=(b2, mid), b3=(b3, w3.shape[0]))
+    if w3 is None:
+        if b3 is not None or a.residual is not None:
+            raise ValueError("conv_block: b3 and residual belong to the projection; without w3 there is none")
+    elif w3.dim() != 4 or tuple(w3.shape[1:]) != (a.projected, 1, 1):
+        raise ValueError(f"conv_block: w3 must be (C_out, {a.projected}, 1, 1), got {tuple(w3.shape)}")
+    check_biases_and_output(a, w2, f"padding {a.padding}", b1=(b1, width), b2=(b2, mid),
+                            b3=(b3, 0 if w3 is None else w3.shape[0]))
 
 
 # --- Triton ----------------------------------------------------------------------------------------------------
@@ -175,11 +189,12 @@ def _whole_block_config(a: ConvBlockArgs) -> tuple[str, dict] | tuple[None, str]
     if a.gate is not None and kind != "expand_depthwise":
         return None, f"a GLU gate after a {kind} conv (the kernel gates only an expand followed by a depthwise conv)"
     config = kernels.tile_config(kind, a.x.dtype, a.x.shape, a.output_shape(), a.stride[0], a.w2.shape[2],
-                                 a.w3.shape[1])
+                                 a.projected, projection=a.w3 is not None)
     if config is None:
         return None, f"a {a.x.shape[3]}-pixel-wide map (one output row and its halo exceed the largest tile)"
     batch, out_channels, out_height, out_width = a.output_shape()
-    if not kernels.one_pass(config, out_channels) and batch * a.w3.shape[1] * out_height * out_width >= 2**31:
+    two_passes = a.w3 is not None and not kernels.one_pass(config, out_channels)
+    if two_passes and batch * a.projected * out_height * out_width >= 2**31:
         return None, "a hidden tensor of 2^31 elements or more between its two passes (the kernels index with 32 bits)"
     return kind, config
 
@@ -191,6 +206,8 @@ def _triton_forward(a: ConvBlockArgs) -> Tensor:
     if kind is None:
         dispatch.log_once("conv_block", f"conv_block: layer by layer on the conv_bn_act kernels for {config}")
         return _per_layer(a)
+    if a.w3 is None:  # the block is the first of the two passes, written in its own layout
+        return kernels.hidden(a, kind, config, a.new_output())
     if kernels.one_pass(config, a.w3.shape[0]):
         return kernels.forward(a, a.new_output(), kind, config)
     # Two passes: the hidden tensor once (gated, m channels, in GLU mode; channels-last), then the projection on
@@ -200,7 +217,9 @@ def _triton_forward(a: ConvBlockArgs) -> Tensor:
     # 32-bit offsets above.
     from evit_kernels.triton.conv_bn_act import dense
 
-    return dense(project(kernels.hidden(a, kind, config)), a.new_output())
+    d = torch.empty(a.output_shape()[:1] + [a.projected] + a.output_shape()[2:], dtype=a.x.dtype, device=a.x.device,
+                    memory_format=torch.channels_last)
+    return dense(project(kernels.hidden(a, kind, config, d)), a.new_output())
 
 
 def _per_layer(a: ConvBlockArgs) -> Tensor:

@@ -226,12 +226,13 @@ def _band_geometry(p: int, slots: int, height: int, width: int, out_height: int,
     return (rows, 1) if rows >= 1 else None
 
 
-def band_tile(tiles: Tiles, x_shape, out_shape, stride: int, ksize: int, hidden: int
+def band_tile(tiles: Tiles, x_shape, out_shape, stride: int, ksize: int, hidden: int, projection: bool = True
               ) -> tuple[int, int, int, int, int] | None:
     """(P, SLOTS, widest channel block, band_rows, images) of the expand_depthwise tile for this block, or None when
     even one output row and its k input rows fit no tile.
 
-    Among the tiles that fit (those holding every output channel in one pass, if any do), the one whose programs
+    Among the tiles that fit (those holding every output channel in one pass, if any do and the block has a
+    ``projection``; without one, every tile runs the first pass only), the one whose programs
     the performance model (docs/performance.md) prices lowest: per program, the expand on SLOTS input pixels
     (products at the tensor-core rate, its activation on FMA), the taps on P output pixels (FMA) and, in one pass,
     the projection; times the waves of programs on the GPU's SMs. Slots and outputs a band leaves empty cost as
@@ -246,7 +247,7 @@ def band_tile(tiles: Tiles, x_shape, out_shape, stride: int, ksize: int, hidden:
     if not fitting:
         return None
     block_co = common.dot_size(out_channels)
-    single = [(tile, geometry) for tile, geometry in fitting if tile[2] >= block_co]
+    single = [(tile, geometry) for tile, geometry in fitting if projection and tile[2] >= block_co]
 
     def seconds(candidate) -> float:
         (p, slots, _), (rows, images) = candidate
@@ -261,13 +262,14 @@ def band_tile(tiles: Tiles, x_shape, out_shape, stride: int, ksize: int, hidden:
     return p, slots, channels, rows, images
 
 
-def tile_config(spatial: str, dtype: torch.dtype, x_shape, out_shape, stride: int, ksize: int, hidden: int
-                ) -> dict | None:
-    """Every launch parameter that depends on the shape, or None when the whole-block kernel does not take it."""
+def tile_config(spatial: str, dtype: torch.dtype, x_shape, out_shape, stride: int, ksize: int, hidden: int,
+                projection: bool = True) -> dict | None:
+    """Every launch parameter that depends on the shape, or None when the whole-block kernel does not take it
+    (``projection`` False: a block that ends with the hidden tensor, i.e. runs only the first pass)."""
     tiles = TILES[dtype]
     out_channels = out_shape[1]
     if spatial == "expand_depthwise":
-        tile = band_tile(tiles, x_shape, out_shape, stride, ksize, hidden)
+        tile = band_tile(tiles, x_shape, out_shape, stride, ksize, hidden, projection)
         if tile is None:
             return None
         p, slots, channels, band_rows, images = tile
@@ -293,14 +295,12 @@ def forward(a: ConvBlockArgs, out: torch.Tensor, spatial: str, config: dict) -> 
     return out
 
 
-def hidden(a: ConvBlockArgs, spatial: str, config: dict) -> torch.Tensor:
-    """The first of two passes: ``d = act2(conv_kxk(h) + b2)``, gated in GLU mode, (B, w3's input channels, H_out,
-    W_out) in the input dtype, each chunk computed once. Channels-last whatever x's layout: each pixel's chunk of
-    channels is contiguous, so this pass stores and the projection loads 16 bytes at a time (in NCHW a map whose
-    rows are not a multiple of 8 pixels allows no wider access than its alignment)."""
-    batch, _, out_height, out_width = a.output_shape()
-    d = torch.empty(batch, a.w3.shape[1], out_height, out_width, dtype=a.x.dtype, device=a.x.device,
-                    memory_format=torch.channels_last)
+def hidden(a: ConvBlockArgs, spatial: str, config: dict, d: torch.Tensor) -> torch.Tensor:
+    """The first of two passes: writes ``d = act2(conv_kxk(h) + b2)``, gated in GLU mode, (B, the projection's
+    input channels, H_out, W_out), any strides, each chunk computed once. Before a projection the caller gives a
+    channels-last ``d`` whatever x's layout: each pixel's chunk of channels is contiguous, so this pass stores and
+    the projection loads 16 bytes at a time (in NCHW a map whose rows are not a multiple of 8 pixels allows no
+    wider access than its alignment)."""
     _launch(a, d, spatial, {**config, "BLOCK_H": STORE_BLOCK_H, "BLOCK_CO": STORE_BLOCK_CO}, store_hidden=True)
     return d
 
@@ -311,7 +311,8 @@ def _launch(a: ConvBlockArgs, out: torch.Tensor, spatial: str, config: dict, sto
     w1 = a.w2 if a.w1 is None else a.w1
     b1, has_b1, _ = common.optional(a.b1, a.w2)
     b2, has_b2, _ = common.optional(a.b2, a.w2)
-    b3, has_b3, _ = common.optional(a.b3, a.w3)
+    w3 = a.w2 if a.w3 is None else a.w3  # without a projection (first pass only) never read
+    b3, has_b3, _ = common.optional(a.b3, w3)
     residual, has_residual, r_strides = common.optional(None if store_hidden else a.residual, out)
     config = dict(config)
     band_rows, images = config.pop("band_rows"), config.pop("images")
@@ -326,10 +327,10 @@ def _launch(a: ConvBlockArgs, out: torch.Tensor, spatial: str, config: dict, sto
     blocks = config["BLOCK_H"] if store_hidden else config["BLOCK_CO"]
     grid = (tiles, triton.cdiv(out_channels, blocks))
     _conv_block_fwd_kernel[grid](
-        a.x, w1, b1, a.w2, b2, a.w3, b3, residual, out,
-        batch, in_channels, a.w3.shape[1], out_channels, height, width, out_height, out_width,
+        a.x, w1, b1, a.w2, b2, w3, b3, residual, out,
+        batch, in_channels, a.projected, out_channels, height, width, out_height, out_width,
         *a.stride, *a.padding, band_rows, bands, images, has_b1, has_b2, has_b3, has_residual,
-        *a.x.stride(), w1.stride(0), w1.stride(1), *a.w2.stride(), a.w3.stride(0), a.w3.stride(1), *r_strides,
+        *a.x.stride(), w1.stride(0), w1.stride(1), *a.w2.stride(), w3.stride(0), w3.stride(1), *r_strides,
         *out.stride(),
         SPATIAL=spatial, ACT1=a.act1, ACT2=a.act2, ACT3=a.act3, K=a.w2.shape[2], num_stages=1, **options,
         STORE_HIDDEN=store_hidden, GATED=a.gate is not None, ACT_GATE=a.gate or "none", **config,
