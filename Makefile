@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) $(QUIET_PIP)
 	# torch named again: otherwise a dependency (timm's torchvision) may bring a newer torch in its place
-	$(PY) -m pip install -q $(TORCH) timm efficientsam diffusers peft pytest pytest-benchmark ninja ruff setuptools wheel onnx onnxruntime hypothesis $(QUIET_PIP)
+	$(PY) -m pip install -q $(TORCH) timm efficientsam diffusers peft pytest pytest-benchmark pytest-xdist ninja ruff setuptools wheel onnx onnxruntime hypothesis $(QUIET_PIP)
 	# --no-build-isolation: build against the torch installed above, not a fresh copy in an isolated env
 	$(PY) -m pip install -v --no-build-isolation --no-deps -e . > $(VENV)/build.log 2>&1 || (cat $(VENV)/build.log; exit 1)
 	grep -E "evit_kernels:|/nvcc |c\+\+ .*csrc|Successfully installed" $(VENV)/build.log | cut -c1-160
@@ -28,8 +28,12 @@ demo: setup
 	$(PY) -m evit_kernels info
 	$(PY) -m evit_kernels bench --model $(MODEL)
 
+# One pytest worker per core (pytest-xdist), each taking whole files: a file's module-scoped fixtures (the sm_90
+# compiles) then run once. About half the time of one worker on two cores.
+PARALLEL := -n auto --dist loadfile
+
 test: setup
-	$(PY) -m pytest -q --benchmark-disable --durations=10
+	$(PY) -m pytest -q --benchmark-disable $(PARALLEL) --durations=10
 
 # The edit loop: everything but the tests marked slow (whole models, subprocesses, sm_90 compiles), stop at the first failure.
 test-fast: setup
@@ -39,7 +43,7 @@ test-fast: setup
 # picks its kernels by CPU capability), unlike `make test`'s run at the machine's own: their verdict must not depend
 # on the machine. One setting, not more: CI's time is bounded.
 test-numerics: setup
-	OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q --benchmark-disable -m numerics
+	OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q --benchmark-disable $(PARALLEL) -m numerics
 
 # The GPU machine's versions (torch 2.11.0, triton 3.6.0, Python 3.12), proven on this CPU before device time is
 # spent: a second venv with them (its own extension build: _C.cpython-312-*.so beside .venv's -311 one), then the
