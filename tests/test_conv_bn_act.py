@@ -20,6 +20,7 @@ from evit_kernels.nn import conv_bn_act as fused_module_file
 from evit_kernels.nn._base import Unsupported
 from evit_kernels.nn._fold import fold_bn_into
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct, FusedResidualConvNorm, activation_name
+from evit_kernels.ops._library import autocast_inputs
 from evit_kernels.ops.conv_bn_act import ACTIVATIONS, conv_bn_act
 from tests.cream_style import Conv2d_BN, Residual
 from tests.models import randomize_bn
@@ -165,6 +166,15 @@ def test_op_cpu_autocast_bf16():
     assert out.dtype == torch.bfloat16
     expected = float64_expected(x, weight, bias, residual, "relu", **conv)
     torch.testing.assert_close(out.double(), expected, rtol=3e-2, atol=3e-2)
+
+
+def test_autocast_casts_a_tensor_given_twice_once():
+    """A block that is its own residual (x given as x and as residual) gets one cast copy of x, not two."""
+    (x, weight, _, _), _ = make_op_inputs("dense_k1")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast_x, cast_weight, cast_residual = autocast_inputs(x, weight, x)
+    assert cast_x is cast_residual and cast_x.dtype == cast_weight.dtype == torch.bfloat16
+    torch.testing.assert_close(cast_x, x.to(torch.bfloat16), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("change, message", [

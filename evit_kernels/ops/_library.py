@@ -29,7 +29,14 @@ def autocast_inputs(x: torch.Tensor, *tensors: Any) -> tuple[Any, ...]:
     if not torch.is_autocast_enabled(device_type):
         return (x, *tensors)
     dtype = torch.get_autocast_dtype(device_type)
-    return pytree.tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, (x, *tensors))
+    cast: dict[int, torch.Tensor] = {}  # one tensor given twice (x as its own residual) is cast once
+
+    def to_dtype(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in cast:
+            cast[id(t)] = t.to(dtype) if t.is_floating_point() else t
+        return cast[id(t)]
+
+    return pytree.tree_map_only(torch.Tensor, to_dtype, (x, *tensors))
 
 
 def _autocast_device(x: torch.Tensor) -> str:
@@ -125,7 +132,7 @@ def _batch_bucket(n: int) -> str:
 
 _SCHEMA_TYPES = {"Tensor": "Tensor", "Tensor | None": "Tensor?", "list[Tensor]": "Tensor[]",
                  "list[Tensor | None]": "Tensor?[]", "int": "SymInt", "list[int]": "SymInt[]", "float": "float",
-                 "str": "str", "str | None": "str?"}
+                 "str": "str", "str | None": "str?", "bool": "bool"}
 
 
 def define_op(args_type: type[OpArgs], reference: Callable[[OpArgs], Tensor],
