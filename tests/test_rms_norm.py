@@ -1,6 +1,6 @@
-"""evit::rms_norm against diffusers' RMSNorm, its Triton kernel on every layout the channel norm meets, the
-FusedRMSNorm drop-in (its fused path and the cases it hands back to the original's own forward), and the drop-in for
-mit-han-lab's TritonRMSNorm2d."""
+"""evit::rms_norm against diffusers' RMSNorm (and, centered, mit-han-lab's LayerNorm2d), its Triton kernel on every
+layout the channel norm meets, the FusedRMSNorm drop-in (its fused path and the cases it hands back to the original's
+own forward), and the drop-ins for mit-han-lab's TritonRMSNorm2d and LayerNorm2d."""
 
 from __future__ import annotations
 
@@ -69,17 +69,19 @@ def test_few_rows_take_smaller_row_blocks():
 
 
 @pytest.mark.numerics
+@pytest.mark.parametrize("centered", [False, True], ids=["rms", "centered"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("affine, bias", [(True, True), (False, False)])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_triton_within_twice_eager_error(poisoned_empty, rows_per_program, layout, affine, bias, dtype):
+def test_triton_within_twice_eager_error(poisoned_empty, rows_per_program, layout, affine, bias, dtype, centered):
     norm = _norm(affine, bias, dtype)
-    x = (LAYOUTS[layout]() * 3).to(DEVICE, dtype)
+    # centered: a mean well away from 0, which E[x²] - E[x]² would cancel
+    x = (LAYOUTS[layout]() * 3 + (20 if centered else 0)).to(DEVICE, dtype)
     params = (norm.weight, norm.bias)
     expected = rms_norm_reference(RmsNormArgs(x.double(), *(None if p is None else p.double() for p in params),
-                                              norm.eps))
-    got = rms_norm(x, *params, norm.eps, backend="triton")
-    eager = rms_norm(x, *params, norm.eps, backend="torch")
+                                              norm.eps, centered=centered))
+    got = rms_norm(x, *params, norm.eps, centered=centered, backend="triton")
+    eager = rms_norm(x, *params, norm.eps, centered=centered, backend="torch")
     assert got.dtype == dtype and got.stride() == eager.stride() and torch.isfinite(got).all()
     assert_within_twice_eager(got, eager, expected, dtype, terms=C)
 
@@ -131,8 +133,9 @@ def test_opcheck_triton_backend():
     if DEVICE == "cpu":  # the interpreter cannot read the storage of the tensors AOT tracing hands the kernel
         tests = tests[:-1]
     residual = torch.randn_like(x, requires_grad=True)
-    torch.library.opcheck(torch.ops.evit.rms_norm, (x, norm.weight, norm.bias, 1e-5, residual, "triton"),
-                          test_utils=tests)
+    for centered in (False, True):
+        torch.library.opcheck(torch.ops.evit.rms_norm, (x, norm.weight, norm.bias, 1e-5, residual, centered, "triton"),
+                              test_utils=tests)
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
@@ -229,5 +232,70 @@ def test_mit_han_lab_triton_rms_norm_2d_in_low_precision_and_with_fp32_weights()
     x = torch.randn(2, C, 5, 3, device=DEVICE)
     for dtype in (torch.float16, torch.bfloat16):  # fp32 weights, low-precision map: fp32 math, one rounding
         torch.testing.assert_close(fused(x.to(dtype)), original(x.to(dtype)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\(B, 12, H, W\)"):
+        fused(torch.randn(2, C + 1, 5, 3, device=DEVICE))
+
+
+LayerNorm2d = pytest.importorskip("efficientsam.models.nn.norm").LayerNorm2d
+
+
+def _mit_han_lab_layer_norm(affine=True):
+    norm = LayerNorm2d(C, eps=1e-6, elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_(1, 0.5)
+            norm.bias.normal_(0, 0.5)
+    return norm.to(DEVICE)
+
+
+def test_centered_reference_is_mit_han_lab_layer_norm_2d():
+    norm = _mit_han_lab_layer_norm().double()
+    x = torch.randn(2, C, 5, 3, dtype=torch.float64, device=DEVICE) * 3 + 20
+    got = rms_norm(x.movedim(1, -1), norm.weight, norm.bias, norm.eps, centered=True, backend="torch").movedim(-1, 1)
+    torch.testing.assert_close(got, norm(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_mit_han_lab_layer_norm_2d_is_swapped_and_matches(backend, affine, op_runs):
+    original = _mit_han_lab_layer_norm(affine)
+    holder = nn.Sequential(copy.deepcopy(original))
+    report = evit_kernels.patch(holder, backend=backend)
+    assert type(holder[0]).__name__ == "FusedLayerNorm2d", str(report)
+    assert holder.state_dict().keys() == nn.Sequential(original).state_dict().keys()
+    x = torch.randn(2, C, 5, 3, device=DEVICE) * 3 + 20
+    for inputs in (x, x.contiguous(memory_format=torch.channels_last)):
+        got = holder(inputs)
+        assert got.stride() == original(inputs).stride()
+        torch.testing.assert_close(got, original(inputs), rtol=1e-5, atol=1e-5)
+    assert op_runs == [("rms_norm", "torch" if backend == "auto" else "triton")] * 2
+    if affine:  # training: the reference's gradients, for x and both parameters
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        grad = torch.randn_like(x)
+        for module, xi in zip((original, holder), xs, strict=True):
+            module(xi).backward(grad)
+        torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-4, atol=1e-5)
+        for p_fused, p_original in zip(holder.parameters(), original.parameters(), strict=True):
+            torch.testing.assert_close(p_fused.grad, p_original.grad, rtol=1e-4, atol=1e-5)
+    evit_kernels.unpatch(holder)
+    assert type(holder[0]) is LayerNorm2d
+
+
+def test_mit_han_lab_layer_norm_2d_keeps_the_original_dtypes():
+    """fp32 weights on a bf16 map give an fp32 map, as the original's product with them does (here computed in fp32
+    from the bf16 values, one rounding); under autocast nothing is cast that the original would not cast."""
+    original = _mit_han_lab_layer_norm()
+    fused = nn.Sequential(copy.deepcopy(original))
+    evit_kernels.patch(fused)
+    x = torch.randn(2, C, 5, 3, device=DEVICE).to(torch.bfloat16)
+    exact = original.double()(x.double())
+    original.float()
+    got = fused(x)
+    assert got.dtype == original(x).dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got, expected = fused(x.float()), original(x.float())
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"\(B, 12, H, W\)"):
         fused(torch.randn(2, C + 1, 5, 3, device=DEVICE))

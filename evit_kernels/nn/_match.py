@@ -15,7 +15,7 @@ from torch import nn
 TIMM_MIT = "timm.models.efficientvit_mit"
 TIMM_MSRA = "timm.models.efficientvit_msra"
 MIT_HAN_LAB = ("efficientsam.models.nn.ops", "efficientvit.models.nn.ops")
-MIT_HAN_LAB_NORM = ("efficientvit.models.nn.norm",)
+MIT_HAN_LAB_NORM = ("efficientsam.models.nn.norm", "efficientvit.models.nn.norm")
 DIFFUSERS_ATTENTION = "diffusers.models.attention_processor"
 DIFFUSERS_NORMALIZATION = "diffusers.models.normalization"
 DIFFUSERS_SANA_VIDEO = "diffusers.models.transformers.transformer_sana_video"

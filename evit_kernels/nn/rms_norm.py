@@ -1,9 +1,11 @@
-"""The RMSNorms of the Sana family running as ``evit::rms_norm`` (docs/ops.md, "RMSNorm"):
+"""The channel norms running as ``evit::rms_norm`` (docs/ops.md, "RMSNorm"):
 
 - ``FusedRMSNorm``: diffusers' ``RMSNorm`` (the channel norms of DC-AE's ResBlocks, GLUMBConvs and multi-scale
   attentions, applied to ``x.movedim(1, -1)``; the Sana transformers' q/k and caption norms);
 - ``FusedTritonRMSNorm2d``: mit-han-lab's ``TritonRMSNorm2d`` (its DC-AE's channel norm of NCHW maps), whose own
-  kernel runs only on CUDA: patched, the model also runs on a CPU."""
+  kernel runs only on CUDA: patched, the model also runs on a CPU;
+- ``FusedLayerNorm2d``: mit-han-lab's ``LayerNorm2d`` (the channel LayerNorm that ends the SAM image encoders), nine
+  eager passes over the map in one."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from torch import Tensor, nn
 
 from evit_kernels.nn._base import FusedModule, Unsupported
 from evit_kernels.nn._match import DIFFUSERS_NORMALIZATION, MIT_HAN_LAB_NORM, Match
+from evit_kernels.ops._library import autocast_off
 from evit_kernels.ops.rms_norm import rms_norm
 
 DIFFUSERS_RMS_NORM = Match("diffusers", "RMSNorm", (DIFFUSERS_NORMALIZATION,),
@@ -88,6 +91,39 @@ class FusedTritonRMSNorm2d(FusedModule):
                          backend=self.backend)
             return y.movedim(-1, 1).to(x.dtype)
         return rms_norm(x.movedim(1, -1), *params, self.eps, backend=self.backend).movedim(-1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.normalized_shape)}, eps={self.eps}, " + super().extra_repr()
+
+
+class FusedLayerNorm2d(FusedModule):
+    """Drop-in for mit-han-lab's ``LayerNorm2d`` (an ``nn.LayerNorm`` over the channels of a (B, C, H, W) map, which
+    computes ``x - mean_c(x)``, divides it by ``sqrt(mean_c(·²) + eps)`` and applies weight and bias, each step an
+    eager op in x's dtype): one centered ``rms_norm`` through the map's channel view, in fp32, rounded once. The
+    output dtype is the original's: x's, or the promoted dtype where the weights are of another (fp32 weights under
+    autocast: an fp32 map, as the original's product with them gives). Its operations are not autocast's, so the op
+    runs with autocast off: nothing is cast that the original would not cast."""
+
+    MATCHES = (Match("mit-han-lab", "LayerNorm2d", MIT_HAN_LAB_NORM,
+                     ("normalized_shape", "eps", "elementwise_affine", "weight", "bias")),)
+
+    def __init__(self, original: nn.Module, backend: str = "auto"):
+        if len(original.normalized_shape) != 1:
+            raise Unsupported(f"normalized shape {tuple(original.normalized_shape)}: it normalises the channels")
+        super().__init__(original, backend)
+        _adopt_norm_attributes(self, original, ("normalized_shape", "eps", "elementwise_affine"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.normalized_shape[0]:
+            raise ValueError(f"{type(self).__name__}: expected a (B, {self.normalized_shape[0]}, H, W) map, got "
+                             f"shape {tuple(x.shape)}")
+        params = (self.weight, self.bias) if self.elementwise_affine else (None, None)
+        dtype = x.dtype
+        for p in params:
+            dtype = dtype if p is None else torch.promote_types(dtype, p.dtype)
+        with autocast_off(x):
+            return rms_norm(x.to(dtype).movedim(1, -1), *(None if p is None else p.to(dtype) for p in params),
+                            self.eps, centered=True, backend=self.backend).movedim(-1, 1)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.normalized_shape)}, eps={self.eps}, " + super().extra_repr()

@@ -1,7 +1,8 @@
 """``evit::rms_norm``: RMSNorm over the last dimension of any view, as diffusers' ``RMSNorm`` computes it, including
 the channel RMSNorm of DC-AE (applied to ``x.movedim(1, -1)``: the channels are read through their stride, nothing
 is copied) and the q/k norms and caption norm of the Sana transformers, with an optional residual added after the
-norm (DC-AE's GLUMBConv: ``x + norm(y)``) (docs/ops.md, "RMSNorm")."""
+norm (DC-AE's GLUMBConv: ``x + norm(y)``); ``centered``, the RMSNorm of ``x - mean(x)``: a LayerNorm (mit-han-lab's
+channel ``LayerNorm2d``) (docs/ops.md, "RMSNorm")."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class RmsNormArgs(OpArgs):
     bias: Tensor | None
     eps: float
     residual: Tensor | None = None
+    centered: bool = False
 
     def output_shape(self) -> list[int]:
         return list(self.x.shape)
@@ -36,11 +38,13 @@ class RmsNormArgs(OpArgs):
 
 
 def rms_norm_reference(a: RmsNormArgs) -> Tensor:
-    """Eager PyTorch: ``x · rsqrt(mean(x², -1) + eps) · weight + bias + residual`` in fp32 (fp64 for fp64 inputs),
-    rounded once to ``x``'s dtype and laid out as ``x``."""
+    """Eager PyTorch: ``x · rsqrt(mean(x², -1) + eps) · weight + bias + residual`` (``centered``: x - mean(x, -1) in
+    place of x) in fp32 (fp64 for fp64 inputs), rounded once to ``x``'s dtype and laid out as ``x``."""
     compute = torch.promote_types(a.x.dtype, torch.float32)
     with autocast_off(a.x):
         x = a.x.to(compute)
+        if a.centered:
+            x = x - x.mean(-1, keepdim=True)
         y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + a.eps)
         if a.weight is not None:
             y = y * a.weight.to(compute)
@@ -55,11 +59,12 @@ define_op(RmsNormArgs, rms_norm_reference)
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, residual: Tensor | None = None,
-             backend: str = "auto") -> Tensor:
+             centered: bool = False, backend: str = "auto") -> Tensor:
     """RMSNorm of ``x`` over its last dimension (C): ``x / sqrt(mean(x²) + eps) · weight + bias + residual``,
     ``weight`` and ``bias`` (C,) or None, ``residual`` shaped as ``x`` or None, computed in fp32 and returned in
     ``x``'s dtype and layout. ``x`` may be any view: the channel RMSNorm of an NCHW map is
-    ``rms_norm(x.movedim(1, -1), ...).movedim(-1, 1)``."""
+    ``rms_norm(x.movedim(1, -1), ...).movedim(-1, 1)``. ``centered``: the same of ``x - mean(x)``, i.e. a LayerNorm
+    (the RMS of the centered values is their standard deviation)."""
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"rms_norm: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
@@ -67,7 +72,7 @@ def rms_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, 
             raise ValueError(f"rms_norm: {name} must have shape ({x.shape[-1]},), got {tuple(t.shape)}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"rms_norm: residual has shape {tuple(residual.shape)} but x {tuple(x.shape)}")
-    return dispatch.run(RmsNormArgs(x, weight, bias, float(eps), residual).cast_and_checked(), backend)
+    return dispatch.run(RmsNormArgs(x, weight, bias, float(eps), residual, bool(centered)).cast_and_checked(), backend)
 
 
 def rows(x: Tensor) -> tuple[int, int, int, int] | None:
