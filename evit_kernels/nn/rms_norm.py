@@ -66,14 +66,12 @@ rounds once). Otherwise the
         return f"{tuple(self.dim)}, eps={self.eps}, " + super().extra_repr()
 
 
-class FusedTritonRMSNorm2d(FusedModule):
-    """Drop-in for mit-han-lab's ``TritonRMSNorm2d`` (an ``nn.LayerNorm`` over the channels of a (B, C, H, W) map):
-    ``x / sqrt(mean_c(x²) + eps) · weight + bias`` computed in fp32 and rounded once to x's dtype, as its Triton
-    kernel does, through the map's channel view (no copy). Weights of another dtype than x (autocast) are applied
-    in fp32 too."""
+_NORM_2D_ATTRIBUTES = ("normalized_shape", "eps", "elementwise_affine", "weight", "bias")
 
-    MATCHES = (Match("mit-han-lab", "TritonRMSNorm2d", MIT_HAN_LAB_NORM,
-                     ("normalized_shape", "eps", "elementwise_affine", "weight", "bias")),)
+
+class _ChannelNorm2d(FusedModule):
+    """What the drop-ins for mit-han-lab's channel norms of (B, C, H, W) maps (``nn.LayerNorm`` subclasses over C)
+    share: the original's attributes, one normalised dimension, and the map's shape checked on every call."""
 
     def __init__(self, original: nn.Module, backend: str = "auto"):
         if len(original.normalized_shape) != 1:
@@ -81,10 +79,25 @@ class FusedTritonRMSNorm2d(FusedModule):
         super().__init__(original, backend)
         _adopt_norm_attributes(self, original, ("normalized_shape", "eps", "elementwise_affine"))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check_map(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.normalized_shape[0]:
             raise ValueError(f"{type(self).__name__}: expected a (B, {self.normalized_shape[0]}, H, W) map, got "
                              f"shape {tuple(x.shape)}")
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.normalized_shape)}, eps={self.eps}, " + super().extra_repr()
+
+
+class FusedTritonRMSNorm2d(_ChannelNorm2d):
+    """Drop-in for mit-han-lab's ``TritonRMSNorm2d`` (an ``nn.LayerNorm`` over the channels of a (B, C, H, W) map):
+    ``x / sqrt(mean_c(x²) + eps) · weight + bias`` computed in fp32 and rounded once to x's dtype, as its Triton
+    kernel does, through the map's channel view (no copy). Weights of another dtype than x (autocast) are applied
+    in fp32 too."""
+
+    MATCHES = (Match("mit-han-lab", "TritonRMSNorm2d", MIT_HAN_LAB_NORM, _NORM_2D_ATTRIBUTES),)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_map(x)
         params = (self.weight, self.bias)
         if any(p is not None and p.dtype != x.dtype for p in params):
             y = rms_norm(x.float().movedim(1, -1), *(None if p is None else p.float() for p in params), self.eps,
@@ -92,11 +105,8 @@ class FusedTritonRMSNorm2d(FusedModule):
             return y.movedim(-1, 1).to(x.dtype)
         return rms_norm(x.movedim(1, -1), *params, self.eps, backend=self.backend).movedim(-1, 1)
 
-    def extra_repr(self) -> str:
-        return f"{tuple(self.normalized_shape)}, eps={self.eps}, " + super().extra_repr()
 
-
-class FusedLayerNorm2d(FusedModule):
+class FusedLayerNorm2d(_ChannelNorm2d):
     """Drop-in for mit-han-lab's ``LayerNorm2d`` (an ``nn.LayerNorm`` over the channels of a (B, C, H, W) map, which
     computes ``x - mean_c(x)``, divides it by ``sqrt(mean_c(·²) + eps)`` and applies weight and bias, each step an
     eager op in x's dtype): one centered ``rms_norm`` through the map's channel view, in fp32, rounded once. The
@@ -104,19 +114,10 @@ class FusedLayerNorm2d(FusedModule):
     autocast: an fp32 map, as the original's product with them gives). Its operations are not autocast's, so the op
     runs with autocast off: nothing is cast that the original would not cast."""
 
-    MATCHES = (Match("mit-han-lab", "LayerNorm2d", MIT_HAN_LAB_NORM,
-                     ("normalized_shape", "eps", "elementwise_affine", "weight", "bias")),)
-
-    def __init__(self, original: nn.Module, backend: str = "auto"):
-        if len(original.normalized_shape) != 1:
-            raise Unsupported(f"normalized shape {tuple(original.normalized_shape)}: it normalises the channels")
-        super().__init__(original, backend)
-        _adopt_norm_attributes(self, original, ("normalized_shape", "eps", "elementwise_affine"))
+    MATCHES = (Match("mit-han-lab", "LayerNorm2d", MIT_HAN_LAB_NORM, _NORM_2D_ATTRIBUTES),)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.normalized_shape[0]:
-            raise ValueError(f"{type(self).__name__}: expected a (B, {self.normalized_shape[0]}, H, W) map, got "
-                             f"shape {tuple(x.shape)}")
+        self._check_map(x)
         params = (self.weight, self.bias) if self.elementwise_affine else (None, None)
         dtype = x.dtype
         for p in params:
@@ -124,6 +125,3 @@ class FusedLayerNorm2d(FusedModule):
         with autocast_off(x):
             return rms_norm(x.to(dtype).movedim(1, -1), *(None if p is None else p.to(dtype) for p in params),
                             self.eps, centered=True, backend=self.backend).movedim(-1, 1)
-
-    def extra_repr(self) -> str:
-        return f"{tuple(self.normalized_shape)}, eps={self.eps}, " + super().extra_repr()
