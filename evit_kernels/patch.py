@@ -28,6 +28,7 @@ from evit_kernels.nn.glumbconv import FusedGLUMBConv
 from evit_kernels.nn.lite_mla import FusedLiteMLA, FusedSanaMultiscaleLinearAttention
 from evit_kernels.nn.norm_linear import FusedNormLinear
 from evit_kernels.nn.patch_layers import FusedPatchEmbedding, FusedPatchMerging
+from evit_kernels.nn.residual_block import FusedResidualBlock
 from evit_kernels.nn.rms_norm import FusedLayerNorm2d, FusedRMSNorm, FusedTritonRMSNorm2d
 from evit_kernels.nn.sana_attention import (
     FusedPAGCFGSanaLinearAttnProcessor,
@@ -38,7 +39,7 @@ from evit_kernels.nn.sana_attention import (
 
 FUSED_CLASSES: tuple[type[FusedModule], ...] = (
     FusedLiteMLA, FusedLocalWindowAttention, FusedCascadedGroupAttention, FusedResidualFFN, FusedResidualConvNorm,
-    FusedConvBlock, FusedGLUMBConv, FusedConvNormAct, FusedNormLinear, FusedRMSNorm,
+    FusedConvBlock, FusedResidualBlock, FusedGLUMBConv, FusedConvNormAct, FusedNormLinear, FusedRMSNorm,
     FusedSanaMultiscaleLinearAttention, FusedPatchMerging, FusedPatchEmbedding, FusedTritonRMSNorm2d, FusedLayerNorm2d,
 )
 """The drop-ins :func:`patch` swaps in, each recognising its originals by its own ``MATCHES`` (tried in order)."""

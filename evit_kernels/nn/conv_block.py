@@ -28,6 +28,26 @@ IDENTITY_LAYER = Match("mit-han-lab", "IdentityLayer", MIT_HAN_LAB)
 _LAYER_CHILDREN = {"dropout", "conv", "norm", "act"}
 
 
+def residual_blocks(main: tuple[Match, ...]) -> tuple[Match, Match]:
+    """The MIT family's ``ResidualBlock`` (timm, mit-han-lab) holding one of ``main``."""
+    return (Match("timm", "ResidualBlock", (TIMM_MIT,), ("main", "shortcut", "pre_norm"), children=(("main", main),)),
+            Match("mit-han-lab", "ResidualBlock", MIT_HAN_LAB, ("main", "shortcut", "pre_norm", "post_act"),
+                  children=(("main", main),)))
+
+
+def identity_shortcut(block: nn.Module) -> bool:
+    """Whether a ``ResidualBlock`` adds its input (identity shortcut) or not (no shortcut); :class:`Unsupported` for
+    a pre-norm, a post-activation or any other shortcut."""
+    if getattr(block, "pre_norm", None) is not None and not isinstance(block.pre_norm, nn.Identity):
+        raise Unsupported(f"pre_norm {type(block.pre_norm).__qualname__} before the block")
+    if getattr(block, "post_act", None) is not None:
+        raise Unsupported(f"post_act {type(block.post_act).__qualname__} after the residual add")
+    shortcut = block.shortcut
+    if shortcut is not None and type(shortcut) is not nn.Identity and not IDENTITY_LAYER.fits(shortcut):
+        raise Unsupported(f"shortcut {type(shortcut).__qualname__} is not an identity")
+    return shortcut is not None
+
+
 def live(module: nn.Module, name: str) -> nn.Module | None:
     """The child ``name`` as it is now (absent and nn.Identity: None)."""
     child = module._modules.get(name)
@@ -78,14 +98,11 @@ class FusedConvBlock(FusedModule):
     updates are exactly the original's. The layers may themselves be patched into ``FusedConvNormAct``.
     """
 
-    MATCHES = (Match("timm", "ResidualBlock", (TIMM_MIT,), ("main", "shortcut", "pre_norm"),
-                     children=(("main", CONV_BLOCKS),)),
-               Match("mit-han-lab", "ResidualBlock", MIT_HAN_LAB, ("main", "shortcut", "pre_norm", "post_act"),
-                     children=(("main", CONV_BLOCKS),)))
+    MATCHES = residual_blocks(CONV_BLOCKS)
 
     def __init__(self, original: nn.Module, backend: str = "auto"):
         super().__init__(original, backend)
-        self._residual = self._check_residual_wrapper()
+        self._residual = identity_shortcut(original)
         block = self._modules.get("main")
         match = expect_match(block, CONV_BLOCKS, "holds", "an MBConv, DSConv or FusedMBConv")
         self.kind = match.class_name
@@ -96,18 +113,6 @@ class FusedConvBlock(FusedModule):
                                                                                         self._layers()))
         self._check_shapes()
         self._fold_cache = FoldCache()
-
-    def _check_residual_wrapper(self) -> bool:
-        """Whether the ResidualBlock adds its input (identity shortcut) or not (no shortcut); refuses the rest."""
-        original = self.original
-        if getattr(original, "pre_norm", None) is not None and not isinstance(original.pre_norm, nn.Identity):
-            raise Unsupported(f"pre_norm {type(original.pre_norm).__qualname__} before the block")
-        if getattr(original, "post_act", None) is not None:
-            raise Unsupported(f"post_act {type(original.post_act).__qualname__} after the residual add")
-        shortcut = original.shortcut
-        if shortcut is not None and type(shortcut) is not nn.Identity and not IDENTITY_LAYER.fits(shortcut):
-            raise Unsupported(f"shortcut {type(shortcut).__qualname__} is not an identity")
-        return shortcut is not None
 
     def _layers(self) -> list[nn.Module]:
         """The block's layers as they are now (patching, SyncBatchNorm conversion and fold_bn swap them)."""

@@ -82,19 +82,31 @@ class FusedConvNormAct(FusedModule):
         self.activation = activation_name(self._child("act"))
         self._fold_cache = FoldCache()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The original's output, plus ``residual`` when given (added in the same op call on the folded path)."""
         dropout, conv, norm, act = (self._child(role) for role in self.CHILD_ROLES)
         if dropout is not None:
             x = dropout(x)
         if not foldable(norm):
             x = norm(conv(x))
-            return x if act is None else act(x)
+            x = x if act is None else act(x)
+            return x if residual is None else x + residual
         (weight, bias), = self._fold_cache.fold([(conv, norm)])
         return conv_bn_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
-                           self.activation, backend=self.backend)
+                           self.activation, residual=residual, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}, {super().extra_repr()}"
+
+
+def with_residual(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """``layer(x) + residual`` (``layer(x)`` when ``residual`` is None): in the layer's own op call when it is a
+    :class:`FusedConvNormAct`, so the sum is written once; else the add after it."""
+    if residual is None:
+        return layer(x)
+    if isinstance(layer, FusedConvNormAct):
+        return layer(x, residual=residual)
+    return layer(x) + residual
 
 
 def conv_and_norm(module: nn.Module) -> tuple[nn.Conv2d, nn.Module]:

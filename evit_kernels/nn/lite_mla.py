@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from evit_kernels import dispatch
 from evit_kernels.nn._base import FusedModule, Unsupported
 from evit_kernels.nn._match import DIFFUSERS_ATTENTION, MIT_HAN_LAB, TIMM_MIT, Match
+from evit_kernels.nn.conv_bn_act import with_residual
 from evit_kernels.nn.rms_norm import computes_as_diffusers
 from evit_kernels.ops.multiscale_aggregation import multiscale_aggregation
 from evit_kernels.ops.relu_linear_attention import choose_aggregated, relu_linear_attention
@@ -50,9 +51,11 @@ class FusedLiteMLA(FusedModule):
         if isinstance(proj_conv, nn.Conv2d) and proj_conv.in_channels != expected:
             raise Unsupported(f"proj.conv takes {proj_conv.in_channels} channels but the attention makes {expected}")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """The original's output, plus ``residual`` when given (in ``proj``'s op call: see :func:`with_residual`)."""
         scales = [(scale[0], scale[1]) for scale in self.aggreg]
-        return self.proj(multiscale_relu_linear_attention(self.qkv(x), scales, self.dim, self.eps, self.backend))
+        out = multiscale_relu_linear_attention(self.qkv(x), scales, self.dim, self.eps, self.backend)
+        return with_residual(self.proj, out, residual)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, dim={self.dim}, eps={self.eps}, " + super().extra_repr()

@@ -39,6 +39,12 @@ def autocast_inputs(x: torch.Tensor, *tensors: Any) -> tuple[Any, ...]:
     return pytree.tree_map_only(torch.Tensor, to_dtype, (x, *tensors))
 
 
+def autocast_casts(x: torch.Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (see :func:`autocast_inputs`) and would cast ``x`` to another dtype."""
+    device_type = _autocast_device(x)
+    return torch.is_autocast_enabled(device_type) and x.dtype != torch.get_autocast_dtype(device_type)
+
+
 def _autocast_device(x: torch.Tensor) -> str:
     return "cuda" if x.device.type == "meta" else x.device.type
 
