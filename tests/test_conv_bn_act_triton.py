@@ -1,5 +1,5 @@
-"""The Triton backend of evit::conv_bn_act (depthwise k×k and 1×1 kernels) against a float64 reference (on CPU
-through the Triton interpreter on tiny grids; on a GPU also with realistic shapes)."""
+"""The Triton backend of evit::conv_bn_act (depthwise k×k, groups-1 and image-stem kernels) against a float64
+reference (on CPU through the Triton interpreter on tiny grids; on a GPU also with realistic shapes)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,14 @@ DENSE_3X3 = {
     "stem": (2, 17, 24, 11, 9, 2, 1, True, False, "nchw"),
     "blocks": (1, 40, 70, 5, 7, 1, 1, True, True, "channels_last"),
     "stride_1x2_pad_0x1": (1, 16, 8, 6, 5, (1, 2), (0, 1), False, True, "strided"),
+}
+
+# (batch, C_in, C_out, H, W, bias, residual, layout) of image-stem convs (3×3, stride 2, padding 1): RGB on an odd
+# map; rows of more outputs than one program takes and more output channels than one block; 5 channels, strided.
+STEM = {
+    "rgb_odd_map": (2, 3, 16, 9, 7, True, False, "nchw"),
+    "wide_rows_channel_blocks": (1, 3, 40, 4, 262, True, True, "channels_last"),
+    "five_channels_strided": (1, 5, 8, 5, 6, False, True, "strided"),
 }
 
 
@@ -130,6 +138,27 @@ def test_dense_3x3_within_twice_eager_error(poisoned_empty, dense_tiles, name, a
     _check_against_float64(x, weight, bias, residual, conv, activation)
 
 
+@pytest.mark.numerics
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("activation", ["none", "relu", "hardswish", "gelu_tanh"])  # the released stems' and none
+@pytest.mark.parametrize("name", STEM)
+def test_stem_within_twice_eager_error(poisoned_empty, name, activation, dtype):
+    x, weight, bias, residual, conv = _stem_inputs(name, dtype)
+    _check_against_float64(x, weight, bias, residual, conv, activation)
+
+
+def _stem_inputs(name, dtype):
+    batch, c_in, c_out, height, width, bias, residual, layout = STEM[name]
+    return _inputs(batch, c_in, c_out, height, width, 3, 2, 1, 1, bias, residual, layout, dtype)
+
+
+def test_stem_rows_take_several_programs_and_channel_blocks():
+    """The wide case's rows need more than one program and its channels more than one block (else it tests
+    nothing the first case does not)."""
+    _, _, c_out, _, width, *_ = STEM["wide_rows_channel_blocks"]
+    assert (width + 1) // 2 > triton_conv.STEM_BLOCK_P and c_out > triton_conv.STEM_BLOCK_N
+
+
 # exp(-y) overflowing to inf is how silu and tanh-GELU saturate to -0 for very negative y (numpy warns on it).
 @pytest.mark.numerics
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -160,10 +189,17 @@ def test_fused_module_matches_timm_block(build, layout):
     torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["depthwise", "pointwise"])
+def _kind_inputs(kind: str, depthwise: str, pointwise: str):
+    """fp32 inputs of one case of each kernel."""
+    if kind == "stem":
+        return _stem_inputs("wide_rows_channel_blocks", torch.float32)
+    return (_depthwise_inputs(depthwise, torch.float32) if kind == "depthwise"
+            else _pointwise_inputs(pointwise, torch.float32))
+
+
+@pytest.mark.parametrize("kind", ["depthwise", "pointwise", "stem"])
 def test_reference_gradients_after_triton_forward(kind):
-    x, weight, bias, residual, conv = (_depthwise_inputs("k5_s2", torch.float32) if kind == "depthwise"
-                                       else _pointwise_inputs("blocks", torch.float32))
+    x, weight, bias, residual, conv = _kind_inputs(kind, "k5_s2", "blocks")
     residual = residual if residual is not None else torch.randn_like(
         conv_bn_act(x, weight, bias, backend="torch", **conv))
     leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias, residual)]
@@ -176,10 +212,9 @@ def test_reference_gradients_after_triton_forward(kind):
         torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["depthwise", "pointwise"])
+@pytest.mark.parametrize("kind", ["depthwise", "pointwise", "stem"])
 def test_opcheck_triton_backend(kind):
-    x, weight, bias, residual, conv = (_depthwise_inputs("k3_s1_prime_blocks", torch.float32) if kind == "depthwise"
-                                       else _pointwise_inputs("blocks", torch.float32))
+    x, weight, bias, residual, conv = _kind_inputs(kind, "k3_s1_prime_blocks", "blocks")
     x, weight, bias, residual = (t.requires_grad_() for t in (x, weight, bias, residual))
     tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     if DEVICE == "cpu":  # the interpreter cannot read the storage of the tensors AOT tracing hands the kernel
@@ -198,6 +233,8 @@ def _conv_args(c_in=4, c_out=4, k=3, groups=4, stride=1, padding=1, dilation=1, 
 UNSUPPORTED = {
     "dense_k5": (dict(groups=1, k=5, padding=2), "3×3 conv with groups 1"),
     "dense_k3_rgb": (dict(c_in=3, c_out=8, groups=1), "at least 16 input channels"),
+    "stem_six_channels": (dict(c_in=6, c_out=8, groups=1, stride=2), "at most 5 input channels"),
+    "stem_padding0": (dict(c_in=3, c_out=8, groups=1, stride=2, padding=0), "image-stem"),
     "grouped": (dict(c_in=4, c_out=6, groups=2), "depthwise"),
     "depthwise_k9": (dict(k=9, padding=4), "depthwise"),
     "depthwise_k1": (dict(k=1, padding=0), "depthwise"),

@@ -50,7 +50,7 @@ MERGING_CALLS = ["conv_block", "conv_bn_act"]
     (_cream_patch_merging, FusedPatchMerging, MERGING_CALLS),
     (_patch_merging_with_3x3_conv1, FusedPatchMerging, ["conv_bn_act"] * 3),
 ])
-# experimental: the kernels where they take the layer (not the stem's convs with fewer than 16 input channels)
+# experimental: the kernels where they take the layer (every conv of these blocks)
 @pytest.mark.parametrize("backend", ["torch", "experimental"])
 def test_eval_matches_with_activations_in_the_conv_epilogues(build, fused_class, calls, backend, op_runs):
     original, in_channels = build()
