@@ -27,7 +27,7 @@ from evit_kernels.nn.conv_bn_act import FusedConvNormAct
 from evit_kernels.ops.conv_block import ConvBlockArgs, _whole_block_config, conv_block
 from evit_kernels.ops.conv_bn_act import ACTIVATIONS
 from evit_kernels.triton import conv_block as kernels
-from tests.models import with_child
+from tests.models import rel_err, with_child
 from tests.numerics import assert_same_grads_and_buffers, assert_within_twice_eager, in_layout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -412,6 +412,19 @@ def test_module_matches_original_in_eval(name, backend, patch_children, op_runs)
     torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
     assert op_runs == [("conv_block", backend)]
     assert fused.state_dict().keys() == original.state_dict().keys()
+
+
+@pytest.mark.parametrize("name", ["timm_mbconv", "mit_han_lab_mbconv", "mit_han_lab_fused_mbconv_s2"])
+def test_under_autocast_the_output_dtype_is_the_originals(name):
+    """An fp32 input is the shortcut of a bf16 branch: the original's sum is fp32 (added after the op, then); a
+    block without a shortcut gives the branch's bf16."""
+    original = BUILDERS[name]().to(DEVICE)
+    randomize_untrained_state(original)
+    fused = FusedConvBlock(copy.deepcopy(original.eval()))
+    x = torch.randn(2, 16, 6, 5, device=DEVICE)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        expected, got = original(x), fused(x)
+    assert got.dtype == expected.dtype and rel_err(got, expected) < 2e-2
 
 
 @pytest.mark.parametrize("name", BUILDERS)
