@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::torch.jit.Tr
 
 TYPES = ["FusedConvNormAct", "FusedResidualConvNorm", "FusedConvBlock", "FusedLiteMLA", "FusedResidualFFN",
          "FusedLocalWindowAttention", "FusedCascadedGroupAttention", "FusedNormLinear", "FusedPatchEmbedding",
-         "FusedPatchMerging"]
+         "FusedPatchMerging", "FusedResidualBlock"]
 
 
 @functools.cache
