@@ -1,4 +1,4 @@
-"""The Triton backend of evit::conv_bn_act (depthwise k×k, groups-1 and image-stem kernels) against a float64
+"""The Triton backend of evit::conv_bn_act (depthwise k×k, groups-1 and row-staged 3×3 kernels) against a float64
 reference (on CPU through the Triton interpreter on tiny grids; on a GPU also with realistic shapes)."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import nn
 from evit_kernels import dispatch
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct
 from evit_kernels.ops.conv_bn_act import ACTIVATIONS, ConvBnActArgs, conv_bn_act, conv_bn_act_reference
+from evit_kernels.ops.conv_bn_act import _kernel_kind as conv_kernel_kind
 from evit_kernels.triton import _common as triton_common
 from evit_kernels.triton import conv_bn_act as triton_conv
 from tests.numerics import assert_within_twice_eager, in_layout
@@ -48,14 +49,18 @@ DENSE_3X3 = {
     "stride_1x2_pad_0x1": (1, 16, 8, 6, 5, (1, 2), (0, 1), False, True, "strided"),
 }
 
-# (batch, C_in, C_out, H, W, bias, residual, layout) of image-stem convs (3×3, stride 2, padding 1): RGB on an odd
-# map; rows of more outputs than one program takes and more output channels than one block; 5 channels, strided.
-STEM = {
-    "rgb_odd_map": (2, 3, 16, 9, 7, True, False, "nchw"),
-    "wide_rows_channel_blocks": (1, 3, 40, 4, 262, True, True, "channels_last"),
-    "five_channels_strided": (1, 5, 8, 5, 6, False, True, "strided"),
+# (batch, C_in, C_out, H, W, stride, bias, residual, layout) of 3×3 padding-1 convs on the row-staged kernel: RGB
+# stems on an odd map, on rows of more outputs than one program takes and more output channels than one block, at
+# stride 1; 5 channels, strided; wide NCHW rows with several steps over the (channel, kernel row) pairs, at stride 1
+# across two column blocks (the columns beyond each block) and at stride 2.
+ROWS = {
+    "rgb_s2_odd_map": (2, 3, 16, 9, 7, 2, True, False, "nchw"),
+    "rgb_s2_wide_rows_channel_blocks": (1, 3, 40, 4, 262, 2, True, True, "channels_last"),
+    "rgb_s1": (1, 3, 8, 5, 9, 1, True, True, "nchw"),
+    "five_channels_s2_strided": (1, 5, 8, 5, 6, 2, False, True, "strided"),
+    "wide_nchw_s1_pair_steps": (1, 20, 24, 3, 130, 1, True, True, "nchw"),
+    "wide_nchw_s2": (1, 17, 8, 3, 200, 2, False, False, "nchw"),
 }
-
 
 def _inputs(batch, c_in, c_out, height, width, k, stride, padding, groups, bias, residual, layout, dtype):
     """(x, weight, bias, residual, conv kwargs); the residual is transposed in memory for strided layouts."""
@@ -140,23 +145,38 @@ def test_dense_3x3_within_twice_eager_error(poisoned_empty, dense_tiles, name, a
 
 @pytest.mark.numerics
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("activation", ["none", "relu", "hardswish", "gelu_tanh"])  # the released stems' and none
-@pytest.mark.parametrize("name", STEM)
-def test_stem_within_twice_eager_error(poisoned_empty, name, activation, dtype):
-    x, weight, bias, residual, conv = _stem_inputs(name, dtype)
+@pytest.mark.parametrize("activation", ["none", "hardswish", "gelu_tanh"])
+@pytest.mark.parametrize("name", ROWS)
+def test_rows_within_twice_eager_error(poisoned_empty, name, activation, dtype):
+    x, weight, bias, residual, conv = _rows_inputs(name, dtype)
+    assert conv_kernel_kind(ConvBnActArgs(x, weight, bias, list(conv["stride"]), [1, 1], [1, 1], 1, activation,
+                                          residual)) == "rows"
     _check_against_float64(x, weight, bias, residual, conv, activation)
 
 
-def _stem_inputs(name, dtype):
-    batch, c_in, c_out, height, width, bias, residual, layout = STEM[name]
-    return _inputs(batch, c_in, c_out, height, width, 3, 2, 1, 1, bias, residual, layout, dtype)
+def _rows_inputs(name, dtype):
+    batch, c_in, c_out, height, width, stride, bias, residual, layout = ROWS[name]
+    return _inputs(batch, c_in, c_out, height, width, 3, stride, 1, 1, bias, residual, layout, dtype)
 
 
-def test_stem_rows_take_several_programs_and_channel_blocks():
-    """The wide case's rows need more than one program and its channels more than one block (else it tests
-    nothing the first case does not)."""
-    _, _, c_out, _, width, *_ = STEM["wide_rows_channel_blocks"]
-    assert (width + 1) // 2 > triton_conv.STEM_BLOCK_P and c_out > triton_conv.STEM_BLOCK_N
+def test_rows_cases_cover_several_programs_channel_blocks_and_pair_steps():
+    """Else the cases test nothing the first one does not."""
+    _, _, c_out, _, width, *_ = ROWS["rgb_s2_wide_rows_channel_blocks"]
+    assert (width + 1) // 2 > triton_conv.ROWS_BLOCK_P and c_out > triton_conv.ROWS_BLOCK_N
+    _, c_in, _, _, width, *_ = ROWS["wide_nchw_s1_pair_steps"]
+    assert width > triton_conv.ROWS_BLOCK_P and 3 * c_in > 3 * triton_conv.ROWS_PAIRS
+
+
+@pytest.mark.parametrize("c_in, width, stride, layout, kind", [
+    (3, 224, 2, "channels_last", "rows"),  # an image, in any layout
+    (32, 112, 1, "nchw", "rows"),  # the L-series stem block's convs
+    (32, 112, 1, "channels_last", "dense"),  # channels contiguous: the implicit GEMM reads them 16 bytes wide
+    (16, 112, 2, "nchw", "dense"),  # 56 outputs per row: mostly idle programs
+])
+def test_rows_kernel_takes_images_and_wide_nchw_rows(c_in, width, stride, layout, kind):
+    x = in_layout(torch.empty(1, c_in, 4, width, device="meta"), layout)
+    weight = torch.empty(8, c_in, 3, 3, device="meta")
+    assert conv_kernel_kind(ConvBnActArgs(x, weight, None, [stride] * 2, [1, 1], [1, 1], 1, "none", None)) == kind
 
 
 # exp(-y) overflowing to inf is how silu and tanh-GELU saturate to -0 for very negative y (numpy warns on it).
@@ -191,13 +211,13 @@ def test_fused_module_matches_timm_block(build, layout):
 
 def _kind_inputs(kind: str, depthwise: str, pointwise: str):
     """fp32 inputs of one case of each kernel."""
-    if kind == "stem":
-        return _stem_inputs("wide_rows_channel_blocks", torch.float32)
+    if kind == "rows":
+        return _rows_inputs("wide_nchw_s1_pair_steps", torch.float32)
     return (_depthwise_inputs(depthwise, torch.float32) if kind == "depthwise"
             else _pointwise_inputs(pointwise, torch.float32))
 
 
-@pytest.mark.parametrize("kind", ["depthwise", "pointwise", "stem"])
+@pytest.mark.parametrize("kind", ["depthwise", "pointwise", "rows"])
 def test_reference_gradients_after_triton_forward(kind):
     x, weight, bias, residual, conv = _kind_inputs(kind, "k5_s2", "blocks")
     residual = residual if residual is not None else torch.randn_like(
@@ -212,7 +232,7 @@ def test_reference_gradients_after_triton_forward(kind):
         torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["depthwise", "pointwise", "stem"])
+@pytest.mark.parametrize("kind", ["depthwise", "pointwise", "rows"])
 def test_opcheck_triton_backend(kind):
     x, weight, bias, residual, conv = _kind_inputs(kind, "k3_s1_prime_blocks", "blocks")
     x, weight, bias, residual = (t.requires_grad_() for t in (x, weight, bias, residual))
@@ -232,9 +252,9 @@ def _conv_args(c_in=4, c_out=4, k=3, groups=4, stride=1, padding=1, dilation=1, 
 
 UNSUPPORTED = {
     "dense_k5": (dict(groups=1, k=5, padding=2), "3×3 conv with groups 1"),
-    "dense_k3_rgb": (dict(c_in=3, c_out=8, groups=1), "at least 16 input channels"),
-    "stem_six_channels": (dict(c_in=6, c_out=8, groups=1, stride=2), "at most 5 input channels"),
-    "stem_padding0": (dict(c_in=3, c_out=8, groups=1, stride=2, padding=0), "image-stem"),
+    "dense_k3_rgb_stride3": (dict(c_in=3, c_out=8, groups=1, stride=3), "at least 16 input channels"),
+    "rows_six_channels": (dict(c_in=6, c_out=8, groups=1, stride=2), "at most 5 input channels"),
+    "rows_padding0": (dict(c_in=3, c_out=8, groups=1, stride=2, padding=0), "padding 1"),
     "grouped": (dict(c_in=4, c_out=6, groups=2), "depthwise"),
     "depthwise_k9": (dict(k=9, padding=4), "depthwise"),
     "depthwise_k1": (dict(k=1, padding=0), "depthwise"),

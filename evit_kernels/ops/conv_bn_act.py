@@ -141,15 +141,22 @@ _DEPTHWISE_SIZES = (3, 5, 7)
 
 
 def _kernel_kind(a: ConvBnActArgs) -> str | None:
-    """Which kernel computes this conv: "depthwise" (Triton or CUDA), "dense" (groups 1: a 1×1 with stride 1 and no
-    padding, or a 3×3 with at least :data:`DENSE_MIN_TAP_CHANNELS` input channels; Triton), "stem" (an image stem:
-    3×3, stride 2, padding 1, groups 1, at most ``STEM_PAIRS // 3`` input channels; Triton) or None."""
-    from evit_kernels.triton.conv_bn_act import DENSE_KERNEL_SIZES, DENSE_MIN_TAP_CHANNELS, STEM_PAIRS
+    """Which kernel computes this conv: "depthwise" (Triton or CUDA); "rows" (groups 1, 3×3, padding 1, stride 1 or
+    2, either at most ``ROWS_PAIRS // 3`` input channels (an image) or an input with contiguous rows (NCHW) and
+    output rows of at least ``ROWS_MIN_OUT_WIDTH``; Triton); "dense" (groups 1: a 1×1 with stride 1 and no padding,
+    or a 3×3 with at least :data:`DENSE_MIN_TAP_CHANNELS` input channels; Triton) or None."""
+    from evit_kernels.triton.conv_bn_act import (
+        DENSE_KERNEL_SIZES,
+        DENSE_MIN_TAP_CHANNELS,
+        ROWS_MIN_OUT_WIDTH,
+        ROWS_PAIRS,
+    )
 
     out_channels, in_per_group, kernel_h, kernel_w = a.weight.shape
-    if (a.groups == 1 and (kernel_h, kernel_w) == (3, 3) and a.stride == [2, 2] and a.padding == [1, 1]
-            and 3 * in_per_group <= STEM_PAIRS):
-        return "stem"
+    if (a.groups == 1 and (kernel_h, kernel_w) == (3, 3) and a.padding == [1, 1] and a.stride in ([1, 1], [2, 2])
+            and (3 * in_per_group <= ROWS_PAIRS
+                 or (a.x.stride(3) == 1 and a.output_shape()[3] >= ROWS_MIN_OUT_WIDTH))):
+        return "rows"
     if a.groups == 1 and kernel_h == kernel_w and kernel_h in DENSE_KERNEL_SIZES and (
             (kernel_h > 1 and in_per_group >= DENSE_MIN_TAP_CHANNELS)
             or (a.stride == [1, 1] and a.padding == [0, 0])):
@@ -166,8 +173,8 @@ def _triton_forward(a: ConvBnActArgs) -> Tensor:
     kind = _kernel_kind(a)
     if kind == "depthwise":
         return kernels.depthwise(a, a.new_output())
-    if kind == "stem":
-        return kernels.stem(a, a.new_output())
+    if kind == "rows":
+        return kernels.rows(a, a.new_output())
     return kernels.dense(a, a.new_output())
 
 
@@ -179,7 +186,7 @@ def _triton_reasons(a: ConvBnActArgs) -> list[str]:
         reasons.append(f"a conv with weight {tuple(a.weight.shape)}, groups={a.groups}, stride={a.stride}, "
                        f"padding={a.padding} (the Triton kernels take a depthwise 3×3, 5×5 or 7×7 conv with "
                        f"stride 1 or 2, a 1×1 conv with groups 1, stride 1 and padding 0, a 3×3 conv with "
-                       f"groups 1 and at least 16 input channels, or a 3×3 image-stem conv with groups 1, stride 2, "
+                       f"groups 1 and at least 16 input channels, or a 3×3 conv with groups 1, stride 1 or 2, "
                        f"padding 1 and at most 5 input channels)")
     return reasons
 

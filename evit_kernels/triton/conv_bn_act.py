@@ -1,6 +1,7 @@
 """Triton kernels of ``evit::conv_bn_act`` (inference) for the convolutions that make up EfficientViT's conv
-stacks: the depthwise k×k conv (k = 3, 5, 7; stride 1 or 2), the groups-1 conv (1×1, and the 3×3 of the
-M-series stem) as an implicit GEMM, and the image stem's 3×3 stride-2 conv over a few (RGB) channels. Each computes
+stacks: the depthwise k×k conv (k = 3, 5, 7; stride 1 or 2), the groups-1 conv (1×1, and 3×3) as an implicit
+GEMM, and the groups-1 3×3 conv of image stems (RGB input; the stems' wide NCHW maps) with its input rows staged
+whole. Each computes
 
     out = act(conv2d(x, weight) + bias) + residual
 
@@ -37,16 +38,21 @@ DENSE_KERNEL_SIZES = (1, 3)
 """The kernel sizes of the groups-1 convs: 1×1 (stride 1, no padding) and 3×3 (the M-series stem)."""
 DENSE_MIN_TAP_CHANNELS = 16
 """The fewest input channels the groups-1 kernel takes for a 3×3 conv: each tap is one product over the input
-channels in steps of 32, so an RGB stem (3 channels) would execute ten times its FLOPs; it runs on the stem kernel."""
+channels in steps of 32, so an RGB stem (3 channels) would execute ten times its FLOPs; it runs on the row-staged
+kernel."""
 
 
-STEM_BLOCK_P = 128
-"""Output pixels of one output row per program of the image-stem kernel (wider rows take several programs)."""
-STEM_BLOCK_N = 32
-"""Output channels per program of the image-stem kernel (the released stems make 16 or 32)."""
-STEM_PAIRS = 16
-"""(input channel, kernel row) pairs the image-stem kernel multiplies over, the K of its products: at most 5 input
-channels (an RGB stem uses 9 of the 16)."""
+ROWS_BLOCK_P = 128
+"""Outputs of one output row per program of the row-staged 3×3 kernel (wider rows take several programs)."""
+ROWS_BLOCK_N = 32
+"""Output channels per program of the row-staged kernel (the released stems make 16 or 32)."""
+ROWS_PAIRS = 16
+"""(input channel, kernel row) pairs per step of the row-staged kernel, the K of its products: one step for an RGB
+image (9 pairs), 6 for 32 channels."""
+ROWS_MIN_OUT_WIDTH = 96
+"""The narrowest output rows the row-staged kernel takes a conv of more than ``ROWS_PAIRS // 3`` input channels for:
+narrower rows leave most of its 128 outputs per program idle (the L-series and SAM stems' 112- and 256-wide rows
+take it; the M-series stem's 56-wide and narrower ones stay on the implicit GEMM)."""
 
 
 def dense_blocks(n_pixels: int, out_channels: int) -> dict[str, int]:
@@ -114,43 +120,51 @@ def _conv_dense_kernel(x, weight, bias, residual, out, n_pixels, in_channels, ou
 
 
 @triton.jit
-def _conv_stem_kernel(x, weight, bias, residual, out, in_channels, out_channels, height, width, out_height, out_width,
+def _conv_rows_kernel(x, weight, bias, residual, out, in_channels, out_channels, height, width, out_height, out_width,
                       has_bias, has_residual, x_sb, x_sc, x_sh, x_sw, w_sn, w_sk, w_skh, w_skw,
-                      r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION: tl.constexpr,
+                      r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION: tl.constexpr, STRIDE: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr, PRECISION: tl.constexpr,
                       UPCAST: tl.constexpr):
-    # A program: BLOCK_P outputs of one output row × BLOCK_N output channels of a 3×3, stride-2, padding-1 conv with
-    # few input channels. Its input is rows 2·oy-1 .. 2·oy+1 of every input channel: each (channel, kernel row) pair
-    # is one row of a (PAIRS, 2·BLOCK_P) tile loaded whole, its columns contiguous (wide loads in NCHW, where a
-    # strided tap would read 2 bytes at a time), plus the one column left of it. Kernel column kw of output j is
-    # tile column 2·j + kw - 1, gathered on chip; each kernel column is then one product over the pairs.
+    # A program: BLOCK_P outputs of one output row × BLOCK_N output channels of a 3×3, padding-1 conv with stride
+    # STRIDE (1 or 2). Its input is rows STRIDE·oy-1 .. STRIDE·oy+1 of every input channel, taken PAIRS (channel,
+    # kernel row) pairs at a time: each pair is one row of a (PAIRS, STRIDE·BLOCK_P) tile loaded whole, its columns
+    # contiguous (wide loads in NCHW, where a shifted or strided tap reads 2 bytes at a time), plus the column left
+    # of it (and, at stride 1, the one right of it). Kernel column kw of output j is tile column STRIDE·j + kw - 1,
+    # gathered on chip; each kernel column is then one product over the pairs.
     col_blocks = tl.cdiv(out_width, BLOCK_P)
     image_row = tl.program_id(0) // col_blocks
     out_x0 = (tl.program_id(0) % col_blocks) * BLOCK_P
     img = image_row // out_height
     out_y = image_row % out_height
-    pair = tl.arange(0, PAIRS)
-    kh = pair % 3
-    in_y = 2 * out_y - 1 + kh
-    pair_used = pair < 3 * in_channels
-    pair_ok = pair_used & (in_y >= 0) & (in_y < height)
-    rows = x + img * x_sb + (pair // 3) * x_sc + in_y * x_sh
-    cols = 2 * out_x0 + tl.arange(0, 2 * BLOCK_P)
-    tile = tl.load(rows[:, None] + cols[None, :] * x_sw, mask=pair_ok[:, None] & (cols < width)[None, :], other=0.0)
-    left = tl.load(rows + (2 * out_x0 - 1) * x_sw, mask=pair_ok & (out_x0 > 0), other=0.0)
     j = tl.arange(0, BLOCK_P)
+    cols = STRIDE * out_x0 + tl.arange(0, STRIDE * BLOCK_P)
+    right = out_x0 + BLOCK_P  # stride 1: the column right of the tile, kernel column 2 of output BLOCK_P - 1
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < out_channels
-    w_pairs = weight + (pair // 3) * w_sk + kh * w_skh
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for kw in tl.static_range(3):
-        source = tl.maximum(2 * j + kw - 1, 0)
-        taps = tl.gather(tile, tl.broadcast_to(source[None, :], (PAIRS, BLOCK_P)), 1)
-        if kw == 0:  # output 0's left tap: the column left of the tile
-            taps = tl.where(j[None, :] == 0, left[:, None], taps)
-        w = tl.load(w_pairs[:, None] + kw * w_skw + offs_n[None, :] * w_sn, mask=pair_used[:, None] & mask_n[None, :],
-                    other=0.0)
-        acc = common.mma(tl.trans(taps), w, acc, PRECISION=PRECISION, UPCAST=UPCAST)
+    for pair0 in range(0, 3 * in_channels, PAIRS):
+        pair = pair0 + tl.arange(0, PAIRS)
+        kh = pair % 3
+        in_y = STRIDE * out_y - 1 + kh
+        pair_used = pair < 3 * in_channels
+        pair_ok = pair_used & (in_y >= 0) & (in_y < height)
+        rows = x + img * x_sb + (pair // 3) * x_sc + in_y * x_sh
+        tile = tl.load(rows[:, None] + cols[None, :] * x_sw, mask=pair_ok[:, None] & (cols < width)[None, :],
+                       other=0.0)
+        left = tl.load(rows + (STRIDE * out_x0 - 1) * x_sw, mask=pair_ok & (out_x0 > 0), other=0.0)
+        if STRIDE == 1:
+            beyond = tl.load(rows + right * x_sw, mask=pair_ok & (right < width), other=0.0)
+        w_pairs = weight + (pair // 3) * w_sk + kh * w_skh
+        for kw in tl.static_range(3):
+            source = tl.minimum(tl.maximum(STRIDE * j + kw - 1, 0), STRIDE * BLOCK_P - 1)
+            taps = tl.gather(tile, tl.broadcast_to(source[None, :], (PAIRS, BLOCK_P)), 1)
+            if kw == 0:  # output 0's left tap: the column left of the tile
+                taps = tl.where(j[None, :] == 0, left[:, None], taps)
+            if STRIDE == 1 and kw == 2:
+                taps = tl.where(j[None, :] == BLOCK_P - 1, beyond[:, None], taps)
+            w = tl.load(w_pairs[:, None] + kw * w_skw + offs_n[None, :] * w_sn,
+                        mask=pair_used[:, None] & mask_n[None, :], other=0.0)
+            acc = common.mma(tl.trans(taps), w, acc, PRECISION=PRECISION, UPCAST=UPCAST)
     out_x = out_x0 + j
     common.epilogue(acc, bias, residual, out, img, out_y, out_x, offs_n, out_x < out_width, mask_n, has_bias,
                     has_residual, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION)
@@ -191,18 +205,18 @@ def dense(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def stem(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
-    """Writes ``act(conv2d(x, weight) + bias) + residual`` into ``out``, any strides, for an image stem's conv: 3×3,
-    stride 2, padding 1, groups 1, at most ``STEM_PAIRS // 3`` input channels."""
+def rows(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
+    """Writes ``act(conv2d(x, weight) + bias) + residual`` into ``out``, any strides, for a 3×3 conv with padding 1,
+    stride 1 or 2 and groups 1, its input rows staged whole (see ``_conv_rows_kernel``)."""
     batch, in_channels, height, width = a.x.shape
     _, out_channels, out_height, out_width = out.shape
     bias, has_bias, _ = common.optional(a.bias, a.weight)
     residual, has_residual, r_strides = common.optional(a.residual, out)
-    grid = (batch * out_height * triton.cdiv(out_width, STEM_BLOCK_P), triton.cdiv(out_channels, STEM_BLOCK_N))
-    _conv_stem_kernel[grid](
+    grid = (batch * out_height * triton.cdiv(out_width, ROWS_BLOCK_P), triton.cdiv(out_channels, ROWS_BLOCK_N))
+    _conv_rows_kernel[grid](
         a.x, a.weight, bias, residual, out, in_channels, out_channels, height, width, out_height, out_width,
         has_bias, has_residual, *a.x.stride(), *a.weight.stride(), *r_strides, *out.stride(),
-        ACTIVATION=a.activation, BLOCK_P=STEM_BLOCK_P, BLOCK_N=STEM_BLOCK_N, PAIRS=STEM_PAIRS,
+        ACTIVATION=a.activation, STRIDE=a.stride[0], BLOCK_P=ROWS_BLOCK_P, BLOCK_N=ROWS_BLOCK_N, PAIRS=ROWS_PAIRS,
         **common.dot_mode(a.x.dtype))
     return out
 
@@ -217,9 +231,10 @@ def compile_configs():
         for activation in ACTIVATIONS:
             constexprs = {"ACTIVATION": activation, "BLOCK_P": DW_BLOCK_P, "BLOCK_C": DW_BLOCK_C}
             yield _conv_dw_kernel, common.signature(_conv_dw_kernel, ptr, constexprs, pointers), constexprs
-            constexprs = {"ACTIVATION": activation, "BLOCK_P": STEM_BLOCK_P, "BLOCK_N": STEM_BLOCK_N,
-                          "PAIRS": STEM_PAIRS, **common.dot_mode(dtype)}
-            yield _conv_stem_kernel, common.signature(_conv_stem_kernel, ptr, constexprs, pointers), constexprs
+            for stride in (1, 2):
+                constexprs = {"ACTIVATION": activation, "STRIDE": stride, "BLOCK_P": ROWS_BLOCK_P,
+                              "BLOCK_N": ROWS_BLOCK_N, "PAIRS": ROWS_PAIRS, **common.dot_mode(dtype)}
+                yield _conv_rows_kernel, common.signature(_conv_rows_kernel, ptr, constexprs, pointers), constexprs
             for ksize in DENSE_KERNEL_SIZES:
                 for blocks in (DENSE_BLOCKS, DENSE_SMALL_GRID_BLOCKS):
                     constexprs = {"ACTIVATION": activation, "KSIZE": ksize, **blocks, **common.dot_mode(dtype)}
