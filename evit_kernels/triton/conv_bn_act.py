@@ -65,7 +65,8 @@ def dense_blocks(n_pixels: int, out_channels: int) -> dict[str, int]:
 
 
 def dense_warps(dtype: torch.dtype, ksize: int) -> int:
-    """4 warps, 8 for fp32 k×k convs (whose FMA products spill the registers of 4 warps on sm_90)."""
+    """4 warps, 8 for fp32 k×k convs (whose FMA products spill the registers of 4 warps on sm_90; the row-staged
+    kernel's too, under triton 3.6)."""
     return 8 if dtype == torch.float32 and ksize > 1 else 4
 
 
@@ -217,7 +218,7 @@ def rows(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
         a.x, a.weight, bias, residual, out, in_channels, out_channels, height, width, out_height, out_width,
         has_bias, has_residual, *a.x.stride(), *a.weight.stride(), *r_strides, *out.stride(),
         ACTIVATION=a.activation, STRIDE=a.stride[0], BLOCK_P=ROWS_BLOCK_P, BLOCK_N=ROWS_BLOCK_N, PAIRS=ROWS_PAIRS,
-        **common.dot_mode(a.x.dtype))
+        num_warps=dense_warps(a.x.dtype, 3), **common.dot_mode(a.x.dtype))
     return out
 
 
@@ -234,7 +235,8 @@ def compile_configs():
             for stride in (1, 2):
                 constexprs = {"ACTIVATION": activation, "STRIDE": stride, "BLOCK_P": ROWS_BLOCK_P,
                               "BLOCK_N": ROWS_BLOCK_N, "PAIRS": ROWS_PAIRS, **common.dot_mode(dtype)}
-                yield _conv_rows_kernel, common.signature(_conv_rows_kernel, ptr, constexprs, pointers), constexprs
+                yield (_conv_rows_kernel, common.signature(_conv_rows_kernel, ptr, constexprs, pointers), constexprs,
+                       {"num_warps": dense_warps(dtype, 3)})
             for ksize in DENSE_KERNEL_SIZES:
                 for blocks in (DENSE_BLOCKS, DENSE_SMALL_GRID_BLOCKS):
                     constexprs = {"ACTIVATION": activation, "KSIZE": ksize, **blocks, **common.dot_mode(dtype)}
