@@ -415,9 +415,9 @@ def test_module_matches_original_in_eval(name, backend, patch_children, op_runs)
 
 
 @pytest.mark.parametrize("name", ["timm_mbconv", "mit_han_lab_mbconv", "mit_han_lab_fused_mbconv_s2"])
-def test_under_autocast_the_output_dtype_is_the_originals(name):
-    """An fp32 input is the shortcut of a bf16 branch: the original's sum is fp32 (added after the op, then); a
-    block without a shortcut gives the branch's bf16."""
+def test_under_autocast_the_output_dtype_is_the_originals(name, op_runs):
+    """An fp32 input is the shortcut of a bf16 branch: the original's sum is fp32, and so is the op's, the shortcut
+    its residual as it is; a block without a shortcut gives the branch's bf16. One op call either way."""
     original = BUILDERS[name]().to(DEVICE)
     randomize_untrained_state(original)
     fused = FusedConvBlock(copy.deepcopy(original.eval()))
@@ -425,6 +425,7 @@ def test_under_autocast_the_output_dtype_is_the_originals(name):
     with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
         expected, got = original(x), fused(x)
     assert got.dtype == expected.dtype and rel_err(got, expected) < 2e-2
+    assert [op for op, _ in op_runs] == ["conv_block"]
 
 
 @pytest.mark.parametrize("name", BUILDERS)

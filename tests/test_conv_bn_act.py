@@ -159,11 +159,14 @@ def test_op_low_precision(dtype):
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
-def test_op_cpu_autocast_bf16():
+@pytest.mark.parametrize("residual_dtype", [torch.bfloat16, torch.float32])
+def test_op_cpu_autocast_bf16(residual_dtype):
+    """x and the weights are cast, the residual is not: a bf16 residual gives bf16, an fp32 one fp32, as eager."""
     (x, weight, bias, residual), conv = make_op_inputs("dense_k1")
+    residual = residual.to(residual_dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = conv_bn_act(x, weight, bias, activation="relu", residual=residual, **conv)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == residual_dtype
     expected = float64_expected(x, weight, bias, residual, "relu", **conv)
     torch.testing.assert_close(out.double(), expected, rtol=3e-2, atol=3e-2)
 

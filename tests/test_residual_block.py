@@ -77,15 +77,20 @@ def test_training_matches_the_original_with_its_gradients(name, main_class):
 
 @pytest.mark.parametrize("name, main_class", BLOCKS[:2])
 def test_autocast_keeps_the_originals_dtype(name, main_class):
-    """Under autocast an fp32 shortcut added to the bf16 branch gives fp32, as the original's add."""
+    """Under autocast an fp32 shortcut added to the bf16 branch gives fp32, as the original's add: the shortcut
+    enters the last conv's call as it is (fp32, not cast), which returns the fp32 sum."""
     original = _residual_block(name, main_class)
     patched = nn.Sequential(copy.deepcopy(original))
     evit_kernels.patch(patched)
     x = torch.randn(2, _channels(original), 8, 8)
+    calls = []
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        expected, got = original(x), patched(x)
+        expected = original(x)
+        with dispatch.observing(lambda chosen, args: calls.append(args)):
+            got = patched(x)
     assert got.dtype == expected.dtype == torch.float32
     assert rel_err(got, expected) < 2e-2
+    assert calls[-1].op == "conv_bn_act" and calls[-1].residual is x and calls[-1].x.dtype == torch.bfloat16
 
 
 def test_unpatch_restores_the_original():

@@ -12,7 +12,6 @@ from evit_kernels.nn._base import FusedModule, Unsupported, expect_match
 from evit_kernels.nn._fold import FoldCache, foldable
 from evit_kernels.nn._match import MIT_HAN_LAB, TIMM_MIT, Match
 from evit_kernels.nn.conv_bn_act import activation_name
-from evit_kernels.ops._library import autocast_casts
 from evit_kernels.ops.conv_block import conv_block
 
 
@@ -143,13 +142,8 @@ class FusedConvBlock(FusedModule):
         else:
             activations = self.activations
         spatial = convs[-2]
-        # Under autocast an input of another dtype is added after the op, as the original adds it: the sum of the
-        # low-precision branch and an fp32 shortcut is fp32.
-        separate_add = self._residual and autocast_casts(x)
-        y = conv_block(x, *folded, stride=spatial.stride, padding=spatial.padding, groups=spatial.groups,
-                       activations=activations, residual=x if self._residual and not separate_add else None,
-                       backend=self.backend)
-        return y + x if separate_add else y
+        return conv_block(x, *folded, stride=spatial.stride, padding=spatial.padding, groups=spatial.groups,
+                          activations=activations, residual=x if self._residual else None, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, residual={self._residual}, activations={self.activations}, " + super().extra_repr()

@@ -15,7 +15,6 @@ from evit_kernels.nn._match import MIT_HAN_LAB, TIMM_MIT, Match
 from evit_kernels.nn.conv_block import check_conv_layer, identity_shortcut, residual_blocks
 from evit_kernels.nn.conv_bn_act import with_residual
 from evit_kernels.nn.lite_mla import LITE_MLA, FusedLiteMLA
-from evit_kernels.ops._library import autocast_casts
 
 TWO_CONV_BLOCKS = (Match("timm", "ConvBlock", (TIMM_MIT,), ("conv1", "conv2")),
                    Match("mit-han-lab", "ResBlock", MIT_HAN_LAB, ("conv1", "conv2")))
@@ -28,8 +27,8 @@ class FusedResidualBlock(FusedModule):
 
     The last layer runs with ``residual=x`` (:func:`evit_kernels.nn.conv_bn_act.with_residual`: in its op call when
     it is a ``FusedConvNormAct``, which folds its BatchNorm on running statistics; otherwise, and in training, the
-    layer's own forward then the add, as the original). Under autocast with ``x`` in another dtype than autocast's,
-    the add stays a separate one, as the original's: the fp32 shortcut added to the low-precision branch gives fp32.
+    layer's own forward then the add, as the original). Under autocast an fp32 ``x`` is added as it is, the sum
+    fp32 as the original's (docs/ops.md, "A residual wider than the input").
     """
 
     MATCHES = residual_blocks((*TWO_CONV_BLOCKS, LITE_MLA))
@@ -53,8 +52,6 @@ class FusedResidualBlock(FusedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         main = self._modules["main"]
-        if autocast_casts(x):
-            return main(x) + x
         if self.kind == "LiteMLA":
             return main(x, residual=x) if isinstance(main, FusedLiteMLA) else main(x) + x
         return with_residual(main._modules["conv2"], main._modules["conv1"](x), x)

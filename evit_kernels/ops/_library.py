@@ -29,7 +29,7 @@ def autocast_inputs(x: torch.Tensor, *tensors: Any) -> tuple[Any, ...]:
     if not torch.is_autocast_enabled(device_type):
         return (x, *tensors)
     dtype = torch.get_autocast_dtype(device_type)
-    cast: dict[int, torch.Tensor] = {}  # one tensor given twice (x as its own residual) is cast once
+    cast: dict[int, torch.Tensor] = {}  # one tensor given twice is cast once
 
     def to_dtype(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in cast:
@@ -37,12 +37,6 @@ def autocast_inputs(x: torch.Tensor, *tensors: Any) -> tuple[Any, ...]:
         return cast[id(t)]
 
     return pytree.tree_map_only(torch.Tensor, to_dtype, (x, *tensors))
-
-
-def autocast_casts(x: torch.Tensor) -> bool:
-    """Whether autocast is on for ``x``'s device (see :func:`autocast_inputs`) and would cast ``x`` to another dtype."""
-    device_type = _autocast_device(x)
-    return torch.is_autocast_enabled(device_type) and x.dtype != torch.get_autocast_dtype(device_type)
 
 
 def _autocast_device(x: torch.Tensor) -> str:
@@ -102,10 +96,12 @@ class OpArgs:
     def output_numel(self) -> int:
         return math.prod(self.output_shape())
 
+    def output_dtype(self) -> torch.dtype:
+        return self.tensors()[0].dtype
+
     def new_output(self) -> Tensor:
         """The op's output, uninitialised: shape, dtype, device and layout as every backend returns it."""
-        first = self.tensors()[0]
-        return torch.empty(self.output_shape(), dtype=first.dtype, device=first.device,
+        return torch.empty(self.output_shape(), dtype=self.output_dtype(), device=self.tensors()[0].device,
                            memory_format=self.output_layout())
 
     def shape_class(self) -> str:
@@ -127,6 +123,34 @@ class OpArgs:
             return f"{str(value.dtype).removeprefix('torch.')}({'x'.join(shape)}){layout}"
 
         return " ".join(f"{f.name}={describe(getattr(self, f.name))}" for f in dataclasses.fields(self))
+
+
+class AddsResidual(OpArgs):
+    """Base of the records whose op adds an optional ``residual`` field last, as eager ``y + residual`` adds it:
+    the residual is read as it is, never cast by autocast, and may be fp32 where the other inputs are fp16/bf16
+    (an fp32 shortcut around a block autocast runs in low precision); the output then is fp32, the dtype eager's
+    sum has, rounded once."""
+
+    residual: Tensor | None
+
+    def output_dtype(self) -> torch.dtype:
+        # The residual has the input's dtype or fp32 (cast_and_checked): the sum's is the wider of the two, as
+        # promotion gives (a plain comparison, which adds no op to a traced graph as torch.promote_types would).
+        dtype = super().output_dtype()
+        return dtype if self.residual is None else max(dtype, self.residual.dtype, key=lambda d: d.itemsize)
+
+    def cast_and_checked(self, keep: tuple[str, ...] = ()) -> OpArgs:
+        checked = super().cast_and_checked((*keep, "residual"))
+        x, residual = checked.tensors()[0], checked.residual
+        if residual is None:
+            return checked
+        if residual.dtype != x.dtype and not (x.dtype in LOW_PRECISION and residual.dtype == torch.float32):
+            raise TypeError(f"{self.op}: residual has dtype {residual.dtype} but the input has {x.dtype}; the "
+                            "residual is added as it is: of the input's dtype, or float32 with a float16/bfloat16 "
+                            "input (the output is then float32)")
+        if residual.device != x.device:
+            raise ValueError(f"{self.op}: residual is on {residual.device} but the input is on {x.device}")
+        return checked
 
 
 BATCH_BUCKETS = (1, 4, 16, 64, 256)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from evit_kernels import dispatch
-from evit_kernels.ops._library import OpArgs, define_op
+from evit_kernels.ops._library import AddsResidual, define_op
 from evit_kernels.ops.conv_bn_act import (
     _ACTIVATION_FUNCTIONS,
     ACTIVATIONS,
@@ -40,7 +40,7 @@ _ONE, _ZERO = [1, 1], [0, 0]
 
 
 @dataclass(frozen=True)
-class ConvBlockArgs(OpArgs):
+class ConvBlockArgs(AddsResidual):
     """The arguments of ``evit::conv_block`` (see :func:`conv_block`), pairs as [height, width] lists."""
 
     op: ClassVar[str] = "conv_block"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evit_kernels import dispatch
-from evit_kernels.ops._library import OpArgs, define_op
+from evit_kernels.ops._library import AddsResidual, define_op
 
 if TYPE_CHECKING:
     from evit_kernels.ops.conv_block import ConvBlockArgs
@@ -48,7 +48,7 @@ def conv_output_shape(x: Tensor, weight: Tensor, stride: Sequence[int], padding:
 
 
 @dataclass(frozen=True)
-class ConvBnActArgs(OpArgs):
+class ConvBnActArgs(AddsResidual):
     """The arguments of ``evit::conv_bn_act`` (see :func:`conv_bn_act`), pairs as [height, width] lists."""
 
     op: ClassVar[str] = "conv_bn_act"
@@ -210,6 +210,9 @@ def _cuda_reasons(a: ConvBnActArgs) -> list[str]:
         reasons.append(f"a conv with weight {tuple(a.weight.shape)}, groups={a.groups}, stride={a.stride} (the CUDA "
                        f"kernel takes a depthwise 3×3, 5×5 or 7×7 conv with stride 1 or 2; 1×1 and other convs run "
                        f"on the triton or torch backend)")
+    if a.residual is not None and a.residual.dtype != a.x.dtype:
+        reasons.append(f"a {a.residual.dtype} residual with {a.x.dtype} inputs (the CUDA kernel reads the residual "
+                       "in the input's dtype)")
     if max(*a.x.shape[2:], *a.padding) >= 2**28:
         reasons.append("a map or padding of 2^28 pixels or more (the CUDA kernel's pixel coordinates are 32-bit)")
     return reasons

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evit_kernels import dispatch
-from evit_kernels.ops._library import OpArgs, define_op
+from evit_kernels.ops._library import AddsResidual, define_op
 from evit_kernels.ops.conv_bn_act import output_memory_format
 
 
 @dataclass(frozen=True)
-class FfnArgs(OpArgs):
+class FfnArgs(AddsResidual):
     """The arguments of ``evit::ffn`` (see :func:`ffn`)."""
 
     op: ClassVar[str] = "ffn"

@@ -1,0 +1,187 @@
+"""A residual wider than the inputs: an fp32 shortcut added by a float16/bfloat16 conv_bn_act, conv_block or ffn, as
+under autocast, where a block's fp32 input is cast for its convs but added as it is. The op reads the residual as
+it is and returns the fp32 sum eager returns: within twice eager's error of a float64 formula on both backends
+(every Triton kernel kind that adds a residual), the fake output's dtype, gradients in each input's dtype, and
+clear refusals of every other mix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from evit_kernels import dispatch
+from evit_kernels.ops.conv_block import conv_block
+from evit_kernels.ops.conv_bn_act import ConvBnActArgs, _kernel_kind, conv_bn_act
+from evit_kernels.ops.ffn import ffn
+from tests.numerics import assert_within_twice_eager, in_layout
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LOW = [torch.float16, torch.bfloat16]
+LOW_IDS = ["fp16", "bf16"]
+
+
+def _randn(*shape, scale=1.0):
+    return torch.randn(*shape, device=DEVICE) * scale
+
+
+# (C_in, C_out, H, W, k, stride, groups, layout): one conv per Triton kind that adds a residual.
+CONVS = {
+    "depthwise": (12, 12, 5, 7, 3, 1, 12, "channels_last"),
+    "dense_1x1": (20, 24, 3, 5, 1, 1, 1, "nchw"),
+    "rows_rgb": (3, 8, 4, 9, 3, 1, 1, "nchw"),
+}
+
+
+def _conv_inputs(name: str, dtype: torch.dtype) -> tuple[list, dict]:
+    """([x, weight, bias] in ``dtype``, an fp32 residual), conv keyword arguments."""
+    c_in, c_out, height, width, k, stride, groups, layout = CONVS[name]
+    x = in_layout(_randn(2, c_in, height, width), layout).to(dtype)
+    weight = _randn(c_out, c_in // groups, k, k, scale=(c_in // groups * k * k) ** -0.5).to(dtype)
+    bias = _randn(c_out).to(dtype)
+    residual = in_layout(_randn(2, c_out, height, width), layout)
+    return [x, weight, bias, residual], dict(stride=stride, padding=k // 2, groups=groups)
+
+
+def _double(tensors: list) -> list:
+    return [None if t is None else t.double() for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=LOW_IDS)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", CONVS)
+def test_conv_bn_act_returns_the_fp32_sum(poisoned_empty, name, backend, dtype):
+    (x, weight, bias, residual), conv = _conv_inputs(name, dtype)
+    calls = []
+    with dispatch.observing(lambda chosen, args: calls.append(chosen.name)):
+        out = conv_bn_act(x, weight, bias, activation="hardswish", residual=residual, backend=backend, **conv)
+    assert calls == [backend]
+    # eager's own: the conv rounded to dtype, the fp32 residual added to it
+    eager = F.hardswish(F.conv2d(x, weight, bias, conv["stride"], conv["padding"], 1, conv["groups"])) + residual
+    x64, w64, b64, r64 = _double([x, weight, bias, residual])
+    expected = F.hardswish(F.conv2d(x64, w64, b64, conv["stride"], conv["padding"], 1, conv["groups"])) + r64
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    assert out.stride() == residual.stride()  # the input's layout
+    assert_within_twice_eager(out, eager, expected, dtype, weight[0].numel())
+
+
+@pytest.mark.parametrize("name, kind", [("depthwise", "depthwise"), ("dense_1x1", "dense"), ("rows_rgb", "rows")])
+def test_each_conv_takes_its_kernel(name, kind):
+    (x, weight, bias, residual), conv = _conv_inputs(name, torch.bfloat16)
+    pair = [conv["stride"]] * 2, [conv["padding"]] * 2
+    assert _kernel_kind(ConvBnActArgs(x, weight, bias, *pair, [1, 1], conv["groups"], "none", residual)) == kind
+
+
+# (batch, C, hidden, C_out, H, W, gate): an MBConv whose projection fits one program (one pass), one whose output
+# channels do not (two passes: the projection on the 1×1 kernel adds the residual), and a GLUMBConv.
+BLOCKS = {
+    "mbconv_one_pass": (2, 16, 32, 16, 5, 7, None),
+    "mbconv_two_passes": (1, 80, 40, 80, 5, 6, None),
+    "glumbconv": (1, 16, 48, 16, 4, 5, "silu"),
+}
+
+
+def _block_inputs(name: str, dtype: torch.dtype) -> tuple[list, torch.Tensor, str | None]:
+    batch, channels, hidden, out_channels, height, width, gate = BLOCKS[name]
+    projected = hidden // 2 if gate else hidden
+    weights = [_randn(hidden, channels, 1, 1, scale=channels ** -0.5), _randn(hidden),
+               _randn(hidden, 1, 3, 3, scale=1 / 3), _randn(hidden),
+               _randn(out_channels, projected, 1, 1, scale=projected ** -0.5), _randn(out_channels)]
+    x = _randn(batch, channels, height, width)
+    return [t.to(dtype) for t in (x, *weights)], _randn(batch, out_channels, height, width), gate
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=LOW_IDS)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", BLOCKS)
+def test_conv_block_returns_the_fp32_sum(poisoned_empty, name, backend, dtype):
+    tensors, residual, gate = _block_inputs(name, dtype)
+    activations = ("silu", "none", "none") if gate else ("hardswish", "hardswish", "none")
+    kwargs = dict(activations=activations, gate=gate)
+    out = conv_block(*tensors, residual=residual, backend=backend, **kwargs)
+    eager = conv_block(*tensors, backend="torch", **kwargs) + residual
+    expected = conv_block(*_double(tensors), residual=residual.double(), backend="torch", **kwargs)
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    terms = sum(w[0].numel() for w in tensors[1::2])
+    assert_within_twice_eager(out, eager, expected, dtype, terms)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=LOW_IDS)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ffn_returns_the_fp32_sum(poisoned_empty, backend, dtype):
+    x, residual = _randn(2, 24, 3, 5).to(dtype), _randn(2, 24, 3, 5)
+    weights = [_randn(48, 24, 1, 1, scale=24 ** -0.5), _randn(48), _randn(24, 48, 1, 1, scale=48 ** -0.5),
+               _randn(24)]
+    w1, b1, w2, b2 = (t.to(dtype) for t in weights)
+    out = ffn(x, w1, b1, w2, b2, residual=residual, backend=backend)
+    eager = F.conv2d(F.relu(F.conv2d(x, w1, b1)), w2, b2) + residual
+    x64, w164, b164, w264, b264 = _double([x, w1, b1, w2, b2])
+    expected = F.conv2d(F.relu(F.conv2d(x64, w164, b164)), w264, b264) + residual.double()
+    assert out.dtype == torch.float32
+    assert_within_twice_eager(out, eager, expected, dtype, 24 + 48)
+
+
+def test_under_autocast_the_residual_is_not_cast():
+    """x is cast for the conv, the fp32 residual added as it is: the fp32 sum, as autocast's conv plus the add."""
+    (x, weight, bias, residual), conv = _conv_inputs("dense_1x1", torch.float32)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = conv_bn_act(x, weight, bias, residual=residual, **conv)
+        eager = F.conv2d(x, weight, bias) + residual
+    assert out.dtype == eager.dtype == torch.float32
+    x64, w64, b64, r64 = _double([x.bfloat16(), weight.bfloat16(), bias.bfloat16(), residual])
+    assert_within_twice_eager(out, eager, F.conv2d(x64, w64, b64) + r64, torch.bfloat16, 20)
+
+
+def test_gradients_come_in_each_inputs_dtype():
+    (x, weight, bias, residual), conv = _conv_inputs("depthwise", torch.bfloat16)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias, residual)]
+    out = conv_bn_act(*leaves[:3], activation="relu", residual=leaves[3], **conv)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    exact = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
+    (F.relu(F.conv2d(*exact[:3], conv["stride"], conv["padding"], 1, conv["groups"])) + exact[3]).backward(
+        grad.double())
+    for got, ref in zip(leaves, exact):
+        assert got.grad.dtype == got.dtype
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=3e-2, atol=3e-2)
+    assert torch.equal(leaves[3].grad, grad)  # d(out)/d(residual) is the identity, in fp32
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend):
+    """The fake output is fp32 too (torch.compile and export see the dtype the kernels return)."""
+    (x, weight, bias, residual), conv = _conv_inputs("dense_1x1", torch.bfloat16)
+    args = (x, weight, bias, [1, 1], [0, 0], [1, 1], 1, "relu", residual, backend)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.evit.conv_bn_act.default, args, test_utils=tests)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = torch.ops.evit.conv_bn_act(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    assert fake.dtype == torch.float32
+
+
+@pytest.mark.parametrize("x_dtype, residual_dtype", [
+    (torch.float32, torch.bfloat16),  # narrower than the input
+    (torch.bfloat16, torch.float16),  # another low precision
+    (torch.float16, torch.float64),
+])
+def test_other_mixes_are_refused(x_dtype, residual_dtype):
+    (x, weight, bias, residual), conv = _conv_inputs("dense_1x1", x_dtype)
+    with pytest.raises(TypeError, match="residual has dtype"):
+        conv_bn_act(x, weight, bias, residual=residual.to(residual_dtype), **conv)
+    with pytest.raises(TypeError, match="residual has dtype"):
+        ffn(x, weight, None, weight.transpose(0, 1).contiguous(), None, residual=residual.to(residual_dtype)[:, :20])
+
+
+def test_a_residual_on_another_device_is_refused():
+    (x, weight, bias, residual), conv = _conv_inputs("dense_1x1", torch.bfloat16)
+    with pytest.raises(ValueError, match="residual is on meta"):
+        conv_bn_act(x, weight, bias, residual=residual.to("meta"), **conv)
+
+
+def test_the_cuda_kernel_refuses_a_wider_residual():
+    (x, weight, bias, residual), conv = _conv_inputs("depthwise", torch.bfloat16)
+    args = ConvBnActArgs(x, weight, bias, [1, 1], [1, 1], [1, 1], conv["groups"], "none", residual)
+    reasons = dispatch.get("conv_bn_act", "cuda").input_reasons(args)
+    assert any("torch.float32 residual with torch.bfloat16 inputs" in r for r in reasons)
+    same = ConvBnActArgs(x, weight, bias, [1, 1], [1, 1], [1, 1], conv["groups"], "none", residual.bfloat16())
+    assert not any("residual" in r for r in dispatch.get("conv_bn_act", "cuda").input_reasons(same))
