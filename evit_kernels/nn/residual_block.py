@@ -28,7 +28,7 @@ class FusedResidualBlock(FusedModule):
     The last layer runs with ``residual=x`` (:func:`evit_kernels.nn.conv_bn_act.with_residual`: in its op call when
     it is a ``FusedConvNormAct``, which folds its BatchNorm on running statistics; otherwise, and in training, the
     layer's own forward then the add, as the original). Under autocast an fp32 ``x`` is added as it is, the sum
-    fp32 as the original's (docs/ops.md, "A residual wider than the input").
+    fp32 as the original's (docs/ops.md, "Inputs wider than the compute dtype").
     """
 
     MATCHES = residual_blocks((*TWO_CONV_BLOCKS, LITE_MLA))

@@ -96,8 +96,12 @@ class OpArgs:
     def output_numel(self) -> int:
         return math.prod(self.output_shape())
 
-    def output_dtype(self) -> torch.dtype:
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the op computes in: its inputs' (one dtype, :meth:`cast_and_checked`)."""
         return self.tensors()[0].dtype
+
+    def output_dtype(self) -> torch.dtype:
+        return self.compute_dtype()
 
     def new_output(self) -> Tensor:
         """The op's output, uninitialised: shape, dtype, device and layout as every backend returns it."""
@@ -134,23 +138,47 @@ class AddsResidual(OpArgs):
     residual: Tensor | None
 
     def output_dtype(self) -> torch.dtype:
-        # The residual has the input's dtype or fp32 (cast_and_checked): the sum's is the wider of the two, as
+        # The residual has the compute dtype or fp32 (cast_and_checked): the sum's is the wider of the two, as
         # promotion gives (a plain comparison, which adds no op to a traced graph as torch.promote_types would).
-        dtype = super().output_dtype()
+        dtype = self.compute_dtype()
         return dtype if self.residual is None else max(dtype, self.residual.dtype, key=lambda d: d.itemsize)
 
     def cast_and_checked(self, keep: tuple[str, ...] = ()) -> OpArgs:
         checked = super().cast_and_checked((*keep, "residual"))
-        x, residual = checked.tensors()[0], checked.residual
+        dtype, device, residual = checked.compute_dtype(), checked.tensors()[0].device, checked.residual
         if residual is None:
             return checked
-        if residual.dtype != x.dtype and not (x.dtype in LOW_PRECISION and residual.dtype == torch.float32):
-            raise TypeError(f"{self.op}: residual has dtype {residual.dtype} but the input has {x.dtype}; the "
+        if residual.dtype != dtype and not (dtype in LOW_PRECISION and residual.dtype == torch.float32):
+            raise TypeError(f"{self.op}: residual has dtype {residual.dtype} but the input has {dtype}; the "
                             "residual is added as it is: of the input's dtype, or float32 with a float16/bfloat16 "
                             "input (the output is then float32)")
-        if residual.device != x.device:
-            raise ValueError(f"{self.op}: residual is on {residual.device} but the input is on {x.device}")
+        if residual.device != device:
+            raise ValueError(f"{self.op}: residual is on {residual.device} but the input is on {device}")
         return checked
+
+
+class RoundsInput(OpArgs):
+    """Base of the records whose op takes, under autocast, an fp32 ``x`` as it is where autocast would cast it to
+    fp16/bf16, and rounds it to that dtype itself (the weights' dtype, the compute dtype): the same values as
+    autocast's cast, which a kernel makes as it loads ``x`` instead of in a pass over ``x`` of its own (the first
+    conv of a block whose input is an fp32 shortcut). Outside autocast every input has one dtype, as for every op.
+    ``weight_field`` names the field whose dtype is the compute dtype."""
+
+    weight_field: ClassVar[str]
+
+    def compute_dtype(self) -> torch.dtype:
+        return getattr(self, self.weight_field).dtype
+
+    def cast_and_checked(self, keep: tuple[str, ...] = ()) -> OpArgs:
+        checked = super().cast_and_checked(keep)
+        x = self.x
+        if x.dtype == torch.float32 and checked.x.dtype in LOW_PRECISION:  # cast by autocast: take it as it is
+            return dataclasses.replace(checked, x=x)
+        return checked
+
+    def rounded_input(self) -> Tensor:
+        """``x`` in the compute dtype (autocast's cast, for the code that does not round it on load)."""
+        return self.x.to(self.compute_dtype())
 
 
 BATCH_BUCKETS = (1, 4, 16, 64, 256)

@@ -17,14 +17,14 @@ passes; without a projection that first pass is the block), and otherwise runs t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from evit_kernels import dispatch
-from evit_kernels.ops._library import AddsResidual, define_op
+from evit_kernels.ops._library import AddsResidual, RoundsInput, define_op
 from evit_kernels.ops.conv_bn_act import (
     _ACTIVATION_FUNCTIONS,
     ACTIVATIONS,
@@ -40,10 +40,11 @@ _ONE, _ZERO = [1, 1], [0, 0]
 
 
 @dataclass(frozen=True)
-class ConvBlockArgs(AddsResidual):
+class ConvBlockArgs(AddsResidual, RoundsInput):
     """The arguments of ``evit::conv_block`` (see :func:`conv_block`), pairs as [height, width] lists."""
 
     op: ClassVar[str] = "conv_block"
+    weight_field: ClassVar[str] = "w2"
     x: Tensor
     w1: Tensor | None
     b1: Tensor | None
@@ -121,7 +122,9 @@ def conv_block(x: Tensor, w1: Tensor | None, b1: Tensor | None, w2: Tensor, b2: 
     ``b3`` or ``residual``. ``padding`` defaults to k // 2 and ``groups`` to the width (depthwise). ``activations``
     names the three activations (one of :data:`ACTIVATIONS` each; the first is ignored without ``w1``, the third
     without ``w3``). ``gate``, one of :data:`ACTIVATIONS` or None, turns on the GLU mode: the projection takes
-    ``d[:, :mid/2] · gate(d[:, mid/2:])``. ``residual``, when given, has the output's shape and is added last.
+    ``d[:, :mid/2] · gate(d[:, mid/2:])``. ``residual``, when given, has the output's shape and is added last. An
+    fp32 residual with fp16/bf16 inputs, and under autocast an fp32 ``x``, are taken as they are (docs/ops.md,
+    "Inputs wider than the compute dtype").
     """
     act1, act2, act3 = activations
     for name in (*activations, *([] if gate is None else [gate])):
@@ -188,7 +191,7 @@ def _whole_block_config(a: ConvBlockArgs) -> tuple[str, dict] | tuple[None, str]
                       "5×5 or 7×7 conv with stride 1 or 2 (a full conv only without an expand)")
     if a.gate is not None and kind != "expand_depthwise":
         return None, f"a GLU gate after a {kind} conv (the kernel gates only an expand followed by a depthwise conv)"
-    config = kernels.tile_config(kind, a.x.dtype, a.x.shape, a.output_shape(), a.stride[0], a.w2.shape[2],
+    config = kernels.tile_config(kind, a.compute_dtype(), a.x.shape, a.output_shape(), a.stride[0], a.w2.shape[2],
                                  a.projected, projection=a.w3 is not None)
     if config is None:
         return None, f"a {a.x.shape[3]}-pixel-wide map (one output row and its halo exceed the largest tile)"
@@ -206,6 +209,8 @@ def _triton_forward(a: ConvBlockArgs) -> Tensor:
     if kind is None:
         dispatch.log_once("conv_block", f"conv_block: layer by layer on the conv_bn_act kernels for {config}")
         return _per_layer(a)
+    if kind == "depthwise":  # the expand and full convs' products round an fp32 x as they load it, the taps do not
+        a = replace(a, x=a.rounded_input())
     if a.w3 is None:  # the block is the first of the two passes, written in its own layout
         return kernels.hidden(a, kind, config, a.new_output())
     if kernels.one_pass(config, a.w3.shape[0]):
@@ -217,8 +222,8 @@ def _triton_forward(a: ConvBlockArgs) -> Tensor:
     # 32-bit offsets above.
     from evit_kernels.triton.conv_bn_act import dense
 
-    d = torch.empty(a.output_shape()[:1] + [a.projected] + a.output_shape()[2:], dtype=a.x.dtype, device=a.x.device,
-                    memory_format=torch.channels_last)
+    d = torch.empty(a.output_shape()[:1] + [a.projected] + a.output_shape()[2:], dtype=a.compute_dtype(),
+                    device=a.x.device, memory_format=torch.channels_last)
     return dense(project(kernels.hidden(a, kind, config, d)), a.new_output())
 
 

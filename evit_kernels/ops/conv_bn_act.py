@@ -4,7 +4,7 @@ activation block once the BatchNorm is folded into ``weight`` and ``bias`` (docs
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, ClassVar
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evit_kernels import dispatch
-from evit_kernels.ops._library import AddsResidual, define_op
+from evit_kernels.ops._library import AddsResidual, RoundsInput, define_op
 
 if TYPE_CHECKING:
     from evit_kernels.ops.conv_block import ConvBlockArgs
@@ -48,10 +48,11 @@ def conv_output_shape(x: Tensor, weight: Tensor, stride: Sequence[int], padding:
 
 
 @dataclass(frozen=True)
-class ConvBnActArgs(AddsResidual):
+class ConvBnActArgs(AddsResidual, RoundsInput):
     """The arguments of ``evit::conv_bn_act`` (see :func:`conv_bn_act`), pairs as [height, width] lists."""
 
     op: ClassVar[str] = "conv_bn_act"
+    weight_field: ClassVar[str] = "weight"
     x: Tensor
     weight: Tensor
     bias: Tensor | None
@@ -71,8 +72,8 @@ class ConvBnActArgs(AddsResidual):
 
 def conv_bn_act_reference(a: ConvBnActArgs) -> Tensor:
     """Eager PyTorch: ``act(conv2d(x, weight, bias)) + residual``, laid out as :func:`output_memory_format`."""
-    y = _ACTIVATION_FUNCTIONS[a.activation](F.conv2d(a.x, a.weight, a.bias, a.stride, a.padding, a.dilation,
-                                                      a.groups))
+    y = _ACTIVATION_FUNCTIONS[a.activation](F.conv2d(a.rounded_input(), a.weight, a.bias, a.stride, a.padding,
+                                                      a.dilation, a.groups))
     if a.residual is not None:
         y = y + a.residual
     return y.contiguous(memory_format=a.output_layout())
@@ -88,7 +89,9 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: i
 
     ``x`` is (B, C_in, H, W) in NCHW or channels-last layout (the output keeps it); ``weight`` is
     (C_out, C_in / groups, kH, kW); ``activation`` is one of :data:`ACTIVATIONS`; ``residual``, when given, has
-    the output's shape and is added after the activation. Zero padding only.
+    the output's shape and is added after the activation. Zero padding only. An fp32 residual with fp16/bf16
+    inputs, and under autocast an fp32 ``x``, are taken as they are (docs/ops.md, "Inputs wider than the compute
+    dtype").
     """
     if activation not in _ACTIVATION_FUNCTIONS:
         raise ValueError(f"conv_bn_act: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
@@ -171,11 +174,10 @@ def _triton_forward(a: ConvBnActArgs) -> Tensor:
     from evit_kernels.triton import conv_bn_act as kernels
 
     kind = _kernel_kind(a)
-    if kind == "depthwise":
-        return kernels.depthwise(a, a.new_output())
-    if kind == "rows":
-        return kernels.rows(a, a.new_output())
-    return kernels.dense(a, a.new_output())
+    if kind == "dense":  # its products round an fp32 x to the weights' dtype as they load it (RoundsInput)
+        return kernels.dense(a, a.new_output())
+    rounded = replace(a, x=a.rounded_input())
+    return (kernels.depthwise if kind == "depthwise" else kernels.rows)(rounded, a.new_output())
 
 
 def _triton_reasons(a: ConvBnActArgs) -> list[str]:
@@ -210,9 +212,11 @@ def _cuda_reasons(a: ConvBnActArgs) -> list[str]:
         reasons.append(f"a conv with weight {tuple(a.weight.shape)}, groups={a.groups}, stride={a.stride} (the CUDA "
                        f"kernel takes a depthwise 3×3, 5×5 or 7×7 conv with stride 1 or 2; 1×1 and other convs run "
                        f"on the triton or torch backend)")
-    if a.residual is not None and a.residual.dtype != a.x.dtype:
-        reasons.append(f"a {a.residual.dtype} residual with {a.x.dtype} inputs (the CUDA kernel reads the residual "
-                       "in the input's dtype)")
+    wider = [f"a {t.dtype} {name}" for name, t in (("input", a.x), ("residual", a.residual))
+             if t is not None and t.dtype != a.weight.dtype]
+    if wider:
+        reasons.append(f"{' and '.join(wider)} with {a.weight.dtype} weights (the CUDA kernel reads every tensor in "
+                       "one dtype)")
     if max(*a.x.shape[2:], *a.padding) >= 2**28:
         reasons.append("a map or padding of 2^28 pixels or more (the CUDA kernel's pixel coordinates are 32-bit)")
     return reasons

@@ -51,7 +51,8 @@ def ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
     """``conv1x1(relu(conv1x1(x, w1, b1)), w2, b2) + residual``.
 
     ``x`` is (B, C, H, W) in NCHW or channels-last layout (the output keeps it); ``w1`` is (hidden, C, 1, 1) and
-    ``w2`` (C, hidden, 1, 1); ``residual``, when given, has ``x``'s shape.
+    ``w2`` (C, hidden, 1, 1); ``residual``, when given, has ``x``'s shape, and may be fp32 with fp16/bf16 inputs
+    (the output is then fp32; docs/ops.md, "Inputs wider than the compute dtype").
     """
     _check_shapes(x, w1, b1, w2, b2, residual)
     return dispatch.run(FfnArgs(x, w1, b1, w2, b2, residual).cast_and_checked(), backend)

@@ -334,7 +334,7 @@ def _launch(a: ConvBlockArgs, out: torch.Tensor, spatial: str, config: dict, sto
         *out.stride(),
         SPATIAL=spatial, ACT1=a.act1, ACT2=a.act2, ACT3=a.act3, K=a.w2.shape[2], num_stages=1, **options,
         STORE_HIDDEN=store_hidden, GATED=a.gate is not None, ACT_GATE=a.gate or "none", **config,
-        **common.dot_mode(a.x.dtype))
+        **common.dot_mode(a.compute_dtype()))
 
 
 def compile_configs():

@@ -201,8 +201,8 @@ def dense(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
     _conv_dense_kernel[grid](
         a.x, a.weight, bias, residual, out, n_pixels, in_channels, out_channels, height, width, out_height, out_width,
         *a.stride, *a.padding, has_bias, has_residual, *a.x.stride(), *a.weight.stride(), *r_strides, *out.stride(),
-        ACTIVATION=a.activation, KSIZE=a.weight.shape[2], **blocks, num_warps=dense_warps(a.x.dtype, a.weight.shape[2]),
-        **common.dot_mode(a.x.dtype))
+        ACTIVATION=a.activation, KSIZE=a.weight.shape[2], **blocks,
+        num_warps=dense_warps(a.compute_dtype(), a.weight.shape[2]), **common.dot_mode(a.compute_dtype()))
     return out
 
 

@@ -1,8 +1,13 @@
-"""A residual wider than the inputs: an fp32 shortcut added by a float16/bfloat16 conv_bn_act, conv_block or ffn, as
-under autocast, where a block's fp32 input is cast for its convs but added as it is. The op reads the residual as
-it is and returns the fp32 sum eager returns: within twice eager's error of a float64 formula on both backends
-(every Triton kernel kind that adds a residual), the fake output's dtype, gradients in each input's dtype, and
-clear refusals of every other mix."""
+"""Inputs wider than the compute dtype, as autocast leaves them around a block it runs in fp16/bf16: an fp32 input,
+which autocast casts for the block's first conv, and the same fp32 tensor as the shortcut, which eager adds as it is.
+
+- A residual wider than the inputs (conv_bn_act, conv_block, ffn): read as it is, the output fp32 as eager's sum:
+  within twice eager's error of a float64 formula on both backends (every Triton kernel kind that adds a residual).
+- An fp32 input under autocast (conv_bn_act, conv_block): taken as it is and rounded to the weights' dtype by the
+  op, where the kernels can as they load it: exactly the values of autocast's cast (bit for bit against the op on the
+  cast input, every kernel kind).
+
+Both: the fake output's dtype, gradients in each input's dtype, clear refusals of every other mix."""
 
 from __future__ import annotations
 
@@ -11,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from evit_kernels import dispatch
-from evit_kernels.ops.conv_block import conv_block
+from evit_kernels.ops.conv_block import ConvBlockArgs, _whole_block_config, conv_block
 from evit_kernels.ops.conv_bn_act import ConvBnActArgs, _kernel_kind, conv_bn_act
 from evit_kernels.ops.ffn import ffn
+from evit_kernels.triton import conv_block as triton_conv_block
 from tests.numerics import assert_within_twice_eager, in_layout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -178,10 +184,126 @@ def test_a_residual_on_another_device_is_refused():
         conv_bn_act(x, weight, bias, residual=residual.to("meta"), **conv)
 
 
-def test_the_cuda_kernel_refuses_a_wider_residual():
+@pytest.mark.parametrize("wide", ["input", "residual"])
+def test_the_cuda_kernel_refuses_a_wider_tensor(wide):
     (x, weight, bias, residual), conv = _conv_inputs("depthwise", torch.bfloat16)
+    x = x.float() if wide == "input" else x
+    residual = residual if wide == "residual" else residual.bfloat16()
     args = ConvBnActArgs(x, weight, bias, [1, 1], [1, 1], [1, 1], conv["groups"], "none", residual)
     reasons = dispatch.get("conv_bn_act", "cuda").input_reasons(args)
-    assert any("torch.float32 residual with torch.bfloat16 inputs" in r for r in reasons)
-    same = ConvBnActArgs(x, weight, bias, [1, 1], [1, 1], [1, 1], conv["groups"], "none", residual.bfloat16())
-    assert not any("residual" in r for r in dispatch.get("conv_bn_act", "cuda").input_reasons(same))
+    assert any(f"a torch.float32 {wide} with torch.bfloat16 weights" in r for r in reasons)
+    same = ConvBnActArgs(x.bfloat16(), weight, bias, [1, 1], [1, 1], [1, 1], conv["groups"], "none",
+                         residual.bfloat16())
+    assert not any("weights" in r for r in dispatch.get("conv_bn_act", "cuda").input_reasons(same))
+
+
+# --------------------------------------------------------------------------------- an fp32 input under autocast
+
+
+def _observed_inputs(call) -> tuple:
+    """(the output of ``call()``, the x of every op call it makes, in order)."""
+    seen = []
+    with dispatch.observing(lambda chosen, args: seen.append(args.x)):
+        out = call()
+    return out, seen
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", CONVS)
+def test_conv_bn_act_rounds_an_fp32_input_as_autocast_casts_it(poisoned_empty, name, backend):
+    (x, weight, bias, residual), conv = _conv_inputs(name, torch.float32)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out, seen = _observed_inputs(lambda: conv_bn_act(x, weight, bias, activation="gelu_tanh", residual=residual,
+                                                         backend=backend, **conv))
+    assert seen == [x]  # not cast before the op
+    cast = [t.bfloat16() for t in (x, weight, bias)]
+    expected = conv_bn_act(*cast, activation="gelu_tanh", residual=residual, backend=backend, **conv)
+    assert out.dtype == expected.dtype == torch.float32 and out.stride() == expected.stride()
+    assert torch.equal(out, expected)
+
+
+# Every path of conv_block's Triton backend: the whole-block kernel over an expand and a depthwise conv (one pass,
+# two passes), a depthwise conv alone, a full conv; and layer by layer (a 9×9 spatial conv no whole-block kernel takes).
+WIDE_INPUT_BLOCKS = {
+    "expand_depthwise_one_pass": ("mbconv_one_pass", 3),
+    "expand_depthwise_two_passes": ("mbconv_two_passes", 3),
+    "depthwise": ("dsconv", 3),
+    "full": ("fused", 3),
+    "layer_by_layer": ("mbconv_one_pass", 9),
+}
+
+
+def _wide_input_block(name: str) -> tuple[list, dict]:
+    base, k = WIDE_INPUT_BLOCKS[name]
+    if base in BLOCKS:
+        (x, w1, b1, _, b2, w3, b3), residual, _ = _block_inputs(base, torch.float32)
+        w2 = _randn(w1.shape[0], 1, k, k, scale=1 / k)
+        return [x, w1, b1, w2, b2, w3, b3], dict(residual=residual)
+    x = _randn(2, 16, 6, 5)
+    w2 = _randn(32, 16, k, k, scale=(16 * k * k) ** -0.5) if base == "fused" else _randn(16, 1, k, k, scale=1 / k)
+    w3 = _randn(16, w2.shape[0], 1, 1, scale=w2.shape[0] ** -0.5)
+    return [x, None, None, w2, _randn(w2.shape[0]), w3, _randn(16)], dict(residual=x, groups=1 if base == "fused"
+                                                                          else None)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # tanh saturating, in numpy
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", WIDE_INPUT_BLOCKS)
+def test_conv_block_rounds_an_fp32_input_as_autocast_casts_it(poisoned_empty, name, backend):
+    tensors, kwargs = _wide_input_block(name)
+    x = tensors[0]
+    activations = ("hardswish", "gelu_tanh", "none")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out, seen = _observed_inputs(lambda: conv_block(*tensors, activations=activations, backend=backend,
+                                                        **kwargs))
+    assert seen[0] is x  # not cast before the op
+    cast = [None if t is None else t.bfloat16() for t in tensors]
+    expected = conv_block(*cast, activations=activations, backend=backend, **kwargs)
+    assert out.dtype == expected.dtype == torch.float32
+    assert torch.equal(out, expected)
+
+
+def test_the_block_cases_take_their_paths():
+    kinds = {}
+    for name in WIDE_INPUT_BLOCKS:
+        tensors, kwargs = _wide_input_block(name)
+        x, w1, b1, w2, b2, w3, b3 = [None if t is None else t.to("meta", torch.bfloat16) for t in tensors]
+        groups = kwargs.get("groups") or w2.shape[0]
+        k = w2.shape[2]
+        args = ConvBlockArgs(x, w1, b1, "none", w2, b2, "none", [1, 1], [k // 2] * 2, groups, w3, b3, "none")
+        kind, config = _whole_block_config(args)
+        kinds[name] = kind, kind is not None and not triton_conv_block.one_pass(config, w3.shape[0])
+    assert kinds == {"expand_depthwise_one_pass": ("expand_depthwise", False),
+                     "expand_depthwise_two_passes": ("expand_depthwise", True), "depthwise": ("depthwise", False),
+                     "full": ("full", False), "layer_by_layer": (None, False)}
+
+
+def test_gradients_under_autocast_match_eagers():
+    (x, weight, bias, residual), conv = _conv_inputs("dense_1x1", torch.float32)
+    grads = []
+    for fused in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias, residual)]
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            if fused:
+                out = conv_bn_act(*leaves[:3], activation="relu", residual=leaves[3], **conv)
+            else:
+                out = F.relu(F.conv2d(*leaves[:3])) + leaves[3]
+        out.backward(torch.ones_like(out))
+        grads.append([t.grad for t in leaves])
+    for got, eager in zip(*grads):
+        assert got.dtype == eager.dtype == torch.float32
+        torch.testing.assert_close(got, eager, rtol=1e-2, atol=1e-2)
+
+
+def test_opcheck_of_an_fp32_input_with_bf16_weights():
+    """The fake output has the weights' dtype, as the kernels' (torch.compile and export see that dtype)."""
+    (x, weight, bias, _), conv = _conv_inputs("dense_1x1", torch.bfloat16)
+    args = (x.float(), weight, bias, [1, 1], [0, 0], [1, 1], 1, "relu", None, "triton")
+    torch.library.opcheck(torch.ops.evit.conv_bn_act.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_outside_autocast_an_input_of_another_dtype_is_refused():
+    (x, weight, bias, _), conv = _conv_inputs("dense_1x1", torch.bfloat16)
+    with pytest.raises(TypeError, match="weight has dtype"):
+        conv_bn_act(x.float(), weight, bias, **conv)
