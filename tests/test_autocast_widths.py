@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from evit_kernels import dispatch
 from evit_kernels.ops.conv_block import ConvBlockArgs, _whole_block_config, conv_block
@@ -200,12 +201,26 @@ def test_the_cuda_kernel_refuses_a_wider_tensor(wide):
 # --------------------------------------------------------------------------------- an fp32 input under autocast
 
 
+class _Casts(TorchDispatchMode):
+    """Records the tensors every aten cast (``_to_copy``) outside the evit ops reads (an op runs whole under the
+    mode: the casts a backend makes inside are not seen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sources = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default:
+            self.sources.append(args[0])
+        return func(*args, **(kwargs or {}))
+
+
 def _observed_inputs(call) -> tuple:
-    """(the output of ``call()``, the x of every op call it makes, in order)."""
+    """(the output of ``call()``, the x of every op call it makes, in order, the tensors cast on the way)."""
     seen = []
-    with dispatch.observing(lambda chosen, args: seen.append(args.x)):
+    with dispatch.observing(lambda chosen, args: seen.append(args.x)), _Casts() as casts:
         out = call()
-    return out, seen
+    return out, seen, casts.sources
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -213,9 +228,11 @@ def _observed_inputs(call) -> tuple:
 def test_conv_bn_act_rounds_an_fp32_input_as_autocast_casts_it(poisoned_empty, name, backend):
     (x, weight, bias, residual), conv = _conv_inputs(name, torch.float32)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        out, seen = _observed_inputs(lambda: conv_bn_act(x, weight, bias, activation="gelu_tanh", residual=residual,
-                                                         backend=backend, **conv))
-    assert seen == [x]  # not cast before the op
+        out, seen, cast_sources = _observed_inputs(lambda: conv_bn_act(
+            x, weight, bias, activation="gelu_tanh", residual=residual, backend=backend, **conv))
+    assert len(seen) == 1 and seen[0] is x  # not cast before the op
+    # The Triton backend runs in the registered op (its casts unseen); the torch one in the open, with its own cast.
+    assert any(t is x for t in cast_sources) == (backend == "torch")
     cast = [t.bfloat16() for t in (x, weight, bias)]
     expected = conv_bn_act(*cast, activation="gelu_tanh", residual=residual, backend=backend, **conv)
     assert out.dtype == expected.dtype == torch.float32 and out.stride() == expected.stride()
@@ -254,9 +271,11 @@ def test_conv_block_rounds_an_fp32_input_as_autocast_casts_it(poisoned_empty, na
     x = tensors[0]
     activations = ("hardswish", "gelu_tanh", "none")
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        out, seen = _observed_inputs(lambda: conv_block(*tensors, activations=activations, backend=backend,
-                                                        **kwargs))
+        out, seen, cast_sources = _observed_inputs(lambda: conv_block(*tensors, activations=activations,
+                                                                      backend=backend, **kwargs))
     assert seen[0] is x  # not cast before the op
+    # The Triton backend runs in the registered op (its casts unseen); the torch one in the open, with its own cast.
+    assert any(t is x for t in cast_sources) == (backend == "torch")
     cast = [None if t is None else t.bfloat16() for t in tensors]
     expected = conv_block(*cast, activations=activations, backend=backend, **kwargs)
     assert out.dtype == expected.dtype == torch.float32

@@ -78,10 +78,12 @@ class OpArgs:
         is on, as autocast would for the convolutions and matmuls the op replaces, then checked to be of one
         supported floating dtype on one device (:func:`check_floating_same_dtype`). Custom ops are invisible to
         autocast, so every op's function prepares its record this way."""
-        names = [f.name for f in dataclasses.fields(self) if "Tensor" in f.type and f.name not in keep]
-        first, *rest = autocast_inputs(*(getattr(self, name) for name in names))
-        check_floating_same_dtype(self.op, first, **dict(zip(names[1:], rest, strict=True)))
-        return dataclasses.replace(self, **dict(zip(names, [first, *rest], strict=True)))
+        names = [f.name for f in dataclasses.fields(self)
+                 if "Tensor" in f.type and f.name not in keep and getattr(self, f.name) is not None]
+        cast = dict(zip(names, autocast_inputs(*(getattr(self, name) for name in names)), strict=True))
+        first, *rest = names
+        check_floating_same_dtype(self.op, cast[first], **{name: cast[name] for name in rest})
+        return dataclasses.replace(self, **cast)
 
     def tensors(self) -> list[Tensor]:
         """Every tensor among the fields (lists flattened, absent ones skipped), the first argument first."""
@@ -170,10 +172,15 @@ class RoundsInput(OpArgs):
         return getattr(self, self.weight_field).dtype
 
     def cast_and_checked(self, keep: tuple[str, ...] = ()) -> OpArgs:
-        checked = super().cast_and_checked(keep)
-        x = self.x
-        if x.dtype == torch.float32 and checked.x.dtype in LOW_PRECISION:  # cast by autocast: take it as it is
-            return dataclasses.replace(checked, x=x)
+        x, device_type = self.x, _autocast_device(self.x)
+        narrowed = (torch.is_autocast_enabled(device_type) and x.dtype == torch.float32
+                    and torch.get_autocast_dtype(device_type) in LOW_PRECISION)
+        if not narrowed:
+            return super().cast_and_checked(keep)
+        checked = super().cast_and_checked((*keep, "x"))  # x never cast: no pass over it before the op
+        weight = getattr(checked, self.weight_field)
+        if x.device != weight.device:
+            raise ValueError(f"{self.op}: x is on {x.device} but {self.weight_field} is on {weight.device}")
         return checked
 
     def rounded_input(self) -> Tensor:
