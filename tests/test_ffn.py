@@ -242,12 +242,17 @@ def test_patched_efficientvit_m0_matches_unpatched(op_runs):
     ffns = [m for m in patched.modules() if isinstance(m, FusedResidualFFN)]
     assert len(ffns) == report.counts()["timm.models.efficientvit_msra.ResidualDrop -> FusedResidualFFN"] == 16
     assert not report.skipped, "residual wrappers around other blocks are not FFN-rule material: no noise"
-    for m in ffns:
+    # The kernel (through the interpreter: slow) on the first FFN of each width, the reference on the others: an
+    # FFN's width fixes its input's shape too (each stage's blocks, and the downsample's FFNs on either side of it,
+    # run at the resolution of the stage whose width they have).
+    widths = {m.m.pw1.conv.weight.shape: m for m in reversed(ffns)}
+    assert len(widths) == 3
+    for m in widths.values():
         m.backend = "triton"
     x = torch.randn(1, 3, 64, 64, device=DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(patched(x), model(x), rtol=1e-4, atol=1e-4)
-    assert op_runs.count(("ffn", "triton")) == 16
+    assert op_runs.count(("ffn", "triton")) == 3 and op_runs.count(("ffn", "torch")) == 13
     assert patched.state_dict().keys() == model.state_dict().keys()
     evit_kernels.unpatch(patched)
     assert not any(isinstance(m, FusedResidualFFN) for m in patched.modules())

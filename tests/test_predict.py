@@ -373,14 +373,14 @@ def test_dc_ae_decode_prediction_fuses_every_linear_attention():
 
 @pytest.mark.slow
 @pytest.mark.skipif(PTXAS is None, reason="needs ptxas (CUDA toolkit)")
-@pytest.mark.parametrize("name", ["sana-600m", "dc-ae-f32c32-decode"])
-def test_predict_command_on_a_diffusers_model(tmp_path, name):
-    """The command by the model's name, at 256 px: every launch priced, totals adding up, and the fused attention's
-    row in the module table."""
+def test_predict_command_on_a_diffusers_model(tmp_path):
+    """The command on Sana 600M by its name, at 256 px: every launch priced, totals adding up, and the fused attention's
+    row in the module table. (The DC-AE decoder's launches are built in tests/test_triton_sm90.py, its fused
+    attentions checked by the test above: through the command it took CI two minutes more.)"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "p.json"
-    run = subprocess.run([sys.executable, "-m", "evit_kernels", "predict", "--model", name, "--batch", "1",
-                          "--res", "256", "256", "--ptxas", PTXAS, "--json", str(out)],
+    run = subprocess.run([sys.executable, "-m", "evit_kernels", "predict", "--model", "sana-600m", "--batch",
+                          "1", "--res", "256", "256", "--ptxas", PTXAS, "--json", str(out)],
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "PREDICTION" in run.stdout and "_rla_fwd_apply_kernel" in run.stdout
@@ -389,5 +389,4 @@ def test_predict_command_on_a_diffusers_model(tmp_path, name):
     assert all(launch["facts"]["spill_bytes"] == 0 and launch["seconds"] > 3e-6 for launch in p["launches"])
     assert p["patched_ms"] == pytest.approx(sum(x["seconds"] for x in p["launches"]) * 1e3 + p["patched_aten_ms"])
     assert sum(m["eager_ms"] for m in p["modules"].values()) == pytest.approx(p["eager_ms"])
-    fused = "FusedSanaLinearAttnProcessor" if name.startswith("sana") else "FusedSanaMultiscaleLinearAttention"
-    assert p["modules"][fused]["instances"] == (28 if name.startswith("sana") else 9)
+    assert p["modules"]["FusedSanaLinearAttnProcessor"]["instances"] == 28

@@ -203,13 +203,14 @@ def _pag_transformer(guidance: bool, layers: str | list[str], qk_norm: str | Non
     return pipe.transformer
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton"])
-@pytest.mark.parametrize("qk_norm", [None, "rms_norm_across_heads"])
+@pytest.mark.parametrize("qk_norm, backend", [(None, "auto"), ("rms_norm_across_heads", "auto"),
+                                             ("rms_norm_across_heads", "triton")])
 @pytest.mark.parametrize("guidance", [True, False], ids=["cfg", "identity"])
 def test_pag_processors_are_swapped_and_match(guidance, qk_norm, backend, op_runs):
     """Block 1 guided, block 0 not: the batch is (unconditional, conditional, perturbed) with guidance, (conditional,
     perturbed) without, two latents a chunk. With q/k norms in the model, the PAG originals skip them: so must the
-    fused ones."""
+    fused ones. The kernels (through the interpreter: slow) run with q/k norms only, where both blocks' attentions
+    read q and k from different tensors (block 0 from the norms', block 1 from the projections' chunks)."""
     model = _pag_transformer(guidance, ["transformer_blocks.1"], qk_norm)
     assert type(model.transformer_blocks[1].attn1.processor).__name__ == PAG_PROCESSORS[guidance]
     patched, report = _patched(model, backend)
