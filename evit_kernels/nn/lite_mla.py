@@ -10,9 +10,11 @@ from torch import Tensor, nn
 
 from evit_kernels import dispatch
 from evit_kernels.nn._base import FusedModule, Unsupported
+from evit_kernels.nn._fold import FoldCache, uses_running_stats
 from evit_kernels.nn._match import DIFFUSERS_ATTENTION, MIT_HAN_LAB, TIMM_MIT, Match
 from evit_kernels.nn.conv_bn_act import with_residual
 from evit_kernels.nn.rms_norm import computes_as_diffusers
+from evit_kernels.ops.conv_bn_act import conv_bn_act
 from evit_kernels.ops.multiscale_aggregation import multiscale_aggregation
 from evit_kernels.ops.relu_linear_attention import choose_aggregated, relu_linear_attention
 from evit_kernels.ops.rms_norm import rms_norm
@@ -68,7 +70,9 @@ class FusedSanaMultiscaleLinearAttention(FusedModule):
     (:func:`multiscale_relu_linear_attention`: on inference with a kernel, the projections folded into the
     attention's loads); then ``to_out``, ``norm_out`` (over the channels for RMSNorm, as the processor applies it)
     and the residual: an RMSNorm of one dtype with its input takes the residual in the same ``rms_norm`` call (one
-    rounding; ``norm_out`` is then computed here, not called). The processor's quadratic branch for maps of at most
+    rounding; ``norm_out`` is then computed here, not called); a BatchNorm on its running statistics after a plain
+    ``nn.Linear`` ``to_out`` (no adapter on it) is folded into it, and the three run as one ``conv_bn_act`` call
+    (neither module is then called). The processor's quadratic branch for maps of at most
     ``attention_head_dim`` pixels is the same function in another order of sums; the linear form is computed for
     every size."""
 
@@ -93,6 +97,7 @@ class FusedSanaMultiscaleLinearAttention(FusedModule):
         for index, scale in enumerate(original.to_qkv_multiscale):
             check_aggregation_convs(f"to_qkv_multiscale[{index}]", getattr(scale, "proj_in", None),
                                     getattr(scale, "proj_out", None), 3 * self.heads * self.dim, 3 * self.heads)
+        self._fold_cache = FoldCache()
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         residual = hidden_states
@@ -100,11 +105,17 @@ class FusedSanaMultiscaleLinearAttention(FusedModule):
         qkv = torch.cat([self.to_q(x), self.to_k(x), self.to_v(x)], dim=3).movedim(-1, 1)  # channels-last map
         scales = [(scale.proj_in, scale.proj_out) for scale in self.to_qkv_multiscale]
         out = multiscale_relu_linear_attention(qkv, scales, self.dim, self.eps, self.backend)
-        out = self.to_out(out.movedim(1, -1))  # channels last
-        if self.original.norm_type != "rms_norm":
-            out = self.norm_out(out.movedim(-1, 1))
-            return out + residual if self.original.residual_connection else out
         norm = self.norm_out
+        if self.original.norm_type != "rms_norm":
+            skip = residual if self.original.residual_connection else None
+            if type(self.to_out) is nn.Linear and isinstance(norm, nn.BatchNorm2d) and uses_running_stats(norm):
+                # to_out, the BatchNorm and the residual as one conv_bn_act call: the BatchNorm folded into to_out
+                (weight, bias), = self._fold_cache.fold([(self.to_out, norm)])
+                return conv_bn_act(out, weight[:, :, None, None], bias, 1, 0, 1, 1, "none", residual=skip,
+                                   backend=self.backend)
+            out = norm(self.to_out(out.movedim(1, -1)).movedim(-1, 1))
+            return out if skip is None else out + skip
+        out = self.to_out(out.movedim(1, -1))  # channels last
         weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
         skip = residual.movedim(1, -1) if self.original.residual_connection else None
         if computes_as_diffusers(out, weight, bias) and (skip is None or skip.dtype == out.dtype):
