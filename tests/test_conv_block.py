@@ -251,24 +251,36 @@ def test_every_activation(poisoned_empty, position):
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, msg=activation)
 
 
-def test_wide_maps_fall_back_to_per_layer_kernels(poisoned_empty, caplog, monkeypatch):
-    # fp32 tiles hold 32 output pixels: a 40-pixel row does not fit, so the block runs layer by layer.
-    case = Case("mbconv", 1, 8, 16, 8, 3, 40, residual=True)
+@pytest.mark.parametrize("case", [Case("mbconv", 1, 8, 16, 8, 3, 40, residual=True),
+                                  Case("mbconv", 1, 8, 16, 8, 3, 48, stride=2, layout="channels_last"),
+                                  Case("mbconv", 1, 8, 16, 8, 3, 40, projection=False),
+                                  Case("mbconv", 1, 8, 16, 8, 3, 40, gate="silu")],
+                         ids=["residual", "stride_2_channels_last", "no_projection", "glu"])
+def test_wide_maps_fall_back_to_per_layer_kernels(poisoned_empty, caplog, monkeypatch, case):
+    """fp32 tiles hold 32 output pixels and 128 input ones: a 40-pixel row (3 rows of 48 at stride 2) does not fit,
+    so the block runs layer by layer, each layer on its Triton kernel: the tensors between layers channels-last
+    whatever x's layout, the block's output in its own."""
     args, kwargs = _inputs(case, torch.float32)
     x, w1, _, w2, _, w3, _ = args
-    block = ConvBlockArgs(x, w1, None, "none", w2, None, "none", [1, 1], [1, 1], w2.shape[0], w3, None, "none")
+    block = ConvBlockArgs(x, w1, None, "none", w2, None, "none", [case.stride] * 2, [1, 1], w2.shape[0], w3, None,
+                          "none", gate=case.gate)
     assert _whole_block_config(block)[0] is None
     monkeypatch.setattr(dispatch, "_LOGGED", set())  # the message is logged once per process
-    layer_kernel = dispatch.get("conv_bn_act", "triton")
-    layers = []
-    monkeypatch.setitem(dispatch._REGISTRY["conv_bn_act"], "triton", dataclasses.replace(
-        layer_kernel, forward=lambda layer: layers.append(layer.weight.shape) or layer_kernel.forward(layer)))
     with caplog.at_level(logging.INFO, logger="evit_kernels"):
         out = conv_block(*args, **kwargs, backend="triton")
     assert "layer by layer" in caplog.text
-    assert layers == [w1.shape, w2.shape, w3.shape]  # expand, depthwise and project, each on its Triton kernel
     expected = conv_block(*_double(args, kwargs)[0], **_double(args, kwargs)[1], backend="torch")
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert out.stride() == expected.stride()
+    meta_args = tuple(None if t is None else t.to("meta") for t in args)
+    meta_kwargs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    with predict.recorded_launches() as launches:
+        conv_block(*meta_args, **meta_kwargs, backend="triton")
+    kinds = ["_conv_dense_kernel", "_conv_dw_kernel"] + (["_conv_dense_kernel"] if w3 is not None else [])
+    assert [launch.kernel for launch in launches] == kinds  # expand, depthwise (and project)
+    *between, last = launches
+    assert all(launch.scalars["o_sc"] == 1 for launch in between)  # channels-last
+    assert last.scalars["o_sc"] == (1 if case.layout == "channels_last" else out.shape[2] * out.shape[3])
 
 
 def test_a_hidden_tensor_beyond_32_bit_offsets_goes_layer_by_layer():

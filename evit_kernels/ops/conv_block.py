@@ -11,7 +11,7 @@ comes before it) (docs/ops.md, "conv_block").
 The Triton backend keeps ``h`` and ``d`` on chip (whole-block fusion) where its tiles hold the shape and every
 output channel, writes ``d`` once and projects it where they hold the shape but not every output channel (two
 passes; without a projection that first pass is the block), and otherwise runs the block layer by layer through
-``evit::conv_bn_act``'s kernels (per-layer fusion), saying so once.
+``evit::conv_bn_act``'s kernels (per-layer fusion, the tensors between layers channels-last), saying so once.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from evit_kernels.ops.conv_bn_act import (
     conv_bn_act_reference,
     conv_output_shape,
     output_memory_format,
+    triton_forward_into,
 )
 
 _ONE, _ZERO = [1, 1], [0, 0]
@@ -92,19 +93,20 @@ class ConvBlockArgs(AddsResidual, RoundsInput):
         value, gate = d.chunk(2, dim=1)
         return (value * _ACTIVATION_FUNCTIONS[self.gate](gate)).contiguous(memory_format=output_memory_format(d))
 
-    def run_layers(self, run: Callable[[ConvBnActArgs], Tensor]) -> Tensor:
-        """The block layer after layer, each layer computed by ``run``, the GLU gate before the projection."""
+    def run_layers(self, run: Callable[[ConvBnActArgs, bool], Tensor]) -> Tensor:
+        """The block layer after layer, each layer computed by ``run`` (from its arguments and whether its output is
+        the block's), the GLU gate before the projection."""
         layers = list(self.layers())
         spatial, project = (layers, None) if self.w3 is None else (layers[:-1], layers[-1])
         x = self.x
-        for layer in spatial:
-            x = run(layer(x))
-        return self.gated(x) if project is None else run(project(self.gated(x)))
+        for index, layer in enumerate(spatial):
+            x = run(layer(x), project is None and index == len(spatial) - 1)
+        return self.gated(x) if project is None else run(project(self.gated(x)), True)
 
 
 def conv_block_reference(a: ConvBlockArgs) -> Tensor:
     """Eager PyTorch, layer after layer; laid out as :func:`output_memory_format` of ``x``."""
-    return a.run_layers(conv_bn_act_reference)
+    return a.run_layers(lambda layer, _last: conv_bn_act_reference(layer))
 
 
 define_op(ConvBlockArgs, conv_block_reference)
@@ -228,14 +230,22 @@ def _triton_forward(a: ConvBlockArgs) -> Tensor:
 
 
 def _per_layer(a: ConvBlockArgs) -> Tensor:
-    """The fallback: each layer one conv_bn_act call, on its Triton kernel where that takes the layer."""
-    return a.run_layers(_per_layer_call)
+    """The fallback: each layer one conv_bn_act call, on its Triton kernel where that takes the layer. The kernels
+    write the tensors between layers channels-last whatever x's layout (the depthwise conv between them then reads
+    and writes 16-byte vectors along the channels, where NCHW rows, read at stride 2, give it 2-byte ones), and the
+    block's output in the block's layout."""
+    layout = a.output_layout()
+    return a.run_layers(lambda layer, last: _per_layer_call(layer, layout if last else None))
 
 
-def _per_layer_call(args: ConvBnActArgs) -> Tensor:
-    """One layer: conv_bn_act's Triton kernel where it takes the layer, else its reference."""
-    triton_layer = dispatch.get("conv_bn_act", "triton")
-    return dispatch.get("conv_bn_act", "torch" if triton_layer.not_supported_reasons(args) else "triton").forward(args)
+def _per_layer_call(args: ConvBnActArgs, block_layout: torch.memory_format | None) -> Tensor:
+    """One layer: conv_bn_act's Triton kernel where it takes the layer, else its reference; laid out as
+    ``block_layout`` for the block's last layer (None: between layers, channels-last from the kernel)."""
+    if dispatch.get("conv_bn_act", "triton").not_supported_reasons(args):
+        out = dispatch.get("conv_bn_act", "torch").forward(args)
+        return out if block_layout is None else out.contiguous(memory_format=block_layout)
+    return triton_forward_into(args, torch.empty(args.output_shape(), dtype=args.output_dtype(), device=args.x.device,
+                                                 memory_format=block_layout or torch.channels_last))
 
 
 # The whole-block kernel never stores the hidden tensors; the per-layer fallback checks each layer itself.

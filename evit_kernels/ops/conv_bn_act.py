@@ -170,14 +170,19 @@ def _kernel_kind(a: ConvBnActArgs) -> str | None:
     return None
 
 
-def _triton_forward(a: ConvBnActArgs) -> Tensor:
+def triton_forward_into(a: ConvBnActArgs, out: Tensor) -> Tensor:
+    """The Triton kernel of ``a``'s kind, writing ``out`` (``a``'s output shape and dtype, any strides)."""
     from evit_kernels.triton import conv_bn_act as kernels
 
     kind = _kernel_kind(a)
     if kind == "dense":  # its products round an fp32 x to the weights' dtype as they load it (RoundsInput)
-        return kernels.dense(a, a.new_output())
+        return kernels.dense(a, out)
     rounded = replace(a, x=a.rounded_input())
-    return (kernels.depthwise if kind == "depthwise" else kernels.rows)(rounded, a.new_output())
+    return (kernels.depthwise if kind == "depthwise" else kernels.rows)(rounded, out)
+
+
+def _triton_forward(a: ConvBnActArgs) -> Tensor:
+    return triton_forward_into(a, a.new_output())
 
 
 def _triton_reasons(a: ConvBnActArgs) -> list[str]:
