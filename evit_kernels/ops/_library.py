@@ -105,10 +105,11 @@ class OpArgs:
     def output_dtype(self) -> torch.dtype:
         return self.compute_dtype()
 
-    def new_output(self) -> Tensor:
-        """The op's output, uninitialised: shape, dtype, device and layout as every backend returns it."""
+    def new_output(self, layout: torch.memory_format | None = None) -> Tensor:
+        """The op's output, uninitialised: shape, dtype, device and layout as every backend returns it (``layout``,
+        when given, in place of the op's: for a caller that consumes the output itself)."""
         return torch.empty(self.output_shape(), dtype=self.output_dtype(), device=self.tensors()[0].device,
-                           memory_format=self.output_layout())
+                           memory_format=layout or self.output_layout())
 
     def shape_class(self) -> str:
         """What a measured choice of backend is keyed by (:mod:`evit_kernels.measured`): every field, tensors by

@@ -244,8 +244,7 @@ def _per_layer_call(args: ConvBnActArgs, block_layout: torch.memory_format | Non
     if dispatch.get("conv_bn_act", "triton").not_supported_reasons(args):
         out = dispatch.get("conv_bn_act", "torch").forward(args)
         return out if block_layout is None else out.contiguous(memory_format=block_layout)
-    return triton_forward_into(args, torch.empty(args.output_shape(), dtype=args.output_dtype(), device=args.x.device,
-                                                 memory_format=block_layout or torch.channels_last))
+    return triton_forward_into(args, args.new_output(block_layout or torch.channels_last))
 
 
 # The whole-block kernel never stores the hidden tensors; the per-layer fallback checks each layer itself.
