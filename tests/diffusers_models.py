@@ -30,13 +30,13 @@ def sana_transformer_inputs(batch: int = 2, size: tuple[int, int] = (6, 5), dtyp
             "timestep": torch.tensor([10.0, 500.0][:batch] + [1.0] * (batch - 2), dtype=dtype)}
 
 
-def sana_video_transformer() -> nn.Module:
-    """A two-block ``SanaVideoTransformer3DModel`` (RoPE in its linear attention, q/k norms across heads)."""
+def sana_video_transformer(heads: int = HEADS, head_dim: int = HEAD_DIM, layers: int = 2) -> nn.Module:
+    """A ``SanaVideoTransformer3DModel`` of two blocks (RoPE in its linear attention, q/k norms across heads)."""
     from diffusers import SanaVideoTransformer3DModel
 
     return randomize(SanaVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, num_layers=2,
-        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=HEADS * HEAD_DIM,
+        in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=layers,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=heads * head_dim,
         caption_channels=8, mlp_ratio=2.5, sample_size=8, patch_size=(1, 2, 2), rope_max_seq_len=32))
 
 

@@ -35,7 +35,7 @@ from evit_kernels.ops.relu_linear_attention import (
     relu_linear_attention_tokens_reference,
 )
 from evit_kernels.triton.cascaded_group_attention import MAX_RESOLUTION
-from evit_kernels.triton.relu_linear_attention import AGGREGATION_KERNEL_SIZES, HEAD_DIMS
+from evit_kernels.triton.relu_linear_attention import AGGREGATION_KERNEL_SIZES, HEAD_DIMS, WHOLE_HEAD_DIMS
 from tests.cga_configs import cast, folded_inputs, whole_map_terms
 from tests.numerics import assert_within_twice_eager, in_layout
 from tests.test_conv_block import Case
@@ -156,7 +156,7 @@ def test_relu_linear_attention_forward_and_gradients(dtype, channels_last, batch
 
 @FUZZ
 @given(dtype=DTYPES, rotated=st.booleans(), batch=st.integers(1, 2), heads=st.integers(1, 3),
-       dim=st.sampled_from([4, 8, 16, 32]), tokens=st.integers(2, 40))
+       dim=st.sampled_from([4, 8, 16, 32, 64, 100, 112]), tokens=st.integers(2, 40))
 def test_relu_linear_attention_tokens_forward_and_gradients(dtype, rotated, batch, heads, dim, tokens):
     """Sana's layout, (B, N, heads·d) projections, and the video form's rotated q and k (slices of one fused
     projection: tests/test_relu_linear_attention_tokens.py). One token is left out: the gradients of q and k are
@@ -223,7 +223,7 @@ def test_relu_linear_attention_aggregated(dtype, channels_last, batch, heads, di
                                           biases):
     qkv, *scales = _aggregation_inputs(batch, heads, dim, height, width, kernel_sizes, biases, dtype, channels_last)
     run = lambda backend: relu_linear_attention_aggregated(qkv, *scales, dim, 1e-5, backend=backend)  # noqa: E731
-    if dim not in HEAD_DIMS or not set(kernel_sizes) <= set(AGGREGATION_KERNEL_SIZES):
+    if dim not in WHOLE_HEAD_DIMS or not set(kernel_sizes) <= set(AGGREGATION_KERNEL_SIZES):
         _refused(lambda: run("triton"))
         return
     doubled = [[None if t is None else t.double() for t in group] for group in scales]

@@ -256,6 +256,24 @@ def test_pag_processors_unpatch_exactly_and_refuse_a_batch_the_original_refuses(
         assert torch.equal(model(**x).sample, expected)
 
 
+def test_video_transformer_at_its_released_head_dim_runs_the_kernels(op_runs):
+    """Sana-Video's d = 112 (one head, one block): the attention on the wide-head kernels, forward and backward, the
+    loss and every gradient as the original's."""
+    model = sana_video_transformer(heads=1, head_dim=112, layers=1).train()
+    patched, _ = _patched(model, f"{OP}=triton")
+    x = sana_video_inputs()
+    weight = torch.randn_like(model(**x).sample)
+    model.zero_grad()
+    op_runs.clear()
+    losses = [(m(**x).sample * weight).sum() for m in (model, patched)]
+    for loss in losses:
+        loss.backward()
+    assert [run for run in op_runs if run[0] == OP] == [(OP, "triton")]
+    assert rel_err(losses[1].detach(), losses[0].detach()) < 1e-4
+    assert_same_gradients({n: p.grad for n, p in patched.named_parameters() if p.grad is not None},
+                          {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+
+
 def test_video_processor_needs_rotary_emb_as_the_original():
     model = sana_video_transformer()
     evit_kernels.patch(model)

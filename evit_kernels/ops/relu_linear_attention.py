@@ -154,17 +154,19 @@ def _triton_backward(a: ReluLinearAttentionArgs, grad_out: Tensor) -> dict[str, 
 
 
 def _triton_reasons(a: ReluLinearAttentionArgs) -> list[str]:
-    return _head_reasons(a.qkv, a.aggregated, a.dim)
+    from evit_kernels.triton.relu_linear_attention import HEAD_DIMS
+
+    return _head_reasons(a.qkv, a.aggregated, a.dim, HEAD_DIMS)
 
 
-def _head_reasons(qkv: Tensor, aggregated: list[Tensor], dim: int) -> list[str]:
-    """What the Triton kernels of both ops refuse in the head layout: the head dim, and (H, W) strides that are
-    not one token index."""
-    from evit_kernels.triton.relu_linear_attention import HEAD_DIMS, flattenable
+def _head_reasons(qkv: Tensor, aggregated: list[Tensor], dim: int, head_dims: tuple[int, ...]) -> list[str]:
+    """What the Triton kernels of both ops refuse in the head layout: a head dim not in ``head_dims``, and (H, W)
+    strides that are not one token index."""
+    from evit_kernels.triton.relu_linear_attention import flattenable
 
     reasons = []
-    if dim not in HEAD_DIMS:
-        reasons.append(f"head dim {dim} (the Triton kernels take {HEAD_DIMS})")
+    if dim not in head_dims:
+        reasons.append(f"head dim {dim} (the Triton kernels take {head_dims})")
     if not all(flattenable(t) for t in (qkv, *aggregated)):
         reasons.append("an input's (H, W) strides cannot be walked as one token index (make it contiguous or "
                        "channels_last)")
@@ -250,9 +252,9 @@ def _triton_aggregated_forward(a: AggregatedArgs) -> Tensor:
 
 
 def _triton_aggregated_reasons(a: AggregatedArgs) -> list[str]:
-    from evit_kernels.triton.relu_linear_attention import AGGREGATION_KERNEL_SIZES
+    from evit_kernels.triton.relu_linear_attention import AGGREGATION_KERNEL_SIZES, WHOLE_HEAD_DIMS
 
-    reasons = _head_reasons(a.qkv, [], a.dim)
+    reasons = _head_reasons(a.qkv, [], a.dim, WHOLE_HEAD_DIMS)
     sizes = sorted({w.shape[-1] for w in a.dw_weights} - set(AGGREGATION_KERNEL_SIZES))
     if sizes:
         reasons.append(f"depthwise kernel size(s) {sizes} (the Triton kernels take {AGGREGATION_KERNEL_SIZES})")

@@ -150,20 +150,21 @@ def _program_span(heads, per_chunk, n_tokens):
 
 
 @triton.jit
-def _rla_fwd_reduce_kernel(k, v, rotated_k, partial, heads, n_tokens, per_chunk, chunks,
-                           stride_b, stride_h, stride_role, stride_c, stride_n,
-                           D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                           UPCAST: tl.constexpr, ROTATED: tl.constexpr):
-    row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
-    head_at = b * stride_b + h * stride_h
-    offs_d = tl.arange(0, D_PAD)
-    kv = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
+def _sum_kv(k, v, rotated_k, head_at, offs_d, offs_v, start, end, stride_role, stride_c, stride_n, D: tl.constexpr,
+            D_PAD: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+            UPCAST: tl.constexpr, ROTATED: tl.constexpr):
+    """Columns ``offs_v`` (W of them) of kv = Σ k_num vᵀ, (D_PAD, W), and z = Σ k, over tokens [start, end) of one
+    head, in fp32: ``k_num`` the ReLU'd k or, in the rotated form, the rotated k; the products in the inputs' dtype
+    (``PRECISION``, ``UPCAST``: :func:`evit_kernels.triton._common.dot_mode`)."""
+    kv = tl.zeros((D_PAD, W), dtype=tl.float32)
     z = tl.zeros((D_PAD,), dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
+        tokens = offs_n < end
+        mask = (offs_d < D)[:, None] & tokens[None, :]
         k_tile = _relu(_load_role(k + head_at, 1, offs_d, offs_n, mask, stride_role, stride_c, stride_n))
-        v_tile = _load_role(v + head_at, 2, offs_d, offs_n, mask, stride_role, stride_c, stride_n)
+        v_tile = _load_role(v + head_at, 2, offs_v, offs_n, (offs_v < D)[:, None] & tokens[None, :], stride_role,
+                            stride_c, stride_n)
         k_num = k_tile
         if ROTATED:
             k_num = _load_role(rotated_k + head_at, 1, offs_d, offs_n, mask, stride_role, stride_c, stride_n)
@@ -171,6 +172,19 @@ def _rla_fwd_reduce_kernel(k, v, rotated_k, partial, heads, n_tokens, per_chunk,
             k_num = k_num.to(tl.float32)
             v_tile = v_tile.to(tl.float32)
         kv, z = _accumulate_kv(k_num, k_tile, v_tile, kv, z, PRECISION)
+    return kv, z
+
+
+@triton.jit
+def _rla_fwd_reduce_kernel(k, v, rotated_k, partial, heads, n_tokens, per_chunk, chunks,
+                           stride_b, stride_h, stride_role, stride_c, stride_n,
+                           D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                           UPCAST: tl.constexpr, ROTATED: tl.constexpr):
+    row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
+    head_at = b * stride_b + h * stride_h
+    offs_d = tl.arange(0, D_PAD)
+    kv, z = _sum_kv(k, v, rotated_k, head_at, offs_d, offs_d, start, end, stride_role, stride_c, stride_n, D, D_PAD,
+                    D_PAD, BLOCK_N, PRECISION, UPCAST, ROTATED)
     _store_partial(partial, row, chunk, chunks, kv, z, offs_d, D_PAD)
 
 
@@ -227,6 +241,27 @@ def _rla_bwd_reduce_kernel(q, rotated_q, grad, partial, grad_partial, heads, fir
 
 
 @triton.jit
+def _store_gradients(grad_q, grad_k, grad_v, grad_rotated_q, grad_rotated_k, gs_head_at, offs_c, offs_n, mask,
+                     gs_stride_role, gs_stride_c, gs_stride_n, q_raw, k_raw, gq, gq_num, gk, gk_num, gv,
+                     ROTATED: tl.constexpr):
+    """Write components ``offs_c`` of the gradients of one head's token tile, each rounded once: of q and k, the
+    denominator's terms (``gq``, ``gk``) through the ReLU's mask (``q_raw``, ``k_raw``: the inputs), plus the
+    numerator's (``gq_num``, ``gk_num``), which in the rotated form go to the rotated tensors without the mask
+    (they are used as given); of v, ``gv``."""
+    ty = grad_q.dtype.element_ty
+    at = gs_head_at + offs_c[:, None] * gs_stride_c + offs_n[None, :] * gs_stride_n
+    if ROTATED:
+        tl.store(grad_rotated_q + at, gq_num.to(ty), mask=mask)
+        tl.store(grad_rotated_k + gs_stride_role + at, gk_num.to(ty), mask=mask)
+    else:
+        gq += gq_num
+        gk += gk_num
+    tl.store(grad_q + at, tl.where(q_raw > 0, gq, 0.0).to(ty), mask=mask)
+    tl.store(grad_k + gs_stride_role + at, tl.where(k_raw > 0, gk, 0.0).to(ty), mask=mask)
+    tl.store(grad_v + 2 * gs_stride_role + at, gv.to(ty), mask=mask)
+
+
+@triton.jit
 def _rla_bwd_apply_kernel(q, k, v, rotated_q, rotated_k, grad, partial, grad_partial, grad_q, grad_k, grad_v,
                           grad_rotated_q, grad_rotated_k, heads, first_head, n_tokens, per_chunk, chunks, eps,
                           stride_b, stride_h, stride_role, stride_c, stride_n, g_stride_b, g_stride_c, g_stride_n,
@@ -264,17 +299,8 @@ def _rla_bwd_apply_kernel(q, k, v, rotated_q, rotated_k, grad, partial, grad_par
         gk_num = tl.dot(gkv, v_tile, input_precision="ieee")
         gk = tl.zeros_like(gk_num) + gz[:, None]
         gv = tl.dot(tl.trans(gkv), k_num, input_precision="ieee")
-        ty = grad_q.dtype.element_ty
-        at = gs_head_at + offs_d[:, None] * gs_stride_c + offs_n[None, :] * gs_stride_n
-        if ROTATED:  # the rotated tiles' gradients, without the ReLU's mask (they are used as given)
-            tl.store(grad_rotated_q + at, gq_num.to(ty), mask=mask)
-            tl.store(grad_rotated_k + gs_stride_role + at, gk_num.to(ty), mask=mask)
-        else:
-            gq += gq_num
-            gk += gk_num
-        tl.store(grad_q + at, tl.where(q_raw > 0, gq, 0.0).to(ty), mask=mask)
-        tl.store(grad_k + gs_stride_role + at, tl.where(k_raw > 0, gk, 0.0).to(ty), mask=mask)
-        tl.store(grad_v + 2 * gs_stride_role + at, gv.to(ty), mask=mask)
+        _store_gradients(grad_q, grad_k, grad_v, grad_rotated_q, grad_rotated_k, gs_head_at, offs_d, offs_n, mask,
+                         gs_stride_role, gs_stride_c, gs_stride_n, q_raw, k_raw, gq, gq_num, gk, gk_num, gv, ROTATED)
 
 
 @triton.jit
@@ -434,6 +460,10 @@ def attend(src: Heads, out: torch.Tensor, out_strides: tuple[int, int, int], ind
            eps: float) -> None:
     """Write the attention over source ``src`` into head group ``index`` of ``out`` (whose (batch, channel, token)
     strides are ``out_strides``)."""
+    if dim in WIDE_HEAD_DIMS:
+        from evit_kernels.triton import relu_linear_attention_wide as wide
+
+        return wide.attend(src, out, out_strides, index, dim, eps)
     per_chunk, chunks = _chunking(src.n_tokens, src.batch * src.heads)
     partial = _partials(src, dim, per_chunk, chunks)
     _rla_fwd_apply_kernel[(src.batch * src.heads, chunks)](
@@ -450,8 +480,14 @@ def forward(sources: list[torch.Tensor], dim: int, eps: float) -> torch.Tensor:
     return out
 
 
-HEAD_DIMS = (8, 16, 32)
-"""The head dims the kernels take: every released model's, and the ones CI compiles for sm_90."""
+WHOLE_HEAD_DIMS = (8, 16, 32)
+"""The head dims whose d×d matrices one program of this module's kernels holds whole (every released model's;
+CI compiles each for sm_90). The only ones of the aggregated-source kernels."""
+WIDE_HEAD_DIMS = (64, 112)
+"""Wider head dims, which :mod:`evit_kernels.triton.relu_linear_attention_wide` takes (and CI compiles): Sana-Video's
+112, and 64."""
+HEAD_DIMS = WHOLE_HEAD_DIMS + WIDE_HEAD_DIMS
+"""The head dims of a stored source."""
 AGGREGATION_KERNEL_SIZES = (3, 5)
 
 
@@ -511,6 +547,10 @@ def backward_into(src: Heads, grad_out: torch.Tensor, g_strides: tuple[int, int,
                   dim: int, eps: float) -> None:
     """Write the gradients of source ``src``'s q, k and v (and rotated q and k) (head group ``index`` of
     ``grad_out``, whose (batch, channel, token) strides are ``g_strides``) into the tensors of ``grads``."""
+    if dim in WIDE_HEAD_DIMS:
+        from evit_kernels.triton import relu_linear_attention_wide as wide
+
+        return wide.backward_into(src, grad_out, g_strides, grads, index, dim, eps)
     d_pad = dot_size(dim)
     per_chunk, chunks = _chunking(src.n_tokens, src.batch * src.heads)
     block = _heavy_block(d_pad, src.q.dtype, src.rotated)
@@ -533,7 +573,7 @@ def compile_configs():
     pointers = ("q", "k", "v", "rotated_q", "rotated_k", "src", "out", "grad", "grad_q", "grad_k", "grad_v",
                 "grad_rotated_q", "grad_rotated_k", "dw_w", "dw_b", "pw_w", "pw_b")
     for dtype, ptr in POINTER_TYPES.items():
-        for dim in HEAD_DIMS:
+        for dim in WHOLE_HEAD_DIMS:
             plain = {"D": dim, "D_PAD": dot_size(dim), "BLOCK_N": BLOCK_N}
             configs = []
             for rotated in (False, True):
