@@ -21,11 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     p_bench = sub.add_parser("bench", help="time a real model: eager vs torch.compile vs patched")
     p_bench.add_argument("--model", default="efficientvit_b1",
                          help="timm name (efficientvit_b0..b3, l1..l3, m0..m5), efficientvit-sam-l0/l1/l2/xl0/xl1, "
-                         "or sana-600m / sana-1600m (one transformer call on the latents) / dc-ae-f32c32-decode")
+                         "or sana-600m / sana-1600m / sana-video-2b (one transformer call on the latents) / "
+                         "dc-ae-f32c32-decode")
     p_bench.add_argument("--batch", type=int, default=8)
     p_bench.add_argument("--res", type=int, nargs=2, metavar=("H", "W"), default=None,
                          help="input size (default 224 224; 512 512 for SAM encoders; 1024 1024 for Sana and DC-AE, "
-                         "whose input is the latent of that image)")
+                         "whose input is the latent of that image; 480 832 for SANA-Video, 81 frames)")
     p_bench.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                          help="default bf16 on a GPU, fp32 on CPU")
     p_bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p_predict.add_argument("--batch", type=int, default=256)
     p_predict.add_argument("--res", type=int, nargs=2, metavar=("H", "W"), default=None,
                            help="input size (default 224 224; 512 512 for SAM encoders; 1024 1024 for Sana and DC-AE, "
-                         "whose input is the latent of that image)")
+                         "whose input is the latent of that image; 480 832 for SANA-Video, 81 frames)")
     p_predict.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16")
     p_predict.add_argument("--gpu", choices=["h100", "h200"], default="h100")
     p_predict.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw",
@@ -58,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from evit_kernels.diffusers_models import MODELS as DIFFUSERS_MODELS
+    from evit_kernels.diffusers_models import default_res
 
     res = tuple(args.res) if args.res else ((512, 512) if args.model.startswith("efficientvit-sam") else
-                                            (1024, 1024) if args.model in DIFFUSERS_MODELS else (224, 224))
+                                            default_res(args.model) if args.model in DIFFUSERS_MODELS else (224, 224))
     if args.command == "predict":
         from evit_kernels import model_prediction
 

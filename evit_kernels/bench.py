@@ -102,7 +102,7 @@ def input_shape(name: str, batch: int, res: tuple[int, int]) -> tuple[int, ...]:
     from evit_kernels import diffusers_models
 
     if name in diffusers_models.MODELS:
-        return diffusers_models.latent_shape(batch, res)
+        return diffusers_models.latent_shape(name, batch, res)
     return batch, 3, *res
 
 

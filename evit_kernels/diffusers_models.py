@@ -1,6 +1,6 @@
 """The diffusers models `predict` and `bench` know by name, built from the released configurations with random
-weights (nothing is downloaded): Sana's text-to-image transformers and the decoder of the DC-AE that Sana decodes
-its latents with.
+weights (nothing is downloaded): Sana's text-to-image transformers, SANA-Video's transformer, and the decoder of
+the DC-AE that Sana decodes its latents with.
 
 Both take a latent of ``LATENT_CHANNELS`` channels at 1/``DOWNSCALE`` of the image's resolution: Sana at 1024 px
 denoises a 32×32 latent (1024 tokens), and the DC-AE decoder turns it into the 1024×1024 image.
@@ -29,6 +29,20 @@ SANA = {
 }
 """``SanaTransformer2DModel`` configurations of Sana 600M and 1600M (1024 px checkpoints)."""
 
+SANA_VIDEO = {
+    "sana-video-2b": {"in_channels": 16, "out_channels": 16, "num_attention_heads": 20, "attention_head_dim": 112,
+                      "num_layers": 20, "num_cross_attention_heads": 20, "cross_attention_head_dim": 112,
+                      "cross_attention_dim": 2240, "caption_channels": CAPTION_CHANNELS, "mlp_ratio": 3.0,
+                      "sample_size": 30, "patch_size": (1, 2, 2), "qk_norm": "rms_norm_across_heads",
+                      "rope_max_seq_len": 1024},
+}
+"""``SanaVideoTransformer3DModel`` configuration of SANA-Video 2B (480p checkpoint): ReLU linear attention with
+rotary embeddings at head dim 112."""
+
+VIDEO_FRAMES, VIDEO_LATENT_CHANNELS, VIDEO_DOWNSCALE, VIDEO_TIME_DOWNSCALE = 81, 16, 8, 4
+"""What SanaVideoPipeline generates by default (81 frames) and the Wan 2.1 VAE it decodes with: 16 latent channels,
+8× fewer pixels per side, 4× fewer frames after the first (81 frames: 21 latent frames)."""
+
 DC_AE_F32C32 = {
     "latent_channels": LATENT_CHANNELS, "attention_head_dim": 32,
     "encoder_block_types": ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
@@ -46,7 +60,7 @@ conversion to diffusers: ``scripts/convert_dcae_to_diffusers.py``, ``convert_ae`
 autoencoders differ (layers (0, 4, 8, 2, 2, 2) / (0, 5, 10, 2, 2, 2), BatchNorm and ReLU in the decoder's first
 stages, no multi-scale projection)."""
 
-MODELS = (*SANA, "dc-ae-f32c32-decode")
+MODELS = (*SANA, *SANA_VIDEO, "dc-ae-f32c32-decode")
 
 
 class SanaDenoiser(nn.Module):
@@ -89,18 +103,33 @@ def randomize(model: nn.Module) -> nn.Module:
 def build(name: str, device: str | torch.device = "cpu") -> nn.Module:
     """Model ``name`` (one of ``MODELS``) built on ``device`` ("meta": shapes only, in a fraction of a second) with
     random weights, in eval mode: a :class:`SanaDenoiser` around the transformer, or the DC-AE's decoder."""
-    from diffusers import AutoencoderDC, SanaTransformer2DModel
+    from diffusers import AutoencoderDC, SanaTransformer2DModel, SanaVideoTransformer3DModel
 
     with torch.device(device):
         if name in SANA:
             return randomize(SanaDenoiser(SanaTransformer2DModel(**SANA[name])))
+        if name in SANA_VIDEO:
+            return randomize(SanaDenoiser(SanaVideoTransformer3DModel(**SANA_VIDEO[name])))
         if name == "dc-ae-f32c32-decode":
             return randomize(AutoencoderDC(**DC_AE_F32C32).decoder)
     raise ValueError(f"unknown diffusers model {name!r}: one of {MODELS}")
 
 
-def latent_shape(batch: int, res: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The latent of ``batch`` images of ``res`` pixels (each side a multiple of ``DOWNSCALE``)."""
+def default_res(name: str) -> tuple[int, int]:
+    """The resolution model ``name`` is released for: 480×832 for the video transformer, 1024 px otherwise."""
+    return (480, 832) if name in SANA_VIDEO else (1024, 1024)
+
+
+def latent_shape(name: str, batch: int, res: tuple[int, int]) -> tuple[int, ...]:
+    """The latent model ``name`` takes for ``batch`` images of ``res`` pixels (each side a multiple of
+    ``DOWNSCALE``), or for the video transformer ``batch`` videos of ``VIDEO_FRAMES`` frames (each side a multiple
+    of 2·``VIDEO_DOWNSCALE``: its patches are 2×2 latent pixels)."""
+    if name in SANA_VIDEO:
+        step = 2 * VIDEO_DOWNSCALE
+        if any(side % step for side in res):
+            raise ValueError(f"{res[0]}x{res[1]}: each side must be a multiple of {step} px")
+        frames = 1 + (VIDEO_FRAMES - 1) // VIDEO_TIME_DOWNSCALE
+        return batch, VIDEO_LATENT_CHANNELS, frames, res[0] // VIDEO_DOWNSCALE, res[1] // VIDEO_DOWNSCALE
     if any(side % DOWNSCALE for side in res):
         raise ValueError(f"{res[0]}x{res[1]}: each side must be a multiple of {DOWNSCALE} px")
     return batch, LATENT_CHANNELS, res[0] // DOWNSCALE, res[1] // DOWNSCALE

@@ -348,6 +348,20 @@ def test_diffusers_models_have_the_released_sizes_and_shapes():
     assert decoder(x).shape == (2, 3, 1024, 512)
 
 
+def test_sana_video_model_has_the_released_size_and_shapes():
+    """SANA-Video 2B built on meta: about 2 B parameters, 81 frames at 480×832 as a 16×21×60×104 latent (32 760
+    tokens of 2×2 latent pixels), mapped to one of the same shape."""
+    from evit_kernels.bench import build_model, input_shape
+
+    latent = input_shape("sana-video-2b", 1, (480, 832))
+    assert latent == (1, 16, 21, 60, 104)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        input_shape("sana-video-2b", 1, (480, 840))
+    model = build_model("sana-video-2b", "meta").to(torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(2.0e9, rel=0.05)
+    assert model(torch.empty(latent, dtype=torch.bfloat16, device="meta")).shape == latent
+
+
 @pytest.mark.parametrize("name, blocks", [("sana-600m", 28), ("sana-1600m", 20)])
 def test_sana_prediction_runs_every_self_attention_on_the_kernel(name, blocks):
     """At 256 px (an 8×8 latent): each block's self-attention is one fused processor, launching the token-major
