@@ -32,7 +32,7 @@ SHAPES = [
     (1, 1, 32, 11, 13, 2, False),
     (3, 2, 8, 1, 1, 1, False),
     (1, 1, 16, 2, 1, 1, True),
-    (1, 1, 112, 3, 4, 1, True),  # wider than a column block (evit_kernels/triton/relu_linear_attention_wide.py)
+    (1, 1, 112, 3, 4, 1, True),  # wider than a column block: the _wide_* kernels
 ]
 
 

@@ -18,9 +18,9 @@ from evit_kernels.ops.cascaded_group_attention import H100_SHARED_MEMORY_PER_BLO
 
 pytestmark = pytest.mark.slow
 
-MODULES = ["evit_kernels.triton.relu_linear_attention", "evit_kernels.triton.relu_linear_attention_wide",
-           "evit_kernels.triton.conv_bn_act", "evit_kernels.triton.cascaded_group_attention",
-           "evit_kernels.triton.ffn", "evit_kernels.triton.conv_block", "evit_kernels.triton.rms_norm"]
+MODULES = ["evit_kernels.triton.relu_linear_attention", "evit_kernels.triton.conv_bn_act",
+           "evit_kernels.triton.cascaded_group_attention", "evit_kernels.triton.ffn",
+           "evit_kernels.triton.conv_block", "evit_kernels.triton.rms_norm"]
 
 _SCRIPT = textwrap.dedent("""
     import importlib, json, sys
