@@ -2,8 +2,9 @@
 weights (nothing is downloaded): Sana's text-to-image transformers, SANA-Video's transformer, and the decoder of
 the DC-AE that Sana decodes its latents with.
 
-Both take a latent of ``LATENT_CHANNELS`` channels at 1/``DOWNSCALE`` of the image's resolution: Sana at 1024 px
-denoises a 32×32 latent (1024 tokens), and the DC-AE decoder turns it into the 1024×1024 image.
+Sana and the DC-AE decoder take a latent of ``LATENT_CHANNELS`` channels at 1/``DOWNSCALE`` of the image's
+resolution: Sana at 1024 px denoises a 32×32 latent (1024 tokens), and the DC-AE decoder turns it into the
+1024×1024 image. SANA-Video takes the latent of a video (:func:`latent_shape`).
 """
 
 from __future__ import annotations
