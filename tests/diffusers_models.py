@@ -31,7 +31,7 @@ def sana_transformer_inputs(batch: int = 2, size: tuple[int, int] = (6, 5), dtyp
 
 
 def sana_video_transformer(heads: int = HEADS, head_dim: int = HEAD_DIM, layers: int = 2) -> nn.Module:
-    """A ``SanaVideoTransformer3DModel`` of two blocks (RoPE in its linear attention, q/k norms across heads)."""
+    """A ``SanaVideoTransformer3DModel`` of ``layers`` blocks (RoPE in its linear attention, q/k norms across heads)."""
     from diffusers import SanaVideoTransformer3DModel
 
     return randomize(SanaVideoTransformer3DModel(
