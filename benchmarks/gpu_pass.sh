@@ -11,9 +11,16 @@
 #   5. released_ops.json every distinct op call of the released models on every backend: checked, timed, and
 #                       predicted (benchmarks/released_ops.py); `benchmarks/record_measured.py` turns it into
 #                       the automatic choice's table
-#   6. ops.json         per-op timings (pytest-benchmark: every variant of every op benchmark)
-#   7. models.json      whole models: eager, torch.compile, patched
+#   6. models.json      whole models: eager, torch.compile, this package's kernels (benchmarks/bench_models.py)
+#   7. ops.json         per-op timings (pytest-benchmark: every variant of every op benchmark)
 #   8. stages.log       each stage's command, exit status and seconds; the benchmark summaries
+#
+# Each stage has a time limit (LIMIT below, seconds), sized so that the whole pass fits the window after the
+# machine's start: a stage that runs out is stopped (SIGINT: pytest still writes its report and benchmark JSON,
+# released_ops.json holds every model finished) and the next one starts. PASS_BUDGET_S, when set, caps the pass as
+# a whole: a stage gets at most what is left of it, and none starts with under a minute left. Stage names given as
+# arguments run only those stages (`gpu_pass.sh models ops`: a second call on the still-warm machine, where the
+# first call's build is kept).
 #
 # Not in the pass: benchmarks/bench_diffusers.py (Sana and DC-AE at their released shapes). torch.compile of the
 # Sana transformers is expected to take minutes, beyond this budget, and its results would be a ninth file; it runs on its own
@@ -26,19 +33,39 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY_RUN=0
-[ "${1:-}" = "--dry-run" ] && DRY_RUN=1
+[ "${1:-}" = "--dry-run" ] && { DRY_RUN=1; shift; }
+STAGES=("$@")
+declare -A LIMIT=([environment]=60 [build]=240 [correctness]=150 [ceilings]=60 [released_ops]=240 [models]=200
+                  [ops]=200)
 OUT="${OUT:-benchmarks/results/$(date +%Y%m%d-%H%M)}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python}"
 status=0
 
-# stage NAME COMMAND...: run COMMAND, append its exit status and seconds to stages.log, remember a failure.
+# stage NAME COMMAND...: unless other stages were asked for, run COMMAND within LIMIT[NAME] seconds (and within
+# what is left of PASS_BUDGET_S, when set), append its exit status (124: out of time) and seconds to stages.log,
+# remember a failure.
 stage() {
-  local name="$1" began=$SECONDS rc
+  local name="$1" began=$SECONDS rc limit="${LIMIT[$1]}"
   shift
-  "$@"
+  if [ ${#STAGES[@]} -gt 0 ] && [[ ! " ${STAGES[*]} " =~ " $name " ]]; then
+    return
+  fi
+  if [ "${PASS_BUDGET_S:-0}" -gt 0 ]; then
+    local left=$((PASS_BUDGET_S - SECONDS - 30))  # 30 s: the last stage's SIGINT grace and the report
+    if [ $left -lt 30 ]; then
+      echo "$name: not run, $((PASS_BUDGET_S - SECONDS)) s of PASS_BUDGET_S left" >> "$OUT/stages.log"
+      status=1
+      return
+    fi
+    [ $left -lt "$limit" ] && limit=$left
+  fi
+  # a shell function runs under `timeout` through a child bash that knows it
+  timeout -s INT -k 20 "$limit" bash -c "$(declare -f "$1")
+$(declare -p OUT PY DRY_RUN GPU_TESTS)
+\"\$@\"" stage "$@"
   rc=$?
-  echo "$name: exit $rc in $((SECONDS - began)) s" >> "$OUT/stages.log"
+  echo "$name: exit $rc in $((SECONDS - began)) s (limit $limit s)" >> "$OUT/stages.log"
   [ $rc -eq 0 ] || status=1
 }
 
@@ -94,9 +121,9 @@ stage build build
 stage correctness correctness
 stage ceilings "$PY" -m benchmarks.ceilings --json "$OUT/ceilings.json"
 stage released_ops released_ops
+stage models benchmarks "$OUT/models.json" benchmarks/bench_models.py
 stage ops benchmarks "$OUT/ops.json" benchmarks/bench_relu_linear_attention.py \
   benchmarks/bench_cascaded_group_attention.py benchmarks/bench_conv_blocks.py
-stage models benchmarks "$OUT/models.json" benchmarks/bench_models.py
 
 echo "gpu pass: exit $status; $(find "$OUT" -type f | wc -l) files in $OUT:"
 find "$OUT" -type f -printf "  %f (%s bytes)\n" | sort
