@@ -21,6 +21,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cmath>
+#include <string>
 
 #include "common.cuh"
 
@@ -282,23 +283,27 @@ at::Tensor cga_window_cuda(const at::Tensor& x, at::TensorList qkv_w, at::Tensor
   const int64_t in_w = C / heads, rows = qkv_w[0].size(0), vd = rows - 2 * key_dim, N = window * window;
   TORCH_CHECK(vd >= 1 && (heads == 1 || vd == in_w), "cga_window_cuda: the qkv conv's ", rows,
               " outputs must be 2·key_dim + value dim with value dim = C/heads = ", in_w);
-  auto same = [&](const at::Tensor& t, at::IntArrayRef shape, const std::string& name) {
-    TORCH_CHECK(t.sizes() == shape, "cga_window_cuda: ", name, " has shape ", t.sizes(), ", expected ", shape);
+  // TORCH_CHECK formats its message only when the check fails: no string is built per call. (A name formatted on
+  // every call, c10::str of the head index, crashed the host process inside std::ostream on the first GPU pass's
+  // H200 machine: benchmarks/results/20261204-h200/cga_cuda_backtrace.txt.) head < 0: a tensor the heads share.
+  auto same = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name, int64_t head) {
+    TORCH_CHECK(t.sizes() == shape, "cga_window_cuda: ", name, head >= 0 ? "[" + std::to_string(head) + "]" : "",
+                " has shape ", t.sizes(), ", expected ", shape);
     TORCH_CHECK(t.scalar_type() == dtype && t.device() == x.device(), "cga_window_cuda: ", name,
-                " must have x's dtype and device");
+                head >= 0 ? "[" + std::to_string(head) + "]" : "", " must have x's dtype and device");
   };
   for (int64_t i = 0; i < heads; ++i) {
-    same(qkv_w[i], {rows, in_w, 1, 1}, c10::str("qkv_w[", i, "]"));
-    same(qkv_b[i], {rows}, c10::str("qkv_b[", i, "]"));
+    same(qkv_w[i], {rows, in_w, 1, 1}, "qkv_w", i);
+    same(qkv_b[i], {rows}, "qkv_b", i);
     const int64_t k = dw_w[i].dim() == 4 ? dw_w[i].size(-1) : 0;
     TORCH_CHECK(k % 2 == 1, "cga_window_cuda: depthwise kernels must be odd");
-    same(dw_w[i], {key_dim, 1, k, k}, c10::str("dw_w[", i, "]"));
-    same(dw_b[i], {key_dim}, c10::str("dw_b[", i, "]"));
+    same(dw_w[i], {key_dim, 1, k, k}, "dw_w", i);
+    same(dw_b[i], {key_dim}, "dw_b", i);
   }
-  same(attention_biases, {heads, N}, "attention_biases");
+  same(attention_biases, {heads, N}, "attention_biases", -1);
   const int64_t c_out = proj_w.dim() == 4 ? proj_w.size(0) : 0;
-  same(proj_w, {c_out, heads * vd, 1, 1}, "proj_w");
-  same(proj_b, {c_out}, "proj_b");
+  same(proj_w, {c_out, heads * vd, 1, 1}, "proj_w", -1);
+  same(proj_b, {c_out}, "proj_b", -1);
 
   c10::cuda::CUDAGuard guard(x.device());
   int device = 0, max_smem = 0;
