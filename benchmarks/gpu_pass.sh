@@ -6,7 +6,7 @@
 #
 #   1. environment.txt  GPU, versions, commit, wheel install, build summary, `evit_kernels info`
 #   2. build.log        the extension build (sm_90 only, MAX_JOBS=16)
-#   3. correctness.log  kernel correctness: the `gpu` tests with EVIT_REQUIRE_EXTENSION=1
+#   3. correctness.log  kernel correctness: the `gpu` tests with EVIT_REQUIRE_EXTENSION=1, one pytest per file
 #   4. ceilings.json    measured copy bandwidth and matmul peaks of this GPU
 #   5. released_ops.json every distinct op call of the released models on every backend: checked, timed, and
 #                       predicted (benchmarks/released_ops.py); `benchmarks/record_measured.py` turns it into
@@ -62,7 +62,7 @@ stage() {
   fi
   # a shell function runs under `timeout` through a child bash that knows it
   timeout -s INT -k 20 "$limit" bash -c "$(declare -f "$1")
-$(declare -p OUT PY DRY_RUN GPU_TESTS)
+$(declare -p OUT PY DRY_RUN TEST_MARK TEST_FILES)
 \"\$@\"" stage "$@"
   rc=$?
   echo "$name: exit $rc in $((SECONDS - began)) s (limit $limit s)" >> "$OUT/stages.log"
@@ -72,10 +72,12 @@ $(declare -p OUT PY DRY_RUN GPU_TESTS)
 if [ $DRY_RUN -eq 1 ]; then
   # Timing is not the point of a dry run: one round of each benchmark, no extra warm-up.
   export TRITON_INTERPRET=1 EVIT_BENCH_ROUNDS=1
-  GPU_TESTS=(-m "not slow and not gpu" tests/test_conv_bn_act_triton.py tests/test_ffn.py tests/test_conv_block.py
-             tests/test_relu_linear_attention_triton.py tests/test_cascaded_group_attention_triton.py)
+  TEST_MARK="not slow and not gpu"
+  TEST_FILES=(tests/test_conv_bn_act_triton.py tests/test_ffn.py tests/test_conv_block.py
+              tests/test_relu_linear_attention_triton.py tests/test_cascaded_group_attention_triton.py)
 else
-  GPU_TESTS=(-m gpu tests)
+  TEST_MARK=gpu
+  mapfile -t TEST_FILES < <(grep -l "mark.gpu" tests/test_*.py)
 fi
 
 environment() {
@@ -93,15 +95,26 @@ build() {
     "$PY" -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
   local rc=$?
   grep -E "evit_kernels:|Successfully installed|error" "$OUT/build.log" | cut -c1-200 >> "$OUT/environment.txt"
+  # the host compiler and the C++ runtime the extension links: a mismatch crashed it once (csrc/cascaded_*.cu)
+  { c++ --version | head -1; ldd evit_kernels/_C*.so | grep -E "libstdc|libgcc"; } >> "$OUT/environment.txt" 2>&1
   "$PY" -m evit_kernels info >> "$OUT/environment.txt" 2>&1
   return $rc
 }
 
+# Each test file in a pytest of its own: a crash (the host process killed) loses that file's verdict alone. The log's
+# last line says whether every file passed (benchmarks/record_measured.py reads it).
 correctness() {
-  EVIT_REQUIRE_EXTENSION=$((1 - DRY_RUN)) "$PY" -m pytest -q -p no:cacheprovider --benchmark-disable \
-    "${GPU_TESTS[@]}" > "$OUT/correctness.log" 2>&1
-  local rc=$?
-  tail -3 "$OUT/correctness.log" >> "$OUT/stages.log"
+  local file rc=0 file_rc
+  for file in "${TEST_FILES[@]}"; do
+    echo "## $file" >> "$OUT/correctness.log"
+    EVIT_REQUIRE_EXTENSION=$((1 - DRY_RUN)) "$PY" -m pytest -q -p no:cacheprovider --benchmark-disable \
+      -m "$TEST_MARK" "$file" >> "$OUT/correctness.log" 2>&1
+    file_rc=$?
+    echo "## $file: exit $file_rc" >> "$OUT/correctness.log"
+    echo "  $file: exit $file_rc, $(grep -E " in [0-9.]+s" "$OUT/correctness.log" | tail -1)" >> "$OUT/stages.log"
+    [ $file_rc -eq 0 ] || rc=1
+  done
+  [ $rc -eq 0 ] && echo "every kernel test file passed" >> "$OUT/correctness.log"
   return $rc
 }
 

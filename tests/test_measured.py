@@ -1,6 +1,7 @@
 """The automatic choice's table of measured backends: how a GPU pass's results become it."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -23,14 +24,18 @@ def test_the_fastest_backend_that_matched_the_reference_is_recorded():
                                                       "conv_bn_act": {"A": "torch"}}
 
 
-@pytest.mark.parametrize("summary, passed", [
-    ("120 passed, 3 skipped in 50.1s", True),
-    ("1 failed, 119 passed in 50.1s", False),
-    ("119 passed, 1 error in 50.1s", False),
+@pytest.mark.parametrize("log, passed", [
+    ("## tests/a.py\n120 passed in 50.1s\n## tests/a.py: exit 0\n" + record_measured.PASSED, True),
+    ("## tests/a.py\n1 failed, 119 passed in 50.1s\n## tests/a.py: exit 1", False),
+    ("## tests/a.py\nFatal Python error: Segmentation fault\n## tests/a.py: exit 139", False),
     ("", False),
 ])
-def test_only_a_pass_whose_tests_passed_counts(summary, passed):
-    assert record_measured.tests_passed(f"....\n{summary}\n") is passed
+def test_only_a_pass_whose_tests_passed_counts(log, passed):
+    assert record_measured.tests_passed(f"{log}\n") is passed
+
+
+def test_the_pass_writes_the_line_that_says_its_tests_passed():
+    assert f'echo "{record_measured.PASSED}"' in Path(record_measured.__file__).with_name("gpu_pass.sh").read_text()
 
 
 def test_a_pass_is_folded_into_the_table(tmp_path, monkeypatch, capsys):
@@ -39,7 +44,7 @@ def test_a_pass_is_folded_into_the_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(measured, "TABLE", table)
     results = tmp_path / "20261202-0900"
     results.mkdir()
-    (results / "correctness.log").write_text("...\n10 passed in 5.0s\n")
+    (results / "correctness.log").write_text(f"...\n10 passed in 5.0s\n{record_measured.PASSED}\n")
     rows = [_row("ffn", "A", torch={"ms": 2.0, "ok": True}, triton={"ms": 1.0, "ok": True})]
     (results / "released_ops.json").write_text(json.dumps({"gpu": "NVIDIA H200", "commit": "abc", "rows": rows}))
     monkeypatch.setattr("sys.argv", ["record_measured", str(results)])
