@@ -87,7 +87,14 @@ class OpArgs:
 
     def tensors(self) -> list[Tensor]:
         """Every tensor among the fields (lists flattened, absent ones skipped), the first argument first."""
-        return [t for t in pytree.tree_leaves(list(self.fields())) if isinstance(t, Tensor)]
+        # fields are tensors, lists of tensors (or None) and constants: one level to flatten, on every op call
+        out = []
+        for value in self.fields():
+            if isinstance(value, Tensor):
+                out.append(value)
+            elif isinstance(value, (list, tuple)):
+                out.extend(t for t in value if isinstance(t, Tensor))
+        return out
 
     def output_shape(self) -> list[int]:
         raise NotImplementedError
