@@ -1,6 +1,6 @@
 """Conv + BatchNorm + activation blocks at real EfficientViT shapes, inference: eager (BatchNorm unfolded and
-folded) vs torch.compile (max-autotune) vs patched on the reference vs patched on this package's kernels (whole-block
-conv_block, the FFN, the residual depthwise).
+folded) vs torch.compile (max-autotune) vs patched on the reference vs patched on this package's kernels (conv_block:
+DSConv in one kernel, the other blocks layer by layer; the FFN; the residual depthwise).
 
 ``min_bytes`` is the traffic of a whole-block fused kernel (read the input once, write the output once; the
 expanded tensor never leaves the chip), the floor that block fusion aims at.

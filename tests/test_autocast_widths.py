@@ -20,7 +20,6 @@ from evit_kernels import dispatch
 from evit_kernels.ops.conv_block import ConvBlockArgs, _whole_block_config, conv_block
 from evit_kernels.ops.conv_bn_act import ConvBnActArgs, _kernel_kind, conv_bn_act
 from evit_kernels.ops.ffn import ffn
-from evit_kernels.triton import conv_block as triton_conv_block
 from tests.numerics import assert_within_twice_eager, in_layout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -239,14 +238,12 @@ def test_conv_bn_act_rounds_an_fp32_input_as_autocast_casts_it(poisoned_empty, n
     assert torch.equal(out, expected)
 
 
-# Every path of conv_block's Triton backend: the whole-block kernel over an expand and a depthwise conv (one pass,
-# two passes), a depthwise conv alone, a full conv; and layer by layer (a 9×9 spatial conv no whole-block kernel takes).
+# Both paths of conv_block's Triton backend: the DSConv kernel (a depthwise conv and the projection), and layer by
+# layer on conv_bn_act's kernels (MBConv, FusedMBConv).
 WIDE_INPUT_BLOCKS = {
-    "expand_depthwise_one_pass": ("mbconv_one_pass", 3),
-    "expand_depthwise_two_passes": ("mbconv_two_passes", 3),
-    "depthwise": ("dsconv", 3),
-    "full": ("fused", 3),
-    "layer_by_layer": ("mbconv_one_pass", 9),
+    "dsconv_kernel": ("dsconv", 3),
+    "mbconv_layer_by_layer": ("mbconv_one_pass", 3),
+    "full_layer_by_layer": ("fused", 3),
 }
 
 
@@ -283,18 +280,15 @@ def test_conv_block_rounds_an_fp32_input_as_autocast_casts_it(poisoned_empty, na
 
 
 def test_the_block_cases_take_their_paths():
-    kinds = {}
+    paths = {}
     for name in WIDE_INPUT_BLOCKS:
         tensors, kwargs = _wide_input_block(name)
         x, w1, b1, w2, b2, w3, b3 = [None if t is None else t.to("meta", torch.bfloat16) for t in tensors]
         groups = kwargs.get("groups") or w2.shape[0]
         k = w2.shape[2]
         args = ConvBlockArgs(x, w1, b1, "none", w2, b2, "none", [1, 1], [k // 2] * 2, groups, w3, b3, "none")
-        kind, config = _whole_block_config(args)
-        kinds[name] = kind, kind is not None and not triton_conv_block.one_pass(config, w3.shape[0])
-    assert kinds == {"expand_depthwise_one_pass": ("expand_depthwise", False),
-                     "expand_depthwise_two_passes": ("expand_depthwise", True), "depthwise": ("depthwise", False),
-                     "full": ("full", False), "layer_by_layer": (None, False)}
+        paths[name] = _whole_block_config(args)[0] is not None
+    assert paths == {"dsconv_kernel": True, "mbconv_layer_by_layer": False, "full_layer_by_layer": False}
 
 
 def test_gradients_under_autocast_match_eagers():

@@ -38,7 +38,7 @@ def _tokens_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def test_sanas_view_is_the_channels_last_layout_of_the_op_cases():
-    """The op's GLU cases (tests/test_conv_block.py, "glumbconv_*": one and two passes, row bands, stride 2, every
+    """The op's GLU cases (tests/test_conv_block.py, "glumbconv_*": with and without a projection, stride 2, every
     dtype against float64) read channels-last maps: the strides of Sana's permuted token view."""
     t = torch.randn(2, 16, 6, 5)
     view = _tokens_view(t)
@@ -57,7 +57,7 @@ def test_reference_is_glumbconv_written_out():
 
 
 def test_a_gate_after_another_spatial_conv_runs_layer_by_layer(poisoned_empty):
-    """Without an expand, the whole-block kernel does not gate: conv_bn_act's kernels and the eager gate."""
+    """A gated block runs layer by layer, with or without an expand: conv_bn_act's kernels and the eager gate."""
     args, kwargs = _inputs(BLOCK_CASES["glumbconv_bands_residual"], torch.float32)
     x, _, _, _, _, w3, b3 = args
     channels = x.shape[1]

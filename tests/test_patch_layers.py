@@ -66,7 +66,7 @@ def test_eval_matches_with_activations_in_the_conv_epilogues(build, fused_class,
     assert [op for op, _ in op_runs] == calls
     backends = {b for _, b in op_runs}
     assert backends == {"torch"} if backend == "torch" else "triton" in backends
-    if backend == "experimental":  # the expand and depthwise on the whole-block kernel
+    if backend == "experimental":  # the expand and depthwise layer by layer on conv_bn_act's kernels
         assert all(b == "triton" for op, b in op_runs if op == "conv_block")
 
 

@@ -284,7 +284,7 @@ def test_predict_command_prices_every_launch(tmp_path):
                           "--res", "64", "64", "--gpu", "h200", "--ptxas", PTXAS, "--json", str(out)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "PREDICTION" in run.stdout and "_conv_block_fwd_kernel" in run.stdout
+    assert "PREDICTION" in run.stdout and "_dsconv_fwd_kernel" in run.stdout
     p = json.loads(out.read_text())
     assert p["gpu"] == "H200" and "commit" in p and p["launches"]
     for launch in p["launches"]:

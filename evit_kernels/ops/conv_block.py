@@ -8,10 +8,12 @@
 MBConv is expand → depthwise → project, DSConv depthwise → project, FusedMBConv full k×k → project; GLUMBConv is
 MBConv in GLU mode; EfficientViT-M's PatchMerging is expand → depthwise without the projection (its squeeze-excite
 comes before it) (docs/ops.md, "conv_block").
-The Triton backend keeps ``h`` and ``d`` on chip (whole-block fusion) where its tiles hold the shape and every
-output channel, writes ``d`` once and projects it where they hold the shape but not every output channel (two
-passes; without a projection that first pass is the block), and otherwise runs the block layer by layer through
-``evit::conv_bn_act``'s kernels (per-layer fusion, the tensors between layers channels-last), saying so once.
+The Triton backend keeps ``d`` on chip for a DSConv whose output channels one program holds (the depthwise conv and
+the projection in one kernel), and runs every other block layer by layer through ``evit::conv_bn_act``'s kernels
+(per-layer fusion: each conv with its bias, activation and residual; the tensors between layers channels-last),
+saying so once. Whole-block kernels for MBConv and FusedMBConv (the expand and depthwise conv on chip) measured
+2–7× slower than eager on an H200, where the layer-by-layer kernels ran at or near the memory bound
+(docs/performance.md, "Measured on a GPU").
 """
 
 from __future__ import annotations
@@ -169,64 +171,36 @@ def _check_shapes(a: ConvBlockArgs) -> None:
 # --- Triton ----------------------------------------------------------------------------------------------------
 
 
-def _spatial_kind(a: ConvBlockArgs) -> str | None:
-    """Which whole-block kernel computes this block ("expand_depthwise", "depthwise", "full"), or None."""
-    from evit_kernels.triton.conv_block import KERNEL_SIZES
-
-    k_h, k_w = a.w2.shape[2:]
-    if k_h != k_w or k_h not in KERNEL_SIZES or a.stride[0] != a.stride[1] or a.stride[0] not in (1, 2):
-        return None
-    depthwise = a.groups == a.w2.shape[0] and a.w2.shape[1] == 1
-    if depthwise:
-        return "depthwise" if a.w1 is None else "expand_depthwise"
-    return "full" if a.groups == 1 and a.w1 is None else None
-
-
-def _whole_block_config(a: ConvBlockArgs) -> tuple[str, dict] | tuple[None, str]:
-    """(kind, tile config) for the whole-block kernel, or (None, why it does not take this block)."""
+def _whole_block_config(a: ConvBlockArgs) -> tuple[dict | None, str]:
+    """(tile config, "") for the DSConv kernel, or (None, why this block runs layer by layer)."""
     from evit_kernels.triton import conv_block as kernels
 
-    kind = _spatial_kind(a)
-    if kind is None:
-        return None, (f"the spatial conv {tuple(a.w2.shape)} (groups={a.groups}, stride={a.stride}) after "
-                      f"{'an expand' if a.w1 is not None else 'no expand'} is not a depthwise or full square 3×3, "
-                      "5×5 or 7×7 conv with stride 1 or 2 (a full conv only without an expand)")
-    if a.gate is not None and kind != "expand_depthwise":
-        return None, f"a GLU gate after a {kind} conv (the kernel gates only an expand followed by a depthwise conv)"
-    config = kernels.tile_config(kind, a.compute_dtype(), a.x.shape, a.output_shape(), a.stride[0], a.w2.shape[2],
-                                 a.projected, projection=a.w3 is not None)
+    if a.w1 is not None or a.groups != a.w2.shape[0] or a.w2.shape[1] != 1:
+        return None, ("an expand or a full spatial conv (MBConv, FusedMBConv, GLUMBConv: their whole-block kernels "
+                      "measured slower than the layer-by-layer kernels)")
+    if a.w3 is None:
+        return None, "no projection (the block is one depthwise conv)"
+    if a.gate is not None:
+        return None, "a GLU gate (the DSConv kernel does not gate)"
+    k_h, k_w = a.w2.shape[2:]
+    if k_h != k_w or k_h not in kernels.KERNEL_SIZES or a.stride[0] != a.stride[1] or a.stride[0] not in (1, 2):
+        return None, (f"a {k_h}×{k_w} depthwise conv with stride {a.stride} (the DSConv kernel takes square 3×3, "
+                      "5×5 and 7×7 ones with stride 1 or 2)")
+    config = kernels.tile_config(a.compute_dtype(), a.w3.shape[0])
     if config is None:
-        return None, f"a {a.x.shape[3]}-pixel-wide map (one output row and its halo exceed the largest tile)"
-    batch, out_channels, out_height, out_width = a.output_shape()
-    two_passes = a.w3 is not None and not kernels.one_pass(config, out_channels)
-    if two_passes and batch * a.projected * out_height * out_width >= 2**31:
-        return None, "a hidden tensor of 2^31 elements or more between its two passes (the kernels index with 32 bits)"
-    return kind, config
+        return None, f"{a.w3.shape[0]} output channels (more than one program holds: a second would redo the taps)"
+    return config, ""
 
 
 def _triton_forward(a: ConvBlockArgs) -> Tensor:
     from evit_kernels.triton import conv_block as kernels
 
-    kind, config = _whole_block_config(a)
-    if kind is None:
-        dispatch.log_once("conv_block", f"conv_block: layer by layer on the conv_bn_act kernels for {config}")
+    config, why = _whole_block_config(a)
+    if config is None:
+        dispatch.log_once("conv_block", f"conv_block: layer by layer on the conv_bn_act kernels for {why}")
         return _per_layer(a)
-    if kind == "depthwise":  # the expand and full convs' products round an fp32 x as they load it, the taps do not
-        a = replace(a, x=a.rounded_input())
-    if a.w3 is None:  # the block is the first of the two passes, written in its own layout
-        return kernels.hidden(a, kind, config, a.new_output())
-    if kernels.one_pass(config, a.w3.shape[0]):
-        return kernels.forward(a, a.new_output(), kind, config)
-    # Two passes: the hidden tensor once (gated, m channels, in GLU mode; channels-last), then the projection on
-    # conv_bn_act's 1×1 kernel (its epilogue adds b3, act3 and the residual), written in the block's layout.
-    *_, project = a.layers()
-    # The 1×1 kernel takes every projection: same device and dtype as the block, the hidden tensor checked for
-    # 32-bit offsets above.
-    from evit_kernels.triton.conv_bn_act import dense
-
-    d = torch.empty(a.output_shape()[:1] + [a.projected] + a.output_shape()[2:], dtype=a.compute_dtype(),
-                    device=a.x.device, memory_format=torch.channels_last)
-    return dense(project(kernels.hidden(a, kind, config, d)), a.new_output())
+    # the taps multiply x as loaded: an fp32 x is rounded first where the reference's conv would round it
+    return kernels.forward(replace(a, x=a.rounded_input()), a.new_output(), config)
 
 
 def _per_layer(a: ConvBlockArgs) -> Tensor:
@@ -247,5 +221,5 @@ def _per_layer_call(args: ConvBnActArgs, block_layout: torch.memory_format | Non
     return triton_forward_into(args, args.new_output(block_layout or torch.channels_last))
 
 
-# The whole-block kernel never stores the hidden tensors; the per-layer fallback checks each layer itself.
+# The DSConv kernel stores no tensor but x-shaped ones; the per-layer path checks each layer itself.
 dispatch.register("conv_block", dispatch.Backend("triton", _triton_forward))
