@@ -35,7 +35,7 @@ cd "$(dirname "$0")/.."
 DRY_RUN=0
 [ "${1:-}" = "--dry-run" ] && { DRY_RUN=1; shift; }
 STAGES=("$@")
-declare -A LIMIT=([environment]=60 [build]=240 [correctness]=150 [ceilings]=60 [released_ops]=240 [models]=200
+declare -A LIMIT=([environment]=60 [build]=240 [correctness]=240 [ceilings]=60 [released_ops]=240 [models]=200
                   [ops]=200)
 OUT="${OUT:-benchmarks/results/$(date +%Y%m%d-%H%M)}"
 mkdir -p "$OUT"
