@@ -16,7 +16,6 @@ from pathlib import Path
 
 from evit_kernels import measured
 
-
 PASSED = "every kernel test file passed"
 """The last line of a GPU pass's correctness.log when every file of kernel tests passed (benchmarks/gpu_pass.sh)."""
 
