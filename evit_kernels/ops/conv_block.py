@@ -176,8 +176,8 @@ def _whole_block_config(a: ConvBlockArgs) -> tuple[dict | None, str]:
     from evit_kernels.triton import conv_block as kernels
 
     if a.w1 is not None or a.groups != a.w2.shape[0] or a.w2.shape[1] != 1:
-        return None, ("an expand or a full spatial conv (MBConv, FusedMBConv, GLUMBConv: their whole-block kernels "
-                      "measured slower than the layer-by-layer kernels)")
+        return None, ("an expand, or a spatial conv that is not depthwise (MBConv, FusedMBConv, GLUMBConv: their "
+                      "whole-block kernels measured slower than the layer-by-layer kernels)")
     if a.w3 is None:
         return None, "no projection (the block is one depthwise conv)"
     if a.gate is not None:
