@@ -12,7 +12,7 @@ The Triton backend keeps ``d`` on chip for a DSConv whose output channels one pr
 the projection in one kernel), and runs every other block layer by layer through ``evit::conv_bn_act``'s kernels
 (per-layer fusion: each conv with its bias, activation and residual; the tensors between layers channels-last),
 saying so once. Whole-block kernels for MBConv and FusedMBConv (the expand and depthwise conv on chip) measured
-2–7× slower than eager on an H200, where the layer-by-layer kernels ran at or near the memory bound
+1.6–6.8× slower than eager on an H200, where the layer-by-layer kernels ran at or near the memory bound
 (docs/performance.md, "Measured on a GPU").
 """
 

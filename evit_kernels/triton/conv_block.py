@@ -8,8 +8,8 @@ A program owns a tile of output pixels and every output channel, and walks the d
 BLOCK_H: each chunk of ``d`` is produced on chip in fp32 and consumed at once by ``acc += d · w3_chunkᵀ``, so ``d``
 never reaches memory. The other blocks (MBConv, FusedMBConv, GLUMBConv, a DSConv with more output channels than one
 program holds, a block without a projection) run layer by layer on conv_bn_act's kernels
-(``evit_kernels.ops.conv_block``): on an H200 those measured 2–7× faster than the whole-block kernels this file
-held for them (docs/performance.md, "Measured on a GPU").
+(``evit_kernels.ops.conv_block``): on an H200 the whole-block kernels this file held for them measured 1.6–6.8×
+slower than eager, and the layer-by-layer kernels faster than eager (docs/performance.md, "Measured on a GPU").
 
 Tensors are read and written through their four strides (NCHW, channels_last or any layout); offsets are 32-bit,
 which the op's backend checks (``dispatch.Backend.int32_offsets``).
