@@ -237,12 +237,29 @@ def call(chosen: Backend, args: Any) -> Any:
     autograd, autocast and torch.compile see through it (the compiler can fuse it), and no custom-op call is paid
     per layer. A kernel runs through the op's ``torch.library`` op (``torch.ops.evit.<op>``, which takes the
     record's fields and the backend name last), so torch.compile and export see one node with its fake
-    implementation and autograd."""
+    implementation and autograd; where none of these looks (no gradient to record, no compiler or tracer
+    running) the kernel is launched directly, saving the custom op's dispatch on every call."""
     for observe in _OBSERVERS:
         observe(chosen, args)
     if chosen.name == "torch" or _PLANNING:  # planning: meta tensors would run the op's fake, not its launcher
         return chosen.forward(args)
+    if _nothing_records(args):
+        return run_kernel(chosen, args)
     return getattr(torch.ops.evit, args.op)(*args.fields(), chosen.name)
+
+
+def run_kernel(chosen: Backend, args: Any) -> Any:
+    """A kernel backend's forward on ``args``, or the empty output where there is nothing to compute (no kernel is
+    launched on an empty grid). What the ``torch.library`` op runs, and :func:`call` where nothing records."""
+    return args.new_output() if args.output_numel() == 0 else chosen.forward(args)
+
+
+def _nothing_records(args: Any) -> bool:
+    """Whether a kernel call needs no custom-op node: no gradient would be recorded, and neither torch.compile nor
+    a tracer (torch.jit, the ONNX exporter) is running."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args.tensors()):
+        return False
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 
 def run(args: Any, backend: str = "auto") -> Any:

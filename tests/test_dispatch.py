@@ -3,10 +3,11 @@
 import pytest
 import torch
 from timm.models.efficientvit_mit import ConvNormAct
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from evit_kernels import dispatch, measured
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct
-from evit_kernels.ops.conv_bn_act import ConvBnActArgs
+from evit_kernels.ops.conv_bn_act import ConvBnActArgs, conv_bn_act
 from evit_kernels.ops.relu_linear_attention import ReluLinearAttentionArgs, relu_linear_attention
 
 
@@ -105,3 +106,28 @@ def test_a_fused_module_checks_its_backend_when_set(request_, error, message):
     assert module.backend == "auto"
     module.backend = "conv_bn_act=torch"
     assert module.backend == "conv_bn_act=torch"
+
+
+class _DispatchedOps(TorchDispatchMode):
+    """The ops that reach the dispatcher below autograd, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_kernel_goes_through_its_library_op_only_where_something_records():
+    """The custom op's dispatch is paid where autograd, torch.compile or a tracer needs its node, not on every
+    inference call."""
+    x = torch.randn(1, 8, 6, 6)
+    weight = torch.randn(16, 8, 1, 1, requires_grad=True)
+    for grad, expected in ((False, False), (True, True)):
+        with torch.set_grad_enabled(grad), _DispatchedOps() as seen:
+            out = conv_bn_act(x, weight, None, activation="relu", backend="triton")
+        assert ("evit.conv_bn_act.default" in seen.names) is expected, seen.names
+        assert out.requires_grad is grad
+        torch.testing.assert_close(out, torch.relu(torch.nn.functional.conv2d(x, weight)), rtol=1e-5, atol=1e-5)

@@ -224,10 +224,7 @@ def define_op(args_type: type[OpArgs], reference: Callable[[OpArgs], Tensor],
     arguments = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in dataclasses.fields(args_type))
 
     def run(*values: Any) -> Tensor:
-        args = args_type(*values[:-1])
-        if args.output_numel() == 0:  # nothing to compute: no backend runs, no kernel is launched
-            return args.new_output()
-        return dispatch.get(name, values[-1]).forward(args)
+        return dispatch.run_kernel(dispatch.get(name, values[-1]), args_type(*values[:-1]))
 
     torch.library.custom_op(f"evit::{name}", run, mutates_args=(), schema=f"({arguments}, str backend) -> Tensor")
     torch.library.register_fake(f"evit::{name}", lambda *values: args_type(*values[:-1]).new_output())
