@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.autograd import forward_ad
 
 from evit_kernels import _extension, measured
 
@@ -121,7 +122,15 @@ class Backend:
             reasons.append(f"{', '.join(dtypes)} inputs (the {self.name} kernels take {', '.join(rest)} and {last})")
         if self.int32_offsets and (args.output_numel() >= 2**31 or not all(fits_int32(t) for t in tensors)):
             reasons.append("a tensor spanning 2^31 elements or more (the kernels index with 32 bits)")
+        if self.name != "torch" and _has_tangents(tensors):
+            reasons.append("forward-mode AD tangents (the kernels have no JVP; the reference's ops carry them)")
         return reasons + self.reasons(args)
+
+
+def _has_tangents(tensors: list[torch.Tensor]) -> bool:
+    """Whether any of ``tensors`` carries a forward-mode AD tangent (only looked for while a dual level is open:
+    torch.autograd.forward_ad keeps no public flag for that)."""
+    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
@@ -256,7 +265,8 @@ def run_kernel(chosen: Backend, args: Any) -> Any:
 
 def _nothing_records(args: Any) -> bool:
     """Whether a kernel call needs no custom-op node: no gradient would be recorded, and neither torch.compile nor
-    a tracer (torch.jit, the ONNX exporter) is running."""
+    a tracer (torch.jit, the ONNX exporter) is running. (Forward-mode tangents never reach a kernel:
+    :meth:`Backend.input_reasons`.)"""
     if torch.is_grad_enabled() and any(t.requires_grad for t in args.tensors()):
         return False
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing())

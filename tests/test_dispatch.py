@@ -3,6 +3,7 @@
 import pytest
 import torch
 from timm.models.efficientvit_mit import ConvNormAct
+from torch.autograd import forward_ad
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from evit_kernels import dispatch, measured
@@ -131,3 +132,17 @@ def test_a_kernel_goes_through_its_library_op_only_where_something_records():
         assert ("evit.conv_bn_act.default" in seen.names) is expected, seen.names
         assert out.requires_grad is grad
         torch.testing.assert_close(out, torch.relu(torch.nn.functional.conv2d(x, weight)), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_mode_tangents_never_reach_a_kernel():
+    """The kernels have no JVP: a dual input goes to the reference (whose ops carry the tangent), or raises when a
+    kernel is requested by name, instead of an output without its tangent."""
+    x, tangent = torch.randn(1, 8, 6, 6), torch.randn(1, 8, 6, 6)
+    weight = torch.randn(16, 8, 1, 1)
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, tangent)
+        with pytest.raises(dispatch.BackendUnavailable, match="forward-mode AD"):
+            conv_bn_act(dual, weight, None, backend="triton")
+        out = forward_ad.unpack_dual(conv_bn_act(dual, weight, None, backend="experimental"))
+    torch.testing.assert_close(out.tangent, torch.nn.functional.conv2d(tangent, weight), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.primal, torch.nn.functional.conv2d(x, weight), rtol=1e-5, atol=1e-5)
