@@ -78,11 +78,11 @@ def test_each_conv_takes_its_kernel(name, kind):
     assert _kernel_kind(ConvBnActArgs(x, weight, bias, *pair, [1, 1], conv["groups"], "none", residual)) == kind
 
 
-# (batch, C, hidden, C_out, H, W, gate): an MBConv whose projection fits one program (one pass), one whose output
-# channels do not (two passes: the projection on the 1×1 kernel adds the residual), and a GLUMBConv.
+# (batch, C, hidden, C_out, H, W, gate): two MBConvs (16 and 80 output channels) and a GLUMBConv, each given a
+# residual.
 BLOCKS = {
-    "mbconv_one_pass": (2, 16, 32, 16, 5, 7, None),
-    "mbconv_two_passes": (1, 80, 40, 80, 5, 6, None),
+    "mbconv_narrow": (2, 16, 32, 16, 5, 7, None),
+    "mbconv_wide": (1, 80, 40, 80, 5, 6, None),
     "glumbconv": (1, 16, 48, 16, 4, 5, "silu"),
 }
 
@@ -243,7 +243,7 @@ def test_conv_bn_act_rounds_an_fp32_input_as_autocast_casts_it(poisoned_empty, n
 # layer on conv_bn_act's kernels (MBConv, FusedMBConv).
 WIDE_INPUT_BLOCKS = {
     "dsconv_kernel": ("dsconv", 3),
-    "mbconv_layer_by_layer": ("mbconv_one_pass", 3),
+    "mbconv_layer_by_layer": ("mbconv_narrow", 3),
     "full_layer_by_layer": ("fused", 3),
 }
 

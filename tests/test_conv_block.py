@@ -58,8 +58,8 @@ class Case:
 # than a program holds), and layer by layer (the rest); stride 2, 5×5 and 7×7, a 1×1 map, widths that are not powers
 # of two, every layout and no biases.
 CASES = {
-    "mbconv_7x7_packed_residual": Case("mbconv", 3, 16, 64, 16, 7, 7, residual=True),
-    "mbconv_14x14_bands": Case("mbconv", 1, 24, 40, 20, 14, 14, activations=("gelu_tanh", "gelu_tanh", "none")),
+    "mbconv_7x7_residual": Case("mbconv", 3, 16, 64, 16, 7, 7, residual=True),
+    "mbconv_14x14_gelu": Case("mbconv", 1, 24, 40, 20, 14, 14, activations=("gelu_tanh", "gelu_tanh", "none")),
     "mbconv_stride2_channels_last": Case("mbconv", 2, 16, 48, 24, 13, 9, stride=2, layout="channels_last"),
     "mbconv_5x5_strided_no_bias": Case("mbconv", 1, 8, 24, 8, 6, 11, ksize=5, layout="strided", biases=False,
                                        residual=True, activations=("relu6", "relu", "relu")),
@@ -71,30 +71,30 @@ CASES = {
     "fused_residual_channels_last": Case("fused", 2, 8, 32, 8, 5, 6, layout="channels_last", residual=True,
                                          activations=("none", "gelu", "silu")),
     # More output channels than one program holds.
-    "mbconv_two_passes_residual": Case("mbconv", 2, 16, 40, 80, 7, 7, residual=True),
-    "dsconv_two_passes_channels_last": Case("dsconv", 1, 24, 24, 136, 9, 9, layout="channels_last", residual=True,
-                                            activations=("none", "relu6", "hardswish")),
-    "fused_two_passes_stride2": Case("fused", 1, 8, 20, 130, 9, 7, stride=2, activations=("none", "gelu_tanh", "none")),
+    "mbconv_wide_projection_residual": Case("mbconv", 2, 16, 40, 80, 7, 7, residual=True),
+    "dsconv_wide_projection_channels_last": Case("dsconv", 1, 24, 24, 136, 9, 9, layout="channels_last",
+                                                 residual=True, activations=("none", "relu6", "hardswish")),
+    "fused_wide_projection_stride2": Case("fused", 1, 8, 20, 130, 9, 7, stride=2,
+                                          activations=("none", "gelu_tanh", "none")),
     # GLUMBConv (GLU mode): Sana's channels-last view of token-major data, stride 2 with another gate, wide
     # projections.
     "glumbconv_sana_channels_last": Case("mbconv", 2, 16, 80, 16, 6, 5, layout="channels_last",
                                          activations=GLUMBCONV, gate="silu"),
-    "glumbconv_bands_residual": Case("mbconv", 1, 8, 24, 8, 11, 9, residual=True, activations=GLUMBCONV, gate="silu"),
+    "glumbconv_residual": Case("mbconv", 1, 8, 24, 8, 11, 9, residual=True, activations=GLUMBCONV, gate="silu"),
     "glumbconv_stride2_5x5_no_bias": Case("mbconv", 2, 8, 40, 12, 9, 6, ksize=5, stride=2, biases=False,
                                           activations=("hardswish", "relu", "none"), gate="gelu_tanh"),
-    "glumbconv_two_passes_residual": Case("mbconv", 2, 16, 48, 80, 5, 7, residual=True, activations=GLUMBCONV,
+    "glumbconv_wide_projection_residual": Case("mbconv", 2, 16, 48, 80, 5, 7, residual=True, activations=GLUMBCONV,
                                           gate="silu"),
-    "glumbconv_two_passes_channels_last": Case("mbconv", 1, 24, 40, 136, 4, 7, layout="channels_last",
+    "glumbconv_wide_projection_channels_last": Case("mbconv", 1, 24, 40, 136, 4, 7, layout="channels_last",
                                                activations=("silu", "none", "relu"), gate="silu"),
     # No projection (w3 None): the block ends with the (gated) depthwise conv, written in x's layout.
-    "expand_depthwise_stride2_no_projection": Case("mbconv", 2, 16, 64, 64, 9, 9, stride=2, projection=False,
+    "mbconv_stride2_no_projection": Case("mbconv", 2, 16, 64, 64, 9, 9, stride=2, projection=False,
                                                    activations=("relu", "relu", "none")),
-    "expand_depthwise_channels_last_no_projection": Case("mbconv", 1, 8, 40, 40, 7, 6, layout="channels_last",
+    "mbconv_channels_last_no_projection": Case("mbconv", 1, 8, 40, 40, 7, 6, layout="channels_last",
                                                          projection=False),
     "glumbconv_no_projection": Case("mbconv", 1, 8, 48, 24, 5, 7, activations=GLUMBCONV, gate="silu",
                                     projection=False),
 }
-
 
 
 def _inputs(case: Case, dtype: torch.dtype) -> tuple[tuple, dict]:
@@ -188,7 +188,7 @@ def test_within_twice_eager_error(poisoned_empty, name, dtype):
 
 
 def test_reference_is_the_three_layers():
-    args, kwargs = _inputs(CASES["mbconv_7x7_packed_residual"], torch.float64)
+    args, kwargs = _inputs(CASES["mbconv_7x7_residual"], torch.float64)
     x, w1, b1, w2, b2, w3, b3 = args
     h = nn.functional.hardswish(nn.functional.conv2d(x, w1, b1))
     h = nn.functional.hardswish(nn.functional.conv2d(h, w2, b2, padding=1, groups=w2.shape[0]))
@@ -196,7 +196,7 @@ def test_reference_is_the_three_layers():
     torch.testing.assert_close(conv_block(*args, **kwargs, backend="torch"), expected)
 
 
-@pytest.mark.parametrize("name, position", [("mbconv_7x7_packed_residual", 0), ("dsconv_prime_residual", 1),
+@pytest.mark.parametrize("name, position", [("mbconv_7x7_residual", 0), ("dsconv_prime_residual", 1),
                                             ("dsconv_prime_residual", 2)])
 def test_every_activation(poisoned_empty, name, position):
     """The expand's activation on conv_bn_act's kernel, the depthwise conv's and the projection's on the DSConv
@@ -211,7 +211,7 @@ def test_every_activation(poisoned_empty, name, position):
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, msg=activation)
 
 
-@pytest.mark.parametrize("name", ["mbconv_7x7_packed_residual", "fused_stride2", "dsconv_two_passes_channels_last",
+@pytest.mark.parametrize("name", ["mbconv_7x7_residual", "fused_stride2", "dsconv_wide_projection_channels_last",
                                   "glumbconv_no_projection"])
 def test_blocks_off_the_dsconv_kernel_say_why_once(poisoned_empty, caplog, monkeypatch, name):
     args, kwargs = _inputs(CASES[name], torch.float32)
@@ -239,7 +239,7 @@ def test_reference_gradients_after_triton_forward():
             torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["mbconv_7x7_packed_residual", "glumbconv_sana_channels_last",
+@pytest.mark.parametrize("name", ["mbconv_7x7_residual", "glumbconv_sana_channels_last",
                                   "glumbconv_no_projection"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck(backend, name):
@@ -255,7 +255,7 @@ def test_opcheck(backend, name):
 
 
 def test_invalid_arguments_raise_clear_errors():
-    args, kwargs = _inputs(CASES["mbconv_7x7_packed_residual"], torch.float32)
+    args, kwargs = _inputs(CASES["mbconv_7x7_residual"], torch.float32)
     x, w1, b1, w2, b2, w3, b3 = args
     with pytest.raises(ValueError, match="w1 must be"):
         conv_block(x, w1[:, :8], b1, w2, b2, w3, b3)

@@ -48,7 +48,7 @@ def test_sanas_view_is_the_channels_last_layout_of_the_op_cases():
 
 def test_reference_is_glumbconv_written_out():
     """The op's reference against the block written out with torch.nn.functional, in float64."""
-    args, kwargs = _double(*_inputs(BLOCK_CASES["glumbconv_bands_residual"], torch.float32))
+    args, kwargs = _double(*_inputs(BLOCK_CASES["glumbconv_residual"], torch.float32))
     x, w1, b1, w2, b2, w3, b3 = args
     h = F.conv2d(F.silu(F.conv2d(x, w1, b1)), w2, b2, padding=1, groups=w2.shape[0])
     value, gate = h.chunk(2, dim=1)
@@ -58,7 +58,7 @@ def test_reference_is_glumbconv_written_out():
 
 def test_a_gate_after_another_spatial_conv_runs_layer_by_layer(poisoned_empty):
     """A gated block runs layer by layer, with or without an expand: conv_bn_act's kernels and the eager gate."""
-    args, kwargs = _inputs(BLOCK_CASES["glumbconv_bands_residual"], torch.float32)
+    args, kwargs = _inputs(BLOCK_CASES["glumbconv_residual"], torch.float32)
     x, _, _, _, _, w3, b3 = args
     channels = x.shape[1]
     args = (x, None, None, torch.randn(channels, 1, 3, 3, device=DEVICE), torch.randn(channels, device=DEVICE),
@@ -73,7 +73,7 @@ def test_a_gate_after_another_spatial_conv_runs_layer_by_layer(poisoned_empty):
 
 
 def test_gradients_through_the_reference_after_a_triton_forward():
-    args, kwargs = _inputs(BLOCK_CASES["glumbconv_two_passes_residual"], torch.float32)
+    args, kwargs = _inputs(BLOCK_CASES["glumbconv_wide_projection_residual"], torch.float32)
     leaves = [t.clone().requires_grad_() for t in (*args, kwargs["residual"])]
     exact = [t.detach().double().requires_grad_() for t in leaves]
     weight = torch.randn(conv_block(*args, **kwargs, backend="torch").shape, dtype=torch.float64, device=DEVICE)
