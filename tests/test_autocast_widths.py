@@ -20,6 +20,7 @@ from evit_kernels import dispatch
 from evit_kernels.ops.conv_block import ConvBlockArgs, _whole_block_config, conv_block
 from evit_kernels.ops.conv_bn_act import ConvBnActArgs, _kernel_kind, conv_bn_act
 from evit_kernels.ops.ffn import ffn
+from evit_kernels.triton import _common as triton_common
 from tests.numerics import assert_within_twice_eager, in_layout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -239,17 +240,21 @@ def test_conv_bn_act_rounds_an_fp32_input_as_autocast_casts_it(poisoned_empty, n
     assert torch.equal(out, expected)
 
 
-# Both paths of conv_block's Triton backend: the DSConv kernel (a depthwise conv and the projection), and layer by
-# layer on conv_bn_act's kernels (MBConv, FusedMBConv).
+# Both paths of conv_block's Triton backend: the depthwise-and-projection kernel (DSConv; MBConv after its expand),
+# and layer by layer on conv_bn_act's kernels (FusedMBConv; an MBConv whose grid is smaller than the GPU, as these
+# tiny grids are unless the SM count is taken as 0): (block, kernel size, SM count taken as 0).
 WIDE_INPUT_BLOCKS = {
-    "dsconv_kernel": ("dsconv", 3),
-    "mbconv_layer_by_layer": ("mbconv_narrow", 3),
-    "full_layer_by_layer": ("fused", 3),
+    "dsconv_kernel": ("dsconv", 3, True),
+    "mbconv_kernel": ("mbconv_narrow", 3, True),
+    "mbconv_layer_by_layer": ("mbconv_narrow", 3, False),
+    "full_layer_by_layer": ("fused", 3, True),
 }
 
 
-def _wide_input_block(name: str) -> tuple[list, dict]:
-    base, k = WIDE_INPUT_BLOCKS[name]
+def _wide_input_block(name: str, monkeypatch) -> tuple[list, dict]:
+    base, k, no_sms = WIDE_INPUT_BLOCKS[name]
+    if no_sms:
+        monkeypatch.setattr(triton_common, "SMS", 0)
     if base in BLOCKS:
         (x, w1, b1, _, b2, w3, b3), residual, _ = _block_inputs(base, torch.float32)
         w2 = _randn(w1.shape[0], 1, k, k, scale=1 / k)
@@ -264,16 +269,16 @@ def _wide_input_block(name: str) -> tuple[list, dict]:
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # tanh saturating, in numpy
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("name", WIDE_INPUT_BLOCKS)
-def test_conv_block_rounds_an_fp32_input_as_autocast_casts_it(poisoned_empty, name, backend):
-    tensors, kwargs = _wide_input_block(name)
+def test_conv_block_rounds_an_fp32_input_as_autocast_casts_it(poisoned_empty, monkeypatch, name, backend):
+    tensors, kwargs = _wide_input_block(name, monkeypatch)
     x = tensors[0]
     activations = ("hardswish", "gelu_tanh", "none")
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         out, seen, cast_sources = _observed_inputs(lambda: conv_block(*tensors, activations=activations,
                                                                       backend=backend, **kwargs))
     assert seen[0] is x  # not cast before the op
-    # Cast inside it by the reference and by the DSConv kernel; layer by layer, the expand's or the full conv's
-    # implicit GEMM rounds x as it loads it, with no cast's pass (docs/ops.md, "the input").
+    # Cast inside it by the reference and by the DSConv kernel's path; the expand's (on either MBConv path) or the
+    # full conv's implicit GEMM rounds x as it loads it, with no cast's pass (docs/ops.md, "the input").
     assert any(t is x for t in cast_sources) == (backend == "torch" or name == "dsconv_kernel")
     cast = [None if t is None else t.bfloat16() for t in tensors]
     expected = conv_block(*cast, activations=activations, backend=backend, **kwargs)
@@ -281,16 +286,18 @@ def test_conv_block_rounds_an_fp32_input_as_autocast_casts_it(poisoned_empty, na
     assert torch.equal(out, expected)
 
 
-def test_the_block_cases_take_their_paths():
+def test_the_block_cases_take_their_paths(monkeypatch):
     paths = {}
     for name in WIDE_INPUT_BLOCKS:
-        tensors, kwargs = _wide_input_block(name)
+        monkeypatch.undo()
+        tensors, kwargs = _wide_input_block(name, monkeypatch)
         x, w1, b1, w2, b2, w3, b3 = [None if t is None else t.to("meta", torch.bfloat16) for t in tensors]
         groups = kwargs.get("groups") or w2.shape[0]
         k = w2.shape[2]
         args = ConvBlockArgs(x, w1, b1, "none", w2, b2, "none", [1, 1], [k // 2] * 2, groups, w3, b3, "none")
         paths[name] = _whole_block_config(args)[0] is not None
-    assert paths == {"dsconv_kernel": True, "mbconv_layer_by_layer": False, "full_layer_by_layer": False}
+    assert paths == {"dsconv_kernel": True, "mbconv_kernel": True, "mbconv_layer_by_layer": False,
+                     "full_layer_by_layer": False}
 
 
 def test_gradients_under_autocast_match_eagers():

@@ -1,7 +1,7 @@
 """evit::conv_block (a whole MBConv / DSConv / FusedMBConv, BatchNorm folded) and FusedConvBlock: both backends
-against a float64 reference (Triton on CPU through the interpreter on tiny grids), which blocks take the DSConv
-kernel and which run layer by layer, and the drop-in module against timm and mit-han-lab ResidualBlocks in eval and
-training."""
+against a float64 reference (Triton on CPU through the interpreter on tiny grids), which blocks take the
+depthwise-and-projection kernel and which run layer by layer, and the drop-in module against timm and mit-han-lab
+ResidualBlocks in eval and training."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from evit_kernels.nn.conv_block import FusedConvBlock
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct
 from evit_kernels.ops.conv_block import ConvBlockArgs, _whole_block_config, conv_block
 from evit_kernels.ops.conv_bn_act import ACTIVATIONS
+from evit_kernels.triton import _common as triton_common
 from tests.models import rel_err, with_child
 from tests.numerics import assert_same_grads_and_buffers, assert_within_twice_eager, in_layout
 
@@ -54,9 +55,9 @@ class Case:
     projection: bool = True  # False: the block ends with the hidden tensor (PatchMerging's conv1 → conv2)
 
 
-# Every path of the Triton backend in every dtype: the DSConv kernel (dsconv_* but the one with more output channels
-# than a program holds), and layer by layer (the rest); stride 2, 5×5 and 7×7, a 1×1 map, widths that are not powers
-# of two, every layout and no biases.
+# Every path of the Triton backend in every dtype: the depthwise-and-projection kernel (mbconv_* and dsconv_* with a
+# projection one program holds, no gate), and layer by layer (the rest); stride 2, 5×5 and 7×7, a 1×1 map, widths
+# that are not powers of two, every layout and no biases.
 CASES = {
     "mbconv_7x7_residual": Case("mbconv", 3, 16, 64, 16, 7, 7, residual=True),
     "mbconv_14x14_gelu": Case("mbconv", 1, 24, 40, 20, 14, 14, activations=("gelu_tanh", "gelu_tanh", "none")),
@@ -70,12 +71,14 @@ CASES = {
     "fused_stride2": Case("fused", 1, 16, 64, 24, 9, 7, stride=2, activations=("none", "gelu_tanh", "none")),
     "fused_residual_channels_last": Case("fused", 2, 8, 32, 8, 5, 6, layout="channels_last", residual=True,
                                          activations=("none", "gelu", "silu")),
-    # More output channels than one program holds.
-    "mbconv_wide_projection_residual": Case("mbconv", 2, 16, 40, 80, 7, 7, residual=True),
-    "dsconv_wide_projection_channels_last": Case("dsconv", 1, 24, 24, 136, 9, 9, layout="channels_last",
-                                                 residual=True, activations=("none", "relu6", "hardswish")),
-    "fused_wide_projection_stride2": Case("fused", 1, 8, 20, 130, 9, 7, stride=2,
-                                          activations=("none", "gelu_tanh", "none")),
+    # Wider projections: 80 outputs on the narrow tiles; 136 on the wide ones in fp16/bf16 and layer by layer in fp32
+    # (more than its tiles hold); 520, more than any tile holds; and the full conv's, layer by layer at any width.
+    "mbconv_80_outputs_residual": Case("mbconv", 2, 16, 40, 80, 7, 7, residual=True),
+    "dsconv_136_outputs_channels_last": Case("dsconv", 1, 24, 24, 136, 9, 9, layout="channels_last",
+                                             residual=True, activations=("none", "relu6", "hardswish")),
+    "mbconv_520_outputs": Case("mbconv", 1, 8, 16, 520, 3, 5, activations=("relu", "relu6", "none")),
+    "fused_130_outputs_stride2": Case("fused", 1, 8, 20, 130, 9, 7, stride=2,
+                                      activations=("none", "gelu_tanh", "none")),
     # GLUMBConv (GLU mode): Sana's channels-last view of token-major data, stride 2 with another gate, wide
     # projections.
     "glumbconv_sana_channels_last": Case("mbconv", 2, 16, 80, 16, 6, 5, layout="channels_last",
@@ -138,15 +141,26 @@ def _double(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
                                                                      else r.double()}
 
 
-def _takes_the_dsconv_kernel(case: Case) -> bool:
-    return case.kind == "dsconv" and case.projection and case.out_channels <= 128
+@pytest.fixture(autouse=True)
+def tiny_grids_take_the_kernel(request, monkeypatch):
+    """The cases' grids are a few tiles, which on a GPU would run layer by layer (fewer tiles than SMs: see
+    test_a_grid_of_fewer_tiles_than_sms_runs_layer_by_layer); here they take the kernel wherever it applies. The
+    GPU tests run the released shapes as dispatched."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setattr(triton_common, "SMS", 0)
+
+
+def _takes_the_kernel(case: Case, dtype: torch.dtype) -> bool:
+    return (case.kind in ("dsconv", "mbconv") and case.projection and case.gate is None
+            and case.out_channels <= (128 if dtype == torch.float32 else 256))
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_launches_of_each_path(name):
-    """A DSConv whose output channels one program holds: one launch, d never stored. Every other block: one
-    conv_bn_act launch per conv its kernels take (expand, spatial, projection), the tensors between them
-    channels-last, the block's output in the block's layout."""
+    """A DSConv or MBConv whose output channels one program holds: d never stored, the depthwise conv and the
+    projection one launch (after the expand's, channels-last). Every other block: one conv_bn_act launch per conv its
+    kernels take (expand, spatial, projection), the tensors between them channels-last, the block's output in the
+    block's layout."""
     case = CASES[name]
     args, kwargs = _inputs(case, torch.bfloat16)
     meta_args = tuple(None if t is None else t.to("meta") for t in args)
@@ -154,10 +168,13 @@ def test_launches_of_each_path(name):
     meta_kwargs = {**kwargs, "residual": None if residual is None else residual.to("meta")}
     with predict.recorded_launches() as launches:
         out = conv_block(*meta_args, **meta_kwargs, backend="triton")
-    if _takes_the_dsconv_kernel(case):
-        (launch,) = launches
+    if _takes_the_kernel(case, torch.bfloat16):
+        *expand, launch = launches
+        assert [e.kernel for e in expand] == (["_conv_dense_kernel"] if case.kind == "mbconv" else [])
+        assert all(e.scalars["o_sc"] == 1 for e in expand)  # h channels-last: 16-byte loads along the channels
         assert launch.kernel == "_dsconv_fwd_kernel" and len(launch.grid) == 1
         assert launch.scalars["out_channels"] == out.shape[1] and launch.scalars["has_residual"] == case.residual
+        assert launch.scalars["o_sc"] == out.stride(1)
         return
     # conv_bn_act's kernels take a full 3×3 conv of 16 input channels or more (the others run on its reference)
     if case.kind == "fused":
@@ -211,9 +228,9 @@ def test_every_activation(poisoned_empty, name, position):
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, msg=activation)
 
 
-@pytest.mark.parametrize("name", ["mbconv_7x7_residual", "fused_stride2", "dsconv_wide_projection_channels_last",
-                                  "glumbconv_no_projection"])
-def test_blocks_off_the_dsconv_kernel_say_why_once(poisoned_empty, caplog, monkeypatch, name):
+@pytest.mark.parametrize("name", ["mbconv_520_outputs", "fused_stride2", "dsconv_136_outputs_channels_last",
+                                  "glumbconv_residual", "glumbconv_no_projection"])
+def test_blocks_off_the_kernel_say_why_once(poisoned_empty, caplog, monkeypatch, name):
     args, kwargs = _inputs(CASES[name], torch.float32)
     x, w1, _, w2, _, w3, _ = args
     groups = kwargs["groups"] if kwargs["groups"] is not None else w2.shape[0]
@@ -226,6 +243,38 @@ def test_blocks_off_the_dsconv_kernel_say_why_once(poisoned_empty, caplog, monke
         conv_block(*args, **kwargs, backend="triton")
         conv_block(*args, **kwargs, backend="triton")
     assert caplog.text.count("layer by layer") == 1 and why in caplog.text
+
+
+def _meta_mbconv(batch: int, channels: int, hidden: int, out_channels: int, size: int) -> ConvBlockArgs:
+    def meta(*shape):
+        return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
+
+    return ConvBlockArgs(meta(batch, channels, size, size), meta(hidden, channels, 1, 1), None, "none",
+                         meta(hidden, 1, 3, 3), None, "none", [1, 1], [1, 1], hidden, meta(out_channels, hidden, 1, 1),
+                         None, "none")
+
+
+@pytest.mark.parametrize("out_channels, pixels_per_tile", [(128, 64), (256, 32)])
+def test_a_grid_of_fewer_tiles_than_sms_runs_layer_by_layer(monkeypatch, out_channels, pixels_per_tile):
+    """One program holds every output channel of its pixel tile, so a grid smaller than the GPU (batch 1 on a
+    7×7 to 28×28 map) would leave SMs idle; layer by layer the kernels split it finer."""
+    sms = predict.GPUS["h100"].sms
+    monkeypatch.setattr(triton_common, "SMS", sms)
+    size = 8
+    full_wave = sms * pixels_per_tile // (size * size)  # images whose pixels make exactly `sms` tiles
+    config, why = _whole_block_config(_meta_mbconv(full_wave, 64, 256, out_channels, size))
+    assert config is not None and config["P"] == pixels_per_tile and why == ""
+    config, why = _whole_block_config(_meta_mbconv(full_wave - 1, 64, 256, out_channels, size))
+    assert config is None and f"fewer than the GPU's {sms} SMs" in why
+
+
+def test_an_expanded_tensor_beyond_32_bit_offsets_runs_layer_by_layer():
+    """The kernel reads h, which the op's own checks (x, weights, output) do not see."""
+    block = _meta_mbconv(1, 16, 128, 16, 4096)  # h: 128 × 4096 × 4096 = 2^31 elements; x and the output 2^28
+    config, why = _whole_block_config(block)
+    assert config is None and "2^31" in why
+    config, _ = _whole_block_config(_meta_mbconv(1, 16, 64, 16, 4096))  # h: 2^30
+    assert config is not None
 
 
 def test_reference_gradients_after_triton_forward():
@@ -408,20 +457,24 @@ def test_refuses_what_it_cannot_compute(build, reason):
 
 # --- on a GPU: the released models' block shapes ---------------------------------------------------------------
 
-# B1 stage-3 / stage-4 MBConv, B1 stem DSConv, B1 stage-1 MBConv at 1024×2048 (a 512-wide map: per-layer fallback),
-# L1 stage-2 FusedMBConv, L2 stage-4 MBConv (512 → 3072), SAM-L0 neck FusedMBConv, downsampling MBConv (stride 2).
+# B1 stage-3 / stage-4 MBConv, B1 stem DSConv, B1 stage-1 MBConv at 1024×2048 (a 512-wide map), L1 stage-2
+# FusedMBConv, L2 stage-4 MBConv (512 → 3072 → 512), SAM-L0 neck FusedMBConv, downsampling MBConv (stride 2): each
+# batch makes at least a wave of tiles, so the MBConvs of up to 256 output channels and the DSConv take the
+# depthwise-and-projection kernel (B1's stage-4 one on the wide tiles in fp16/bf16), and L2's runs layer by layer
+# (512 outputs); at batch 1, B1's stage-4 MBConv runs layer by layer.
 GPU_CASES = {
-    "b1_mbconv_s3": Case("mbconv", 16, 128, 512, 128, 14, 14, residual=True),
-    "b1_mbconv_s4": Case("mbconv", 16, 256, 1024, 256, 7, 7, residual=True),
+    "b1_mbconv_s3": Case("mbconv", 64, 128, 512, 128, 14, 14, residual=True),
+    "b1_mbconv_s4": Case("mbconv", 128, 256, 1024, 256, 7, 7, residual=True),
+    "b1_mbconv_s4_batch1": Case("mbconv", 1, 256, 1024, 256, 7, 7, residual=True),
     "b1_dsconv_stem": Case("dsconv", 8, 16, 16, 16, 112, 112, residual=True, activations=("none", "hardswish", "none")),
     "b1_mbconv_s1_1024x2048": Case("mbconv", 1, 32, 128, 32, 256, 512, residual=True),
     "l1_fusedmbconv_s2": Case("fused", 8, 64, 256, 64, 56, 56, residual=True,
                               activations=("none", "gelu_tanh", "none")),
-    "l2_mbconv_s4": Case("mbconv", 8, 512, 3072, 512, 7, 7, residual=True,
+    "l2_mbconv_s4": Case("mbconv", 128, 512, 3072, 512, 7, 7, residual=True,
                          activations=("gelu_tanh", "gelu_tanh", "none")),
     "sam_l0_neck_fusedmbconv": Case("fused", 4, 256, 256, 256, 32, 32, layout="channels_last", residual=True,
                                     activations=("none", "gelu_tanh", "none")),
-    "b1_mbconv_downsample": Case("mbconv", 16, 64, 256, 128, 28, 28, stride=2, biases=True),
+    "b1_mbconv_downsample": Case("mbconv", 64, 64, 256, 128, 28, 28, stride=2, biases=True),
 }
 
 

@@ -277,11 +277,12 @@ def test_autocast_on_meta_acts_as_cuda_autocast():
 @pytest.mark.slow
 @pytest.mark.skipif(PTXAS is None, reason="needs ptxas (CUDA toolkit)")
 def test_predict_command_prices_every_launch(tmp_path):
-    """The command on a small model: every launch carries its build facts and counts, and the totals add up."""
+    """The command on a small model: every launch carries its build facts and counts, and the totals add up. At 192
+    px its DSConv's 96×96 map makes a wave of tiles for the depthwise-and-projection kernel."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "b0.json"
     run = subprocess.run([sys.executable, "-m", "evit_kernels", "predict", "--model", "efficientvit_b0", "--batch", "1",
-                          "--res", "64", "64", "--gpu", "h200", "--ptxas", PTXAS, "--json", str(out)],
+                          "--res", "192", "192", "--gpu", "h200", "--ptxas", PTXAS, "--json", str(out)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "PREDICTION" in run.stdout and "_dsconv_fwd_kernel" in run.stdout
@@ -298,7 +299,7 @@ def test_predict_command_prices_every_launch(tmp_path):
     # The eager side is the unpatched model's, counted on its own.
     with torch.device("meta"):
         model = timm.create_model("efficientvit_b0").eval().to(torch.bfloat16)
-        x = torch.empty(1, 3, 64, 64, dtype=torch.bfloat16)
+        x = torch.empty(1, 3, 192, 192, dtype=torch.bfloat16)
     eager = predict.eager_costs(model, x, predict.GPUS["h200"])
     assert p["eager_ms"] == pytest.approx(sum(c.seconds for c in eager) * 1e3)
 

@@ -8,12 +8,13 @@
 MBConv is expand → depthwise → project, DSConv depthwise → project, FusedMBConv full k×k → project; GLUMBConv is
 MBConv in GLU mode; EfficientViT-M's PatchMerging is expand → depthwise without the projection (its squeeze-excite
 comes before it) (docs/ops.md, "conv_block").
-The Triton backend keeps ``d`` on chip for a DSConv whose output channels one program holds (the depthwise conv and
-the projection in one kernel), and runs every other block layer by layer through ``evit::conv_bn_act``'s kernels
-(per-layer fusion: each conv with its bias, activation and residual; the tensors between layers channels-last),
-saying so once. Whole-block kernels for MBConv and FusedMBConv (the expand and depthwise conv on chip) measured
-1.6–6.8× slower than eager on an H200, where the layer-by-layer kernels ran at or near the memory bound
-(docs/performance.md, "Measured on a GPU").
+The Triton backend keeps ``d`` on chip for a DSConv or MBConv whose output channels one program holds (up to 256
+in fp16/bf16) and whose output pixels make at least a wave of tiles: the depthwise conv and the projection in one
+kernel, after, for MBConv, the expand on ``evit::conv_bn_act``'s 1×1 kernel (``h`` written once, channels-last).
+Every other block runs layer by layer through ``evit::conv_bn_act``'s kernels (per-layer fusion: each conv with its
+bias, activation and residual; the tensors between layers channels-last), saying so once. Whole-block kernels that
+also kept ``h`` on chip (its tile gathered per tap) measured 1.6–6.8× slower than eager on an H200, where the DSConv
+kernel and the layer-by-layer kernels were faster than eager (docs/performance.md, "Measured on a GPU").
 """
 
 from __future__ import annotations
@@ -172,23 +173,31 @@ def _check_shapes(a: ConvBlockArgs) -> None:
 
 
 def _whole_block_config(a: ConvBlockArgs) -> tuple[dict | None, str]:
-    """(tile config, "") for the DSConv kernel, or (None, why this block runs layer by layer)."""
+    """(tile config, "") for the depthwise-and-projection kernel, or (None, why this block runs layer by layer)."""
+    from evit_kernels.triton import _common as common
     from evit_kernels.triton import conv_block as kernels
 
-    if a.w1 is not None or a.groups != a.w2.shape[0] or a.w2.shape[1] != 1:
-        return None, ("an expand, or a spatial conv that is not depthwise (MBConv, FusedMBConv, GLUMBConv: their "
-                      "whole-block kernels measured slower than the layer-by-layer kernels)")
+    if a.groups != a.w2.shape[0] or a.w2.shape[1] != 1:
+        return None, ("a spatial conv that is not depthwise (FusedMBConv: its whole-block kernel measured slower than "
+                      "the layer-by-layer kernels)")
     if a.w3 is None:
-        return None, "no projection (the block is one depthwise conv)"
+        return None, "no projection (the block ends with its depthwise conv)"
     if a.gate is not None:
-        return None, "a GLU gate (the DSConv kernel does not gate)"
+        return None, "a GLU gate (the depthwise-and-projection kernel does not gate)"
     k_h, k_w = a.w2.shape[2:]
     if k_h != k_w or k_h not in kernels.KERNEL_SIZES or a.stride[0] != a.stride[1] or a.stride[0] not in (1, 2):
-        return None, (f"a {k_h}×{k_w} depthwise conv with stride {a.stride} (the DSConv kernel takes square 3×3, "
-                      "5×5 and 7×7 ones with stride 1 or 2)")
+        return None, (f"a {k_h}×{k_w} depthwise conv with stride {a.stride} (the depthwise-and-projection kernel "
+                      "takes square 3×3, 5×5 and 7×7 ones with stride 1 or 2)")
     config = kernels.tile_config(a.compute_dtype(), a.w3.shape[0])
     if config is None:
         return None, f"{a.w3.shape[0]} output channels (more than one program holds: a second would redo the taps)"
+    batch, _, out_height, out_width = a.output_shape()
+    if a.w1 is not None and batch * a.w1.shape[0] * a.x.shape[2] * a.x.shape[3] >= 2**31:
+        return None, "an expanded tensor of 2^31 elements or more (the kernel indexes with 32 bits)"
+    tiles = -(-batch * out_height * out_width // config["P"])
+    if tiles < common.SMS:
+        return None, (f"{tiles} pixel tiles, fewer than the GPU's {common.SMS} SMs (one program holds every output "
+                      "channel of a tile; the layer-by-layer kernels split a small grid finer)")
     return config, ""
 
 
@@ -199,8 +208,12 @@ def _triton_forward(a: ConvBlockArgs) -> Tensor:
     if config is None:
         dispatch.log_once("conv_block", f"conv_block: layer by layer on the conv_bn_act kernels for {why}")
         return _per_layer(a)
-    # the taps multiply x as loaded: an fp32 x is rounded first where the reference's conv would round it
-    return kernels.forward(replace(a, x=a.rounded_input()), a.new_output(), config)
+    if a.w1 is None:
+        # the taps multiply x as loaded: an fp32 x is rounded first where the reference's conv would round it
+        spatial_input = a.rounded_input()
+    else:  # MBConv: the expand on conv_bn_act's 1×1 kernel, which rounds x as it loads it; h channels-last
+        spatial_input = _per_layer_call(next(a.layers())(a.x), None)
+    return kernels.forward(replace(a, x=spatial_input, w1=None, b1=None), a.new_output(), config)
 
 
 def _per_layer(a: ConvBlockArgs) -> Tensor:
@@ -221,5 +234,6 @@ def _per_layer_call(args: ConvBnActArgs, block_layout: torch.memory_format | Non
     return triton_forward_into(args, args.new_output(block_layout or torch.channels_last))
 
 
-# The DSConv kernel stores no tensor but x-shaped ones; the per-layer path checks each layer itself.
+# The backend's checks cover x, the weights and the output; _whole_block_config an MBConv's h; the per-layer
+# path checks each layer itself.
 dispatch.register("conv_block", dispatch.Backend("triton", _triton_forward))

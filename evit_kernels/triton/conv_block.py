@@ -1,15 +1,17 @@
-"""Triton kernel of ``evit::conv_block`` for DSConv (inference): the depthwise conv and the projection in one pass,
-BatchNorm folded,
+"""Triton kernel of ``evit::conv_block`` (inference) for the depthwise conv and the projection of DSConv and
+MBConv in one pass, BatchNorm folded,
 
     d   = act2(depthwise_kxk(x, w2, stride, padding) + b2)
     out = act3(conv1x1(d, w3) + b3) + residual
 
-A program owns a tile of output pixels and every output channel, and walks the depthwise channels in chunks of
-BLOCK_H: each chunk of ``d`` is produced on chip in fp32 and consumed at once by ``acc += d · w3_chunkᵀ``, so ``d``
-never reaches memory. The other blocks (MBConv, FusedMBConv, GLUMBConv, a DSConv with more output channels than one
-program holds, a block without a projection) run layer by layer on conv_bn_act's kernels
-(``evit_kernels.ops.conv_block``): on an H200 the whole-block kernels this file held for them measured 1.6–6.8×
-slower than eager, and the layer-by-layer kernels faster than eager (docs/performance.md, "Measured on a GPU").
+(for MBConv, ``x`` is the expanded tensor ``h``, which conv_bn_act's 1×1 kernel writes first). A program owns a tile
+of output pixels and every output channel, and walks the depthwise channels in chunks of BLOCK_H: each chunk of
+``d`` is produced on chip in fp32 and consumed at once by ``acc += d · w3_chunkᵀ``, so ``d`` never reaches memory and
+no tap is recomputed for another output-channel block. The other blocks (FusedMBConv, GLUMBConv, a block with more
+output channels than one program holds or too few pixel tiles to fill the GPU, a block without a projection) run
+layer by layer on conv_bn_act's kernels (``evit_kernels.ops.conv_block``): on an H200 the whole-block kernels this
+file held for them (the expand on chip too, its tile gathered per tap) measured 1.6–6.8× slower than eager, and the
+DSConv kernel and the layer-by-layer kernels faster than eager (docs/performance.md, "Measured on a GPU").
 
 Tensors are read and written through their four strides (NCHW, channels_last or any layout); offsets are 32-bit,
 which the op's backend checks (``dispatch.Backend.int32_offsets``).
@@ -68,36 +70,43 @@ def _dsconv_fwd_kernel(
 
 @dataclass(frozen=True)
 class Tiles:
-    """The tile of one precision: ``pixels`` output pixels × up to ``channels`` output channels per program. Every
-    size compiles for sm_90 without register spills under triton 3.6 and 3.8 (compile_configs). fp32 runs IEEE dots
-    on FMA units, which hold their operands in registers, hence its smaller tile, and gives ptxas the hardware's
-    255 registers (``maxnreg``): without a limit it may spill a few to fit more CTAs on an SM."""
+    """The tile of one precision and width: ``pixels`` output pixels × up to ``channels`` output channels per
+    program. Every size compiles for sm_90 without register spills under triton 3.6 and 3.8 (compile_configs): the
+    fp32 accumulator of all output channels is what fills the registers, so wider projections take fewer pixels.
+    fp32 runs IEEE dots on FMA units, which hold their operands in registers, hence its smaller tile, and gives
+    ptxas the hardware's 255 registers (``maxnreg``): without a limit it may spill a few to fit more CTAs on an
+    SM."""
 
     warps: int
     pixels: int
-    channels: int = 128
+    channels: int
     maxnreg: int | None = None
 
 
-_LOW_PRECISION = Tiles(warps=8, pixels=64)
-TILES = {torch.float32: Tiles(warps=4, pixels=32, maxnreg=255), torch.float16: _LOW_PRECISION,
+_LOW_PRECISION = (Tiles(warps=8, pixels=64, channels=128), Tiles(warps=8, pixels=32, channels=256))
+TILES = {torch.float32: (Tiles(warps=4, pixels=32, channels=128, maxnreg=255),), torch.float16: _LOW_PRECISION,
          torch.bfloat16: _LOW_PRECISION}
+"""Per dtype, the tiles from narrowest to widest projection. The 256-wide tile builds spill-free only with 32 pixels,
+on mma.sync (half wgmma's peak); a 512-wide one too, but then the projection's products make the kernel slower than
+the layer-by-layer kernels by the formula (L2's stage-4 MBConv: 0.141 against 0.119 ms predicted), so wider blocks
+run layer by layer."""
 BLOCK_H = 16
 
 
 def tile_config(dtype: torch.dtype, out_channels: int) -> dict | None:
     """Every launch parameter that depends on the shape, or None when one program cannot hold every output
     channel (the block then runs layer by layer: a second output-channel block would redo the depthwise conv)."""
-    tiles = TILES[dtype]
     block_co = common.dot_size(out_channels)
-    if block_co > tiles.channels:
+    tiles = next((t for t in TILES[dtype] if block_co <= t.channels), None)
+    if tiles is None:
         return None
     return {"P": tiles.pixels, "BLOCK_H": BLOCK_H, "BLOCK_CO": block_co, "num_warps": tiles.warps,
             "maxnreg": tiles.maxnreg}
 
 
 def forward(a: ConvBlockArgs, out: torch.Tensor, config: dict) -> torch.Tensor:
-    """Writes the DSConv block's output into ``out`` (B, C_out, H_out, W_out), any strides; ``config`` is
+    """Writes the block's output into ``out`` (B, C_out, H_out, W_out), any strides, from ``a.x``, the depthwise
+    conv's input (``a.w1`` is not applied: an MBConv's caller passes the expanded tensor); ``config`` is
     :func:`tile_config`'s for these shapes."""
     batch, hidden, height, width = a.x.shape
     _, out_channels, out_height, out_width = out.shape
@@ -123,11 +132,13 @@ def compile_configs():
     compile: dtype × output-channel block × kernel size, with one representative pair of activations (they change
     only elementwise code; conv_bn_act compiles every activation)."""
     pointers = ("x", "w2", "b2", "w3", "b3", "residual", "out")
-    for dtype, tiles in TILES.items():
-        for block_co in (16 << i for i in range((tiles.channels // 16).bit_length())):
-            for ksize in KERNEL_SIZES:
-                constexprs = {"ACT2": "hardswish", "ACT3": "none", "K": ksize, "P": tiles.pixels, "BLOCK_H": BLOCK_H,
-                              "BLOCK_CO": block_co, **common.dot_mode(dtype)}
-                types = common.signature(_dsconv_fwd_kernel, common.POINTER_TYPES[dtype], constexprs, pointers)
-                yield _dsconv_fwd_kernel, types, constexprs, {"num_warps": tiles.warps, "num_stages": 1,
-                                                              "maxnreg": tiles.maxnreg}
+    for dtype, widths in TILES.items():
+        for narrower, tiles in zip((None, *widths), widths):
+            above = 0 if narrower is None else narrower.channels  # the narrower tile's blocks are its own
+            for block_co in (16 << i for i in range(6) if above < 16 << i <= tiles.channels):
+                for ksize in KERNEL_SIZES:
+                    constexprs = {"ACT2": "hardswish", "ACT3": "none", "K": ksize, "P": tiles.pixels,
+                                  "BLOCK_H": BLOCK_H, "BLOCK_CO": block_co, **common.dot_mode(dtype)}
+                    types = common.signature(_dsconv_fwd_kernel, common.POINTER_TYPES[dtype], constexprs, pointers)
+                    yield _dsconv_fwd_kernel, types, constexprs, {"num_warps": tiles.warps, "num_stages": 1,
+                                                                  "maxnreg": tiles.maxnreg}
