@@ -16,7 +16,7 @@ from .common import DTYPE, ON_GPU
 COMMIT = git_commit()
 ROUNDS = int(os.environ.get("EVIT_BENCH_ROUNDS", "0"))
 """When set, every benchmark times this many rounds after no extra warm-up (the GPU pass's dry run: 1)."""
-KERNEL_VARIANTS = {"kernels", "evit-triton", "evit-cuda", "patched-triton"}
+KERNEL_VARIANTS = {"kernels", "kernels+graph", "evit-triton", "evit-cuda", "patched-triton"}
 """Variants that claim to time this package's kernels: each must run at least one op on a kernel backend."""
 
 

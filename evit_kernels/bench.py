@@ -143,6 +143,31 @@ def _time_once(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
     return (time.perf_counter() - began) * 1e3
 
 
+def in_cuda_graph(fn: Callable[[], torch.Tensor], warmup: int = 3) -> Callable[[], torch.Tensor]:
+    """``fn`` captured in a CUDA graph at the first call (after ``warmup`` calls on a side stream, which compile the
+    kernels and allocate what ``fn`` needs), and replayed at every call: no host work per call but the replay's.
+    ``fn``'s inputs must stay where they are; the result is the graph's output tensor, which each replay
+    overwrites."""
+    graph, out = None, None
+
+    def replay() -> torch.Tensor:
+        nonlocal graph, out
+        if graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fn()
+        graph.replay()
+        return out
+
+    return replay
+
+
 def time_interleaved(fns: dict[str, Callable[[], torch.Tensor]], device: torch.device, warmup: int, iters: int,
                      tick: Callable[[str], None]) -> dict[str, float]:
     """Median milliseconds per call of each function, timed round-robin (one call of each per round) so that a
