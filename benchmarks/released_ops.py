@@ -7,6 +7,11 @@ prediction is read from ``benchmarks/predictions/<model>_<batch>_<res>.json`` (`
 interpreter and ptxas, too slow for the GPU window), the reference side is priced here. The JSON this writes is
 what ``benchmarks/record_measured.py`` turns into the automatic choice's table.
 
+On a GPU each backend's call is also profiled once (``torch.profiler``): the GPU kernels it launched, each with its
+time, and their sum, ``kernel_ms``. The timed ``ms`` minus ``kernel_ms`` is about the host's share where the
+kernels are short (the first pass found 0.1–0.3 ms per call on the Triton path), and the per-kernel times are what
+the prediction's per-launch prices are checked against.
+
 Without a GPU (the GPU pass's dry run) it runs one tiny configuration through the Triton interpreter, to check
 the script, not the CPU.
 """
@@ -20,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import ON_GPU, bench_ms
 from evit_kernels import dispatch, predict
@@ -46,9 +52,21 @@ def predicted_reference_ms(args, gpu: predict.Gpu) -> float:
     return sum(c.seconds for c in predict.eager_costs(lambda _: reference.forward(args), None, gpu)) * 1e3
 
 
+def profiled_kernels(fn) -> list[tuple[str, float]]:
+    """(name, milliseconds) of each GPU kernel one call of ``fn`` launches, in launch order (none on CPU, where the
+    profiler still runs, so that the dry run goes through this code)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if ON_GPU:
+            torch.cuda.synchronize()
+    return [(e.name[:100], e.time_range.elapsed_us() / 1e3) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 def measure_call(args, device: str) -> dict[str, dict]:
-    """Every backend of ``args.op`` on ``args`` made real: milliseconds, error against the reference, or the reasons
-    it cannot run."""
+    """Every backend of ``args.op`` on ``args`` made real: milliseconds, error against the reference, and on a GPU
+    the kernels of one call with their times; or the reasons it cannot run."""
     real = type(args)(*predict.materialized(list(args.fields()), device, lambda t: t.uniform_(-1, 1)))
     with torch.no_grad():
         expected = dispatch.call(dispatch.get(args.op, "torch"), real).float()
@@ -64,8 +82,11 @@ def measure_call(args, device: str) -> dict[str, dict]:
             out = dispatch.call(backend, real).float()
             rel_err = ((out - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
             ok = bool(torch.isfinite(out).all()) and rel_err <= TOLERANCE[real.tensors()[0].dtype]
-            ms = bench_ms(functools.partial(dispatch.call, backend, real))
-            results[name] = {"ms": ms, "rel_err": rel_err, "ok": ok}
+            call = functools.partial(dispatch.call, backend, real)
+            results[name] = {"ms": bench_ms(call), "rel_err": rel_err, "ok": ok}
+            kernels = profiled_kernels(call)
+            if ON_GPU:
+                results[name].update(kernel_ms=sum(ms for _, ms in kernels), kernels=kernels)
     return results
 
 
@@ -95,7 +116,8 @@ def measure_model(name: str, batch: int, res: int, gpu: predict.Gpu, device: str
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'model':<20}{'batch':>6} {'op':<34}{'calls':>6}  backend   predicted ms  measured ms  rel err  ok"]
+    lines = [f"{'model':<20}{'batch':>6} {'op':<34}{'calls':>6}  backend   predicted ms  measured ms  kernel ms"
+             "  rel err  ok"]
     for row in rows:
         for name, m in row["measured"].items():
             if "ms" not in m:
@@ -103,7 +125,7 @@ def format_rows(rows: list[dict]) -> str:
             predicted = row["predicted_ms"].get(name)
             lines.append(f"{row['model']:<20}{row['batch']:>6} {row['op']:<34}{row['calls']:>6}  {name:<8}"
                          f"{predicted if predicted is not None else float('nan'):>13.4f}{m['ms']:>13.4f}"
-                         f"{m['rel_err']:>9.1e}  {'yes' if m['ok'] else 'NO'}")
+                         f"{m.get('kernel_ms', float('nan')):>11.4f}{m['rel_err']:>9.1e}  {'yes' if m['ok'] else 'NO'}")
     return "\n".join(lines)
 
 
