@@ -265,7 +265,7 @@ def test_a_grid_of_fewer_tiles_than_sms_runs_layer_by_layer(monkeypatch, out_cha
     config, why = _whole_block_config(_meta_mbconv(full_wave, 64, 256, out_channels, size))
     assert config is not None and config["P"] == pixels_per_tile and why == ""
     config, why = _whole_block_config(_meta_mbconv(full_wave - 1, 64, 256, out_channels, size))
-    assert config is None and f"fewer than the GPU's {sms} SMs" in why
+    assert config is None and f"fewer than an H100's {sms} SMs" in why
 
 
 def test_an_expanded_tensor_beyond_32_bit_offsets_runs_layer_by_layer():

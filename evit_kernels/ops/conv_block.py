@@ -196,7 +196,7 @@ def _whole_block_config(a: ConvBlockArgs) -> tuple[dict | None, str]:
         return None, "an expanded tensor of 2^31 elements or more (the kernel indexes with 32 bits)"
     tiles = -(-batch * out_height * out_width // config["P"])
     if tiles < common.SMS:
-        return None, (f"{tiles} pixel tiles, fewer than the GPU's {common.SMS} SMs (one program holds every output "
+        return None, (f"{tiles} pixel tiles, fewer than an H100's {common.SMS} SMs (one program holds every output "
                       "channel of a tile; the layer-by-layer kernels split a small grid finer)")
     return config, ""
 

@@ -88,7 +88,7 @@ TILES = {torch.float32: (Tiles(warps=4, pixels=32, channels=128, maxnreg=255),),
          torch.bfloat16: _LOW_PRECISION}
 """Per dtype, the tiles from narrowest to widest projection. The 256-wide tile builds spill-free only with 32 pixels,
 on mma.sync (half wgmma's peak); a 512-wide one too, but then the projection's products make the kernel slower than
-the layer-by-layer kernels by the formula (L2's stage-4 MBConv: 0.141 against 0.119 ms predicted), so wider blocks
+the layer-by-layer kernels by the formula (L2's `stages.3` MBConvs: 0.141 against 0.119 ms predicted), so wider blocks
 run layer by layer."""
 BLOCK_H = 16
 
@@ -135,7 +135,7 @@ def compile_configs():
     for dtype, widths in TILES.items():
         for narrower, tiles in zip((None, *widths), widths):
             above = 0 if narrower is None else narrower.channels  # the narrower tile's blocks are its own
-            for block_co in (16 << i for i in range(6) if above < 16 << i <= tiles.channels):
+            for block_co in (16 << i for i in range(tiles.channels.bit_length()) if above < 16 << i <= tiles.channels):
                 for ksize in KERNEL_SIZES:
                     constexprs = {"ACT2": "hardswish", "ACT3": "none", "K": ksize, "P": tiles.pixels,
                                   "BLOCK_H": BLOCK_H, "BLOCK_CO": block_co, **common.dot_mode(dtype)}
