@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import record_measured
 from evit_kernels import measured
@@ -63,3 +64,24 @@ def test_the_committed_table_names_only_known_ops_and_backends():
         for op, shapes in entry["ops"].items():
             assert op in dispatch.ops(), (gpu, op)
             assert set(shapes.values()) <= set(dispatch.PREFERENCE), (gpu, op)
+
+
+def test_the_pass_times_conv_blocks_layer_by_layer_path_beside_its_kernel(monkeypatch):
+    """The path a GPU has to settle (benchmarks/released_ops.py, alternative_calls): where conv_block's Triton backend
+    takes the depthwise-and-projection kernel, the layer-by-layer path is timed and checked too, outside the
+    backends the table is made from."""
+    from benchmarks import released_ops
+    from evit_kernels.ops.conv_block import ConvBlockArgs
+    from evit_kernels.triton import _common as triton_common
+    from tests.test_conv_block import CASES, _inputs
+
+    monkeypatch.setattr(triton_common, "SMS", 0)  # the tiny grid takes the kernel
+    (x, w1, b1, w2, b2, w3, b3), kwargs = _inputs(CASES["mbconv_7x7_residual"], torch.float32)
+    args = ConvBlockArgs(x, w1, b1, "hardswish", w2, b2, "hardswish", [1, 1], [1, 1], w2.shape[0], w3, b3, "none",
+                         kwargs["residual"])
+    result = released_ops.measure_call(args, "cpu")
+    assert set(result["measured"]) == {"torch", "triton"} and result["measured"]["triton"]["ok"]
+    (alternative,) = result["alternatives"].values()
+    assert alternative["ok"] and alternative["ms"] > 0
+    monkeypatch.setattr(triton_common, "SMS", 10**6)  # a grid the kernel does not take: nothing else to time
+    assert released_ops.measure_call(args, "cpu")["alternatives"] == {}
