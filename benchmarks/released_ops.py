@@ -78,7 +78,7 @@ def timed(call, expected: torch.Tensor, dtype: torch.dtype) -> dict:
 
 def alternative_calls(real) -> dict[str, functools.partial]:
     """The paths a backend chooses between by shape that are timed too, so that a GPU settles the choice: conv_block's
-    layer-by-layer path where its Triton backend takes the depthwise-and-projection kernel. The formula prefers the
+    layer-by-layer path where its Triton backend takes the spatial-conv-and-projection kernel. The formula prefers the
     kernel there, but it missed the DSConv kernel's measured time by 4.9x and the layer-by-layer path's by 1.4x
     (benchmarks/NOTES.md)."""
     from evit_kernels.ops.conv_block import _per_layer, _whole_block_config

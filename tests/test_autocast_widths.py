@@ -240,14 +240,15 @@ def test_conv_bn_act_rounds_an_fp32_input_as_autocast_casts_it(poisoned_empty, n
     assert torch.equal(out, expected)
 
 
-# Both paths of conv_block's Triton backend: the depthwise-and-projection kernel (DSConv; MBConv after its expand),
-# and layer by layer on conv_bn_act's kernels (FusedMBConv; an MBConv whose grid is smaller than the GPU, as these
-# tiny grids are unless the SM count is taken as 0): (block, kernel size, SM count taken as 0).
+# Both paths of conv_block's Triton backend: the spatial-conv-and-projection kernel (DSConv; MBConv after its expand;
+# FusedMBConv), and layer by layer on conv_bn_act's kernels (a block whose grid is smaller than the GPU, as these tiny
+# grids are unless the SM count is taken as 0): (block, kernel size, SM count taken as 0).
 WIDE_INPUT_BLOCKS = {
     "dsconv_kernel": ("dsconv", 3, True),
     "mbconv_kernel": ("mbconv_narrow", 3, True),
     "mbconv_layer_by_layer": ("mbconv_narrow", 3, False),
-    "full_layer_by_layer": ("fused", 3, True),
+    "full_kernel": ("fused", 3, True),
+    "full_layer_by_layer": ("fused", 3, False),
 }
 
 
@@ -277,8 +278,9 @@ def test_conv_block_rounds_an_fp32_input_as_autocast_casts_it(poisoned_empty, mo
         out, seen, cast_sources = _observed_inputs(lambda: conv_block(*tensors, activations=activations,
                                                                       backend=backend, **kwargs))
     assert seen[0] is x  # not cast before the op
-    # Cast inside it by the reference and by the DSConv kernel's path; the expand's (on either MBConv path) or the
-    # full conv's implicit GEMM rounds x as it loads it, with no cast's pass (docs/ops.md, "the input").
+    # Cast inside it by the reference and before the depthwise taps of the DSConv kernel's path; the expand's (on
+    # either MBConv path) or the full conv's implicit GEMM (on either path) rounds x as it loads it, with no cast's
+    # pass (docs/ops.md, "the input").
     assert any(t is x for t in cast_sources) == (backend == "torch" or name == "dsconv_kernel")
     cast = [None if t is None else t.bfloat16() for t in tensors]
     expected = conv_block(*cast, activations=activations, backend=backend, **kwargs)
@@ -297,7 +299,7 @@ def test_the_block_cases_take_their_paths(monkeypatch):
         args = ConvBlockArgs(x, w1, b1, "none", w2, b2, "none", [1, 1], [k // 2] * 2, groups, w3, b3, "none")
         paths[name] = _whole_block_config(args)[0] is not None
     assert paths == {"dsconv_kernel": True, "mbconv_kernel": True, "mbconv_layer_by_layer": False,
-                     "full_layer_by_layer": False}
+                     "full_kernel": True, "full_layer_by_layer": False}
 
 
 def test_gradients_under_autocast_match_eagers():

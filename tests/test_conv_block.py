@@ -1,6 +1,6 @@
 """evit::conv_block (a whole MBConv / DSConv / FusedMBConv, BatchNorm folded) and FusedConvBlock: both backends
 against a float64 reference (Triton on CPU through the interpreter on tiny grids), which blocks take the
-depthwise-and-projection kernel and which run layer by layer, and the drop-in module against timm and mit-han-lab
+spatial-conv-and-projection kernel and which run layer by layer, and the drop-in module against timm and mit-han-lab
 ResidualBlocks in eval and training."""
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ class Case:
     projection: bool = True  # False: the block ends with the hidden tensor (PatchMerging's conv1 → conv2)
 
 
-# Every path of the Triton backend in every dtype: the depthwise-and-projection kernel (mbconv_* and dsconv_* with a
-# projection one program holds, no gate), and layer by layer (the rest); stride 2, 5×5 and 7×7, a 1×1 map, widths
-# that are not powers of two, every layout and no biases.
+# Every path of the Triton backend in every dtype: the spatial-conv-and-projection kernel (mbconv_*, dsconv_* and
+# fused_* with a projection one program holds, no gate; a full conv of 16 input channels or more), and layer by
+# layer (the rest); stride 2, 5×5 and 7×7, a 1×1 map, widths that are not powers of two, every layout and no biases.
 CASES = {
     "mbconv_7x7_residual": Case("mbconv", 3, 16, 64, 16, 7, 7, residual=True),
     "mbconv_14x14_gelu": Case("mbconv", 1, 24, 40, 20, 14, 14, activations=("gelu_tanh", "gelu_tanh", "none")),
@@ -69,15 +69,17 @@ CASES = {
                                   activations=("none", "relu6", "none")),
     "dsconv_7x7_stride2": Case("dsconv", 1, 16, 16, 40, 9, 10, ksize=7, stride=2, layout="channels_last"),
     "fused_stride2": Case("fused", 1, 16, 64, 24, 9, 7, stride=2, activations=("none", "gelu_tanh", "none")),
-    "fused_residual_channels_last": Case("fused", 2, 8, 32, 8, 5, 6, layout="channels_last", residual=True,
+    "fused_residual_channels_last": Case("fused", 2, 24, 72, 24, 5, 6, layout="channels_last", residual=True,
                                          activations=("none", "gelu", "silu")),
-    # Wider projections: 80 outputs on the narrow tiles; 136 on the wide ones in fp16/bf16 and layer by layer in fp32
-    # (more than its tiles hold); 520, more than any tile holds; and the full conv's, layer by layer at any width.
+    "fused_8_input_channels_5x5": Case("fused", 1, 8, 24, 8, 7, 6, ksize=5, layout="strided", biases=False,
+                                       residual=True, activations=("none", "relu", "relu6")),
+    # Wider projections: 80 outputs on the narrow tiles; 136 and 130 on the wide ones in fp16/bf16 and layer by layer
+    # in fp32 (more than its tiles hold); 520, more than any tile holds.
     "mbconv_80_outputs_residual": Case("mbconv", 2, 16, 40, 80, 7, 7, residual=True),
     "dsconv_136_outputs_channels_last": Case("dsconv", 1, 24, 24, 136, 9, 9, layout="channels_last",
                                              residual=True, activations=("none", "relu6", "hardswish")),
     "mbconv_520_outputs": Case("mbconv", 1, 8, 16, 520, 3, 5, activations=("relu", "relu6", "none")),
-    "fused_130_outputs_stride2": Case("fused", 1, 8, 20, 130, 9, 7, stride=2,
+    "fused_130_outputs_stride2": Case("fused", 1, 20, 20, 130, 9, 7, stride=2,
                                       activations=("none", "gelu_tanh", "none")),
     # GLUMBConv (GLU mode): Sana's channels-last view of token-major data, stride 2 with another gate, wide
     # projections.
@@ -151,7 +153,7 @@ def tiny_grids_take_the_kernel(request, monkeypatch):
 
 
 def _takes_the_kernel(case: Case, dtype: torch.dtype) -> bool:
-    return (case.kind in ("dsconv", "mbconv") and case.projection and case.gate is None
+    return (case.projection and case.gate is None and (case.kind != "fused" or case.channels >= 16)
             and case.out_channels <= (128 if dtype == torch.float32 else 256))
 
 
@@ -172,7 +174,8 @@ def test_launches_of_each_path(name):
         *expand, launch = launches
         assert [e.kernel for e in expand] == (["_conv_dense_kernel"] if case.kind == "mbconv" else [])
         assert all(e.scalars["o_sc"] == 1 for e in expand)  # h channels-last: 16-byte loads along the channels
-        assert launch.kernel == "_dsconv_fwd_kernel" and len(launch.grid) == 1
+        assert launch.kernel == "_conv_project_fwd_kernel" and len(launch.grid) == 1
+        assert launch.constexprs["DEPTHWISE"] == (case.kind != "fused")
         assert launch.scalars["out_channels"] == out.shape[1] and launch.scalars["has_residual"] == case.residual
         assert launch.scalars["o_sc"] == out.stride(1)
         return
@@ -228,8 +231,8 @@ def test_every_activation(poisoned_empty, name, position):
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, msg=activation)
 
 
-@pytest.mark.parametrize("name", ["mbconv_520_outputs", "fused_stride2", "dsconv_136_outputs_channels_last",
-                                  "glumbconv_residual", "glumbconv_no_projection"])
+@pytest.mark.parametrize("name", ["mbconv_520_outputs", "fused_8_input_channels_5x5",
+                                  "dsconv_136_outputs_channels_last", "glumbconv_residual", "glumbconv_no_projection"])
 def test_blocks_off_the_kernel_say_why_once(poisoned_empty, caplog, monkeypatch, name):
     args, kwargs = _inputs(CASES[name], torch.float32)
     x, w1, _, w2, _, w3, _ = args
@@ -275,6 +278,20 @@ def test_an_expanded_tensor_beyond_32_bit_offsets_runs_layer_by_layer():
     assert config is None and "2^31" in why
     config, _ = _whole_block_config(_meta_mbconv(1, 16, 64, 16, 4096))  # h: 2^30
     assert config is not None
+
+
+def test_a_grouped_spatial_conv_runs_layer_by_layer():
+    """The kernel computes a depthwise conv (groups = width) or a full one (groups 1), nothing in between."""
+    def meta(*shape):
+        return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
+
+    def block(groups):
+        return ConvBlockArgs(meta(64, 32, 16, 16), None, None, "none", meta(64, 32 // groups, 3, 3), None, "none",
+                             [1, 1], [1, 1], groups, meta(32, 64, 1, 1), None, "none")
+
+    assert _whole_block_config(block(1))[0]["DEPTHWISE"] is False
+    config, why = _whole_block_config(block(2))
+    assert config is None and "grouped spatial conv (groups 2" in why
 
 
 def test_reference_gradients_after_triton_forward():
@@ -459,9 +476,10 @@ def test_refuses_what_it_cannot_compute(build, reason):
 
 # B1 stage-3 / stage-4 MBConv, B1 stem DSConv, B1 stage-1 MBConv at 1024×2048 (a 512-wide map), L1 stage-2
 # FusedMBConv, L2 stage-4 MBConv (512 → 3072 → 512), SAM-L0 neck FusedMBConv, downsampling MBConv (stride 2): each
-# batch makes at least a wave of tiles, so the MBConvs of up to 256 output channels and the DSConv take the
-# depthwise-and-projection kernel (B1's stage-4 one on the wide tiles in fp16/bf16), and L2's runs layer by layer
-# (512 outputs); at batch 1, B1's stage-4 MBConv runs layer by layer.
+# batch makes at least a wave of tiles, so the MBConvs of up to 256 output channels, the DSConv and L1's FusedMBConv
+# take the spatial-conv-and-projection kernel (B1's stage-4 MBConv on the wide tiles in fp16/bf16), and L2's MBConv
+# (512 outputs) and SAM-L0's FusedMBConv (256 outputs behind a full conv) run layer by layer; at batch 1, B1's
+# stage-4 MBConv runs layer by layer.
 GPU_CASES = {
     "b1_mbconv_s3": Case("mbconv", 64, 128, 512, 128, 14, 14, residual=True),
     "b1_mbconv_s4": Case("mbconv", 128, 256, 1024, 256, 7, 7, residual=True),

@@ -200,7 +200,7 @@ def test_window_attention_forward_and_gradients(dtype, windows, key_dim, val_dim
 
 @FUZZ
 @given(dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]), layout=LAYOUTS,
-       kind=st.sampled_from(["mbconv", "dsconv", "fused"]), batch=st.integers(1, 2), channels=st.integers(1, 16),
+       kind=st.sampled_from(["mbconv", "dsconv", "fused"]), batch=st.integers(1, 2), channels=st.integers(1, 24),
        hidden=st.integers(1, 40), out_channels=st.integers(1, 16), height=st.integers(1, 9),
        width=st.integers(1, 9), ksize=st.sampled_from([3, 5, 7]), stride=st.integers(1, 2), biases=st.booleans(),
        residual=st.booleans(), activations=ACTIVATION_TRIPLES)

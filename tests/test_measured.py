@@ -68,7 +68,7 @@ def test_the_committed_table_names_only_known_ops_and_backends():
 
 def test_the_pass_times_conv_blocks_layer_by_layer_path_beside_its_kernel(monkeypatch):
     """The path a GPU has to settle (benchmarks/released_ops.py, alternative_calls): where conv_block's Triton backend
-    takes the depthwise-and-projection kernel, the layer-by-layer path is timed and checked too, outside the
+    takes the spatial-conv-and-projection kernel, the layer-by-layer path is timed and checked too, outside the
     backends the table is made from."""
     from benchmarks import released_ops
     from evit_kernels.ops.conv_block import ConvBlockArgs

@@ -278,14 +278,14 @@ def test_autocast_on_meta_acts_as_cuda_autocast():
 @pytest.mark.skipif(PTXAS is None, reason="needs ptxas (CUDA toolkit)")
 def test_predict_command_prices_every_launch(tmp_path):
     """The command on a small model: every launch carries its build facts and counts, and the totals add up. At 192
-    px its DSConv's 96×96 map makes a wave of tiles for the depthwise-and-projection kernel."""
+    px its DSConv's 96×96 map makes a wave of tiles for the spatial-conv-and-projection kernel."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "b0.json"
     run = subprocess.run([sys.executable, "-m", "evit_kernels", "predict", "--model", "efficientvit_b0", "--batch", "1",
                           "--res", "192", "192", "--gpu", "h200", "--ptxas", PTXAS, "--json", str(out)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "PREDICTION" in run.stdout and "_dsconv_fwd_kernel" in run.stdout
+    assert "PREDICTION" in run.stdout and "_conv_project_fwd_kernel" in run.stdout
     p = json.loads(out.read_text())
     assert p["gpu"] == "H200" and "commit" in p and p["launches"]
     for launch in p["launches"]:

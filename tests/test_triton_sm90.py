@@ -91,7 +91,7 @@ def test_released_models_launches_compile_for_sm90_without_spills(compiles):
     assert run.returncode == 0, stderr[-3000:]
     facts = json.loads(stdout.splitlines()[-1])
     assert {f["model"] for f in facts} == {name for name, _, _ in predict.RELEASED}
-    assert {f["kernel"] for f in facts} >= {"_dsconv_fwd_kernel", "_conv_dense_kernel", "_ffn_fwd_kernel",
+    assert {f["kernel"] for f in facts} >= {"_conv_project_fwd_kernel", "_conv_dense_kernel", "_ffn_fwd_kernel",
                                             "_rla_fwd_apply_kernel", "_cga_map_fwd_kernel", "_cga_head_fwd_kernel"}
     for f in facts:
         assert f["shared_bytes"] <= H100_SHARED_MEMORY_PER_BLOCK, f

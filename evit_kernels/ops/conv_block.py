@@ -8,13 +8,14 @@
 MBConv is expand → depthwise → project, DSConv depthwise → project, FusedMBConv full k×k → project; GLUMBConv is
 MBConv in GLU mode; EfficientViT-M's PatchMerging is expand → depthwise without the projection (its squeeze-excite
 comes before it) (docs/ops.md, "conv_block").
-The Triton backend keeps ``d`` on chip for a DSConv or MBConv whose output channels one program holds (up to 256
-in fp16/bf16) and whose output pixels make at least a wave of tiles: the depthwise conv and the projection in one
-kernel, after, for MBConv, the expand on ``evit::conv_bn_act``'s 1×1 kernel (``h`` written once, channels-last).
-Every other block runs layer by layer through ``evit::conv_bn_act``'s kernels (per-layer fusion: each conv with its
-bias, activation and residual; the tensors between layers channels-last), saying so once. Whole-block kernels that
-also kept ``h`` on chip (its tile gathered per tap) measured 1.6–6.8× slower than eager on an H200, where the DSConv
-kernel and the layer-by-layer kernels were faster than eager (docs/performance.md, "Measured on a GPU").
+The Triton backend keeps ``d`` on chip for a DSConv, MBConv or FusedMBConv whose output channels one program holds
+(up to 256 in fp16/bf16) and whose output pixels make at least a wave of tiles: the spatial conv and the projection
+in one kernel, after, for MBConv, the expand on ``evit::conv_bn_act``'s 1×1 kernel (``h`` written once,
+channels-last). Every other block runs layer by layer through ``evit::conv_bn_act``'s kernels (per-layer fusion: each
+conv with its bias, activation and residual; the tensors between layers channels-last), saying so once. Whole-block
+kernels that also kept ``h`` on chip (its tile gathered per tap), or took ``d`` 16 channels at a time, measured
+1.6–6.8× slower than eager on an H200, where the DSConv kernel and the layer-by-layer kernels were faster than eager
+(docs/performance.md, "Measured on a GPU").
 """
 
 from __future__ import annotations
@@ -173,22 +174,26 @@ def _check_shapes(a: ConvBlockArgs) -> None:
 
 
 def _whole_block_config(a: ConvBlockArgs) -> tuple[dict | None, str]:
-    """(tile config, "") for the depthwise-and-projection kernel, or (None, why this block runs layer by layer)."""
+    """(tile config, "") for the spatial-conv-and-projection kernel, or (None, why this block runs layer by layer)."""
     from evit_kernels.triton import _common as common
     from evit_kernels.triton import conv_block as kernels
+    from evit_kernels.triton.conv_bn_act import DENSE_MIN_TAP_CHANNELS
 
-    if a.groups != a.w2.shape[0] or a.w2.shape[1] != 1:
-        return None, ("a spatial conv that is not depthwise (FusedMBConv: its whole-block kernel measured slower than "
-                      "the layer-by-layer kernels)")
+    depthwise = a.groups == a.w2.shape[0] and a.w2.shape[1] == 1
+    if not depthwise and a.groups != 1:
+        return None, f"a grouped spatial conv (groups {a.groups}; the kernel takes depthwise and full ones)"
     if a.w3 is None:
-        return None, "no projection (the block ends with its depthwise conv)"
+        return None, "no projection (the block ends with its spatial conv)"
     if a.gate is not None:
-        return None, "a GLU gate (the depthwise-and-projection kernel does not gate)"
+        return None, "a GLU gate (the spatial-conv-and-projection kernel does not gate)"
     k_h, k_w = a.w2.shape[2:]
     if k_h != k_w or k_h not in kernels.KERNEL_SIZES or a.stride[0] != a.stride[1] or a.stride[0] not in (1, 2):
-        return None, (f"a {k_h}×{k_w} depthwise conv with stride {a.stride} (the depthwise-and-projection kernel "
+        return None, (f"a {k_h}×{k_w} spatial conv with stride {a.stride} (the spatial-conv-and-projection kernel "
                       "takes square 3×3, 5×5 and 7×7 ones with stride 1 or 2)")
-    config = kernels.tile_config(a.compute_dtype(), a.w3.shape[0])
+    if not depthwise and a.w2.shape[1] < DENSE_MIN_TAP_CHANNELS:
+        return None, (f"a full conv of {a.w2.shape[1]} input channels (fewer than {DENSE_MIN_TAP_CHANNELS}: each "
+                      f"tap's product steps over {kernels.BLOCK_K})")
+    config = kernels.tile_config(a.compute_dtype(), depthwise, a.w3.shape[0])
     if config is None:
         return None, f"{a.w3.shape[0]} output channels (more than one program holds: a second would redo the taps)"
     batch, _, out_height, out_width = a.output_shape()
@@ -208,11 +213,13 @@ def _triton_forward(a: ConvBlockArgs) -> Tensor:
     if config is None:
         dispatch.log_once("conv_block", f"conv_block: layer by layer on the conv_bn_act kernels for {why}")
         return _per_layer(a)
-    if a.w1 is None:
+    if a.w1 is not None:  # MBConv: the expand on conv_bn_act's 1×1 kernel, which rounds x as it loads it
+        spatial_input = _per_layer_call(next(a.layers())(a.x), None)  # h channels-last
+    elif config["DEPTHWISE"]:
         # the taps multiply x as loaded: an fp32 x is rounded first where the reference's conv would round it
         spatial_input = a.rounded_input()
-    else:  # MBConv: the expand on conv_bn_act's 1×1 kernel, which rounds x as it loads it; h channels-last
-        spatial_input = _per_layer_call(next(a.layers())(a.x), None)
+    else:  # the full conv's products round x as they load it
+        spatial_input = a.x
     return kernels.forward(replace(a, x=spatial_input, w1=None, b1=None), a.new_output(), config)
 
 

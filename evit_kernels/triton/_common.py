@@ -153,6 +153,21 @@ def gemm_rows(acc, x_rows, rows_ok, x_sc, in_channels, w, w_sk, w_sn, offs_n, ma
 
 
 @triton.jit
+def full_conv_taps(acc, x_img, x_sc, x_sh, x_sw, in_channels, w, w_sk, w_sn, w_skh, w_skw, offs_n, mask_n, out_y, out_x,
+                   out_ok, KSIZE: tl.constexpr, stride_h, stride_w, pad_h, pad_w, height, width, BLOCK_K: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + the groups-1 KSIZE×KSIZE conv of the images at ``x_img`` (one per output pixel) at the output pixels
+    (out_y, out_x), as an implicit GEMM: one product over the input channels per tap (:func:`gemm_rows`).
+    W[k, n] of tap (kh, kw) is at ``w + kh·w_skh + kw·w_skw + k·w_sk + offs_n·w_sn``."""
+    for kh in range(0, KSIZE):
+        for kw in range(0, KSIZE):
+            iy, ix, inside = tap(out_y, out_x, out_ok, kh, kw, stride_h, stride_w, pad_h, pad_w, height, width)
+            acc = gemm_rows(acc, x_img + iy * x_sh + ix * x_sw, inside, x_sc, in_channels, w + kh * w_skh + kw * w_skw,
+                            w_sk, w_sn, offs_n, mask_n, BLOCK_K=BLOCK_K, PRECISION=PRECISION, UPCAST=UPCAST)
+    return acc
+
+
+@triton.jit
 def depthwise_taps(x_img, x_sc, x_sh, x_sw, w, w_sc, w_skh, w_skw, offs_c, mask_c, out_y, out_x, out_ok, ksize,
                    stride_h, stride_w, pad_h, pad_w, height, width, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Σ over the k×k taps of x · w for (pixels × channels): ``x_img`` points at each output pixel's image, w[c, kh,

@@ -109,13 +109,9 @@ def _conv_dense_kernel(x, weight, bias, residual, out, n_pixels, in_channels, ou
         acc = common.gemm_rows(acc, x_rows, mask_m, x_sc, in_channels, weight, w_sk, w_sn, offs_n, mask_n,
                                BLOCK_K=BLOCK_K, PRECISION=PRECISION, UPCAST=UPCAST)
     else:  # k×k: one GEMM over the input channels per tap (an implicit GEMM)
-        for kh in range(0, KSIZE):
-            for kw in range(0, KSIZE):
-                iy, ix, inside = common.tap(offs_h, offs_w, mask_m, kh, kw, stride_h, stride_w, pad_h, pad_w, height,
-                                            width)
-                acc = common.gemm_rows(acc, x + offs_b * x_sb + iy * x_sh + ix * x_sw, inside, x_sc, in_channels,
-                                       weight + kh * w_skh + kw * w_skw, w_sk, w_sn, offs_n, mask_n, BLOCK_K=BLOCK_K,
-                                       PRECISION=PRECISION, UPCAST=UPCAST)
+        acc = common.full_conv_taps(acc, x + offs_b * x_sb, x_sc, x_sh, x_sw, in_channels, weight, w_sk, w_sn, w_skh,
+                                    w_skw, offs_n, mask_n, offs_h, offs_w, mask_m, KSIZE, stride_h, stride_w, pad_h,
+                                    pad_w, height, width, BLOCK_K=BLOCK_K, PRECISION=PRECISION, UPCAST=UPCAST)
     common.epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_n, mask_m, mask_n, has_bias, has_residual,
                     r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION)
 
