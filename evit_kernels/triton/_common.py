@@ -184,13 +184,31 @@ def depthwise_taps(x_img, x_sc, x_sh, x_sw, w, w_sc, w_skh, w_skw, offs_c, mask_
 
 
 @triton.jit
+def on_grid(pixels, channels, CHANNEL_ROWS: tl.constexpr):
+    """A vector along the pixels and one along the channels, broadcast to an accumulator's 2-D grid: (pixels ×
+    channels), or (channels × pixels) with ``CHANNEL_ROWS``."""
+    if CHANNEL_ROWS:
+        on_pixels, on_channels = pixels[None, :], channels[:, None]
+    else:
+        on_pixels, on_channels = pixels[:, None], channels[None, :]
+    return on_pixels, on_channels
+
+
+@triton.jit
 def epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_c, mask_p, mask_c, has_bias, has_residual,
-             r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION: tl.constexpr):
-    """bias → activation → residual on the fp32 (pixels × channels) accumulator, then one rounding on store."""
-    y = activate(add_bias(acc, bias, offs_c, mask_c, has_bias), ACTIVATION=ACTIVATION)
-    mask = mask_p[:, None] & mask_c[None, :]
+             r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION: tl.constexpr,
+             CHANNEL_ROWS: tl.constexpr = False):
+    """bias → activation → residual on the fp32 accumulator, (pixels × channels) or with ``CHANNEL_ROWS``
+    (channels × pixels), then one rounding on store."""
+    ok_p, ok_c = on_grid(mask_p, mask_c, CHANNEL_ROWS)
+    mask = ok_p & ok_c
+    y = acc
+    if has_bias != 0:
+        _, b = on_grid(mask_p, tl.load(bias + offs_c, mask=mask_c, other=0.0).to(tl.float32), CHANNEL_ROWS)
+        y += b
+    y = activate(y, ACTIVATION=ACTIVATION)
     if has_residual != 0:
-        r_pixel = offs_b * r_sb + offs_h * r_sh + offs_w * r_sw
-        y += tl.load(residual + r_pixel[:, None] + offs_c[None, :] * r_sc, mask=mask, other=0.0).to(tl.float32)
-    o_pixel = offs_b * o_sb + offs_h * o_sh + offs_w * o_sw
-    tl.store(out + o_pixel[:, None] + offs_c[None, :] * o_sc, y.to(out.dtype.element_ty), mask=mask)
+        r_p, r_c = on_grid(offs_b * r_sb + offs_h * r_sh + offs_w * r_sw, offs_c * r_sc, CHANNEL_ROWS)
+        y += tl.load(residual + r_p + r_c, mask=mask, other=0.0).to(tl.float32)
+    o_p, o_c = on_grid(offs_b * o_sb + offs_h * o_sh + offs_w * o_sw, offs_c * o_sc, CHANNEL_ROWS)
+    tl.store(out + o_p + o_c, y.to(out.dtype.element_ty), mask=mask)

@@ -45,17 +45,22 @@ def _conv_project_fwd_kernel(
         x_sb, x_sc, x_sh, x_sw, w2_sn, w2_sk, w2_skh, w2_skw, w3_so, w3_sh,
         r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw,
         ACT2: tl.constexpr, ACT3: tl.constexpr, K: tl.constexpr, DEPTHWISE: tl.constexpr, P: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr):
+        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr, PIXELS_ON_N: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # `hidden`: the spatial conv's output channels, the projection's input. DEPTHWISE: its input is `hidden` wide
-    # (w2 (hidden, 1, K, K)); else a full conv of `in_channels` (w2 (hidden, in_channels, K, K)).
+    # (w2 (hidden, 1, K, K)); else a full conv of `in_channels` (w2 (hidden, in_channels, K, K)). PIXELS_ON_N: the
+    # projection accumulates outᵀ = w3 · dᵀ, the output channels its M and the pixels its N, so that a tile of fewer
+    # than 64 pixels (wgmma's M) still runs on wgmma.
     offs_co = tl.arange(0, BLOCK_CO)
     mask_co = offs_co < out_channels
     offs_p = tl.program_id(0) * P + tl.arange(0, P)
     out_ok = offs_p < batch * out_height * out_width
     out_img, out_y, out_x = common.pixel_coords(offs_p, out_height, out_width)
     x_img = x + out_img * x_sb
-    acc = tl.zeros((P, BLOCK_CO), dtype=tl.float32)
+    if PIXELS_ON_N:
+        acc = tl.zeros((BLOCK_CO, P), dtype=tl.float32)
+    else:
+        acc = tl.zeros((P, BLOCK_CO), dtype=tl.float32)
     for h0 in range(0, hidden, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         mask_h = offs_h < hidden
@@ -69,12 +74,17 @@ def _conv_project_fwd_kernel(
                                       stride_h, stride_w, pad_h, pad_w, height, width, BLOCK_K=BLOCK_K,
                                       PRECISION=PRECISION, UPCAST=UPCAST)
         d = common.activate(common.add_bias(d, b2, offs_h, mask_h, has_b2), ACTIVATION=ACT2)
-        # Padded hidden columns hold finite values (act2(0)) and meet w3 rows masked to 0.
-        w3_tile = tl.load(w3 + offs_h[:, None] * w3_sh + offs_co[None, :] * w3_so,
-                          mask=mask_h[:, None] & mask_co[None, :], other=0.0)
-        acc = common.mma(d, w3_tile, acc, PRECISION=PRECISION, UPCAST=UPCAST)
+        # Padded hidden columns hold finite values (act2(0)) and meet w3 entries masked to 0.
+        if PIXELS_ON_N:
+            w3_tile = tl.load(w3 + offs_co[:, None] * w3_so + offs_h[None, :] * w3_sh,
+                              mask=mask_co[:, None] & mask_h[None, :], other=0.0)
+            acc = common.mma(w3_tile, tl.trans(d), acc, PRECISION=PRECISION, UPCAST=UPCAST)
+        else:
+            w3_tile = tl.load(w3 + offs_h[:, None] * w3_sh + offs_co[None, :] * w3_so,
+                              mask=mask_h[:, None] & mask_co[None, :], other=0.0)
+            acc = common.mma(d, w3_tile, acc, PRECISION=PRECISION, UPCAST=UPCAST)
     common.epilogue(acc, b3, residual, out, out_img, out_y, out_x, offs_co, out_ok, mask_co, has_b3, has_residual,
-                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACT3)
+                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACT3, CHANNEL_ROWS=PIXELS_ON_N)
 
 
 # --- tiles ------------------------------------------------------------------------------------------------------
@@ -93,22 +103,26 @@ class Tiles:
     pixels: int
     channels: int
     hidden: int
+    pixels_on_n: bool = False
     maxnreg: int | None = None
 
 
 TILES = {
     True: {torch.float32: (Tiles(warps=4, pixels=32, channels=128, hidden=16, maxnreg=255),),
-           **dict.fromkeys((torch.float16, torch.bfloat16), (Tiles(warps=8, pixels=64, channels=128, hidden=16),
-                                                             Tiles(warps=8, pixels=32, channels=256, hidden=16)))},
+           **dict.fromkeys((torch.float16, torch.bfloat16), (
+               Tiles(warps=8, pixels=64, channels=128, hidden=16),
+               Tiles(warps=8, pixels=32, channels=512, hidden=16, pixels_on_n=True)))},
     False: {torch.float32: (Tiles(warps=4, pixels=32, channels=128, hidden=32, maxnreg=255),),
             **dict.fromkeys((torch.float16, torch.bfloat16), (Tiles(warps=8, pixels=64, channels=128, hidden=64),))},
 }
 """Per kind of spatial conv (depthwise: True; full) and dtype, the tiles from narrowest to widest projection. The
 depthwise taps are FMAs on a (pixels × 16) chunk; the full conv's are products over the input channels, 64 hidden
-channels wide (wgmma's N). The 256-wide tiles build spill-free only with 32 pixels, on mma.sync (half wgmma's peak).
-That keeps the depthwise kind ahead of layer by layer, but not the full conv, whose products are most of its time
-(SAM-L0's neck FusedMBConvs, 256 → 256 → 256 at 64×64: 0.263 against 0.195 ms predicted), and not a 512-wide
-depthwise one (L2's `stages.3` MBConvs: 0.141 against 0.119 ms), so wider blocks run layer by layer."""
+channels wide (wgmma's N). Projections wider than 128 build spill-free only on tiles of 32 pixels, fewer than the 64
+rows a wgmma product takes; behind a depthwise conv the projection then runs transposed (``pixels_on_n``: the output
+channels are the products' rows, the pixels their columns), which keeps it on wgmma up to 512 outputs. A full conv's
+own products would need the same turn (on mma.sync, half wgmma's peak, its 256-wide tile is predicted slower than
+layer by layer: SAM-L0's neck FusedMBConvs, 256 → 256 → 256 at 64×64, 0.263 against 0.195 ms), so its wider blocks
+run layer by layer."""
 BLOCK_K = 32
 """Input channels per product of the full conv's taps (conv_bn_act's implicit GEMM takes as many)."""
 
@@ -121,7 +135,7 @@ def tile_config(dtype: torch.dtype, depthwise: bool, out_channels: int) -> dict 
     if tiles is None:
         return None
     return {"DEPTHWISE": depthwise, "P": tiles.pixels, "BLOCK_H": tiles.hidden, "BLOCK_K": BLOCK_K,
-            "BLOCK_CO": block_co, "num_warps": tiles.warps, "maxnreg": tiles.maxnreg}
+            "BLOCK_CO": block_co, "PIXELS_ON_N": tiles.pixels_on_n, "num_warps": tiles.warps, "maxnreg": tiles.maxnreg}
 
 
 def forward(a: ConvBlockArgs, out: torch.Tensor, config: dict) -> torch.Tensor:
@@ -160,7 +174,8 @@ def compile_configs():
                     for ksize in KERNEL_SIZES:
                         constexprs = {"ACT2": "hardswish", "ACT3": "none", "K": ksize, "DEPTHWISE": depthwise,
                                       "P": tiles.pixels, "BLOCK_H": tiles.hidden, "BLOCK_K": BLOCK_K,
-                                      "BLOCK_CO": block_co, **common.dot_mode(dtype)}
+                                      "BLOCK_CO": block_co, "PIXELS_ON_N": tiles.pixels_on_n,
+                                      **common.dot_mode(dtype)}
                         types = common.signature(_conv_project_fwd_kernel, common.POINTER_TYPES[dtype], constexprs,
                                                  pointers)
                         yield _conv_project_fwd_kernel, types, constexprs, {"num_warps": tiles.warps, "num_stages": 1,
