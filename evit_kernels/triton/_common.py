@@ -130,40 +130,67 @@ def tap(out_y, out_x, out_ok, kh, kw, stride_h, stride_w, pad_h, pad_w, height, 
 
 
 @triton.jit
-def add_bias(acc, bias, offs, mask, has_bias):
-    """acc + bias[offs] along the columns, in fp32; nothing when the bias is absent (``has_bias`` 0)."""
+def outer(rows, cols, TRANSPOSED: tl.constexpr):
+    """Two vectors broadcast to a 2-D tile: ``rows`` down its rows and ``cols`` along its columns, or, ``TRANSPOSED``,
+    to the transposed tile (``rows`` along the columns). The tiles of the kernels' pixels × channels products and
+    their transposes (channels × pixels: a product with fewer than 64 pixels keeps wgmma's 64 rows) share code by
+    it."""
+    if TRANSPOSED:
+        down, along = rows[None, :], cols[:, None]
+    else:
+        down, along = rows[:, None], cols[None, :]
+    return down, along
+
+
+@triton.jit
+def add_bias(acc, bias, offs, mask, has_bias, TRANSPOSED: tl.constexpr = False):
+    """acc + bias[offs] along the columns (``TRANSPOSED``: down the rows), in fp32; nothing when the bias is absent
+    (``has_bias`` 0)."""
     if has_bias != 0:
-        acc += tl.load(bias + offs, mask=mask, other=0.0).to(tl.float32)[None, :]
+        b = tl.load(bias + offs, mask=mask, other=0.0).to(tl.float32)
+        if TRANSPOSED:
+            acc += b[:, None]
+        else:
+            acc += b[None, :]
     return acc
 
 
 @triton.jit
 def gemm_rows(acc, x_rows, rows_ok, x_sc, in_channels, w, w_sk, w_sn, offs_n, mask_n, BLOCK_K: tl.constexpr,
-              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+              PRECISION: tl.constexpr, UPCAST: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """acc + X · W over ``in_channels``: X's rows are the pixels at the pointers ``x_rows`` (channel stride ``x_sc``;
-    rows outside ``rows_ok`` read 0), W[k, n] is at ``w + k·w_sk + offs_n·w_sn``. See :func:`mma`."""
+    rows outside ``rows_ok`` read 0), W[k, n] is at ``w + k·w_sk + offs_n·w_sn``; ``TRANSPOSED``: accᵀ + Wᵀ · Xᵀ
+    (acc is N × pixels). See :func:`mma`."""
     for k0 in range(0, in_channels, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < in_channels
-        a = tl.load(x_rows[:, None] + offs_k[None, :] * x_sc, mask=rows_ok[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(w + offs_k[:, None] * w_sk + offs_n[None, :] * w_sn, mask=mask_k[:, None] & mask_n[None, :],
-                    other=0.0)
-        acc = mma(a, b, acc, PRECISION=PRECISION, UPCAST=UPCAST)
+        pixel_at, channel_at = outer(x_rows, offs_k * x_sc, TRANSPOSED)
+        pixel_ok, channel_ok = outer(rows_ok, mask_k, TRANSPOSED)
+        x = tl.load(pixel_at + channel_at, mask=pixel_ok & channel_ok, other=0.0)
+        k_at, n_at = outer(offs_k * w_sk, offs_n * w_sn, TRANSPOSED)
+        k_ok, n_ok = outer(mask_k, mask_n, TRANSPOSED)
+        w_tile = tl.load(w + k_at + n_at, mask=k_ok & n_ok, other=0.0)
+        if TRANSPOSED:
+            acc = mma(w_tile, x, acc, PRECISION=PRECISION, UPCAST=UPCAST)
+        else:
+            acc = mma(x, w_tile, acc, PRECISION=PRECISION, UPCAST=UPCAST)
     return acc
 
 
 @triton.jit
 def full_conv_taps(acc, x_img, x_sc, x_sh, x_sw, in_channels, w, w_sk, w_sn, w_skh, w_skw, offs_n, mask_n, out_y, out_x,
                    out_ok, KSIZE: tl.constexpr, stride_h, stride_w, pad_h, pad_w, height, width, BLOCK_K: tl.constexpr,
-                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """acc + the groups-1 KSIZE×KSIZE conv of the images at ``x_img`` (one per output pixel) at the output pixels
-    (out_y, out_x), as an implicit GEMM: one product over the input channels per tap (:func:`gemm_rows`).
-    W[k, n] of tap (kh, kw) is at ``w + kh·w_skh + kw·w_skw + k·w_sk + offs_n·w_sn``."""
+    (out_y, out_x), as an implicit GEMM: one product over the input channels per tap (:func:`gemm_rows`; acc is
+    pixels × N, or N × pixels ``TRANSPOSED``). W[k, n] of tap (kh, kw) is at ``w + kh·w_skh + kw·w_skw + k·w_sk +
+    offs_n·w_sn``."""
     for kh in range(0, KSIZE):
         for kw in range(0, KSIZE):
             iy, ix, inside = tap(out_y, out_x, out_ok, kh, kw, stride_h, stride_w, pad_h, pad_w, height, width)
             acc = gemm_rows(acc, x_img + iy * x_sh + ix * x_sw, inside, x_sc, in_channels, w + kh * w_skh + kw * w_skw,
-                            w_sk, w_sn, offs_n, mask_n, BLOCK_K=BLOCK_K, PRECISION=PRECISION, UPCAST=UPCAST)
+                            w_sk, w_sn, offs_n, mask_n, BLOCK_K=BLOCK_K, PRECISION=PRECISION, UPCAST=UPCAST,
+                            TRANSPOSED=TRANSPOSED)
     return acc
 
 
@@ -184,31 +211,16 @@ def depthwise_taps(x_img, x_sc, x_sh, x_sw, w, w_sc, w_skh, w_skw, offs_c, mask_
 
 
 @triton.jit
-def on_grid(pixels, channels, CHANNEL_ROWS: tl.constexpr):
-    """A vector along the pixels and one along the channels, broadcast to an accumulator's 2-D grid: (pixels ×
-    channels), or (channels × pixels) with ``CHANNEL_ROWS``."""
-    if CHANNEL_ROWS:
-        on_pixels, on_channels = pixels[None, :], channels[:, None]
-    else:
-        on_pixels, on_channels = pixels[:, None], channels[None, :]
-    return on_pixels, on_channels
-
-
-@triton.jit
 def epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_c, mask_p, mask_c, has_bias, has_residual,
              r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION: tl.constexpr,
-             CHANNEL_ROWS: tl.constexpr = False):
-    """bias → activation → residual on the fp32 accumulator, (pixels × channels) or with ``CHANNEL_ROWS``
-    (channels × pixels), then one rounding on store."""
-    ok_p, ok_c = on_grid(mask_p, mask_c, CHANNEL_ROWS)
-    mask = ok_p & ok_c
-    y = acc
-    if has_bias != 0:
-        _, b = on_grid(mask_p, tl.load(bias + offs_c, mask=mask_c, other=0.0).to(tl.float32), CHANNEL_ROWS)
-        y += b
-    y = activate(y, ACTIVATION=ACTIVATION)
+             TRANSPOSED: tl.constexpr = False):
+    """bias → activation → residual on the fp32 (pixels × channels) accumulator (``TRANSPOSED``: channels × pixels),
+    then one rounding on store."""
+    y = activate(add_bias(acc, bias, offs_c, mask_c, has_bias, TRANSPOSED), ACTIVATION=ACTIVATION)
+    pixel_ok, channel_ok = outer(mask_p, mask_c, TRANSPOSED)
+    mask = pixel_ok & channel_ok
     if has_residual != 0:
-        r_p, r_c = on_grid(offs_b * r_sb + offs_h * r_sh + offs_w * r_sw, offs_c * r_sc, CHANNEL_ROWS)
-        y += tl.load(residual + r_p + r_c, mask=mask, other=0.0).to(tl.float32)
-    o_p, o_c = on_grid(offs_b * o_sb + offs_h * o_sh + offs_w * o_sw, offs_c * o_sc, CHANNEL_ROWS)
-    tl.store(out + o_p + o_c, y.to(out.dtype.element_ty), mask=mask)
+        pixel_at, channel_at = outer(offs_b * r_sb + offs_h * r_sh + offs_w * r_sw, offs_c * r_sc, TRANSPOSED)
+        y += tl.load(residual + pixel_at + channel_at, mask=mask, other=0.0).to(tl.float32)
+    pixel_at, channel_at = outer(offs_b * o_sb + offs_h * o_sh + offs_w * o_sw, offs_c * o_sc, TRANSPOSED)
+    tl.store(out + pixel_at + channel_at, y.to(out.dtype.element_ty), mask=mask)

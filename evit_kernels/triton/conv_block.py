@@ -49,8 +49,8 @@ def _conv_project_fwd_kernel(
         PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # `hidden`: the spatial conv's output channels, the projection's input. DEPTHWISE: its input is `hidden` wide
     # (w2 (hidden, 1, K, K)); else a full conv of `in_channels` (w2 (hidden, in_channels, K, K)). PIXELS_ON_N: the
-    # projection accumulates outᵀ = w3 · dᵀ, the output channels its M and the pixels its N, so that a tile of fewer
-    # than 64 pixels (wgmma's M) still runs on wgmma.
+    # tiles are transposed (channels × pixels: dᵀ, then outᵀ = w3 · dᵀ), so that a tile of fewer than 64 pixels still
+    # gives each product the 64 rows wgmma takes.
     offs_co = tl.arange(0, BLOCK_CO)
     mask_co = offs_co < out_channels
     offs_p = tl.program_id(0) * P + tl.arange(0, P)
@@ -68,23 +68,27 @@ def _conv_project_fwd_kernel(
             d = common.depthwise_taps(x_img, x_sc, x_sh, x_sw, w2, w2_sn, w2_skh, w2_skw, offs_h, mask_h, out_y, out_x,
                                       out_ok, K, stride_h, stride_w, pad_h, pad_w, height, width, BLOCK_P=P,
                                       BLOCK_C=BLOCK_H)
+            if PIXELS_ON_N:
+                d = tl.trans(d)
         else:
-            d = common.full_conv_taps(tl.zeros((P, BLOCK_H), dtype=tl.float32), x_img, x_sc, x_sh, x_sw, in_channels,
-                                      w2, w2_sk, w2_sn, w2_skh, w2_skw, offs_h, mask_h, out_y, out_x, out_ok, K,
-                                      stride_h, stride_w, pad_h, pad_w, height, width, BLOCK_K=BLOCK_K,
-                                      PRECISION=PRECISION, UPCAST=UPCAST)
-        d = common.activate(common.add_bias(d, b2, offs_h, mask_h, has_b2), ACTIVATION=ACT2)
-        # Padded hidden columns hold finite values (act2(0)) and meet w3 entries masked to 0.
+            if PIXELS_ON_N:
+                d = tl.zeros((BLOCK_H, P), dtype=tl.float32)
+            else:
+                d = tl.zeros((P, BLOCK_H), dtype=tl.float32)
+            d = common.full_conv_taps(d, x_img, x_sc, x_sh, x_sw, in_channels, w2, w2_sk, w2_sn, w2_skh, w2_skw, offs_h,
+                                      mask_h, out_y, out_x, out_ok, K, stride_h, stride_w, pad_h, pad_w, height, width,
+                                      BLOCK_K=BLOCK_K, PRECISION=PRECISION, UPCAST=UPCAST, TRANSPOSED=PIXELS_ON_N)
+        d = common.activate(common.add_bias(d, b2, offs_h, mask_h, has_b2, PIXELS_ON_N), ACTIVATION=ACT2)
+        # Padded hidden channels hold finite values (act2(0)) and meet w3 entries masked to 0.
+        h_at, co_at = common.outer(offs_h * w3_sh, offs_co * w3_so, PIXELS_ON_N)
+        h_ok, co_ok = common.outer(mask_h, mask_co, PIXELS_ON_N)
+        w3_tile = tl.load(w3 + h_at + co_at, mask=h_ok & co_ok, other=0.0)
         if PIXELS_ON_N:
-            w3_tile = tl.load(w3 + offs_co[:, None] * w3_so + offs_h[None, :] * w3_sh,
-                              mask=mask_co[:, None] & mask_h[None, :], other=0.0)
-            acc = common.mma(w3_tile, tl.trans(d), acc, PRECISION=PRECISION, UPCAST=UPCAST)
+            acc = common.mma(w3_tile, d, acc, PRECISION=PRECISION, UPCAST=UPCAST)
         else:
-            w3_tile = tl.load(w3 + offs_h[:, None] * w3_sh + offs_co[None, :] * w3_so,
-                              mask=mask_h[:, None] & mask_co[None, :], other=0.0)
             acc = common.mma(d, w3_tile, acc, PRECISION=PRECISION, UPCAST=UPCAST)
     common.epilogue(acc, b3, residual, out, out_img, out_y, out_x, offs_co, out_ok, mask_co, has_b3, has_residual,
-                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACT3, CHANNEL_ROWS=PIXELS_ON_N)
+                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACT3, TRANSPOSED=PIXELS_ON_N)
 
 
 # --- tiles ------------------------------------------------------------------------------------------------------
@@ -113,16 +117,16 @@ TILES = {
                Tiles(warps=8, pixels=64, channels=128, hidden=16),
                Tiles(warps=8, pixels=32, channels=512, hidden=16, pixels_on_n=True)))},
     False: {torch.float32: (Tiles(warps=4, pixels=32, channels=128, hidden=32, maxnreg=255),),
-            **dict.fromkeys((torch.float16, torch.bfloat16), (Tiles(warps=8, pixels=64, channels=128, hidden=64),))},
+            **dict.fromkeys((torch.float16, torch.bfloat16), (
+                Tiles(warps=8, pixels=64, channels=128, hidden=64),
+                Tiles(warps=8, pixels=32, channels=256, hidden=64, pixels_on_n=True)))},
 }
 """Per kind of spatial conv (depthwise: True; full) and dtype, the tiles from narrowest to widest projection. The
 depthwise taps are FMAs on a (pixels × 16) chunk; the full conv's are products over the input channels, 64 hidden
-channels wide (wgmma's N). Projections wider than 128 build spill-free only on tiles of 32 pixels, fewer than the 64
-rows a wgmma product takes; behind a depthwise conv the projection then runs transposed (``pixels_on_n``: the output
-channels are the products' rows, the pixels their columns), which keeps it on wgmma up to 512 outputs. A full conv's
-own products would need the same turn (on mma.sync, half wgmma's peak, its 256-wide tile is predicted slower than
-layer by layer: SAM-L0's neck FusedMBConvs, 256 → 256 → 256 at 64×64, 0.263 against 0.195 ms), so its wider blocks
-run layer by layer."""
+channels wide (wgmma's N, or its M transposed). Projections wider than 128 build spill-free only on tiles of 32
+pixels, fewer than the 64 rows a wgmma product takes, so those tiles run transposed (``pixels_on_n``: channels are
+the products' rows, pixels their columns) and stay on wgmma: up to 512 outputs behind a depthwise conv, 256 behind a
+full one (a 512-wide full-conv tile spills)."""
 BLOCK_K = 32
 """Input channels per product of the full conv's taps (conv_bn_act's implicit GEMM takes as many)."""
 
