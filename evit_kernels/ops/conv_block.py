@@ -9,13 +9,13 @@ MBConv is expand → depthwise → project, DSConv depthwise → project, FusedM
 MBConv in GLU mode; EfficientViT-M's PatchMerging is expand → depthwise without the projection (its squeeze-excite
 comes before it) (docs/ops.md, "conv_block").
 The Triton backend keeps ``d`` on chip for a DSConv, MBConv or FusedMBConv whose output channels one program holds
-(up to 256 in fp16/bf16) and whose output pixels make at least a wave of tiles: the spatial conv and the projection
-in one kernel, after, for MBConv, the expand on ``evit::conv_bn_act``'s 1×1 kernel (``h`` written once,
-channels-last). Every other block runs layer by layer through ``evit::conv_bn_act``'s kernels (per-layer fusion: each
-conv with its bias, activation and residual; the tensors between layers channels-last), saying so once. Whole-block
-kernels that also kept ``h`` on chip (its tile gathered per tap), or took ``d`` 16 channels at a time, measured
-1.6–6.8× slower than eager on an H200, where the DSConv kernel and the layer-by-layer kernels were faster than eager
-(docs/performance.md, "Measured on a GPU").
+(in fp16/bf16 up to 512 behind a depthwise conv, 256 behind a full one; 128 in fp32) and whose output pixels make at
+least a wave of tiles: the spatial conv and the projection in one kernel, after, for MBConv, the expand on
+``evit::conv_bn_act``'s 1×1 kernel (``h`` written once, channels-last). Every other block runs layer by layer
+through ``evit::conv_bn_act``'s kernels (per-layer fusion: each conv with its bias, activation and residual; the
+tensors between layers channels-last), saying so once. Whole-block kernels that also kept ``h`` on chip (its tile
+gathered per tap), or took ``d`` 16 channels at a time, measured 1.6–6.8× slower than eager on an H200, where the
+DSConv kernel and the layer-by-layer kernels were faster than eager (docs/performance.md, "Measured on a GPU").
 """
 
 from __future__ import annotations
