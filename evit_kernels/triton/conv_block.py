@@ -112,16 +112,16 @@ class Tiles:
 
 
 TILES = {
-    True: {torch.float32: (Tiles(warps=4, pixels=32, channels=128, hidden=16, maxnreg=255),),
-           **dict.fromkeys((torch.float16, torch.bfloat16), (
-               Tiles(warps=8, pixels=64, channels=128, hidden=16),
-               Tiles(warps=8, pixels=32, channels=512, hidden=16, pixels_on_n=True)))},
-    False: {torch.float32: (Tiles(warps=4, pixels=32, channels=128, hidden=32, maxnreg=255),),
-            **dict.fromkeys((torch.float16, torch.bfloat16), (
-                Tiles(warps=8, pixels=64, channels=128, hidden=64),
-                Tiles(warps=8, pixels=32, channels=256, hidden=64, pixels_on_n=True)))},
+    "depthwise": {torch.float32: (Tiles(warps=4, pixels=32, channels=128, hidden=16, maxnreg=255),),
+                  **dict.fromkeys((torch.float16, torch.bfloat16), (
+                      Tiles(warps=8, pixels=64, channels=128, hidden=16),
+                      Tiles(warps=8, pixels=32, channels=512, hidden=16, pixels_on_n=True)))},
+    "full": {torch.float32: (Tiles(warps=4, pixels=32, channels=128, hidden=32, maxnreg=255),),
+             **dict.fromkeys((torch.float16, torch.bfloat16), (
+                 Tiles(warps=8, pixels=64, channels=128, hidden=64),
+                 Tiles(warps=8, pixels=32, channels=256, hidden=64, pixels_on_n=True)))},
 }
-"""Per kind of spatial conv (depthwise: True; full) and dtype, the tiles from narrowest to widest projection. The
+"""Per kind of spatial conv (depthwise or full) and dtype, the tiles from narrowest to widest projection. The
 depthwise taps are FMAs on a (pixels × 16) chunk; the full conv's are products over the input channels, 64 hidden
 channels wide (wgmma's N, or its M transposed). Projections wider than 128 build spill-free only on tiles of 32
 pixels, fewer than the 64 rows a wgmma product takes, so those tiles run transposed (``pixels_on_n``: channels are
@@ -135,7 +135,7 @@ def tile_config(dtype: torch.dtype, depthwise: bool, out_channels: int) -> dict 
     """Every launch parameter that depends on the shape, or None when one program cannot hold every output
     channel (the block then runs layer by layer: a second output-channel block would redo the spatial conv)."""
     block_co = common.dot_size(out_channels)
-    tiles = next((t for t in TILES[depthwise][dtype] if block_co <= t.channels), None)
+    tiles = next((t for t in TILES["depthwise" if depthwise else "full"][dtype] if block_co <= t.channels), None)
     if tiles is None:
         return None
     return {"DEPTHWISE": depthwise, "P": tiles.pixels, "BLOCK_H": tiles.hidden, "BLOCK_K": BLOCK_K,
@@ -169,14 +169,14 @@ def compile_configs():
     compile: spatial conv × dtype × output-channel block × kernel size, with one representative pair of activations
     (they change only elementwise code; conv_bn_act compiles every activation)."""
     pointers = ("x", "w2", "b2", "w3", "b3", "residual", "out")
-    for depthwise, per_dtype in TILES.items():
+    for kind, per_dtype in TILES.items():
         for dtype, widths in per_dtype.items():
             for narrower, tiles in zip((None, *widths), widths):
                 above = 0 if narrower is None else narrower.channels  # the narrower tile's blocks are its own
                 for block_co in (16 << i for i in range(tiles.channels.bit_length())
                                  if above < 16 << i <= tiles.channels):
                     for ksize in KERNEL_SIZES:
-                        constexprs = {"ACT2": "hardswish", "ACT3": "none", "K": ksize, "DEPTHWISE": depthwise,
+                        constexprs = {"ACT2": "hardswish", "ACT3": "none", "K": ksize, "DEPTHWISE": kind == "depthwise",
                                       "P": tiles.pixels, "BLOCK_H": tiles.hidden, "BLOCK_K": BLOCK_K,
                                       "BLOCK_CO": block_co, "PIXELS_ON_N": tiles.pixels_on_n,
                                       **common.dot_mode(dtype)}
