@@ -12,7 +12,7 @@ from timm.layers import GELUTanh
 from timm.models.efficientvit_mit import ConvNormAct
 from torch import nn
 
-from evit_kernels import dispatch
+from evit_kernels import dispatch, predict
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct
 from evit_kernels.ops.conv_bn_act import ACTIVATIONS, ConvBnActArgs, conv_bn_act, conv_bn_act_reference
 from evit_kernels.ops.conv_bn_act import _kernel_kind as conv_kernel_kind
@@ -34,12 +34,16 @@ DEPTHWISE = {
     "k5_strided_input": (2, 4, 5, 8, 5, 1, 2, False, True, "strided"),
     "k3_pad0_stride_1x2": (1, 4, 6, 7, 3, (1, 2), (0, 1), True, False, "nchw"),
 }
-# (batch, C_in, C_out, H, W, bias, residual, layout): several M, N and K blocks, C_in < 16 (dot padding).
+# (batch, C_in, C_out, H, W, bias, residual, layout): several M, N and K blocks, C_in < 16 (dot padding); long
+# reductions on few tiles, split over the input channels (4 slices, the last one short; 8 slices over two output
+# tiles) in either output layout.
 POINTWISE = {
     "blocks": (2, 40, 70, 3, 5, True, True, "channels_last"),
     "small_c_in": (1, 3, 5, 7, 11, False, True, "nchw"),
     "map_1x1": (3, 17, 9, 1, 1, True, False, "channels_last"),
     "strided_input": (2, 6, 8, 5, 4, True, True, "strided"),
+    "split_4_slices": (1, 1030, 20, 3, 5, True, True, "nchw"),
+    "split_8_slices_channels_last": (2, 2000, 36, 2, 3, False, True, "channels_last"),
 }
 # (batch, C_in, C_out, H, W, stride, padding, bias, residual, layout) of 3×3 convs with groups 1: an M-series stem
 # layer (stride 2, odd channel counts), several M, N and K blocks, asymmetric stride and padding on a strided input.
@@ -121,6 +125,27 @@ def dense_tiles(request, monkeypatch):
 def test_small_grids_take_quarter_size_tiles():
     assert triton_conv.dense_blocks(7 * 7, 256) == triton_conv.DENSE_SMALL_GRID_BLOCKS  # a batch-1 7×7 layer
     assert triton_conv.dense_blocks(256 * 14 * 14, 256) == triton_conv.DENSE_BLOCKS
+
+
+def test_long_reductions_on_few_tiles_split_over_the_input_channels():
+    """docs/performance.md, "Split-K": batch-1 projections on 7×7 maps split; more tiles or shorter reductions
+    do not, nor does a 3×3 conv."""
+    assert triton_conv.dense_splits(32, 3072, 64) == 8  # L1 stage 4: 49 pixels × 512 outputs from 3072 channels
+    assert triton_conv.dense_splits(24, 1536, 64) == 6  # B2 stage 4: 49 × 384 from 1536
+    assert triton_conv.dense_splits(16, 1024, 64) == 4  # B1 stage 4: 49 × 256 from 1024
+    assert triton_conv.dense_splits(56, 1024, 64) == 1  # 196 × 256 from 1024: 56 tiles are enough
+    assert triton_conv.dense_splits(24, 768, 64) == 1  # 12 steps: too short to gain a second launch
+
+    def launched(c_in, c_out, k):
+        x = torch.empty(1, c_in, 7, 7, dtype=torch.bfloat16, device="meta")
+        weight = torch.empty(c_out, c_in, k, k, dtype=torch.bfloat16, device="meta")
+        with predict.recorded_launches() as launches:
+            conv_bn_act(x, weight, None, padding=k // 2, activation="relu", backend="triton")
+        return [(launch.kernel, launch.grid) for launch in launches]
+
+    assert launched(3072, 512, 1) == [("_conv_dense_kernel", (32, 8)), ("_split_sum_kernel", (4, 32))]
+    assert launched(3072, 512, 3) == [("_conv_dense_kernel", (32, 1))]
+    assert launched(512, 512, 1) == [("_conv_dense_kernel", (32, 1))]
 
 
 @pytest.mark.numerics
@@ -302,14 +327,16 @@ def test_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("kind", ["depthwise", "pointwise"])
+@pytest.mark.parametrize("kind", ["depthwise", "pointwise", "split_projection"])
 def test_realistic_shapes_on_gpu(poisoned_empty, kind, dtype):
     # EfficientViT-B1 stage 3 at 224 px, batch 8: a 5×5 depthwise and a 256 → 1024 expansion.
     if kind == "depthwise":
         x, weight, bias, residual, conv = _inputs(8, 256, 256, 14, 14, 5, 1, 2, 256, True, True, "channels_last",
                                                   dtype)
-    else:
+    elif kind == "pointwise":
         x, weight, bias, residual, conv = _inputs(8, 256, 1024, 14, 14, 1, 1, 0, 1, True, True, "nchw", dtype)
+    else:  # EfficientViT-L1 stage 4 at batch 1: a 3072 → 512 projection on a 7×7 map, split 8 ways
+        x, weight, bias, residual, conv = _inputs(1, 3072, 512, 7, 7, 1, 1, 0, 1, True, True, "channels_last", dtype)
     _check_against_float64(x, weight, bias, residual, conv, "hardswish")
 
 

@@ -111,8 +111,9 @@ def test_launches_of_a_patched_call_are_recorded_not_run(regular_tiles):
         out = conv_bn_act(x, weight, activation="relu", backend="triton")
     assert out.shape == (2, 80, 8, 8) and out.device.type == "meta"
     (launch,) = launches
-    # 128 pixels in 64-pixel blocks × 80 output channels in 64-channel blocks, one program per tile.
-    assert launch.kernel == "_conv_dense_kernel" and launch.grid == (2 * 2,) and launch.ctas == 4
+    # 128 pixels in 64-pixel blocks × 80 output channels in 64-channel blocks, one program per tile (one slice of
+    # the input channels).
+    assert launch.kernel == "_conv_dense_kernel" and launch.grid == (2 * 2, 1) and launch.ctas == 4
     assert launch.constexprs["ACTIVATION"] == "relu"
     # x, weight and the output once each (the weight also stands in for the absent bias, the output for the absent
     # residual): 2·32·64 + 80·32 + 2·80·64 bf16 elements.
@@ -200,7 +201,7 @@ def test_counts_of_a_launch_are_its_programs_loads_stores_and_products(regular_t
     whole tiles, and writes the output elements inside the bounds; every program runs (4 ≤ 8 samples)."""
     launch = _recorded_pointwise(batch=2, out_channels=80)
     block = {k: launch.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-    assert block["BLOCK_M"] == block["BLOCK_N"] == 64 and launch.grid == (4,)
+    assert block["BLOCK_M"] == block["BLOCK_N"] == 64 and launch.grid == (4, 1)
     counts = program_counts.count(launch)
     assert counts.sampled_programs == 4
     assert counts.loaded_bytes == 2 * (4 * 64 * 32 + 2 * (32 * 64 + 32 * 16))
@@ -212,7 +213,7 @@ def test_counts_of_a_launch_are_its_programs_loads_stores_and_products(regular_t
 def test_counts_of_a_large_grid_come_from_a_sample_scaled_to_the_grid(regular_tiles):
     """16 identical programs (1024 pixels, 64 output channels): 8 are run, the counts are exact."""
     launch = _recorded_pointwise(batch=16, out_channels=64)
-    assert launch.grid == (16,)
+    assert launch.grid == (16, 1)
     counts = program_counts.count(launch)
     assert counts.sampled_programs == 8
     assert counts.stored_bytes == 2 * 1024 * 64

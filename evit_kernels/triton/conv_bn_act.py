@@ -34,6 +34,13 @@ DW_BLOCK_P, DW_BLOCK_C = 64, 32
 # Groups 1 (1×1 and k×k): a (pixels × output channels) tile of the GEMM (B·H·W) × C_out × (C_in·k²) per program.
 DENSE_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
 DENSE_SMALL_GRID_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}
+DENSE_SPLIT_MIN_STEPS = 4
+"""The fewest steps of ``BLOCK_K`` input channels in each slice of a split 1×1 conv (see :func:`dense_splits`)."""
+DENSE_MAX_SPLITS = 8
+"""The most slices a 1×1 conv's input channels are split into."""
+SPLIT_SUM_BLOCK_P, SPLIT_SUM_BLOCK_C, SPLIT_SUM_WARPS = 16, 16, 8
+"""The tile and warps of the kernel that sums the slices: one element per thread, so that the few thousand outputs
+of a batch-1 layer still spread over about a hundred programs."""
 DENSE_KERNEL_SIZES = (1, 3)
 """The kernel sizes of the groups-1 convs: 1×1 (stride 1, no padding) and 3×3 (the M-series stem)."""
 DENSE_MIN_TAP_CHANNELS = 16
@@ -64,6 +71,21 @@ def dense_blocks(n_pixels: int, out_channels: int) -> dict[str, int]:
     return DENSE_SMALL_GRID_BLOCKS if regular < common.SMS else DENSE_BLOCKS
 
 
+def dense_splits(tiles: int, in_channels: int, block_k: int) -> int:
+    """Into how many slices a 1×1 conv's reduction over ``in_channels`` is split (split-K): where its ``tiles``
+    output tiles would occupy under a quarter of the GPU's SMs while each walks a long reduction (at least
+    4 × :data:`DENSE_SPLIT_MIN_STEPS` steps of ``block_k``). A batch-1 projection on a 7×7 map is the case (49
+    pixels × 512 outputs from 3072 channels: 32 tiles of 32 × 32, each streaming a 3072-long column of the weights
+    while a hundred SMs idle). Slices of at least :data:`DENSE_SPLIT_MIN_STEPS` steps, at most
+    :data:`DENSE_MAX_SPLITS`; each writes its fp32 partial sums and ``_split_sum_kernel`` adds them in slice order
+    (the same sum on every run) before the epilogue. Shorter reductions or more tiles gain less than the second
+    launch and the partial sums' round trip cost (docs/performance.md, "Split-K")."""
+    steps = triton.cdiv(in_channels, block_k)
+    if 4 * tiles > common.SMS or steps < 4 * DENSE_SPLIT_MIN_STEPS:
+        return 1
+    return min(DENSE_MAX_SPLITS, steps // DENSE_SPLIT_MIN_STEPS)
+
+
 def dense_warps(dtype: torch.dtype, ksize: int) -> int:
     """4 warps, 8 for fp32 k×k convs (whose FMA products spill the registers of 4 warps on sm_90; the row-staged
     kernel's too, under triton 3.6)."""
@@ -89,12 +111,15 @@ def _conv_dw_kernel(x, weight, bias, residual, out, n_pixels, channels, height, 
 
 @triton.jit
 def _conv_dense_kernel(x, weight, bias, residual, out, n_pixels, in_channels, out_channels, height, width,
-                       out_height, out_width, stride_h, stride_w, pad_h, pad_w, has_bias, has_residual,
-                       x_sb, x_sc, x_sh, x_sw, w_sn, w_sk, w_skh, w_skw, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw,
+                       out_height, out_width, stride_h, stride_w, pad_h, pad_w, has_bias, has_residual, k_split,
+                       x_sb, x_sc, x_sh, x_sw, w_sn, w_sk, w_skh, w_skw, r_sb, r_sc, r_sh, r_sw,
+                       o_ss, o_sb, o_sc, o_sh, o_sw,
                        ACTIVATION: tl.constexpr, KSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # Output-channel blocks of one pixel block are neighbouring programs, so its x tile is read from HBM once
-    # and then from L2.
+    # and then from L2. A 1×1 conv split over its input channels (grid axis 1, ``k_split`` channels per slice)
+    # writes each slice's sums to its own copy of the output, ``o_ss`` apart (the launcher then passes no bias,
+    # no residual and no activation).
     n_blocks = tl.cdiv(out_channels, BLOCK_N)
     pid_m = tl.program_id(0) // n_blocks
     pid_n = tl.program_id(0) % n_blocks
@@ -105,14 +130,36 @@ def _conv_dense_kernel(x, weight, bias, residual, out, n_pixels, in_channels, ou
     offs_b, offs_h, offs_w = common.pixel_coords(offs_m, out_height, out_width)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if KSIZE == 1:  # 1×1, stride 1, no padding: each output pixel's own input pixel
-        x_rows = x + offs_b * x_sb + offs_h * x_sh + offs_w * x_sw
-        acc = common.gemm_rows(acc, x_rows, mask_m, x_sc, in_channels, weight, w_sk, w_sn, offs_n, mask_n,
-                               BLOCK_K=BLOCK_K, PRECISION=PRECISION, UPCAST=UPCAST)
+        k_start = tl.program_id(1) * k_split
+        x_rows = x + offs_b * x_sb + offs_h * x_sh + offs_w * x_sw + k_start * x_sc
+        acc = common.gemm_rows(acc, x_rows, mask_m, x_sc, tl.minimum(in_channels - k_start, k_split),
+                               weight + k_start * w_sk, w_sk, w_sn, offs_n, mask_n, BLOCK_K=BLOCK_K,
+                               PRECISION=PRECISION, UPCAST=UPCAST)
     else:  # k×k: one GEMM over the input channels per tap (an implicit GEMM)
         acc = common.full_conv_taps(acc, x + offs_b * x_sb, x_sc, x_sh, x_sw, in_channels, weight, w_sk, w_sn, w_skh,
                                     w_skw, offs_n, mask_n, offs_h, offs_w, mask_m, KSIZE, stride_h, stride_w, pad_h,
                                     pad_w, height, width, BLOCK_K=BLOCK_K, PRECISION=PRECISION, UPCAST=UPCAST)
-    common.epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_n, mask_m, mask_n, has_bias, has_residual,
+    common.epilogue(acc, bias, residual, out + tl.program_id(1) * o_ss, offs_b, offs_h, offs_w, offs_n, mask_m, mask_n,
+                    has_bias, has_residual, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION)
+
+
+@triton.jit
+def _split_sum_kernel(partials, bias, residual, out, n_pixels, channels, out_height, out_width, splits, has_bias,
+                      has_residual, p_ss, p_sb, p_sc, p_sh, p_sw, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw,
+                      ACTIVATION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # The fp32 partial sums of the slices of a split 1×1 conv (``p_ss`` apart), added in slice order, then the
+    # conv's epilogue.
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_p = offs_p < n_pixels
+    mask_c = offs_c < channels
+    offs_b, offs_h, offs_w = common.pixel_coords(offs_p, out_height, out_width)
+    at = partials + (offs_b * p_sb + offs_h * p_sh + offs_w * p_sw)[:, None] + offs_c[None, :] * p_sc
+    mask = mask_p[:, None] & mask_c[None, :]
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for s in range(0, splits):
+        acc += tl.load(at + s * p_ss, mask=mask, other=0.0)
+    common.epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_c, mask_p, mask_c, has_bias, has_residual,
                     r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION)
 
 
@@ -192,13 +239,33 @@ def dense(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
     n_pixels = batch * out_height * out_width
     bias, has_bias, _ = common.optional(a.bias, a.weight)
     residual, has_residual, r_strides = common.optional(a.residual, out)
+    ksize = a.weight.shape[2]
     blocks = dense_blocks(n_pixels, out_channels)
-    grid = (triton.cdiv(n_pixels, blocks["BLOCK_M"]) * triton.cdiv(out_channels, blocks["BLOCK_N"]),)
-    _conv_dense_kernel[grid](
-        a.x, a.weight, bias, residual, out, n_pixels, in_channels, out_channels, height, width, out_height, out_width,
-        *a.stride, *a.padding, has_bias, has_residual, *a.x.stride(), *a.weight.stride(), *r_strides, *out.stride(),
-        ACTIVATION=a.activation, KSIZE=a.weight.shape[2], **blocks,
-        num_warps=dense_warps(a.compute_dtype(), a.weight.shape[2]), **common.dot_mode(a.compute_dtype()))
+    tiles = triton.cdiv(n_pixels, blocks["BLOCK_M"]) * triton.cdiv(out_channels, blocks["BLOCK_N"])
+    splits = dense_splits(tiles, in_channels, blocks["BLOCK_K"]) if ksize == 1 else 1
+    k_split = triton.cdiv(triton.cdiv(in_channels, splits), blocks["BLOCK_K"]) * blocks["BLOCK_K"]
+    splits = triton.cdiv(in_channels, k_split)
+    options = {"num_warps": dense_warps(a.compute_dtype(), ksize), **common.dot_mode(a.compute_dtype())}
+    if splits == 1:
+        _conv_dense_kernel[(tiles, 1)](
+            a.x, a.weight, bias, residual, out, n_pixels, in_channels, out_channels, height, width, out_height,
+            out_width, *a.stride, *a.padding, has_bias, has_residual, in_channels, *a.x.stride(), *a.weight.stride(),
+            *r_strides, 0, *out.stride(), ACTIVATION=a.activation, KSIZE=ksize, **blocks, **options)
+        return out
+    # The slices are `splits` images of the output's layout ahead of one another (batch outermost).
+    channels_last = out.stride(1) == 1 and out_channels > 1
+    partials = torch.empty((splits * batch, out_channels, out_height, out_width), dtype=torch.float32,
+                           device=out.device,
+                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    _conv_dense_kernel[(tiles, splits)](
+        a.x, a.weight, bias, residual, partials, n_pixels, in_channels, out_channels, height, width, out_height,
+        out_width, *a.stride, *a.padding, 0, 0, k_split, *a.x.stride(), *a.weight.stride(), 0, 0, 0, 0,
+        batch * partials.stride(0), *partials.stride(), ACTIVATION="none", KSIZE=ksize, **blocks, **options)
+    grid = (triton.cdiv(n_pixels, SPLIT_SUM_BLOCK_P), triton.cdiv(out_channels, SPLIT_SUM_BLOCK_C))
+    _split_sum_kernel[grid](
+        partials, bias, residual, out, n_pixels, out_channels, out_height, out_width, splits, has_bias, has_residual,
+        batch * partials.stride(0), *partials.stride(), *r_strides, *out.stride(), ACTIVATION=a.activation,
+        BLOCK_P=SPLIT_SUM_BLOCK_P, BLOCK_C=SPLIT_SUM_BLOCK_C, num_warps=SPLIT_SUM_WARPS)
     return out
 
 
@@ -238,3 +305,11 @@ def compile_configs():
                     constexprs = {"ACTIVATION": activation, "KSIZE": ksize, **blocks, **common.dot_mode(dtype)}
                     yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers),
                            constexprs, {"num_warps": dense_warps(dtype, ksize)})
+            constexprs = {"ACTIVATION": activation, "BLOCK_P": SPLIT_SUM_BLOCK_P, "BLOCK_C": SPLIT_SUM_BLOCK_C}
+            yield (_split_sum_kernel, common.signature(_split_sum_kernel, ptr, constexprs, pointers,
+                                                       special={"partials": "*fp32"}),
+                   constexprs, {"num_warps": SPLIT_SUM_WARPS})
+        constexprs = {"ACTIVATION": "none", "KSIZE": 1, **DENSE_SMALL_GRID_BLOCKS, **common.dot_mode(dtype)}
+        yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers,
+                                                    special={"out": "*fp32"}),
+               constexprs, {"num_warps": dense_warps(dtype, 1)})  # a split 1×1 conv's slices
