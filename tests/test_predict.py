@@ -399,7 +399,7 @@ def test_predict_command_on_a_diffusers_model(tmp_path):
                           "1", "--res", "256", "256", "--ptxas", PTXAS, "--json", str(out)],
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "PREDICTION" in run.stdout and "_rla_fwd_apply_kernel" in run.stdout
+    assert "PREDICTION" in run.stdout and "_rla_fwd_one_pass_kernel" in run.stdout
     p = json.loads(out.read_text())
     assert p["res"] == [256, 256] and p["launches"]
     assert all(launch["facts"]["spill_bytes"] == 0 and launch["seconds"] > 3e-6 for launch in p["launches"])

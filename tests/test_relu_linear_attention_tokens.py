@@ -132,6 +132,7 @@ SHAPES = [
     (1, 2, 2, 16, False, "dense"),
     (2, 7, 2, 8, True, "dense"),
     (1, 11, 1, 32, True, "fused"),
+    (1, 70, 1, 16, True, "dense"),  # two chunks: the reduction and apply passes
     # wider than a column block (kv split over programs): Sana-Video's 112 (padded to 128, four blocks), and 64
     (1, 70, 2, 112, True, "fused"),  # two chunks
     (2, 6, 1, 64, False, "dense"),

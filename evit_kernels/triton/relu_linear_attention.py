@@ -7,10 +7,12 @@ of head h at [h·3d, h·3d + 3d) ordered q, k, v. Per (batch, head), with q and 
 
 Two passes each way, both split over N so that batch 1 at high resolution and large batches at 7×7 fill the
 GPU: a reduction pass writes per-chunk fp32 partial sums (scratch O(B·heads·chunks·d²), chunks bounded by
-``_TARGET_PROGRAMS``, never O(N)); an apply pass sums them and streams the tokens once. Inputs are read in
-place (any batch/channel stride, H·W flattenable: contiguous or channels_last), nothing is concatenated,
-padded or copied to fp32; ReLU, the fp32 accumulation and the fp32 division happen in registers. fp32 dot
-products use IEEE precision (no TF32), so fp32 results match the reference to rounding.
+``_TARGET_PROGRAMS``, never O(N)); an apply pass sums them and streams the tokens once. Where the tokens make
+one chunk (a 7×7 map at any batch; 14×14 once batch·heads reaches ``_TARGET_PROGRAMS``), the forward runs both
+passes in one program per (batch, head) instead (the ``_one_pass`` kernels): no partial sums in memory, one
+launch. Inputs are read in place (any batch/channel stride, H·W flattenable: contiguous or channels_last),
+nothing is concatenated, padded or copied to fp32; ReLU, the fp32 accumulation and the fp32 division happen in
+registers. fp32 dot products use IEEE precision (no TF32), so fp32 results match the reference to rounding.
 
 Backward (g = ∂L/∂out): with den_n = z·q_n + eps, o_n = out_n, gnum_n = g_n / den_n and
 gden_n = -(g_n·o_n) / den_n, the reduction pass accumulates gkv = Σ_n q_n gnum_nᵀ and gz = Σ_n q_n gden_n; the
@@ -30,7 +32,8 @@ Aggregated sources (inference, :func:`forward_aggregated`): an aggregated map is
 (zero padding K//2) followed by one d×d matrix per (head, role), so each token tile of one head's q, k or v is
 computed on the fly from qkv (K² masked neighbour loads of that role's d channels, then a d×d dot) and the map
 is never written. q and k/v use disjoint channels: the reduction pass computes only k and v, the apply pass
-only q. The kv/z accumulation and the output are the same helpers as for a stored source.
+(or the one-pass kernel's second loop) only q. The kv/z accumulation and the output are the same helpers as for
+a stored source.
 
 Heads wider than ``COLUMN_BLOCK`` (64, and Sana-Video's 112; the ``_wide_*`` kernels): the kernels above hold a
 head's d×d fp32 matrices (kv; in the backward gkv too) in registers, with the IEEE fp32 products on the FMA units.
@@ -208,15 +211,9 @@ def _rla_fwd_reduce_kernel(k, v, rotated_k, partial, heads, n_tokens, per_chunk,
 
 
 @triton.jit
-def _rla_fwd_apply_kernel(q, rotated_q, partial, out, heads, first_head, n_tokens, per_chunk, chunks, eps,
-                          stride_b, stride_h, stride_role, stride_c, stride_n, out_stride_b, out_stride_c,
-                          out_stride_n, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                          PRECISION: tl.constexpr, ROTATED: tl.constexpr):
-    row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
-    head_at = b * stride_b + h * stride_h
-    out_base = out + b * out_stride_b + (first_head + h) * D * out_stride_c
-    offs_d = tl.arange(0, D_PAD)
-    kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
+def _apply_span(q, rotated_q, kv, z, eps, head_at, out_base, offs_d, start, end, stride_role, stride_c, stride_n,
+                out_stride_c, out_stride_n, D: tl.constexpr, BLOCK_N: tl.constexpr, ROTATED: tl.constexpr):
+    """Write the output of one head at tokens [start, end) from its summed kv and z (IEEE fp32 products)."""
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
@@ -224,8 +221,39 @@ def _rla_fwd_apply_kernel(q, rotated_q, partial, out, heads, first_head, n_token
         q_num = q_tile
         if ROTATED:
             q_num = _load_role(rotated_q + head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n)
-        _store_output(q_num, q_tile, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n,
-                      PRECISION)
+        _store_output(q_num, q_tile, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n, "ieee")
+
+
+@triton.jit
+def _rla_fwd_apply_kernel(q, rotated_q, partial, out, heads, first_head, n_tokens, per_chunk, chunks, eps,
+                          stride_b, stride_h, stride_role, stride_c, stride_n, out_stride_b, out_stride_c,
+                          out_stride_n, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                          ROTATED: tl.constexpr):
+    row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
+    head_at = b * stride_b + h * stride_h
+    out_base = out + b * out_stride_b + (first_head + h) * D * out_stride_c
+    offs_d = tl.arange(0, D_PAD)
+    kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
+    _apply_span(q, rotated_q, kv, z, eps, head_at, out_base, offs_d, start, end, stride_role, stride_c, stride_n,
+                out_stride_c, out_stride_n, D, BLOCK_N, ROTATED)
+
+
+@triton.jit
+def _rla_fwd_one_pass_kernel(q, k, v, rotated_q, rotated_k, out, heads, first_head, n_tokens, eps,
+                             stride_b, stride_h, stride_role, stride_c, stride_n, out_stride_b, out_stride_c,
+                             out_stride_n, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                             PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROTATED: tl.constexpr):
+    """Both passes in one program per (batch, head), where the tokens are not split (one chunk): kv and z over
+    all tokens, then the output, with no partial sums in memory and one launch instead of two."""
+    b = tl.program_id(0) // heads
+    h = tl.program_id(0) % heads
+    head_at = b * stride_b + h * stride_h
+    offs_d = tl.arange(0, D_PAD)
+    kv, z = _sum_kv(k, v, rotated_k, head_at, offs_d, offs_d, 0, n_tokens, stride_role, stride_c, stride_n, D, D_PAD,
+                    D_PAD, BLOCK_N, PRECISION, UPCAST, ROTATED)
+    out_base = out + b * out_stride_b + (first_head + h) * D * out_stride_c
+    _apply_span(q, rotated_q, kv, z, eps, head_at, out_base, offs_d, 0, n_tokens, stride_role, stride_c, stride_n,
+                out_stride_c, out_stride_n, D, BLOCK_N, ROTATED)
 
 
 @triton.jit
@@ -357,14 +385,11 @@ def _aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, h
 
 
 @triton.jit
-def _rla_agg_fwd_reduce_kernel(src, dw_w, dw_b, pw_w, pw_b, partial, heads, height, width, per_chunk, chunks,
-                               has_dw_bias, has_pw_bias, stride_b, stride_c, stride_n,
-                               D: tl.constexpr, D_PAD: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                               PRECISION: tl.constexpr):
-    """The reduction pass over one scale's aggregated map, computed from ``src`` (qkv): only k and v."""
-    row, chunk, b, head, start, end = _program_span(heads, per_chunk, height * width)
-    base = src + b * stride_b + head * 3 * D * stride_c
-    offs_d = tl.arange(0, D_PAD)
+def _aggregated_kv(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, start, end, height, width, has_dw_bias, has_pw_bias,
+                   stride_c, stride_n, D: tl.constexpr, D_PAD: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """kv and z of one head of one scale's aggregated map over tokens [start, end), its k and v computed from
+    ``src`` (qkv) tile by tile."""
     kv = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
     z = tl.zeros((D_PAD,), dtype=tl.float32)
     # No software pipelining: it would stage every neighbour tile in shared memory (over 228 KB for fp32, K = 5).
@@ -376,6 +401,34 @@ def _rla_agg_fwd_reduce_kernel(src, dw_w, dw_b, pw_w, pw_b, partial, heads, heig
         v = _aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, height, width,
                             stride_c, stride_n, has_dw_bias, has_pw_bias, 2, D, D_PAD, K, BLOCK_N, PRECISION)
         kv, z = _accumulate_kv(k, k, v, kv, z, PRECISION)
+    return kv, z
+
+
+@triton.jit
+def _aggregated_apply(base, dw_w, dw_b, pw_w, pw_b, kv, z, eps, out_base, head, offs_d, start, end, height, width,
+                      has_dw_bias, has_pw_bias, stride_c, stride_n, out_stride_c, out_stride_n, D: tl.constexpr,
+                      D_PAD: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Write the output of one head of one scale at tokens [start, end), its q computed from ``src`` (qkv)."""
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=1):  # not pipelined, as in the reduction
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < end
+        q = _relu(_aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, height, width,
+                                  stride_c, stride_n, has_dw_bias, has_pw_bias, 0, D, D_PAD, K, BLOCK_N, PRECISION))
+        mask = (offs_d < D)[:, None] & valid[None, :]
+        _store_output(q, q, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n, "ieee")
+
+
+@triton.jit
+def _rla_agg_fwd_reduce_kernel(src, dw_w, dw_b, pw_w, pw_b, partial, heads, height, width, per_chunk, chunks,
+                               has_dw_bias, has_pw_bias, stride_b, stride_c, stride_n,
+                               D: tl.constexpr, D_PAD: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                               PRECISION: tl.constexpr):
+    """The reduction pass over one scale's aggregated map, computed from ``src`` (qkv): only k and v."""
+    row, chunk, b, head, start, end = _program_span(heads, per_chunk, height * width)
+    base = src + b * stride_b + head * 3 * D * stride_c
+    offs_d = tl.arange(0, D_PAD)
+    kv, z = _aggregated_kv(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, start, end, height, width, has_dw_bias,
+                           has_pw_bias, stride_c, stride_n, D, D_PAD, K, BLOCK_N, PRECISION)
     _store_partial(partial, row, chunk, chunks, kv, z, offs_d, D_PAD)
 
 
@@ -391,13 +444,29 @@ def _rla_agg_fwd_apply_kernel(src, dw_w, dw_b, pw_w, pw_b, partial, out, heads, 
     out_base = out + b * out_stride_b + (first_head + head) * D * out_stride_c
     offs_d = tl.arange(0, D_PAD)
     kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
-    for n0 in tl.range(start, end, BLOCK_N, num_stages=1):  # not pipelined, as in the reduction pass
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid = offs_n < end
-        q = _relu(_aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, height, width,
-                                  stride_c, stride_n, has_dw_bias, has_pw_bias, 0, D, D_PAD, K, BLOCK_N, PRECISION))
-        mask = (offs_d < D)[:, None] & valid[None, :]
-        _store_output(q, q, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n, "ieee")
+    _aggregated_apply(base, dw_w, dw_b, pw_w, pw_b, kv, z, eps, out_base, head, offs_d, start, end, height, width,
+                      has_dw_bias, has_pw_bias, stride_c, stride_n, out_stride_c, out_stride_n, D, D_PAD, K, BLOCK_N,
+                      PRECISION)
+
+
+@triton.jit
+def _rla_agg_fwd_one_pass_kernel(src, dw_w, dw_b, pw_w, pw_b, out, heads, first_head, height, width, eps,
+                                 has_dw_bias, has_pw_bias, stride_b, stride_c, stride_n,
+                                 out_stride_b, out_stride_c, out_stride_n,
+                                 D: tl.constexpr, D_PAD: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 PRECISION: tl.constexpr):
+    """Both passes over one scale's aggregated map in one program per (batch, head), where the tokens are not
+    split: k and v then q, each computed from ``src`` (qkv), with no partial sums in memory."""
+    b = tl.program_id(0) // heads
+    head = tl.program_id(0) % heads
+    base = src + b * stride_b + head * 3 * D * stride_c
+    out_base = out + b * out_stride_b + (first_head + head) * D * out_stride_c
+    offs_d = tl.arange(0, D_PAD)
+    kv, z = _aggregated_kv(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, 0, height * width, height, width, has_dw_bias,
+                           has_pw_bias, stride_c, stride_n, D, D_PAD, K, BLOCK_N, PRECISION)
+    _aggregated_apply(base, dw_w, dw_b, pw_w, pw_b, kv, z, eps, out_base, head, offs_d, 0, height * width, height,
+                      width, has_dw_bias, has_pw_bias, stride_c, stride_n, out_stride_c, out_stride_n, D, D_PAD, K,
+                      BLOCK_N, PRECISION)
 
 
 # --- heads wider than COLUMN_BLOCK ------------------------------------------------------------------------------
@@ -672,11 +741,18 @@ def attend(src: Heads, out: torch.Tensor, out_strides: tuple[int, int, int], ind
     if dim in WIDE_HEAD_DIMS:
         return _attend_wide(src, out, out_strides, index, dim, eps)
     per_chunk, chunks = _chunking(src.n_tokens, src.batch * src.heads)
+    rotated_q, rotated_k = src.rotated_or_stand_ins()
+    if chunks == 1:
+        _rla_fwd_one_pass_kernel[(src.batch * src.heads,)](
+            src.q, src.k, src.v, rotated_q, rotated_k, out, src.heads, index * src.heads, src.n_tokens, eps,
+            *src.strides, *out_strides, D=dim, D_PAD=dot_size(dim), BLOCK_N=_apply_block(dot_size(dim)),
+            **dot_mode(src.q.dtype), ROTATED=src.rotated)
+        return
     partial = _partials(src, dim, per_chunk, chunks)
     _rla_fwd_apply_kernel[(src.batch * src.heads, chunks)](
-        src.q, src.rotated_or_stand_ins()[0], partial, out, src.heads, index * src.heads, src.n_tokens, per_chunk,
-        chunks, eps, *src.strides, *out_strides, D=dim, D_PAD=dot_size(dim),
-        BLOCK_N=_apply_block(dot_size(dim)), PRECISION="ieee", ROTATED=src.rotated)
+        src.q, rotated_q, partial, out, src.heads, index * src.heads, src.n_tokens, per_chunk, chunks, eps,
+        *src.strides, *out_strides, D=dim, D_PAD=dot_size(dim), BLOCK_N=_apply_block(dot_size(dim)),
+        ROTATED=src.rotated)
 
 
 def forward(sources: list[torch.Tensor], dim: int, eps: float) -> torch.Tensor:
@@ -697,12 +773,14 @@ HEAD_DIMS = WHOLE_HEAD_DIMS + WIDE_HEAD_DIMS
 AGGREGATION_KERNEL_SIZES = (3, 5)
 
 
-def _aggregated_constexprs(dim: int, dtype: torch.dtype, kernel_size: int) -> dict:
+def _aggregated_constexprs(dim: int, dtype: torch.dtype, kernel_size: int, one_pass: bool = False) -> dict:
     """Compile-time parameters of the aggregated-source kernels. They multiply fp32 tiles (the depthwise result
     is never rounded to the input dtype): in IEEE precision for fp32 inputs, on TF32 tensor cores for fp16 and
-    bf16 ones, whose 10-bit mantissa holds at least the input's precision."""
+    bf16 ones, whose 10-bit mantissa holds at least the input's precision. The one-pass kernel holds kv through
+    its q tiles too and takes half the tokens per tile (with the reduction's tile its fp32 builds spill on sm_90,
+    and the others reach 255 registers)."""
     d_pad = dot_size(dim)
-    return dict(D=dim, D_PAD=d_pad, K=kernel_size, BLOCK_N=_heavy_block(d_pad, dtype),
+    return dict(D=dim, D_PAD=d_pad, K=kernel_size, BLOCK_N=_heavy_block(d_pad, dtype) // (2 if one_pass else 1),
                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
@@ -725,8 +803,13 @@ def forward_aggregated(qkv: torch.Tensor, scales: list[tuple[torch.Tensor, torch
         # an absent bias passes its weight as a never-read pointer.
         dw_w, pw_w = dw_w.contiguous(), pw_w.contiguous()
         weights = (dw_w, dw_w if dw_b is None else dw_b.contiguous(), pw_w, pw_w if pw_b is None else pw_b.contiguous())
-        partial = _empty_partials(channel_major(qkv, dim), dim, chunks)
+        if chunks == 1:
+            _rla_agg_fwd_one_pass_kernel[(batch * heads,)](
+                qkv, *weights, out, heads, index * heads, height, width, eps, *flags, *_token_strides(qkv),
+                *_token_strides(out), **_aggregated_constexprs(dim, qkv.dtype, dw_w.shape[-1], one_pass=True))
+            continue
         constexprs = _aggregated_constexprs(dim, qkv.dtype, dw_w.shape[-1])
+        partial = _empty_partials(channel_major(qkv, dim), dim, chunks)
         _rla_agg_fwd_reduce_kernel[grid](qkv, *weights, partial, heads, height, width, per_chunk, chunks, *flags,
                                          *_token_strides(qkv), **constexprs)
         _rla_agg_fwd_apply_kernel[grid](qkv, *weights, partial, out, heads, index * heads, height, width,
@@ -864,12 +947,13 @@ def compile_configs():
             configs = []
             for rotated in (False, True):
                 backward = {**plain, "BLOCK_N": _heavy_block(plain["D_PAD"], dtype, rotated), "ROTATED": rotated}
+                apply = {**plain, "BLOCK_N": _apply_block(plain["D_PAD"]), "ROTATED": rotated}
                 configs += [(_rla_fwd_reduce_kernel, {**plain, **dot_mode(dtype), "ROTATED": rotated}),
-                            (_rla_fwd_apply_kernel, {**plain, "BLOCK_N": _apply_block(plain["D_PAD"]),
-                                                     "PRECISION": "ieee", "ROTATED": rotated}),
+                            (_rla_fwd_apply_kernel, apply), (_rla_fwd_one_pass_kernel, {**apply, **dot_mode(dtype)}),
                             (_rla_bwd_reduce_kernel, backward), (_rla_bwd_apply_kernel, backward)]
-            configs += [(kernel, _aggregated_constexprs(dim, dtype, k))
-                        for kernel in (_rla_agg_fwd_reduce_kernel, _rla_agg_fwd_apply_kernel)
+            configs += [(kernel, _aggregated_constexprs(dim, dtype, k, kernel is _rla_agg_fwd_one_pass_kernel))
+                        for kernel in (_rla_agg_fwd_reduce_kernel, _rla_agg_fwd_apply_kernel,
+                                       _rla_agg_fwd_one_pass_kernel)
                         for k in AGGREGATION_KERNEL_SIZES]
             for kernel, constexprs in configs:
                 # Partial sums are fp32 scratch, eps an fp32 scalar.
