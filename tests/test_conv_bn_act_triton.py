@@ -35,14 +35,14 @@ DEPTHWISE = {
     "k3_pad0_stride_1x2": (1, 4, 6, 7, 3, (1, 2), (0, 1), True, False, "nchw"),
 }
 # (batch, C_in, C_out, H, W, bias, residual, layout): several M, N and K blocks, C_in < 16 (dot padding); long
-# reductions on few tiles, split over the input channels (4 slices, the last one short; 8 slices over two output
+# reductions on few tiles, split over the input channels (5 slices, the last one short; 8 slices over two output
 # tiles) in either output layout.
 POINTWISE = {
     "blocks": (2, 40, 70, 3, 5, True, True, "channels_last"),
     "small_c_in": (1, 3, 5, 7, 11, False, True, "nchw"),
     "map_1x1": (3, 17, 9, 1, 1, True, False, "channels_last"),
     "strided_input": (2, 6, 8, 5, 4, True, True, "strided"),
-    "split_4_slices": (1, 1030, 20, 3, 5, True, True, "nchw"),
+    "split_5_slices": (1, 1540, 20, 3, 5, True, True, "nchw"),
     "split_8_slices_channels_last": (2, 2000, 36, 2, 3, False, True, "channels_last"),
 }
 # (batch, C_in, C_out, H, W, stride, padding, bias, residual, layout) of 3×3 convs with groups 1: an M-series stem
@@ -132,9 +132,8 @@ def test_long_reductions_on_few_tiles_split_over_the_input_channels():
     do not, nor does a 3×3 conv."""
     assert triton_conv.dense_splits(32, 3072, 64) == 8  # L1 stage 4: 49 pixels × 512 outputs from 3072 channels
     assert triton_conv.dense_splits(24, 1536, 64) == 6  # B2 stage 4: 49 × 384 from 1536
-    assert triton_conv.dense_splits(16, 1024, 64) == 4  # B1 stage 4: 49 × 256 from 1024
-    assert triton_conv.dense_splits(56, 1024, 64) == 1  # 196 × 256 from 1024: 56 tiles are enough
-    assert triton_conv.dense_splits(24, 768, 64) == 1  # 12 steps: too short to gain a second launch
+    assert triton_conv.dense_splits(56, 2048, 64) == 1  # 196 × 256 from 2048: 56 tiles are enough
+    assert triton_conv.dense_splits(16, 1024, 64) == 1  # B1 stage 4 (49 × 256): too short to gain a second launch
 
     def launched(c_in, c_out, k):
         x = torch.empty(1, c_in, 7, 7, dtype=torch.bfloat16, device="meta")

@@ -34,8 +34,10 @@ DW_BLOCK_P, DW_BLOCK_C = 64, 32
 # Groups 1 (1×1 and k×k): a (pixels × output channels) tile of the GEMM (B·H·W) × C_out × (C_in·k²) per program.
 DENSE_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
 DENSE_SMALL_GRID_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}
+DENSE_SPLIT_MIN_CHANNELS = 1536
+"""The shortest reduction (input channels) a 1×1 conv on few tiles is split over (see :func:`dense_splits`)."""
 DENSE_SPLIT_MIN_STEPS = 4
-"""The fewest steps of ``BLOCK_K`` input channels in each slice of a split 1×1 conv (see :func:`dense_splits`)."""
+"""The fewest steps of ``BLOCK_K`` input channels in each slice of a split 1×1 conv."""
 DENSE_MAX_SPLITS = 8
 """The most slices a 1×1 conv's input channels are split into."""
 SPLIT_SUM_BLOCK_P, SPLIT_SUM_BLOCK_C, SPLIT_SUM_WARPS = 16, 16, 8
@@ -74,16 +76,15 @@ def dense_blocks(n_pixels: int, out_channels: int) -> dict[str, int]:
 def dense_splits(tiles: int, in_channels: int, block_k: int) -> int:
     """Into how many slices a 1×1 conv's reduction over ``in_channels`` is split (split-K): where its ``tiles``
     output tiles would occupy under a quarter of the GPU's SMs while each walks a long reduction (at least
-    4 × :data:`DENSE_SPLIT_MIN_STEPS` steps of ``block_k``). A batch-1 projection on a 7×7 map is the case (49
-    pixels × 512 outputs from 3072 channels: 32 tiles of 32 × 32, each streaming a 3072-long column of the weights
-    while a hundred SMs idle). Slices of at least :data:`DENSE_SPLIT_MIN_STEPS` steps, at most
+    :data:`DENSE_SPLIT_MIN_CHANNELS`). A batch-1 projection on a 7×7 map is the case (49 pixels × 512 outputs
+    from 3072 channels: 32 tiles of 32 × 32, each streaming a 3072-long column of the weights while a hundred SMs
+    idle). Slices of at least :data:`DENSE_SPLIT_MIN_STEPS` steps of ``block_k``, at most
     :data:`DENSE_MAX_SPLITS`; each writes its fp32 partial sums and ``_split_sum_kernel`` adds them in slice order
     (the same sum on every run) before the epilogue. Shorter reductions or more tiles gain less than the second
     launch and the partial sums' round trip cost (docs/performance.md, "Split-K")."""
-    steps = triton.cdiv(in_channels, block_k)
-    if 4 * tiles > common.SMS or steps < 4 * DENSE_SPLIT_MIN_STEPS:
+    if 4 * tiles > common.SMS or in_channels < DENSE_SPLIT_MIN_CHANNELS:
         return 1
-    return min(DENSE_MAX_SPLITS, steps // DENSE_SPLIT_MIN_STEPS)
+    return min(DENSE_MAX_SPLITS, triton.cdiv(in_channels, block_k) // DENSE_SPLIT_MIN_STEPS)
 
 
 def dense_warps(dtype: torch.dtype, ksize: int) -> int:
