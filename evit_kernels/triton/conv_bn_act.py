@@ -116,11 +116,11 @@ def _conv_dense_kernel(x, weight, bias, residual, out, n_pixels, in_channels, ou
                        x_sb, x_sc, x_sh, x_sw, w_sn, w_sk, w_skh, w_skw, r_sb, r_sc, r_sh, r_sw,
                        o_ss, o_sb, o_sc, o_sh, o_sw,
                        ACTIVATION: tl.constexpr, KSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                       BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT_K: tl.constexpr):
     # Output-channel blocks of one pixel block are neighbouring programs, so its x tile is read from HBM once
-    # and then from L2. A 1×1 conv split over its input channels (grid axis 1, ``k_split`` channels per slice)
-    # writes each slice's sums to its own copy of the output, ``o_ss`` apart (the launcher then passes no bias,
-    # no residual and no activation).
+    # and then from L2. ``SPLIT_K``: a 1×1 conv split over its input channels (grid axis 1, ``k_split`` channels
+    # per slice) writes each slice's sums to its own copy of the output, ``o_ss`` apart (the launcher then passes
+    # no bias, no residual and no activation); unsplit builds are the ones without it.
     n_blocks = tl.cdiv(out_channels, BLOCK_N)
     pid_m = tl.program_id(0) // n_blocks
     pid_n = tl.program_id(0) % n_blocks
@@ -130,18 +130,23 @@ def _conv_dense_kernel(x, weight, bias, residual, out, n_pixels, in_channels, ou
     mask_n = offs_n < out_channels
     offs_b, offs_h, offs_w = common.pixel_coords(offs_m, out_height, out_width)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if KSIZE == 1:  # 1×1, stride 1, no padding: each output pixel's own input pixel
+    if SPLIT_K:  # 1×1 (see above)
         k_start = tl.program_id(1) * k_split
         x_rows = x + offs_b * x_sb + offs_h * x_sh + offs_w * x_sw + k_start * x_sc
         acc = common.gemm_rows(acc, x_rows, mask_m, x_sc, tl.minimum(in_channels - k_start, k_split),
                                weight + k_start * w_sk, w_sk, w_sn, offs_n, mask_n, BLOCK_K=BLOCK_K,
                                PRECISION=PRECISION, UPCAST=UPCAST)
+        out += tl.program_id(1) * o_ss
+    elif KSIZE == 1:  # 1×1, stride 1, no padding: each output pixel's own input pixel
+        x_rows = x + offs_b * x_sb + offs_h * x_sh + offs_w * x_sw
+        acc = common.gemm_rows(acc, x_rows, mask_m, x_sc, in_channels, weight, w_sk, w_sn, offs_n, mask_n,
+                               BLOCK_K=BLOCK_K, PRECISION=PRECISION, UPCAST=UPCAST)
     else:  # k×k: one GEMM over the input channels per tap (an implicit GEMM)
         acc = common.full_conv_taps(acc, x + offs_b * x_sb, x_sc, x_sh, x_sw, in_channels, weight, w_sk, w_sn, w_skh,
                                     w_skw, offs_n, mask_n, offs_h, offs_w, mask_m, KSIZE, stride_h, stride_w, pad_h,
                                     pad_w, height, width, BLOCK_K=BLOCK_K, PRECISION=PRECISION, UPCAST=UPCAST)
-    common.epilogue(acc, bias, residual, out + tl.program_id(1) * o_ss, offs_b, offs_h, offs_w, offs_n, mask_m, mask_n,
-                    has_bias, has_residual, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION)
+    common.epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_n, mask_m, mask_n, has_bias, has_residual,
+                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION)
 
 
 @triton.jit
@@ -251,7 +256,7 @@ def dense(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
         _conv_dense_kernel[(tiles, 1)](
             a.x, a.weight, bias, residual, out, n_pixels, in_channels, out_channels, height, width, out_height,
             out_width, *a.stride, *a.padding, has_bias, has_residual, in_channels, *a.x.stride(), *a.weight.stride(),
-            *r_strides, 0, *out.stride(), ACTIVATION=a.activation, KSIZE=ksize, **blocks, **options)
+            *r_strides, 0, *out.stride(), ACTIVATION=a.activation, KSIZE=ksize, **blocks, **options, SPLIT_K=False)
         return out
     # The slices are `splits` images of the output's layout ahead of one another (batch outermost).
     channels_last = out.stride(1) == 1 and out_channels > 1
@@ -261,7 +266,8 @@ def dense(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
     _conv_dense_kernel[(tiles, splits)](
         a.x, a.weight, bias, residual, partials, n_pixels, in_channels, out_channels, height, width, out_height,
         out_width, *a.stride, *a.padding, 0, 0, k_split, *a.x.stride(), *a.weight.stride(), 0, 0, 0, 0,
-        batch * partials.stride(0), *partials.stride(), ACTIVATION="none", KSIZE=ksize, **blocks, **options)
+        batch * partials.stride(0), *partials.stride(), ACTIVATION="none", KSIZE=ksize, **blocks, **options,
+        SPLIT_K=True)
     grid = (triton.cdiv(n_pixels, SPLIT_SUM_BLOCK_P), triton.cdiv(out_channels, SPLIT_SUM_BLOCK_C))
     _split_sum_kernel[grid](
         partials, bias, residual, out, n_pixels, out_channels, out_height, out_width, splits, has_bias, has_residual,
@@ -303,14 +309,16 @@ def compile_configs():
                        {"num_warps": dense_warps(dtype, 3)})
             for ksize in DENSE_KERNEL_SIZES:
                 for blocks in (DENSE_BLOCKS, DENSE_SMALL_GRID_BLOCKS):
-                    constexprs = {"ACTIVATION": activation, "KSIZE": ksize, **blocks, **common.dot_mode(dtype)}
+                    constexprs = {"ACTIVATION": activation, "KSIZE": ksize, **blocks, **common.dot_mode(dtype),
+                                  "SPLIT_K": False}
                     yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers),
                            constexprs, {"num_warps": dense_warps(dtype, ksize)})
             constexprs = {"ACTIVATION": activation, "BLOCK_P": SPLIT_SUM_BLOCK_P, "BLOCK_C": SPLIT_SUM_BLOCK_C}
             yield (_split_sum_kernel, common.signature(_split_sum_kernel, ptr, constexprs, pointers,
                                                        special={"partials": "*fp32"}),
                    constexprs, {"num_warps": SPLIT_SUM_WARPS})
-        constexprs = {"ACTIVATION": "none", "KSIZE": 1, **DENSE_SMALL_GRID_BLOCKS, **common.dot_mode(dtype)}
+        constexprs = {"ACTIVATION": "none", "KSIZE": 1, **DENSE_SMALL_GRID_BLOCKS, **common.dot_mode(dtype),
+                      "SPLIT_K": True}
         yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers,
                                                     special={"out": "*fp32"}),
                constexprs, {"num_warps": dense_warps(dtype, 1)})  # a split 1×1 conv's slices
