@@ -67,18 +67,17 @@ def test_forward_and_gradients_within_twice_eager_error(poisoned_empty, batch, h
 def test_unsplit_tokens_take_one_pass_split_ones_two():
     """One chunk of tokens (a 7×7 map at any batch): kv, z and the output in one launch per source, no partial
     sums; more tokens than one program takes on a small grid: the reduction and apply passes. Either way for the
-    aggregated sources (docs/ops.md, "ReLU linear attention")."""
+    aggregated sources, but for fp32 ones, whose one-pass builds spill (docs/ops.md, "ReLU linear attention")."""
     from evit_kernels import predict
     from evit_kernels.ops.relu_linear_attention import relu_linear_attention_aggregated
 
-    def launched(height, width):
-        qkv = torch.empty(1, 3 * 4 * 8, height, width, dtype=torch.bfloat16, device="meta")
-        dw, pw = torch.empty(96, 1, 5, 5, dtype=torch.bfloat16, device="meta"), torch.empty(96, 8, 1, 1,
-                                                                                           dtype=torch.bfloat16,
-                                                                                           device="meta")
+    def launched(height, width, dim=8, dtype=torch.bfloat16):
+        qkv = torch.empty(1, 3 * 4 * dim, height, width, dtype=dtype, device="meta")
+        dw = torch.empty(3 * 4 * dim, 1, 5, 5, dtype=dtype, device="meta")
+        pw = torch.empty(3 * 4 * dim, dim, 1, 1, dtype=dtype, device="meta")
         with predict.recorded_launches() as launches:
-            relu_linear_attention(qkv, [], 8, 1e-5, backend="triton")
-            relu_linear_attention_aggregated(qkv, [dw], [None], [pw], [None], 8, 1e-5, backend="triton")
+            relu_linear_attention(qkv, [], dim, 1e-5, backend="triton")
+            relu_linear_attention_aggregated(qkv, [dw], [None], [pw], [None], dim, 1e-5, backend="triton")
         return [(launch.kernel, launch.grid) for launch in launches]
 
     assert launched(7, 7) == [("_rla_fwd_one_pass_kernel", (4,)), ("_rla_fwd_one_pass_kernel", (4,)),
@@ -86,6 +85,9 @@ def test_unsplit_tokens_take_one_pass_split_ones_two():
     assert launched(14, 14) == [("_rla_fwd_reduce_kernel", (4, 4)), ("_rla_fwd_apply_kernel", (4, 4)),
                                 ("_rla_fwd_reduce_kernel", (4, 4)), ("_rla_fwd_apply_kernel", (4, 4)),
                                 ("_rla_agg_fwd_reduce_kernel", (4, 4)), ("_rla_agg_fwd_apply_kernel", (4, 4))]
+    assert launched(7, 7, 16, torch.float32) == [
+        ("_rla_fwd_one_pass_kernel", (4,)), ("_rla_fwd_one_pass_kernel", (4,)),
+        ("_rla_agg_fwd_reduce_kernel", (4, 1)), ("_rla_agg_fwd_apply_kernel", (4, 1))]
 
 
 def test_stride_zero_gradient_of_sum():

@@ -9,10 +9,11 @@ Two passes each way, both split over N so that batch 1 at high resolution and la
 GPU: a reduction pass writes per-chunk fp32 partial sums (scratch O(B·heads·chunks·d²), chunks bounded by
 ``_TARGET_PROGRAMS``, never O(N)); an apply pass sums them and streams the tokens once. Where the tokens make
 one chunk (a 7×7 map at any batch; 14×14 once batch·heads reaches ``_TARGET_PROGRAMS``), the forward runs both
-passes in one program per (batch, head) instead (the ``_one_pass`` kernels): no partial sums in memory, one
-launch. Inputs are read in place (any batch/channel stride, H·W flattenable: contiguous or channels_last),
-nothing is concatenated, padded or copied to fp32; ReLU, the fp32 accumulation and the fp32 division happen in
-registers. fp32 dot products use IEEE precision (no TF32), so fp32 results match the reference to rounding.
+passes in one program per (batch, head) instead (the ``_one_pass`` kernels; for aggregated sources fp16/bf16
+only, :func:`_aggregated_one_pass_block`): no partial sums in memory, one launch. Inputs are
+read in place (any batch/channel stride, H·W flattenable: contiguous or channels_last), nothing is concatenated,
+padded or copied to fp32; ReLU, the fp32 accumulation and the fp32 division happen in registers. fp32 dot
+products use IEEE precision (no TF32), so fp32 results match the reference to rounding.
 
 Backward (g = ∂L/∂out): with den_n = z·q_n + eps, o_n = out_n, gnum_n = g_n / den_n and
 gden_n = -(g_n·o_n) / den_n, the reduction pass accumulates gkv = Σ_n q_n gnum_nᵀ and gz = Σ_n q_n gden_n; the
@@ -773,14 +774,26 @@ HEAD_DIMS = WHOLE_HEAD_DIMS + WIDE_HEAD_DIMS
 AGGREGATION_KERNEL_SIZES = (3, 5)
 
 
-def _aggregated_constexprs(dim: int, dtype: torch.dtype, kernel_size: int, one_pass: bool = False) -> dict:
-    """Compile-time parameters of the aggregated-source kernels. They multiply fp32 tiles (the depthwise result
-    is never rounded to the input dtype): in IEEE precision for fp32 inputs, on TF32 tensor cores for fp16 and
-    bf16 ones, whose 10-bit mantissa holds at least the input's precision. The one-pass kernel holds kv through
-    its q tiles too and takes half the tokens per tile (with the reduction's tile its fp32 builds spill on sm_90,
-    and the others reach 255 registers)."""
+def _aggregated_one_pass_block(dim: int, dtype: torch.dtype) -> int | None:
+    """Token tile of the aggregated one-pass kernel, or None where it is not built. fp16/bf16 heads up to 16
+    channels take the reduction's 64 tokens; at 32 channels half the reduction's tile, 16 tokens (the kernel holds kv
+    through its q tiles too: with 32 its build reaches 255 registers on sm_90). fp32 inputs keep the two passes: at
+    32 channels every tile a ``tl.dot`` takes spills, and the narrower heads' spill-free tiles differ between
+    triton 3.6 and 3.8 (32 tokens spill under 3.6 at 16 channels, 64 under 3.8 at 8)."""
+    if dtype == torch.float32:
+        return None
     d_pad = dot_size(dim)
-    return dict(D=dim, D_PAD=d_pad, K=kernel_size, BLOCK_N=_heavy_block(d_pad, dtype) // (2 if one_pass else 1),
+    return _heavy_block(d_pad, dtype) if d_pad <= 16 else _heavy_block(d_pad, dtype) // 2
+
+
+def _aggregated_constexprs(dim: int, dtype: torch.dtype, kernel_size: int, one_pass: bool = False) -> dict:
+    """Compile-time parameters of the aggregated-source kernels (the one-pass kernel's where ``one_pass``). They
+    multiply fp32 tiles (the depthwise result is never rounded to the input dtype): in IEEE precision for fp32
+    inputs, on TF32 tensor cores for fp16 and bf16 ones, whose 10-bit mantissa holds at least the input's
+    precision."""
+    d_pad = dot_size(dim)
+    return dict(D=dim, D_PAD=d_pad, K=kernel_size,
+                BLOCK_N=_aggregated_one_pass_block(dim, dtype) if one_pass else _heavy_block(d_pad, dtype),
                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
@@ -803,7 +816,7 @@ def forward_aggregated(qkv: torch.Tensor, scales: list[tuple[torch.Tensor, torch
         # an absent bias passes its weight as a never-read pointer.
         dw_w, pw_w = dw_w.contiguous(), pw_w.contiguous()
         weights = (dw_w, dw_w if dw_b is None else dw_b.contiguous(), pw_w, pw_w if pw_b is None else pw_b.contiguous())
-        if chunks == 1:
+        if chunks == 1 and _aggregated_one_pass_block(dim, qkv.dtype):
             _rla_agg_fwd_one_pass_kernel[(batch * heads,)](
                 qkv, *weights, out, heads, index * heads, height, width, eps, *flags, *_token_strides(qkv),
                 *_token_strides(out), **_aggregated_constexprs(dim, qkv.dtype, dw_w.shape[-1], one_pass=True))
@@ -951,10 +964,11 @@ def compile_configs():
                 configs += [(_rla_fwd_reduce_kernel, {**plain, **dot_mode(dtype), "ROTATED": rotated}),
                             (_rla_fwd_apply_kernel, apply), (_rla_fwd_one_pass_kernel, {**apply, **dot_mode(dtype)}),
                             (_rla_bwd_reduce_kernel, backward), (_rla_bwd_apply_kernel, backward)]
-            configs += [(kernel, _aggregated_constexprs(dim, dtype, k, kernel is _rla_agg_fwd_one_pass_kernel))
-                        for kernel in (_rla_agg_fwd_reduce_kernel, _rla_agg_fwd_apply_kernel,
-                                       _rla_agg_fwd_one_pass_kernel)
-                        for k in AGGREGATION_KERNEL_SIZES]
+            aggregated = [(kernel, False) for kernel in (_rla_agg_fwd_reduce_kernel, _rla_agg_fwd_apply_kernel)]
+            if _aggregated_one_pass_block(dim, dtype):
+                aggregated.append((_rla_agg_fwd_one_pass_kernel, True))
+            configs += [(kernel, _aggregated_constexprs(dim, dtype, k, one_pass))
+                        for kernel, one_pass in aggregated for k in AGGREGATION_KERNEL_SIZES]
             for kernel, constexprs in configs:
                 # Partial sums are fp32 scratch, eps an fp32 scalar.
                 special = {name: "*fp32" for name in kernel.arg_names if "partial" in name} | {"eps": "fp32"}
