@@ -76,6 +76,24 @@ def test_matches_float64_composition_within_twice_eager_error(poisoned_empty, ba
     assert_within_twice_eager(out, eager, expected, dtype, terms)
 
 
+
+@pytest.mark.numerics
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch, heads, dim, height, width", [
+    (256, 8, 16, 7, 7),     # B1 stage 4 at 224 px: one chunk, one pass (fp16/bf16)
+    (256, 8, 16, 14, 14),   # B1 stage 3 at 224 px: 2048 programs, one chunk of 196 tokens
+    (1, 16, 32, 7, 7),      # L2 stage 4 at batch 1: 16-token tiles in one pass (fp16/bf16)
+    (1, 8, 16, 28, 28),     # split over the tokens: the reduction and apply passes
+])
+def test_realistic_shapes_on_gpu(batch, heads, dim, height, width, dtype):
+    qkv, *scales = _inputs(batch, heads, dim, height, width, (5,), "none", dtype)
+    expected = relu_linear_attention_aggregated_reference(AggregatedArgs(qkv.double(), *map(_double, scales), dim,
+                                                                         1e-5))
+    out = relu_linear_attention_aggregated(qkv, *scales, dim, 1e-5, backend="triton")
+    eager = relu_linear_attention_aggregated(qkv, *scales, dim, 1e-5, backend="torch")
+    assert_within_twice_eager(out, eager, expected, dtype, 5 ** 2 + dim + height * width + dim)
+
 def test_fp16_large_activations_with_mit_han_lab_eps():
     # eps 1e-15 is 0 in fp16 and the kv sums overflow 65504: the kernels accumulate and divide in fp32.
     qkv, *scales = _inputs(1, 2, 16, 5, 5, (5,), "none", torch.float16)
