@@ -135,6 +135,7 @@ def test_long_reductions_on_few_tiles_split_over_the_input_channels():
     assert triton_conv.dense_splits(56, 2048, 64) == 1  # 196 × 256 from 2048: 56 tiles are enough
     assert triton_conv.dense_splits(16, 1024, 64) == 4  # B1 stage 4: 49 × 256 from 1024
     assert triton_conv.dense_splits(16, 512, 64) == 1  # 49 × 256 from 512: too short to gain a second launch
+    assert triton_conv.dense_splits(32, 2100, 64) == 7  # 33 steps: 8 slices of 5 steps would leave the last empty
 
     def launched(c_in, c_out, k):
         x = torch.empty(1, c_in, 7, 7, dtype=torch.bfloat16, device="meta")
@@ -144,6 +145,7 @@ def test_long_reductions_on_few_tiles_split_over_the_input_channels():
         return [(launch.kernel, launch.grid) for launch in launches]
 
     assert launched(3072, 512, 1) == [("_conv_dense_kernel", (32, 8)), ("_split_sum_kernel", (4, 32))]
+    assert launched(2100, 512, 1) == [("_conv_dense_kernel", (32, 7)), ("_split_sum_kernel", (4, 32))]
     assert launched(3072, 512, 3) == [("_conv_dense_kernel", (32, 1))]
     assert launched(512, 512, 1) == [("_conv_dense_kernel", (32, 1))]
 

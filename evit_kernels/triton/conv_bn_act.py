@@ -79,12 +79,15 @@ def dense_splits(tiles: int, in_channels: int, block_k: int) -> int:
     :data:`DENSE_SPLIT_MIN_CHANNELS`). A batch-1 projection on a 7×7 map is the case (49 pixels × 512 outputs
     from 3072 channels: 32 tiles of 32 × 32, each streaming a 3072-long column of the weights while a hundred SMs
     idle). Slices of at least :data:`DENSE_SPLIT_MIN_STEPS` steps of ``block_k``, at most
-    :data:`DENSE_MAX_SPLITS`; each writes its fp32 partial sums and ``_split_sum_kernel`` adds them in slice order
+    :data:`DENSE_MAX_SPLITS`, every slice the same whole number of steps (so the count returned is the count
+    launched, none empty); each writes its fp32 partial sums and ``_split_sum_kernel`` adds them in slice order
     (the same sum on every run) before the epilogue. Shorter reductions or more tiles gain less than the second
     launch and the partial sums' round trip cost (docs/performance.md, "Split-K")."""
     if 4 * tiles > common.SMS or in_channels < DENSE_SPLIT_MIN_CHANNELS:
         return 1
-    return min(DENSE_MAX_SPLITS, triton.cdiv(in_channels, block_k) // DENSE_SPLIT_MIN_STEPS)
+    steps = triton.cdiv(in_channels, block_k)
+    wanted = min(DENSE_MAX_SPLITS, steps // DENSE_SPLIT_MIN_STEPS)
+    return triton.cdiv(steps, triton.cdiv(steps, wanted))
 
 
 def dense_warps(dtype: torch.dtype, ksize: int) -> int:
@@ -249,8 +252,7 @@ def dense(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
     blocks = dense_blocks(n_pixels, out_channels)
     tiles = triton.cdiv(n_pixels, blocks["BLOCK_M"]) * triton.cdiv(out_channels, blocks["BLOCK_N"])
     splits = dense_splits(tiles, in_channels, blocks["BLOCK_K"]) if ksize == 1 else 1
-    k_split = triton.cdiv(triton.cdiv(in_channels, splits), blocks["BLOCK_K"]) * blocks["BLOCK_K"]
-    splits = triton.cdiv(in_channels, k_split)
+    k_split = triton.cdiv(triton.cdiv(in_channels, blocks["BLOCK_K"]), splits) * blocks["BLOCK_K"]
     options = {"num_warps": dense_warps(a.compute_dtype(), ksize), **common.dot_mode(a.compute_dtype())}
     if splits == 1:
         _conv_dense_kernel[(tiles, 1)](
