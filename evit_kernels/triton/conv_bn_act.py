@@ -39,10 +39,12 @@ DENSE_SPLIT_MIN_CHANNELS = 1024
 DENSE_SPLIT_MIN_STEPS = 4
 """The fewest steps of ``BLOCK_K`` input channels in each slice of a split 1×1 conv."""
 DENSE_MAX_SPLITS = 8
-"""The most slices a 1×1 conv's input channels are split into."""
-SPLIT_SUM_BLOCK_P, SPLIT_SUM_BLOCK_C, SPLIT_SUM_WARPS = 16, 16, 8
-"""The tile and warps of the kernel that sums the slices: one element per thread, so that the few thousand outputs
-of a batch-1 layer still spread over about a hundred programs."""
+"""The most slices a 1×1 conv's input channels are split into (a power of two: the slice axis of the summing
+kernel's tile)."""
+SPLIT_SUM_BLOCK_P, SPLIT_SUM_BLOCK_C, SPLIT_SUM_WARPS = 4, 8, 8
+"""The outputs and warps of a program of the kernel that sums the slices: each of its 256 threads loads one slice of
+one output (:data:`DENSE_MAX_SPLITS` × 4 × 8), so that every partial sum is one load issued at once rather than the
+8th of a chain, and the few thousand outputs of a batch-1 layer spread over several hundred programs."""
 DENSE_KERNEL_SIZES = (1, 3)
 """The kernel sizes of the groups-1 convs: 1×1 (stride 1, no padding) and 3×3 (the M-series stem)."""
 DENSE_MIN_TAP_CHANNELS = 16
@@ -80,8 +82,8 @@ def dense_splits(tiles: int, in_channels: int, block_k: int) -> int:
     from 3072 channels: 32 tiles of 32 × 32, each streaming a 3072-long column of the weights while a hundred SMs
     idle). Slices of at least :data:`DENSE_SPLIT_MIN_STEPS` steps of ``block_k``, at most
     :data:`DENSE_MAX_SPLITS`, every slice the same whole number of steps (so the count returned is the count
-    launched, none empty); each writes its fp32 partial sums and ``_split_sum_kernel`` adds them in slice order
-    (the same sum on every run) before the epilogue. Shorter reductions or more tiles gain less than the second
+    launched, none empty); each writes its fp32 partial sums and ``_split_sum_kernel`` adds them in one fixed
+    order (the same sum on every run) before the epilogue. Shorter reductions or more tiles gain less than the second
     launch and the partial sums' round trip cost (docs/performance.md, "Split-K")."""
     if 4 * tiles > common.SMS or in_channels < DENSE_SPLIT_MIN_CHANNELS:
         return 1
@@ -155,19 +157,21 @@ def _conv_dense_kernel(x, weight, bias, residual, out, n_pixels, in_channels, ou
 @triton.jit
 def _split_sum_kernel(partials, bias, residual, out, n_pixels, channels, out_height, out_width, splits, has_bias,
                       has_residual, p_ss, p_sb, p_sc, p_sh, p_sw, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw,
-                      ACTIVATION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # The fp32 partial sums of the slices of a split 1×1 conv (``p_ss`` apart), added in slice order, then the
-    # conv's epilogue.
+                      ACTIVATION: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK_P: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    # The fp32 partial sums of the ``splits`` slices of a split 1×1 conv (``p_ss`` apart) of a (pixels × channels)
+    # tile, loaded as one (slice × pixel × channel) block and added by one reduction over the slices (a fixed tree:
+    # the same sum on every run), then the conv's epilogue.
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, MAX_SPLITS)
     mask_p = offs_p < n_pixels
     mask_c = offs_c < channels
     offs_b, offs_h, offs_w = common.pixel_coords(offs_p, out_height, out_width)
-    at = partials + (offs_b * p_sb + offs_h * p_sh + offs_w * p_sw)[:, None] + offs_c[None, :] * p_sc
-    mask = mask_p[:, None] & mask_c[None, :]
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for s in range(0, splits):
-        acc += tl.load(at + s * p_ss, mask=mask, other=0.0)
+    at = (partials + offs_s[:, None, None] * p_ss + (offs_b * p_sb + offs_h * p_sh + offs_w * p_sw)[None, :, None]
+          + offs_c[None, None, :] * p_sc)
+    mask = (offs_s < splits)[:, None, None] & mask_p[None, :, None] & mask_c[None, None, :]
+    acc = tl.sum(tl.load(at, mask=mask, other=0.0), axis=0)
     common.epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_c, mask_p, mask_c, has_bias, has_residual,
                     r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION)
 
@@ -274,7 +278,7 @@ def dense(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
     _split_sum_kernel[grid](
         partials, bias, residual, out, n_pixels, out_channels, out_height, out_width, splits, has_bias, has_residual,
         batch * partials.stride(0), *partials.stride(), *r_strides, *out.stride(), ACTIVATION=a.activation,
-        BLOCK_P=SPLIT_SUM_BLOCK_P, BLOCK_C=SPLIT_SUM_BLOCK_C, num_warps=SPLIT_SUM_WARPS)
+        MAX_SPLITS=DENSE_MAX_SPLITS, BLOCK_P=SPLIT_SUM_BLOCK_P, BLOCK_C=SPLIT_SUM_BLOCK_C, num_warps=SPLIT_SUM_WARPS)
     return out
 
 
@@ -315,7 +319,8 @@ def compile_configs():
                                   "SPLIT_K": False}
                     yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers),
                            constexprs, {"num_warps": dense_warps(dtype, ksize)})
-            constexprs = {"ACTIVATION": activation, "BLOCK_P": SPLIT_SUM_BLOCK_P, "BLOCK_C": SPLIT_SUM_BLOCK_C}
+            constexprs = {"ACTIVATION": activation, "MAX_SPLITS": DENSE_MAX_SPLITS, "BLOCK_P": SPLIT_SUM_BLOCK_P,
+                          "BLOCK_C": SPLIT_SUM_BLOCK_C}
             yield (_split_sum_kernel, common.signature(_split_sum_kernel, ptr, constexprs, pointers,
                                                        special={"partials": "*fp32"}),
                    constexprs, {"num_warps": SPLIT_SUM_WARPS})
