@@ -77,15 +77,15 @@ def dense_blocks(n_pixels: int, out_channels: int) -> dict[str, int]:
 
 def dense_splits(tiles: int, in_channels: int, block_k: int) -> int:
     """Into how many slices a 1×1 conv's reduction over ``in_channels`` is split (split-K): where its ``tiles``
-    output tiles would occupy under a quarter of the GPU's SMs while each walks a long reduction (at least
-    :data:`DENSE_SPLIT_MIN_CHANNELS`). A batch-1 projection on a 7×7 map is the case (49 pixels × 512 outputs
-    from 3072 channels: 32 tiles of 32 × 32, each streaming a 3072-long column of the weights while a hundred SMs
-    idle). Slices of at least :data:`DENSE_SPLIT_MIN_STEPS` steps of ``block_k``, at most
+    output tiles would occupy at most half of the GPU's SMs while each walks a long reduction (at least
+    :data:`DENSE_SPLIT_MIN_CHANNELS`). Batch-1 projections on 7×7 and 14×14 maps are the case (49 pixels × 512
+    outputs from 3072 channels: 32 tiles of 32 × 32, each streaming a 3072-long column of the weights while a
+    hundred SMs idle; 196 × 256 from 1536: 56 tiles). Slices of at least :data:`DENSE_SPLIT_MIN_STEPS` steps of ``block_k``, at most
     :data:`DENSE_MAX_SPLITS`, every slice the same whole number of steps (so the count returned is the count
     launched, none empty); each writes its fp32 partial sums and ``_split_sum_kernel`` adds them in one fixed
     order (the same sum on every run) before the epilogue. Shorter reductions or more tiles gain less than the second
     launch and the partial sums' round trip cost (docs/performance.md, "Split-K")."""
-    if 4 * tiles > common.SMS or in_channels < DENSE_SPLIT_MIN_CHANNELS:
+    if 2 * tiles > common.SMS or in_channels < DENSE_SPLIT_MIN_CHANNELS:
         return 1
     steps = triton.cdiv(in_channels, block_k)
     wanted = min(DENSE_MAX_SPLITS, steps // DENSE_SPLIT_MIN_STEPS)
