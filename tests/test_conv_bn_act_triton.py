@@ -108,15 +108,15 @@ def _check_against_float64(x, weight, bias, residual, conv, activation):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("name", DEPTHWISE)
-def test_depthwise_within_twice_eager_error(poisoned_empty, name, activation, dtype):
+def test_depthwise_within_twice_eager_error(poisoned_empty, grid_tiles, name, activation, dtype):
     x, weight, bias, residual, conv = _depthwise_inputs(name, dtype)
     _check_against_float64(x, weight, bias, residual, conv, activation)
 
 
 @pytest.fixture(params=["regular_tiles", "small_grid_tiles"])
-def dense_tiles(request, monkeypatch):
-    """Both tile sizes of the groups-1 kernel: the tests' maps are small enough to take the small-grid tiles, so
-    the regular ones are forced by declaring no grid small."""
+def grid_tiles(request, monkeypatch):
+    """Both tile sizes of the depthwise and groups-1 kernels: the tests' maps are small enough to take the
+    small-grid tiles, so the regular ones are forced by declaring no grid small."""
     if request.param == "regular_tiles":
         monkeypatch.setattr(triton_common, "SMS", 0)
     return request.param
@@ -125,6 +125,10 @@ def dense_tiles(request, monkeypatch):
 def test_small_grids_take_quarter_size_tiles():
     assert triton_conv.dense_blocks(7 * 7, 256) == triton_conv.DENSE_SMALL_GRID_BLOCKS  # a batch-1 7×7 layer
     assert triton_conv.dense_blocks(256 * 14 * 14, 256) == triton_conv.DENSE_BLOCKS
+    assert triton_conv.dw_blocks(7 * 7, 1024) == triton_conv.DW_SMALL_GRID_BLOCKS  # 32 regular tiles, 128 small
+    assert triton_conv.dw_blocks(14 * 14, 2048) == triton_conv.DW_BLOCKS  # 4 × 64 regular tiles
+    assert triton_conv.dw_blocks(4 * 4, 384) == triton_conv.DW_BLOCKS  # one tile of pixels either way
+    assert triton_conv.dw_blocks(256 * 7 * 7, 1024) == triton_conv.DW_BLOCKS
 
 
 def test_long_reductions_on_few_tiles_split_over_the_input_channels():
@@ -155,7 +159,7 @@ def test_long_reductions_on_few_tiles_split_over_the_input_channels():
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("name", POINTWISE)
-def test_pointwise_within_twice_eager_error(poisoned_empty, dense_tiles, name, activation, dtype):
+def test_pointwise_within_twice_eager_error(poisoned_empty, grid_tiles, name, activation, dtype):
     x, weight, bias, residual, conv = _pointwise_inputs(name, dtype)
     _check_against_float64(x, weight, bias, residual, conv, activation)
 
@@ -164,7 +168,7 @@ def test_pointwise_within_twice_eager_error(poisoned_empty, dense_tiles, name, a
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("activation", ["none", "relu"])
 @pytest.mark.parametrize("name", DENSE_3X3)
-def test_dense_3x3_within_twice_eager_error(poisoned_empty, dense_tiles, name, activation, dtype):
+def test_dense_3x3_within_twice_eager_error(poisoned_empty, grid_tiles, name, activation, dtype):
     batch, c_in, c_out, height, width, stride, padding, bias, residual, layout = DENSE_3X3[name]
     x, weight, bias, residual, conv = _inputs(batch, c_in, c_out, height, width, 3, stride, padding, 1, bias, residual,
                                               layout, dtype)

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from evit_kernels.ops.conv_bn_act import ConvBnActArgs
 
 # Depthwise: a tile of output pixels × channels per program, each k×k tap one masked 2D load.
-DW_BLOCK_P, DW_BLOCK_C = 64, 32
+DW_BLOCKS = {"BLOCK_P": 64, "BLOCK_C": 32, "num_warps": 4}
+DW_SMALL_GRID_BLOCKS = {"BLOCK_P": 16, "BLOCK_C": 32, "num_warps": 8}
 # Groups 1 (1×1 and k×k): a (pixels × output channels) tile of the GEMM (B·H·W) × C_out × (C_in·k²) per program.
 DENSE_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
 DENSE_SMALL_GRID_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}
@@ -75,16 +76,28 @@ def dense_blocks(n_pixels: int, out_channels: int) -> dict[str, int]:
     return DENSE_SMALL_GRID_BLOCKS if regular < common.SMS else DENSE_BLOCKS
 
 
+def dw_blocks(n_pixels: int, channels: int) -> dict[str, int]:
+    """The tile and warps of the depthwise kernel for ``n_pixels`` × ``channels`` outputs: where the regular tiles
+    make fewer programs than the GPU has SMs (a batch-1 layer on a 7×7 to 28×28 map, 16 to 104 programs of 16
+    outputs per thread), a quarter of the pixels per program on twice the warps, two outputs per thread: up to four
+    times the programs, and eight times the threads with loads in flight. Not where every pixel fits one small tile
+    (a 4×4 map at batch 1): the programs would be as few, each with fewer registers, so more of them would share an
+    SM (docs/performance.md, "Small grids")."""
+    regular = triton.cdiv(n_pixels, DW_BLOCKS["BLOCK_P"]) * triton.cdiv(channels, DW_BLOCKS["BLOCK_C"])
+    small_gains = n_pixels > DW_SMALL_GRID_BLOCKS["BLOCK_P"]
+    return DW_SMALL_GRID_BLOCKS if regular < common.SMS and small_gains else DW_BLOCKS
+
+
 def dense_splits(tiles: int, in_channels: int, block_k: int) -> int:
     """Into how many slices a 1×1 conv's reduction over ``in_channels`` is split (split-K): where its ``tiles``
     output tiles would occupy at most half of the GPU's SMs while each walks a long reduction (at least
     :data:`DENSE_SPLIT_MIN_CHANNELS`). Batch-1 projections on 7×7 and 14×14 maps are the case (49 pixels × 512
     outputs from 3072 channels: 32 tiles of 32 × 32, each streaming a 3072-long column of the weights while a
-    hundred SMs idle; 196 × 256 from 1536: 56 tiles). Slices of at least :data:`DENSE_SPLIT_MIN_STEPS` steps of ``block_k``, at most
-    :data:`DENSE_MAX_SPLITS`, every slice the same whole number of steps (so the count returned is the count
-    launched, none empty); each writes its fp32 partial sums and ``_split_sum_kernel`` adds them in one fixed
-    order (the same sum on every run) before the epilogue. Shorter reductions or more tiles gain less than the second
-    launch and the partial sums' round trip cost (docs/performance.md, "Split-K")."""
+    hundred SMs idle; 196 × 256 from 1536: 56 tiles). Slices of at least :data:`DENSE_SPLIT_MIN_STEPS` steps of
+    ``block_k``, at most :data:`DENSE_MAX_SPLITS`, every slice the same whole number of steps (so the count returned
+    is the count launched, none empty); each writes its fp32 partial sums and ``_split_sum_kernel`` adds them in one
+    fixed order (the same sum on every run) before the epilogue. Shorter reductions or more tiles gain less than the
+    second launch and the partial sums' round trip cost (docs/performance.md, "Split-K")."""
     if 2 * tiles > common.SMS or in_channels < DENSE_SPLIT_MIN_CHANNELS:
         return 1
     steps = triton.cdiv(in_channels, block_k)
@@ -235,12 +248,13 @@ def depthwise(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
     n_pixels = batch * out_height * out_width
     bias, has_bias, _ = common.optional(a.bias, a.weight)
     residual, has_residual, r_strides = common.optional(a.residual, out)
-    grid = (triton.cdiv(n_pixels, DW_BLOCK_P), triton.cdiv(channels, DW_BLOCK_C))
+    blocks = dw_blocks(n_pixels, channels)
+    grid = (triton.cdiv(n_pixels, blocks["BLOCK_P"]), triton.cdiv(channels, blocks["BLOCK_C"]))
     _conv_dw_kernel[grid](
         a.x, a.weight, bias, residual, out, n_pixels, channels, height, width, out_height, out_width,
         a.weight.shape[2], *a.stride, *a.padding, has_bias, has_residual,
         *a.x.stride(), a.weight.stride(0), a.weight.stride(2), a.weight.stride(3), *r_strides, *out.stride(),
-        ACTIVATION=a.activation, BLOCK_P=DW_BLOCK_P, BLOCK_C=DW_BLOCK_C)
+        ACTIVATION=a.activation, **blocks)
     return out
 
 
@@ -306,8 +320,10 @@ def compile_configs():
     pointers = ("x", "weight", "bias", "residual", "out")
     for dtype, ptr in common.POINTER_TYPES.items():
         for activation in ACTIVATIONS:
-            constexprs = {"ACTIVATION": activation, "BLOCK_P": DW_BLOCK_P, "BLOCK_C": DW_BLOCK_C}
-            yield _conv_dw_kernel, common.signature(_conv_dw_kernel, ptr, constexprs, pointers), constexprs
+            for blocks in (DW_BLOCKS, DW_SMALL_GRID_BLOCKS):
+                constexprs = {"ACTIVATION": activation, "BLOCK_P": blocks["BLOCK_P"], "BLOCK_C": blocks["BLOCK_C"]}
+                yield (_conv_dw_kernel, common.signature(_conv_dw_kernel, ptr, constexprs, pointers), constexprs,
+                       {"num_warps": blocks["num_warps"]})
             for stride in (1, 2):
                 constexprs = {"ACTIVATION": activation, "STRIDE": stride, "BLOCK_P": ROWS_BLOCK_P,
                               "BLOCK_N": ROWS_BLOCK_N, "PAIRS": ROWS_PAIRS, **common.dot_mode(dtype)}
