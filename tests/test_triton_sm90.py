@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 MODULES = ["evit_kernels.triton.relu_linear_attention", "evit_kernels.triton.conv_bn_act",
            "evit_kernels.triton.cascaded_group_attention", "evit_kernels.triton.ffn",
-           "evit_kernels.triton.conv_block", "evit_kernels.triton.rms_norm"]
+           "evit_kernels.triton.conv_block", "evit_kernels.triton.rms_norm", "evit_kernels.triton.split_sum"]
 
 _SCRIPT = textwrap.dedent("""
     import importlib, json, sys

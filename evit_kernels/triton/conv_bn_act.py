@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from evit_kernels.triton import _common as common
+from evit_kernels.triton import split_sum
 
 if TYPE_CHECKING:
     from evit_kernels.ops.conv_bn_act import ConvBnActArgs
@@ -39,13 +40,6 @@ DENSE_SPLIT_MIN_CHANNELS = 1024
 """The shortest reduction (input channels) a 1×1 conv on few tiles is split over (see :func:`dense_splits`)."""
 DENSE_SPLIT_MIN_STEPS = 4
 """The fewest steps of ``BLOCK_K`` input channels in each slice of a split 1×1 conv."""
-DENSE_MAX_SPLITS = 8
-"""The most slices a 1×1 conv's input channels are split into (a power of two: the slice axis of the summing
-kernel's tile)."""
-SPLIT_SUM_BLOCK_P, SPLIT_SUM_BLOCK_C, SPLIT_SUM_WARPS = 4, 8, 8
-"""The outputs and warps of a program of the kernel that sums the slices: each of its 256 threads loads one slice of
-one output (:data:`DENSE_MAX_SPLITS` × 4 × 8), so that every partial sum is one load issued at once rather than the
-8th of a chain, and the few thousand outputs of a batch-1 layer spread over several hundred programs."""
 DENSE_KERNEL_SIZES = (1, 3)
 """The kernel sizes of the groups-1 convs: 1×1 (stride 1, no padding) and 3×3 (the M-series stem)."""
 DENSE_MIN_TAP_CHANNELS = 16
@@ -89,20 +83,13 @@ def dw_blocks(n_pixels: int, channels: int) -> dict[str, int]:
 
 
 def dense_splits(tiles: int, in_channels: int, block_k: int) -> int:
-    """Into how many slices a 1×1 conv's reduction over ``in_channels`` is split (split-K): where its ``tiles``
-    output tiles would occupy at most half of the GPU's SMs while each walks a long reduction (at least
-    :data:`DENSE_SPLIT_MIN_CHANNELS`). Batch-1 projections on 7×7 and 14×14 maps are the case (49 pixels × 512
-    outputs from 3072 channels: 32 tiles of 32 × 32, each streaming a 3072-long column of the weights while a
-    hundred SMs idle; 196 × 256 from 1536: 56 tiles). Slices of at least :data:`DENSE_SPLIT_MIN_STEPS` steps of
-    ``block_k``, at most :data:`DENSE_MAX_SPLITS`, every slice the same whole number of steps (so the count returned
-    is the count launched, none empty); each writes its fp32 partial sums and ``_split_sum_kernel`` adds them in one
-    fixed order (the same sum on every run) before the epilogue. Shorter reductions or more tiles gain less than the
-    second launch and the partial sums' round trip cost (docs/performance.md, "Split-K")."""
-    if 2 * tiles > common.SMS or in_channels < DENSE_SPLIT_MIN_CHANNELS:
-        return 1
-    steps = triton.cdiv(in_channels, block_k)
-    wanted = min(DENSE_MAX_SPLITS, steps // DENSE_SPLIT_MIN_STEPS)
-    return triton.cdiv(steps, triton.cdiv(steps, wanted))
+    """Into how many slices a 1×1 conv's reduction over ``in_channels`` is split (split-K, :func:`split_sum.slices`):
+    where its ``tiles`` output tiles would occupy at most half of the GPU's SMs while each walks a reduction of at
+    least :data:`DENSE_SPLIT_MIN_CHANNELS`, in slices of at least :data:`DENSE_SPLIT_MIN_STEPS` steps of
+    ``block_k``. Batch-1 projections on 7×7 and 14×14 maps are the case (49 pixels × 512 outputs from 3072
+    channels: 32 tiles of 32 × 32, each streaming a 3072-long column of the weights while a hundred SMs idle;
+    196 × 256 from 1536: 56 tiles)."""
+    return split_sum.slices(tiles, in_channels, block_k, DENSE_SPLIT_MIN_CHANNELS, DENSE_SPLIT_MIN_STEPS)
 
 
 def dense_warps(dtype: torch.dtype, ksize: int) -> int:
@@ -164,28 +151,6 @@ def _conv_dense_kernel(x, weight, bias, residual, out, n_pixels, in_channels, ou
                                     w_skw, offs_n, mask_n, offs_h, offs_w, mask_m, KSIZE, stride_h, stride_w, pad_h,
                                     pad_w, height, width, BLOCK_K=BLOCK_K, PRECISION=PRECISION, UPCAST=UPCAST)
     common.epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_n, mask_m, mask_n, has_bias, has_residual,
-                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION)
-
-
-@triton.jit
-def _split_sum_kernel(partials, bias, residual, out, n_pixels, channels, out_height, out_width, splits, has_bias,
-                      has_residual, p_ss, p_sb, p_sc, p_sh, p_sw, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw,
-                      ACTIVATION: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK_P: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
-    # The fp32 partial sums of the ``splits`` slices of a split 1×1 conv (``p_ss`` apart) of a (pixels × channels)
-    # tile, loaded as one (slice × pixel × channel) block and added by one reduction over the slices (a fixed tree:
-    # the same sum on every run), then the conv's epilogue.
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_s = tl.arange(0, MAX_SPLITS)
-    mask_p = offs_p < n_pixels
-    mask_c = offs_c < channels
-    offs_b, offs_h, offs_w = common.pixel_coords(offs_p, out_height, out_width)
-    at = (partials + offs_s[:, None, None] * p_ss + (offs_b * p_sb + offs_h * p_sh + offs_w * p_sw)[None, :, None]
-          + offs_c[None, None, :] * p_sc)
-    mask = (offs_s < splits)[:, None, None] & mask_p[None, :, None] & mask_c[None, None, :]
-    acc = tl.sum(tl.load(at, mask=mask, other=0.0), axis=0)
-    common.epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_c, mask_p, mask_c, has_bias, has_residual,
                     r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION)
 
 
@@ -270,7 +235,6 @@ def dense(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
     blocks = dense_blocks(n_pixels, out_channels)
     tiles = triton.cdiv(n_pixels, blocks["BLOCK_M"]) * triton.cdiv(out_channels, blocks["BLOCK_N"])
     splits = dense_splits(tiles, in_channels, blocks["BLOCK_K"]) if ksize == 1 else 1
-    k_split = triton.cdiv(triton.cdiv(in_channels, blocks["BLOCK_K"]), splits) * blocks["BLOCK_K"]
     options = {"num_warps": dense_warps(a.compute_dtype(), ksize), **common.dot_mode(a.compute_dtype())}
     if splits == 1:
         _conv_dense_kernel[(tiles, 1)](
@@ -278,22 +242,13 @@ def dense(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
             out_width, *a.stride, *a.padding, has_bias, has_residual, in_channels, *a.x.stride(), *a.weight.stride(),
             *r_strides, 0, *out.stride(), ACTIVATION=a.activation, KSIZE=ksize, **blocks, **options, SPLIT_K=False)
         return out
-    # The slices are `splits` images of the output's layout ahead of one another (batch outermost).
-    channels_last = out.stride(1) == 1 and out_channels > 1
-    partials = torch.empty((splits * batch, out_channels, out_height, out_width), dtype=torch.float32,
-                           device=out.device,
-                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    sums = split_sum.partials(out, splits)
     _conv_dense_kernel[(tiles, splits)](
-        a.x, a.weight, bias, residual, partials, n_pixels, in_channels, out_channels, height, width, out_height,
-        out_width, *a.stride, *a.padding, 0, 0, k_split, *a.x.stride(), *a.weight.stride(), 0, 0, 0, 0,
-        batch * partials.stride(0), *partials.stride(), ACTIVATION="none", KSIZE=ksize, **blocks, **options,
-        SPLIT_K=True)
-    grid = (triton.cdiv(n_pixels, SPLIT_SUM_BLOCK_P), triton.cdiv(out_channels, SPLIT_SUM_BLOCK_C))
-    _split_sum_kernel[grid](
-        partials, bias, residual, out, n_pixels, out_channels, out_height, out_width, splits, has_bias, has_residual,
-        batch * partials.stride(0), *partials.stride(), *r_strides, *out.stride(), ACTIVATION=a.activation,
-        MAX_SPLITS=DENSE_MAX_SPLITS, BLOCK_P=SPLIT_SUM_BLOCK_P, BLOCK_C=SPLIT_SUM_BLOCK_C, num_warps=SPLIT_SUM_WARPS)
-    return out
+        a.x, a.weight, bias, residual, sums, n_pixels, in_channels, out_channels, height, width, out_height,
+        out_width, *a.stride, *a.padding, 0, 0, split_sum.slice_length(in_channels, blocks["BLOCK_K"], splits),
+        *a.x.stride(), *a.weight.stride(), 0, 0, 0, 0, batch * sums.stride(0), *sums.stride(), ACTIVATION="none",
+        KSIZE=ksize, **blocks, **options, SPLIT_K=True)
+    return split_sum.add(sums, a.bias, a.residual, out, a.activation)
 
 
 def rows(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
@@ -335,11 +290,6 @@ def compile_configs():
                                   "SPLIT_K": False}
                     yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers),
                            constexprs, {"num_warps": dense_warps(dtype, ksize)})
-            constexprs = {"ACTIVATION": activation, "MAX_SPLITS": DENSE_MAX_SPLITS, "BLOCK_P": SPLIT_SUM_BLOCK_P,
-                          "BLOCK_C": SPLIT_SUM_BLOCK_C}
-            yield (_split_sum_kernel, common.signature(_split_sum_kernel, ptr, constexprs, pointers,
-                                                       special={"partials": "*fp32"}),
-                   constexprs, {"num_warps": SPLIT_SUM_WARPS})
         constexprs = {"ACTIVATION": "none", "KSIZE": 1, **DENSE_SMALL_GRID_BLOCKS, **common.dot_mode(dtype),
                       "SPLIT_K": True}
         yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers,

@@ -1,0 +1,101 @@
+"""Split reductions for small grids (docs/performance.md, "Split-K"): where a kernel's output tiles would occupy few
+of the GPU's SMs while each walks a long reduction, the reduction is split into slices, each slice's programs write
+fp32 partial sums to their own copy of the output, and ``_split_sum_kernel`` adds the slices and applies the
+epilogue (bias, activation, residual, one rounding). The sum is one fixed reduction tree over the slices, so it is
+the same on every run. conv_bn_act's 1×1 convs split their input channels, the FFN its hidden channels.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from evit_kernels.triton import _common as common
+
+MAX_SPLITS = 8
+"""The most slices a reduction is split into (a power of two: the slice axis of the summing kernel's tile)."""
+BLOCK_P, BLOCK_C, WARPS = 4, 8, 8
+"""The outputs and warps of a program of the summing kernel: each of its 256 threads loads one slice of one output
+(:data:`MAX_SPLITS` × 4 × 8), so that every partial sum is one load issued at once rather than the 8th of a chain,
+and the few thousand outputs of a batch-1 layer spread over several hundred programs."""
+
+
+def slices(programs: int, length: int, step: int, min_length: int, min_steps: int) -> int:
+    """Into how many slices a reduction of ``length`` walked in steps of ``step`` is split, for a launch of
+    ``programs`` programs: where they would occupy at most half of the GPU's SMs and the reduction is at least
+    ``min_length`` long, slices of at least ``min_steps`` steps, at most :data:`MAX_SPLITS`, every slice the same
+    whole number of steps (so the count returned is the count launched, none empty); otherwise 1. Shorter reductions
+    or more programs gain less than the second launch and the partial sums' round trip cost."""
+    if 2 * programs > common.SMS or length < min_length:
+        return 1
+    steps = triton.cdiv(length, step)
+    wanted = min(MAX_SPLITS, steps // min_steps)
+    return triton.cdiv(steps, triton.cdiv(steps, wanted))
+
+
+def slice_length(length: int, step: int, splits: int) -> int:
+    """The reduction length of each slice (the last one may be shorter), a whole number of steps."""
+    return triton.cdiv(triton.cdiv(length, step), splits) * step
+
+
+def partials(out: torch.Tensor, splits: int) -> torch.Tensor:
+    """The fp32 partial sums of ``splits`` slices for output ``out`` (B, C, H, W): ``splits`` images of ``out``'s
+    layout (NCHW or channels_last) ahead of one another, batch outermost. A slice is ``out.shape[0]`` times the
+    batch stride of the result apart (see :func:`add`)."""
+    batch, channels, height, width = out.shape
+    channels_last = out.stride(1) == 1 and channels > 1
+    return torch.empty((splits * batch, channels, height, width), dtype=torch.float32, device=out.device,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@triton.jit
+def _split_sum_kernel(partials, bias, residual, out, n_pixels, channels, out_height, out_width, splits, has_bias,
+                      has_residual, p_ss, p_sb, p_sc, p_sh, p_sw, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw,
+                      ACTIVATION: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK_P: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    # The fp32 partial sums of the ``splits`` slices (``p_ss`` apart) of a (pixels × channels) tile, loaded as one
+    # (slice × pixel × channel) block and added by one reduction over the slices (a fixed tree: the same sum on every
+    # run), then the epilogue.
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, MAX_SPLITS)
+    mask_p = offs_p < n_pixels
+    mask_c = offs_c < channels
+    offs_b, offs_h, offs_w = common.pixel_coords(offs_p, out_height, out_width)
+    at = (partials + offs_s[:, None, None] * p_ss + (offs_b * p_sb + offs_h * p_sh + offs_w * p_sw)[None, :, None]
+          + offs_c[None, None, :] * p_sc)
+    mask = (offs_s < splits)[:, None, None] & mask_p[None, :, None] & mask_c[None, None, :]
+    acc = tl.sum(tl.load(at, mask=mask, other=0.0), axis=0)
+    common.epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_c, mask_p, mask_c, has_bias, has_residual,
+                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION)
+
+
+def add(sums: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, out: torch.Tensor,
+        activation: str) -> torch.Tensor:
+    """Writes ``act(Σ slices + bias) + residual`` into ``out`` (B, C, H, W), any strides, from the partial sums
+    ``sums`` (:func:`partials`: as many slices as it holds images of ``out``)."""
+    batch, channels, out_height, out_width = out.shape
+    n_pixels = batch * out_height * out_width
+    bias, has_bias, _ = common.optional(bias, out)
+    residual, has_residual, r_strides = common.optional(residual, out)
+    grid = (triton.cdiv(n_pixels, BLOCK_P), triton.cdiv(channels, BLOCK_C))
+    _split_sum_kernel[grid](
+        sums, bias, residual, out, n_pixels, channels, out_height, out_width, sums.shape[0] // batch, has_bias,
+        has_residual, batch * sums.stride(0), *sums.stride(), *r_strides, *out.stride(), ACTIVATION=activation,
+        MAX_SPLITS=MAX_SPLITS, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=WARPS)
+    return out
+
+
+def compile_configs():
+    """Every (kernel, signature, constexprs, options) :func:`add` can request: CI compiles each one ahead of time for
+    sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
+    from evit_kernels.ops.conv_bn_act import ACTIVATIONS
+
+    pointers = ("bias", "residual", "out")
+    for ptr in common.POINTER_TYPES.values():
+        for activation in ACTIVATIONS:
+            constexprs = {"ACTIVATION": activation, "MAX_SPLITS": MAX_SPLITS, "BLOCK_P": BLOCK_P, "BLOCK_C": BLOCK_C}
+            yield (_split_sum_kernel, common.signature(_split_sum_kernel, ptr, constexprs, pointers,
+                                                       special={"partials": "*fp32"}),
+                   constexprs, {"num_warps": WARPS})
