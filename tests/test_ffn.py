@@ -35,6 +35,9 @@ SHAPES = {
     "c24_strided": (2, 24, 3, 5, "strided", True, True),
     # A small map: the 96 output channels are split over two programs (ffn kernel, fewer pixel tiles than SMs).
     "c96_small_map_channel_blocks": (1, 96, 3, 4, "nchw", True, True),
+    # A small map with 576 hidden channels: split into slices (6 of 3 steps in fp16/bf16; 8 in fp32, the last one
+    # short) whose sums a second launch adds with b2 and the residual.
+    "c288_small_map_hidden_split": (1, 288, 3, 4, "channels_last", True, True),
 }
 
 
@@ -99,6 +102,31 @@ def test_small_maps_split_the_output_channels_over_programs():
         ffn(*large, backend="triton")
     assert [launch.grid[1] for launch in launches] == [2, 1]
     assert launches[0].constexprs["BLOCK_C"] == 64 and launches[1].constexprs["BLOCK_C"] == 128
+
+
+def test_few_programs_split_long_hidden_dimensions():
+    """docs/performance.md, "Split-K": M4's stage-3 block at batch 1 (16 pixels, 384 channels, 768 hidden) splits
+    its hidden channels; its stage-1 block (256 hidden) and a batch-256 map do not."""
+    from evit_kernels import predict
+    from evit_kernels.triton import ffn as triton_ffn
+
+    assert triton_ffn.hidden_splits(6, 768, 32) == 8
+    assert triton_ffn.hidden_splits(4, 512, 32) == 8
+    assert triton_ffn.hidden_splits(8, 256, 32) == 1  # too short to gain a second launch
+    assert triton_ffn.hidden_splits(200, 768, 32) == 1  # enough programs
+
+    def launched(batch, side, channels):
+        with torch.device("meta"):
+            x = torch.empty(batch, channels, side, side, dtype=torch.bfloat16)
+            w1 = torch.empty(2 * channels, channels, 1, 1, dtype=torch.bfloat16)
+            w2 = torch.empty(channels, 2 * channels, 1, 1, dtype=torch.bfloat16)
+        with predict.recorded_launches() as launches:
+            ffn(x, w1, None, w2, None, x, backend="triton")
+        return [(launch.kernel, launch.grid) for launch in launches]
+
+    assert launched(1, 4, 384) == [("_ffn_fwd_kernel", (1, 6, 8)), ("_split_sum_kernel", (4, 48))]
+    assert launched(1, 14, 128) == [("_ffn_fwd_kernel", (4, 2))]
+    assert launched(256, 4, 384) == [("_ffn_fwd_kernel", (256, 1))]
 
 
 def test_reference_gradients_after_triton_forward():

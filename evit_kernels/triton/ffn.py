@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from evit_kernels.triton import _common as common
+from evit_kernels.triton import split_sum
 
 if TYPE_CHECKING:
     from evit_kernels.ops.ffn import FfnArgs
@@ -67,14 +68,31 @@ def output_block(channels: int, n_pixels: int, dtype: torch.dtype) -> int:
         block_c = min(block_c, SMALL_GRID_BLOCK_C)
     return block_c
 SMALL_GRID_BLOCK_C = 64
+SPLIT_MIN_HIDDEN = 512
+"""The fewest hidden channels of a block whose few programs split them (see :func:`hidden_splits`)."""
+SPLIT_MIN_STEPS = 2
+"""The fewest steps of ``BLOCK_H`` hidden channels in each slice of a split block."""
+
+
+def hidden_splits(programs: int, hidden: int, block_h: int) -> int:
+    """Into how many slices the hidden channels are split (:func:`split_sum.slices`): where the ``programs`` would
+    occupy at most half of the GPU's SMs and there are at least :data:`SPLIT_MIN_HIDDEN` hidden channels, slices of
+    at least :data:`SPLIT_MIN_STEPS` steps of ``block_h``. Each slice computes its hidden channels and their share
+    of the output; the slices' sums are added, with b2 and the residual, by a second launch. The M-series' stage-2
+    and stage-3 blocks at batch 1 are the case (16 to 49 pixels: one pixel tile × 4 to 6 output blocks, each
+    program walking 512 to 768 hidden channels while over a hundred SMs idle)."""
+    return split_sum.slices(programs, hidden, block_h, SPLIT_MIN_HIDDEN, SPLIT_MIN_STEPS)
 
 
 @triton.jit
 def _ffn_fwd_kernel(x, w1, b1, w2, b2, residual, out, n_pixels, channels, hidden, height, width,
-                    has_b1, has_b2, has_residual, x_sb, x_sc, x_sh, x_sw, w1_sh, w1_sc, w2_sc, w2_sh,
-                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw,
+                    has_b1, has_b2, has_residual, h_split, x_sb, x_sc, x_sh, x_sw, w1_sh, w1_sc, w2_sc, w2_sh,
+                    r_sb, r_sc, r_sh, r_sw, o_ss, o_sb, o_sc, o_sh, o_sw,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT_H: tl.constexpr):
+    # ``SPLIT_H``: the hidden channels split in slices of ``h_split`` (grid axis 2, a whole number of BLOCK_H steps);
+    # each slice writes its sums to its own copy of the output, ``o_ss`` apart (the launcher then passes no b2 and
+    # no residual); unsplit builds are the ones without it.
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_m = offs_m < n_pixels
@@ -82,7 +100,13 @@ def _ffn_fwd_kernel(x, w1, b1, w2, b2, residual, out, n_pixels, channels, hidden
     offs_b, offs_y, offs_x = common.pixel_coords(offs_m, height, width)
     x_rows = x + offs_b * x_sb + offs_y * x_sh + offs_x * x_sw
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for h0 in range(0, hidden, BLOCK_H):
+    h_begin = 0
+    h_end = hidden
+    if SPLIT_H:
+        h_begin = tl.program_id(2) * h_split
+        h_end = tl.minimum(hidden, h_begin + h_split)
+        out += tl.program_id(2) * o_ss
+    for h0 in range(h_begin, h_end, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         mask_h = offs_h < hidden
         h = common.gemm_rows(tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), x_rows, mask_m, x_sc, channels, w1, w1_sc,
@@ -107,12 +131,22 @@ def forward(a: FfnArgs, out: torch.Tensor) -> torch.Tensor:
     residual, has_residual, r_strides = common.optional(a.residual, out)
     block_c = output_block(channels, n_pixels, a.x.dtype)
     sizes = blocks(block_c, a.x.dtype)
-    _ffn_fwd_kernel[(triton.cdiv(n_pixels, sizes["BLOCK_M"]), triton.cdiv(channels, block_c))](
-        a.x, a.w1, b1, a.w2, b2, residual, out, n_pixels, channels, hidden, height, width,
-        has_b1, has_b2, has_residual, *a.x.stride(), a.w1.stride(0), a.w1.stride(1), a.w2.stride(0), a.w2.stride(1),
-        *r_strides, *out.stride(),
-        BLOCK_C=block_c, **sizes, **common.dot_mode(a.x.dtype))
-    return out
+    grid = (triton.cdiv(n_pixels, sizes["BLOCK_M"]), triton.cdiv(channels, block_c))
+    splits = hidden_splits(grid[0] * grid[1], hidden, sizes["BLOCK_H"])
+    weights = (a.w1.stride(0), a.w1.stride(1), a.w2.stride(0), a.w2.stride(1))
+    options = {"BLOCK_C": block_c, **sizes, **common.dot_mode(a.x.dtype)}
+    if splits == 1:
+        _ffn_fwd_kernel[grid](
+            a.x, a.w1, b1, a.w2, b2, residual, out, n_pixels, channels, hidden, height, width,
+            has_b1, has_b2, has_residual, hidden, *a.x.stride(), *weights, *r_strides, 0, *out.stride(), **options,
+            SPLIT_H=False)
+        return out
+    sums = split_sum.partials(out, splits)
+    _ffn_fwd_kernel[(*grid, splits)](
+        a.x, a.w1, b1, a.w2, b2, residual, sums, n_pixels, channels, hidden, height, width,
+        has_b1, 0, 0, split_sum.slice_length(hidden, sizes["BLOCK_H"], splits), *a.x.stride(), *weights, 0, 0, 0, 0,
+        batch * sums.stride(0), *sums.stride(), **options, SPLIT_H=True)
+    return split_sum.add(sums, a.b2, a.residual, out, "none")
 
 
 def compile_configs():
@@ -125,5 +159,9 @@ def compile_configs():
                 continue
             sizes = blocks(block_c, dtype)
             options = {"num_warps": sizes.pop("num_warps"), "maxnreg": sizes.pop("maxnreg")}
-            constexprs = {"BLOCK_C": block_c, **sizes, **common.dot_mode(dtype)}
+            constexprs = {"BLOCK_C": block_c, **sizes, **common.dot_mode(dtype), "SPLIT_H": False}
             yield _ffn_fwd_kernel, common.signature(_ffn_fwd_kernel, ptr, constexprs, pointers), constexprs, options
+            if block_c <= SMALL_GRID_BLOCK_C:  # a small grid's split hidden channels
+                constexprs = {**constexprs, "SPLIT_H": True}
+                yield (_ffn_fwd_kernel, common.signature(_ffn_fwd_kernel, ptr, constexprs, pointers,
+                                                         special={"out": "*fp32"}), constexprs, options)
