@@ -137,7 +137,8 @@ def test_long_reductions_on_few_tiles_split_over_the_input_channels():
     assert triton_conv.dense_splits(32, 3072, 64) == 8  # L1 stage 4: 49 pixels × 512 outputs from 3072 channels
     assert triton_conv.dense_splits(24, 1536, 64) == 6  # B2 stage 4: 49 × 384 from 1536
     assert triton_conv.dense_splits(56, 1536, 64) == 6  # L2 stage 3: 196 × 256 from 1536
-    assert triton_conv.dense_splits(70, 2048, 64) == 1  # 196 × 320 from 2048: 70 tiles are enough
+    assert triton_conv.dense_splits(112, 4096, 64) == 4  # L3 stage 3: 196 × 512 from 4096, up to 4 · 132 programs
+    assert triton_conv.dense_splits(200, 1024, 64) == 1  # 784 × 256 from 1024 (B1 at batch 16): 200 tiles are enough
     assert triton_conv.dense_splits(16, 1024, 64) == 4  # B1 stage 4: 49 × 256 from 1024
     assert triton_conv.dense_splits(16, 512, 64) == 1  # 49 × 256 from 512: too short to gain a second launch
     assert triton_conv.dense_splits(32, 2100, 64) == 7  # 33 steps: 8 slices of 5 steps would leave the last empty

@@ -84,11 +84,11 @@ def dw_blocks(n_pixels: int, channels: int) -> dict[str, int]:
 
 def dense_splits(tiles: int, in_channels: int, block_k: int) -> int:
     """Into how many slices a 1×1 conv's reduction over ``in_channels`` is split (split-K, :func:`split_sum.slices`):
-    where its ``tiles`` output tiles would occupy at most half of the GPU's SMs while each walks a reduction of at
-    least :data:`DENSE_SPLIT_MIN_CHANNELS`, in slices of at least :data:`DENSE_SPLIT_MIN_STEPS` steps of
-    ``block_k``. Batch-1 projections on 7×7 and 14×14 maps are the case (49 pixels × 512 outputs from 3072
-    channels: 32 tiles of 32 × 32, each streaming a 3072-long column of the weights while a hundred SMs idle;
-    196 × 256 from 1536: 56 tiles)."""
+    where its ``tiles`` output tiles are fewer than the GPU's SMs while each walks a reduction of at least
+    :data:`DENSE_SPLIT_MIN_CHANNELS`, in slices of at least :data:`DENSE_SPLIT_MIN_STEPS` steps of ``block_k``.
+    Batch-1 projections on 7×7 and 14×14 maps are the case (49 pixels × 512 outputs from 3072 channels: 32 tiles of
+    32 × 32, each streaming a 3072-long column of the weights while a hundred SMs idle; 196 × 256 from 1536: 56
+    tiles; 196 × 512 from 4096: 112 tiles, split 4 ways)."""
     return split_sum.slices(tiles, in_channels, block_k, DENSE_SPLIT_MIN_CHANNELS, DENSE_SPLIT_MIN_STEPS)
 
 

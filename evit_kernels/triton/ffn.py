@@ -75,9 +75,9 @@ SPLIT_MIN_STEPS = 2
 
 
 def hidden_splits(programs: int, hidden: int, block_h: int) -> int:
-    """Into how many slices the hidden channels are split (:func:`split_sum.slices`): where the ``programs`` would
-    occupy at most half of the GPU's SMs and there are at least :data:`SPLIT_MIN_HIDDEN` hidden channels, slices of
-    at least :data:`SPLIT_MIN_STEPS` steps of ``block_h``. Each slice computes its hidden channels and their share
+    """Into how many slices the hidden channels are split (:func:`split_sum.slices`): where the ``programs`` are
+    fewer than the GPU's SMs and there are at least :data:`SPLIT_MIN_HIDDEN` hidden channels, slices of at least
+    :data:`SPLIT_MIN_STEPS` steps of ``block_h``. Each slice computes its hidden channels and their share
     of the output; the slices' sums are added, with b2 and the residual, by a second launch. The M-series' stage-2
     and stage-3 blocks at batch 1 are the case (16 to 49 pixels: one pixel tile × 4 to 6 output blocks, each
     program walking 512 to 768 hidden channels while over a hundred SMs idle)."""

@@ -21,16 +21,22 @@ BLOCK_P, BLOCK_C, WARPS = 4, 8, 8
 and the few thousand outputs of a batch-1 layer spread over several hundred programs."""
 
 
+TARGET_PROGRAMS = 4 * common.SMS
+"""The programs a split launch aims at: about half a wave of 32×32-tile programs (6 to 8 of them fit an SM), so
+that the partial sums' round trip grows no faster than the idle SMs shrink."""
+
+
 def slices(programs: int, length: int, step: int, min_length: int, min_steps: int) -> int:
     """Into how many slices a reduction of ``length`` walked in steps of ``step`` is split, for a launch of
-    ``programs`` programs: where they would occupy at most half of the GPU's SMs and the reduction is at least
-    ``min_length`` long, slices of at least ``min_steps`` steps, at most :data:`MAX_SPLITS`, every slice the same
-    whole number of steps (so the count returned is the count launched, none empty); otherwise 1. Shorter reductions
-    or more programs gain less than the second launch and the partial sums' round trip cost."""
-    if 2 * programs > common.SMS or length < min_length:
+    ``programs`` programs: where they are fewer than the GPU's SMs and the reduction is at least ``min_length``
+    long, as many slices as bring the programs up to at most :data:`TARGET_PROGRAMS`, each of at least
+    ``min_steps`` steps, at most :data:`MAX_SPLITS`, every slice the same whole number of steps (so the count
+    returned is the count launched, none empty); otherwise 1. Shorter reductions or more programs gain less than
+    the second launch and the partial sums' round trip cost (a 2-way split of 200 programs is priced slower)."""
+    if programs > common.SMS or length < min_length:
         return 1
     steps = triton.cdiv(length, step)
-    wanted = min(MAX_SPLITS, steps // min_steps)
+    wanted = min(MAX_SPLITS, steps // min_steps, TARGET_PROGRAMS // programs)
     return triton.cdiv(steps, triton.cdiv(steps, wanted))
 
 
