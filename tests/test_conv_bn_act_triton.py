@@ -335,11 +335,14 @@ def test_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("kind", ["depthwise", "pointwise", "split_projection"])
+@pytest.mark.parametrize("kind", ["depthwise", "small_grid_depthwise", "pointwise", "split_projection"])
 def test_realistic_shapes_on_gpu(poisoned_empty, kind, dtype):
     # EfficientViT-B1 stage 3 at 224 px, batch 8: a 5×5 depthwise and a 256 → 1024 expansion.
     if kind == "depthwise":
         x, weight, bias, residual, conv = _inputs(8, 256, 256, 14, 14, 5, 1, 2, 256, True, True, "channels_last",
+                                                  dtype)
+    elif kind == "small_grid_depthwise":  # EfficientViT-B1 stage 4 at batch 1: 7×7, 1024 channels, 16-pixel tiles
+        x, weight, bias, residual, conv = _inputs(1, 1024, 1024, 7, 7, 3, 1, 1, 1024, True, True, "channels_last",
                                                   dtype)
     elif kind == "pointwise":
         x, weight, bias, residual, conv = _inputs(8, 256, 1024, 14, 14, 1, 1, 0, 1, True, True, "nchw", dtype)

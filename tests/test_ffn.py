@@ -129,6 +129,23 @@ def test_few_programs_split_long_hidden_dimensions():
     assert launched(256, 4, 384) == [("_ffn_fwd_kernel", (256, 1))]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("side, channels", [(7, 256), (4, 384)], ids=["m4_stage2", "m4_stage3"])
+def test_batch_1_hidden_split_on_gpu(poisoned_empty, side, channels, dtype):
+    """EfficientViT-M4's stage-2 and stage-3 blocks at batch 1, 224 px: 512 and 768 hidden channels split 8 ways."""
+    g = torch.Generator().manual_seed(0)
+    hidden = 2 * channels
+    x, w1, b1, w2, b2 = (torch.randn(*shape, generator=g) * scale for shape, scale in (
+        ((1, channels, side, side), 1.0), ((hidden, channels, 1, 1), channels ** -0.5), ((hidden,), 1.0),
+        ((channels, hidden, 1, 1), hidden ** -0.5), ((channels,), 1.0)))
+    args = tuple(t.to(DEVICE, dtype) for t in (x, w1, b1, w2, b2, x))
+    out = ffn(*args, backend="triton")
+    eager = ffn_reference(FfnArgs(*args))
+    expected = ffn_reference(FfnArgs(*(t.double() for t in args)))
+    assert_within_twice_eager(out, eager, expected, dtype, channels + hidden)
+
+
 def test_reference_gradients_after_triton_forward():
     args = _inputs("c24_channels_last_no_bias", torch.float32)
     args = (args[0], args[1], torch.randn(48, device=DEVICE), args[3], torch.randn(24, device=DEVICE), args[5])
