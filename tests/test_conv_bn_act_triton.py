@@ -134,7 +134,7 @@ def test_small_grids_take_quarter_size_tiles():
 def test_long_reductions_on_few_tiles_split_over_the_input_channels():
     """docs/performance.md, "Split-K": batch-1 projections on 7×7 maps split; more tiles or shorter reductions
     do not, nor does a 3×3 conv."""
-    assert triton_conv.dense_splits(32, 3072, 64) == 8  # L1 stage 4: 49 pixels × 512 outputs from 3072 channels
+    assert triton_conv.dense_splits(32, 3072, 64) == 12  # L1 stage 4: 49 pixels × 512 outputs from 3072 channels
     assert triton_conv.dense_splits(24, 1536, 64) == 6  # B2 stage 4: 49 × 384 from 1536
     assert triton_conv.dense_splits(56, 1536, 64) == 6  # L2 stage 3: 196 × 256 from 1536
     assert triton_conv.dense_splits(112, 4096, 64) == 4  # L3 stage 3: 196 × 512 from 4096, up to 4 · 132 programs
@@ -142,6 +142,7 @@ def test_long_reductions_on_few_tiles_split_over_the_input_channels():
     assert triton_conv.dense_splits(16, 1024, 64) == 4  # B1 stage 4: 49 × 256 from 1024
     assert triton_conv.dense_splits(16, 512, 64) == 1  # 49 × 256 from 512: too short to gain a second launch
     assert triton_conv.dense_splits(32, 2100, 64) == 7  # 33 steps: 8 slices of 5 steps would leave the last empty
+    assert triton_conv.dense_splits(16, 8192, 64) == 16  # at most 16
 
     def launched(c_in, c_out, k):
         x = torch.empty(1, c_in, 7, 7, dtype=torch.bfloat16, device="meta")
@@ -150,8 +151,8 @@ def test_long_reductions_on_few_tiles_split_over_the_input_channels():
             conv_bn_act(x, weight, None, padding=k // 2, activation="relu", backend="triton")
         return [(launch.kernel, launch.grid) for launch in launches]
 
-    assert launched(3072, 512, 1) == [("_conv_dense_kernel", (32, 8)), ("_split_sum_kernel", (13, 64))]
-    assert launched(2100, 512, 1) == [("_conv_dense_kernel", (32, 7)), ("_split_sum_kernel", (13, 64))]
+    assert launched(3072, 512, 1) == [("_conv_dense_kernel", (32, 12)), ("_split_sum_kernel", (25, 64))]
+    assert launched(2100, 512, 1) == [("_conv_dense_kernel", (32, 7)), ("_split_sum_kernel", (25, 64))]
     assert launched(3072, 512, 3) == [("_conv_dense_kernel", (32, 1))]
     assert launched(512, 512, 1) == [("_conv_dense_kernel", (32, 1))]
 
@@ -346,7 +347,7 @@ def test_realistic_shapes_on_gpu(poisoned_empty, kind, dtype):
                                                   dtype)
     elif kind == "pointwise":
         x, weight, bias, residual, conv = _inputs(8, 256, 1024, 14, 14, 1, 1, 0, 1, True, True, "nchw", dtype)
-    else:  # EfficientViT-L1 stage 4 at batch 1: a 3072 → 512 projection on a 7×7 map, split 8 ways
+    else:  # EfficientViT-L1 stage 4 at batch 1: a 3072 → 512 projection on a 7×7 map, split 12 ways
         x, weight, bias, residual, conv = _inputs(1, 3072, 512, 7, 7, 1, 1, 0, 1, True, True, "channels_last", dtype)
     _check_against_float64(x, weight, bias, residual, conv, "hardswish")
 

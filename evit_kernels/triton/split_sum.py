@@ -13,11 +13,11 @@ import triton.language as tl
 
 from evit_kernels.triton import _common as common
 
-MAX_SPLITS = 8
+MAX_SPLITS = 16
 """The most slices a reduction is split into (a power of two: the slice axis of the summing kernel's tile)."""
-BLOCK_P, BLOCK_C, WARPS = 4, 8, 8
+BLOCK_P, BLOCK_C, WARPS = 2, 8, 8
 """The outputs and warps of a program of the summing kernel: each of its 256 threads loads one slice of one output
-(:data:`MAX_SPLITS` × 4 × 8), so that every partial sum is one load issued at once rather than the 8th of a chain,
+(:data:`MAX_SPLITS` × 2 × 8), so that every partial sum is one load issued at once rather than a link of a chain,
 and the few thousand outputs of a batch-1 layer spread over several hundred programs."""
 
 
