@@ -140,6 +140,7 @@ def test_long_reductions_on_few_tiles_split_over_the_input_channels():
     assert triton_conv.dense_splits(112, 4096, 64) == 4  # L3 stage 3: 196 × 512 from 4096, up to 4 · 132 programs
     assert triton_conv.dense_splits(200, 1024, 64) == 1  # 784 × 256 from 1024 (B1 at batch 16): 200 tiles are enough
     assert triton_conv.dense_splits(16, 1024, 64) == 4  # B1 stage 4: 49 × 256 from 1024
+    assert triton_conv.dense_splits(24, 768, 64) == 3  # B2's stride-2 stage-4 block: 49 × 384 from 768
     assert triton_conv.dense_splits(16, 512, 64) == 1  # 49 × 256 from 512: too short to gain a second launch
     assert triton_conv.dense_splits(32, 2100, 64) == 7  # 33 steps: 8 slices of 5 steps would leave the last empty
     assert triton_conv.dense_splits(16, 8192, 64) == 16  # at most 16

@@ -36,7 +36,7 @@ DW_SMALL_GRID_BLOCKS = {"BLOCK_P": 16, "BLOCK_C": 32, "num_warps": 8}
 # Groups 1 (1×1 and k×k): a (pixels × output channels) tile of the GEMM (B·H·W) × C_out × (C_in·k²) per program.
 DENSE_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
 DENSE_SMALL_GRID_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}
-DENSE_SPLIT_MIN_CHANNELS = 1024
+DENSE_SPLIT_MIN_CHANNELS = 768
 """The shortest reduction (input channels) a 1×1 conv on few tiles is split over (see :func:`dense_splits`)."""
 DENSE_SPLIT_MIN_STEPS = 4
 """The fewest steps of ``BLOCK_K`` input channels in each slice of a split 1×1 conv."""
