@@ -132,8 +132,8 @@ def test_small_grids_take_quarter_size_tiles():
 
 
 def test_long_reductions_on_few_tiles_split_over_the_input_channels():
-    """docs/performance.md, "Split-K": batch-1 projections on 7×7 maps split; more tiles or shorter reductions
-    do not, nor does a 3×3 conv."""
+    """docs/performance.md, "Split-K": batch-1 projections on 7×7 and 14×14 maps split, into as many slices as
+    bring the programs to about 4 × 132; as many tiles as SMs or shorter reductions do not, nor does a 3×3 conv."""
     assert triton_conv.dense_splits(32, 3072, 64) == 12  # L1 stage 4: 49 pixels × 512 outputs from 3072 channels
     assert triton_conv.dense_splits(24, 1536, 64) == 6  # B2 stage 4: 49 × 384 from 1536
     assert triton_conv.dense_splits(56, 1536, 64) == 6  # L2 stage 3: 196 × 256 from 1536
