@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from evit_kernels import dispatch
 from evit_kernels.ops.conv_block import ConvBlockArgs, _whole_block_config, conv_block
-from evit_kernels.ops.conv_bn_act import ConvBnActArgs, _kernel_kind, conv_bn_act
+from evit_kernels.ops.conv_bn_act import ConvBnActArgs, conv_bn_act, kernel_kind
 from evit_kernels.ops.ffn import ffn
 from evit_kernels.triton import _common as triton_common
 from tests.numerics import assert_within_twice_eager, in_layout
@@ -76,7 +76,7 @@ def test_conv_bn_act_returns_the_fp32_sum(poisoned_empty, name, backend, dtype):
 def test_each_conv_takes_its_kernel(name, kind):
     (x, weight, bias, residual), conv = _conv_inputs(name, torch.bfloat16)
     pair = [conv["stride"]] * 2, [conv["padding"]] * 2
-    assert _kernel_kind(ConvBnActArgs(x, weight, bias, *pair, [1, 1], conv["groups"], "none", residual)) == kind
+    assert kernel_kind(ConvBnActArgs(x, weight, bias, *pair, [1, 1], conv["groups"], "none", residual)) == kind
 
 
 # (batch, C, hidden, C_out, H, W, gate): two MBConvs (16 and 80 output channels) and a GLUMBConv, each given a

@@ -95,6 +95,8 @@ CASES = {
                                           gate="silu"),
     "glumbconv_wide_projection_channels_last": Case("mbconv", 1, 24, 40, 136, 4, 7, layout="channels_last",
                                                activations=("silu", "none", "relu"), gate="silu"),
+    # A gated full conv: the gate in eager after the conv's kernel (the depthwise kernel gates the others).
+    "glumbconv_full_conv": Case("fused", 1, 16, 40, 8, 6, 5, activations=("none", "relu", "none"), gate="silu"),
     # No projection (w3 None): the block ends with the (gated) depthwise conv, written in x's layout.
     "mbconv_stride2_no_projection": Case("mbconv", 2, 16, 64, 64, 9, 9, stride=2, projection=False,
                                                    activations=("relu", "relu", "none")),
@@ -192,6 +194,10 @@ def test_launches_of_each_path(name):
     expected = (["_conv_dense_kernel"] if case.kind == "mbconv" else []) + spatial + \
         (["_conv_dense_kernel"] if case.projection else [])
     assert [launch.kernel for launch in launches] == expected
+    for launch in launches:  # GLU mode: the depthwise kernel writes the gated half of its conv's channels
+        if launch.kernel == "_conv_dw_kernel":
+            assert launch.constexprs["GATE"] == case.gate
+            assert launch.scalars["channels"] == (case.hidden // 2 if case.gate else case.hidden)
     *between, last = launches
     assert all(launch.scalars["o_sc"] == 1 for launch in between)  # channels-last: 16-byte stores and loads
     assert last.scalars["o_sc"] == out.stride(1)

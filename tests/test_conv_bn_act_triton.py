@@ -15,7 +15,7 @@ from torch import nn
 from evit_kernels import dispatch, predict
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct
 from evit_kernels.ops.conv_bn_act import ACTIVATIONS, ConvBnActArgs, conv_bn_act, conv_bn_act_reference
-from evit_kernels.ops.conv_bn_act import _kernel_kind as conv_kernel_kind
+from evit_kernels.ops.conv_bn_act import kernel_kind as conv_kernel_kind
 from evit_kernels.triton import _common as triton_common
 from evit_kernels.triton import conv_bn_act as triton_conv
 from tests.numerics import assert_within_twice_eager, in_layout

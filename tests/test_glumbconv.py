@@ -57,7 +57,8 @@ def test_reference_is_glumbconv_written_out():
 
 
 def test_a_gate_after_another_spatial_conv_runs_layer_by_layer(poisoned_empty):
-    """A gated block runs layer by layer, with or without an expand: conv_bn_act's kernels and the eager gate."""
+    """A gated block runs layer by layer, with or without an expand: conv_bn_act's kernels, the depthwise one
+    applying the gate."""
     args, kwargs = _inputs(BLOCK_CASES["glumbconv_residual"], torch.float32)
     x, _, _, _, _, w3, b3 = args
     channels = x.shape[1]

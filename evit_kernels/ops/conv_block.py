@@ -12,10 +12,11 @@ The Triton backend keeps ``d`` on chip for a DSConv, MBConv or FusedMBConv whose
 (in fp16/bf16 up to 512 behind a depthwise conv, 256 behind a full one; 128 in fp32) and whose output pixels make at
 least a wave of tiles: the spatial conv and the projection in one kernel, after, for MBConv, the expand on
 ``evit::conv_bn_act``'s 1×1 kernel (``h`` written once, channels-last). Every other block runs layer by layer
-through ``evit::conv_bn_act``'s kernels (per-layer fusion: each conv with its bias, activation and residual; the
-tensors between layers channels-last), saying so once. Whole-block kernels that also kept ``h`` on chip (its tile
-gathered per tap), or took ``d`` 16 channels at a time, measured 1.6–6.8× slower than eager on an H200, where the
-DSConv kernel and the layer-by-layer kernels were faster than eager (docs/performance.md, "Measured on a GPU").
+through ``evit::conv_bn_act``'s kernels (per-layer fusion: each conv with its bias, activation and residual, a GLU
+gate with the depthwise conv; the tensors between layers channels-last), saying so once. Whole-block kernels that
+also kept ``h`` on chip (its tile gathered per tap), or took ``d`` 16 channels at a time, measured 1.6–6.8× slower
+than eager on an H200, where the DSConv kernel and the layer-by-layer kernels were faster than eager
+(docs/performance.md, "Measured on a GPU").
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from evit_kernels.ops.conv_bn_act import (
     check_biases_and_output,
     conv_bn_act_reference,
     conv_output_shape,
+    kernel_kind,
     output_memory_format,
     triton_forward_into,
 )
@@ -97,15 +99,22 @@ class ConvBlockArgs(AddsResidual, RoundsInput):
         value, gate = d.chunk(2, dim=1)
         return (value * _ACTIVATION_FUNCTIONS[self.gate](gate)).contiguous(memory_format=output_memory_format(d))
 
-    def run_layers(self, run: Callable[[ConvBnActArgs, bool], Tensor]) -> Tensor:
+    def run_layers(self, run: Callable[[ConvBnActArgs, bool], Tensor],
+                   run_gated: Callable[[ConvBnActArgs, bool], Tensor] | None = None) -> Tensor:
         """The block layer after layer, each layer computed by ``run`` (from its arguments and whether its output is
-        the block's), the GLU gate before the projection."""
+        the block's), the GLU gate before the projection: applied to the spatial layer's output by :meth:`gated`, or,
+        where ``run_gated`` is given, by ``run_gated`` itself as it computes the spatial layer."""
         layers = list(self.layers())
         spatial, project = (layers, None) if self.w3 is None else (layers[:-1], layers[-1])
         x = self.x
-        for index, layer in enumerate(spatial):
-            x = run(layer(x), project is None and index == len(spatial) - 1)
-        return self.gated(x) if project is None else run(project(self.gated(x)), True)
+        for layer in spatial[:-1]:
+            x = run(layer(x), False)
+        last, ends = spatial[-1](x), project is None
+        if self.gate is None:
+            d = run(last, ends)
+        else:
+            d = self.gated(run(last, ends)) if run_gated is None else run_gated(last, ends)
+        return d if project is None else run(project(d), True)
 
 
 def conv_block_reference(a: ConvBlockArgs) -> Tensor:
@@ -224,12 +233,27 @@ def _triton_forward(a: ConvBlockArgs) -> Tensor:
 
 
 def _per_layer(a: ConvBlockArgs) -> Tensor:
-    """The fallback: each layer one conv_bn_act call, on its Triton kernel where that takes the layer. The kernels
-    write the tensors between layers channels-last whatever x's layout (the depthwise conv between them then reads
-    and writes 16-byte vectors along the channels, where NCHW rows, read at stride 2, give it 2-byte ones), and the
-    block's output in the block's layout."""
+    """The fallback: each layer one conv_bn_act call, on its Triton kernel where that takes the layer, and in GLU mode
+    the gate applied by the depthwise kernel as it writes the conv's output (half the channels stored; eager's gate
+    after any other spatial conv). The kernels write the tensors between layers channels-last whatever x's layout
+    (the depthwise conv between them then reads and writes 16-byte vectors along the channels, where NCHW rows, read
+    at stride 2, give it 2-byte ones), and the block's output in the block's layout."""
+    from evit_kernels.triton import conv_bn_act as kernels
+
     layout = a.output_layout()
-    return a.run_layers(lambda layer, last: _per_layer_call(layer, layout if last else None))
+
+    def run(layer: ConvBnActArgs, last: bool) -> Tensor:
+        return _per_layer_call(layer, layout if last else None)
+
+    def run_gated(layer: ConvBnActArgs, last: bool) -> Tensor:
+        if dispatch.get("conv_bn_act", "triton").not_supported_reasons(layer) or kernel_kind(layer) != "depthwise":
+            return a.gated(run(layer, last))
+        batch, _, out_height, out_width = layer.output_shape()
+        out = torch.empty(batch, a.projected, out_height, out_width, dtype=layer.output_dtype(), device=a.x.device,
+                          memory_format=layout if last else torch.channels_last)
+        return kernels.depthwise(replace(layer, x=layer.rounded_input()), out, gate=a.gate)
+
+    return a.run_layers(run, run_gated)
 
 
 def _per_layer_call(args: ConvBnActArgs, block_layout: torch.memory_format | None) -> Tensor:

@@ -143,7 +143,7 @@ def check_biases_and_output(a: ConvBnActArgs | ConvBlockArgs, spatial_weight: Te
 _DEPTHWISE_SIZES = (3, 5, 7)
 
 
-def _kernel_kind(a: ConvBnActArgs) -> str | None:
+def kernel_kind(a: ConvBnActArgs) -> str | None:
     """Which kernel computes this conv: "depthwise" (Triton or CUDA); "rows" (groups 1, 3×3, padding 1, stride 1 or
     2, either at most ``ROWS_PAIRS // 3`` input channels (an image) or an input with contiguous rows (NCHW) and
     output rows of at least ``ROWS_MIN_OUT_WIDTH``; Triton); "dense" (groups 1: a 1×1 with stride 1 and no padding,
@@ -174,7 +174,7 @@ def triton_forward_into(a: ConvBnActArgs, out: Tensor) -> Tensor:
     """The Triton kernel of ``a``'s kind, writing ``out`` (``a``'s output shape and dtype, any strides)."""
     from evit_kernels.triton import conv_bn_act as kernels
 
-    kind = _kernel_kind(a)
+    kind = kernel_kind(a)
     if kind == "dense":  # its products round an fp32 x to the weights' dtype as they load it (RoundsInput)
         return kernels.dense(a, out)
     rounded = replace(a, x=a.rounded_input())
@@ -189,7 +189,7 @@ def _triton_reasons(a: ConvBnActArgs) -> list[str]:
     reasons = []
     if a.dilation != [1, 1]:
         reasons.append(f"dilation {a.dilation} (the Triton kernels take dilation 1)")
-    if _kernel_kind(a) is None:
+    if kernel_kind(a) is None:
         reasons.append(f"a conv with weight {tuple(a.weight.shape)}, groups={a.groups}, stride={a.stride}, "
                        f"padding={a.padding} (the Triton kernels take a depthwise 3×3, 5×5 or 7×7 conv with "
                        f"stride 1 or 2, a 1×1 conv with groups 1, stride 1 and padding 0, a 3×3 conv with "
@@ -213,7 +213,7 @@ def _cuda_reasons(a: ConvBnActArgs) -> list[str]:
     reasons = []
     if a.dilation != [1, 1]:
         reasons.append(f"dilation {a.dilation} (the CUDA kernel takes dilation 1)")
-    if _kernel_kind(a) != "depthwise":
+    if kernel_kind(a) != "depthwise":
         reasons.append(f"a conv with weight {tuple(a.weight.shape)}, groups={a.groups}, stride={a.stride} (the CUDA "
                        f"kernel takes a depthwise 3×3, 5×5 or 7×7 conv with stride 1 or 2; 1×1 and other convs run "
                        f"on the triton or torch backend)")

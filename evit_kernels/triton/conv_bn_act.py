@@ -5,7 +5,8 @@ whole. Each computes
 
     out = act(conv2d(x, weight) + bias) + residual
 
-in one pass: the conv accumulates in fp32, and bias, activation and residual are applied to the fp32
+in one pass (the depthwise kernel also in GLUMBConv's GLU mode, gating half its channels by the other half as it
+writes: ``_conv_dw_kernel``): the conv accumulates in fp32, and bias, activation and residual are applied to the fp32
 accumulator before the single rounding to the output dtype, so the per-layer intermediates eager writes and
 re-reads (docs/performance.md, "Why the workload is memory bound") never leave the chip. Every tensor is read in
 place through its four strides (NCHW,
@@ -18,6 +19,7 @@ compiled variants to kernel × dtype × activation.
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import torch
@@ -100,19 +102,34 @@ def dense_warps(dtype: torch.dtype, ksize: int) -> int:
 
 @triton.jit
 def _conv_dw_kernel(x, weight, bias, residual, out, n_pixels, channels, height, width, out_height, out_width,
-                    ksize, stride_h, stride_w, pad_h, pad_w, has_bias, has_residual,
+                    ksize, stride_h, stride_w, pad_h, pad_w, has_bias, has_residual, gate_offset,
                     x_sb, x_sc, x_sh, x_sw, w_sc, w_sh, w_sw, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw,
-                    ACTIVATION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                    ACTIVATION: tl.constexpr, GATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # ``GATE`` (an activation name, or None): the GLU mode of GLUMBConv. Output channel c is then
+    # act(conv_c) · GATE(act(conv_{c + gate_offset})): the program computes both halves' taps for its channels and
+    # writes their product, so the conv's 2·channels outputs never reach memory (no residual in this mode).
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # flat (batch, out row, out column)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_p = offs_p < n_pixels
     mask_c = offs_c < channels
     offs_b, offs_h, offs_w = common.pixel_coords(offs_p, out_height, out_width)
-    acc = common.depthwise_taps(x + offs_b * x_sb, x_sc, x_sh, x_sw, weight, w_sc, w_sh, w_sw, offs_c, mask_c, offs_h,
-                                offs_w, mask_p, ksize, stride_h, stride_w, pad_h, pad_w, height, width, BLOCK_P=BLOCK_P,
+    x_img = x + offs_b * x_sb
+    acc = common.depthwise_taps(x_img, x_sc, x_sh, x_sw, weight, w_sc, w_sh, w_sw, offs_c, mask_c, offs_h, offs_w,
+                                mask_p, ksize, stride_h, stride_w, pad_h, pad_w, height, width, BLOCK_P=BLOCK_P,
                                 BLOCK_C=BLOCK_C)
-    common.epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_c, mask_p, mask_c, has_bias, has_residual,
-                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION)
+    if GATE is not None:
+        offs_g = offs_c + gate_offset
+        gate = common.depthwise_taps(x_img, x_sc, x_sh, x_sw, weight, w_sc, w_sh, w_sw, offs_g, mask_c, offs_h,
+                                     offs_w, mask_p, ksize, stride_h, stride_w, pad_h, pad_w, height, width,
+                                     BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+        gate = common.activate(common.add_bias(gate, bias, offs_g, mask_c, has_bias), ACTIVATION=ACTIVATION)
+        acc = common.activate(common.add_bias(acc, bias, offs_c, mask_c, has_bias), ACTIVATION=ACTIVATION)
+        common.epilogue(acc * common.activate(gate, ACTIVATION=GATE), bias, residual, out, offs_b, offs_h, offs_w,
+                        offs_c, mask_p, mask_c, 0, 0, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw,
+                        ACTIVATION="none")
+    else:
+        common.epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_c, mask_p, mask_c, has_bias,
+                        has_residual, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION)
 
 
 @triton.jit
@@ -205,10 +222,11 @@ def _conv_rows_kernel(x, weight, bias, residual, out, in_channels, out_channels,
                     has_residual, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION)
 
 
-def depthwise(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
+def depthwise(a: ConvBnActArgs, out: torch.Tensor, gate: str | None = None) -> torch.Tensor:
     """Writes ``act(depthwise_conv(x) + bias) + residual`` into ``out`` (B, C, H_out, W_out), any strides.
-    ``weight`` is (C, 1, k, k)."""
-    batch, channels, height, width = a.x.shape
+    ``weight`` is (C, 1, k, k). With ``gate`` (an activation name; no residual), the GLU mode: ``weight`` is
+    (2·C, 1, k, k) and ``out`` gets ``y[:, :C] · gate(y[:, C:])`` of the conv's activated output y."""
+    batch, channels, height, width = out.shape[0], out.shape[1], a.x.shape[2], a.x.shape[3]
     _, _, out_height, out_width = out.shape
     n_pixels = batch * out_height * out_width
     bias, has_bias, _ = common.optional(a.bias, a.weight)
@@ -217,9 +235,9 @@ def depthwise(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
     grid = (triton.cdiv(n_pixels, blocks["BLOCK_P"]), triton.cdiv(channels, blocks["BLOCK_C"]))
     _conv_dw_kernel[grid](
         a.x, a.weight, bias, residual, out, n_pixels, channels, height, width, out_height, out_width,
-        a.weight.shape[2], *a.stride, *a.padding, has_bias, has_residual,
+        a.weight.shape[2], *a.stride, *a.padding, has_bias, has_residual, channels if gate else 0,
         *a.x.stride(), a.weight.stride(0), a.weight.stride(2), a.weight.stride(3), *r_strides, *out.stride(),
-        ACTIVATION=a.activation, **blocks)
+        ACTIVATION=a.activation, GATE=gate, **blocks)
     return out
 
 
@@ -275,8 +293,11 @@ def compile_configs():
     pointers = ("x", "weight", "bias", "residual", "out")
     for dtype, ptr in common.POINTER_TYPES.items():
         for activation in ACTIVATIONS:
-            for blocks in (DW_BLOCKS, DW_SMALL_GRID_BLOCKS):
-                constexprs = {"ACTIVATION": activation, "BLOCK_P": blocks["BLOCK_P"], "BLOCK_C": blocks["BLOCK_C"]}
+            # ungated, and in the GLU mode gated by the same activation (the gate is elementwise code only; the
+            # released models' own pairs are built from their launches)
+            for blocks, gate in itertools.product((DW_BLOCKS, DW_SMALL_GRID_BLOCKS), (None, activation)):
+                constexprs = {"ACTIVATION": activation, "GATE": gate, "BLOCK_P": blocks["BLOCK_P"],
+                              "BLOCK_C": blocks["BLOCK_C"]}
                 yield (_conv_dw_kernel, common.signature(_conv_dw_kernel, ptr, constexprs, pointers), constexprs,
                        {"num_warps": blocks["num_warps"]})
             for stride in (1, 2):
