@@ -167,8 +167,8 @@ def _takes_the_kernel(case: Case, dtype: torch.dtype) -> bool:
 def test_launches_of_each_path(name):
     """A DSConv or MBConv whose output channels one program holds: d never stored, the depthwise conv and the
     projection one launch (after the expand's, channels-last). Every other block: one conv_bn_act launch per conv its
-    kernels take (expand, spatial, projection), the tensors between them channels-last, the block's output in the
-    block's layout."""
+    kernels take (expand, spatial, projection; not a projection with nothing to fuse), the tensors between them
+    channels-last, the block's output in the block's layout."""
     case = CASES[name]
     args, kwargs = _inputs(case, torch.bfloat16)
     meta_args = tuple(None if t is None else t.to("meta") for t in args)
@@ -191,16 +191,18 @@ def test_launches_of_each_path(name):
         spatial = ["_conv_dense_kernel"] if case.channels >= 16 else []
     else:
         spatial = ["_conv_dw_kernel"]
+    # a projection with no bias, activation or residual is a plain GEMM: PyTorch's conv (nothing to fuse)
+    plain_projection = not case.biases and case.activations[2] == "none" and not case.residual
     expected = (["_conv_dense_kernel"] if case.kind == "mbconv" else []) + spatial + \
-        (["_conv_dense_kernel"] if case.projection else [])
+        (["_conv_dense_kernel"] if case.projection and not plain_projection else [])
     assert [launch.kernel for launch in launches] == expected
     for launch in launches:  # GLU mode: the depthwise kernel writes the gated half of its conv's channels
         if launch.kernel == "_conv_dw_kernel":
             assert launch.constexprs["GATE"] == case.gate
             assert launch.scalars["channels"] == (case.hidden // 2 if case.gate else case.hidden)
-    *between, last = launches
+    between, last = (launches, None) if plain_projection else (launches[:-1], launches[-1])
     assert all(launch.scalars["o_sc"] == 1 for launch in between)  # channels-last: 16-byte stores and loads
-    assert last.scalars["o_sc"] == out.stride(1)
+    assert last is None or last.scalars["o_sc"] == out.stride(1)
     assert out.is_contiguous(memory_format=torch.channels_last if case.layout == "channels_last"
                              else torch.contiguous_format)
 
@@ -257,6 +259,23 @@ def test_blocks_off_the_kernel_say_why_once(poisoned_empty, caplog, monkeypatch,
         conv_block(*args, **kwargs, backend="triton")
         conv_block(*args, **kwargs, backend="triton")
     assert caplog.text.count("layer by layer") == 1 and why in caplog.text
+
+
+def test_a_projection_with_nothing_to_fuse_runs_on_pytorchs_conv(poisoned_empty, caplog, monkeypatch):
+    """A 1×1 projection with no bias, activation or residual (diffusers' GLUMBConv) is a plain GEMM: PyTorch's conv,
+    saying why once; the block's other layers stay on the kernels, and the result is the reference's."""
+    case = dataclasses.replace(CASES["glumbconv_sana_channels_last"], biases=False)
+    args, kwargs = _inputs(case, torch.float32)
+    monkeypatch.setattr(dispatch, "_LOGGED", set())
+    with caplog.at_level(logging.INFO, logger="evit_kernels"):
+        with predict.recorded_launches() as launches:
+            conv_block(*(None if t is None else t.to("meta") for t in args), **kwargs, backend="triton")
+        out = conv_block(*args, **kwargs, backend="triton")
+    assert [launch.kernel for launch in launches] == ["_conv_dense_kernel", "_conv_dw_kernel"]
+    assert caplog.text.count("PyTorch's conv for a 1×1 conv with no bias, activation or residual") == 1
+    expected = conv_block(*_double(args, kwargs)[0], **_double(args, kwargs)[1], backend="torch")
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 def _meta_mbconv(batch: int, channels: int, hidden: int, out_channels: int, size: int) -> ConvBlockArgs:

@@ -13,7 +13,8 @@ The Triton backend keeps ``d`` on chip for a DSConv, MBConv or FusedMBConv whose
 least a wave of tiles: the spatial conv and the projection in one kernel, after, for MBConv, the expand on
 ``evit::conv_bn_act``'s 1×1 kernel (``h`` written once, channels-last). Every other block runs layer by layer
 through ``evit::conv_bn_act``'s kernels (per-layer fusion: each conv with its bias, activation and residual, a GLU
-gate with the depthwise conv; the tensors between layers channels-last), saying so once. Whole-block kernels that
+gate with the depthwise conv; the tensors between layers channels-last; a 1×1 layer with nothing to fuse on
+PyTorch's conv), saying so once. Whole-block kernels that
 also kept ``h`` on chip (its tile gathered per tap), or took ``d`` 16 channels at a time, measured 1.6–6.8× slower
 than eager on an H200, where the DSConv kernel and the layer-by-layer kernels were faster than eager
 (docs/performance.md, "Measured on a GPU").
@@ -257,12 +258,27 @@ def _per_layer(a: ConvBlockArgs) -> Tensor:
 
 
 def _per_layer_call(args: ConvBnActArgs, block_layout: torch.memory_format | None) -> Tensor:
-    """One layer: conv_bn_act's Triton kernel where it takes the layer, else its reference; laid out as
-    ``block_layout`` for the block's last layer (None: between layers, channels-last from the kernel)."""
-    if dispatch.get("conv_bn_act", "triton").not_supported_reasons(args):
+    """One layer: conv_bn_act's Triton kernel where it takes the layer and has something to fuse, else its
+    reference; laid out as ``block_layout`` for the block's last layer (None: between layers, channels-last from the
+    kernel)."""
+    unsupported = dispatch.get("conv_bn_act", "triton").not_supported_reasons(args)
+    plain = not unsupported and _plain_gemm(args)
+    if plain:
+        dispatch.log_once("conv_block", f"conv_block: PyTorch's conv for {plain}")
+    if unsupported or plain:
         out = dispatch.get("conv_bn_act", "torch").forward(args)
         return out if block_layout is None else out.contiguous(memory_format=block_layout)
     return triton_forward_into(args, args.new_output(block_layout or torch.channels_last))
+
+
+def _plain_gemm(args: ConvBnActArgs) -> str:
+    """Why PyTorch's conv computes this layer (a 1×1 conv with no bias, activation or residual: a plain GEMM, which
+    cuBLAS runs at least as fast as the kernel, with nothing for the kernel to fuse; GLUMBConv's bias-free
+    projection), or ""."""
+    if (kernel_kind(args) == "dense" and args.weight.shape[2:] == (1, 1) and args.bias is None
+            and args.activation == "none" and args.residual is None):
+        return "a 1×1 conv with no bias, activation or residual (a plain GEMM: nothing to fuse)"
+    return ""
 
 
 # The backend's checks cover x, the weights and the output; _whole_block_config an MBConv's h; the per-layer
