@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import evit_kernels
-from evit_kernels import dispatch
+from evit_kernels import dispatch, predict
 from evit_kernels.nn._base import Unsupported
 from evit_kernels.nn.rms_norm import FusedRMSNorm
 from evit_kernels.ops.rms_norm import RmsNormArgs, rms_norm, rms_norm_reference
@@ -63,9 +63,15 @@ def rows_per_program(request, monkeypatch):
     return request.param
 
 
-def test_few_rows_take_smaller_row_blocks():
-    assert triton_rms_norm.block_rows(300) == triton_rms_norm.SMALL_GRID_BLOCK_R  # a Sana caption
-    assert triton_rms_norm.block_rows(256 * 32 * 32) == triton_rms_norm.BLOCK_R
+def test_few_rows_take_smaller_row_blocks_and_split_their_channels():
+    """32 rows per program where that makes at least a program per SM (132); else 8, and the channels split in
+    slices of whole 64-channel steps until the programs make a full wave (16 per SM), at most 16 slices."""
+    plan = triton_rms_norm.plan
+    assert plan(256 * 32 * 32, 1024) == (32, 1)  # 8192 row blocks
+    assert plan(300, 2304) == (8, 12)  # a Sana caption: 38 row blocks; 36 steps wanted 16 ways, 12 slices of 3
+    assert plan(32 * 32, 1024) == (8, 16)  # a DC-AE map of 32x32: 128 row blocks, 16 steps
+    assert plan(64 * 64, 512) == (8, 4)  # 512 row blocks want 5 slices of 8 steps: 4 slices of 2
+    assert plan(300, C) == (8, 1)  # one step: nothing to split
 
 
 @pytest.mark.numerics
@@ -84,6 +90,37 @@ def test_triton_within_twice_eager_error(poisoned_empty, rows_per_program, layou
     eager = rms_norm(x, *params, norm.eps, centered=centered, backend="torch")
     assert got.dtype == dtype and got.stride() == eager.stride() and torch.isfinite(got).all()
     assert_within_twice_eager(got, eager, expected, dtype, terms=C)
+
+
+WIDE = 200
+"""Channels of the split tests: four 64-channel slices, the last of 8."""
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("centered", [False, True], ids=["rms", "centered"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "tokens"])
+def test_split_channels_within_twice_eager_error(poisoned_empty, layout, dtype, centered):
+    """Few rows of many channels: the statistics per channel slice, then each slice normalized with every slice's
+    statistics combined (centered: a mean of 20 that a naive E[x²] - E[x]² would cancel), with weight, bias and a
+    residual."""
+    g = torch.Generator().manual_seed(0)
+    shape = (2, WIDE, 3, 5) if layout == "nchw" else (2, 15, WIDE)
+    base = torch.randn(*shape, generator=g) * 3 + (20 if centered else 0)
+    x = (base.movedim(1, -1) if layout == "nchw" else base).to(DEVICE, dtype)
+    residual = torch.randn(x.shape, generator=g).to(DEVICE, dtype)
+    weight, bias = (torch.randn(WIDE, generator=g).to(DEVICE, dtype) for _ in range(2))
+    with predict.recorded_launches() as launches:
+        rms_norm(x.to("meta"), weight.to("meta"), bias.to("meta"), 1e-5, residual=residual.to("meta"),
+                 centered=centered, backend="triton")
+    assert [(launch.kernel, launch.grid) for launch in launches] == [
+        ("_rms_norm_stats_kernel", (4, 4)), ("_rms_norm_apply_kernel", (4, 4))]  # 30 rows in 4 blocks of 8
+    doubled = [t.double() for t in (x, weight, bias, residual)]
+    expected = rms_norm_reference(RmsNormArgs(*doubled[:3], 1e-5, doubled[3], centered))
+    got = rms_norm(x, weight, bias, 1e-5, residual=residual, centered=centered, backend="triton")
+    eager = rms_norm(x, weight, bias, 1e-5, residual=residual, centered=centered, backend="torch")
+    assert got.dtype == dtype and got.stride() == eager.stride() and torch.isfinite(got).all()
+    assert_within_twice_eager(got, eager, expected, dtype, terms=WIDE)
 
 
 @pytest.mark.numerics

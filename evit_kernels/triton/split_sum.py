@@ -36,7 +36,12 @@ def slices(programs: int, length: int, step: int, min_length: int, min_steps: in
     if programs > common.SMS or length < min_length:
         return 1
     steps = triton.cdiv(length, step)
-    wanted = min(MAX_SPLITS, steps // min_steps, TARGET_PROGRAMS // programs)
+    return whole_slices(steps, min(MAX_SPLITS, steps // min_steps, TARGET_PROGRAMS // programs))
+
+
+def whole_slices(steps: int, wanted: int) -> int:
+    """The count of slices, at most ``wanted`` (≥ 1), that ``steps`` steps make when each slice takes the same whole
+    number of steps (the last one fewer): none is empty, so the count returned is the count launched."""
     return triton.cdiv(steps, triton.cdiv(steps, wanted))
 
 
