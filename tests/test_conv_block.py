@@ -508,7 +508,8 @@ def test_refuses_what_it_cannot_compute(build, reason):
 # FusedMBConv, L2 stage-4 MBConv (512 → 3072 → 512), SAM-L0 neck FusedMBConv, downsampling MBConv (stride 2): each
 # batch makes at least a wave of tiles, so every block takes the spatial-conv-and-projection kernel (B1's stage-4 and
 # L2's MBConvs and SAM-L0's FusedMBConv on the wide, transposed tiles in fp16/bf16); at batch 1, B1's stage-4 MBConv
-# runs layer by layer.
+# runs layer by layer, and so does Sana 600M's GLUMBConv at 1024 px (the gate in the depthwise kernel, the bias-free
+# projection on PyTorch's conv).
 GPU_CASES = {
     "b1_mbconv_s3": Case("mbconv", 64, 128, 512, 128, 14, 14, residual=True),
     "b1_mbconv_s4": Case("mbconv", 128, 256, 1024, 256, 7, 7, residual=True),
@@ -522,6 +523,8 @@ GPU_CASES = {
     "sam_l0_neck_fusedmbconv": Case("fused", 4, 256, 256, 256, 32, 32, layout="channels_last", residual=True,
                                     activations=("none", "gelu_tanh", "none")),
     "b1_mbconv_downsample": Case("mbconv", 64, 64, 256, 128, 28, 28, stride=2, biases=True),
+    "sana_600m_glumbconv": Case("mbconv", 1, 1152, 5760, 1152, 32, 32, layout="channels_last", biases=False,
+                                activations=GLUMBCONV, gate="silu"),
 }
 
 

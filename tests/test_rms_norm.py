@@ -96,31 +96,40 @@ WIDE = 200
 """Channels of the split tests: four 64-channel slices, the last of 8."""
 
 
+SPLIT_CASES = {  # (shape, layout: "nchw" normalizes dimension 1 of the shape through movedim, grid of both kernels)
+    "tokens": ((2, 15, WIDE), "tokens", (4, 4)),  # 30 rows in 4 blocks of 8
+    "nchw": ((2, WIDE, 3, 5), "nchw", (4, 4)),
+    # on a GPU, released shapes (their grids as the plan test above derives them)
+    "sana_caption": pytest.param((1, 300, 2304), "tokens", (38, 12), marks=pytest.mark.gpu),
+    "dc_ae_32x32": pytest.param((1, 1024, 32, 32), "nchw", (128, 16), marks=pytest.mark.gpu),
+}
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("centered", [False, True], ids=["rms", "centered"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["nchw", "tokens"])
-def test_split_channels_within_twice_eager_error(poisoned_empty, layout, dtype, centered):
+@pytest.mark.parametrize("shape, layout, grid", list(SPLIT_CASES.values()), ids=list(SPLIT_CASES))
+def test_split_channels_within_twice_eager_error(poisoned_empty, shape, layout, grid, dtype, centered):
     """Few rows of many channels: the statistics per channel slice, then each slice normalized with every slice's
     statistics combined (centered: a mean of 20 that a naive E[x²] - E[x]² would cancel), with weight, bias and a
     residual."""
     g = torch.Generator().manual_seed(0)
-    shape = (2, WIDE, 3, 5) if layout == "nchw" else (2, 15, WIDE)
     base = torch.randn(*shape, generator=g) * 3 + (20 if centered else 0)
     x = (base.movedim(1, -1) if layout == "nchw" else base).to(DEVICE, dtype)
+    channels = x.shape[-1]
     residual = torch.randn(x.shape, generator=g).to(DEVICE, dtype)
-    weight, bias = (torch.randn(WIDE, generator=g).to(DEVICE, dtype) for _ in range(2))
+    weight, bias = (torch.randn(channels, generator=g).to(DEVICE, dtype) for _ in range(2))
     with predict.recorded_launches() as launches:
         rms_norm(x.to("meta"), weight.to("meta"), bias.to("meta"), 1e-5, residual=residual.to("meta"),
                  centered=centered, backend="triton")
     assert [(launch.kernel, launch.grid) for launch in launches] == [
-        ("_rms_norm_stats_kernel", (4, 4)), ("_rms_norm_apply_kernel", (4, 4))]  # 30 rows in 4 blocks of 8
+        ("_rms_norm_stats_kernel", grid), ("_rms_norm_apply_kernel", grid)]
     doubled = [t.double() for t in (x, weight, bias, residual)]
     expected = rms_norm_reference(RmsNormArgs(*doubled[:3], 1e-5, doubled[3], centered))
     got = rms_norm(x, weight, bias, 1e-5, residual=residual, centered=centered, backend="triton")
     eager = rms_norm(x, weight, bias, 1e-5, residual=residual, centered=centered, backend="torch")
     assert got.dtype == dtype and got.stride() == eager.stride() and torch.isfinite(got).all()
-    assert_within_twice_eager(got, eager, expected, dtype, terms=WIDE)
+    assert_within_twice_eager(got, eager, expected, dtype, terms=channels)
 
 
 @pytest.mark.numerics

@@ -14,10 +14,9 @@ least a wave of tiles: the spatial conv and the projection in one kernel, after,
 ``evit::conv_bn_act``'s 1×1 kernel (``h`` written once, channels-last). Every other block runs layer by layer
 through ``evit::conv_bn_act``'s kernels (per-layer fusion: each conv with its bias, activation and residual, a GLU
 gate with the depthwise conv; the tensors between layers channels-last; a 1×1 layer with nothing to fuse on
-PyTorch's conv), saying so once. Whole-block kernels that
-also kept ``h`` on chip (its tile gathered per tap), or took ``d`` 16 channels at a time, measured 1.6–6.8× slower
-than eager on an H200, where the DSConv kernel and the layer-by-layer kernels were faster than eager
-(docs/performance.md, "Measured on a GPU").
+PyTorch's conv), saying so once. Whole-block kernels that also kept ``h`` on chip (its tile gathered per tap), or
+took ``d`` 16 channels at a time, measured 1.6–6.8× slower than eager on an H200, where the DSConv kernel and the
+layer-by-layer kernels were faster than eager (docs/performance.md, "Measured on a GPU").
 """
 
 from __future__ import annotations
