@@ -60,22 +60,24 @@ def _row_offsets(rows, inner, outer_stride, inner_stride):
 
 
 @triton.jit
-def _statistics(x_rows, x_sc, row_ok, c_start, c_end, CENTERED: tl.constexpr, BLOCK_R: tl.constexpr,
+def _statistics(x_rows, x_sc, row_ok, length, CENTERED: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_C: tl.constexpr):
-    """(sum, sum of squares about the mean) of channels [c_start, c_end) of each row, fp32; not ``CENTERED``: (0,
-    sum of squares)."""
+    """(sum, sum of squares about the mean) of the ``length`` channels from ``x_rows`` of each row, fp32; not
+    ``CENTERED``: (0, sum of squares). (The sum is reduced once after its loop, not chunk by chunk: triton 3.6 fails to
+    build the fp32 centered statistics kernel of a loop reducing every chunk.)"""
     total = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    if CENTERED:
-        for c0 in range(c_start, c_end, BLOCK_C):
+    if CENTERED:  # each lane sums its column of the chunks, the columns added once after the loop
+        columns = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        for c0 in range(0, length, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask = row_ok[:, None] & (offs_c < c_end)[None, :]
-            total += tl.sum(tl.load(x_rows[:, None] + offs_c[None, :] * x_sc, mask=mask, other=0.0).to(tl.float32),
-                            axis=1)
-    mean = total / (c_end - c_start)
+            mask = row_ok[:, None] & (offs_c < length)[None, :]
+            columns += tl.load(x_rows[:, None] + offs_c[None, :] * x_sc, mask=mask, other=0.0).to(tl.float32)
+        total = tl.sum(columns, axis=1)
+    mean = total / length
     squares = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for c0 in range(c_start, c_end, BLOCK_C):
+    for c0 in range(0, length, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask = row_ok[:, None] & (offs_c < c_end)[None, :]
+        mask = row_ok[:, None] & (offs_c < length)[None, :]
         xv = tl.load(x_rows[:, None] + offs_c[None, :] * x_sc, mask=mask, other=0.0).to(tl.float32)
         xv = tl.where(mask, xv - mean[:, None], 0.0)  # padded channels add nothing
         squares += tl.sum(xv * xv, axis=1)
@@ -109,8 +111,7 @@ def _rms_norm_kernel(x, weight, bias, residual, out, n_rows, channels, eps, has_
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     x_rows = x + _row_offsets(rows, x_inner, x_outer_stride, x_inner_stride)
-    total, squares = _statistics(x_rows, x_sc, row_ok, 0, channels, CENTERED=CENTERED, BLOCK_R=BLOCK_R,
-                                 BLOCK_C=BLOCK_C)
+    total, squares = _statistics(x_rows, x_sc, row_ok, channels, CENTERED=CENTERED, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     _normalize(x_rows, residual + _row_offsets(rows, r_inner, r_outer_stride, r_inner_stride),
                out + _row_offsets(rows, o_inner, o_outer_stride, o_inner_stride), weight, bias, out, x_sc, r_sc, o_sc,
                row_ok, 0, channels, total / channels, tl.math.rsqrt(squares / channels + eps), has_weight, has_bias,
@@ -124,8 +125,8 @@ def _rms_norm_stats_kernel(x, stats, n_rows, channels, slice_length, x_inner, x_
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     c_start = tl.program_id(1) * slice_length
-    total, squares = _statistics(x + _row_offsets(rows, x_inner, x_outer_stride, x_inner_stride), x_sc, row_ok,
-                                 c_start, tl.minimum(c_start + slice_length, channels), CENTERED=CENTERED,
+    total, squares = _statistics(x + _row_offsets(rows, x_inner, x_outer_stride, x_inner_stride) + c_start * x_sc,
+                                 x_sc, row_ok, tl.minimum(slice_length, channels - c_start), CENTERED=CENTERED,
                                  BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     at = stats + tl.program_id(1) * n_rows + rows
     if CENTERED:
