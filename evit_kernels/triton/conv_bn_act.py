@@ -226,8 +226,8 @@ def depthwise(a: ConvBnActArgs, out: torch.Tensor, gate: str | None = None) -> t
     """Writes ``act(depthwise_conv(x) + bias) + residual`` into ``out`` (B, C, H_out, W_out), any strides.
     ``weight`` is (C, 1, k, k). With ``gate`` (an activation name; no residual), the GLU mode: ``weight`` is
     (2·C, 1, k, k) and ``out`` gets ``y[:, :C] · gate(y[:, C:])`` of the conv's activated output y."""
-    batch, channels, height, width = out.shape[0], out.shape[1], a.x.shape[2], a.x.shape[3]
-    _, _, out_height, out_width = out.shape
+    height, width = a.x.shape[2:]
+    batch, channels, out_height, out_width = out.shape
     n_pixels = batch * out_height * out_width
     bias, has_bias, _ = common.optional(a.bias, a.weight)
     residual, has_residual, r_strides = common.optional(a.residual, out)
@@ -235,7 +235,7 @@ def depthwise(a: ConvBnActArgs, out: torch.Tensor, gate: str | None = None) -> t
     grid = (triton.cdiv(n_pixels, blocks["BLOCK_P"]), triton.cdiv(channels, blocks["BLOCK_C"]))
     _conv_dw_kernel[grid](
         a.x, a.weight, bias, residual, out, n_pixels, channels, height, width, out_height, out_width,
-        a.weight.shape[2], *a.stride, *a.padding, has_bias, has_residual, channels if gate else 0,
+        a.weight.shape[2], *a.stride, *a.padding, has_bias, has_residual, 0 if gate is None else channels,
         *a.x.stride(), a.weight.stride(0), a.weight.stride(2), a.weight.stride(3), *r_strides, *out.stride(),
         ACTIVATION=a.activation, GATE=gate, **blocks)
     return out
