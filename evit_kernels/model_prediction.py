@@ -101,6 +101,9 @@ class Prediction:
     launches: list[PricedLaunch] = field(default_factory=list)
     modules: dict[str, dict] = field(default_factory=dict)
     """Per fused-module class (and "" for everything not patched): instances, eager and patched milliseconds."""
+    instances: dict[str, dict] = field(default_factory=dict)
+    """Per fused module by name: its class, and the eager milliseconds of the unpatched model's ops in it against the
+    patched milliseconds of its launches and of the aten ops it still runs inside it."""
     op_calls: dict[int, dict] = field(default_factory=dict)
     """Per op call that launched a kernel (``PricedLaunch.op_call``): its op, shape class and useful FLOPs."""
 
@@ -131,18 +134,20 @@ def predict_model(name: str, batch: int, res: tuple[int, int], dtype: str, gpu_n
         args = run.op_calls[index]
         op_calls[index] = {"op": args.op, "shape_class": args.shape_class(), "useful_flops": useful_flops(args)}
 
+    instances = {module: {"class": cls, "eager_ms": 0.0, "patched_ms": 0.0} for module, cls in fused.items()}
     modules: dict[str, dict] = defaultdict(lambda: {"instances": set(), "eager_ms": 0.0, "patched_ms": 0.0})
-    for cost in eager:
-        modules[fused.get(cost.module, "")]["eager_ms"] += cost.seconds * 1e3
-    for item in [*glue, *priced]:
-        modules[fused.get(item.module, "")]["patched_ms"] += item.seconds * 1e3
+    for side, items in (("eager_ms", eager), ("patched_ms", [*glue, *priced])):
+        for item in items:
+            modules[fused.get(item.module, "")][side] += item.seconds * 1e3
+            if item.module in instances:
+                instances[item.module][side] += item.seconds * 1e3
     for module, cls in fused.items():
         modules[cls]["instances"].add(module)
     return Prediction(
         name, batch, res, dtype, layout, gpu.name, git_commit(), sum(c.seconds for c in eager) * 1e3,
         sum(item.seconds for item in [*glue, *priced]) * 1e3, len(eager), len(glue),
         sum(c.seconds for c in glue) * 1e3, priced,
-        {cls: {**m, "instances": len(m["instances"])} for cls, m in modules.items()}, op_calls)
+        {cls: {**m, "instances": len(m["instances"])} for cls, m in modules.items()}, instances, op_calls)
 
 
 def format_prediction(p: Prediction) -> str:
@@ -160,6 +165,13 @@ def format_prediction(p: Prediction) -> str:
     for cls, m in sorted(p.modules.items(), key=lambda item: -item[1]["eager_ms"]):
         lines.append(f"{cls or '(not patched)':<28}{m['instances'] or '':>6}{m['eager_ms']:>10.3f}"
                      f"{m['patched_ms']:>12.3f}{m['eager_ms'] / m['patched_ms']:>8.2f}x")
+    slower = slower_instances(p)
+    lines += ["", f"fused modules predicted slower than the eager ops they replace: {len(slower)} of "
+                  f"{len(p.instances)}"]
+    if slower:
+        lines.append(f"  {'module':<40}{'class':<24}{'eager ms':>10}{'patched ms':>12}{'speedup':>9}")
+    lines += [f"  {module:<40}{m['class']:<24}{m['eager_ms']:>10.4f}{m['patched_ms']:>12.4f}"
+              f"{m['eager_ms'] / m['patched_ms']:>8.2f}x" for module, m in slower]
     lines += ["", f"{'op / kernel':<34}{'launches':>9}{'regs':>5}{'spill':>6}{'CTA/SM':>7}{'instr':>9}{'ld/st B':>8}"
                   f"{'useful GF':>10}{'exec GF':>9}{'HBM GB':>8}{'req GB':>8}{'ms':>8}"]
     useful: dict[str, int] = defaultdict(int)
@@ -183,6 +195,13 @@ def format_prediction(p: Prediction) -> str:
                 f"{sum(x.hbm_bytes for x in group) / 1e9:>8.3f}{requested / 1e9:>8.3f}"
                 f"{sum(x.seconds for x in group) * 1e3:>8.3f}")
     return "\n".join(lines)
+
+
+def slower_instances(p: Prediction) -> list[tuple[str, dict]]:
+    """The fused modules whose patched time (launches and the aten ops inside them) exceeds the eager time of the
+    ops they replace, slowest relative to eager first."""
+    slower = [(module, m) for module, m in p.instances.items() if m["patched_ms"] > m["eager_ms"]]
+    return sorted(slower, key=lambda item: item[1]["eager_ms"] / item[1]["patched_ms"])
 
 
 def save_json(p: Prediction, path: str) -> None:

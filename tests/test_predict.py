@@ -297,6 +297,16 @@ def test_predict_command_prices_every_launch(tmp_path):
         assert launch["seconds"] > 3e-6
     assert p["patched_ms"] == pytest.approx(sum(x["seconds"] for x in p["launches"]) * 1e3 + p["patched_aten_ms"])
     assert sum(m["eager_ms"] for m in p["modules"].values()) == pytest.approx(p["eager_ms"])
+    # Each fused module's own times add up to its class's, and the text lists those slower than their eager ops.
+    for cls, m in p["modules"].items():
+        mine = [i for i in p["instances"].values() if i["class"] == cls]
+        assert len(mine) == m["instances"]
+        for side in ("eager_ms", "patched_ms"):
+            assert sum(i[side] for i in mine) == pytest.approx(m[side] if cls else 0.0)
+    slower = [name for name, i in p["instances"].items() if i["patched_ms"] > i["eager_ms"]]
+    assert (f"fused modules predicted slower than the eager ops they replace: {len(slower)} of "
+            f"{len(p['instances'])}") in run.stdout
+    assert all(name in run.stdout for name in slower)
     # The eager side is the unpatched model's, counted on its own.
     with torch.device("meta"):
         model = timm.create_model("efficientvit_b0").eval().to(torch.bfloat16)
