@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -135,19 +135,18 @@ def predict_model(name: str, batch: int, res: tuple[int, int], dtype: str, gpu_n
         op_calls[index] = {"op": args.op, "shape_class": args.shape_class(), "useful_flops": useful_flops(args)}
 
     instances = {module: {"class": cls, "eager_ms": 0.0, "patched_ms": 0.0} for module, cls in fused.items()}
-    modules: dict[str, dict] = defaultdict(lambda: {"instances": set(), "eager_ms": 0.0, "patched_ms": 0.0})
+    modules: dict[str, dict] = defaultdict(lambda: {"eager_ms": 0.0, "patched_ms": 0.0})
     for side, items in (("eager_ms", eager), ("patched_ms", [*glue, *priced])):
         for item in items:
             modules[fused.get(item.module, "")][side] += item.seconds * 1e3
             if item.module in instances:
                 instances[item.module][side] += item.seconds * 1e3
-    for module, cls in fused.items():
-        modules[cls]["instances"].add(module)
+    counts = Counter(fused.values())
     return Prediction(
         name, batch, res, dtype, layout, gpu.name, git_commit(), sum(c.seconds for c in eager) * 1e3,
         sum(item.seconds for item in [*glue, *priced]) * 1e3, len(eager), len(glue),
         sum(c.seconds for c in glue) * 1e3, priced,
-        {cls: {**m, "instances": len(m["instances"])} for cls, m in modules.items()}, instances, op_calls)
+        {cls: {"instances": counts[cls], **m} for cls, m in modules.items()}, instances, op_calls)
 
 
 def format_prediction(p: Prediction) -> str:
