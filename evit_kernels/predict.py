@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.flop_counter import flop_registry
 
 from evit_kernels import dispatch
+from evit_kernels.fp32_precision import tf32_allowed
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,11 @@ class AtenCost:
 
 def eager_instruction(op: str, dtype: torch.dtype) -> str:
     """The instruction eager runs aten op ``op``'s FLOPs on: tensor cores for bf16/fp16 (wgmma on sm_90); fp32 on
-    TF32 where PyTorch allows it for that kind of op (``torch.backends.cudnn.allow_tf32`` for convolutions, on by
-    default; ``torch.backends.cuda.matmul.allow_tf32`` for matmuls, off by default), else FMA."""
+    TF32 where PyTorch allows it for that kind of op (:func:`evit_kernels.fp32_precision.tf32_allowed`: on by default
+    for convolutions, off for matmuls), else FMA."""
     if dtype in (torch.float16, torch.bfloat16):
         return "wgmma"
-    allowed = torch.backends.cudnn.allow_tf32 if "conv" in op else torch.backends.cuda.matmul.allow_tf32
-    return "tf32" if allowed else "fma"
+    return "tf32" if tf32_allowed("conv" if "conv" in op else "matmul") else "fma"
 
 
 class EagerCounter(TorchDispatchMode):

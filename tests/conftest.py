@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from evit_kernels import dispatch, measured
+from evit_kernels.fp32_precision import tf32_allowed
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -42,6 +43,18 @@ def op_runs():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32_convs():
+    """fp32 held to fp32's error: during every test, cuDNN's fp32 convs, and the conv kernels that follow its setting
+    (docs/ops.md, "Tensor-core products"), in IEEE precision. PyTorch's default allows TF32, and cuDNN then chooses
+    per shape whether to use it, so eager's own fp32 error, the tests' yardstick, would vary with that choice. The
+    TF32 path has its own test (tests/test_conv_bn_act_triton.py)."""
+    allowed = tf32_allowed("conv")
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = allowed
 
 
 @pytest.fixture

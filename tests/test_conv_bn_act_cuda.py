@@ -84,12 +84,6 @@ def _check_against_float64(args, activation):
     assert_within_twice_eager(out, eager, expected, dtype, args[1][0].numel())
 
 
-@pytest.fixture
-def ieee_eager(monkeypatch):
-    """Eager fp32 convs without TF32, so that fp32 is held to fp32's error."""
-    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "ieee")
-
-
 # --- on a GPU ------------------------------------------------------------------------------------------------
 
 @pytest.mark.numerics
@@ -100,7 +94,7 @@ def ieee_eager(monkeypatch):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("k", [3, 5, 7])
-def test_within_twice_eager_error(ieee_eager, k, stride, activation, dtype, layout):
+def test_within_twice_eager_error(k, stride, activation, dtype, layout):
     # 40 channels: a full and a partial group of 32; 13×11: prime, non-square, several NCHW tiles at stride 1.
     _check_against_float64(_inputs(2, 40, 13, 11, k, stride, k // 2, True, True, layout, dtype), activation)
 
@@ -110,7 +104,7 @@ def test_within_twice_eager_error(ieee_eager, k, stride, activation, dtype, layo
 @needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("name", SHAPES)
-def test_odd_shapes_within_twice_eager_error(ieee_eager, name, dtype):
+def test_odd_shapes_within_twice_eager_error(name, dtype):
     layout = SHAPES[name][-1]
     # The residual in the other layout: it is read through its strides.
     other = "contiguous" if layout in ("channels_last", "misaligned") else "channels_last"

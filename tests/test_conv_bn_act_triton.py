@@ -4,6 +4,7 @@ reference (on CPU through the Triton interpreter on tiny grids; on a GPU also wi
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -18,7 +19,7 @@ from evit_kernels.ops.conv_bn_act import ACTIVATIONS, ConvBnActArgs, conv_bn_act
 from evit_kernels.ops.conv_bn_act import kernel_kind as conv_kernel_kind
 from evit_kernels.triton import _common as triton_common
 from evit_kernels.triton import conv_bn_act as triton_conv
-from tests.numerics import assert_within_twice_eager, in_layout
+from tests.numerics import assert_within_twice_eager, in_layout, max_err, rounding_floor
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -353,20 +354,53 @@ def test_realistic_shapes_on_gpu(poisoned_empty, kind, dtype):
     _check_against_float64(x, weight, bias, residual, conv, "hardswish")
 
 
+def tf32_exact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (fp32) with the 13 low mantissa bits cleared: values TF32 holds exactly (10 explicit mantissa bits)."""
+    return (t.view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["pointwise", "dense_3x3", "split_projection"])
+def test_tf32_products_of_tf32_values_are_exact_on_gpu(poisoned_empty, kind):
+    """fp32 convs where PyTorch allows cuDNN TF32 (its default; the other tests turn it off), so the kernel
+    multiplies on TF32 tensor cores. On inputs TF32 holds exactly, every product is exact however the hardware
+    rounds its operands, so the result must be as close to float64 as fp32 accumulation allows: a wrong TF32 build,
+    or operands narrowed further (bf16 keeps 7 bits), fails."""
+    if kind == "pointwise":  # EfficientViT-B1 stage 3 at batch 8: 256 → 1024
+        x, weight, bias, residual, conv = _inputs(8, 256, 1024, 14, 14, 1, 1, 0, 1, True, True, "nchw", torch.float32)
+    elif kind == "dense_3x3":  # a 3×3 groups-1 conv of 32 channels (EfficientViT-M's stem)
+        x, weight, bias, residual, conv = _inputs(4, 32, 64, 28, 28, 3, 2, 1, 1, True, True, "nchw", torch.float32)
+    else:  # EfficientViT-L1 stage 4 at batch 1: a 3072 → 512 projection on a 7×7 map, split over its channels
+        x, weight, bias, residual, conv = _inputs(1, 3072, 512, 7, 7, 1, 1, 0, 1, True, True, "channels_last",
+                                                  torch.float32)
+    x, weight = tf32_exact(x), tf32_exact(weight)
+    torch.backends.cudnn.allow_tf32 = True  # the autouse fixture restores IEEE's setting for the next test
+    out = conv_bn_act(x, weight, bias, activation="hardswish", residual=residual, backend="triton", **conv)
+    f64 = [None if t is None else t.double() for t in (x, weight, bias, residual)]
+    expected = conv_bn_act_reference(ConvBnActArgs(*f64[:3], conv["stride"], conv["padding"], [1, 1], 1,
+                                                   "hardswish", f64[3]))
+    assert torch.isfinite(out).all()
+    assert max_err(out, expected) <= rounding_floor(expected, torch.float32, weight[0].numel())
+
+
 def test_dot_mode_follows_the_dtype_pytorch_and_the_interpreter(monkeypatch):
     """docs/ops.md, "Tensor-core products": low precision straight to the tensor cores (bf16 upcast only where the
-    interpreter runs it), fp32 as PyTorch's matmul setting says."""
+    interpreter runs it), fp32 as PyTorch's setting for the op the products replace says (cuDNN's for convolutions,
+    cuBLAS's for matmuls; tests/test_fp32_precision.py checks how those settings are read)."""
     from evit_kernels.triton._common import dot_mode
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert dot_mode(torch.bfloat16) == dot_mode(torch.float16) == {"PRECISION": "ieee", "UPCAST": False}
+    for op in ("conv", "matmul"):
+        assert dot_mode(torch.bfloat16, op) == dot_mode(torch.float16, op) == {"PRECISION": "ieee", "UPCAST": False}
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert dot_mode(torch.bfloat16)["UPCAST"] and not dot_mode(torch.float16)["UPCAST"]
-    allowed = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        assert dot_mode(torch.float32) == {"PRECISION": "ieee", "UPCAST": False}
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert dot_mode(torch.float32)["PRECISION"] == "tf32"
+    assert dot_mode(torch.bfloat16, "conv")["UPCAST"] and not dot_mode(torch.float16, "conv")["UPCAST"]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    matmul_default = torch.backends.cuda.matmul.allow_tf32
+    try:  # the autouse fixture restores cuDNN's setting
+        for conv_tf32, matmul_tf32 in itertools.product((False, True), repeat=2):
+            torch.backends.cudnn.allow_tf32 = conv_tf32
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+            assert dot_mode(torch.float32, "conv")["PRECISION"] == ("tf32" if conv_tf32 else "ieee")
+            assert dot_mode(torch.float32, "matmul")["PRECISION"] == ("tf32" if matmul_tf32 else "ieee")
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = allowed
+        torch.backends.cuda.matmul.allow_tf32 = matmul_default

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from evit_kernels.dispatch import KERNEL_DTYPES
+from evit_kernels.fp32_precision import tf32_allowed
 from evit_kernels.predict import GPUS
 
 POINTER_TYPES = {dtype: {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
@@ -31,15 +32,23 @@ def dot_size(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def dot_mode(dtype: torch.dtype) -> dict:
-    """How every kernel multiplies tiles of ``dtype`` tensors (the ``PRECISION`` and ``UPCAST`` constexprs of
-    :func:`mma`). fp16 and bf16 operands go to the tensor cores as they are, with fp32 accumulation. fp32 ones
-    follow PyTorch's own setting for matmuls: TF32 where ``torch.backends.cuda.matmul.allow_tf32`` (or
-    ``torch.set_float32_matmul_precision("high")``) allows it, IEEE fp32 otherwise (PyTorch's default). Under the
-    Triton interpreter, whose bf16 dot is broken, bf16 operands are upcast to fp32 first (``UPCAST``): products of
-    bf16 values are exact in fp32, so CI checks the values the tensor cores compute."""
-    return {"PRECISION": "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee",
+def dot_mode(dtype: torch.dtype, op: str) -> dict:
+    """How a kernel multiplies tiles of ``dtype`` tensors where its products stand for PyTorch's ``op`` ("conv" or
+    "matmul"): the ``PRECISION`` and ``UPCAST`` constexprs of :func:`mma`. fp16 and bf16 operands go to the tensor
+    cores as they are, with fp32 accumulation. fp32 ones as PyTorch would run that op
+    (:func:`evit_kernels.fp32_precision.tf32_allowed`): TF32 where it allows it (convolutions by default, matmuls
+    after ``torch.set_float32_matmul_precision("high")``), IEEE fp32 otherwise. Under the Triton interpreter, whose
+    bf16 dot is broken, bf16 operands are upcast to fp32 first (``UPCAST``): products of bf16 values are exact in
+    fp32, so CI checks the values the tensor cores compute."""
+    return {"PRECISION": "tf32" if dtype == torch.float32 and tf32_allowed(op) else "ieee",
             "UPCAST": dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"}
+
+
+def compiled_dot_modes(dtype: torch.dtype) -> list[dict]:
+    """Every :func:`dot_mode` a GPU launch on ``dtype`` tensors can take, whatever PyTorch's settings: the compile
+    configurations build each one (fp32: IEEE and TF32)."""
+    return [{"PRECISION": precision, "UPCAST": False}
+            for precision in (("ieee", "tf32") if dtype == torch.float32 else ("ieee",))]
 
 
 def optional(t: torch.Tensor | None, stand_in: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, ...]]:

@@ -24,12 +24,14 @@ identical gradients.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from evit_kernels.dispatch import span
-from evit_kernels.triton._common import POINTER_TYPES, dot_mode, dot_size, mma, rounded, signature
+from evit_kernels.triton._common import POINTER_TYPES, compiled_dot_modes, dot_mode, dot_size, mma, rounded, signature
 
 BLOCK_D = 16  # channel chunk: tl.dot's minimum size; released key/value dims are multiples of it
 MAX_RESOLUTION = 8  # N = R² ≤ 64: the N×N fp32 tiles of the backward stay in registers on sm_90
@@ -343,14 +345,15 @@ MAP_MAX_HEADS = 15
 
 def map_warps(dtype: torch.dtype, resolution: int, val_dim: int) -> int | None:
     """The warps of the whole-map kernel for ``dtype`` inputs, R×R windows and heads of ``val_dim`` channels (4 on
-    windows of up to 16 tokens, 8 on larger ones), or None where it would spill registers on sm_90 under triton 3.6
-    or 3.8: heads wider than 64 channels on windows of up to 16 tokens, wider than 32 on larger ones (under 3.6,
-    64-channel heads on 7×7 windows spill 32 B in fp16/bf16 and 544 B in fp32, 128-channel heads on 4×4 windows
-    380 B, whatever the warps; the head kernel, which carries nothing from head to head, does not)."""
+    windows of up to 16 tokens, 8 on larger ones and for fp32 heads of 64 channels, whose TF32 build spills 56 B on
+    4 warps under triton 3.6), or None where it would spill registers on sm_90 under triton 3.6 or 3.8: heads wider
+    than 64 channels on windows of up to 16 tokens, wider than 32 on larger ones (under 3.6, 64-channel heads on 7×7
+    windows spill 32 B in fp16/bf16 and 544 B in fp32, 128-channel heads on 4×4 windows 380 B, whatever the warps;
+    the head kernel, which carries nothing from head to head, does not)."""
     r_pad, vd_pad = grid_side(resolution), dot_size(val_dim)
     if vd_pad > (64 if r_pad == 4 else 32):
         return None
-    return 4 if r_pad == 4 else 8
+    return 4 if r_pad == 4 and not (dtype == torch.float32 and vd_pad == 64) else 8
 
 
 HEAD_WARPS = 8
@@ -383,7 +386,7 @@ def whole_map_heads(x: torch.Tensor, qkv_weights: list[torch.Tensor], qkv_biases
     if not n_programs:
         return out
     geometry = (height, width, windows_w, windows_h * windows_w, window, key_dim, val_dim)
-    constexprs = {"R_PAD": r_pad, "KD_PAD": kd_pad, "VD_PAD": vd_pad, **dot_mode(x.dtype)}
+    constexprs = {"R_PAD": r_pad, "KD_PAD": kd_pad, "VD_PAD": vd_pad, **dot_mode(x.dtype, "matmul")}
     warps = map_warps(x.dtype, window, val_dim)
     if warps is not None:
         kernel_sizes = sum(w.shape[-1] // 2 << 2 * i for i, w in enumerate(dw_weights))
@@ -416,7 +419,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_row: torch.T
         _cga_fwd_kernel[(n_windows,)](
             q, k, v, bias_row, out, n_tokens, resolution, key_dim, val_dim, scale,
             *_strides(q), *_strides(k), *_strides(v), bias_row.stride(0),
-            R_PAD=grid_side(resolution), BLOCK_D=BLOCK_D, **dot_mode(q.dtype))
+            R_PAD=grid_side(resolution), BLOCK_D=BLOCK_D, **dot_mode(q.dtype, "matmul"))
     return out
 
 
@@ -435,7 +438,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_row: torch.
         _cga_bwd_kernel[(n_windows,)](
             q, k, v, bias_row, grad_out, grad_q, grad_k, grad_v, partial, n_tokens, resolution, key_dim, val_dim,
             scale, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), bias_row.stride(0),
-            R_PAD=r_pad, BLOCK_D=BLOCK_D, BINS=_BINS, num_warps=_backward_warps(r_pad), **dot_mode(q.dtype))
+            R_PAD=r_pad, BLOCK_D=BLOCK_D, BINS=_BINS, num_warps=_backward_warps(r_pad), **dot_mode(q.dtype, "matmul"))
     return grad_q, grad_k, grad_v, partial.sum(dim=0)
 
 
@@ -449,16 +452,16 @@ def compile_configs():
         for bias_ptr in sorted({ptr, "*fp32"}):
             special = {"bias_row": bias_ptr, "bias_partial": "*fp32", "scale": "fp32"}
             for r_pad in sorted({grid_side(r) for r in range(1, MAX_RESOLUTION + 1)}):
-                for kernel in (_cga_fwd_kernel, _cga_bwd_kernel):
-                    constexprs = {"R_PAD": r_pad, "BLOCK_D": BLOCK_D, **dot_mode(dtype)}
+                for kernel, mode in itertools.product((_cga_fwd_kernel, _cga_bwd_kernel), compiled_dot_modes(dtype)):
+                    constexprs = {"R_PAD": r_pad, "BLOCK_D": BLOCK_D, **mode}
                     options = {}
                     if kernel is _cga_bwd_kernel:
                         constexprs["BINS"] = _BINS
                         options["num_warps"] = _backward_warps(r_pad)
                     yield kernel, signature(kernel, ptr, constexprs, pointers, special), constexprs, options
                 map_special = {"attention_biases": bias_ptr, "scale": "fp32"}
-                for vd_pad in (16, 32, 64, HEAD_MAX_VD_PAD):
-                    constexprs = {"R_PAD": r_pad, "KD_PAD": BLOCK_D, "VD_PAD": vd_pad, **dot_mode(dtype)}
+                for vd_pad, mode in itertools.product((16, 32, 64, HEAD_MAX_VD_PAD), compiled_dot_modes(dtype)):
+                    constexprs = {"R_PAD": r_pad, "KD_PAD": BLOCK_D, "VD_PAD": vd_pad, **mode}
                     warps = map_warps(dtype, r_pad, vd_pad)
                     if warps is not None:
                         yield (_cga_map_fwd_kernel, signature(_cga_map_fwd_kernel, ptr, constexprs,

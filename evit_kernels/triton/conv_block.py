@@ -22,6 +22,7 @@ which the op's backend checks (``dispatch.Backend.int32_offsets``).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -160,7 +161,7 @@ def forward(a: ConvBlockArgs, out: torch.Tensor, config: dict) -> torch.Tensor:
         *a.stride, *a.padding, has_b2, has_b3, has_residual,
         *a.x.stride(), *a.w2.stride(), a.w3.stride(0), a.w3.stride(1), *r_strides, *out.stride(),
         ACT2=a.act2, ACT3=a.act3, K=a.w2.shape[2], num_stages=1, **options, **config,
-        **common.dot_mode(a.compute_dtype()))
+        **common.dot_mode(a.compute_dtype(), "conv"))
     return out
 
 
@@ -175,11 +176,10 @@ def compile_configs():
                 above = 0 if narrower is None else narrower.channels  # the narrower tile's blocks are its own
                 for block_co in (16 << i for i in range(tiles.channels.bit_length())
                                  if above < 16 << i <= tiles.channels):
-                    for ksize in KERNEL_SIZES:
+                    for ksize, mode in itertools.product(KERNEL_SIZES, common.compiled_dot_modes(dtype)):
                         constexprs = {"ACT2": "hardswish", "ACT3": "none", "K": ksize, "DEPTHWISE": kind == "depthwise",
                                       "P": tiles.pixels, "BLOCK_H": tiles.hidden, "BLOCK_K": BLOCK_K,
-                                      "BLOCK_CO": block_co, "PIXELS_ON_N": tiles.pixels_on_n,
-                                      **common.dot_mode(dtype)}
+                                      "BLOCK_CO": block_co, "PIXELS_ON_N": tiles.pixels_on_n, **mode}
                         types = common.signature(_conv_project_fwd_kernel, common.POINTER_TYPES[dtype], constexprs,
                                                  pointers)
                         yield _conv_project_fwd_kernel, types, constexprs, {"num_warps": tiles.warps, "num_stages": 1,

@@ -253,7 +253,7 @@ def dense(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
     blocks = dense_blocks(n_pixels, out_channels)
     tiles = triton.cdiv(n_pixels, blocks["BLOCK_M"]) * triton.cdiv(out_channels, blocks["BLOCK_N"])
     splits = dense_splits(tiles, in_channels, blocks["BLOCK_K"]) if ksize == 1 else 1
-    options = {"num_warps": dense_warps(a.compute_dtype(), ksize), **common.dot_mode(a.compute_dtype())}
+    options = {"num_warps": dense_warps(a.compute_dtype(), ksize), **common.dot_mode(a.compute_dtype(), "conv")}
     if splits == 1:
         _conv_dense_kernel[(tiles, 1)](
             a.x, a.weight, bias, residual, out, n_pixels, in_channels, out_channels, height, width, out_height,
@@ -281,7 +281,7 @@ def rows(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
         a.x, a.weight, bias, residual, out, in_channels, out_channels, height, width, out_height, out_width,
         has_bias, has_residual, *a.x.stride(), *a.weight.stride(), *r_strides, *out.stride(),
         ACTIVATION=a.activation, STRIDE=a.stride[0], BLOCK_P=ROWS_BLOCK_P, BLOCK_N=ROWS_BLOCK_N, PAIRS=ROWS_PAIRS,
-        num_warps=dense_warps(a.x.dtype, 3), **common.dot_mode(a.x.dtype))
+        num_warps=dense_warps(a.x.dtype, 3), **common.dot_mode(a.x.dtype, "conv"))
     return out
 
 
@@ -300,19 +300,18 @@ def compile_configs():
                               "BLOCK_C": blocks["BLOCK_C"]}
                 yield (_conv_dw_kernel, common.signature(_conv_dw_kernel, ptr, constexprs, pointers), constexprs,
                        {"num_warps": blocks["num_warps"]})
-            for stride in (1, 2):
+            for mode, stride in itertools.product(common.compiled_dot_modes(dtype), (1, 2)):
                 constexprs = {"ACTIVATION": activation, "STRIDE": stride, "BLOCK_P": ROWS_BLOCK_P,
-                              "BLOCK_N": ROWS_BLOCK_N, "PAIRS": ROWS_PAIRS, **common.dot_mode(dtype)}
+                              "BLOCK_N": ROWS_BLOCK_N, "PAIRS": ROWS_PAIRS, **mode}
                 yield (_conv_rows_kernel, common.signature(_conv_rows_kernel, ptr, constexprs, pointers), constexprs,
                        {"num_warps": dense_warps(dtype, 3)})
-            for ksize in DENSE_KERNEL_SIZES:
-                for blocks in (DENSE_BLOCKS, DENSE_SMALL_GRID_BLOCKS):
-                    constexprs = {"ACTIVATION": activation, "KSIZE": ksize, **blocks, **common.dot_mode(dtype),
-                                  "SPLIT_K": False}
-                    yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers),
-                           constexprs, {"num_warps": dense_warps(dtype, ksize)})
-        constexprs = {"ACTIVATION": "none", "KSIZE": 1, **DENSE_SMALL_GRID_BLOCKS, **common.dot_mode(dtype),
-                      "SPLIT_K": True}
-        yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers,
-                                                    special={"out": "*fp32"}),
-               constexprs, {"num_warps": dense_warps(dtype, 1)})  # a split 1×1 conv's slices
+            for mode, ksize, blocks in itertools.product(common.compiled_dot_modes(dtype), DENSE_KERNEL_SIZES,
+                                                         (DENSE_BLOCKS, DENSE_SMALL_GRID_BLOCKS)):
+                constexprs = {"ACTIVATION": activation, "KSIZE": ksize, **blocks, **mode, "SPLIT_K": False}
+                yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers),
+                       constexprs, {"num_warps": dense_warps(dtype, ksize)})
+        for mode in common.compiled_dot_modes(dtype):
+            constexprs = {"ACTIVATION": "none", "KSIZE": 1, **DENSE_SMALL_GRID_BLOCKS, **mode, "SPLIT_K": True}
+            yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers,
+                                                        special={"out": "*fp32"}),
+                   constexprs, {"num_warps": dense_warps(dtype, 1)})  # a split 1×1 conv's slices

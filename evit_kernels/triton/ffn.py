@@ -134,7 +134,7 @@ def forward(a: FfnArgs, out: torch.Tensor) -> torch.Tensor:
     grid = (triton.cdiv(n_pixels, sizes["BLOCK_M"]), triton.cdiv(channels, block_c))
     splits = hidden_splits(grid[0] * grid[1], hidden, sizes["BLOCK_H"])
     weights = (a.w1.stride(0), a.w1.stride(1), a.w2.stride(0), a.w2.stride(1))
-    options = {"BLOCK_C": block_c, **sizes, **common.dot_mode(a.x.dtype)}
+    options = {"BLOCK_C": block_c, **sizes, **common.dot_mode(a.x.dtype, "conv")}
     if splits == 1:
         _ffn_fwd_kernel[grid](
             a.x, a.w1, b1, a.w2, b2, residual, out, n_pixels, channels, hidden, height, width,
@@ -159,9 +159,10 @@ def compile_configs():
                 continue
             sizes = blocks(block_c, dtype)
             options = {"num_warps": sizes.pop("num_warps"), "maxnreg": sizes.pop("maxnreg")}
-            constexprs = {"BLOCK_C": block_c, **sizes, **common.dot_mode(dtype), "SPLIT_H": False}
-            yield _ffn_fwd_kernel, common.signature(_ffn_fwd_kernel, ptr, constexprs, pointers), constexprs, options
-            if block_c <= SMALL_GRID_BLOCK_C:  # a small grid's split hidden channels
-                constexprs = {**constexprs, "SPLIT_H": True}
-                yield (_ffn_fwd_kernel, common.signature(_ffn_fwd_kernel, ptr, constexprs, pointers,
-                                                         special={"out": "*fp32"}), constexprs, options)
+            for mode in common.compiled_dot_modes(dtype):
+                constexprs = {"BLOCK_C": block_c, **sizes, **mode, "SPLIT_H": False}
+                yield _ffn_fwd_kernel, common.signature(_ffn_fwd_kernel, ptr, constexprs, pointers), constexprs, options
+                if block_c <= SMALL_GRID_BLOCK_C:  # a small grid's split hidden channels
+                    constexprs = {**constexprs, "SPLIT_H": True}
+                    yield (_ffn_fwd_kernel, common.signature(_ffn_fwd_kernel, ptr, constexprs, pointers,
+                                                             special={"out": "*fp32"}), constexprs, options)

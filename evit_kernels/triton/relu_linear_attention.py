@@ -64,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from evit_kernels.triton._common import POINTER_TYPES, dot_mode, dot_size, signature
+from evit_kernels.triton._common import POINTER_TYPES, compiled_dot_modes, dot_mode, dot_size, signature
 
 _TARGET_PROGRAMS = 512  # about four waves of 132 SMs (_common.SMS): split N until (batch·heads·chunks) reaches this
 BLOCK_N = 64
@@ -725,7 +725,8 @@ def _partials(src: Heads, dim: int, per_chunk: int, chunks: int) -> torch.Tensor
     partial = _empty_partials(src, dim, chunks)
     _rla_fwd_reduce_kernel[(partial.shape[0], chunks)](
         src.k, src.v, src.rotated_or_stand_ins()[1], partial, src.heads, src.n_tokens, per_chunk, chunks,
-        *src.strides, D=dim, D_PAD=dot_size(dim), BLOCK_N=BLOCK_N, **dot_mode(src.q.dtype), ROTATED=src.rotated)
+        *src.strides, D=dim, D_PAD=dot_size(dim), BLOCK_N=BLOCK_N, **dot_mode(src.q.dtype, "matmul"),
+        ROTATED=src.rotated)
     return partial
 
 
@@ -747,7 +748,7 @@ def attend(src: Heads, out: torch.Tensor, out_strides: tuple[int, int, int], ind
         _rla_fwd_one_pass_kernel[(src.batch * src.heads,)](
             src.q, src.k, src.v, rotated_q, rotated_k, out, src.heads, index * src.heads, src.n_tokens, eps,
             *src.strides, *out_strides, D=dim, D_PAD=dot_size(dim), BLOCK_N=_apply_block(dot_size(dim)),
-            **dot_mode(src.q.dtype), ROTATED=src.rotated)
+            **dot_mode(src.q.dtype, "matmul"), ROTATED=src.rotated)
         return
     partial = _partials(src, dim, per_chunk, chunks)
     _rla_fwd_apply_kernel[(src.batch * src.heads, chunks)](
@@ -893,8 +894,8 @@ def _summed_kv(src: Heads, dim: int, per_chunk: int, chunks: int) -> torch.Tenso
     partial = _wide_partials(src, dim, chunks)
     _wide_fwd_reduce_kernel[(partial.shape[0], chunks, _column_blocks(dim))](
         src.k, src.v, src.rotated_or_stand_ins()[1], partial, src.heads, src.n_tokens, per_chunk, chunks,
-        *src.strides, BLOCK_N=_REDUCE_BLOCK_N, **_shape_constexprs(dim), **dot_mode(src.q.dtype), ROTATED=src.rotated,
-        **_WIDE_OPTIONS["_wide_fwd_reduce_kernel"])
+        *src.strides, BLOCK_N=_REDUCE_BLOCK_N, **_shape_constexprs(dim), **dot_mode(src.q.dtype, "matmul"),
+        ROTATED=src.rotated, **_WIDE_OPTIONS["_wide_fwd_reduce_kernel"])
     return partial.sum(dim=1)
 
 
@@ -938,9 +939,9 @@ def _wide_compile_configs():
             for rotated in (False, True):
                 shape = {**_shape_constexprs(dim), "ROTATED": rotated}
                 backward = {**shape, "BLOCK_N": _BACKWARD_BLOCK_N}
-                for kernel, constexprs in ((_wide_fwd_reduce_kernel, {**shape, "BLOCK_N": _REDUCE_BLOCK_N,
-                                                                      **dot_mode(dtype)}),
-                                           (_wide_fwd_apply_kernel, {**shape, "BLOCK_N": _APPLY_BLOCK_N}),
+                reduces = [(_wide_fwd_reduce_kernel, {**shape, "BLOCK_N": _REDUCE_BLOCK_N, **mode})
+                           for mode in compiled_dot_modes(dtype)]
+                for kernel, constexprs in (*reduces, (_wide_fwd_apply_kernel, {**shape, "BLOCK_N": _APPLY_BLOCK_N}),
                                            (_wide_bwd_reduce_kernel, backward), (_wide_bwd_apply_kernel, backward)):
                     # Partial sums are fp32 scratch, eps an fp32 scalar.
                     special = {name: "*fp32" for name in kernel.arg_names
@@ -961,9 +962,11 @@ def compile_configs():
             for rotated in (False, True):
                 backward = {**plain, "BLOCK_N": _heavy_block(plain["D_PAD"], dtype, rotated), "ROTATED": rotated}
                 apply = {**plain, "BLOCK_N": _apply_block(plain["D_PAD"]), "ROTATED": rotated}
-                configs += [(_rla_fwd_reduce_kernel, {**plain, **dot_mode(dtype), "ROTATED": rotated}),
-                            (_rla_fwd_apply_kernel, apply), (_rla_fwd_one_pass_kernel, {**apply, **dot_mode(dtype)}),
-                            (_rla_bwd_reduce_kernel, backward), (_rla_bwd_apply_kernel, backward)]
+                for mode in compiled_dot_modes(dtype):
+                    configs += [(_rla_fwd_reduce_kernel, {**plain, **mode, "ROTATED": rotated}),
+                                (_rla_fwd_one_pass_kernel, {**apply, **mode})]
+                configs += [(_rla_fwd_apply_kernel, apply), (_rla_bwd_reduce_kernel, backward),
+                            (_rla_bwd_apply_kernel, backward)]
             aggregated = [(kernel, False) for kernel in (_rla_agg_fwd_reduce_kernel, _rla_agg_fwd_apply_kernel)]
             if _aggregated_one_pass_block(dim, dtype):
                 aggregated.append((_rla_agg_fwd_one_pass_kernel, True))
