@@ -12,10 +12,11 @@ differ by default (on for convolutions, off for matmuls)."""
 
 def tf32_allowed(op: str) -> bool:
     """Whether PyTorch runs its fp32 ``op`` ("conv" or "matmul") on TF32 tensor cores. PyTorch's own answer
-    (``torch.backends.cudnn.allow_tf32``, ``torch.backends.cuda.matmul.allow_tf32``) where it gives one. It raises
-    where the settings were made partly through those flags and partly through the ``fp32_precision`` API of
-    torch 2.9 and later, and disagree (``torch.backends.cuda.matmul.fp32_precision = "tf32"`` alone does it); the
-    ``fp32_precision`` settings then decide, as PyTorch's kernels read them: the op's own, else the CUDA backend's,
+    (``torch.backends.cudnn.allow_tf32``, ``torch.backends.cuda.matmul.allow_tf32``) where it gives one. Those
+    getters raise where the ``fp32_precision`` settings of torch 2.9 and later disagree with what the legacy flags
+    hold (``torch.backends.cuda.matmul.fp32_precision = "tf32"`` alone does it, as does
+    ``torch.backends.cudnn.rnn.fp32_precision = "ieee"`` for cuDNN's); the ``fp32_precision`` settings then decide,
+    as PyTorch's kernels read them: the op's own, else the CUDA backend's (``torch.backends.cudnn.fp32_precision``),
     else the global one, "none" deferring to the next; TF32 only where the first that is not "none" says "tf32"."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")

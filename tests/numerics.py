@@ -31,6 +31,12 @@ def assert_within_twice_eager(got: torch.Tensor, eager: torch.Tensor, expected: 
                                               f"+ floor {floor:.3g} ({dtype}, {terms} terms)")
 
 
+def tf32_exact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (fp32) with the 13 low mantissa bits cleared: values TF32 holds exactly (10 explicit mantissa bits), so
+    that a TF32 product of two of them is exact however the hardware rounds its operands."""
+    return (t.view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+
 def assert_same_grads_and_buffers(original: torch.nn.Module, fused: torch.nn.Module) -> None:
     """After the same training steps: the same parameter gradients and buffers, under the same names."""
     for (name_o, p_o), (name_f, p_f) in zip(original.named_parameters(), fused.named_parameters(), strict=True):

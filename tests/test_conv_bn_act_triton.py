@@ -19,7 +19,7 @@ from evit_kernels.ops.conv_bn_act import ACTIVATIONS, ConvBnActArgs, conv_bn_act
 from evit_kernels.ops.conv_bn_act import kernel_kind as conv_kernel_kind
 from evit_kernels.triton import _common as triton_common
 from evit_kernels.triton import conv_bn_act as triton_conv
-from tests.numerics import assert_within_twice_eager, in_layout, max_err, rounding_floor
+from tests.numerics import assert_within_twice_eager, in_layout, max_err, rounding_floor, tf32_exact
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -354,19 +354,16 @@ def test_realistic_shapes_on_gpu(poisoned_empty, kind, dtype):
     _check_against_float64(x, weight, bias, residual, conv, "hardswish")
 
 
-def tf32_exact(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (fp32) with the 13 low mantissa bits cleared: values TF32 holds exactly (10 explicit mantissa bits)."""
-    return (t.view(torch.int32) & ~0x1FFF).view(torch.float32)
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["pointwise", "dense_3x3", "split_projection"])
+@pytest.mark.parametrize("kind", ["pointwise", "dense_3x3", "split_projection", "rows_stem"])
 def test_tf32_products_of_tf32_values_are_exact_on_gpu(poisoned_empty, kind):
     """fp32 convs where PyTorch allows cuDNN TF32 (its default; the other tests turn it off), so the kernel
     multiplies on TF32 tensor cores. On inputs TF32 holds exactly, every product is exact however the hardware
     rounds its operands, so the result must be as close to float64 as fp32 accumulation allows: a wrong TF32 build,
     or operands narrowed further (bf16 keeps 7 bits), fails."""
-    if kind == "pointwise":  # EfficientViT-B1 stage 3 at batch 8: 256 → 1024
+    if kind == "rows_stem":  # an RGB stem on 224-pixel rows: the row-staged kernel
+        x, weight, bias, residual, conv = _inputs(2, 3, 16, 224, 224, 3, 2, 1, 1, True, False, "nchw", torch.float32)
+    elif kind == "pointwise":  # EfficientViT-B1 stage 3 at batch 8: 256 → 1024
         x, weight, bias, residual, conv = _inputs(8, 256, 1024, 14, 14, 1, 1, 0, 1, True, True, "nchw", torch.float32)
     elif kind == "dense_3x3":  # a 3×3 groups-1 conv of 32 channels (EfficientViT-M's stem)
         x, weight, bias, residual, conv = _inputs(4, 32, 64, 28, 28, 3, 2, 1, 1, True, True, "nchw", torch.float32)
@@ -375,6 +372,7 @@ def test_tf32_products_of_tf32_values_are_exact_on_gpu(poisoned_empty, kind):
                                                   torch.float32)
     x, weight = tf32_exact(x), tf32_exact(weight)
     torch.backends.cudnn.allow_tf32 = True  # the autouse fixture restores IEEE's setting for the next test
+    assert triton_common.dot_mode(torch.float32, "conv")["PRECISION"] == "tf32"
     out = conv_bn_act(x, weight, bias, activation="hardswish", residual=residual, backend="triton", **conv)
     f64 = [None if t is None else t.double() for t in (x, weight, bias, residual)]
     expected = conv_bn_act_reference(ConvBnActArgs(*f64[:3], conv["stride"], conv["padding"], [1, 1], 1,
@@ -387,8 +385,7 @@ def test_dot_mode_follows_the_dtype_pytorch_and_the_interpreter(monkeypatch):
     """docs/ops.md, "Tensor-core products": low precision straight to the tensor cores (bf16 upcast only where the
     interpreter runs it), fp32 as PyTorch's setting for the op the products replace says (cuDNN's for convolutions,
     cuBLAS's for matmuls; tests/test_fp32_precision.py checks how those settings are read)."""
-    from evit_kernels.triton._common import dot_mode
-
+    dot_mode = triton_common.dot_mode
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     for op in ("conv", "matmul"):
         assert dot_mode(torch.bfloat16, op) == dot_mode(torch.float16, op) == {"PRECISION": "ieee", "UPCAST": False}

@@ -9,6 +9,7 @@ import copy
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from timm.models.efficientvit_msra import ConvMlp, ConvNorm, ResidualDrop
 from torch import nn
 
@@ -19,9 +20,16 @@ from evit_kernels.nn._base import Unsupported
 from evit_kernels.nn.conv_bn_act import FusedConvNormAct
 from evit_kernels.nn.ffn import FusedResidualFFN
 from evit_kernels.ops.ffn import FfnArgs, ffn, ffn_reference
+from evit_kernels.triton import _common as triton_common
 from tests.cream_style import FFN, Residual
 from tests.models import randomize_bn, with_child
-from tests.numerics import assert_same_grads_and_buffers, assert_within_twice_eager, in_layout
+from tests.numerics import (
+    assert_same_grads_and_buffers,
+    assert_within_twice_eager,
+    in_layout,
+    rounding_floor,
+    tf32_exact,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -145,6 +153,33 @@ def test_batch_1_hidden_split_on_gpu(poisoned_empty, side, channels, dtype):
     eager = ffn_reference(FfnArgs(*args))
     expected = ffn_reference(FfnArgs(*(t.double() for t in args)))
     assert_within_twice_eager(out, eager, expected, dtype, channels + hidden)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, side, channels", [(8, 14, 128), (1, 4, 384)],
+                         ids=["m4_stage1_batch8", "m4_stage3_hidden_split"])
+def test_tf32_products_within_tf32_rounding_on_gpu(poisoned_empty, batch, side, channels):
+    """fp32 where PyTorch allows cuDNN TF32 (its default; the other tests turn it off), so the kernel multiplies on
+    TF32 tensor cores. On TF32-exact x, w1 and w2 the first product is exact; the kernel rounds the hidden map to
+    TF32 (10 explicit mantissa bits, truncated or rounded: a relative error under 2^-10) for the second, so each
+    output is off by under 2^-10 · Σ|h|·|w2|, plus fp32 accumulation (a second 2^-10 of margin covers it): a bound
+    from the inputs alone, which a wrong build or a misplaced tile exceeds."""
+    g = torch.Generator().manual_seed(0)
+    hidden = 2 * channels
+    x, w1, b1, w2, b2 = (tf32_exact(torch.randn(*shape, generator=g) * scale) for shape, scale in (
+        ((batch, channels, side, side), 1.0), ((hidden, channels, 1, 1), channels ** -0.5), ((hidden,), 1.0),
+        ((channels, hidden, 1, 1), hidden ** -0.5), ((channels,), 1.0)))
+    args = tuple(t.to(DEVICE) for t in (x, w1, b1, w2, b2, x))
+    torch.backends.cudnn.allow_tf32 = True  # the autouse fixture restores IEEE's setting for the next test
+    assert triton_common.dot_mode(torch.float32, "conv")["PRECISION"] == "tf32"
+    out = ffn(*args, backend="triton")
+    x64, w1_64, b1_64, w2_64, _, _ = (t.double() for t in args)
+    expected = ffn_reference(FfnArgs(*(t.double() for t in args)))
+    spread = F.conv2d(F.relu(F.conv2d(x64, w1_64, b1_64)).abs(), w2_64.abs())
+    assert torch.isfinite(out).all()
+    excess = (out.double() - expected).abs() - (2 * 2.0**-10 * spread + rounding_floor(expected, torch.float32,
+                                                                                         channels + hidden))
+    assert excess.max().item() <= 0, f"error exceeds the TF32 bound by up to {excess.max().item():.3g}"
 
 
 def test_reference_gradients_after_triton_forward():

@@ -23,6 +23,7 @@ CASES = [
     ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", True, True),  # the legacy matmul getter raises
     ("torch.backends.cudnn.conv.fp32_precision = 'ieee'", False, False),  # the legacy cuDNN getter raises
     ("torch.backends.fp32_precision = 'tf32'", True, True),  # the global setting, for both
+    ("torch.backends.cudnn.rnn.fp32_precision = 'ieee'", True, False),  # the legacy cuDNN getter raises
     ("torch.backends.cuda.matmul.fp32_precision = 'tf32'; torch.backends.cudnn.conv.fp32_precision = 'ieee'",
      False, True),
 ]
