@@ -50,7 +50,8 @@ def _ieee_fp32_convs():
     """fp32 held to fp32's error: during every test, cuDNN's fp32 convs, and the conv kernels that follow its setting
     (docs/ops.md, "Tensor-core products"), in IEEE precision. PyTorch's default allows TF32, and cuDNN then chooses
     per shape whether to use it, so eager's own fp32 error, the tests' yardstick, would vary with that choice. The
-    TF32 path has its own test (tests/test_conv_bn_act_triton.py)."""
+    TF32 builds have GPU tests of their own (docs/validation.md, "fp32 and TF32"). Restored through the legacy flag,
+    which sets cuDNN's conv and RNN settings alike: a test that sets the new API's must restore it itself."""
     allowed = tf32_allowed("conv")
     torch.backends.cudnn.allow_tf32 = False
     yield
