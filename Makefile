@@ -60,7 +60,8 @@ test-compat:
 		-W "ignore:Conversion of an array with ndim > 0:DeprecationWarning" \
 		--benchmark-disable --durations=5 -m "not gpu" tests/test_conv_bn_act_triton.py tests/test_ffn.py \
 		tests/test_conv_block.py tests/test_relu_linear_attention_triton.py tests/test_relu_linear_attention_tokens.py \
-		tests/test_rms_norm.py tests/test_cascaded_group_attention_triton.py tests/test_triton_sm90.py
+		tests/test_rms_norm.py tests/test_cascaded_group_attention_triton.py tests/test_triton_sm90.py \
+		tests/test_fp32_precision.py
 
 lint: setup
 	$(PY) -m ruff check evit_kernels tests benchmarks python setup.py
