@@ -41,24 +41,37 @@ class BackendUnavailable(RuntimeError):
 
 def environment_reasons(name: str) -> list[str]:
     """Why backend ``name`` cannot run on this machine at all (empty when it can)."""
-    if name == "torch":
-        return []
+    if name not in PREFERENCE:
+        raise ValueError(f"unknown backend {name!r}; expected one of {PREFERENCE}")
+    reasons = list(_process_reasons(name))
+    if (name == "triton" and not _gpu_visible() and os.environ.get("TRITON_INTERPRET") != "1"
+            and not _PLANNING):
+        reasons.append("no CUDA GPU is visible to torch (CPU tensors need TRITON_INTERPRET=1)")
+    return reasons
+
+
+@functools.cache
+def _gpu_visible() -> bool:
+    """Whether torch sees a CUDA GPU (asked once: it cannot change while the process runs)."""
+    return torch.cuda.is_available()
+
+
+@functools.cache
+def _process_reasons(name: str) -> tuple[str, ...]:
+    """What keeps backend ``name`` from running that cannot change while the process runs (looked up once: it is
+    asked on every op call): the extension's load, triton's import, a GPU for the CUDA kernels."""
     reasons = []
     if name == "cuda":
         if _extension.load_error() is not None:
             reasons.append(f"evit_kernels._C is not available: {_extension.load_error()}")
-        if not torch.cuda.is_available():
+        if not _gpu_visible():
             reasons.append("no CUDA GPU is visible to torch")
     elif name == "triton":
         try:
             import triton  # noqa: F401
         except ImportError as exc:
             reasons.append(f"triton cannot be imported: {exc}")
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" and not _PLANNING:
-            reasons.append("no CUDA GPU is visible to torch (CPU tensors need TRITON_INTERPRET=1)")
-    else:
-        raise ValueError(f"unknown backend {name!r}; expected one of {PREFERENCE}")
-    return reasons
+    return tuple(reasons)
 
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -67,6 +80,8 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def span(t: torch.Tensor) -> int:
     """How many elements ``t`` spans in memory from its first one: every offset a kernel forms is below it."""
+    if t.is_contiguous() and t.numel():  # the common case, without a walk over the sizes (asked on every op call)
+        return t.numel()
     return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
 
 

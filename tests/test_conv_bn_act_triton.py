@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import triton
 from timm.layers import GELUTanh
 from timm.models.efficientvit_mit import ConvNormAct
 from torch import nn
@@ -379,6 +380,15 @@ def test_tf32_products_of_tf32_values_are_exact_on_gpu(poisoned_empty, kind):
                                                    "hardswish", f64[3]))
     assert torch.isfinite(out).all()
     assert max_err(out, expected) <= rounding_floor(expected, torch.float32, weight[0].numel())
+
+
+def test_host_ceil_division_and_powers_of_two_match_triton():
+    """The launchers' host-side ``cdiv`` and ``next_power_of_2`` (plain arithmetic, for speed) give what Triton's own
+    functions give, over every size up to a few thousand."""
+    for a in range(1, 3000):
+        assert triton_common.next_power_of_2(a) == triton.next_power_of_2(a)
+        for b in (1, 3, 16, 32, 49, 64, 128):
+            assert triton_common.cdiv(a, b) == triton.cdiv(a, b)
 
 
 def test_dot_mode_follows_the_dtype_pytorch_and_the_interpreter(monkeypatch):

@@ -146,3 +146,24 @@ def test_forward_mode_tangents_never_reach_a_kernel():
         out = forward_ad.unpack_dual(conv_bn_act(dual, weight, None, backend="experimental"))
     torch.testing.assert_close(out.tangent, torch.nn.functional.conv2d(tangent, weight), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.primal, torch.nn.functional.conv2d(x, weight), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.empty(2, 3, 5, 7),
+    lambda: torch.empty(2, 3, 5, 7).to(memory_format=torch.channels_last),
+    lambda: torch.empty(2, 6, 5, 7)[:, ::2, 1:],
+    lambda: torch.empty(3, 1, 1).expand(3, 4, 5),
+    lambda: torch.empty(4, 6).t(),
+    lambda: torch.empty(1, 8, 1, 1),
+    lambda: torch.empty(5),
+])
+def test_span_reaches_one_past_the_largest_offset(make):
+    """The 32-bit offset check's span is one past the largest element offset the strides reach (counted here by
+    enumerating every index), for contiguous, channels-last, sliced, expanded and transposed tensors."""
+    t = make()
+    offsets = torch.zeros((), dtype=torch.long)
+    for dim, (size, stride) in enumerate(zip(t.shape, t.stride())):
+        shape = [1] * t.dim()
+        shape[dim] = size
+        offsets = offsets + torch.arange(size).reshape(shape) * stride
+    assert dispatch.span(t) == int(offsets.max()) + 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -62,6 +63,12 @@ def check_floating_same_dtype(op: str, x: torch.Tensor, **tensors: Any) -> None:
                 raise ValueError(f"{op}: {name} is on {t.device} but the input is on {x.device}")
 
 
+@functools.cache
+def _field_names(record_type: type) -> tuple[str, ...]:
+    """The field names of an argument record type, in order (looked up once per type: asked on every op call)."""
+    return tuple(f.name for f in dataclasses.fields(record_type))
+
+
 class OpArgs:
     """Base of the argument records, one frozen dataclass per op: built by the op's function (checked, then cast
     by :meth:`cast_and_checked`), then handed whole to the reference, the fake implementation, every backend's
@@ -71,7 +78,7 @@ class OpArgs:
     op: ClassVar[str]
 
     def fields(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+        return tuple(getattr(self, name) for name in _field_names(type(self)))
 
     def cast_and_checked(self, keep: tuple[str, ...] = ()) -> OpArgs:
         """This record with its tensor fields (but those named in ``keep``) cast to the autocast dtype when autocast
@@ -83,18 +90,25 @@ class OpArgs:
         cast = dict(zip(names, autocast_inputs(*(getattr(self, name) for name in names)), strict=True))
         first, *rest = names
         check_floating_same_dtype(self.op, cast[first], **{name: cast[name] for name in rest})
+        if all(value is getattr(self, name) for name, value in cast.items()):
+            return self  # nothing cast (autocast off): no new record
         return dataclasses.replace(self, **cast)
 
-    def tensors(self) -> list[Tensor]:
+    def tensors(self) -> tuple[Tensor, ...]:
         """Every tensor among the fields (lists flattened, absent ones skipped), the first argument first."""
-        # fields are tensors, lists of tensors (or None) and constants: one level to flatten, on every op call
-        out = []
-        for value in self.fields():
-            if isinstance(value, Tensor):
-                out.append(value)
-            elif isinstance(value, (list, tuple)):
-                out.extend(t for t in value if isinstance(t, Tensor))
-        return out
+        # Fields are tensors, lists of tensors (or None) and constants: one level to flatten. Asked for several
+        # times per op call (checks, dtype, output), it is flattened once per record: a frozen record's fields
+        # never change (``dataclasses.replace`` makes a new record).
+        cached = self.__dict__.get("_tensors")
+        if cached is None:
+            out = []
+            for value in self.fields():
+                if isinstance(value, Tensor):
+                    out.append(value)
+                elif isinstance(value, (list, tuple)):
+                    out.extend(t for t in value if isinstance(t, Tensor))
+            cached = self.__dict__["_tensors"] = tuple(out)
+        return cached
 
     def output_shape(self) -> list[int]:
         raise NotImplementedError

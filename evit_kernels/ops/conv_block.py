@@ -208,7 +208,7 @@ def _whole_block_config(a: ConvBlockArgs) -> tuple[dict | None, str]:
     batch, _, out_height, out_width = a.output_shape()
     if a.w1 is not None and batch * a.w1.shape[0] * a.x.shape[2] * a.x.shape[3] >= 2**31:
         return None, "an expanded tensor of 2^31 elements or more (the kernel indexes with 32 bits)"
-    tiles = -(-batch * out_height * out_width // config["P"])
+    tiles = common.cdiv(batch * out_height * out_width, config["P"])
     if tiles < common.SMS:
         return None, (f"{tiles} pixel tiles, fewer than an H100's {common.SMS} SMs (one program holds every output "
                       "channel of a tile; the layer-by-layer kernels split a small grid finer)")

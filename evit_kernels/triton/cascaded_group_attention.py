@@ -31,7 +31,17 @@ import triton
 import triton.language as tl
 
 from evit_kernels.dispatch import span
-from evit_kernels.triton._common import POINTER_TYPES, compiled_dot_modes, dot_mode, dot_size, mma, rounded, signature
+from evit_kernels.triton._common import (
+    POINTER_TYPES,
+    cdiv,
+    compiled_dot_modes,
+    dot_mode,
+    dot_size,
+    mma,
+    next_power_of_2,
+    rounded,
+    signature,
+)
 
 BLOCK_D = 16  # channel chunk: tl.dot's minimum size; released key/value dims are multiples of it
 MAX_RESOLUTION = 8  # N = R² ≤ 64: the N×N fp32 tiles of the backward stay in registers on sm_90
@@ -40,7 +50,7 @@ _BINS = 16  # |Δy| and |Δx| take values < R_PAD ≤ 8; padded to tl.dot's mini
 
 def grid_side(resolution: int) -> int:
     """R_PAD: the side of the padded token grid, a power of two with R_PAD² ≥ 16 (tl.dot's minimum)."""
-    return max(4, triton.next_power_of_2(resolution))
+    return max(4, next_power_of_2(resolution))
 
 
 def _backward_warps(r_pad: int) -> int:
@@ -377,7 +387,7 @@ def whole_map_heads(x: torch.Tensor, qkv_weights: list[torch.Tensor], qkv_biases
     C/h = vd, at most :data:`MAP_MAX_HEADS` heads with kernel sizes in :data:`MAP_KERNEL_SIZES`."""
     batch, _, height, width = x.shape
     heads, val_dim = len(qkv_weights), qkv_weights[0].shape[0] - 2 * key_dim
-    windows_h, windows_w = -(-height // window), -(-width // window)
+    windows_h, windows_w = cdiv(height, window), cdiv(width, window)
     weights = torch.cat([t.reshape(-1) for t in (*qkv_weights, *qkv_biases, *dw_biases, *dw_weights)])
     out = torch.empty(batch, heads * val_dim, height, width, device=x.device, dtype=x.dtype)
     n_programs = batch * windows_h * windows_w

@@ -155,7 +155,7 @@ def forward(a: ConvBlockArgs, out: torch.Tensor, config: dict) -> torch.Tensor:
     config = dict(config)
     options = {"num_warps": config.pop("num_warps"), "maxnreg": config.pop("maxnreg")}
     # num_stages=1: the loops are short and their loads feed on-chip math, not a long GEMM to pipeline.
-    _conv_project_fwd_kernel[(triton.cdiv(batch * out_height * out_width, config["P"]),)](
+    _conv_project_fwd_kernel[(common.cdiv(batch * out_height * out_width, config["P"]),)](
         a.x, a.w2, b2, a.w3, b3, residual, out,
         batch, in_channels, a.w2.shape[0], out_channels, height, width, out_height, out_width,
         *a.stride, *a.padding, has_b2, has_b3, has_residual,

@@ -68,7 +68,7 @@ def dense_blocks(n_pixels: int, out_channels: int) -> dict[str, int]:
     tiles make fewer programs than the GPU has SMs (``common.SMS``; a batch-1 layer on a 7×7 to 28×28 map),
     quarter-size output tiles, so that four times as many programs share the GEMM, each with half the steps over the
     input channels."""
-    regular = triton.cdiv(n_pixels, DENSE_BLOCKS["BLOCK_M"]) * triton.cdiv(out_channels, DENSE_BLOCKS["BLOCK_N"])
+    regular = common.cdiv(n_pixels, DENSE_BLOCKS["BLOCK_M"]) * common.cdiv(out_channels, DENSE_BLOCKS["BLOCK_N"])
     return DENSE_SMALL_GRID_BLOCKS if regular < common.SMS else DENSE_BLOCKS
 
 
@@ -79,7 +79,7 @@ def dw_blocks(n_pixels: int, channels: int) -> dict[str, int]:
     times the programs, and eight times the threads with loads in flight. Not where every pixel fits one small tile
     (a 4×4 map at batch 1): the programs would be as few, each with fewer registers, so more of them would share an
     SM (docs/performance.md, "Small grids")."""
-    regular = triton.cdiv(n_pixels, DW_BLOCKS["BLOCK_P"]) * triton.cdiv(channels, DW_BLOCKS["BLOCK_C"])
+    regular = common.cdiv(n_pixels, DW_BLOCKS["BLOCK_P"]) * common.cdiv(channels, DW_BLOCKS["BLOCK_C"])
     small_gains = n_pixels > DW_SMALL_GRID_BLOCKS["BLOCK_P"]
     return DW_SMALL_GRID_BLOCKS if regular < common.SMS and small_gains else DW_BLOCKS
 
@@ -232,7 +232,7 @@ def depthwise(a: ConvBnActArgs, out: torch.Tensor, gate: str | None = None) -> t
     bias, has_bias, _ = common.optional(a.bias, a.weight)
     residual, has_residual, r_strides = common.optional(a.residual, out)
     blocks = dw_blocks(n_pixels, channels)
-    grid = (triton.cdiv(n_pixels, blocks["BLOCK_P"]), triton.cdiv(channels, blocks["BLOCK_C"]))
+    grid = (common.cdiv(n_pixels, blocks["BLOCK_P"]), common.cdiv(channels, blocks["BLOCK_C"]))
     _conv_dw_kernel[grid](
         a.x, a.weight, bias, residual, out, n_pixels, channels, height, width, out_height, out_width,
         a.weight.shape[2], *a.stride, *a.padding, has_bias, has_residual, 0 if gate is None else channels,
@@ -251,7 +251,7 @@ def dense(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
     residual, has_residual, r_strides = common.optional(a.residual, out)
     ksize = a.weight.shape[2]
     blocks = dense_blocks(n_pixels, out_channels)
-    tiles = triton.cdiv(n_pixels, blocks["BLOCK_M"]) * triton.cdiv(out_channels, blocks["BLOCK_N"])
+    tiles = common.cdiv(n_pixels, blocks["BLOCK_M"]) * common.cdiv(out_channels, blocks["BLOCK_N"])
     splits = dense_splits(tiles, in_channels, blocks["BLOCK_K"]) if ksize == 1 else 1
     options = {"num_warps": dense_warps(a.compute_dtype(), ksize), **common.dot_mode(a.compute_dtype(), "conv")}
     if splits == 1:
@@ -276,7 +276,7 @@ def rows(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
     _, out_channels, out_height, out_width = out.shape
     bias, has_bias, _ = common.optional(a.bias, a.weight)
     residual, has_residual, r_strides = common.optional(a.residual, out)
-    grid = (batch * out_height * triton.cdiv(out_width, ROWS_BLOCK_P), triton.cdiv(out_channels, ROWS_BLOCK_N))
+    grid = (batch * out_height * common.cdiv(out_width, ROWS_BLOCK_P), common.cdiv(out_channels, ROWS_BLOCK_N))
     _conv_rows_kernel[grid](
         a.x, a.weight, bias, residual, out, in_channels, out_channels, height, width, out_height, out_width,
         has_bias, has_residual, *a.x.stride(), *a.weight.stride(), *r_strides, *out.stride(),

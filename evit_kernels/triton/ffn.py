@@ -64,7 +64,7 @@ def output_block(channels: int, n_pixels: int, dtype: torch.dtype) -> int:
     block_c = common.dot_size(channels)
     if dtype != torch.float32 and block_c == 2 * WGMMA_BLOCK_C:
         block_c = WGMMA_BLOCK_C
-    if triton.cdiv(n_pixels, blocks(block_c, dtype)["BLOCK_M"]) < common.SMS:
+    if common.cdiv(n_pixels, blocks(block_c, dtype)["BLOCK_M"]) < common.SMS:
         block_c = min(block_c, SMALL_GRID_BLOCK_C)
     return block_c
 SMALL_GRID_BLOCK_C = 64
@@ -131,7 +131,7 @@ def forward(a: FfnArgs, out: torch.Tensor) -> torch.Tensor:
     residual, has_residual, r_strides = common.optional(a.residual, out)
     block_c = output_block(channels, n_pixels, a.x.dtype)
     sizes = blocks(block_c, a.x.dtype)
-    grid = (triton.cdiv(n_pixels, sizes["BLOCK_M"]), triton.cdiv(channels, block_c))
+    grid = (common.cdiv(n_pixels, sizes["BLOCK_M"]), common.cdiv(channels, block_c))
     splits = hidden_splits(grid[0] * grid[1], hidden, sizes["BLOCK_H"])
     weights = (a.w1.stride(0), a.w1.stride(1), a.w2.stride(0), a.w2.stride(1))
     options = {"BLOCK_C": block_c, **sizes, **common.dot_mode(a.x.dtype, "conv")}

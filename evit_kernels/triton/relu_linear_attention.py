@@ -64,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from evit_kernels.triton._common import POINTER_TYPES, compiled_dot_modes, dot_mode, dot_size, signature
+from evit_kernels.triton._common import POINTER_TYPES, cdiv, compiled_dot_modes, dot_mode, dot_size, signature
 
 _TARGET_PROGRAMS = 512  # about four waves of 132 SMs (_common.SMS): split N until (batch·heads·chunks) reaches this
 BLOCK_N = 64
@@ -94,10 +94,10 @@ def _apply_block(d_pad: int) -> int:
 
 def _chunking(n_tokens: int, programs: int) -> tuple[int, int]:
     """(tokens per chunk, chunks) for ``programs`` (batch·heads) independent reductions over ``n_tokens``."""
-    blocks = triton.cdiv(n_tokens, BLOCK_N)
-    chunks = max(1, min(blocks, triton.cdiv(_TARGET_PROGRAMS, programs)))
-    per_chunk = triton.cdiv(blocks, chunks) * BLOCK_N
-    return per_chunk, triton.cdiv(n_tokens, per_chunk)
+    blocks = cdiv(n_tokens, BLOCK_N)
+    chunks = max(1, min(blocks, cdiv(_TARGET_PROGRAMS, programs)))
+    per_chunk = cdiv(blocks, chunks) * BLOCK_N
+    return per_chunk, cdiv(n_tokens, per_chunk)
 
 
 @triton.jit

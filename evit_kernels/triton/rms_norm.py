@@ -45,11 +45,11 @@ def plan(n_rows: int, channels: int) -> tuple[int, int]:
     makes at least as many programs as the GPU has SMs (``common.SMS``); else SMALL_GRID_BLOCK_R rows, and the
     channels split into as many slices of whole BLOCK_C steps as bring the programs up to a full wave
     (:data:`PROGRAMS_PER_SM` per SM), at most :data:`MAX_SLICES`."""
-    if triton.cdiv(n_rows, BLOCK_R) >= common.SMS:
+    if common.cdiv(n_rows, BLOCK_R) >= common.SMS:
         return BLOCK_R, 1
-    row_blocks = triton.cdiv(n_rows, SMALL_GRID_BLOCK_R)
-    steps = triton.cdiv(channels, BLOCK_C)
-    wanted = min(MAX_SLICES, steps, triton.cdiv(PROGRAMS_PER_SM * common.SMS, row_blocks))
+    row_blocks = common.cdiv(n_rows, SMALL_GRID_BLOCK_R)
+    steps = common.cdiv(channels, BLOCK_C)
+    wanted = min(MAX_SLICES, steps, common.cdiv(PROGRAMS_PER_SM * common.SMS, row_blocks))
     return SMALL_GRID_BLOCK_R, split_sum.whole_slices(steps, wanted)
 
 
@@ -185,11 +185,11 @@ def forward(a: RmsNormArgs, out: torch.Tensor) -> torch.Tensor:
     flags = (int(a.weight is not None), int(a.bias is not None), int(a.residual is not None))
     walks = (*_walk(a.x), *_walk(residual), *_walk(out))
     if slices == 1:
-        _rms_norm_kernel[(triton.cdiv(n_rows, block_r),)](
+        _rms_norm_kernel[(common.cdiv(n_rows, block_r),)](
             a.x, weight, bias, residual, out, n_rows, channels, a.eps, *flags, *walks, CENTERED=a.centered,
             BLOCK_R=block_r, BLOCK_C=BLOCK_C)
         return out
-    grid = (triton.cdiv(n_rows, block_r), slices)
+    grid = (common.cdiv(n_rows, block_r), slices)
     slice_length = split_sum.slice_length(channels, BLOCK_C, slices)
     stats = torch.empty((2, slices, n_rows), dtype=torch.float32, device=a.x.device)
     _rms_norm_stats_kernel[grid](a.x, stats, n_rows, channels, slice_length, *_walk(a.x), CENTERED=a.centered,

@@ -35,19 +35,19 @@ def slices(programs: int, length: int, step: int, min_length: int, min_steps: in
     the second launch and the partial sums' round trip cost (a 2-way split of 200 programs is priced slower)."""
     if programs > common.SMS or length < min_length:
         return 1
-    steps = triton.cdiv(length, step)
+    steps = common.cdiv(length, step)
     return whole_slices(steps, min(MAX_SPLITS, steps // min_steps, TARGET_PROGRAMS // programs))
 
 
 def whole_slices(steps: int, wanted: int) -> int:
     """The count of slices, at most ``wanted`` (≥ 1), that ``steps`` steps make when each slice takes the same whole
     number of steps (the last one fewer): none is empty, so the count returned is the count launched."""
-    return triton.cdiv(steps, triton.cdiv(steps, wanted))
+    return common.cdiv(steps, common.cdiv(steps, wanted))
 
 
 def slice_length(length: int, step: int, splits: int) -> int:
     """The reduction length of each slice (the last one may be shorter), a whole number of steps."""
-    return triton.cdiv(triton.cdiv(length, step), splits) * step
+    return common.cdiv(common.cdiv(length, step), splits) * step
 
 
 def partials(out: torch.Tensor, splits: int) -> torch.Tensor:
@@ -90,7 +90,7 @@ def add(sums: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | 
     n_pixels = batch * out_height * out_width
     bias, has_bias, _ = common.optional(bias, out)
     residual, has_residual, r_strides = common.optional(residual, out)
-    grid = (triton.cdiv(n_pixels, BLOCK_P), triton.cdiv(channels, BLOCK_C))
+    grid = (common.cdiv(n_pixels, BLOCK_P), common.cdiv(channels, BLOCK_C))
     _split_sum_kernel[grid](
         sums, bias, residual, out, n_pixels, channels, out_height, out_width, sums.shape[0] // batch, has_bias,
         has_residual, batch * sums.stride(0), *sums.stride(), *r_strides, *out.stride(), ACTIVATION=activation,
