@@ -58,11 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2) if args.json else format_info(report))
         return 0
 
-    from evit_kernels.diffusers_models import MODELS as DIFFUSERS_MODELS
-    from evit_kernels.diffusers_models import default_res
+    from evit_kernels import bench
 
-    res = tuple(args.res) if args.res else ((512, 512) if args.model.startswith("efficientvit-sam") else
-                                            default_res(args.model) if args.model in DIFFUSERS_MODELS else (224, 224))
+    res = tuple(args.res) if args.res else bench.default_res(args.model)
     if args.command == "predict":
         from evit_kernels import model_prediction
 
@@ -73,8 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             model_prediction.save_json(prediction, args.json)
         return 0
-
-    from evit_kernels import bench
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")

@@ -96,6 +96,16 @@ def build_model(name: str, device: str | torch.device = "cpu") -> nn.Module:
     return model.eval()
 
 
+def default_res(name: str) -> tuple[int, int]:
+    """The input size model ``name`` is released for: 512 px for the SAM encoders, a diffusers model's own
+    (:func:`evit_kernels.diffusers_models.default_res`), 224 px otherwise."""
+    from evit_kernels import diffusers_models
+
+    if name.startswith("efficientvit-sam"):
+        return (512, 512)
+    return diffusers_models.default_res(name) if name in diffusers_models.MODELS else (224, 224)
+
+
 def input_shape(name: str, batch: int, res: tuple[int, int]) -> tuple[int, ...]:
     """The input of model ``name`` for ``batch`` images of ``res`` pixels: the images, or for a diffusers model
     their latents (:func:`evit_kernels.diffusers_models.latent_shape`)."""

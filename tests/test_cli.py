@@ -48,3 +48,15 @@ def test_bench_compiles_the_patched_model_too(monkeypatch):
     assert not any(isinstance(m, FusedModule) for m in compiled[0].modules())
     assert any(isinstance(m, FusedModule) for m in compiled[1].modules())
     assert all(r.agrees for r in report.results)
+
+
+def test_host_time_counts_op_calls_and_stubbed_launches():
+    """benchmarks/host_time.py runs the patched model on the kernels with every launch stubbed: each op call
+    launches at least one kernel, and none of them runs (a B1 forward on the interpreter would take minutes)."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.host_time", "--model", "efficientvit_b1", "--repeats", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    words = run.stdout.split()
+    op_calls, launches = (int(words[words.index(what) - 1]) for what in ("op", "launches,"))
+    assert 0 < op_calls <= launches
+    assert "host time, not GPU time" in run.stdout
