@@ -146,6 +146,10 @@ def test_long_reductions_on_few_tiles_split_over_the_input_channels():
     assert triton_conv.dense_splits(16, 512, 64) == 1  # 49 × 256 from 512: too short to gain a second launch
     assert triton_conv.dense_splits(32, 2100, 64) == 7  # 33 steps: 8 slices of 5 steps would leave the last empty
     assert triton_conv.dense_splits(16, 8192, 64) == 16  # at most 16
+    # Past the SMs' count, up to twice it, only reductions of at least 4096 channels split:
+    assert triton_conv.dense_splits(160, 6144, 64) == 3  # L3 stage 4 at 384 px: 144 × 1024 from 6144, 160 tiles
+    assert triton_conv.dense_splits(192, 1024, 64) == 1  # L3's qkv conv at 224 px: 49 × 6144 from 1024
+    assert triton_conv.dense_splits(270, 6144, 64) == 1  # more than 2 · 132 tiles
 
     def launched(c_in, c_out, k):
         x = torch.empty(1, c_in, 7, 7, dtype=torch.bfloat16, device="meta")
@@ -167,6 +171,21 @@ def test_long_reductions_on_few_tiles_split_over_the_input_channels():
 def test_pointwise_within_twice_eager_error(poisoned_empty, grid_tiles, name, activation, dtype):
     x, weight, bias, residual, conv = _pointwise_inputs(name, dtype)
     _check_against_float64(x, weight, bias, residual, conv, activation)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_split_on_regular_tiles_within_twice_eager_error(poisoned_empty, monkeypatch, dtype):
+    """A long reduction on fewer than twice as many regular (64 × 64) tiles as SMs splits on those tiles: the
+    regular tiles are forced on a map small enough to split, and the launch checked to be that one."""
+    monkeypatch.setattr(triton_conv, "dense_blocks", lambda n_pixels, out_channels: triton_conv.DENSE_BLOCKS)
+    x, weight, bias, residual, conv = _pointwise_inputs("split_5_slices", dtype)
+    on_meta = [t.to("meta") for t in (x, weight, bias, residual)]
+    with predict.recorded_launches() as launches:
+        conv_bn_act(*on_meta[:3], residual=on_meta[3], activation="gelu_tanh", backend="triton", **conv)
+    assert launches[0].constexprs["BLOCK_M"] == triton_conv.DENSE_BLOCKS["BLOCK_M"]
+    assert launches[0].constexprs["SPLIT_K"] and launches[0].grid[1] > 1
+    _check_against_float64(x, weight, bias, residual, conv, "gelu_tanh")
 
 
 @pytest.mark.numerics

@@ -42,6 +42,9 @@ DENSE_SPLIT_MIN_CHANNELS = 768
 """The shortest reduction (input channels) a 1×1 conv on few tiles is split over (see :func:`dense_splits`)."""
 DENSE_SPLIT_MIN_STEPS = 4
 """The fewest steps of ``BLOCK_K`` input channels in each slice of a split 1×1 conv."""
+DENSE_SPLIT_LONG_CHANNELS = 4096
+"""The shortest reduction over which a 1×1 conv on up to twice as many tiles as the GPU has SMs is split too (see
+:func:`dense_splits`)."""
 DENSE_KERNEL_SIZES = (1, 3)
 """The kernel sizes of the groups-1 convs: 1×1 (stride 1, no padding) and 3×3 (the M-series stem)."""
 DENSE_MIN_TAP_CHANNELS = 16
@@ -90,8 +93,13 @@ def dense_splits(tiles: int, in_channels: int, block_k: int) -> int:
     :data:`DENSE_SPLIT_MIN_CHANNELS`, in slices of at least :data:`DENSE_SPLIT_MIN_STEPS` steps of ``block_k``.
     Batch-1 projections on 7×7 and 14×14 maps are the case (49 pixels × 512 outputs from 3072 channels: 32 tiles of
     32 × 32, each streaming a 3072-long column of the weights while a hundred SMs idle; 196 × 256 from 1536: 56
-    tiles; 196 × 512 from 4096: 112 tiles, split 4 ways)."""
-    return split_sum.slices(tiles, in_channels, block_k, DENSE_SPLIT_MIN_CHANNELS, DENSE_SPLIT_MIN_STEPS)
+    tiles; 196 × 512 from 4096: 112 tiles, split 4 ways). Up to twice as many tiles as SMs where the reduction is
+    at least :data:`DENSE_SPLIT_LONG_CHANNELS` long: such a launch still fills few of the SMs' slots (up to 8
+    programs of 32 × 32 fit an SM), and each program's walk is long enough for a split to repay the summing launch
+    (L3's 6144 → 1024 projections on its 12×12 map at 384 px, batch 1: 160 tiles of 96 steps); over a shorter one it
+    does not (L3's 1024-channel qkv conv at 224 px: 192 tiles of 16 steps, priced 1.4 µs slower split)."""
+    max_tiles = (2 if in_channels >= DENSE_SPLIT_LONG_CHANNELS else 1) * common.SMS
+    return split_sum.slices(tiles, in_channels, block_k, DENSE_SPLIT_MIN_CHANNELS, DENSE_SPLIT_MIN_STEPS, max_tiles)
 
 
 def dense_warps(dtype: torch.dtype, ksize: int) -> int:
@@ -310,8 +318,9 @@ def compile_configs():
                 constexprs = {"ACTIVATION": activation, "KSIZE": ksize, **blocks, **mode, "SPLIT_K": False}
                 yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers),
                        constexprs, {"num_warps": dense_warps(dtype, ksize)})
-        for mode in common.compiled_dot_modes(dtype):
-            constexprs = {"ACTIVATION": "none", "KSIZE": 1, **DENSE_SMALL_GRID_BLOCKS, **mode, "SPLIT_K": True}
+        split_blocks = (DENSE_BLOCKS, DENSE_SMALL_GRID_BLOCKS)  # a long reduction splits on regular tiles too
+        for mode, blocks in itertools.product(common.compiled_dot_modes(dtype), split_blocks):
+            constexprs = {"ACTIVATION": "none", "KSIZE": 1, **blocks, **mode, "SPLIT_K": True}
             yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers,
                                                         special={"out": "*fp32"}),
                    constexprs, {"num_warps": dense_warps(dtype, 1)})  # a split 1×1 conv's slices
