@@ -45,6 +45,8 @@ def host_time(name: str, res: tuple[int, int], repeats: int) -> dict:
                 times.append(time.perf_counter() - start)
     finally:
         InterpretedFunction.run = original_run
+    if not calls:
+        raise SystemExit(f"{name}: no evit op ran (patch swapped nothing): there is no dispatch to time")
     n_launches = len(launches) // (repeats + 1)
     best = min(times) * 1e3
     return {"model": name, "ms": best, "op_calls": len(calls), "launches": n_launches,

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,11 +51,12 @@ def test_bench_compiles_the_patched_model_too(monkeypatch):
     assert all(r.agrees for r in report.results)
 
 
+@pytest.mark.slow
 def test_host_time_counts_op_calls_and_stubbed_launches():
     """benchmarks/host_time.py runs the patched model on the kernels with every launch stubbed: each op call
     launches at least one kernel, and none of them runs (a B1 forward on the interpreter would take minutes)."""
     run = subprocess.run([sys.executable, "-m", "benchmarks.host_time", "--model", "efficientvit_b1", "--repeats", "2"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
     assert run.returncode == 0, run.stdout + run.stderr
     words = run.stdout.split()
     op_calls, launches = (int(words[words.index(what) - 1]) for what in ("op", "launches,"))

@@ -148,11 +148,12 @@ def test_long_reductions_on_few_tiles_split_over_the_input_channels():
     assert triton_conv.dense_splits(16, 8192, 64) == 16  # at most 16
     # Past the SMs' count, up to twice it, only reductions of at least 4096 channels split:
     assert triton_conv.dense_splits(160, 6144, 64) == 3  # L3 stage 4 at 384 px: 144 × 1024 from 6144, 160 tiles
-    assert triton_conv.dense_splits(192, 1024, 64) == 1  # L3's qkv conv at 224 px: 49 × 6144 from 1024
+    assert triton_conv.dense_splits(192, 1024, 64) == 1  # L3's qkv conv at 224 px: 49 × 3072 from 1024
     assert triton_conv.dense_splits(270, 6144, 64) == 1  # more than 2 · 132 tiles
+    assert triton_conv.dense_splits(200, 4096, 32) == 2  # regular tiles: 128 steps of 32, 2 · 200 programs ≤ 4 · 132
 
-    def launched(c_in, c_out, k):
-        x = torch.empty(1, c_in, 7, 7, dtype=torch.bfloat16, device="meta")
+    def launched(c_in, c_out, k, side=7):
+        x = torch.empty(1, c_in, side, side, dtype=torch.bfloat16, device="meta")
         weight = torch.empty(c_out, c_in, k, k, dtype=torch.bfloat16, device="meta")
         with predict.recorded_launches() as launches:
             conv_bn_act(x, weight, None, padding=k // 2, activation="relu", backend="triton")
@@ -162,6 +163,8 @@ def test_long_reductions_on_few_tiles_split_over_the_input_channels():
     assert launched(2100, 512, 1) == [("_conv_dense_kernel", (32, 7)), ("_split_sum_kernel", (25, 64))]
     assert launched(3072, 512, 3) == [("_conv_dense_kernel", (32, 1))]
     assert launched(512, 512, 1) == [("_conv_dense_kernel", (32, 1))]
+    # 144 pixels × 1024 outputs: 5 × 32 quarter tiles (48 regular ones are fewer than the SMs), 96 steps each
+    assert launched(6144, 1024, 1, side=12) == [("_conv_dense_kernel", (160, 3)), ("_split_sum_kernel", (72, 128))]
 
 
 @pytest.mark.numerics
@@ -176,8 +179,9 @@ def test_pointwise_within_twice_eager_error(poisoned_empty, grid_tiles, name, ac
 @pytest.mark.numerics
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_split_on_regular_tiles_within_twice_eager_error(poisoned_empty, monkeypatch, dtype):
-    """A long reduction on fewer than twice as many regular (64 × 64) tiles as SMs splits on those tiles: the
-    regular tiles are forced on a map small enough to split, and the launch checked to be that one."""
+    """A split on regular 64 × 64 tiles (steps of 32 channels), which the long-reduction rule takes on 133 to 264
+    tiles, computes the same sums: the regular tiles are forced on a map small enough to split, and the launch
+    checked to be that one."""
     monkeypatch.setattr(triton_conv, "dense_blocks", lambda n_pixels, out_channels: triton_conv.DENSE_BLOCKS)
     x, weight, bias, residual, conv = _pointwise_inputs("split_5_slices", dtype)
     on_meta = [t.to("meta") for t in (x, weight, bias, residual)]

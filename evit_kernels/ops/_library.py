@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -63,12 +62,6 @@ def check_floating_same_dtype(op: str, x: torch.Tensor, **tensors: Any) -> None:
                 raise ValueError(f"{op}: {name} is on {t.device} but the input is on {x.device}")
 
 
-@functools.cache
-def _field_names(record_type: type) -> tuple[str, ...]:
-    """The field names of an argument record type, in order (looked up once per type: asked on every op call)."""
-    return tuple(f.name for f in dataclasses.fields(record_type))
-
-
 class OpArgs:
     """Base of the argument records, one frozen dataclass per op: built by the op's function (checked, then cast
     by :meth:`cast_and_checked`), then handed whole to the reference, the fake implementation, every backend's
@@ -78,7 +71,7 @@ class OpArgs:
     op: ClassVar[str]
 
     def fields(self) -> tuple:
-        return tuple(getattr(self, name) for name in _field_names(type(self)))
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
     def cast_and_checked(self, keep: tuple[str, ...] = ()) -> OpArgs:
         """This record with its tensor fields (but those named in ``keep``) cast to the autocast dtype when autocast

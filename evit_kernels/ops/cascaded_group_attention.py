@@ -261,7 +261,7 @@ def _triton_forward(a: CascadedGroupAttentionArgs) -> Tensor:
 
 def whole_map_kernel_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
     """What the whole-window kernel does not take (the Triton backend then runs the composition)."""
-    from evit_kernels.triton._common import dot_size
+    from evit_kernels.triton._common import cdiv, dot_size
     from evit_kernels.triton.cascaded_group_attention import (
         MAP_KERNEL_SIZES,
         MAP_MAX_HEADS,
@@ -285,7 +285,7 @@ def whole_map_kernel_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
     sizes = sorted({w.shape[-1] for w in a.dw_weights})
     if any(k not in MAP_KERNEL_SIZES for k in sizes):
         reasons.append(f"depthwise kernel sizes {sizes} (the kernel takes {MAP_KERNEL_SIZES})")
-    windows = B * -(-H // a.window) * -(-W // a.window)
+    windows = B * cdiv(H, a.window) * cdiv(W, a.window)
     per_head = map_warps(a.x.dtype, a.window, val_dim) is None  # each head's output passes through a scratch too
     scratch_rows = max(dot_size(a.key_dim), dot_size(val_dim) if per_head else 0)
     if windows * scratch_rows * grid_side(a.window) ** 2 >= 2**31:
@@ -298,6 +298,7 @@ def whole_map_kernel_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
 def _triton_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
     """What keeps the Triton attention core from running every head (in the composition, the convs run through
     PyTorch)."""
+    from evit_kernels.triton._common import cdiv
     from evit_kernels.triton.cascaded_group_attention import MAX_RESOLUTION
 
     reasons = []
@@ -305,7 +306,7 @@ def _triton_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
         reasons.append(f"window {a.window}×{a.window} > {MAX_RESOLUTION}×{MAX_RESOLUTION} (the kernels keep the "
                        f"N×N scores in registers)")
     B, _, H, W = a.x.shape
-    per_head = B * -(-H // a.window) * -(-W // a.window) * a.window * a.window * a.qkv_weights[0].shape[0]
+    per_head = B * cdiv(H, a.window) * cdiv(W, a.window) * a.window * a.window * a.qkv_weights[0].shape[0]
     if per_head >= 2**31:
         reasons.append("a head's qkv map of 2^31 elements or more (the kernels index with 32 bits)")
     return reasons

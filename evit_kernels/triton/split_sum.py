@@ -27,7 +27,7 @@ that the partial sums' round trip grows no faster than the idle SMs shrink."""
 
 
 def slices(programs: int, length: int, step: int, min_length: int, min_steps: int,
-           max_programs: int = common.SMS) -> int:
+           max_programs: int | None = None) -> int:
     """Into how many slices a reduction of ``length`` walked in steps of ``step`` is split, for a launch of
     ``programs`` programs: where they are at most ``max_programs`` (by default as many as the GPU's SMs) and the
     reduction is at least ``min_length`` long, as many slices as bring the programs up to at most
@@ -35,7 +35,7 @@ def slices(programs: int, length: int, step: int, min_length: int, min_steps: in
     whole number of steps (so the count returned is the count launched, none empty); otherwise 1. Shorter reductions
     or more programs gain less than the second launch and the partial sums' round trip cost (a 2-way split of 200
     programs over a 1024-long reduction is priced slower)."""
-    if programs > max_programs or length < min_length:
+    if programs > (common.SMS if max_programs is None else max_programs) or length < min_length:
         return 1
     steps = common.cdiv(length, step)
     return whole_slices(steps, min(MAX_SPLITS, steps // min_steps, TARGET_PROGRAMS // programs))
