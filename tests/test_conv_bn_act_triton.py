@@ -125,8 +125,8 @@ def grid_tiles(request, monkeypatch):
 
 
 def test_small_grids_take_quarter_size_tiles():
-    assert triton_conv.dense_blocks(7 * 7, 256) == triton_conv.DENSE_SMALL_GRID_BLOCKS  # a batch-1 7×7 layer
-    assert triton_conv.dense_blocks(256 * 14 * 14, 256) == triton_conv.DENSE_BLOCKS
+    assert triton_conv.dense_blocks(7 * 7, 256, 1000.0) == triton_conv.DENSE_SMALL_GRID_BLOCKS  # batch 1, 7×7
+    assert triton_conv.dense_blocks(256 * 14 * 14, 256, 1.0) == triton_conv.DENSE_BLOCKS
     assert triton_conv.dw_blocks(7 * 7, 1024) == triton_conv.DW_SMALL_GRID_BLOCKS  # 32 regular tiles, 128 small
     assert triton_conv.dw_blocks(14 * 14, 2048) == triton_conv.DW_BLOCKS  # 4 × 64 regular tiles
     assert triton_conv.dw_blocks(4 * 4, 384) == triton_conv.DW_BLOCKS  # one tile of pixels either way
@@ -176,13 +176,31 @@ def test_pointwise_within_twice_eager_error(poisoned_empty, grid_tiles, name, ac
     _check_against_float64(x, weight, bias, residual, conv, activation)
 
 
+@pytest.mark.parametrize("batch, in_channels, size, out_channels, block_m", [
+    (1, 1024, 10, 6144, 32),  # L3's expand at 320 px, batch 1: 2 × 96 regular tiles, 90 FLOPs per byte moved
+    (1, 1024, 12, 6144, 32),  # at 384 px: 3 × 96 regular tiles, 124 FLOPs per byte
+    (16, 1536, 14, 256, 64),  # L2's projection at batch 16: 49 × 4 regular tiles, 205 FLOPs per byte
+    (1, 1024, 12, 12288, 64),  # 3 × 192 regular tiles, more than a wave (125 FLOPs per byte)
+])
+def test_a_memory_bound_gemm_under_a_wave_takes_quarter_size_tiles(batch, in_channels, size, out_channels, block_m):
+    """Where the regular tiles make fewer than 4 × 132 programs, the launch takes the quarter-size tiles if its
+    FLOPs per byte moved (the products over the input, weights and output, computed here from the shapes) are at
+    most 160, the regular ones otherwise."""
+    x = torch.empty(batch, in_channels, size, size, device="meta", dtype=torch.bfloat16)
+    weight = torch.empty(out_channels, in_channels, 1, 1, device="meta", dtype=torch.bfloat16)
+    with predict.recorded_launches() as launches:
+        conv_bn_act(x, weight, None, activation="none", backend="triton", stride=1, padding=0, groups=1)
+    assert [launch.kernel for launch in launches] == ["_conv_dense_kernel"]
+    assert launches[0].constexprs["BLOCK_M"] == block_m
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_split_on_regular_tiles_within_twice_eager_error(poisoned_empty, monkeypatch, dtype):
     """A split on regular 64 × 64 tiles (steps of 32 channels), which the long-reduction rule takes on 133 to 264
     tiles, computes the same sums: the regular tiles are forced on a map small enough to split, and the launch
     checked to be that one."""
-    monkeypatch.setattr(triton_conv, "dense_blocks", lambda n_pixels, out_channels: triton_conv.DENSE_BLOCKS)
+    monkeypatch.setattr(triton_conv, "dense_blocks", lambda *shape: triton_conv.DENSE_BLOCKS)
     x, weight, bias, residual, conv = _pointwise_inputs("split_5_slices", dtype)
     on_meta = [t.to("meta") for t in (x, weight, bias, residual)]
     with predict.recorded_launches() as launches:

@@ -153,7 +153,7 @@ from evit_kernels import predict
 from evit_kernels.ops import conv_bn_act
 from tests.test_triton_sm90 import PTXAS
 with torch.device("meta"):
-    x = torch.empty(16, 64, 28, 28, dtype=torch.bfloat16)  # 392 programs: the regular 64×64 tiles
+    x = torch.empty(16, 64, 56, 56, dtype=torch.bfloat16)  # 1568 programs: the regular 64×64 tiles
     weight = torch.empty(128, 64, 1, 1, dtype=torch.bfloat16)
 with predict.recorded_launches() as launches:
     conv_bn_act(x, weight, activation="relu", backend="triton")

@@ -38,6 +38,10 @@ DW_SMALL_GRID_BLOCKS = {"BLOCK_P": 16, "BLOCK_C": 32, "num_warps": 8}
 # Groups 1 (1×1 and k×k): a (pixels × output channels) tile of the GEMM (B·H·W) × C_out × (C_in·k²) per program.
 DENSE_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
 DENSE_SMALL_GRID_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}
+DENSE_WEIGHT_BOUND_INTENSITY = 160
+"""The most FLOPs per byte moved (the conv's products over its input, weights and output) at which a groups-1 conv
+whose regular tiles make less than a wave takes the quarter-size tiles (see :func:`dense_blocks`): about 1.3 times
+the ridge of their mma.sync on an H100 (495 TFLOP/s · 0.7 over 3.35 TB/s · 0.85, 122 FLOPs per byte)."""
 DENSE_SPLIT_MIN_CHANNELS = 768
 """The shortest reduction (input channels) a 1×1 conv on few tiles is split over (see :func:`dense_splits`)."""
 DENSE_SPLIT_MIN_STEPS = 4
@@ -66,13 +70,19 @@ narrower rows leave most of its 128 outputs per program idle (the L-series and S
 take it; the M-series stem's 56-wide and narrower ones stay on the implicit GEMM)."""
 
 
-def dense_blocks(n_pixels: int, out_channels: int) -> dict[str, int]:
-    """The tile sizes of the groups-1 kernel for a GEMM of ``n_pixels`` × ``out_channels`` outputs: where the regular
-    tiles make fewer programs than the GPU has SMs (``common.SMS``; a batch-1 layer on a 7×7 to 28×28 map),
-    quarter-size output tiles, so that four times as many programs share the GEMM, each with half the steps over the
-    input channels."""
+def dense_blocks(n_pixels: int, out_channels: int, flops_per_byte: float) -> dict[str, int]:
+    """The tile sizes of the groups-1 kernel for a GEMM of ``n_pixels`` × ``out_channels`` outputs making
+    ``flops_per_byte`` FLOPs per byte it moves: quarter-size output tiles, so that four times as many programs share
+    the GEMM, each with half the steps over the input channels, where the regular tiles make fewer programs than the
+    GPU has SMs (``common.SMS``; a batch-1 layer on a 7×7 to 28×28 map), and where they make less than a wave (fewer
+    than 4 × ``common.SMS`` programs; 4 to 6 fit an SM) of a GEMM bound by its memory traffic even on the quarter
+    tiles' mma.sync (at most :data:`DENSE_WEIGHT_BOUND_INTENSITY`): their slower instruction then costs little while
+    their programs fill the SMs. L3's 1024 → 6144 expands at batch 1 on a 10×10 or 12×12 map are the case (192 or
+    288 regular programs streaming a 12.6 MB weight, 89 or 123 FLOPs per byte; predicted 16.5 → 9.8 µs on the
+    10×10 map); L2's 1536 → 256 projections at batch 16 (196 regular programs, 206 FLOPs per byte) are not."""
     regular = common.cdiv(n_pixels, DENSE_BLOCKS["BLOCK_M"]) * common.cdiv(out_channels, DENSE_BLOCKS["BLOCK_N"])
-    return DENSE_SMALL_GRID_BLOCKS if regular < common.SMS else DENSE_BLOCKS
+    memory_bound = regular < 4 * common.SMS and flops_per_byte <= DENSE_WEIGHT_BOUND_INTENSITY
+    return DENSE_SMALL_GRID_BLOCKS if regular < common.SMS or memory_bound else DENSE_BLOCKS
 
 
 def dw_blocks(n_pixels: int, channels: int) -> dict[str, int]:
@@ -258,7 +268,8 @@ def dense(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
     bias, has_bias, _ = common.optional(a.bias, a.weight)
     residual, has_residual, r_strides = common.optional(a.residual, out)
     ksize = a.weight.shape[2]
-    blocks = dense_blocks(n_pixels, out_channels)
+    moved = sum(t.numel() * t.element_size() for t in (a.x, a.weight, out))
+    blocks = dense_blocks(n_pixels, out_channels, 2 * n_pixels * a.weight.numel() / moved)
     tiles = common.cdiv(n_pixels, blocks["BLOCK_M"]) * common.cdiv(out_channels, blocks["BLOCK_N"])
     splits = dense_splits(tiles, in_channels, blocks["BLOCK_K"]) if ksize == 1 else 1
     options = {"num_warps": dense_warps(a.compute_dtype(), ksize), **common.dot_mode(a.compute_dtype(), "conv")}
