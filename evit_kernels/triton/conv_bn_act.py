@@ -46,6 +46,11 @@ DENSE_SPLIT_MIN_CHANNELS = 768
 """The shortest reduction (input channels) a 1×1 conv on few tiles is split over (see :func:`dense_splits`)."""
 DENSE_SPLIT_MIN_STEPS = 4
 """The fewest steps of ``BLOCK_K`` input channels in each slice of a split 1×1 conv."""
+DENSE_SPLIT_PER_SM = 6
+"""The programs per SM a split 1×1 conv aims at: a wave of its split programs at the fewest of them that fit an SM
+in the sm_90 builds (6 to 10 on the quarter-size tiles). Under a wave the formula prices a launch's time inversely
+to its programs, and a 1×1 conv's partial sums are small beside the weights its slices stream (more than the
+FFN's, see :data:`split_sum.TARGET_PER_SM`)."""
 DENSE_SPLIT_LONG_CHANNELS = 4096
 """The shortest reduction over which a 1×1 conv on up to twice as many tiles as the GPU has SMs is split too (see
 :func:`dense_splits`)."""
@@ -103,13 +108,14 @@ def dense_splits(tiles: int, in_channels: int, block_k: int) -> int:
     :data:`DENSE_SPLIT_MIN_CHANNELS`, in slices of at least :data:`DENSE_SPLIT_MIN_STEPS` steps of ``block_k``.
     Batch-1 projections on 7×7 and 14×14 maps are the case (49 pixels × 512 outputs from 3072 channels: 32 tiles of
     32 × 32, each streaming a 3072-long column of the weights while a hundred SMs idle; 196 × 256 from 1536: 56
-    tiles; 196 × 512 from 4096: 112 tiles, split 4 ways). Up to twice as many tiles as SMs where the reduction is
+    tiles; 196 × 512 from 4096: 112 tiles, split 7 ways). Up to twice as many tiles as SMs where the reduction is
     at least :data:`DENSE_SPLIT_LONG_CHANNELS` long: such a launch still fills few of the SMs' slots (up to 8
     programs of 32 × 32 fit an SM), and each program's walk is long enough for a split to repay the summing launch
     (L3's 6144 → 1024 projections on its 12×12 map at 384 px, batch 1: 160 tiles of 96 steps); over a shorter one it
     does not (L3's 1024-channel qkv conv at 224 px: 192 tiles of 16 steps, priced 1.4 µs slower split)."""
     max_tiles = (2 if in_channels >= DENSE_SPLIT_LONG_CHANNELS else 1) * common.SMS
-    return split_sum.slices(tiles, in_channels, block_k, DENSE_SPLIT_MIN_CHANNELS, DENSE_SPLIT_MIN_STEPS, max_tiles)
+    return split_sum.slices(tiles, in_channels, block_k, DENSE_SPLIT_MIN_CHANNELS, DENSE_SPLIT_MIN_STEPS, max_tiles,
+                            DENSE_SPLIT_PER_SM)
 
 
 def dense_warps(dtype: torch.dtype, ksize: int) -> int:

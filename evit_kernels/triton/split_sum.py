@@ -21,24 +21,24 @@ BLOCK_P, BLOCK_C, WARPS = 2, 8, 8
 and the few thousand outputs of a batch-1 layer spread over several hundred programs."""
 
 
-TARGET_PROGRAMS = 4 * common.SMS
-"""The programs a split launch aims at: about half a wave of 32×32-tile programs (6 to 8 of them fit an SM), so
-that the partial sums' round trip grows no faster than the idle SMs shrink."""
+TARGET_PER_SM = 4
+"""The programs per SM a split launch aims at by default: about half a wave of 32×32-tile programs (6 to 10 of them
+fit an SM), so that the partial sums' round trip grows no faster than the idle SMs shrink."""
 
 
 def slices(programs: int, length: int, step: int, min_length: int, min_steps: int,
-           max_programs: int | None = None) -> int:
+           max_programs: int | None = None, per_sm: int = TARGET_PER_SM) -> int:
     """Into how many slices a reduction of ``length`` walked in steps of ``step`` is split, for a launch of
     ``programs`` programs: where they are at most ``max_programs`` (by default as many as the GPU's SMs) and the
-    reduction is at least ``min_length`` long, as many slices as bring the programs up to at most
-    :data:`TARGET_PROGRAMS`, each of at least ``min_steps`` steps, at most :data:`MAX_SPLITS`, every slice the same
+    reduction is at least ``min_length`` long, as many slices as bring the programs up to at most ``per_sm`` times
+    the SMs, each of at least ``min_steps`` steps, at most :data:`MAX_SPLITS`, every slice the same
     whole number of steps (so the count returned is the count launched, none empty); otherwise 1. Shorter reductions
     or more programs gain less than the second launch and the partial sums' round trip cost (a 2-way split of 200
     programs over a 1024-long reduction is priced slower)."""
     if programs > (common.SMS if max_programs is None else max_programs) or length < min_length:
         return 1
     steps = common.cdiv(length, step)
-    return whole_slices(steps, min(MAX_SPLITS, steps // min_steps, TARGET_PROGRAMS // programs))
+    return whole_slices(steps, min(MAX_SPLITS, steps // min_steps, per_sm * common.SMS // programs))
 
 
 def whole_slices(steps: int, wanted: int) -> int:
