@@ -38,7 +38,7 @@ DW_SMALL_GRID_BLOCKS = {"BLOCK_P": 16, "BLOCK_C": 32, "num_warps": 8}
 # Groups 1 (1×1 and k×k): a (pixels × output channels) tile of the GEMM (B·H·W) × C_out × (C_in·k²) per program.
 DENSE_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
 DENSE_SMALL_GRID_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}
-DENSE_WEIGHT_BOUND_INTENSITY = 160
+DENSE_MEMORY_BOUND_FLOPS_PER_BYTE = 160
 """The most FLOPs per byte moved (the conv's products over its input, weights and output) at which a groups-1 conv
 whose regular tiles make less than a wave takes the quarter-size tiles (see :func:`dense_blocks`): about 1.3 times
 the ridge of their mma.sync on an H100 (495 TFLOP/s · 0.7 over 3.35 TB/s · 0.85, 122 FLOPs per byte)."""
@@ -49,8 +49,8 @@ DENSE_SPLIT_MIN_STEPS = 4
 DENSE_SPLIT_PER_SM = 6
 """The programs per SM a split 1×1 conv aims at: a wave of its split programs at the fewest of them that fit an SM
 in the sm_90 builds (6 to 10 on the quarter-size tiles). Under a wave the formula prices a launch's time inversely
-to its programs, and a 1×1 conv's partial sums are small beside the weights its slices stream (more than the
-FFN's, see :data:`split_sum.TARGET_PER_SM`)."""
+to its programs, and a projection's partial sums are small beside the weights its slices stream. The FFN keeps
+:data:`split_sum.TARGET_PER_SM` (at 6 per SM M5's split FFNs at batch 64 were priced dearer)."""
 DENSE_SPLIT_LONG_CHANNELS = 4096
 """The shortest reduction over which a 1×1 conv on up to twice as many tiles as the GPU has SMs is split too (see
 :func:`dense_splits`)."""
@@ -81,12 +81,12 @@ def dense_blocks(n_pixels: int, out_channels: int, flops_per_byte: float) -> dic
     the GEMM, each with half the steps over the input channels, where the regular tiles make fewer programs than the
     GPU has SMs (``common.SMS``; a batch-1 layer on a 7×7 to 28×28 map), and where they make less than a wave (fewer
     than 4 × ``common.SMS`` programs; 4 to 6 fit an SM) of a GEMM bound by its memory traffic even on the quarter
-    tiles' mma.sync (at most :data:`DENSE_WEIGHT_BOUND_INTENSITY`): their slower instruction then costs little while
-    their programs fill the SMs. L3's 1024 → 6144 expands at batch 1 on a 10×10 or 12×12 map are the case (192 or
-    288 regular programs streaming a 12.6 MB weight, 89 or 123 FLOPs per byte; predicted 16.5 → 9.8 µs on the
-    10×10 map); L2's 1536 → 256 projections at batch 16 (196 regular programs, 206 FLOPs per byte) are not."""
+    tiles' mma.sync (at most :data:`DENSE_MEMORY_BOUND_FLOPS_PER_BYTE`): their slower instruction then costs little
+    while their programs fill the SMs. L3's 1024 → 6144 expands at batch 1 on a 10×10 or 12×12 map are the case (192 or
+    288 regular programs streaming a 12.6 MB weight, 90 or 124 FLOPs per byte; predicted 16.5 → 9.8 µs on the
+    10×10 map); L2's 1536 → 256 projections at batch 16 (196 regular programs, 205 FLOPs per byte) are not."""
     regular = common.cdiv(n_pixels, DENSE_BLOCKS["BLOCK_M"]) * common.cdiv(out_channels, DENSE_BLOCKS["BLOCK_N"])
-    memory_bound = regular < 4 * common.SMS and flops_per_byte <= DENSE_WEIGHT_BOUND_INTENSITY
+    memory_bound = regular < 4 * common.SMS and flops_per_byte <= DENSE_MEMORY_BOUND_FLOPS_PER_BYTE
     return DENSE_SMALL_GRID_BLOCKS if regular < common.SMS or memory_bound else DENSE_BLOCKS
 
 
