@@ -40,7 +40,7 @@ DENSE_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
 DENSE_SMALL_GRID_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}
 DENSE_MEMORY_BOUND_FLOPS_PER_BYTE = 160
 """The most FLOPs per byte moved (the conv's products over its input, weights and output) at which a groups-1 conv
-whose regular tiles make less than a wave takes the quarter-size tiles (see :func:`dense_blocks`): about 1.3 times
+whose regular tiles make well under a wave takes the quarter-size tiles (see :func:`dense_blocks`): about 1.3 times
 the ridge of their mma.sync on an H100 (495 TFLOP/s · 0.7 over 3.35 TB/s · 0.85, 122 FLOPs per byte)."""
 DENSE_SPLIT_MIN_CHANNELS = 768
 """The shortest reduction (input channels) a 1×1 conv on few tiles is split over (see :func:`dense_splits`)."""
@@ -79,14 +79,15 @@ def dense_blocks(n_pixels: int, out_channels: int, flops_per_byte: float) -> dic
     """The tile sizes of the groups-1 kernel for a GEMM of ``n_pixels`` × ``out_channels`` outputs making
     ``flops_per_byte`` FLOPs per byte it moves: quarter-size output tiles, so that four times as many programs share
     the GEMM, each with half the steps over the input channels, where the regular tiles make fewer programs than the
-    GPU has SMs (``common.SMS``; a batch-1 layer on a 7×7 to 28×28 map), and where they make less than a wave (fewer
-    than 4 × ``common.SMS`` programs; 4 to 6 fit an SM) of a GEMM bound by its memory traffic even on the quarter
-    tiles' mma.sync (at most :data:`DENSE_MEMORY_BOUND_FLOPS_PER_BYTE`): their slower instruction then costs little
-    while their programs fill the SMs. L3's 1024 → 6144 expands at batch 1 on a 10×10 or 12×12 map are the case (192 or
-    288 regular programs streaming a 12.6 MB weight, 90 or 124 FLOPs per byte; predicted 16.5 → 9.8 µs on the
-    10×10 map); L2's 1536 → 256 projections at batch 16 (196 regular programs, 205 FLOPs per byte) are not."""
+    GPU has SMs (``common.SMS``; a batch-1 layer on a 7×7 to 28×28 map), and where they make well under a wave
+    (fewer than 3 × ``common.SMS`` programs; 4 to 6 fit an SM) of a GEMM bound by its memory traffic even on the
+    quarter tiles' mma.sync (at most :data:`DENSE_MEMORY_BOUND_FLOPS_PER_BYTE`): their slower instruction then costs
+    little while their programs fill the SMs. L3's 1024 → 6144 expands at batch 1 on a 10×10 or 12×12 map are the
+    case (192 or 288 regular programs streaming a 12.6 MB weight, 90 or 124 FLOPs per byte; predicted 16.5 → 9.8 µs
+    on the 10×10 map); L2's 1536 → 256 projections at batch 16 (196 regular programs, 205 FLOPs per byte) are not, nor
+    is SAM-L0's fp32 attention projection at batch 16 (512 regular programs, a wave at 4 per SM)."""
     regular = common.cdiv(n_pixels, DENSE_BLOCKS["BLOCK_M"]) * common.cdiv(out_channels, DENSE_BLOCKS["BLOCK_N"])
-    memory_bound = regular < 4 * common.SMS and flops_per_byte <= DENSE_MEMORY_BOUND_FLOPS_PER_BYTE
+    memory_bound = regular < 3 * common.SMS and flops_per_byte <= DENSE_MEMORY_BOUND_FLOPS_PER_BYTE
     return DENSE_SMALL_GRID_BLOCKS if regular < common.SMS or memory_bound else DENSE_BLOCKS
 
 
