@@ -125,8 +125,8 @@ def grid_tiles(request, monkeypatch):
 
 
 def test_small_grids_take_quarter_size_tiles():
-    assert triton_conv.dense_blocks(7 * 7, 256, 1000.0) == triton_conv.DENSE_SMALL_GRID_BLOCKS  # batch 1, 7×7
-    assert triton_conv.dense_blocks(256 * 14 * 14, 256, 1.0) == triton_conv.DENSE_BLOCKS
+    assert triton_conv.dense_blocks(7 * 7, 256, 1, 1000.0) == triton_conv.DENSE_SMALL_GRID_BLOCKS  # batch 1, 7×7
+    assert triton_conv.dense_blocks(256 * 14 * 14, 256, 1, 1.0) == triton_conv.DENSE_BLOCKS
     assert triton_conv.dw_blocks(7 * 7, 1024) == triton_conv.DW_SMALL_GRID_BLOCKS  # 32 regular tiles, 128 small
     assert triton_conv.dw_blocks(14 * 14, 2048) == triton_conv.DW_BLOCKS  # 4 × 64 regular tiles
     assert triton_conv.dw_blocks(4 * 4, 384) == triton_conv.DW_BLOCKS  # one tile of pixels either way
@@ -136,21 +136,23 @@ def test_small_grids_take_quarter_size_tiles():
 def test_long_reductions_on_few_tiles_split_over_the_input_channels():
     """docs/performance.md, "Split-K": batch-1 projections on 7×7 and 14×14 maps split, into as many slices as
     bring the programs to about 6 × 132; as many tiles as SMs or shorter reductions do not, nor does a 3×3 conv."""
-    assert triton_conv.dense_splits(32, 3072, 64) == 12  # L1 stage 4: 49 pixels × 512 outputs from 3072 channels
-    assert triton_conv.dense_splits(24, 1536, 64) == 6  # B2 stage 4: 49 × 384 from 1536
-    assert triton_conv.dense_splits(56, 1536, 64) == 6  # L2 stage 3: 196 × 256 from 1536
-    assert triton_conv.dense_splits(112, 4096, 64) == 7  # L3 stage 3: 196 × 512 from 4096, up to 6 · 132 programs
-    assert triton_conv.dense_splits(200, 1024, 64) == 1  # 784 × 256 from 1024 (B1 at batch 16): 200 tiles are enough
-    assert triton_conv.dense_splits(16, 1024, 64) == 4  # B1 stage 4: 49 × 256 from 1024
-    assert triton_conv.dense_splits(24, 768, 64) == 3  # B2's stride-2 stage-4 block: 49 × 384 from 768
-    assert triton_conv.dense_splits(16, 512, 64) == 1  # 49 × 256 from 512: too short to gain a second launch
-    assert triton_conv.dense_splits(32, 2100, 64) == 7  # 33 steps: 8 slices of 5 steps would leave the last empty
-    assert triton_conv.dense_splits(16, 8192, 64) == 16  # at most 16
+    quarter, regular = triton_conv.DENSE_SMALL_GRID_BLOCKS, triton_conv.DENSE_BLOCKS
+    assert triton_conv.dense_splits(32, 3072, quarter) == 12  # L1 stage 4: 49 pixels × 512 outputs from 3072 channels
+    assert triton_conv.dense_splits(24, 1536, quarter) == 6  # B2 stage 4: 49 × 384 from 1536
+    assert triton_conv.dense_splits(56, 1536, quarter) == 6  # L2 stage 3: 196 × 256 from 1536
+    assert triton_conv.dense_splits(112, 4096, quarter) == 7  # L3 stage 3: 196 × 512 from 4096, up to 6 · 132 programs
+    assert triton_conv.dense_splits(200, 1024, quarter) == 1  # 784 × 256 from 1024 (B1 at 16): enough tiles
+    assert triton_conv.dense_splits(16, 1024, quarter) == 4  # B1 stage 4: 49 × 256 from 1024
+    assert triton_conv.dense_splits(24, 768, quarter) == 3  # B2's stride-2 stage-4 block: 49 × 384 from 768
+    assert triton_conv.dense_splits(16, 512, quarter) == 1  # 49 × 256 from 512: too short to gain a second launch
+    assert triton_conv.dense_splits(32, 2100, quarter) == 7  # 33 steps: 8 slices of 5 steps would leave the last empty
+    assert triton_conv.dense_splits(16, 8192, quarter) == 16  # at most 16
     # Past the SMs' count, up to twice it, only reductions of at least 4096 channels split:
-    assert triton_conv.dense_splits(160, 6144, 64) == 4  # L3 stage 4 at 384 px: 144 × 1024 from 6144, 160 tiles
-    assert triton_conv.dense_splits(192, 1024, 64) == 1  # L3's qkv conv at 224 px: 49 × 3072 from 1024
-    assert triton_conv.dense_splits(270, 6144, 64) == 1  # more than 2 · 132 tiles
-    assert triton_conv.dense_splits(200, 4096, 32) == 3  # regular tiles: 128 steps of 32, 3 · 200 programs ≤ 6 · 132
+    assert triton_conv.dense_splits(160, 6144, quarter) == 4  # L3 stage 4 at 384 px: 144 × 1024 from 6144, 160 tiles
+    assert triton_conv.dense_splits(192, 1024, quarter) == 1  # L3's qkv conv at 224 px: 49 × 3072 from 1024
+    assert triton_conv.dense_splits(270, 6144, quarter) == 1  # more than 2 · 132 tiles
+    # regular tiles, 3 of whose split programs fit an SM: 128 steps of 32, 2 · 200 programs ≤ 4 · 132
+    assert triton_conv.dense_splits(200, 4096, regular) == 2
 
     def launched(c_in, c_out, k, side=7):
         x = torch.empty(1, c_in, side, side, dtype=torch.bfloat16, device="meta")
@@ -176,20 +178,24 @@ def test_pointwise_within_twice_eager_error(poisoned_empty, grid_tiles, name, ac
     _check_against_float64(x, weight, bias, residual, conv, activation)
 
 
-@pytest.mark.parametrize("batch, in_channels, size, out_channels, block_m", [
-    (1, 1024, 10, 6144, 32),  # L3's expand at 320 px, batch 1: 2 × 96 regular tiles, 90 FLOPs per byte moved
-    (1, 1024, 12, 6144, 32),  # at 384 px: 3 × 96 regular tiles, 124 FLOPs per byte
-    (16, 1536, 14, 256, 64),  # L2's projection at batch 16: 49 × 4 regular tiles, 205 FLOPs per byte
-    (1, 1024, 12, 8960, 64),  # 3 × 140 regular tiles, not well under a wave (125 FLOPs per byte)
+@pytest.mark.parametrize("batch, in_channels, size, out_channels, ksize, dtype, block_m", [
+    (1, 1024, 10, 6144, 1, torch.bfloat16, 32),  # L3's expand at 320 px, batch 1: 2 × 96 regular tiles, 90 FLOPs/B
+    (1, 1024, 12, 6144, 1, torch.bfloat16, 32),  # at 384 px: 3 × 96 regular tiles, 124 FLOPs per byte
+    (16, 1536, 14, 256, 1, torch.bfloat16, 64),  # L2's projection at batch 16: 49 × 4 regular tiles, 205 FLOPs/B
+    (1, 1024, 16, 3072, 1, torch.bfloat16, 64),  # 4 × 48 regular tiles, 192 FLOPs per byte in bf16
+    (1, 1024, 16, 3072, 1, torch.float32, 32),  # the same in fp32: 96 FLOPs per byte
+    (1, 1024, 12, 8960, 1, torch.bfloat16, 64),  # 3 × 140 regular tiles, not well under a wave (124 FLOPs/B)
+    (1, 16, 12, 6144, 3, torch.bfloat16, 64),  # a 3×3 conv: 3 × 96 regular tiles at 72 FLOPs per byte
 ])
-def test_a_memory_bound_gemm_under_a_wave_takes_quarter_size_tiles(batch, in_channels, size, out_channels, block_m):
-    """Where the regular tiles make fewer than 3 × 132 programs, the launch takes the quarter-size tiles if its
-    FLOPs per byte moved (the products over the input, weights and output, computed here from the shapes) are at
-    most 160, the regular ones otherwise."""
-    x = torch.empty(batch, in_channels, size, size, device="meta", dtype=torch.bfloat16)
-    weight = torch.empty(out_channels, in_channels, 1, 1, device="meta", dtype=torch.bfloat16)
+def test_a_memory_bound_gemm_under_a_wave_takes_quarter_size_tiles(batch, in_channels, size, out_channels, ksize,
+                                                                    dtype, block_m):
+    """Where the regular tiles make fewer than 3 × 132 programs, a 1×1 conv takes the quarter-size tiles if its
+    FLOPs per byte moved (the products over the input, weights and output, worked out by hand for each case above)
+    are at most 160, the regular ones otherwise; a k×k conv keeps the regular ones."""
+    x = torch.empty(batch, in_channels, size, size, device="meta", dtype=dtype)
+    weight = torch.empty(out_channels, in_channels, ksize, ksize, device="meta", dtype=dtype)
     with predict.recorded_launches() as launches:
-        conv_bn_act(x, weight, None, activation="none", backend="triton", stride=1, padding=0, groups=1)
+        conv_bn_act(x, weight, None, activation="none", backend="triton", stride=1, padding=ksize // 2, groups=1)
     assert [launch.kernel for launch in launches] == ["_conv_dense_kernel"]
     assert launches[0].constexprs["BLOCK_M"] == block_m
 
@@ -200,7 +206,7 @@ def test_split_on_regular_tiles_within_twice_eager_error(poisoned_empty, monkeyp
     """A split on regular 64 × 64 tiles (steps of 32 channels), which the long-reduction rule takes on 133 to 264
     tiles, computes the same sums: the regular tiles are forced on a map small enough to split, and the launch
     checked to be that one."""
-    monkeypatch.setattr(triton_conv, "dense_blocks", lambda *shape: triton_conv.DENSE_BLOCKS)
+    monkeypatch.setattr(triton_conv, "dense_blocks", lambda *args: triton_conv.DENSE_BLOCKS)
     x, weight, bias, residual, conv = _pointwise_inputs("split_5_slices", dtype)
     on_meta = [t.to("meta") for t in (x, weight, bias, residual)]
     with predict.recorded_launches() as launches:

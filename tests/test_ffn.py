@@ -122,6 +122,7 @@ def test_few_programs_split_long_hidden_dimensions():
     assert triton_ffn.hidden_splits(4, 512, 32) == 8
     assert triton_ffn.hidden_splits(8, 256, 32) == 1  # too short to gain a second launch
     assert triton_ffn.hidden_splits(200, 768, 32) == 1  # enough programs
+    assert triton_ffn.hidden_splits(100, 4096, 32) == 5  # up to 4 · 132 programs (1×1 convs aim at 6 · 132)
 
     def launched(batch, side, channels):
         with torch.device("meta"):

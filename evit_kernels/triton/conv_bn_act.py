@@ -47,10 +47,11 @@ DENSE_SPLIT_MIN_CHANNELS = 768
 DENSE_SPLIT_MIN_STEPS = 4
 """The fewest steps of ``BLOCK_K`` input channels in each slice of a split 1×1 conv."""
 DENSE_SPLIT_PER_SM = 6
-"""The programs per SM a split 1×1 conv aims at: a wave of its split programs at the fewest of them that fit an SM
-in the sm_90 builds (6 to 10 on the quarter-size tiles). Under a wave the formula prices a launch's time inversely
-to its programs, and a projection's partial sums are small beside the weights its slices stream. The FFN keeps
-:data:`split_sum.TARGET_PER_SM` (at 6 per SM M5's split FFNs at batch 64 were priced dearer)."""
+"""The programs per SM a split 1×1 conv on the quarter-size tiles aims at: a wave of its split programs at the
+fewest of them that fit an SM in the sm_90 builds (6 to 10). Under a wave the formula prices a launch's time
+inversely to its programs, and a projection's partial sums are small beside the weights its slices stream. A split
+on the regular tiles (3 of whose split programs fit an SM) and the FFN keep :data:`split_sum.TARGET_PER_SM` (at 6
+per SM M5's split FFNs at batch 64 were priced dearer)."""
 DENSE_SPLIT_LONG_CHANNELS = 4096
 """The shortest reduction over which a 1×1 conv on up to twice as many tiles as the GPU has SMs is split too (see
 :func:`dense_splits`)."""
@@ -75,19 +76,20 @@ narrower rows leave most of its 128 outputs per program idle (the L-series and S
 take it; the M-series stem's 56-wide and narrower ones stay on the implicit GEMM)."""
 
 
-def dense_blocks(n_pixels: int, out_channels: int, flops_per_byte: float) -> dict[str, int]:
-    """The tile sizes of the groups-1 kernel for a GEMM of ``n_pixels`` × ``out_channels`` outputs making
-    ``flops_per_byte`` FLOPs per byte it moves: quarter-size output tiles, so that four times as many programs share
-    the GEMM, each with half the steps over the input channels, where the regular tiles make fewer programs than the
-    GPU has SMs (``common.SMS``; a batch-1 layer on a 7×7 to 28×28 map), and where they make well under a wave
-    (fewer than 3 × ``common.SMS`` programs; 4 to 6 fit an SM) of a GEMM bound by its memory traffic even on the
-    quarter tiles' mma.sync (at most :data:`DENSE_MEMORY_BOUND_FLOPS_PER_BYTE`): their slower instruction then costs
-    little while their programs fill the SMs. L3's 1024 → 6144 expands at batch 1 on a 10×10 or 12×12 map are the
-    case (192 or 288 regular programs streaming a 12.6 MB weight, 90 or 124 FLOPs per byte; predicted 16.5 → 9.8 µs
-    on the 10×10 map); L2's 1536 → 256 projections at batch 16 (196 regular programs, 205 FLOPs per byte) are not, nor
-    is SAM-L0's fp32 attention projection at batch 16 (512 regular programs, a wave at 4 per SM)."""
+def dense_blocks(n_pixels: int, out_channels: int, ksize: int, flops_per_byte: float) -> dict[str, int]:
+    """The tile sizes of the groups-1 kernel for a GEMM of ``n_pixels`` × ``out_channels`` outputs of a ``ksize`` ×
+    ``ksize`` conv making ``flops_per_byte`` FLOPs per byte it moves: quarter-size output tiles, so that four times
+    as many programs share the GEMM, each with half the steps over the input channels, where the regular tiles make
+    fewer programs than the GPU has SMs (``common.SMS``; a batch-1 layer on a 7×7 to 28×28 map), and where they make
+    well under a wave (fewer than 3 × ``common.SMS`` programs; 4 to 6 fit an SM) of a 1×1 conv bound by its memory
+    traffic even on the quarter tiles' mma.sync (at most :data:`DENSE_MEMORY_BOUND_FLOPS_PER_BYTE`): their slower
+    instruction then costs little while their programs fill the SMs. L3's 1024 → 6144 expands at batch 1 on a 10×10
+    or 12×12 map are the case (192 or 288 regular programs streaming a 12.6 MB weight, 90 or 124 FLOPs per byte;
+    predicted 16.5 → 9.8 µs on the 10×10 map); L2's 1536 → 256 projections at batch 16 (196 regular programs, 205
+    FLOPs per byte) are not, nor is SAM-L0's fp32 attention projection at batch 16 (512 regular programs, a wave at
+    4 per SM). Not a k×k conv's: only 2 of its quarter-tile programs fit an SM."""
     regular = common.cdiv(n_pixels, DENSE_BLOCKS["BLOCK_M"]) * common.cdiv(out_channels, DENSE_BLOCKS["BLOCK_N"])
-    memory_bound = regular < 3 * common.SMS and flops_per_byte <= DENSE_MEMORY_BOUND_FLOPS_PER_BYTE
+    memory_bound = ksize == 1 and regular < 3 * common.SMS and flops_per_byte <= DENSE_MEMORY_BOUND_FLOPS_PER_BYTE
     return DENSE_SMALL_GRID_BLOCKS if regular < common.SMS or memory_bound else DENSE_BLOCKS
 
 
@@ -103,10 +105,11 @@ def dw_blocks(n_pixels: int, channels: int) -> dict[str, int]:
     return DW_SMALL_GRID_BLOCKS if regular < common.SMS and small_gains else DW_BLOCKS
 
 
-def dense_splits(tiles: int, in_channels: int, block_k: int) -> int:
+def dense_splits(tiles: int, in_channels: int, blocks: dict[str, int]) -> int:
     """Into how many slices a 1×1 conv's reduction over ``in_channels`` is split (split-K, :func:`split_sum.slices`):
     where its ``tiles`` output tiles are fewer than the GPU's SMs while each walks a reduction of at least
-    :data:`DENSE_SPLIT_MIN_CHANNELS`, in slices of at least :data:`DENSE_SPLIT_MIN_STEPS` steps of ``block_k``.
+    :data:`DENSE_SPLIT_MIN_CHANNELS`, in slices of at least :data:`DENSE_SPLIT_MIN_STEPS` steps of ``BLOCK_K`` of
+    its tile sizes ``blocks``, up to :data:`DENSE_SPLIT_PER_SM` programs per SM on the quarter-size tiles.
     Batch-1 projections on 7×7 and 14×14 maps are the case (49 pixels × 512 outputs from 3072 channels: 32 tiles of
     32 × 32, each streaming a 3072-long column of the weights while a hundred SMs idle; 196 × 256 from 1536: 56
     tiles; 196 × 512 from 4096: 112 tiles, split 7 ways). Up to twice as many tiles as SMs where the reduction is
@@ -115,8 +118,9 @@ def dense_splits(tiles: int, in_channels: int, block_k: int) -> int:
     (L3's 6144 → 1024 projections on its 12×12 map at 384 px, batch 1: 160 tiles of 96 steps); over a shorter one it
     does not (L3's 1024-channel qkv conv at 224 px: 192 tiles of 16 steps, priced 1.4 µs slower split)."""
     max_tiles = (2 if in_channels >= DENSE_SPLIT_LONG_CHANNELS else 1) * common.SMS
-    return split_sum.slices(tiles, in_channels, block_k, DENSE_SPLIT_MIN_CHANNELS, DENSE_SPLIT_MIN_STEPS, max_tiles,
-                            DENSE_SPLIT_PER_SM)
+    per_sm = DENSE_SPLIT_PER_SM if blocks == DENSE_SMALL_GRID_BLOCKS else split_sum.TARGET_PER_SM
+    return split_sum.slices(tiles, in_channels, blocks["BLOCK_K"], DENSE_SPLIT_MIN_CHANNELS, DENSE_SPLIT_MIN_STEPS,
+                            max_tiles, per_sm)
 
 
 def dense_warps(dtype: torch.dtype, ksize: int) -> int:
@@ -276,9 +280,9 @@ def dense(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
     residual, has_residual, r_strides = common.optional(a.residual, out)
     ksize = a.weight.shape[2]
     moved = sum(t.numel() * t.element_size() for t in (a.x, a.weight, out))
-    blocks = dense_blocks(n_pixels, out_channels, 2 * n_pixels * a.weight.numel() / moved)
+    blocks = dense_blocks(n_pixels, out_channels, ksize, 2 * n_pixels * a.weight.numel() / moved)
     tiles = common.cdiv(n_pixels, blocks["BLOCK_M"]) * common.cdiv(out_channels, blocks["BLOCK_N"])
-    splits = dense_splits(tiles, in_channels, blocks["BLOCK_K"]) if ksize == 1 else 1
+    splits = dense_splits(tiles, in_channels, blocks) if ksize == 1 else 1
     options = {"num_warps": dense_warps(a.compute_dtype(), ksize), **common.dot_mode(a.compute_dtype(), "conv")}
     if splits == 1:
         _conv_dense_kernel[(tiles, 1)](
