@@ -15,10 +15,11 @@ from evit_kernels.triton import _common as common
 
 MAX_SPLITS = 16
 """The most slices a reduction is split into (a power of two: the slice axis of the summing kernel's tile)."""
-BLOCK_P, BLOCK_C, WARPS = 2, 8, 8
-"""The outputs and warps of a program of the summing kernel: each of its 256 threads loads one slice of one output
-(:data:`MAX_SPLITS` × 2 × 8), so that every partial sum is one load issued at once rather than a link of a chain,
-and the few thousand outputs of a batch-1 layer spread over several hundred programs."""
+BLOCK, WARPS = 64, 8
+"""The outputs and warps of a program of the summing kernel: a (:data:`MAX_SPLITS` × 64) block of partial sums,
+each of its 256 threads loading 4 adjacent outputs of one slice (16 bytes), so that every partial sum is loaded at
+once rather than as a link of a chain, in the widest loads, and the few thousand outputs of a batch-1 layer still
+spread over about a hundred programs."""
 
 
 TARGET_PER_SM = 4
@@ -63,40 +64,52 @@ def partials(out: torch.Tensor, splits: int) -> torch.Tensor:
 
 
 @triton.jit
-def _split_sum_kernel(partials, bias, residual, out, n_pixels, channels, out_height, out_width, splits, has_bias,
-                      has_residual, p_ss, p_sb, p_sc, p_sh, p_sw, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw,
-                      ACTIVATION: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK_P: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
-    # The fp32 partial sums of the ``splits`` slices (``p_ss`` apart) of a (pixels × channels) tile, loaded as one
-    # (slice × pixel × channel) block and added by one reduction over the slices (a fixed tree: the same sum on every
-    # run), then the epilogue.
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+def _split_sum_kernel(partials, bias, residual, out, n_outputs, channels, channel_step, splits, has_bias,
+                      has_residual, ACTIVATION: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    # The fp32 partial sums of the ``splits`` slices of ``BLOCK`` outputs, numbered in memory order (partials,
+    # residual and output share one dense layout; a slice is ``n_outputs`` after the last), loaded as one
+    # (slice × output) block and added by one reduction over the slices (a fixed tree: the same sum on every run),
+    # then the epilogue. Output i has channel (i // channel_step) % channels.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs_s = tl.arange(0, MAX_SPLITS)
-    mask_p = offs_p < n_pixels
-    mask_c = offs_c < channels
-    offs_b, offs_h, offs_w = common.pixel_coords(offs_p, out_height, out_width)
-    at = (partials + offs_s[:, None, None] * p_ss + (offs_b * p_sb + offs_h * p_sh + offs_w * p_sw)[None, :, None]
-          + offs_c[None, None, :] * p_sc)
-    mask = (offs_s < splits)[:, None, None] & mask_p[None, :, None] & mask_c[None, None, :]
-    acc = tl.sum(tl.load(at, mask=mask, other=0.0), axis=0)
-    common.epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_c, mask_p, mask_c, has_bias, has_residual,
-                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION)
+    mask = offs < n_outputs
+    at = partials + offs_s[:, None] * n_outputs + offs[None, :]
+    y = tl.sum(tl.load(at, mask=(offs_s < splits)[:, None] & mask[None, :], other=0.0), axis=0, keep_dims=True)
+    y = common.activate(common.add_bias(y, bias, (offs // channel_step) % channels, mask, has_bias),
+                        ACTIVATION=ACTIVATION)
+    if has_residual != 0:
+        y += tl.load(residual + offs[None, :], mask=mask[None, :], other=0.0).to(tl.float32)
+    tl.store(out + offs[None, :], y.to(out.dtype.element_ty), mask=mask[None, :])
+
+
+def dense_layout(t: torch.Tensor) -> torch.memory_format | None:
+    """The memory format in which ``t`` (B, C, H, W) is dense (NCHW first), or None."""
+    for layout in (torch.contiguous_format, torch.channels_last):
+        if t.is_contiguous(memory_format=layout):
+            return layout
+    return None
 
 
 def add(sums: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, out: torch.Tensor,
         activation: str) -> torch.Tensor:
-    """Writes ``act(Σ slices + bias) + residual`` into ``out`` (B, C, H, W), any strides, from the partial sums
-    ``sums`` (:func:`partials`: as many slices as it holds images of ``out``)."""
-    batch, channels, out_height, out_width = out.shape
-    n_pixels = batch * out_height * out_width
+    """Writes ``act(Σ slices + bias) + residual`` into ``out`` (B, C, H, W) from the partial sums ``sums``
+    (:func:`partials`: as many slices as it holds images of ``out``). The kernel walks the outputs in memory order:
+    an ``out`` dense in neither layout is written through a dense copy, a ``residual`` laid out otherwise than
+    ``out`` read through one."""
+    layout = dense_layout(out)
+    if layout is None or dense_layout(sums) != layout:
+        staged = torch.empty_like(out, memory_format=dense_layout(sums))
+        return out.copy_(add(sums, bias, residual, staged, activation))
+    if residual is not None and residual.stride() != out.stride():
+        residual = residual.contiguous(memory_format=layout)
+    batch, channels, height, width = out.shape
+    n_outputs = out.numel()
     bias, has_bias, _ = common.optional(bias, out)
-    residual, has_residual, r_strides = common.optional(residual, out)
-    grid = (common.cdiv(n_pixels, BLOCK_P), common.cdiv(channels, BLOCK_C))
-    _split_sum_kernel[grid](
-        sums, bias, residual, out, n_pixels, channels, out_height, out_width, sums.shape[0] // batch, has_bias,
-        has_residual, batch * sums.stride(0), *sums.stride(), *r_strides, *out.stride(), ACTIVATION=activation,
-        MAX_SPLITS=MAX_SPLITS, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=WARPS)
+    residual, has_residual, _ = common.optional(residual, out)
+    channel_step = 1 if layout == torch.channels_last else height * width
+    _split_sum_kernel[(common.cdiv(n_outputs, BLOCK),)](
+        sums, bias, residual, out, n_outputs, channels, channel_step, sums.shape[0] // batch, has_bias, has_residual,
+        ACTIVATION=activation, MAX_SPLITS=MAX_SPLITS, BLOCK=BLOCK, num_warps=WARPS)
     return out
 
 
@@ -108,7 +121,7 @@ def compile_configs():
     pointers = ("bias", "residual", "out")
     for ptr in common.POINTER_TYPES.values():
         for activation in ACTIVATIONS:
-            constexprs = {"ACTIVATION": activation, "MAX_SPLITS": MAX_SPLITS, "BLOCK_P": BLOCK_P, "BLOCK_C": BLOCK_C}
+            constexprs = {"ACTIVATION": activation, "MAX_SPLITS": MAX_SPLITS, "BLOCK": BLOCK}
             yield (_split_sum_kernel, common.signature(_split_sum_kernel, ptr, constexprs, pointers,
                                                        special={"partials": "*fp32"}),
                    constexprs, {"num_warps": WARPS})

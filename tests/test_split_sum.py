@@ -1,0 +1,56 @@
+"""The summing kernel of split reductions (evit_kernels/triton/split_sum.py) against a float64 sum of the same
+partial sums: every layout of the output and the residual it takes, and one it can only write through a copy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evit_kernels.triton import split_sum
+from tests.numerics import in_layout
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# (batch, channels, H, W, slices, out layout, residual layout or None): an output count no multiple of the block,
+# one slice short of the most, a 1×1 map, one channel.
+CASES = {
+    "nchw": (2, 5, 3, 7, 3, "nchw", "nchw"),
+    "channels_last": (1, 12, 5, 5, 15, "channels_last", "channels_last"),
+    "residual_in_the_other_layout": (2, 6, 4, 3, 4, "nchw", "channels_last"),
+    "out_dense_in_neither_layout": (1, 7, 3, 5, 2, "strided", "nchw"),
+    "map_1x1_no_residual": (3, 9, 1, 1, 16, "channels_last", None),
+    "one_channel": (2, 1, 4, 9, 5, "nchw", "strided"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", CASES)
+def test_the_slices_bias_activation_and_residual_add_up_in_any_layout(poisoned_empty, name, dtype):
+    batch, channels, height, width, slices, out_layout, residual_layout = CASES[name]
+    generator = torch.Generator().manual_seed(0)
+
+    def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+        return in_layout(t.to(DEVICE, dtype), layout)
+
+    shape = (batch, channels, height, width)
+    out = laid_out(torch.zeros(shape), out_layout)
+    sums = split_sum.partials(out, slices)
+    sums.copy_(torch.randn(sums.shape, generator=generator))
+    bias = torch.randn(channels, generator=generator).to(DEVICE, dtype)
+    residual = None
+    if residual_layout is not None:
+        residual = laid_out(torch.randn(shape, generator=generator), residual_layout)
+
+    result = split_sum.add(sums, bias, residual, out, "hardswish")
+
+    total = sums.double().reshape(slices, *shape).sum(0) + bias.double()[:, None, None]
+    expected = total * (total + 3).clamp(0, 6) / 6
+    if residual is not None:
+        expected += residual.double()
+    assert result is out
+    # One conversion to the output dtype (to nearest on a GPU; the interpreter's bf16 conversion truncates, up to one
+    # unit in the last place, 2^-7 of the value), and an fp32 sum of at most 16 values of about 1 (off by at most
+    # about 1e-5, in any order of the additions): a slice, bias or residual left out would be off by about 1.
+    tolerance = {"rtol": 2 ** -7, "atol": 1e-4} if dtype == torch.bfloat16 else {"rtol": 1e-6, "atol": 1e-4}
+    torch.testing.assert_close(out.double(), expected, **tolerance)
