@@ -133,7 +133,7 @@ def test_few_programs_split_long_hidden_dimensions():
             ffn(x, w1, None, w2, None, x, backend="triton")
         return [(launch.kernel, launch.grid) for launch in launches]
 
-    assert launched(1, 4, 384) == [("_ffn_fwd_kernel", (1, 6, 12)), ("_split_sum_kernel", (96,))]
+    assert launched(1, 4, 384) == [("_ffn_fwd_kernel", (1, 6, 12)), ("_split_sum_kernel", (384,))]
     assert launched(1, 14, 128) == [("_ffn_fwd_kernel", (4, 2))]
     assert launched(256, 4, 384) == [("_ffn_fwd_kernel", (256, 1))]  # one 512-wide block, 16-pixel tiles
 

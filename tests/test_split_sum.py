@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from evit_kernels.triton import _common as triton_common
 from evit_kernels.triton import split_sum
 from tests.numerics import in_layout
 
@@ -24,9 +25,19 @@ CASES = {
 }
 
 
+def test_programs_take_64_outputs_from_half_a_wave_of_them_up():
+    assert split_sum.block(16 * 384) == split_sum.SMALL_BLOCK  # M4's FFNs at batch 1: 96 programs of 64
+    assert split_sum.block(64 * (4 * 132 - 1)) == split_sum.SMALL_BLOCK  # 527 programs of 64
+    assert split_sum.block(64 * (4 * 132 - 1) + 1) == split_sum.BLOCK  # 528, the last one short
+    assert split_sum.block(49 * 1024) == split_sum.BLOCK  # L3's stage-4 projections at batch 1: 784 programs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", CASES)
-def test_the_slices_bias_activation_and_residual_add_up_in_any_layout(poisoned_empty, name, dtype):
+@pytest.mark.parametrize("sms", [0, 10**6], ids=["64_outputs_a_program", "16_outputs_a_program"])
+def test_the_slices_bias_activation_and_residual_add_up_in_any_layout(poisoned_empty, monkeypatch, sms, name, dtype):
+    """Both program sizes (:func:`split_sum.block`, forced through the SM count on these small tensors)."""
+    monkeypatch.setattr(triton_common, "SMS", sms)
     batch, channels, height, width, slices, out_layout, residual_layout = CASES[name]
     generator = torch.Generator().manual_seed(0)
 
