@@ -125,8 +125,9 @@ def grid_tiles(request, monkeypatch):
 
 
 def test_small_grids_take_quarter_size_tiles():
-    assert triton_conv.dense_blocks(7 * 7, 256, 1, 1000.0) == triton_conv.DENSE_SMALL_GRID_BLOCKS  # batch 1, 7×7
-    assert triton_conv.dense_blocks(256 * 14 * 14, 256, 1, 1.0) == triton_conv.DENSE_BLOCKS
+    assert triton_conv.dense_blocks(7 * 7, 256, 512, 1, 1000.0) == triton_conv.DENSE_SMALL_GRID_BLOCKS  # batch 1, 7×7
+    assert triton_conv.dense_blocks(7 * 7, 256, 512, 3, 1.0) == triton_conv.DENSE_SMALL_GRID_BLOCKS
+    assert triton_conv.dense_blocks(256 * 14 * 14, 256, 512, 1, 1.0) == triton_conv.DENSE_BLOCKS
     assert triton_conv.dw_blocks(7 * 7, 1024) == triton_conv.DW_SMALL_GRID_BLOCKS  # 32 regular tiles, 128 small
     assert triton_conv.dw_blocks(14 * 14, 2048) == triton_conv.DW_BLOCKS  # 4 × 64 regular tiles
     assert triton_conv.dw_blocks(4 * 4, 384) == triton_conv.DW_BLOCKS  # one tile of pixels either way
@@ -151,7 +152,7 @@ def test_long_reductions_on_few_tiles_split_over_the_input_channels():
     assert triton_conv.dense_splits(160, 6144, quarter) == 4  # L3 stage 4 at 384 px: 144 × 1024 from 6144, 160 tiles
     assert triton_conv.dense_splits(192, 1024, quarter) == 1  # L3's qkv conv at 224 px: 49 × 3072 from 1024
     assert triton_conv.dense_splits(270, 6144, quarter) == 1  # more than 2 · 132 tiles
-    # regular tiles, 3 of whose split programs fit an SM: 128 steps of 32, 2 · 200 programs ≤ 4 · 132
+    # regular tiles, 3 to 5 of whose split programs fit an SM: 128 steps of 32, 2 · 200 programs ≤ 4 · 132
     assert triton_conv.dense_splits(200, 4096, regular) == 2
 
     def launched(c_in, c_out, k, side=7):
@@ -192,12 +193,34 @@ def test_a_memory_bound_gemm_under_a_wave_takes_quarter_size_tiles(batch, in_cha
     """Where the regular tiles make fewer than 3 × 132 programs, a 1×1 conv takes the quarter-size tiles if its
     FLOPs per byte moved (the products over the input, weights and output, worked out by hand for each case above)
     are at most 160, the regular ones otherwise; a k×k conv keeps the regular ones."""
+    launches = _dense_launches(batch, in_channels, size, out_channels, ksize, dtype)
+    assert [launch.kernel for launch in launches] == ["_conv_dense_kernel"]
+    assert launches[0].constexprs["BLOCK_M"] == block_m
+
+
+@pytest.mark.parametrize("batch, size, in_channels, out_channels, block_m, splits", [
+    (4, 16, 3072, 512, 64, 4),  # SAM-L0's stage-4 projections at batch 4: 307 FLOPs/B, 128 regular tiles, 768 a slice
+    (4, 16, 2048, 512, 64, 4),  # 293 FLOPs per byte, 128 regular tiles, slices of 512
+    (4, 16, 1024, 512, 32, 1),  # SAM-L0's attention projections: 256 FLOPs per byte, slices of 256 channels
+    (1, 28, 2048, 256, 32, 1),  # L3's at 224 px: 176 FLOPs per byte, 13 × 4 regular tiles split 10 ways, 224 a slice
+])
+def test_a_compute_bound_gemm_on_few_tiles_keeps_wgmma_tiles_where_a_split_fills_the_sms(batch, size, in_channels,
+                                                                                       out_channels, block_m, splits):
+    """A 1×1 conv of more than 160 FLOPs per byte (worked out by hand) whose regular tiles are fewer than 132 keeps
+    them where their split, into as many slices as bring its programs to 4 × 132, leaves at least 512 channels a
+    slice; otherwise it takes the quarter-size tiles (here too many of them to split)."""
+    launches = _dense_launches(batch, in_channels, size, out_channels, 1, torch.bfloat16)
+    assert launches[0].constexprs["BLOCK_M"] == block_m
+    assert launches[0].grid[1] == splits
+    assert [launch.kernel for launch in launches[1:]] == (["_split_sum_kernel"] if splits > 1 else [])
+
+
+def _dense_launches(batch, in_channels, size, out_channels, ksize, dtype):
     x = torch.empty(batch, in_channels, size, size, device="meta", dtype=dtype)
     weight = torch.empty(out_channels, in_channels, ksize, ksize, device="meta", dtype=dtype)
     with predict.recorded_launches() as launches:
         conv_bn_act(x, weight, None, activation="none", backend="triton", stride=1, padding=ksize // 2, groups=1)
-    assert [launch.kernel for launch in launches] == ["_conv_dense_kernel"]
-    assert launches[0].constexprs["BLOCK_M"] == block_m
+    return launches
 
 
 @pytest.mark.numerics

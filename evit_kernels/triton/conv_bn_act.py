@@ -42,6 +42,15 @@ DENSE_MEMORY_BOUND_FLOPS_PER_BYTE = 160
 """The most FLOPs per byte moved (the conv's products over its input, weights and output) at which a groups-1 conv
 whose regular tiles make well under a wave takes the quarter-size tiles (see :func:`dense_blocks`): about 1.3 times
 the ridge of their mma.sync on an H100 (495 TFLOP/s · 0.7 over 3.35 TB/s · 0.85, 122 FLOPs per byte)."""
+DENSE_WGMMA_SPLIT_MIN_SLICE = 512
+"""The fewest input channels in each slice of a split on the regular tiles for which a 1×1 conv bound by its products
+keeps those tiles (wgmma) on fewer of them than SMs instead of taking the quarter-size ones (mma.sync; see
+:func:`dense_blocks`): a slice's products per output (2 × 512 FLOPs) then outweigh its fp32 partial sum's round trip
+(8 bytes) by more than the quarter tiles' ridge (about 122 FLOPs per byte). Predicted (H100, bf16): SAM-L0 at batch
+4, its 3072 → 512 projections on 1024 pixels (16 × 8 regular tiles, 4 slices of 768) 27.0 µs on quarter tiles,
+11.5 + 7.4 µs (the sum) split; L3 at batch 1, 224 px, its 2048 → 256 projections on 28 × 28 (13 × 4 regular tiles, 10
+slices of 224) 15.8 µs on quarter tiles, 10.9 + 6.2 µs split, and SAM-L0 at batch 4's 1024 → 512 attention
+projections (4 slices of 256) 11.0 and 8.7 + 7.4 µs."""
 DENSE_SPLIT_MIN_CHANNELS = 768
 """The shortest reduction (input channels) a 1×1 conv on few tiles is split over (see :func:`dense_splits`)."""
 DENSE_SPLIT_MIN_STEPS = 4
@@ -50,7 +59,7 @@ DENSE_SPLIT_PER_SM = 6
 """The programs per SM a split 1×1 conv on the quarter-size tiles aims at: a wave of its split programs at the
 fewest of them that fit an SM in the sm_90 builds (6 to 10). Under a wave the formula prices a launch's time
 inversely to its programs, and a projection's partial sums are small beside the weights its slices stream. A split
-on the regular tiles (3 of whose split programs fit an SM) and the FFN keep :data:`split_sum.TARGET_PER_SM` (at 6
+on the regular tiles (3 to 5 of whose split programs fit an SM) and the FFN keep :data:`split_sum.TARGET_PER_SM` (at 6
 per SM M5's split FFNs at batch 64 were priced dearer)."""
 DENSE_SPLIT_LONG_CHANNELS = 4096
 """The shortest reduction over which a 1×1 conv on up to twice as many tiles as the GPU has SMs is split too (see
@@ -76,21 +85,36 @@ narrower rows leave most of its 128 outputs per program idle (the L-series and S
 take it; the M-series stem's 56-wide and narrower ones stay on the implicit GEMM)."""
 
 
-def dense_blocks(n_pixels: int, out_channels: int, ksize: int, flops_per_byte: float) -> dict[str, int]:
-    """The tile sizes of the groups-1 kernel for a GEMM of ``n_pixels`` × ``out_channels`` outputs of a ``ksize`` ×
-    ``ksize`` conv making ``flops_per_byte`` FLOPs per byte it moves: quarter-size output tiles, so that four times
-    as many programs share the GEMM, each with half the steps over the input channels, where the regular tiles make
-    fewer programs than the GPU has SMs (``common.SMS``; a batch-1 layer on a 7×7 to 28×28 map), and where they make
-    well under a wave (fewer than 3 × ``common.SMS`` programs; 4 to 6 fit an SM) of a 1×1 conv bound by its memory
-    traffic even on the quarter tiles' mma.sync (at most :data:`DENSE_MEMORY_BOUND_FLOPS_PER_BYTE`): their slower
-    instruction then costs little while their programs fill the SMs. L3's 1024 → 6144 expands at batch 1 on a 10×10
-    or 12×12 map are the case (192 or 288 regular programs streaming a 12.6 MB weight, 90 or 124 FLOPs per byte;
-    predicted 16.5 → 9.8 µs on the 10×10 map); L2's 1536 → 256 projections at batch 16 (196 regular programs, 205
-    FLOPs per byte) are not, nor is SAM-L0's fp32 attention projection at batch 16 (512 regular programs, a wave at
-    4 per SM). Not a k×k conv's: only 2 of its quarter-tile programs fit an SM."""
+def dense_blocks(n_pixels: int, out_channels: int, in_channels: int, ksize: int,
+                 flops_per_byte: float) -> dict[str, int]:
+    """The tile sizes of the groups-1 kernel for a GEMM of ``n_pixels`` × ``out_channels`` outputs over
+    ``in_channels`` of a ``ksize`` × ``ksize`` conv making ``flops_per_byte`` FLOPs per byte it moves. Quarter-size
+    output tiles, so that four times as many programs share the GEMM, each with half the steps over the input
+    channels (docs/performance.md, "Smaller tiles"):
+
+    - a k×k conv, where the regular tiles make fewer programs than the GPU has SMs (``common.SMS``). Not on more:
+      only 2 of its quarter-tile programs fit an SM.
+    - a 1×1 conv bound by its memory traffic even on the quarter tiles' mma.sync (at most
+      :data:`DENSE_MEMORY_BOUND_FLOPS_PER_BYTE`), where the regular tiles make well under a wave (fewer than
+      3 × ``common.SMS`` programs; 4 to 6 fit an SM): the slower instruction then costs little while the programs
+      fill the SMs. L3's 1024 → 6144 expands at batch 1 on a 10×10 or 12×12 map are the case (192 or 288 regular
+      programs streaming a 12.6 MB weight, 90 or 124 FLOPs per byte; predicted 16.5 → 9.8 µs on the 10×10 map);
+      L2's 1536 → 256 projections at batch 16 (196 regular programs, 205 FLOPs per byte) are not, nor is SAM-L0's
+      fp32 attention projection at batch 16 (512 regular programs, a wave at 4 per SM).
+    - a 1×1 conv bound by its products, where the regular tiles make fewer programs than SMs, unless their split
+      over the input channels (:func:`dense_splits`) leaves slices of at least :data:`DENSE_WGMMA_SPLIT_MIN_SLICE`
+      channels: then the regular tiles keep wgmma (twice mma.sync's rate) and the split fills the SMs."""
     regular = common.cdiv(n_pixels, DENSE_BLOCKS["BLOCK_M"]) * common.cdiv(out_channels, DENSE_BLOCKS["BLOCK_N"])
-    memory_bound = ksize == 1 and regular < 3 * common.SMS and flops_per_byte <= DENSE_MEMORY_BOUND_FLOPS_PER_BYTE
-    return DENSE_SMALL_GRID_BLOCKS if regular < common.SMS or memory_bound else DENSE_BLOCKS
+    if ksize != 1:
+        quarter = regular < common.SMS
+    elif flops_per_byte <= DENSE_MEMORY_BOUND_FLOPS_PER_BYTE:
+        quarter = regular < 3 * common.SMS
+    else:
+        splits = dense_splits(regular, in_channels, DENSE_BLOCKS)
+        long_slices = splits > 1 and split_sum.slice_length(in_channels, DENSE_BLOCKS["BLOCK_K"], splits) >= \
+            DENSE_WGMMA_SPLIT_MIN_SLICE
+        quarter = regular < common.SMS and not long_slices
+    return DENSE_SMALL_GRID_BLOCKS if quarter else DENSE_BLOCKS
 
 
 def dw_blocks(n_pixels: int, channels: int) -> dict[str, int]:
@@ -280,7 +304,7 @@ def dense(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
     residual, has_residual, r_strides = common.optional(a.residual, out)
     ksize = a.weight.shape[2]
     moved = sum(t.numel() * t.element_size() for t in (a.x, a.weight, out))
-    blocks = dense_blocks(n_pixels, out_channels, ksize, 2 * n_pixels * a.weight.numel() / moved)
+    blocks = dense_blocks(n_pixels, out_channels, in_channels, ksize, 2 * n_pixels * a.weight.numel() / moved)
     tiles = common.cdiv(n_pixels, blocks["BLOCK_M"]) * common.cdiv(out_channels, blocks["BLOCK_N"])
     splits = dense_splits(tiles, in_channels, blocks) if ksize == 1 else 1
     options = {"num_warps": dense_warps(a.compute_dtype(), ksize), **common.dot_mode(a.compute_dtype(), "conv")}
