@@ -152,7 +152,7 @@ def test_long_reductions_on_few_tiles_split_over_the_input_channels():
     assert triton_conv.dense_splits(160, 6144, quarter) == 4  # L3 stage 4 at 384 px: 144 × 1024 from 6144, 160 tiles
     assert triton_conv.dense_splits(192, 1024, quarter) == 1  # L3's qkv conv at 224 px: 49 × 3072 from 1024
     assert triton_conv.dense_splits(270, 6144, quarter) == 1  # more than 2 · 132 tiles
-    # regular tiles, 3 to 5 of whose split programs fit an SM: 128 steps of 32, 2 · 200 programs ≤ 4 · 132
+    # regular tiles, 2 to 5 of whose split programs fit an SM: 128 steps of 32, 2 · 200 programs ≤ 4 · 132
     assert triton_conv.dense_splits(200, 4096, regular) == 2
 
     def launched(c_in, c_out, k, side=7):
@@ -201,6 +201,7 @@ def test_a_memory_bound_gemm_under_a_wave_takes_quarter_size_tiles(batch, in_cha
 @pytest.mark.parametrize("batch, size, in_channels, out_channels, block_m, splits", [
     (4, 16, 3072, 512, 64, 4),  # SAM-L0's stage-4 projections at batch 4: 307 FLOPs/B, 128 regular tiles, 768 a slice
     (4, 16, 2048, 512, 64, 4),  # 293 FLOPs per byte, 128 regular tiles, slices of 512
+    (4, 16, 1920, 512, 32, 1),  # 290 FLOPs per byte, 128 regular tiles, slices of 480
     (4, 16, 1024, 512, 32, 1),  # SAM-L0's attention projections: 256 FLOPs per byte, slices of 256 channels
     (1, 28, 2048, 256, 32, 1),  # L3's at 224 px: 176 FLOPs per byte, 13 × 4 regular tiles split 10 ways, 224 a slice
 ])

@@ -59,7 +59,7 @@ DENSE_SPLIT_PER_SM = 6
 """The programs per SM a split 1×1 conv on the quarter-size tiles aims at: a wave of its split programs at the
 fewest of them that fit an SM in the sm_90 builds (6 to 10). Under a wave the formula prices a launch's time
 inversely to its programs, and a projection's partial sums are small beside the weights its slices stream. A split
-on the regular tiles (3 to 5 of whose split programs fit an SM) and the FFN keep :data:`split_sum.TARGET_PER_SM` (at 6
+on the regular tiles (2 to 5 of whose split programs fit an SM) and the FFN keep :data:`split_sum.TARGET_PER_SM` (at 6
 per SM M5's split FFNs at batch 64 were priced dearer)."""
 DENSE_SPLIT_LONG_CHANNELS = 4096
 """The shortest reduction over which a 1×1 conv on up to twice as many tiles as the GPU has SMs is split too (see
@@ -96,7 +96,7 @@ def dense_blocks(n_pixels: int, out_channels: int, in_channels: int, ksize: int,
       only 2 of its quarter-tile programs fit an SM.
     - a 1×1 conv bound by its memory traffic even on the quarter tiles' mma.sync (at most
       :data:`DENSE_MEMORY_BOUND_FLOPS_PER_BYTE`), where the regular tiles make well under a wave (fewer than
-      3 × ``common.SMS`` programs; 4 to 6 fit an SM): the slower instruction then costs little while the programs
+      3 × ``common.SMS`` programs; 2 to 8 fit an SM): the slower instruction then costs little while the programs
       fill the SMs. L3's 1024 → 6144 expands at batch 1 on a 10×10 or 12×12 map are the case (192 or 288 regular
       programs streaming a 12.6 MB weight, 90 or 124 FLOPs per byte; predicted 16.5 → 9.8 µs on the 10×10 map);
       L2's 1536 → 256 projections at batch 16 (196 regular programs, 205 FLOPs per byte) are not, nor is SAM-L0's

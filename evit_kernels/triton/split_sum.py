@@ -19,9 +19,10 @@ MAX_SPLITS = 16
 """The most slices a reduction is split into (a power of two: the slice axis of the summing kernel's tile)."""
 BLOCK, SMALL_BLOCK, WARPS = 64, 16, 8
 """The outputs and warps of a program of the summing kernel: a (:data:`MAX_SPLITS` × 64) block of partial sums,
-each of its 256 threads loading 4 adjacent outputs of one slice (16 bytes), so that every partial sum is loaded at
-once rather than as a link of a chain, in the widest loads. Where such programs would make less than half a wave (4
-per SM; 8 fit), 16 outputs, one per thread: four times the programs (see :func:`block`)."""
+each of its 256 threads loading 4 adjacent outputs of one slice (16 bytes, where the output count is a multiple of
+16: the divisibility the JIT proves alignment from), so that every partial sum is loaded at once rather than as a
+link of a chain, in the widest loads. Otherwise, or where such programs would make less than half a wave (4 per SM;
+8 fit), 16 outputs, one per thread: four times the programs (see :func:`block`)."""
 
 
 TARGET_PER_SM = 4
@@ -94,12 +95,13 @@ def dense_layout(t: torch.Tensor) -> torch.memory_format | None:
 
 def block(n_outputs: int) -> int:
     """The outputs per program of the summing kernel for ``n_outputs`` outputs: :data:`BLOCK` where that makes at
-    least half a wave of programs (4 per SM), else :data:`SMALL_BLOCK`. Under half a wave the formula prices a
+    least half a wave of programs (4 per SM) and ``n_outputs`` is a multiple of 16 (else the loads are 4 bytes wide
+    all the same), else :data:`SMALL_BLOCK`. Under half a wave the formula prices a
     launch by the share of the GPU's threads it keeps busy, which four times the programs more than repay over the
     narrower loads (M4's FFNs at batch 1: 16 pixels × 384 outputs, 96 programs of 64 outputs, 4.3 µs; 384 of 16,
     3.5 µs); over it, the 16-byte loads win (L3 at batch 1, 224 px: 49 × 1024 outputs, 784 programs of 64, 4.3 µs;
     3200 programs of 16 outputs with 4-byte loads, the kernel before, 5.1 µs)."""
-    return BLOCK if common.cdiv(n_outputs, BLOCK) >= 4 * common.SMS else SMALL_BLOCK
+    return BLOCK if n_outputs % 16 == 0 and common.cdiv(n_outputs, BLOCK) >= 4 * common.SMS else SMALL_BLOCK
 
 
 def add(sums: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, out: torch.Tensor,
@@ -108,13 +110,17 @@ def add(sums: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | 
     (:func:`partials`: as many slices as it holds images of ``out``). The kernel walks the outputs in memory order:
     an ``out`` dense in neither layout is written through a dense copy, a ``residual`` laid out otherwise than
     ``out`` read through one."""
+    batch = out.shape[0]
+    if dense_layout(sums) is None or sums.shape[0] % batch or sums.shape[1:] != out.shape[1:]:
+        raise ValueError(f"split_sum.add: the partial sums {tuple(sums.shape)} (strides {sums.stride()}) are not "
+                         f"whole dense images of the {tuple(out.shape)} output; make them with split_sum.partials")
     layout = dense_layout(out)
     if layout is None or dense_layout(sums) != layout:
         staged = torch.empty_like(out, memory_format=dense_layout(sums))
         return out.copy_(add(sums, bias, residual, staged, activation))
     if residual is not None and residual.stride() != out.stride():
         residual = residual.contiguous(memory_format=layout)
-    batch, channels, height, width = out.shape
+    _, channels, height, width = out.shape
     n_outputs = out.numel()
     bias, has_bias, _ = common.optional(bias, out)
     residual, has_residual, _ = common.optional(residual, out)
