@@ -105,15 +105,14 @@ def dense_blocks(n_pixels: int, out_channels: int, in_channels: int, ksize: int,
       over the input channels (:func:`dense_splits`) leaves slices of at least :data:`DENSE_WGMMA_SPLIT_MIN_SLICE`
       channels: then the regular tiles keep wgmma (twice mma.sync's rate) and the split fills the SMs."""
     regular = common.cdiv(n_pixels, DENSE_BLOCKS["BLOCK_M"]) * common.cdiv(out_channels, DENSE_BLOCKS["BLOCK_N"])
-    if ksize != 1:
-        quarter = regular < common.SMS
-    elif flops_per_byte <= DENSE_MEMORY_BOUND_FLOPS_PER_BYTE:
+    if ksize == 1 and flops_per_byte <= DENSE_MEMORY_BOUND_FLOPS_PER_BYTE:
         quarter = regular < 3 * common.SMS
-    else:
+    elif ksize == 1 and regular < common.SMS:
         splits = dense_splits(regular, in_channels, DENSE_BLOCKS)
-        long_slices = splits > 1 and split_sum.slice_length(in_channels, DENSE_BLOCKS["BLOCK_K"], splits) >= \
-            DENSE_WGMMA_SPLIT_MIN_SLICE
-        quarter = regular < common.SMS and not long_slices
+        quarter = splits == 1 or \
+            split_sum.slice_length(in_channels, DENSE_BLOCKS["BLOCK_K"], splits) < DENSE_WGMMA_SPLIT_MIN_SLICE
+    else:
+        quarter = regular < common.SMS
     return DENSE_SMALL_GRID_BLOCKS if quarter else DENSE_BLOCKS
 
 

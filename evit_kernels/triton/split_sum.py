@@ -96,11 +96,11 @@ def dense_layout(t: torch.Tensor) -> torch.memory_format | None:
 def block(n_outputs: int) -> int:
     """The outputs per program of the summing kernel for ``n_outputs`` outputs: :data:`BLOCK` where that makes at
     least half a wave of programs (4 per SM) and ``n_outputs`` is a multiple of 16 (else the loads are 4 bytes wide
-    all the same), else :data:`SMALL_BLOCK`. Under half a wave the formula prices a
-    launch by the share of the GPU's threads it keeps busy, which four times the programs more than repay over the
-    narrower loads (M4's FFNs at batch 1: 16 pixels × 384 outputs, 96 programs of 64 outputs, 4.3 µs; 384 of 16,
-    3.5 µs); over it, the 16-byte loads win (L3 at batch 1, 224 px: 49 × 1024 outputs, 784 programs of 64, 4.3 µs;
-    3200 programs of 16 outputs with 4-byte loads, the kernel before, 5.1 µs)."""
+    all the same), else :data:`SMALL_BLOCK`. Under half a wave the formula prices a launch by the share of the GPU's
+    threads it keeps busy, which four times the programs more than repay over the narrower loads (M4's FFNs at
+    batch 1: 16 pixels × 384 outputs, 96 programs of 64 outputs, 4.3 µs; 384 of 16, 3.5 µs); over it, the 16-byte
+    loads win (L3 at batch 1, 224 px: 49 × 1024 outputs, 784 programs of 64, 4.3 µs; 3200 programs of 16 outputs
+    with 4-byte loads, the kernel before, 5.1 µs)."""
     return BLOCK if n_outputs % 16 == 0 and common.cdiv(n_outputs, BLOCK) >= 4 * common.SMS else SMALL_BLOCK
 
 
@@ -111,12 +111,12 @@ def add(sums: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | 
     an ``out`` dense in neither layout is written through a dense copy, a ``residual`` laid out otherwise than
     ``out`` read through one."""
     batch = out.shape[0]
-    if dense_layout(sums) is None or sums.shape[0] % batch or sums.shape[1:] != out.shape[1:]:
+    layout = dense_layout(sums)
+    if layout is None or sums.shape[0] % batch or sums.shape[1:] != out.shape[1:]:
         raise ValueError(f"split_sum.add: the partial sums {tuple(sums.shape)} (strides {sums.stride()}) are not "
                          f"whole dense images of the {tuple(out.shape)} output; make them with split_sum.partials")
-    layout = dense_layout(out)
-    if layout is None or dense_layout(sums) != layout:
-        staged = torch.empty_like(out, memory_format=dense_layout(sums))
+    if dense_layout(out) != layout:
+        staged = torch.empty_like(out, memory_format=layout)
         return out.copy_(add(sums, bias, residual, staged, activation))
     if residual is not None and residual.stride() != out.stride():
         residual = residual.contiguous(memory_format=layout)
