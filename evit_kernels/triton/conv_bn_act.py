@@ -56,8 +56,8 @@ DENSE_SPLIT_MIN_CHANNELS = 768
 DENSE_SPLIT_MIN_STEPS = 4
 """The fewest steps of ``BLOCK_K`` input channels in each slice of a split 1×1 conv."""
 DENSE_SPLIT_PER_SM = 6
-"""The programs per SM a split 1×1 conv on the quarter-size tiles aims at: a wave of its split programs at the
-fewest of them that fit an SM in the sm_90 builds (6 to 10). Under a wave the formula prices a launch's time
+"""The programs per SM a split 1×1 conv on the quarter-size tiles aims at: a wave of its most common sm_90 split build
+(80 registers, 6 per SM; the builds fit 3 to 10 with their registers). Under a wave the formula prices a launch's time
 inversely to its programs, and a projection's partial sums are small beside the weights its slices stream. A split
 on the regular tiles (2 to 5 of whose split programs fit an SM) and the FFN keep :data:`split_sum.TARGET_PER_SM` (at 6
 per SM M5's split FFNs at batch 64 were priced dearer)."""
