@@ -99,7 +99,7 @@ def dense_blocks(n_pixels: int, out_channels: int, in_channels: int, ksize: int,
       3 × ``common.SMS`` programs; 2 to 8 fit an SM): the slower instruction then costs little while the programs
       fill the SMs. L3's 1024 → 6144 expands at batch 1 on a 10×10 or 12×12 map are the case (192 or 288 regular
       programs streaming a 12.6 MB weight, 90 or 124 FLOPs per byte; predicted 16.5 → 9.8 µs on the 10×10 map);
-      L2's 1536 → 256 projections at batch 16 (196 regular programs, 205 FLOPs per byte) are not, nor is SAM-L0's
+      L2's 1024 → 256 projections at batch 16 (196 regular programs, 192 FLOPs per byte) are not, nor is SAM-L0's
       fp32 attention projection at batch 16 (512 regular programs, a wave at 4 per SM).
     - a 1×1 conv bound by its products, where the regular tiles make fewer programs than SMs, unless their split
       over the input channels (:func:`dense_splits`) leaves slices of at least :data:`DENSE_WGMMA_SPLIT_MIN_SLICE`
@@ -134,7 +134,7 @@ def dense_splits(tiles: int, in_channels: int, blocks: dict[str, int]) -> int:
     :data:`DENSE_SPLIT_MIN_CHANNELS`, in slices of at least :data:`DENSE_SPLIT_MIN_STEPS` steps of ``BLOCK_K`` of
     its tile sizes ``blocks``, up to :data:`DENSE_SPLIT_PER_SM` programs per SM on the quarter-size tiles.
     Batch-1 projections on 7×7 and 14×14 maps are the case (49 pixels × 512 outputs from 3072 channels: 32 tiles of
-    32 × 32, each streaming a 3072-long column of the weights while a hundred SMs idle; 196 × 256 from 1536: 56
+    32 × 32, each streaming a 3072-long column of the weights while a hundred SMs idle; 196 × 256 from 1024: 56
     tiles; 196 × 512 from 4096: 112 tiles, split 7 ways). Up to twice as many tiles as SMs where the reduction is
     at least :data:`DENSE_SPLIT_LONG_CHANNELS` long: such a launch still fills few of the SMs' slots (up to 8
     programs of 32 × 32 fit an SM), and each program's walk is long enough for a split to repay the summing launch
