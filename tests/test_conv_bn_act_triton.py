@@ -38,13 +38,14 @@ DEPTHWISE = {
 }
 # (batch, C_in, C_out, H, W, bias, residual, layout): several M, N and K blocks, C_in < 16 (dot padding); long
 # reductions on few tiles, split over the input channels (5 slices, the last one short; 8 slices over two output
-# tiles) in either output layout.
+# tiles) in either output layout; NCHW maps whose pixels come in runs of 16 and 4 (common.pixel_run) and of none.
 POINTWISE = {
     "blocks": (2, 40, 70, 3, 5, True, True, "channels_last"),
     "small_c_in": (1, 3, 5, 7, 11, False, True, "nchw"),
     "map_1x1": (3, 17, 9, 1, 1, True, False, "channels_last"),
     "strided_input": (2, 6, 8, 5, 4, True, True, "strided"),
-    "split_5_slices": (1, 1540, 20, 3, 5, True, True, "nchw"),
+    "nchw_runs_of_16": (2, 12, 10, 4, 8, True, True, "nchw"),
+    "split_5_slices": (1, 1540, 20, 4, 5, True, True, "nchw"),
     "split_8_slices_channels_last": (2, 2000, 36, 2, 3, False, True, "channels_last"),
 }
 # (batch, C_in, C_out, H, W, stride, padding, bias, residual, layout) of 3×3 convs with groups 1: an M-series stem
@@ -178,6 +179,18 @@ def test_long_reductions_on_few_tiles_split_over_the_input_channels():
 def test_pointwise_within_twice_eager_error(poisoned_empty, grid_tiles, name, activation, dtype):
     x, weight, bias, residual, conv = _pointwise_inputs(name, dtype)
     _check_against_float64(x, weight, bias, residual, conv, activation)
+
+
+@pytest.mark.parametrize("name, run", [("nchw_runs_of_16", 16), ("split_5_slices", 4), ("small_c_in", 1),
+                                       ("blocks", 1)])
+def test_pointwise_cases_launch_with_their_pixel_runs(name, run):
+    """The cases above exercise every run of adjacent pixels the epilogue can be told of (tests/test_pixel_runs.py
+    checks the claim itself; the interpreter ignores it)."""
+    x, weight, bias, residual, conv = _pointwise_inputs(name, torch.bfloat16)
+    on_meta = [None if t is None else t.to("meta") for t in (x, weight, bias, residual)]
+    with predict.recorded_launches() as launches:
+        conv_bn_act(*on_meta[:3], residual=on_meta[3], activation="none", backend="triton", **conv)
+    assert launches[0].constexprs["PIXEL_RUN"] == run
 
 
 @pytest.mark.parametrize("batch, in_channels, size, out_channels, ksize, dtype, block_m", [

@@ -70,6 +70,30 @@ def optional(t: torch.Tensor | None, stand_in: torch.Tensor) -> tuple[torch.Tens
     return t, 1, t.stride()
 
 
+PIXEL_RUNS = (16, 4)
+"""The runs of adjacent pixels an epilogue can be told of (:func:`pixel_run`): every map of an even side has one
+(16 for sides that are multiples of 4: 28×28, 56×56, 12×12; 4 for the others: 14×14, 10×10)."""
+
+
+def pixel_run(block: int, *maps: torch.Tensor) -> int:
+    """The longest run of :data:`PIXEL_RUNS` that divides ``block`` (a tile's pixels, numbered flat (image, row,
+    column) from a multiple of ``block``) and holds in every (B, C, H, W) tensor of ``maps``: rows dense (column
+    stride 1, row stride W), and H·W, the image and the channel strides multiples of it. Then in each channel the
+    pixels run·j … run·j + run - 1 lie in one image, at adjacent elements from a multiple of run, and a tile's
+    mask (pixel < B·H·W) is the same across them. 1 where none holds (channels_last maps, odd sides)."""
+    for run in PIXEL_RUNS:
+        if block % run == 0 and all(_dense_runs(t, run) for t in maps):
+            return run
+    return 1
+
+
+def _dense_runs(t: torch.Tensor, run: int) -> bool:
+    _, _, height, width = t.shape
+    s_b, s_c, s_h, s_w = t.stride()
+    rows_dense = s_w == 1 and (height == 1 or s_h == width)
+    return rows_dense and height * width % run == 0 and s_b % run == 0 and s_c % run == 0
+
+
 def signature(kernel, pointer: str, constexprs: Container[str], pointers: Container[str],
               special: dict[str, str] | None = None) -> dict[str, str]:
     """Triton argument types of ``kernel`` for an ahead-of-time compile: the names in ``constexprs`` are
@@ -234,14 +258,43 @@ def depthwise_taps(x_img, x_sc, x_sh, x_sw, w, w_sc, w_skh, w_skw, offs_c, mask_
 @triton.jit
 def epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_c, mask_p, mask_c, has_bias, has_residual,
              r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION: tl.constexpr,
-             TRANSPOSED: tl.constexpr = False):
+             TRANSPOSED: tl.constexpr = False, PIXEL_RUN: tl.constexpr = 1):
     """bias → activation → residual on the fp32 (pixels × channels) accumulator (``TRANSPOSED``: channels × pixels),
-    then one rounding on store."""
+    then one rounding on store. ``PIXEL_RUN``: the caller's :func:`pixel_run` of the residual and the output (and
+    the pixels are ``mask_p``'s: numbered flat, below B·H·W)."""
     y = activate(add_bias(acc, bias, offs_c, mask_c, has_bias, TRANSPOSED), ACTIVATION=ACTIVATION)
-    pixel_ok, channel_ok = outer(mask_p, mask_c, TRANSPOSED)
-    mask = pixel_ok & channel_ok
+    mask = tile_mask(mask_p, mask_c, TRANSPOSED, PIXEL_RUN)
     if has_residual != 0:
-        pixel_at, channel_at = outer(offs_b * r_sb + offs_h * r_sh + offs_w * r_sw, offs_c * r_sc, TRANSPOSED)
-        y += tl.load(residual + pixel_at + channel_at, mask=mask, other=0.0).to(tl.float32)
-    pixel_at, channel_at = outer(offs_b * o_sb + offs_h * o_sh + offs_w * o_sw, offs_c * o_sc, TRANSPOSED)
-    tl.store(out + pixel_at + channel_at, y.to(out.dtype.element_ty), mask=mask)
+        at = tile_offsets(offs_b * r_sb + offs_h * r_sh + offs_w * r_sw, offs_c * r_sc, TRANSPOSED, PIXEL_RUN)
+        y += tl.load(residual + at, mask=mask, other=0.0).to(tl.float32)
+    at = tile_offsets(offs_b * o_sb + offs_h * o_sh + offs_w * o_sw, offs_c * o_sc, TRANSPOSED, PIXEL_RUN)
+    tl.store(out + at, y.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def tile_offsets(pixel_at, channel_at, TRANSPOSED: tl.constexpr, PIXEL_RUN: tl.constexpr):
+    """The element offsets of a pixels × channels tile (``TRANSPOSED``: channels × pixels) from the pixels' and the
+    channels' own, telling the compiler that the pixels come in runs of ``PIXEL_RUN`` adjacent elements starting at
+    multiples of ``PIXEL_RUN`` (:func:`pixel_run`): it can then store and load each run with one wide access, where
+    from the strides alone (W not a multiple of 16, as on a 14×14 map) it keeps one address per element."""
+    down, along = outer(pixel_at, channel_at, TRANSPOSED)
+    at = down + along
+    if PIXEL_RUN > 1:
+        if TRANSPOSED:
+            at = tl.max_contiguous(tl.multiple_of(at, [1, PIXEL_RUN]), [1, PIXEL_RUN])
+        else:
+            at = tl.max_contiguous(tl.multiple_of(at, [PIXEL_RUN, 1]), [PIXEL_RUN, 1])
+    return at
+
+
+@triton.jit
+def tile_mask(pixel_ok, channel_ok, TRANSPOSED: tl.constexpr, PIXEL_RUN: tl.constexpr):
+    """The mask of a tile as :func:`tile_offsets` lays it out, the same across each run of ``PIXEL_RUN`` pixels."""
+    down, along = outer(pixel_ok, channel_ok, TRANSPOSED)
+    mask = down & along
+    if PIXEL_RUN > 1:
+        if TRANSPOSED:
+            mask = tl.max_constancy(mask, [1, PIXEL_RUN])
+        else:
+            mask = tl.max_constancy(mask, [PIXEL_RUN, 1])
+    return mask

@@ -47,11 +47,11 @@ def _conv_project_fwd_kernel(
         r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw,
         ACT2: tl.constexpr, ACT3: tl.constexpr, K: tl.constexpr, DEPTHWISE: tl.constexpr, P: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr, PIXELS_ON_N: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, PIXEL_RUN: tl.constexpr):
     # `hidden`: the spatial conv's output channels, the projection's input. DEPTHWISE: its input is `hidden` wide
     # (w2 (hidden, 1, K, K)); else a full conv of `in_channels` (w2 (hidden, in_channels, K, K)). PIXELS_ON_N: the
     # tiles are transposed (channels × pixels: dᵀ, then outᵀ = w3 · dᵀ), so that a tile of fewer than 64 pixels still
-    # gives each product the 64 rows wgmma takes.
+    # gives each product the 64 rows wgmma takes. PIXEL_RUN: common.pixel_run of the output and the residual.
     offs_co = tl.arange(0, BLOCK_CO)
     mask_co = offs_co < out_channels
     offs_p = tl.program_id(0) * P + tl.arange(0, P)
@@ -89,7 +89,8 @@ def _conv_project_fwd_kernel(
         else:
             acc = common.mma(d, w3_tile, acc, PRECISION=PRECISION, UPCAST=UPCAST)
     common.epilogue(acc, b3, residual, out, out_img, out_y, out_x, offs_co, out_ok, mask_co, has_b3, has_residual,
-                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACT3, TRANSPOSED=PIXELS_ON_N)
+                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACT3, TRANSPOSED=PIXELS_ON_N,
+                    PIXEL_RUN=PIXEL_RUN)
 
 
 # --- tiles ------------------------------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def forward(a: ConvBlockArgs, out: torch.Tensor, config: dict) -> torch.Tensor:
         *a.stride, *a.padding, has_b2, has_b3, has_residual,
         *a.x.stride(), *a.w2.stride(), a.w3.stride(0), a.w3.stride(1), *r_strides, *out.stride(),
         ACT2=a.act2, ACT3=a.act3, K=a.w2.shape[2], num_stages=1, **options, **config,
-        **common.dot_mode(a.compute_dtype(), "conv"))
+        **common.dot_mode(a.compute_dtype(), "conv"), PIXEL_RUN=common.pixel_run(config["P"], out, residual))
     return out
 
 
@@ -176,10 +177,14 @@ def compile_configs():
                 above = 0 if narrower is None else narrower.channels  # the narrower tile's blocks are its own
                 for block_co in (16 << i for i in range(tiles.channels.bit_length())
                                  if above < 16 << i <= tiles.channels):
-                    for ksize, mode in itertools.product(KERNEL_SIZES, common.compiled_dot_modes(dtype)):
+                    for ksize, mode, run in itertools.product(KERNEL_SIZES, common.compiled_dot_modes(dtype),
+                                                              (1, *common.PIXEL_RUNS)):
+                        if run > 1 and ksize != KERNEL_SIZES[0]:
+                            continue  # the runs change only the epilogue's addressing
                         constexprs = {"ACT2": "hardswish", "ACT3": "none", "K": ksize, "DEPTHWISE": kind == "depthwise",
                                       "P": tiles.pixels, "BLOCK_H": tiles.hidden, "BLOCK_K": BLOCK_K,
-                                      "BLOCK_CO": block_co, "PIXELS_ON_N": tiles.pixels_on_n, **mode}
+                                      "BLOCK_CO": block_co, "PIXELS_ON_N": tiles.pixels_on_n, **mode,
+                                      "PIXEL_RUN": run}
                         types = common.signature(_conv_project_fwd_kernel, common.POINTER_TYPES[dtype], constexprs,
                                                  pointers)
                         yield _conv_project_fwd_kernel, types, constexprs, {"num_warps": tiles.warps, "num_stages": 1,

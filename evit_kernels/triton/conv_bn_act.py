@@ -156,10 +156,12 @@ def dense_warps(dtype: torch.dtype, ksize: int) -> int:
 def _conv_dw_kernel(x, weight, bias, residual, out, n_pixels, channels, height, width, out_height, out_width,
                     ksize, stride_h, stride_w, pad_h, pad_w, has_bias, has_residual, gate_offset,
                     x_sb, x_sc, x_sh, x_sw, w_sc, w_sh, w_sw, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw,
-                    ACTIVATION: tl.constexpr, GATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                    ACTIVATION: tl.constexpr, GATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                    PIXEL_RUN: tl.constexpr):
     # ``GATE`` (an activation name, or None): the GLU mode of GLUMBConv. Output channel c is then
     # act(conv_c) · GATE(act(conv_{c + gate_offset})): the program computes both halves' taps for its channels and
     # writes their product, so the conv's 2·channels outputs never reach memory (no residual in this mode).
+    # ``PIXEL_RUN``: :func:`common.pixel_run` of the output and the residual.
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # flat (batch, out row, out column)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_p = offs_p < n_pixels
@@ -178,10 +180,11 @@ def _conv_dw_kernel(x, weight, bias, residual, out, n_pixels, channels, height, 
         acc = common.activate(common.add_bias(acc, bias, offs_c, mask_c, has_bias), ACTIVATION=ACTIVATION)
         common.epilogue(acc * common.activate(gate, ACTIVATION=GATE), bias, residual, out, offs_b, offs_h, offs_w,
                         offs_c, mask_p, mask_c, 0, 0, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw,
-                        ACTIVATION="none")
+                        ACTIVATION="none", PIXEL_RUN=PIXEL_RUN)
     else:
         common.epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_c, mask_p, mask_c, has_bias,
-                        has_residual, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION)
+                        has_residual, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION,
+                        PIXEL_RUN=PIXEL_RUN)
 
 
 @triton.jit
@@ -190,11 +193,13 @@ def _conv_dense_kernel(x, weight, bias, residual, out, n_pixels, in_channels, ou
                        x_sb, x_sc, x_sh, x_sw, w_sn, w_sk, w_skh, w_skw, r_sb, r_sc, r_sh, r_sw,
                        o_ss, o_sb, o_sc, o_sh, o_sw,
                        ACTIVATION: tl.constexpr, KSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT_K: tl.constexpr):
+                       BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT_K: tl.constexpr,
+                       PIXEL_RUN: tl.constexpr):
     # Output-channel blocks of one pixel block are neighbouring programs, so its x tile is read from HBM once
     # and then from L2. ``SPLIT_K``: a 1×1 conv split over its input channels (grid axis 1, ``k_split`` channels
     # per slice) writes each slice's sums to its own copy of the output, ``o_ss`` apart (the launcher then passes
-    # no bias, no residual and no activation); unsplit builds are the ones without it.
+    # no bias, no residual and no activation); unsplit builds are the ones without it. ``PIXEL_RUN``:
+    # :func:`common.pixel_run` of the output (or the partial sums) and the residual.
     n_blocks = tl.cdiv(out_channels, BLOCK_N)
     pid_m = tl.program_id(0) // n_blocks
     pid_n = tl.program_id(0) % n_blocks
@@ -220,7 +225,7 @@ def _conv_dense_kernel(x, weight, bias, residual, out, n_pixels, in_channels, ou
                                     w_skw, offs_n, mask_n, offs_h, offs_w, mask_m, KSIZE, stride_h, stride_w, pad_h,
                                     pad_w, height, width, BLOCK_K=BLOCK_K, PRECISION=PRECISION, UPCAST=UPCAST)
     common.epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_n, mask_m, mask_n, has_bias, has_residual,
-                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION)
+                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION, PIXEL_RUN=PIXEL_RUN)
 
 
 @triton.jit
@@ -289,7 +294,7 @@ def depthwise(a: ConvBnActArgs, out: torch.Tensor, gate: str | None = None) -> t
         a.x, a.weight, bias, residual, out, n_pixels, channels, height, width, out_height, out_width,
         a.weight.shape[2], *a.stride, *a.padding, has_bias, has_residual, 0 if gate is None else channels,
         *a.x.stride(), a.weight.stride(0), a.weight.stride(2), a.weight.stride(3), *r_strides, *out.stride(),
-        ACTIVATION=a.activation, GATE=gate, **blocks)
+        ACTIVATION=a.activation, GATE=gate, **blocks, PIXEL_RUN=common.pixel_run(blocks["BLOCK_P"], out, residual))
     return out
 
 
@@ -308,17 +313,19 @@ def dense(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
     splits = dense_splits(tiles, in_channels, blocks) if ksize == 1 else 1
     options = {"num_warps": dense_warps(a.compute_dtype(), ksize), **common.dot_mode(a.compute_dtype(), "conv")}
     if splits == 1:
+        run = common.pixel_run(blocks["BLOCK_M"], out, residual)
         _conv_dense_kernel[(tiles, 1)](
             a.x, a.weight, bias, residual, out, n_pixels, in_channels, out_channels, height, width, out_height,
             out_width, *a.stride, *a.padding, has_bias, has_residual, in_channels, *a.x.stride(), *a.weight.stride(),
-            *r_strides, 0, *out.stride(), ACTIVATION=a.activation, KSIZE=ksize, **blocks, **options, SPLIT_K=False)
+            *r_strides, 0, *out.stride(), ACTIVATION=a.activation, KSIZE=ksize, **blocks, **options, SPLIT_K=False,
+            PIXEL_RUN=run)
         return out
     sums = split_sum.partials(out, splits)
     _conv_dense_kernel[(tiles, splits)](
         a.x, a.weight, bias, residual, sums, n_pixels, in_channels, out_channels, height, width, out_height,
         out_width, *a.stride, *a.padding, 0, 0, split_sum.slice_length(in_channels, blocks["BLOCK_K"], splits),
         *a.x.stride(), *a.weight.stride(), 0, 0, 0, 0, batch * sums.stride(0), *sums.stride(), ACTIVATION="none",
-        KSIZE=ksize, **blocks, **options, SPLIT_K=True)
+        KSIZE=ksize, **blocks, **options, SPLIT_K=True, PIXEL_RUN=common.pixel_run(blocks["BLOCK_M"], sums))
     return split_sum.add(sums, a.bias, a.residual, out, a.activation)
 
 
@@ -340,17 +347,20 @@ def rows(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
 
 def compile_configs():
     """Every (kernel, signature, constexprs[, options]) the launchers above can request: CI compiles each one ahead of
-    time for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
+    time for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU. The runs
+    of adjacent pixels (``PIXEL_RUN``) change only the epilogue's addressing: they are built with one activation
+    (the released models' own builds come from their launches)."""
     from evit_kernels.ops.conv_bn_act import ACTIVATIONS
 
     pointers = ("x", "weight", "bias", "residual", "out")
     for dtype, ptr in common.POINTER_TYPES.items():
         for activation in ACTIVATIONS:
+            runs = (1, *common.PIXEL_RUNS) if activation == ACTIVATIONS[0] else (1,)
             # ungated, and in the GLU mode gated by the same activation (the gate is elementwise code only; the
             # released models' own pairs are built from their launches)
-            for blocks, gate in itertools.product((DW_BLOCKS, DW_SMALL_GRID_BLOCKS), (None, activation)):
+            for blocks, gate, run in itertools.product((DW_BLOCKS, DW_SMALL_GRID_BLOCKS), (None, activation), runs):
                 constexprs = {"ACTIVATION": activation, "GATE": gate, "BLOCK_P": blocks["BLOCK_P"],
-                              "BLOCK_C": blocks["BLOCK_C"]}
+                              "BLOCK_C": blocks["BLOCK_C"], "PIXEL_RUN": run}
                 yield (_conv_dw_kernel, common.signature(_conv_dw_kernel, ptr, constexprs, pointers), constexprs,
                        {"num_warps": blocks["num_warps"]})
             for mode, stride in itertools.product(common.compiled_dot_modes(dtype), (1, 2)):
@@ -358,14 +368,16 @@ def compile_configs():
                               "BLOCK_N": ROWS_BLOCK_N, "PAIRS": ROWS_PAIRS, **mode}
                 yield (_conv_rows_kernel, common.signature(_conv_rows_kernel, ptr, constexprs, pointers), constexprs,
                        {"num_warps": dense_warps(dtype, 3)})
-            for mode, ksize, blocks in itertools.product(common.compiled_dot_modes(dtype), DENSE_KERNEL_SIZES,
-                                                         (DENSE_BLOCKS, DENSE_SMALL_GRID_BLOCKS)):
-                constexprs = {"ACTIVATION": activation, "KSIZE": ksize, **blocks, **mode, "SPLIT_K": False}
+            for mode, ksize, blocks, run in itertools.product(common.compiled_dot_modes(dtype), DENSE_KERNEL_SIZES,
+                                                              (DENSE_BLOCKS, DENSE_SMALL_GRID_BLOCKS), runs):
+                constexprs = {"ACTIVATION": activation, "KSIZE": ksize, **blocks, **mode, "SPLIT_K": False,
+                              "PIXEL_RUN": run}
                 yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers),
                        constexprs, {"num_warps": dense_warps(dtype, ksize)})
         split_blocks = (DENSE_BLOCKS, DENSE_SMALL_GRID_BLOCKS)  # a long reduction splits on regular tiles too
-        for mode, blocks in itertools.product(common.compiled_dot_modes(dtype), split_blocks):
-            constexprs = {"ACTIVATION": "none", "KSIZE": 1, **blocks, **mode, "SPLIT_K": True}
+        for mode, blocks, run in itertools.product(common.compiled_dot_modes(dtype), split_blocks,
+                                                   (1, *common.PIXEL_RUNS)):
+            constexprs = {"ACTIVATION": "none", "KSIZE": 1, **blocks, **mode, "SPLIT_K": True, "PIXEL_RUN": run}
             yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers,
                                                         special={"out": "*fp32"}),
                    constexprs, {"num_warps": dense_warps(dtype, 1)})  # a split 1×1 conv's slices

@@ -14,6 +14,7 @@ channels_last or any other layout); offsets are 32-bit, which the op's backend c
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import torch
@@ -89,10 +90,11 @@ def _ffn_fwd_kernel(x, w1, b1, w2, b2, residual, out, n_pixels, channels, hidden
                     has_b1, has_b2, has_residual, h_split, x_sb, x_sc, x_sh, x_sw, w1_sh, w1_sc, w2_sc, w2_sh,
                     r_sb, r_sc, r_sh, r_sw, o_ss, o_sb, o_sc, o_sh, o_sw,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT_H: tl.constexpr):
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT_H: tl.constexpr, PIXEL_RUN: tl.constexpr):
     # ``SPLIT_H``: the hidden channels split in slices of ``h_split`` (grid axis 2, a whole number of BLOCK_H steps);
     # each slice writes its sums to its own copy of the output, ``o_ss`` apart (the launcher then passes no b2 and
-    # no residual); unsplit builds are the ones without it.
+    # no residual); unsplit builds are the ones without it. ``PIXEL_RUN``: :func:`common.pixel_run` of the output (or
+    # the partial sums) and the residual.
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_m = offs_m < n_pixels
@@ -117,7 +119,7 @@ def _ffn_fwd_kernel(x, w1, b1, w2, b2, residual, out, n_pixels, channels, hidden
                           mask=mask_h[:, None] & mask_c[None, :], other=0.0)
         acc = common.mma(h, w2_tile, acc, PRECISION=PRECISION, UPCAST=UPCAST)
     common.epilogue(acc, b2, residual, out, offs_b, offs_y, offs_x, offs_c, mask_m, mask_c, has_b2, has_residual,
-                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION="none")
+                    r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION="none", PIXEL_RUN=PIXEL_RUN)
 
 
 def forward(a: FfnArgs, out: torch.Tensor) -> torch.Tensor:
@@ -139,13 +141,14 @@ def forward(a: FfnArgs, out: torch.Tensor) -> torch.Tensor:
         _ffn_fwd_kernel[grid](
             a.x, a.w1, b1, a.w2, b2, residual, out, n_pixels, channels, hidden, height, width,
             has_b1, has_b2, has_residual, hidden, *a.x.stride(), *weights, *r_strides, 0, *out.stride(), **options,
-            SPLIT_H=False)
+            SPLIT_H=False, PIXEL_RUN=common.pixel_run(sizes["BLOCK_M"], out, residual))
         return out
     sums = split_sum.partials(out, splits)
     _ffn_fwd_kernel[(*grid, splits)](
         a.x, a.w1, b1, a.w2, b2, residual, sums, n_pixels, channels, hidden, height, width,
         has_b1, 0, 0, split_sum.slice_length(hidden, sizes["BLOCK_H"], splits), *a.x.stride(), *weights, 0, 0, 0, 0,
-        batch * sums.stride(0), *sums.stride(), **options, SPLIT_H=True)
+        batch * sums.stride(0), *sums.stride(), **options, SPLIT_H=True,
+        PIXEL_RUN=common.pixel_run(sizes["BLOCK_M"], sums))
     return split_sum.add(sums, a.b2, a.residual, out, "none")
 
 
@@ -159,8 +162,9 @@ def compile_configs():
                 continue
             sizes = blocks(block_c, dtype)
             options = {"num_warps": sizes.pop("num_warps"), "maxnreg": sizes.pop("maxnreg")}
-            for mode in common.compiled_dot_modes(dtype):
-                constexprs = {"BLOCK_C": block_c, **sizes, **mode, "SPLIT_H": False}
+            runs = (1, *(run for run in common.PIXEL_RUNS if sizes["BLOCK_M"] % run == 0))
+            for mode, run in itertools.product(common.compiled_dot_modes(dtype), runs):
+                constexprs = {"BLOCK_C": block_c, **sizes, **mode, "SPLIT_H": False, "PIXEL_RUN": run}
                 yield _ffn_fwd_kernel, common.signature(_ffn_fwd_kernel, ptr, constexprs, pointers), constexprs, options
                 if block_c <= SMALL_GRID_BLOCK_C:  # a small grid's split hidden channels
                     constexprs = {**constexprs, "SPLIT_H": True}

@@ -1,0 +1,115 @@
+"""The runs of adjacent pixels the epilogues tell the compiler of (``_common.pixel_run``): the claim, checked element
+by element against the address arithmetic of the kernels' flat pixel numbering, and the launches that make it.
+
+The interpreter ignores these hints, and on a GPU a false one would store whole runs at wrong addresses; so the claim
+itself is what is tested here, for every layout the ops accept."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from evit_kernels import predict
+from evit_kernels.ops.conv_bn_act import conv_bn_act
+from evit_kernels.triton import _common as common
+
+BLOCKS = (16, 32, 64)
+
+
+def _maps():
+    """(name, tensor) of every kind of layout a kernel's output or residual can have."""
+    yield "nchw_14x14", torch.empty(2, 3, 14, 14)
+    yield "nchw_28x28", torch.empty(1, 2, 28, 28)
+    yield "nchw_7x7", torch.empty(2, 3, 7, 7)
+    yield "nchw_4x5", torch.empty(3, 2, 4, 5)
+    yield "nchw_1x12_row", torch.empty(2, 3, 1, 12)
+    yield "nchw_12x1_column", torch.empty(2, 3, 12, 1)
+    yield "channels_last_14x14", torch.empty(2, 3, 14, 14).contiguous(memory_format=torch.channels_last)
+    yield "channels_last_1_channel", torch.empty(2, 1, 4, 4).contiguous(memory_format=torch.channels_last)
+    yield "channel_slice_odd_offset", torch.empty(2, 7, 4, 4)[:, 1:5]
+    yield "channel_stride_odd", torch.empty(2, 3, 4, 5)[..., :4]  # rows of 4 in rows of 5: not dense
+    yield "image_slice_of_odd_images", torch.empty(3, 3, 5, 4)[:, :, 1:]  # 4×4 images 60 elements apart
+    yield "broadcast_channels", torch.empty(2, 1, 4, 4).expand(2, 3, 4, 4)
+    yield "broadcast_everything", torch.empty(1, 1, 1, 1).expand(2, 3, 4, 4)
+    yield "wide_rows_padded", torch.empty(2, 3, 4, 20)[..., :16]
+    yield "padded_channel_planes", torch.empty(2 * 3 * 208).as_strided((2, 3, 14, 14), (624, 208, 14, 1))
+    yield "padded_images", torch.empty(2 * 40).as_strided((2, 2, 4, 4), (40, 16, 4, 1))
+
+
+MAPS = dict(_maps())
+
+
+def _claim_holds(t: torch.Tensor, block: int, run: int) -> bool:
+    """Whether, for every pixel p of the flat numbering (b, y, x) over the tiles that cover the map (masked pixels
+    beyond it included: the kernels compute their addresses too) and every channel (two masked ones beyond them
+    too), the pixels of each run
+    run·j … run·j + run - 1 are at adjacent element offsets starting at a multiple of run, and all inside the map
+    or all outside it."""
+    batch, channels, height, width = t.shape
+    s_b, s_c, s_h, s_w = t.stride()
+    n_pixels = batch * height * width
+    covered = -(-n_pixels // block) * block
+    for start, c in itertools.product(range(0, covered, run), range(channels + 2)):
+        at = []
+        for p in range(start, start + run):
+            b, y, x = p // (height * width), (p % (height * width)) // width, p % width
+            at.append(b * s_b + c * s_c + y * s_h + x * s_w)
+        inside = {p < n_pixels for p in range(start, start + run)}
+        if at != list(range(at[0], at[0] + run)) or at[0] % run or len(inside) != 1:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("name", MAPS)
+def test_the_run_claimed_holds_element_by_element(name, block):
+    t = MAPS[name]
+    run = common.pixel_run(block, t)
+    assert run in (1, *common.PIXEL_RUNS) and block % run == 0
+    assert _claim_holds(t, block, run)
+
+
+def test_runs_are_claimed_where_rows_are_dense():
+    """The rule is not trivially 1: NCHW maps of even side get their runs (a broadcast over the channels, and one
+    channel in channels_last, which torch lays out as NCHW, too), the others none (an odd side, channels last, a
+    broadcast pixel, rows not dense); a run holds only if it holds for every map given (output and residual)."""
+    runs = {name: common.pixel_run(64, t) for name, t in MAPS.items()}
+    assert runs == {"nchw_14x14": 4, "nchw_28x28": 16, "nchw_7x7": 1, "nchw_4x5": 4, "nchw_1x12_row": 4,
+                    "nchw_12x1_column": 4, "channels_last_14x14": 1, "channels_last_1_channel": 16,
+                    "channel_slice_odd_offset": 16, "channel_stride_odd": 1, "image_slice_of_odd_images": 4,
+                    "broadcast_channels": 16, "broadcast_everything": 1, "wide_rows_padded": 1,
+                    "padded_channel_planes": 4, "padded_images": 4}
+    assert common.pixel_run(16, MAPS["nchw_28x28"]) == 16 and common.pixel_run(8, MAPS["nchw_28x28"]) == 4
+    assert common.pixel_run(64, MAPS["nchw_28x28"], MAPS["nchw_14x14"]) == 4
+    assert common.pixel_run(64, MAPS["nchw_14x14"], MAPS["channels_last_14x14"]) == 1
+
+
+def _run_of(launches, kernel):
+    return next(launch.constexprs["PIXEL_RUN"] for launch in launches if launch.kernel == kernel)
+
+
+@pytest.mark.parametrize("layout, run", [("nchw", 4), ("channels_last", 1)])
+def test_convs_launch_with_the_runs_of_their_output_and_residual(layout, run):
+    """14×14 maps: the groups-1 kernel, split or not, and the depthwise one take runs of 4 in NCHW, none in
+    channels_last; a residual in the other layout takes them away."""
+    fmt = torch.contiguous_format if layout == "nchw" else torch.channels_last
+
+    def launches(in_channels, groups, residual_format=fmt):
+        x = torch.empty(1, in_channels, 14, 14, dtype=torch.bfloat16, device="meta").contiguous(memory_format=fmt)
+        weight = torch.empty(256, in_channels // groups, 1 if groups == 1 else 3, 1 if groups == 1 else 3,
+                             dtype=torch.bfloat16, device="meta")
+        residual = torch.empty(1, 256, 14, 14, dtype=torch.bfloat16, device="meta").contiguous(
+            memory_format=residual_format)
+        with predict.recorded_launches() as recorded:
+            conv_bn_act(x, weight, None, residual=residual, activation="none", backend="triton",
+                        padding=weight.shape[2] // 2, groups=groups)
+        return recorded
+
+    assert _run_of(launches(256, 1), "_conv_dense_kernel") == run
+    split = launches(1024, 1)  # 56 quarter tiles over 1024 channels: split 4 ways, the partial sums in the layout
+    assert split[0].grid[1] > 1 and _run_of(split, "_conv_dense_kernel") == run
+    assert _run_of(launches(256, 256), "_conv_dw_kernel") == run
+    other = torch.channels_last if layout == "nchw" else torch.contiguous_format
+    assert _run_of(launches(256, 1, other), "_conv_dense_kernel") == 1
