@@ -1,5 +1,6 @@
-"""The runs of adjacent pixels the epilogues tell the compiler of (``_common.pixel_run``): the claim, checked element
-by element against the address arithmetic of the kernels' flat pixel numbering, and the launches that make it.
+"""The runs of adjacent pixels (and LiteMLA's tokens) the kernels tell the compiler of (``_common.pixel_run``,
+``Heads.token_run``): the claim, checked element by element against the address arithmetic of the kernels' flat
+pixel and token numbering, and the launches that make it.
 
 The interpreter ignores these hints, and on a GPU a false one would store whole runs at wrong addresses; so the claim
 itself is what is tested here, for every layout the ops accept."""
@@ -14,6 +15,7 @@ import torch
 from evit_kernels import predict
 from evit_kernels.ops.conv_bn_act import conv_bn_act
 from evit_kernels.triton import _common as common
+from evit_kernels.triton import relu_linear_attention
 
 BLOCKS = (16, 32, 64)
 
@@ -67,7 +69,7 @@ def _claim_holds(t: torch.Tensor, block: int, run: int) -> bool:
 def test_the_run_claimed_holds_element_by_element(name, block):
     t = MAPS[name]
     run = common.pixel_run(block, t)
-    assert run in (1, *common.PIXEL_RUNS) and block % run == 0
+    assert run in (1, *common.RUNS) and block % run == 0
     assert _claim_holds(t, block, run)
 
 
@@ -82,7 +84,9 @@ def test_runs_are_claimed_where_rows_are_dense():
                     "broadcast_channels": 16, "broadcast_everything": 1, "wide_rows_padded": 1,
                     "padded_channel_planes": 4, "padded_images": 4}
     assert common.pixel_run(16, MAPS["nchw_28x28"]) == 16 and common.pixel_run(8, MAPS["nchw_28x28"]) == 4
-    assert common.pixel_run(64, MAPS["nchw_28x28"], MAPS["nchw_14x14"]) == 4
+    planes_of_788 = torch.empty(2 * 788).as_strided((1, 2, 28, 28), (1576, 788, 28, 1))
+    assert common.pixel_run(64, planes_of_788) == 4
+    assert common.pixel_run(64, MAPS["nchw_28x28"], planes_of_788) == 4
     assert common.pixel_run(64, MAPS["nchw_14x14"], MAPS["channels_last_14x14"]) == 1
 
 
@@ -113,3 +117,63 @@ def test_convs_launch_with_the_runs_of_their_output_and_residual(layout, run):
     assert _run_of(launches(256, 256), "_conv_dw_kernel") == run
     other = torch.channels_last if layout == "nchw" else torch.contiguous_format
     assert _run_of(launches(256, 1, other), "_conv_dense_kernel") == 1
+
+
+def _token_claim_holds(strides: list[tuple[tuple[int, ...], int]], n_tokens: int, block: int, run: int) -> bool:
+    """:func:`_claim_holds` for tokens: each tensor's (other strides, token stride), its other indices taken up to 3
+    each, tokens over the tiles of ``block`` that cover ``n_tokens``."""
+    covered = -(-n_tokens // block) * block
+    for others, step in strides:
+        for index in itertools.product(range(3), repeat=len(others)):
+            base = sum(i * s for i, s in zip(index, others))
+            for start in range(0, covered, run):
+                at = [base + n * step for n in range(start, start + run)]
+                inside = {n < n_tokens for n in range(start, start + run)}
+                if at != list(range(at[0], at[0] + run)) or at[0] % run or len(inside) != 1:
+                    return False
+    return True
+
+
+@pytest.mark.parametrize("block", (16, 32, 64))
+@pytest.mark.parametrize("name", ["nchw_14x14", "nchw_28x28", "nchw_7x7", "channels_last_14x14",
+                                  "channel_slice_odd_offset", "image_slice_of_odd_images", "padded_channel_planes"])
+def test_the_token_run_claimed_holds_element_by_element(name, block):
+    """LiteMLA's heads (batch, head, role, channel strides, and the token's) over a map of each layout, with an NCHW
+    output of its shape: the run :meth:`Heads.token_run` claims holds for both."""
+    src = MAPS[name]
+    dim = 1  # every channel its own head's: the channel-major strides are then the map's own
+    heads = relu_linear_attention.channel_major(src, dim)
+    out = torch.empty(src.shape[0], 2 * src.shape[1], *src.shape[2:])
+    out_strides = relu_linear_attention._token_strides(out)
+    run = heads.token_run(block, out_strides)
+    assert run == common.run_length(block, heads.n_tokens, (heads.strides[4], out_strides[2]),
+                                    (*heads.strides[:4], *out_strides[:2]))
+    assert _token_claim_holds([(heads.strides[:4], heads.strides[4]), (out_strides[:2], out_strides[2])],
+                              heads.n_tokens, block, run)
+    assert run == {"nchw_14x14": 4, "nchw_28x28": 16, "nchw_7x7": 1, "channels_last_14x14": 1,
+                   "channel_slice_odd_offset": 16, "image_slice_of_odd_images": 4,
+                   "padded_channel_planes": 4}[name]
+
+
+def test_lite_mla_launches_with_the_runs_of_its_tokens():
+    """NCHW maps of 14×14 take runs of 4 in the attention and the aggregated scale's kernels, split or not;
+    channels_last maps and Sana's token-major q, k, v none where they are read."""
+    def runs(side, batch=1, fmt=torch.contiguous_format):
+        qkv = torch.empty(batch, 3 * 4 * 16, side, side, dtype=torch.bfloat16, device="meta").contiguous(
+            memory_format=fmt)
+        dw = torch.empty(3 * 4 * 16, 1, 5, 5, dtype=torch.bfloat16, device="meta")
+        pw = torch.empty(3 * 4 * 16, 16, 1, 1, dtype=torch.bfloat16, device="meta")
+        with predict.recorded_launches() as launches:
+            relu_linear_attention.forward_aggregated(qkv, [(dw, None, pw, None)], 16, 1e-15)
+        return {launch.kernel: launch.constexprs.get("TOKEN_RUN") for launch in launches}
+
+    assert runs(14, batch=128) == {"_rla_fwd_one_pass_kernel": 4, "_rla_agg_fwd_one_pass_kernel": 4}
+    assert runs(14) == {"_rla_fwd_reduce_kernel": 4, "_rla_fwd_apply_kernel": 4, "_rla_agg_fwd_reduce_kernel": None,
+                        "_rla_agg_fwd_apply_kernel": 4}
+    # a channels_last qkv: none where it is read, but the aggregated scale's apply is told only of the output's
+    # tokens (always NCHW)
+    assert runs(14, fmt=torch.channels_last) == {"_rla_fwd_reduce_kernel": 1, "_rla_fwd_apply_kernel": 1,
+                                                 "_rla_agg_fwd_reduce_kernel": None, "_rla_agg_fwd_apply_kernel": 4}
+    q = torch.empty(1, 196, 4 * 16, dtype=torch.bfloat16, device="meta")
+    heads = relu_linear_attention.token_major(q, q, q, 16)
+    assert heads.token_run(64, relu_linear_attention.token_major_strides(q)) == 1

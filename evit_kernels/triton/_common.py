@@ -5,7 +5,7 @@ of the ahead-of-time sm_90 compile configurations. Kernel files import these and
 from __future__ import annotations
 
 import os
-from collections.abc import Container
+from collections.abc import Container, Iterable
 
 import torch
 import triton
@@ -70,28 +70,31 @@ def optional(t: torch.Tensor | None, stand_in: torch.Tensor) -> tuple[torch.Tens
     return t, 1, t.stride()
 
 
-PIXEL_RUNS = (16, 4)
-"""The runs of adjacent pixels an epilogue can be told of (:func:`pixel_run`): every map of an even side has one
+RUNS = (16, 4)
+"""The runs of adjacent elements a kernel can be told of (:func:`run_length`): every map of an even side has one
 (16 for sides that are multiples of 4: 28×28, 56×56, 12×12; 4 for the others: 14×14, 10×10)."""
 
 
+def run_length(block: int, n: int, steps: Iterable[int], strides: Iterable[int]) -> int:
+    """The longest run of :data:`RUNS` that divides ``block`` and ``n`` where every one of ``steps`` is 1 and every
+    one of ``strides`` a multiple of it; else 1. For tiles of ``block`` indices (from a multiple of ``block``) along
+    an axis of length ``n`` whose step is 1 in each tensor (``steps``), at any other indices of the tensors'
+    ``strides``: then indices run·j … run·j + run - 1 lie at adjacent elements from a multiple of run, and all on one
+    side of ``n`` (a tile's mask is the same across them)."""
+    if any(step != 1 for step in steps):
+        return 1
+    strides = tuple(strides)
+    return next((run for run in RUNS if block % run == 0 and n % run == 0 and all(s % run == 0 for s in strides)), 1)
+
+
 def pixel_run(block: int, *maps: torch.Tensor) -> int:
-    """The longest run of :data:`PIXEL_RUNS` that divides ``block`` (a tile's pixels, numbered flat (image, row,
-    column) from a multiple of ``block``) and holds in every (B, C, H, W) tensor of ``maps``: rows dense (column
-    stride 1, row stride W), and H·W, the image and the channel strides multiples of it. Then in each channel the
-    pixels run·j … run·j + run - 1 lie in one image, at adjacent elements from a multiple of run, and a tile's
-    mask (pixel < B·H·W) is the same across them. 1 where none holds (channels_last maps, odd sides)."""
-    for run in PIXEL_RUNS:
-        if block % run == 0 and all(_dense_runs(t, run) for t in maps):
-            return run
-    return 1
-
-
-def _dense_runs(t: torch.Tensor, run: int) -> bool:
-    _, _, height, width = t.shape
-    s_b, s_c, s_h, s_w = t.stride()
-    rows_dense = s_w == 1 and (height == 1 or s_h == width)
-    return rows_dense and height * width % run == 0 and s_b % run == 0 and s_c % run == 0
+    """:func:`run_length` of the pixels of the (B, C, H, W) tensors ``maps`` (the same shape: an output and its
+    residual), numbered flat (image, row, column) as the conv kernels' tiles of ``block`` pixels take them: where
+    each map's rows are dense (row stride W), a pixel's offset within its image is its index times the column stride,
+    over H·W pixels. 1 where none holds (channels_last maps, odd sides)."""
+    _, _, height, width = maps[0].shape
+    steps = [t.stride(3) if height == 1 or t.stride(2) == width * t.stride(3) else 0 for t in maps]
+    return run_length(block, height * width, steps, (s for t in maps for s in t.stride()[:2]))
 
 
 def signature(kernel, pointer: str, constexprs: Container[str], pointers: Container[str],
@@ -275,7 +278,7 @@ def epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_c, mask_p, m
 def tile_offsets(pixel_at, channel_at, TRANSPOSED: tl.constexpr, PIXEL_RUN: tl.constexpr):
     """The element offsets of a pixels × channels tile (``TRANSPOSED``: channels × pixels) from the pixels' and the
     channels' own, telling the compiler that the pixels come in runs of ``PIXEL_RUN`` adjacent elements starting at
-    multiples of ``PIXEL_RUN`` (:func:`pixel_run`): it can then store and load each run with one wide access, where
+    multiples of ``PIXEL_RUN`` (:func:`run_length`): it can then store and load each run with one wide access, where
     from the strides alone (W not a multiple of 16, as on a 14×14 map) it keeps one address per element."""
     down, along = outer(pixel_at, channel_at, TRANSPOSED)
     at = down + along

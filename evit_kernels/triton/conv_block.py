@@ -178,7 +178,7 @@ def compile_configs():
                 for block_co in (16 << i for i in range(tiles.channels.bit_length())
                                  if above < 16 << i <= tiles.channels):
                     for ksize, mode, run in itertools.product(KERNEL_SIZES, common.compiled_dot_modes(dtype),
-                                                              (1, *common.PIXEL_RUNS)):
+                                                              (1, *common.RUNS)):
                         if run > 1 and ksize != KERNEL_SIZES[0]:
                             continue  # the runs change only the epilogue's addressing
                         constexprs = {"ACT2": "hardswish", "ACT3": "none", "K": ksize, "DEPTHWISE": kind == "depthwise",

@@ -355,7 +355,7 @@ def compile_configs():
     pointers = ("x", "weight", "bias", "residual", "out")
     for dtype, ptr in common.POINTER_TYPES.items():
         for activation in ACTIVATIONS:
-            runs = (1, *common.PIXEL_RUNS) if activation == ACTIVATIONS[0] else (1,)
+            runs = (1, *common.RUNS) if activation == ACTIVATIONS[0] else (1,)
             # ungated, and in the GLU mode gated by the same activation (the gate is elementwise code only; the
             # released models' own pairs are built from their launches)
             for blocks, gate, run in itertools.product((DW_BLOCKS, DW_SMALL_GRID_BLOCKS), (None, activation), runs):
@@ -376,7 +376,7 @@ def compile_configs():
                        constexprs, {"num_warps": dense_warps(dtype, ksize)})
         split_blocks = (DENSE_BLOCKS, DENSE_SMALL_GRID_BLOCKS)  # a long reduction splits on regular tiles too
         for mode, blocks, run in itertools.product(common.compiled_dot_modes(dtype), split_blocks,
-                                                   (1, *common.PIXEL_RUNS)):
+                                                   (1, *common.RUNS)):
             constexprs = {"ACTIVATION": "none", "KSIZE": 1, **blocks, **mode, "SPLIT_K": True, "PIXEL_RUN": run}
             yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers,
                                                         special={"out": "*fp32"}),

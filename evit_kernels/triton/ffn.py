@@ -162,7 +162,7 @@ def compile_configs():
                 continue
             sizes = blocks(block_c, dtype)
             options = {"num_warps": sizes.pop("num_warps"), "maxnreg": sizes.pop("maxnreg")}
-            runs = (1, *(run for run in common.PIXEL_RUNS if sizes["BLOCK_M"] % run == 0))
+            runs = (1, *(run for run in common.RUNS if sizes["BLOCK_M"] % run == 0))
             for mode, run in itertools.product(common.compiled_dot_modes(dtype), runs):
                 constexprs = {"BLOCK_C": block_c, **sizes, **mode, "SPLIT_H": False, "PIXEL_RUN": run}
                 yield _ffn_fwd_kernel, common.signature(_ffn_fwd_kernel, ptr, constexprs, pointers), constexprs, options

@@ -64,6 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
+from evit_kernels.triton import _common as common
 from evit_kernels.triton._common import POINTER_TYPES, cdiv, compiled_dot_modes, dot_mode, dot_size, signature
 
 _TARGET_PROGRAMS = 512  # about four waves of 132 SMs (_common.SMS): split N until (batch·heads·chunks) reaches this
@@ -107,12 +108,20 @@ def _relu(x):
 
 
 @triton.jit
-def _load_role(base, role, offs_d, offs_n, mask, stride_role, stride_c, stride_n):
-    """The (D_PAD, BLOCK_N) tile of role 0 (q), 1 (k) or 2 (v) of one head, zero outside ``mask``: ``base`` is the
-    role's tensor at the head's first channel (one tensor for all three roles with ``stride_role`` between them in
-    the channel-major layout, three tensors with ``stride_role`` 0 in the token-major one)."""
-    ptrs = base + role * stride_role + offs_d[:, None] * stride_c + offs_n[None, :] * stride_n
-    return tl.load(ptrs, mask=mask, other=0.0)
+def _load_role(src, head_at, role, offs_d, offs_n, mask, stride_role, stride_c, stride_n,
+               TOKEN_RUN: tl.constexpr = 1):
+    """The (D_PAD, BLOCK_N) tile of role 0 (q), 1 (k) or 2 (v) of one head, zero outside ``mask``: ``src`` is the
+    role's tensor, ``head_at`` the offset of the head's first channel (one tensor for all three roles with
+    ``stride_role`` between them in the channel-major layout, three tensors with ``stride_role`` 0 in the token-major
+    one). ``TOKEN_RUN``: :meth:`Heads.token_run` (and ``mask`` from :func:`_token_mask`)."""
+    at = common.tile_offsets(offs_n * stride_n, head_at + role * stride_role + offs_d * stride_c, True, TOKEN_RUN)
+    return tl.load(src + at, mask=mask, other=0.0)
+
+
+@triton.jit
+def _token_mask(rows_ok, tokens, TOKEN_RUN: tl.constexpr):
+    """The (rows, tokens) mask of a tile, the same across each run of ``TOKEN_RUN`` tokens."""
+    return common.tile_mask(tokens, rows_ok, True, TOKEN_RUN)
 
 
 @triton.jit
@@ -154,13 +163,13 @@ def _accumulate_kv(k_num, k, v, kv, z, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _store_output(q_num, q, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n,
-                  PRECISION: tl.constexpr):
+def _store_output(q_num, q, kv, z, eps, out, out_at, offs_d, offs_n, mask, out_stride_c, out_stride_n,
+                  PRECISION: tl.constexpr, TOKEN_RUN: tl.constexpr):
     """Write kvᵀ q_num_n / (z·q_n + eps) for (D_PAD, BLOCK_N) tiles (see :func:`_output_terms`), rounded once to
-    the output dtype."""
+    the output dtype, into ``out`` from the head's offset ``out_at``."""
     num, den = _output_terms(q_num, q, kv, z, eps, PRECISION)
-    ptrs = out_base + offs_d[:, None] * out_stride_c + offs_n[None, :] * out_stride_n
-    tl.store(ptrs, (num / den[None, :]).to(out_base.dtype.element_ty), mask=mask)
+    at = common.tile_offsets(offs_n * out_stride_n, out_at + offs_d * out_stride_c, True, TOKEN_RUN)
+    tl.store(out + at, (num / den[None, :]).to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -175,7 +184,7 @@ def _program_span(heads, per_chunk, n_tokens):
 @triton.jit
 def _sum_kv(k, v, rotated_k, head_at, offs_d, offs_v, start, end, stride_role, stride_c, stride_n, D: tl.constexpr,
             D_PAD: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-            UPCAST: tl.constexpr, ROTATED: tl.constexpr):
+            UPCAST: tl.constexpr, ROTATED: tl.constexpr, TOKEN_RUN: tl.constexpr = 1):
     """Columns ``offs_v`` (W of them) of kv = Σ k_num vᵀ, (D_PAD, W), and z = Σ k, over tokens [start, end) of one
     head, in fp32: ``k_num`` the ReLU'd k or, in the rotated form, the rotated k; the products in the inputs' dtype
     (``PRECISION``, ``UPCAST``: :func:`evit_kernels.triton._common.dot_mode`)."""
@@ -184,13 +193,14 @@ def _sum_kv(k, v, rotated_k, head_at, offs_d, offs_v, start, end, stride_role, s
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         tokens = offs_n < end
-        mask = (offs_d < D)[:, None] & tokens[None, :]
-        k_tile = _relu(_load_role(k + head_at, 1, offs_d, offs_n, mask, stride_role, stride_c, stride_n))
-        v_tile = _load_role(v + head_at, 2, offs_v, offs_n, (offs_v < D)[:, None] & tokens[None, :], stride_role,
-                            stride_c, stride_n)
+        mask = _token_mask(offs_d < D, tokens, TOKEN_RUN)
+        k_tile = _relu(_load_role(k, head_at, 1, offs_d, offs_n, mask, stride_role, stride_c, stride_n, TOKEN_RUN))
+        v_tile = _load_role(v, head_at, 2, offs_v, offs_n, _token_mask(offs_v < D, tokens, TOKEN_RUN), stride_role,
+                            stride_c, stride_n, TOKEN_RUN)
         k_num = k_tile
         if ROTATED:
-            k_num = _load_role(rotated_k + head_at, 1, offs_d, offs_n, mask, stride_role, stride_c, stride_n)
+            k_num = _load_role(rotated_k, head_at, 1, offs_d, offs_n, mask, stride_role, stride_c, stride_n,
+                               TOKEN_RUN)
         if UPCAST:
             k_num = k_num.to(tl.float32)
             v_tile = v_tile.to(tl.float32)
@@ -202,48 +212,52 @@ def _sum_kv(k, v, rotated_k, head_at, offs_d, offs_v, start, end, stride_role, s
 def _rla_fwd_reduce_kernel(k, v, rotated_k, partial, heads, n_tokens, per_chunk, chunks,
                            stride_b, stride_h, stride_role, stride_c, stride_n,
                            D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                           UPCAST: tl.constexpr, ROTATED: tl.constexpr):
+                           UPCAST: tl.constexpr, ROTATED: tl.constexpr, TOKEN_RUN: tl.constexpr):
     row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
     head_at = b * stride_b + h * stride_h
     offs_d = tl.arange(0, D_PAD)
     kv, z = _sum_kv(k, v, rotated_k, head_at, offs_d, offs_d, start, end, stride_role, stride_c, stride_n, D, D_PAD,
-                    D_PAD, BLOCK_N, PRECISION, UPCAST, ROTATED)
+                    D_PAD, BLOCK_N, PRECISION, UPCAST, ROTATED, TOKEN_RUN)
     _store_partial(partial, row, chunk, chunks, kv, z, offs_d, D_PAD)
 
 
 @triton.jit
-def _apply_span(q, rotated_q, kv, z, eps, head_at, out_base, offs_d, start, end, stride_role, stride_c, stride_n,
-                out_stride_c, out_stride_n, D: tl.constexpr, BLOCK_N: tl.constexpr, ROTATED: tl.constexpr):
+def _apply_span(q, rotated_q, kv, z, eps, head_at, out, out_at, offs_d, start, end, stride_role, stride_c, stride_n,
+                out_stride_c, out_stride_n, D: tl.constexpr, BLOCK_N: tl.constexpr, ROTATED: tl.constexpr,
+                TOKEN_RUN: tl.constexpr):
     """Write the output of one head at tokens [start, end) from its summed kv and z (IEEE fp32 products)."""
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
-        q_tile = _relu(_load_role(q + head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n))
+        mask = _token_mask(offs_d < D, offs_n < end, TOKEN_RUN)
+        q_tile = _relu(_load_role(q, head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n, TOKEN_RUN))
         q_num = q_tile
         if ROTATED:
-            q_num = _load_role(rotated_q + head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n)
-        _store_output(q_num, q_tile, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n, "ieee")
+            q_num = _load_role(rotated_q, head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n,
+                               TOKEN_RUN)
+        _store_output(q_num, q_tile, kv, z, eps, out, out_at, offs_d, offs_n, mask, out_stride_c, out_stride_n, "ieee",
+                      TOKEN_RUN)
 
 
 @triton.jit
 def _rla_fwd_apply_kernel(q, rotated_q, partial, out, heads, first_head, n_tokens, per_chunk, chunks, eps,
                           stride_b, stride_h, stride_role, stride_c, stride_n, out_stride_b, out_stride_c,
                           out_stride_n, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                          ROTATED: tl.constexpr):
+                          ROTATED: tl.constexpr, TOKEN_RUN: tl.constexpr):
     row, chunk, b, h, start, end = _program_span(heads, per_chunk, n_tokens)
     head_at = b * stride_b + h * stride_h
-    out_base = out + b * out_stride_b + (first_head + h) * D * out_stride_c
+    out_at = b * out_stride_b + (first_head + h) * D * out_stride_c
     offs_d = tl.arange(0, D_PAD)
     kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
-    _apply_span(q, rotated_q, kv, z, eps, head_at, out_base, offs_d, start, end, stride_role, stride_c, stride_n,
-                out_stride_c, out_stride_n, D, BLOCK_N, ROTATED)
+    _apply_span(q, rotated_q, kv, z, eps, head_at, out, out_at, offs_d, start, end, stride_role, stride_c, stride_n,
+                out_stride_c, out_stride_n, D, BLOCK_N, ROTATED, TOKEN_RUN)
 
 
 @triton.jit
 def _rla_fwd_one_pass_kernel(q, k, v, rotated_q, rotated_k, out, heads, first_head, n_tokens, eps,
                              stride_b, stride_h, stride_role, stride_c, stride_n, out_stride_b, out_stride_c,
                              out_stride_n, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                             PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROTATED: tl.constexpr):
+                             PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROTATED: tl.constexpr,
+                             TOKEN_RUN: tl.constexpr):
     """Both passes in one program per (batch, head), where the tokens are not split (one chunk): kv and z over
     all tokens, then the output, with no partial sums in memory and one launch instead of two."""
     b = tl.program_id(0) // heads
@@ -251,10 +265,10 @@ def _rla_fwd_one_pass_kernel(q, k, v, rotated_q, rotated_k, out, heads, first_he
     head_at = b * stride_b + h * stride_h
     offs_d = tl.arange(0, D_PAD)
     kv, z = _sum_kv(k, v, rotated_k, head_at, offs_d, offs_d, 0, n_tokens, stride_role, stride_c, stride_n, D, D_PAD,
-                    D_PAD, BLOCK_N, PRECISION, UPCAST, ROTATED)
-    out_base = out + b * out_stride_b + (first_head + h) * D * out_stride_c
-    _apply_span(q, rotated_q, kv, z, eps, head_at, out_base, offs_d, 0, n_tokens, stride_role, stride_c, stride_n,
-                out_stride_c, out_stride_n, D, BLOCK_N, ROTATED)
+                    D_PAD, BLOCK_N, PRECISION, UPCAST, ROTATED, TOKEN_RUN)
+    out_at = b * out_stride_b + (first_head + h) * D * out_stride_c
+    _apply_span(q, rotated_q, kv, z, eps, head_at, out, out_at, offs_d, 0, n_tokens, stride_role, stride_c, stride_n,
+                out_stride_c, out_stride_n, D, BLOCK_N, ROTATED, TOKEN_RUN)
 
 
 @triton.jit
@@ -272,11 +286,11 @@ def _rla_bwd_reduce_kernel(q, rotated_q, grad, partial, grad_partial, heads, fir
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
-        q_tile = _relu(_load_role(q + head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n))
+        q_tile = _relu(_load_role(q, head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n))
         q_tile = q_tile.to(tl.float32)
         q_num = q_tile
         if ROTATED:
-            q_num = _load_role(rotated_q + head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n)
+            q_num = _load_role(rotated_q, head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n)
             q_num = q_num.to(tl.float32)
         g = tl.load(g_base + offs_d[:, None] * g_stride_c + offs_n[None, :] * g_stride_n, mask=mask,
                     other=0.0).to(tl.float32)
@@ -325,9 +339,9 @@ def _rla_bwd_apply_kernel(q, k, v, rotated_q, rotated_k, grad, partial, grad_par
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_d < D)[:, None] & (offs_n < end)[None, :]
-        q_raw = _load_role(q + head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n).to(tl.float32)
-        k_raw = _load_role(k + head_at, 1, offs_d, offs_n, mask, stride_role, stride_c, stride_n).to(tl.float32)
-        v_tile = _load_role(v + head_at, 2, offs_d, offs_n, mask, stride_role, stride_c, stride_n).to(tl.float32)
+        q_raw = _load_role(q, head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n).to(tl.float32)
+        k_raw = _load_role(k, head_at, 1, offs_d, offs_n, mask, stride_role, stride_c, stride_n).to(tl.float32)
+        v_tile = _load_role(v, head_at, 2, offs_d, offs_n, mask, stride_role, stride_c, stride_n).to(tl.float32)
         g = tl.load(g_base + offs_d[:, None] * g_stride_c + offs_n[None, :] * g_stride_n, mask=mask,
                     other=0.0).to(tl.float32)
         q_tile = _relu(q_raw)
@@ -335,9 +349,9 @@ def _rla_bwd_apply_kernel(q, k, v, rotated_q, rotated_k, grad, partial, grad_par
         q_num = q_tile
         k_num = k_tile
         if ROTATED:
-            q_num = _load_role(rotated_q + head_at, 0, offs_d, offs_n, mask, stride_role, stride_c,
+            q_num = _load_role(rotated_q, head_at, 0, offs_d, offs_n, mask, stride_role, stride_c,
                                stride_n).to(tl.float32)
-            k_num = _load_role(rotated_k + head_at, 1, offs_d, offs_n, mask, stride_role, stride_c,
+            k_num = _load_role(rotated_k, head_at, 1, offs_d, offs_n, mask, stride_role, stride_c,
                                stride_n).to(tl.float32)
         num, den = _output_terms(q_num, q_tile, kv, z, eps, "ieee")
         gnum = g / den[None, :]
@@ -406,17 +420,20 @@ def _aggregated_kv(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, start, end, heigh
 
 
 @triton.jit
-def _aggregated_apply(base, dw_w, dw_b, pw_w, pw_b, kv, z, eps, out_base, head, offs_d, start, end, height, width,
-                      has_dw_bias, has_pw_bias, stride_c, stride_n, out_stride_c, out_stride_n, D: tl.constexpr,
-                      D_PAD: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Write the output of one head of one scale at tokens [start, end), its q computed from ``src`` (qkv)."""
+def _aggregated_apply(base, dw_w, dw_b, pw_w, pw_b, kv, z, eps, out, out_at, head, offs_d, start, end, height,
+                      width, has_dw_bias, has_pw_bias, stride_c, stride_n, out_stride_c, out_stride_n, D: tl.constexpr,
+                      D_PAD: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                      TOKEN_RUN: tl.constexpr):
+    """Write the output of one head of one scale at tokens [start, end), its q computed from ``src`` (qkv).
+    ``TOKEN_RUN``: :func:`common.run_length` of the output's tokens (``src``'s taps are not runs)."""
     for n0 in tl.range(start, end, BLOCK_N, num_stages=1):  # not pipelined, as in the reduction
         offs_n = n0 + tl.arange(0, BLOCK_N)
         valid = offs_n < end
         q = _relu(_aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, height, width,
                                   stride_c, stride_n, has_dw_bias, has_pw_bias, 0, D, D_PAD, K, BLOCK_N, PRECISION))
-        mask = (offs_d < D)[:, None] & valid[None, :]
-        _store_output(q, q, kv, z, eps, out_base, offs_d, offs_n, mask, out_stride_c, out_stride_n, "ieee")
+        mask = _token_mask(offs_d < D, valid, TOKEN_RUN)
+        _store_output(q, q, kv, z, eps, out, out_at, offs_d, offs_n, mask, out_stride_c, out_stride_n, "ieee",
+                      TOKEN_RUN)
 
 
 @triton.jit
@@ -438,16 +455,16 @@ def _rla_agg_fwd_apply_kernel(src, dw_w, dw_b, pw_w, pw_b, partial, out, heads, 
                               per_chunk, chunks, eps, has_dw_bias, has_pw_bias, stride_b, stride_c, stride_n,
                               out_stride_b, out_stride_c, out_stride_n,
                               D: tl.constexpr, D_PAD: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                              PRECISION: tl.constexpr):
+                              PRECISION: tl.constexpr, TOKEN_RUN: tl.constexpr):
     """The apply pass over one scale's aggregated map, computed from ``src`` (qkv): only q."""
     row, chunk, b, head, start, end = _program_span(heads, per_chunk, height * width)
     base = src + b * stride_b + head * 3 * D * stride_c
-    out_base = out + b * out_stride_b + (first_head + head) * D * out_stride_c
+    out_at = b * out_stride_b + (first_head + head) * D * out_stride_c
     offs_d = tl.arange(0, D_PAD)
     kv, z = _sum_partials(partial, row, chunks, offs_d, D_PAD)
-    _aggregated_apply(base, dw_w, dw_b, pw_w, pw_b, kv, z, eps, out_base, head, offs_d, start, end, height, width,
+    _aggregated_apply(base, dw_w, dw_b, pw_w, pw_b, kv, z, eps, out, out_at, head, offs_d, start, end, height, width,
                       has_dw_bias, has_pw_bias, stride_c, stride_n, out_stride_c, out_stride_n, D, D_PAD, K, BLOCK_N,
-                      PRECISION)
+                      PRECISION, TOKEN_RUN)
 
 
 @triton.jit
@@ -455,19 +472,19 @@ def _rla_agg_fwd_one_pass_kernel(src, dw_w, dw_b, pw_w, pw_b, out, heads, first_
                                  has_dw_bias, has_pw_bias, stride_b, stride_c, stride_n,
                                  out_stride_b, out_stride_c, out_stride_n,
                                  D: tl.constexpr, D_PAD: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 PRECISION: tl.constexpr):
+                                 PRECISION: tl.constexpr, TOKEN_RUN: tl.constexpr):
     """Both passes over one scale's aggregated map in one program per (batch, head), where the tokens are not
     split: k and v then q, each computed from ``src`` (qkv), with no partial sums in memory."""
     b = tl.program_id(0) // heads
     head = tl.program_id(0) % heads
     base = src + b * stride_b + head * 3 * D * stride_c
-    out_base = out + b * out_stride_b + (first_head + head) * D * out_stride_c
+    out_at = b * out_stride_b + (first_head + head) * D * out_stride_c
     offs_d = tl.arange(0, D_PAD)
     kv, z = _aggregated_kv(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, 0, height * width, height, width, has_dw_bias,
                            has_pw_bias, stride_c, stride_n, D, D_PAD, K, BLOCK_N, PRECISION)
-    _aggregated_apply(base, dw_w, dw_b, pw_w, pw_b, kv, z, eps, out_base, head, offs_d, 0, height * width, height,
+    _aggregated_apply(base, dw_w, dw_b, pw_w, pw_b, kv, z, eps, out, out_at, head, offs_d, 0, height * width, height,
                       width, has_dw_bias, has_pw_bias, stride_c, stride_n, out_stride_c, out_stride_n, D, D_PAD, K,
-                      BLOCK_N, PRECISION)
+                      BLOCK_N, PRECISION, TOKEN_RUN)
 
 
 # --- heads wider than COLUMN_BLOCK ------------------------------------------------------------------------------
@@ -506,10 +523,10 @@ def _vector(at, block, offs, D_PAD: tl.constexpr, W: tl.constexpr):
 @triton.jit
 def _query_tiles(q, rotated_q, head_at, offs, offs_n, mask, stride_role, stride_c, stride_n, ROTATED: tl.constexpr):
     """Components ``offs`` of the ReLU'd q and of q̃ (q, or the rotated q) at tokens ``offs_n``, in fp32."""
-    q_tile = _relu(_load_role(q + head_at, 0, offs, offs_n, mask, stride_role, stride_c, stride_n)).to(tl.float32)
+    q_tile = _relu(_load_role(q, head_at, 0, offs, offs_n, mask, stride_role, stride_c, stride_n)).to(tl.float32)
     q_num = q_tile
     if ROTATED:
-        q_num = _load_role(rotated_q + head_at, 0, offs, offs_n, mask, stride_role, stride_c, stride_n).to(tl.float32)
+        q_num = _load_role(rotated_q, head_at, 0, offs, offs_n, mask, stride_role, stride_c, stride_n).to(tl.float32)
     return q_tile, q_num
 
 
@@ -630,7 +647,7 @@ def _wide_bwd_apply_kernel(q, k, v, rotated_k, grad, summed, grad_summed, token_
         gden = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for kk in range(0, D_PAD // W):
             offs_k = kk * W + offs_w
-            q_k = _relu(_load_role(q + head_at, 0, offs_k, offs_n, (offs_k < D)[:, None] & tokens[None, :],
+            q_k = _relu(_load_role(q, head_at, 0, offs_k, offs_n, (offs_k < D)[:, None] & tokens[None, :],
                                    stride_role, stride_c, stride_n))
             den += tl.sum(_vector(kv_at, 0, offs_k, D_PAD, W)[:, None] * q_k.to(tl.float32), axis=0)
             gden += tl.load(token_partial + (row * (D_PAD // W) + kk) * n_tokens + offs_n, mask=tokens, other=0.0)
@@ -643,17 +660,17 @@ def _wide_bwd_apply_kernel(q, k, v, rotated_k, grad, summed, grad_summed, token_
             mask = (offs_k < D)[:, None] & tokens[None, :]
             g = tl.load(g_base + offs_k[:, None] * g_stride_c + offs_n[None, :] * g_stride_n, mask=mask,
                         other=0.0).to(tl.float32)
-            v_k = _load_role(v + head_at, 2, offs_k, offs_n, mask, stride_role, stride_c, stride_n).to(tl.float32)
-            k_num = _relu(_load_role(k + head_at, 1, offs_k, offs_n, mask, stride_role, stride_c, stride_n))
+            v_k = _load_role(v, head_at, 2, offs_k, offs_n, mask, stride_role, stride_c, stride_n).to(tl.float32)
+            k_num = _relu(_load_role(k, head_at, 1, offs_k, offs_n, mask, stride_role, stride_c, stride_n))
             if ROTATED:
-                k_num = _load_role(rotated_k + head_at, 1, offs_k, offs_n, mask, stride_role, stride_c, stride_n)
+                k_num = _load_role(rotated_k, head_at, 1, offs_k, offs_n, mask, stride_role, stride_c, stride_n)
             gq_num += tl.dot(_block(kv_at, block, kk, offs_w, D_PAD, W), g / den[None, :], input_precision="ieee")
             gk_num += tl.dot(_block(gkv_at, block, kk, offs_w, D_PAD, W), v_k, input_precision="ieee")
             gv += tl.dot(tl.trans(_block(gkv_at, kk, block, offs_w, D_PAD, W)), k_num.to(tl.float32),
                          input_precision="ieee")
         mask_mine = (mine < D)[:, None] & tokens[None, :]
-        q_mine = _load_role(q + head_at, 0, mine, offs_n, mask_mine, stride_role, stride_c, stride_n)
-        k_mine = _load_role(k + head_at, 1, mine, offs_n, mask_mine, stride_role, stride_c, stride_n)
+        q_mine = _load_role(q, head_at, 0, mine, offs_n, mask_mine, stride_role, stride_c, stride_n)
+        k_mine = _load_role(k, head_at, 1, mine, offs_n, mask_mine, stride_role, stride_c, stride_n)
         gq = z_mine[:, None] * gden[None, :]
         gk = tl.zeros_like(gk_num) + gz_mine[:, None]
         _store_gradients(grad_q, grad_k, grad_v, grad_rotated_q, grad_rotated_k, gs_head_at, mine, offs_n, mask_mine,
@@ -684,6 +701,13 @@ class Heads(NamedTuple):
     @property
     def rotated(self) -> bool:
         return self.rotated_q is not None
+
+    def token_run(self, block_n: int, out_strides: tuple[int, ...] = ()) -> int:
+        """:func:`common.run_length` of the tokens, in tiles of ``block_n``, of q, k and v (and of the output whose
+        (batch, channel, token) strides are ``out_strides``): runs where the tokens are adjacent elements (NCHW
+        maps), none in the token-major and channels_last layouts."""
+        return common.run_length(block_n, self.n_tokens, (self.strides[4], *out_strides[2:]),
+                                 (*self.strides[:4], *out_strides[:2]))
 
     def rotated_or_stand_ins(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotated q and k, or q and k as never-read stand-ins when there are none."""
@@ -726,7 +750,7 @@ def _partials(src: Heads, dim: int, per_chunk: int, chunks: int) -> torch.Tensor
     _rla_fwd_reduce_kernel[(partial.shape[0], chunks)](
         src.k, src.v, src.rotated_or_stand_ins()[1], partial, src.heads, src.n_tokens, per_chunk, chunks,
         *src.strides, D=dim, D_PAD=dot_size(dim), BLOCK_N=BLOCK_N, **dot_mode(src.q.dtype, "matmul"),
-        ROTATED=src.rotated)
+        ROTATED=src.rotated, TOKEN_RUN=src.token_run(BLOCK_N))
     return partial
 
 
@@ -744,17 +768,18 @@ def attend(src: Heads, out: torch.Tensor, out_strides: tuple[int, int, int], ind
         return _attend_wide(src, out, out_strides, index, dim, eps)
     per_chunk, chunks = _chunking(src.n_tokens, src.batch * src.heads)
     rotated_q, rotated_k = src.rotated_or_stand_ins()
+    block = _apply_block(dot_size(dim))
     if chunks == 1:
         _rla_fwd_one_pass_kernel[(src.batch * src.heads,)](
             src.q, src.k, src.v, rotated_q, rotated_k, out, src.heads, index * src.heads, src.n_tokens, eps,
-            *src.strides, *out_strides, D=dim, D_PAD=dot_size(dim), BLOCK_N=_apply_block(dot_size(dim)),
-            **dot_mode(src.q.dtype, "matmul"), ROTATED=src.rotated)
+            *src.strides, *out_strides, D=dim, D_PAD=dot_size(dim), BLOCK_N=block, **dot_mode(src.q.dtype, "matmul"),
+            ROTATED=src.rotated, TOKEN_RUN=src.token_run(block, out_strides))
         return
     partial = _partials(src, dim, per_chunk, chunks)
     _rla_fwd_apply_kernel[(src.batch * src.heads, chunks)](
         src.q, rotated_q, partial, out, src.heads, index * src.heads, src.n_tokens, per_chunk, chunks, eps,
-        *src.strides, *out_strides, D=dim, D_PAD=dot_size(dim), BLOCK_N=_apply_block(dot_size(dim)),
-        ROTATED=src.rotated)
+        *src.strides, *out_strides, D=dim, D_PAD=dot_size(dim), BLOCK_N=block, ROTATED=src.rotated,
+        TOKEN_RUN=src.token_run(block, out_strides))
 
 
 def forward(sources: list[torch.Tensor], dim: int, eps: float) -> torch.Tensor:
@@ -808,7 +833,12 @@ def forward_aggregated(qkv: torch.Tensor, scales: list[tuple[torch.Tensor, torch
     batch, channels, height, width = qkv.shape
     heads = channels // (3 * dim)
     out = _empty_output(qkv, dim, 1 + len(scales))
-    attend(channel_major(qkv, dim), out, _token_strides(out), 0, dim, eps)
+    out_strides = _token_strides(out)
+    attend(channel_major(qkv, dim), out, out_strides, 0, dim, eps)
+
+    def out_run(block_n: int) -> int:  # the aggregated maps' taps are no runs: only the output's tokens
+        return common.run_length(block_n, height * width, out_strides[2:], out_strides[:2])
+
     per_chunk, chunks = _chunking(height * width, batch * heads)
     grid = (batch * heads, chunks)
     for index, (dw_w, dw_b, pw_w, pw_b) in enumerate(scales, start=1):
@@ -818,17 +848,18 @@ def forward_aggregated(qkv: torch.Tensor, scales: list[tuple[torch.Tensor, torch
         dw_w, pw_w = dw_w.contiguous(), pw_w.contiguous()
         weights = (dw_w, dw_w if dw_b is None else dw_b.contiguous(), pw_w, pw_w if pw_b is None else pw_b.contiguous())
         if chunks == 1 and _aggregated_one_pass_block(dim, qkv.dtype):
+            constexprs = _aggregated_constexprs(dim, qkv.dtype, dw_w.shape[-1], one_pass=True)
             _rla_agg_fwd_one_pass_kernel[(batch * heads,)](
                 qkv, *weights, out, heads, index * heads, height, width, eps, *flags, *_token_strides(qkv),
-                *_token_strides(out), **_aggregated_constexprs(dim, qkv.dtype, dw_w.shape[-1], one_pass=True))
+                *out_strides, **constexprs, TOKEN_RUN=out_run(constexprs["BLOCK_N"]))
             continue
         constexprs = _aggregated_constexprs(dim, qkv.dtype, dw_w.shape[-1])
         partial = _empty_partials(channel_major(qkv, dim), dim, chunks)
         _rla_agg_fwd_reduce_kernel[grid](qkv, *weights, partial, heads, height, width, per_chunk, chunks, *flags,
                                          *_token_strides(qkv), **constexprs)
         _rla_agg_fwd_apply_kernel[grid](qkv, *weights, partial, out, heads, index * heads, height, width,
-                                        per_chunk, chunks, eps, *flags, *_token_strides(qkv),
-                                        *_token_strides(out), **constexprs)
+                                        per_chunk, chunks, eps, *flags, *_token_strides(qkv), *out_strides,
+                                        **constexprs, TOKEN_RUN=out_run(constexprs["BLOCK_N"]))
     return out
 
 
@@ -950,6 +981,20 @@ def _wide_compile_configs():
                            _WIDE_OPTIONS[kernel.__name__])
 
 
+_TOKEN_RUN_KERNELS = ("_rla_fwd_reduce_kernel", "_rla_fwd_apply_kernel", "_rla_fwd_one_pass_kernel",
+                      "_rla_agg_fwd_apply_kernel", "_rla_agg_fwd_one_pass_kernel")
+"""The kernels told of runs of adjacent tokens (``TOKEN_RUN``): the forward ones of the whole heads."""
+
+
+def _with_token_runs(kernel, constexprs: dict):
+    """``constexprs`` with each ``TOKEN_RUN`` its token tile allows, for the kernels that take one."""
+    if kernel.__name__ not in _TOKEN_RUN_KERNELS:
+        yield constexprs
+        return
+    for run in (1, *(run for run in common.RUNS if constexprs["BLOCK_N"] % run == 0)):
+        yield {**constexprs, "TOKEN_RUN": run}
+
+
 def compile_configs():
     """Every (kernel, signature, constexprs) the launchers above can request: CI compiles each one ahead of time
     for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
@@ -972,8 +1017,9 @@ def compile_configs():
                 aggregated.append((_rla_agg_fwd_one_pass_kernel, True))
             configs += [(kernel, _aggregated_constexprs(dim, dtype, k, one_pass))
                         for kernel, one_pass in aggregated for k in AGGREGATION_KERNEL_SIZES]
-            for kernel, constexprs in configs:
+            for kernel, base in configs:
                 # Partial sums are fp32 scratch, eps an fp32 scalar.
                 special = {name: "*fp32" for name in kernel.arg_names if "partial" in name} | {"eps": "fp32"}
-                yield kernel, signature(kernel, ptr, constexprs, pointers, special), constexprs
+                for constexprs in _with_token_runs(kernel, base):
+                    yield kernel, signature(kernel, ptr, constexprs, pointers, special), constexprs
     yield from _wide_compile_configs()
