@@ -76,7 +76,8 @@ def test_the_run_claimed_holds_element_by_element(name, block):
 def test_runs_are_claimed_where_rows_are_dense():
     """The rule is not trivially 1: NCHW maps of even side get their runs (a broadcast over the channels, and one
     channel in channels_last, which torch lays out as NCHW, too), the others none (an odd side, channels last, a
-    broadcast pixel, rows not dense); a run holds only if it holds for every map given (output and residual)."""
+    broadcast pixel, rows not dense, and rows of a multiple of 16, whose runs the JIT proves itself); a run holds
+    only if it holds for every map given (output and residual)."""
     runs = {name: common.pixel_run(64, t) for name, t in MAPS.items()}
     assert runs == {"nchw_14x14": 4, "nchw_28x28": 16, "nchw_7x7": 1, "nchw_4x5": 4, "nchw_1x12_row": 4,
                     "nchw_12x1_column": 4, "channels_last_14x14": 1, "channels_last_1_channel": 16,
@@ -84,6 +85,9 @@ def test_runs_are_claimed_where_rows_are_dense():
                     "broadcast_channels": 16, "broadcast_everything": 1, "wide_rows_padded": 1,
                     "padded_channel_planes": 4, "padded_images": 4}
     assert common.pixel_run(16, MAPS["nchw_28x28"]) == 16 and common.pixel_run(8, MAPS["nchw_28x28"]) == 4
+    # rows of a multiple of 16 with strides of multiples of 16: the JIT proves the runs itself, no hint
+    assert common.run_length(64, 256, (1,), (256, 512)) == 16 and common.pixel_run(64, torch.empty(2, 2, 16, 16)) == 1
+    assert common.pixel_run(64, torch.empty(2, 2, 4, 16)[:, :, :, :12]) == 1  # rows not dense: no run at all
     planes_of_788 = torch.empty(2 * 788).as_strided((1, 2, 28, 28), (1576, 788, 28, 1))
     assert common.pixel_run(64, planes_of_788) == 4
     assert common.pixel_run(64, MAPS["nchw_28x28"], planes_of_788) == 4
@@ -146,12 +150,13 @@ def test_the_token_run_claimed_holds_element_by_element(name, block):
     out = torch.empty(src.shape[0], 2 * src.shape[1], *src.shape[2:])
     out_strides = relu_linear_attention._token_strides(out)
     run = heads.token_run(block, out_strides)
-    assert run == common.run_length(block, heads.n_tokens, (heads.strides[4], out_strides[2]),
-                                    (*heads.strides[:4], *out_strides[:2]))
+    assert run == common.unproven(common.run_length(block, heads.n_tokens, (heads.strides[4], out_strides[2]),
+                                                    (*heads.strides[:4], *out_strides[:2])), True)
     assert _token_claim_holds([(heads.strides[:4], heads.strides[4]), (out_strides[:2], out_strides[2])],
                               heads.n_tokens, block, run)
-    assert run == {"nchw_14x14": 4, "nchw_28x28": 16, "nchw_7x7": 1, "channels_last_14x14": 1,
-                   "channel_slice_odd_offset": 16, "image_slice_of_odd_images": 4,
+    # runs of 16 the JIT proves itself from the strides and token counts it specializes as multiples of 16
+    assert run == {"nchw_14x14": 4, "nchw_28x28": 1, "nchw_7x7": 1, "channels_last_14x14": 1,
+                   "channel_slice_odd_offset": 1, "image_slice_of_odd_images": 4,
                    "padded_channel_planes": 4}[name]
 
 

@@ -705,9 +705,10 @@ class Heads(NamedTuple):
     def token_run(self, block_n: int, out_strides: tuple[int, ...] = ()) -> int:
         """:func:`common.run_length` of the tokens, in tiles of ``block_n``, of q, k and v (and of the output whose
         (batch, channel, token) strides are ``out_strides``): runs where the tokens are adjacent elements (NCHW
-        maps), none in the token-major and channels_last layouts."""
-        return common.run_length(block_n, self.n_tokens, (self.strides[4], *out_strides[2:]),
-                                 (*self.strides[:4], *out_strides[:2]))
+        maps whose token count is no multiple of 16: the JIT proves the others itself, :func:`common.unproven`),
+        none in the token-major and channels_last layouts."""
+        return common.unproven(common.run_length(block_n, self.n_tokens, (self.strides[4], *out_strides[2:]),
+                                                 (*self.strides[:4], *out_strides[:2])), True)
 
     def rotated_or_stand_ins(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotated q and k, or q and k as never-read stand-ins when there are none."""
@@ -837,7 +838,7 @@ def forward_aggregated(qkv: torch.Tensor, scales: list[tuple[torch.Tensor, torch
     attend(channel_major(qkv, dim), out, out_strides, 0, dim, eps)
 
     def out_run(block_n: int) -> int:  # the aggregated maps' taps are no runs: only the output's tokens
-        return common.run_length(block_n, height * width, out_strides[2:], out_strides[:2])
+        return common.unproven(common.run_length(block_n, height * width, out_strides[2:], out_strides[:2]), True)
 
     per_chunk, chunks = _chunking(height * width, batch * heads)
     grid = (batch * heads, chunks)
@@ -987,11 +988,13 @@ _TOKEN_RUN_KERNELS = ("_rla_fwd_reduce_kernel", "_rla_fwd_apply_kernel", "_rla_f
 
 
 def _with_token_runs(kernel, constexprs: dict):
-    """``constexprs`` with each ``TOKEN_RUN`` its token tile allows, for the kernels that take one."""
+    """``constexprs`` with each ``TOKEN_RUN`` its token tile allows and the JIT does not prove itself, for the kernels
+    that take one."""
     if kernel.__name__ not in _TOKEN_RUN_KERNELS:
         yield constexprs
         return
-    for run in (1, *(run for run in common.RUNS if constexprs["BLOCK_N"] % run == 0)):
+    runs = (run for run in common.RUNS if constexprs["BLOCK_N"] % run == 0 and common.unproven(run, True) > 1)
+    for run in (1, *runs):
         yield {**constexprs, "TOKEN_RUN": run}
 
 
