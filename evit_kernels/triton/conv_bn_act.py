@@ -38,10 +38,14 @@ DW_SMALL_GRID_BLOCKS = {"BLOCK_P": 16, "BLOCK_C": 32, "num_warps": 8}
 # Groups 1 (1×1 and k×k): a (pixels × output channels) tile of the GEMM (B·H·W) × C_out × (C_in·k²) per program.
 DENSE_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
 DENSE_SMALL_GRID_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}
-DENSE_MEMORY_BOUND_FLOPS_PER_BYTE = 160
+DENSE_MEMORY_BOUND_FLOPS_PER_BYTE = 250
 """The most FLOPs per byte moved (the conv's products over its input, weights and output) at which a groups-1 conv
-whose regular tiles make well under a wave takes the quarter-size tiles (see :func:`dense_blocks`): about 1.3 times
-the ridge of their mma.sync on an H100 (495 TFLOP/s · 0.7 over 3.35 TB/s · 0.85, 122 FLOPs per byte)."""
+whose regular tiles make well under a wave takes the quarter-size tiles (see :func:`dense_blocks`): about the ridge
+of the regular tiles' wgmma on an H100 (989 TFLOP/s · 0.7 over 3.35 TB/s · 0.85, 243 FLOPs per byte), below which
+those are bound by their traffic too, so that what decides is how much of the GPU the programs fill. It was 160
+(1.3 times the quarter tiles' mma.sync ridge) while the regular build on 14×14 NCHW maps took 222 registers, 2 CTAs
+per SM: its few programs then filled the SMs' slots as well as four times as many quarter ones (docs/performance.md,
+"Runs of adjacent pixels on NCHW maps")."""
 DENSE_WGMMA_SPLIT_MIN_SLICE = 512
 """The fewest input channels in each slice of a split on the regular tiles for which a 1×1 conv bound by its products
 keeps those tiles (wgmma) on fewer of them than SMs instead of taking the quarter-size ones (mma.sync; see
@@ -94,13 +98,13 @@ def dense_blocks(n_pixels: int, out_channels: int, in_channels: int, ksize: int,
 
     - a k×k conv, where the regular tiles make fewer programs than the GPU has SMs (``common.SMS``). Not on more:
       only 2 of its quarter-tile programs fit an SM.
-    - a 1×1 conv bound by its memory traffic even on the quarter tiles' mma.sync (at most
+    - a 1×1 conv bound by its memory traffic on the regular tiles' wgmma (at most
       :data:`DENSE_MEMORY_BOUND_FLOPS_PER_BYTE`), where the regular tiles make well under a wave (fewer than
-      3 × ``common.SMS`` programs; 2 to 8 fit an SM): the slower instruction then costs little while the programs
+      3 × ``common.SMS`` programs; 2 to 10 fit an SM): the slower instruction then costs little while the programs
       fill the SMs. L3's 1024 → 6144 expands at batch 1 on a 10×10 or 12×12 map are the case (192 or 288 regular
-      programs streaming a 12.6 MB weight, 90 or 124 FLOPs per byte; predicted 16.5 → 9.8 µs on the 10×10 map);
-      L2's 1024 → 256 projections at batch 16 (196 regular programs, 192 FLOPs per byte) are not, nor is SAM-L0's
-      fp32 attention projection at batch 16 (512 regular programs, a wave at 4 per SM).
+      programs streaming a 12.6 MB weight, 90 or 124 FLOPs per byte; predicted 16.5 → 9.8 µs on the 10×10 map), and
+      L2's 1024 → 256 projections at batch 16 (196 regular programs, 192 FLOPs per byte); SAM-L0's fp32 attention
+      projection at batch 16 is not (512 regular programs, a wave at 4 per SM).
     - a 1×1 conv bound by its products, where the regular tiles make fewer programs than SMs, unless their split
       over the input channels (:func:`dense_splits`) leaves slices of at least :data:`DENSE_WGMMA_SPLIT_MIN_SLICE`
       channels: then the regular tiles keep wgmma (twice mma.sync's rate) and the split fills the SMs."""
