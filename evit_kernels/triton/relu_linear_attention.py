@@ -114,8 +114,13 @@ def _load_role(src, head_at, role, offs_d, offs_n, mask, stride_role, stride_c, 
     role's tensor, ``head_at`` the offset of the head's first channel (one tensor for all three roles with
     ``stride_role`` between them in the channel-major layout, three tensors with ``stride_role`` 0 in the token-major
     one). ``TOKEN_RUN``: :meth:`Heads.token_run` (and ``mask`` from :func:`_token_mask`)."""
-    at = common.tile_offsets(offs_n * stride_n, head_at + role * stride_role + offs_d * stride_c, True, TOKEN_RUN)
-    return tl.load(src + at, mask=mask, other=0.0)
+    if TOKEN_RUN > 1:
+        at = common.tile_offsets(offs_n * stride_n, head_at + role * stride_role + offs_d * stride_c, True, TOKEN_RUN)
+        return tl.load(src + at, mask=mask, other=0.0)
+    # Without runs, the pointers built step by step: summed as integers first, the wide kernels' fp32 build at d = 64
+    # with the rotated tiles spills 12 bytes (sm_90).
+    ptrs = src + head_at + role * stride_role + offs_d[:, None] * stride_c + offs_n[None, :] * stride_n
+    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
