@@ -133,6 +133,10 @@ def test_small_grids_take_quarter_size_tiles():
     assert triton_conv.dw_blocks(14 * 14, 2048) == triton_conv.DW_BLOCKS  # 4 × 64 regular tiles
     assert triton_conv.dw_blocks(4 * 4, 384) == triton_conv.DW_BLOCKS  # one tile of pixels either way
     assert triton_conv.dw_blocks(256 * 7 * 7, 1024) == triton_conv.DW_BLOCKS
+    # the groups-1 kernel's quarter tiles run on 8 warps (each program's loads in flight set a small grid's pace)
+    for batch, warps in ((1, 8), (256, 4)):
+        launches = _dense_launches(batch, 512, 7, 256, 1, torch.bfloat16)
+        assert launches[0].options["num_warps"] == warps
 
 
 def test_long_reductions_on_few_tiles_split_over_the_input_channels():

@@ -150,10 +150,14 @@ def dense_splits(tiles: int, in_channels: int, blocks: dict[str, int]) -> int:
                             max_tiles, per_sm)
 
 
-def dense_warps(dtype: torch.dtype, ksize: int) -> int:
+def dense_warps(dtype: torch.dtype, ksize: int, blocks: dict[str, int] = DENSE_BLOCKS) -> int:
     """4 warps, 8 for fp32 k×k convs (whose FMA products spill the registers of 4 warps on sm_90; the row-staged
-    kernel's too, under triton 3.6)."""
-    return 8 if dtype == torch.float32 and ksize > 1 else 4
+    kernel's too, under triton 3.6) and on the quarter-size tiles ``blocks`` of small grids: there the programs are
+    fewer than the SMs' slots, so each program's own loads in flight set the pace, and 8 warps keep twice as many
+    (one 16 × 8 product each on a 32×32 tile). The formula sees it as the builds' CTAs per SM halving; predicted
+    (H100, bf16, batch 1): B1 1.73× → 1.85×, L3 1.46× → 1.48×, with no fused module slower than eager left in either
+    (docs/performance.md, "Smaller tiles")."""
+    return 8 if blocks is DENSE_SMALL_GRID_BLOCKS or (dtype == torch.float32 and ksize > 1) else 4
 
 
 @triton.jit
@@ -315,7 +319,7 @@ def dense(a: ConvBnActArgs, out: torch.Tensor) -> torch.Tensor:
     blocks = dense_blocks(n_pixels, out_channels, in_channels, ksize, 2 * n_pixels * a.weight.numel() / moved)
     tiles = common.cdiv(n_pixels, blocks["BLOCK_M"]) * common.cdiv(out_channels, blocks["BLOCK_N"])
     splits = dense_splits(tiles, in_channels, blocks) if ksize == 1 else 1
-    options = {"num_warps": dense_warps(a.compute_dtype(), ksize), **common.dot_mode(a.compute_dtype(), "conv")}
+    options = {"num_warps": dense_warps(a.compute_dtype(), ksize, blocks), **common.dot_mode(a.compute_dtype(), "conv")}
     if splits == 1:
         run = common.pixel_run(blocks["BLOCK_M"], out, residual)
         _conv_dense_kernel[(tiles, 1)](
@@ -377,11 +381,11 @@ def compile_configs():
                 constexprs = {"ACTIVATION": activation, "KSIZE": ksize, **blocks, **mode, "SPLIT_K": False,
                               "PIXEL_RUN": run}
                 yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers),
-                       constexprs, {"num_warps": dense_warps(dtype, ksize)})
+                       constexprs, {"num_warps": dense_warps(dtype, ksize, blocks)})
         split_blocks = (DENSE_BLOCKS, DENSE_SMALL_GRID_BLOCKS)  # a long reduction splits on regular tiles too
         for mode, blocks, run in itertools.product(common.compiled_dot_modes(dtype), split_blocks,
                                                    (1, *common.RUNS)):
             constexprs = {"ACTIVATION": "none", "KSIZE": 1, **blocks, **mode, "SPLIT_K": True, "PIXEL_RUN": run}
             yield (_conv_dense_kernel, common.signature(_conv_dense_kernel, ptr, constexprs, pointers,
                                                         special={"out": "*fp32"}),
-                   constexprs, {"num_warps": dense_warps(dtype, 1)})  # a split 1×1 conv's slices
+                   constexprs, {"num_warps": dense_warps(dtype, 1, blocks)})  # a split 1×1 conv's slices
