@@ -1,6 +1,6 @@
 """The runs of adjacent pixels (and LiteMLA's tokens) the kernels tell the compiler of (``_common.pixel_run``,
 ``Heads.token_run``): the claim, checked element by element against the address arithmetic of the kernels' flat
-pixel and token numbering, and the launches that make it.
+pixel and token numbering for the layouts below, and the launches that make it.
 
 The interpreter ignores these hints, and on a GPU a false one would store whole runs at wrong addresses; so the claim
 itself is what is tested here, for every layout the ops accept."""
@@ -14,6 +14,7 @@ import torch
 
 from evit_kernels import predict
 from evit_kernels.ops.conv_bn_act import conv_bn_act
+from evit_kernels.ops.ffn import ffn
 from evit_kernels.triton import _common as common
 from evit_kernels.triton import relu_linear_attention
 
@@ -100,7 +101,7 @@ def _run_of(launches, kernel):
 
 @pytest.mark.parametrize("layout, run", [("nchw", 4), ("channels_last", 1)])
 def test_convs_launch_with_the_runs_of_their_output_and_residual(layout, run):
-    """14×14 maps: the groups-1 kernel, split or not, and the depthwise one take runs of 4 in NCHW, none in
+    """14×14 maps: the groups-1 kernel, split or not, the depthwise one and the FFN take runs of 4 in NCHW, none in
     channels_last; a residual in the other layout takes them away."""
     fmt = torch.contiguous_format if layout == "nchw" else torch.channels_last
 
@@ -121,6 +122,11 @@ def test_convs_launch_with_the_runs_of_their_output_and_residual(layout, run):
     assert _run_of(launches(256, 256), "_conv_dw_kernel") == run
     other = torch.channels_last if layout == "nchw" else torch.contiguous_format
     assert _run_of(launches(256, 1, other), "_conv_dense_kernel") == 1
+    x = torch.empty(1, 192, 14, 14, dtype=torch.bfloat16, device="meta").contiguous(memory_format=fmt)
+    w1, w2 = (torch.empty(*shape, 1, 1, dtype=torch.bfloat16, device="meta") for shape in ((384, 192), (192, 384)))
+    with predict.recorded_launches() as recorded:
+        ffn(x, w1, None, w2, None, residual=torch.empty_like(x), backend="triton")
+    assert _run_of(recorded, "_ffn_fwd_kernel") == run
 
 
 def _token_claim_holds(strides: list[tuple[tuple[int, ...], int]], n_tokens: int, block: int, run: int) -> bool:
@@ -150,8 +156,9 @@ def test_the_token_run_claimed_holds_element_by_element(name, block):
     out = torch.empty(src.shape[0], 2 * src.shape[1], *src.shape[2:])
     out_strides = relu_linear_attention._token_strides(out)
     run = heads.token_run(block, out_strides)
-    assert run == common.unproven(common.run_length(block, heads.n_tokens, (heads.strides[4], out_strides[2]),
-                                                    (*heads.strides[:4], *out_strides[:2])), True)
+    # the tiles start at multiples of the run: chunks are whole multiples of every token tile
+    per_chunk, _ = relu_linear_attention._chunking(heads.n_tokens, 1)
+    assert per_chunk % block == 0 and block % run == 0
     assert _token_claim_holds([(heads.strides[:4], heads.strides[4]), (out_strides[:2], out_strides[2])],
                               heads.n_tokens, block, run)
     # runs of 16 the JIT proves itself from the strides and token counts it specializes as multiples of 16
@@ -162,7 +169,7 @@ def test_the_token_run_claimed_holds_element_by_element(name, block):
 
 def test_lite_mla_launches_with_the_runs_of_its_tokens():
     """NCHW maps of 14×14 take runs of 4 in the attention and the aggregated scale's kernels, split or not;
-    channels_last maps and Sana's token-major q, k, v none where they are read."""
+    channels_last maps and Sana's token-major q, k, v (as its projections leave them) none where they are read."""
     def runs(side, batch=1, fmt=torch.contiguous_format):
         qkv = torch.empty(batch, 3 * 4 * 16, side, side, dtype=torch.bfloat16, device="meta").contiguous(
             memory_format=fmt)

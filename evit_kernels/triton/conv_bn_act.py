@@ -52,17 +52,21 @@ keeps those tiles (wgmma) on fewer of them than SMs instead of taking the quarte
 :func:`dense_blocks`): a slice's products per output (2 × 512 FLOPs) then outweigh its fp32 partial sum's round trip
 (8 bytes) by more than the quarter tiles' ridge (about 122 FLOPs per byte). Predicted (H100, bf16): SAM-L0 at batch
 4, its 3072 → 512 projections on 1024 pixels (16 × 8 regular tiles, 4 slices of 768) 27.0 µs on quarter tiles,
-11.5 + 7.4 µs (the sum) split; L3 at batch 1, 224 px, its 2048 → 256 projections on 28 × 28 (13 × 4 regular tiles, 10
-slices of 224) 15.8 µs on quarter tiles, 10.9 + 6.2 µs split, and SAM-L0 at batch 4's 1024 → 512 attention
-projections (4 slices of 256) 11.0 and 8.7 + 7.4 µs."""
+11.5 + 7.4 µs (the sum) split; SAM-L0 at batch 4's 1024 → 512 attention projections (4 slices of 256) 11.0 and 8.7 +
+7.4 µs. (L3's 2048 → 256 projections on 28 × 28 at batch 1, 224 px, 10 slices of 224: 15.8 µs on quarter tiles,
+10.9 + 6.2 µs split, were the other example until :data:`DENSE_MEMORY_BOUND_FLOPS_PER_BYTE` went to 250: at 176
+FLOPs per byte they now take the quarter tiles by that rule.)"""
 DENSE_SPLIT_MIN_CHANNELS = 768
 """The shortest reduction (input channels) a 1×1 conv on few tiles is split over (see :func:`dense_splits`)."""
 DENSE_SPLIT_MIN_STEPS = 4
 """The fewest steps of ``BLOCK_K`` input channels in each slice of a split 1×1 conv."""
 DENSE_SPLIT_PER_SM = 6
 """The programs per SM a split 1×1 conv on the quarter-size tiles aims at: a wave of its most common sm_90 split build
-(80 registers, 6 per SM; the builds fit 3 to 10 with their registers). Under a wave the formula prices a launch's time
-inversely to its programs, and a projection's partial sums are small beside the weights its slices stream. A split
+when those ran on 4 warps (80 registers, 6 per SM). On 8 warps (:func:`dense_warps`) they fit 3 or 4 an SM, so 6 × 132
+programs make up to two waves; most splits stay under that anyway (slices of at least :data:`DENSE_SPLIT_MIN_STEPS`
+steps), and the formula priced the released models' split launches at batch 1 faster on 8 warps (L2: 169 → 146 µs
+in all); the target itself is not re-priced yet. Under a wave the formula prices a launch's time inversely to its
+programs, and a projection's partial sums are small beside the weights its slices stream. A split
 on the regular tiles (2 to 5 of whose split programs fit an SM) and the FFN keep :data:`split_sum.TARGET_PER_SM` (at 6
 per SM M5's split FFNs at batch 64 were priced dearer)."""
 DENSE_SPLIT_LONG_CHANNELS = 4096
@@ -140,7 +144,7 @@ def dense_splits(tiles: int, in_channels: int, blocks: dict[str, int]) -> int:
     Batch-1 projections on 7×7 and 14×14 maps are the case (49 pixels × 512 outputs from 3072 channels: 32 tiles of
     32 × 32, each streaming a 3072-long column of the weights while a hundred SMs idle; 196 × 256 from 1024: 56
     tiles; 196 × 512 from 4096: 112 tiles, split 7 ways). Up to twice as many tiles as SMs where the reduction is
-    at least :data:`DENSE_SPLIT_LONG_CHANNELS` long: such a launch still fills few of the SMs' slots (up to 8
+    at least :data:`DENSE_SPLIT_LONG_CHANNELS` long: such a launch still fills few of the SMs' slots (2 to 6
     programs of 32 × 32 fit an SM), and each program's walk is long enough for a split to repay the summing launch
     (L3's 6144 → 1024 projections on its 12×12 map at 384 px, batch 1: 160 tiles of 96 steps); over a shorter one it
     does not (L3's 1024-channel qkv conv at 224 px: 192 tiles of 16 steps, priced 1.4 µs slower split)."""

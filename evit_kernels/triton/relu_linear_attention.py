@@ -711,7 +711,8 @@ class Heads(NamedTuple):
         """:func:`common.run_length` of the tokens, in tiles of ``block_n``, of q, k and v (and of the output whose
         (batch, channel, token) strides are ``out_strides``): runs where the tokens are adjacent elements (NCHW
         maps whose token count is no multiple of 16: the JIT proves the others itself, :func:`common.unproven`),
-        none in the token-major and channels_last layouts."""
+        none where the tokens are not at unit stride (Sana's token-major (B, N, C) q, k, v as its projections leave
+        them, channels_last maps)."""
         return common.unproven(common.run_length(block_n, self.n_tokens, (self.strides[4], *out_strides[2:]),
                                                  (*self.strides[:4], *out_strides[:2])), True)
 
@@ -987,15 +988,10 @@ def _wide_compile_configs():
                            _WIDE_OPTIONS[kernel.__name__])
 
 
-_TOKEN_RUN_KERNELS = ("_rla_fwd_reduce_kernel", "_rla_fwd_apply_kernel", "_rla_fwd_one_pass_kernel",
-                      "_rla_agg_fwd_apply_kernel", "_rla_agg_fwd_one_pass_kernel")
-"""The kernels told of runs of adjacent tokens (``TOKEN_RUN``): the forward ones of the whole heads."""
-
-
 def _with_token_runs(kernel, constexprs: dict):
     """``constexprs`` with each ``TOKEN_RUN`` its token tile allows and the JIT does not prove itself, for the kernels
     that take one."""
-    if kernel.__name__ not in _TOKEN_RUN_KERNELS:
+    if "TOKEN_RUN" not in kernel.arg_names:
         yield constexprs
         return
     runs = (run for run in common.RUNS if constexprs["BLOCK_N"] % run == 0 and common.unproven(run, True) > 1)

@@ -26,8 +26,9 @@ link of a chain, in the widest loads. Otherwise, or where such programs would ma
 
 
 TARGET_PER_SM = 4
-"""The programs per SM a split launch aims at by default: about half a wave of 32×32-tile programs (3 to 10 of them
-fit an SM, most often 6), so that the partial sums' round trip grows no faster than the idle SMs shrink."""
+"""The programs per SM a split launch aims at by default: about half a wave of 32×32-tile programs on 4 warps (3 to 10
+of them fit an SM, most often 6; the groups-1 kernel's quarter tiles now run on 8 warps, 3 or 4 an SM), so that the
+partial sums' round trip grows no faster than the idle SMs shrink."""
 
 
 def slices(programs: int, length: int, step: int, min_length: int, min_steps: int,
