@@ -279,31 +279,36 @@ def epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_c, mask_p, m
     y = activate(add_bias(acc, bias, offs_c, mask_c, has_bias, TRANSPOSED), ACTIVATION=ACTIVATION)
     mask = tile_mask(mask_p, mask_c, TRANSPOSED, PIXEL_RUN)
     if has_residual != 0:
-        at = tile_offsets(offs_b * r_sb + offs_h * r_sh + offs_w * r_sw, offs_c * r_sc, TRANSPOSED, PIXEL_RUN)
-        y += tl.load(residual + at, mask=mask, other=0.0).to(tl.float32)
-    at = tile_offsets(offs_b * o_sb + offs_h * o_sh + offs_w * o_sw, offs_c * o_sc, TRANSPOSED, PIXEL_RUN)
-    tl.store(out + at, y.to(out.dtype.element_ty), mask=mask)
+        at = tile_pointers(residual, offs_b * r_sb + offs_h * r_sh + offs_w * r_sw, offs_c * r_sc, TRANSPOSED,
+                           PIXEL_RUN)
+        y += tl.load(at, mask=mask, other=0.0).to(tl.float32)
+    at = tile_pointers(out, offs_b * o_sb + offs_h * o_sh + offs_w * o_sw, offs_c * o_sc, TRANSPOSED, PIXEL_RUN)
+    tl.store(at, y.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def tile_offsets(pixel_at, channel_at, TRANSPOSED: tl.constexpr, PIXEL_RUN: tl.constexpr):
-    """The element offsets of a pixels × channels tile (``TRANSPOSED``: channels × pixels) from the pixels' and the
-    channels' own, telling the compiler that the pixels come in runs of ``PIXEL_RUN`` adjacent elements starting at
-    multiples of ``PIXEL_RUN`` (:func:`run_length`): it can then store and load each run with one wide access, where
-    from the strides alone (W not a multiple of 16, as on a 14×14 map) it keeps one address per element."""
+def tile_pointers(base, pixel_at, channel_at, TRANSPOSED: tl.constexpr, PIXEL_RUN: tl.constexpr):
+    """The pointers of a pixels × channels tile (``TRANSPOSED``: channels × pixels) from ``base`` and the pixels' and
+    the channels' own offsets, telling the compiler that the pixels come in runs of ``PIXEL_RUN`` adjacent elements
+    starting at multiples of ``PIXEL_RUN`` (:func:`run_length`): it can then store and load each run with one wide
+    access, where from the strides alone (W not a multiple of 16, as on a 14×14 map) it keeps one address per
+    element. The hint needs the offsets summed as integers; without a run the pointers are built step by step (pixel
+    term, then channel term), as before the runs came in: summed first, conv_block's 512-wide depthwise build spills
+    84–156 bytes under triton 3.6."""
     down, along = outer(pixel_at, channel_at, TRANSPOSED)
+    if PIXEL_RUN == 1:
+        return base + down + along
     at = down + along
-    if PIXEL_RUN > 1:
-        if TRANSPOSED:
-            at = tl.max_contiguous(tl.multiple_of(at, [1, PIXEL_RUN]), [1, PIXEL_RUN])
-        else:
-            at = tl.max_contiguous(tl.multiple_of(at, [PIXEL_RUN, 1]), [PIXEL_RUN, 1])
-    return at
+    if TRANSPOSED:
+        at = tl.max_contiguous(tl.multiple_of(at, [1, PIXEL_RUN]), [1, PIXEL_RUN])
+    else:
+        at = tl.max_contiguous(tl.multiple_of(at, [PIXEL_RUN, 1]), [PIXEL_RUN, 1])
+    return base + at
 
 
 @triton.jit
 def tile_mask(pixel_ok, channel_ok, TRANSPOSED: tl.constexpr, PIXEL_RUN: tl.constexpr):
-    """The mask of a tile as :func:`tile_offsets` lays it out, the same across each run of ``PIXEL_RUN`` pixels."""
+    """The mask of a tile as :func:`tile_pointers` lays it out, the same across each run of ``PIXEL_RUN`` pixels."""
     down, along = outer(pixel_ok, channel_ok, TRANSPOSED)
     mask = down & along
     if PIXEL_RUN > 1:

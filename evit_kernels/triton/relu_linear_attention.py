@@ -115,10 +115,11 @@ def _load_role(src, head_at, role, offs_d, offs_n, mask, stride_role, stride_c, 
     ``stride_role`` between them in the channel-major layout, three tensors with ``stride_role`` 0 in the token-major
     one). ``TOKEN_RUN``: :meth:`Heads.token_run` (and ``mask`` from :func:`_token_mask`)."""
     if TOKEN_RUN > 1:
-        at = common.tile_offsets(offs_n * stride_n, head_at + role * stride_role + offs_d * stride_c, True, TOKEN_RUN)
-        return tl.load(src + at, mask=mask, other=0.0)
-    # Without runs, the pointers built step by step: summed as integers first, the wide kernels' fp32 build at d = 64
-    # with the rotated tiles spills 12 bytes (sm_90).
+        at = common.tile_pointers(src, offs_n * stride_n, head_at + role * stride_role + offs_d * stride_c, True,
+                                  TOKEN_RUN)
+        return tl.load(at, mask=mask, other=0.0)
+    # Without runs, the pointers built step by step, in this order, as before the runs came in: otherwise the wide
+    # kernels' fp32 build at d = 64 with the rotated tiles spills 12 bytes (sm_90).
     ptrs = src + head_at + role * stride_role + offs_d[:, None] * stride_c + offs_n[None, :] * stride_n
     return tl.load(ptrs, mask=mask, other=0.0)
 
@@ -173,8 +174,11 @@ def _store_output(q_num, q, kv, z, eps, out, out_at, offs_d, offs_n, mask, out_s
     """Write kvᵀ q_num_n / (z·q_n + eps) for (D_PAD, BLOCK_N) tiles (see :func:`_output_terms`), rounded once to
     the output dtype, into ``out`` from the head's offset ``out_at``."""
     num, den = _output_terms(q_num, q, kv, z, eps, PRECISION)
-    at = common.tile_offsets(offs_n * out_stride_n, out_at + offs_d * out_stride_c, True, TOKEN_RUN)
-    tl.store(out + at, (num / den[None, :]).to(out.dtype.element_ty), mask=mask)
+    if TOKEN_RUN > 1:
+        ptrs = common.tile_pointers(out, offs_n * out_stride_n, out_at + offs_d * out_stride_c, True, TOKEN_RUN)
+    else:  # step by step, as :func:`_load_role`
+        ptrs = out + out_at + offs_d[:, None] * out_stride_c + offs_n[None, :] * out_stride_n
+    tl.store(ptrs, (num / den[None, :]).to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
