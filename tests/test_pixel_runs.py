@@ -87,7 +87,9 @@ def test_runs_are_claimed_where_rows_are_dense():
                     "padded_channel_planes": 4, "padded_images": 4}
     assert common.pixel_run(16, MAPS["nchw_28x28"]) == 16 and common.pixel_run(8, MAPS["nchw_28x28"]) == 4
     # rows of a multiple of 16 with strides of multiples of 16: the JIT proves the runs itself, no hint
-    assert common.run_length(64, 256, (1,), (256, 512)) == 16 and common.pixel_run(64, torch.empty(2, 2, 16, 16)) == 1
+    assert common.run_length(64, 256, (1,), (256, 512), False) == 16
+    assert common.run_length(64, 256, (1,), (256, 512), True) == 1
+    assert common.pixel_run(64, torch.empty(2, 2, 16, 16)) == 1
     assert common.pixel_run(64, torch.empty(2, 2, 4, 16)[:, :, :, :12]) == 1  # rows not dense: no run at all
     planes_of_788 = torch.empty(2 * 788).as_strided((1, 2, 28, 28), (1576, 788, 28, 1))
     assert common.pixel_run(64, planes_of_788) == 4

@@ -75,16 +75,18 @@ RUNS = (16, 4)
 (16 for sides that are multiples of 4: 28×28, 56×56, 12×12; 4 for the others: 14×14, 10×10)."""
 
 
-def run_length(block: int, n: int, steps: Iterable[int], strides: Iterable[int]) -> int:
+def run_length(block: int, n: int, steps: Iterable[int], strides: Iterable[int], index_proven: bool) -> int:
     """The longest run of :data:`RUNS` that divides ``block`` and ``n`` where every one of ``steps`` is 1 and every
-    one of ``strides`` a multiple of it; else 1. For tiles of ``block`` indices (from a multiple of ``block``) along
-    an axis of length ``n`` whose step is 1 in each tensor (``steps``), at any other indices of the tensors'
-    ``strides``: then indices run·j … run·j + run - 1 lie at adjacent elements from a multiple of run, and all on one
-    side of ``n`` (a tile's mask is the same across them)."""
+    one of ``strides`` a multiple of it, unless the JIT proves it itself (:func:`unproven`, ``index_proven``); else
+    1. For tiles of ``block`` indices (from a multiple of ``block``) along an axis of length ``n`` whose step is 1 in
+    each tensor (``steps``), at any other indices of the tensors' ``strides``: then indices run·j … run·j + run - 1
+    lie at adjacent elements from a multiple of run, and all on one side of ``n`` (a tile's mask is the same across
+    them)."""
     if any(step != 1 for step in steps):
         return 1
     strides = tuple(strides)
-    return next((run for run in RUNS if block % run == 0 and n % run == 0 and all(s % run == 0 for s in strides)), 1)
+    run = next((run for run in RUNS if block % run == 0 and n % run == 0 and all(s % run == 0 for s in strides)), 1)
+    return unproven(run, index_proven)
 
 
 def pixel_run(block: int, *maps: torch.Tensor) -> int:
@@ -95,8 +97,7 @@ def pixel_run(block: int, *maps: torch.Tensor) -> int:
     (:func:`unproven`: W a multiple of 16)."""
     _, _, height, width = maps[0].shape
     steps = [t.stride(3) if height == 1 or t.stride(2) == width * t.stride(3) else 0 for t in maps]
-    run = run_length(block, height * width, steps, (s for t in maps for s in t.stride()[:2]))
-    return unproven(run, width % 16 == 0)
+    return run_length(block, height * width, steps, (s for t in maps for s in t.stride()[:2]), width % 16 == 0)
 
 
 def unproven(run: int, index_proven: bool) -> int:

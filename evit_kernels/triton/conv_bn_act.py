@@ -161,7 +161,7 @@ def dense_warps(dtype: torch.dtype, ksize: int, blocks: dict[str, int] = DENSE_B
     (one 16 × 8 product each on a 32×32 tile). The formula sees it as the builds' CTAs per SM halving; predicted
     (H100, bf16, batch 1): B1 1.73× → 1.85×, L3 1.46× → 1.48×, with no fused module slower than eager left in either
     (docs/performance.md, "Smaller tiles")."""
-    return 8 if blocks is DENSE_SMALL_GRID_BLOCKS or (dtype == torch.float32 and ksize > 1) else 4
+    return 8 if blocks == DENSE_SMALL_GRID_BLOCKS or (dtype == torch.float32 and ksize > 1) else 4
 
 
 @triton.jit

@@ -717,8 +717,8 @@ class Heads(NamedTuple):
         maps whose token count is no multiple of 16: the JIT proves the others itself, :func:`common.unproven`),
         none where the tokens are not at unit stride (Sana's token-major (B, N, C) q, k, v as its projections leave
         them, channels_last maps)."""
-        return common.unproven(common.run_length(block_n, self.n_tokens, (self.strides[4], *out_strides[2:]),
-                                                 (*self.strides[:4], *out_strides[:2])), True)
+        return common.run_length(block_n, self.n_tokens, (self.strides[4], *out_strides[2:]),
+                                 (*self.strides[:4], *out_strides[:2]), True)
 
     def rotated_or_stand_ins(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotated q and k, or q and k as never-read stand-ins when there are none."""
@@ -848,7 +848,7 @@ def forward_aggregated(qkv: torch.Tensor, scales: list[tuple[torch.Tensor, torch
     attend(channel_major(qkv, dim), out, out_strides, 0, dim, eps)
 
     def out_run(block_n: int) -> int:  # the aggregated maps' taps are no runs: only the output's tokens
-        return common.unproven(common.run_length(block_n, height * width, out_strides[2:], out_strides[:2]), True)
+        return common.run_length(block_n, height * width, out_strides[2:], out_strides[:2], True)
 
     per_chunk, chunks = _chunking(height * width, batch * heads)
     grid = (batch * heads, chunks)
