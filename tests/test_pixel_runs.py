@@ -1,5 +1,6 @@
 """The runs of adjacent pixels (and LiteMLA's tokens) the kernels tell the compiler of (``_common.pixel_run``,
-``Heads.token_run``): the claim, checked element by element against the address arithmetic of the kernels' flat
+``Heads.token_run``), and the heads LiteMLA's one-pass kernel reads and writes as one flat run each
+(``Heads.whole_rows``): the claim, checked element by element against the address arithmetic of the kernels' flat
 pixel and token numbering for the layouts below, and the launches that make it.
 
 The interpreter ignores these hints, and on a GPU a false one would store whole runs at wrong addresses; so the claim
@@ -191,3 +192,89 @@ def test_lite_mla_launches_with_the_runs_of_its_tokens():
     q = torch.empty(1, 196, 4 * 16, dtype=torch.bfloat16, device="meta")
     heads = relu_linear_attention.token_major(q, q, q, 16)
     assert heads.token_run(64, relu_linear_attention.token_major_strides(q)) == 1
+
+
+def _whole_maps():
+    """(name, qkv map of 2 heads of 16 channels) for each layout :meth:`Heads.whole_rows` must tell apart."""
+    channels = 3 * 2 * 16
+    yield "nchw_7x7", torch.empty(2, channels, 7, 7)
+    yield "nchw_4x5", torch.empty(3, channels, 4, 5)
+    yield "nchw_8x8", torch.empty(2, channels, 8, 8)  # 64 tokens: the JIT proves the runs of 16 itself
+    yield "nchw_9x9", torch.empty(1, channels, 9, 9)  # 81 tokens: more than one tile
+    yield "channels_last_7x7", torch.empty(2, channels, 7, 7).contiguous(memory_format=torch.channels_last)
+    yield "channel_slice_odd_offset", torch.empty(2, channels + 2, 7, 7)[:, 1:channels + 1]
+    yield "image_slice_of_odd_images", torch.empty(2, channels + 1, 7, 7)[:, :channels]
+    yield "padded_channel_planes", torch.empty(2 * channels * 52).as_strided((2, channels, 7, 7),
+                                                                              (channels * 52, 52, 7, 1))
+
+
+WHOLE_MAPS = dict(_whole_maps())
+
+
+def _whole_claim_holds(strides: tuple[int, ...], shape: tuple[int, ...], span: int, dim: int, n_tokens: int) -> bool:
+    """Whether, for every leading index (batch, head, role: ``shape``, their ``strides``), the ``dim`` channels × the
+    tokens at channel stride ``strides[-2]`` and token stride ``strides[-1]`` lie at base + c·n_tokens + n (what the
+    one-pass kernel's flat loads and stores take them at), the run [base, base + dim·n_tokens) inside the tensor's
+    ``span`` elements and base a multiple of 16."""
+    *leading, stride_c, stride_n = strides
+    for index in itertools.product(*map(range, shape)):
+        base = sum(i * s for i, s in zip(index, leading))
+        at = [base + c * stride_c + n * stride_n for c in range(dim) for n in range(n_tokens)]
+        if at != list(range(base, base + dim * n_tokens)) or base % 16 or base + dim * n_tokens > span:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("name", WHOLE_MAPS)
+def test_the_whole_heads_claimed_hold_element_by_element(name):
+    """Each role of each head of the map, and each head of an NCHW output, is one dense run from a multiple of 16
+    wherever :meth:`Heads.whole_rows` claims it; and it claims it for NCHW maps of at most 64 tokens that are no
+    multiple of 16, not for the other layouts."""
+    dim, src = 16, WHOLE_MAPS[name]
+    heads = relu_linear_attention.channel_major(src, dim)  # fp32: its 16-channel heads build whole
+    out = torch.empty(src.shape[0], 2 * src.shape[1] // 3, *src.shape[2:])
+    out_strides = relu_linear_attention._token_strides(out)
+    rows = heads.whole_rows(dim, out_strides)
+    assert rows == {"nchw_7x7": 16, "nchw_4x5": 16}.get(name, 0)
+    if rows:
+        stride_b, stride_h, stride_role, stride_c, stride_n = heads.strides
+        span = src.untyped_storage().nbytes() // src.element_size() - src.storage_offset()
+        assert _whole_claim_holds((stride_b, stride_h, stride_role, stride_c, stride_n),
+                                  (heads.batch, heads.heads, 3), span, dim, heads.n_tokens)
+        out_b, out_c, out_n = out_strides
+        assert _whole_claim_holds((out_b, dim * out_c, out_c, out_n), (heads.batch, 2 * heads.heads), out.numel(),
+                                  dim, heads.n_tokens)
+
+
+def test_the_whole_heads_need_a_build_that_does_not_spill():
+    """fp32 heads of 32 channels keep the token tiles (their whole build spills); 16 channels and the rotated form
+    as the rule says; heads of 8 channels on a 7×7 map start at odd multiples of 8 elements: no claim."""
+    def rows(dim, dtype):
+        src = torch.empty(2, 3 * 2 * dim, 7, 7, dtype=dtype, device="meta")
+        out_strides = relu_linear_attention._token_strides(torch.empty(2, 2 * 2 * dim, 7, 7, device="meta"))
+        return relu_linear_attention.channel_major(src, dim).whole_rows(dim, out_strides)
+
+    assert [rows(32, torch.bfloat16), rows(32, torch.float16), rows(32, torch.float32)] == [32, 32, 0]
+    assert [rows(16, torch.float32), rows(8, torch.bfloat16)] == [16, 0]
+    src = torch.empty(1, 3 * 16, 7, 7, device="meta")
+    rotated = relu_linear_attention.channel_major(src, 16)._replace(rotated_q=src, rotated_k=src)
+    assert rotated.whole_rows(16, relu_linear_attention._token_strides(torch.empty(1, 16, 7, 7))) == 0
+
+
+def test_lite_mla_launches_with_its_heads_whole_on_7x7_maps():
+    """On an NCHW 7×7 map the one-pass kernel reads each head whole (64-token tile, no token runs); the aggregated
+    scale's kernel keeps its token tiles; a channels_last map and a 14×14 one keep the token tiles too."""
+    def launched(side, fmt=torch.contiguous_format):
+        qkv = torch.empty(8, 3 * 4 * 16, side, side, dtype=torch.bfloat16, device="meta").contiguous(
+            memory_format=fmt)
+        dw = torch.empty(3 * 4 * 16, 1, 5, 5, dtype=torch.bfloat16, device="meta")
+        pw = torch.empty(3 * 4 * 16, 16, 1, 1, dtype=torch.bfloat16, device="meta")
+        with predict.recorded_launches() as launches:
+            relu_linear_attention.forward_aggregated(qkv, [(dw, None, pw, None)], 16, 1e-15)
+        return {launch.kernel: (launch.constexprs.get("WHOLE_ROWS"), launch.constexprs["BLOCK_N"])
+                for launch in launches}
+
+    assert launched(7) == {"_rla_fwd_one_pass_kernel": (16, 64), "_rla_agg_fwd_one_pass_kernel": (None, 64)}
+    assert launched(7, torch.channels_last)["_rla_fwd_one_pass_kernel"] == (0, 64)
+    assert launched(14) == {"_rla_fwd_reduce_kernel": (None, 64), "_rla_fwd_apply_kernel": (None, 64),
+                            "_rla_agg_fwd_reduce_kernel": (None, 64), "_rla_agg_fwd_apply_kernel": (None, 64)}

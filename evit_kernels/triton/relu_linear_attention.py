@@ -10,7 +10,9 @@ GPU: a reduction pass writes per-chunk fp32 partial sums (scratch O(B·heads·ch
 ``_TARGET_PROGRAMS``, never O(N)); an apply pass sums them and streams the tokens once. Where the tokens make
 one chunk (a 7×7 map at any batch; 14×14 once batch·heads reaches ``_TARGET_PROGRAMS``), the forward runs both
 passes in one program per (batch, head) instead (the ``_one_pass`` kernels; for aggregated sources fp16/bf16
-only, :func:`_aggregated_one_pass_block`): no partial sums in memory, one launch. Inputs are
+only, :func:`_aggregated_one_pass_block`): no partial sums in memory, one launch; on an NCHW map of a few tokens
+(7×7) each head's q, k, v and output move as one flat run each, gathered into tiles on chip
+(:meth:`Heads.whole_rows`). Inputs are
 read in place (any batch/channel stride, H·W flattenable: contiguous or channels_last), nothing is concatenated,
 padded or copied to fp32; ReLU, the fp32 accumulation and the fp32 division happen in registers. fp32 dot
 products use IEEE precision (no TF32), so fp32 results match the reference to rounding.
@@ -67,6 +69,9 @@ import triton.language as tl
 from evit_kernels.triton import _common as common
 from evit_kernels.triton._common import POINTER_TYPES, cdiv, compiled_dot_modes, dot_mode, dot_size, signature
 
+WHOLE_MAX_TOKENS = 64
+"""The token tile of the one-pass kernel where each role of a head is one dense run taken whole
+(:meth:`Heads.whole_rows`), and so the most tokens it takes that way."""
 _TARGET_PROGRAMS = 512  # about four waves of 132 SMs (_common.SMS): split N until (batch·heads·chunks) reaches this
 BLOCK_N = 64
 
@@ -93,6 +98,12 @@ def _apply_block(d_pad: int) -> int:
     return BLOCK_N // 2 if d_pad > 16 else BLOCK_N
 
 
+def _whole_builds(dim: int, dtype: torch.dtype) -> bool:
+    """Whether the one-pass kernel is built for heads of ``dim`` channels taken whole (``WHOLE_ROWS``): not for fp32 at
+    32 channels, whose (32, 64) fp32 tiles beside the flat run spill 892 bytes (sm_90)."""
+    return dtype != torch.float32 or dot_size(dim) <= 16
+
+
 def _chunking(n_tokens: int, programs: int) -> tuple[int, int]:
     """(tokens per chunk, chunks) for ``programs`` (batch·heads) independent reductions over ``n_tokens``."""
     blocks = cdiv(n_tokens, BLOCK_N)
@@ -109,11 +120,15 @@ def _relu(x):
 
 @triton.jit
 def _load_role(src, head_at, role, offs_d, offs_n, mask, stride_role, stride_c, stride_n,
-               TOKEN_RUN: tl.constexpr = 1):
+               TOKEN_RUN: tl.constexpr = 1, WHOLE_ROWS: tl.constexpr = 0):
     """The (D_PAD, BLOCK_N) tile of role 0 (q), 1 (k) or 2 (v) of one head, zero outside ``mask``: ``src`` is the
     role's tensor, ``head_at`` the offset of the head's first channel (one tensor for all three roles with
     ``stride_role`` between them in the channel-major layout, three tensors with ``stride_role`` 0 in the token-major
-    one). ``TOKEN_RUN``: :meth:`Heads.token_run` (and ``mask`` from :func:`_token_mask`)."""
+    one). ``TOKEN_RUN``: :meth:`Heads.token_run` (and ``mask`` from :func:`_token_mask`). ``WHOLE_ROWS`` (not 0): the
+    role's first ``WHOLE_ROWS`` channels are one dense run of which the tile takes every token
+    (:meth:`Heads.whole`, :func:`_whole_role`)."""
+    if WHOLE_ROWS:
+        return _whole_role(src, head_at + role * stride_role, offs_d, offs_n, mask, stride_c, WHOLE_ROWS)
     if TOKEN_RUN > 1:
         at = common.tile_pointers(src, offs_n * stride_n, head_at + role * stride_role + offs_d * stride_c, True,
                                   TOKEN_RUN)
@@ -122,6 +137,30 @@ def _load_role(src, head_at, role, offs_d, offs_n, mask, stride_role, stride_c, 
     # kernels' fp32 build at d = 64 with the rotated tiles spills 12 bytes (sm_90).
     ptrs = src + head_at + role * stride_role + offs_d[:, None] * stride_c + offs_n[None, :] * stride_n
     return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _whole_role(src, at, offs_c, offs_n, mask, n_tokens, ROWS: tl.constexpr):
+    """The (rows ``offs_c``, tokens ``offs_n``) tile, zero outside ``mask``, of one role whose ``ROWS`` × ``n_tokens``
+    elements are one dense run from ``at`` (an NCHW map: channel stride ``n_tokens``, token stride 1, every token in
+    the tile): the run loaded flat, in wide accesses wherever its start is aligned, then gathered into the tile on
+    chip. Read tile by tile, a map whose token count is no multiple of 4 (7×7) has no two adjacent tokens at an
+    aligned address: every element is its own 2-byte access."""
+    flat = tl.arange(0, offs_c.shape[0] * offs_n.shape[0])
+    run = tl.load(src + at + flat, mask=flat < ROWS * n_tokens, other=0.0)
+    index = tl.where(mask, offs_c[:, None] * n_tokens + offs_n[None, :], 0)
+    tile = tl.reshape(tl.gather(run, tl.reshape(index, [flat.shape[0]]), 0), [offs_c.shape[0], offs_n.shape[0]])
+    return tl.where(mask, tile, tl.zeros_like(tile))
+
+
+@triton.jit
+def _store_whole(out, at, tile, n_tokens, ROWS: tl.constexpr):
+    """Store the (D_PAD, BLOCK_N) ``tile`` of all of a head's tokens as the dense ``ROWS`` × ``n_tokens`` run from
+    ``at`` (see :func:`_whole_role`): gathered into the run's order on chip, then stored flat."""
+    flat = tl.arange(0, tile.shape[0] * tile.shape[1])
+    valid = flat < ROWS * n_tokens
+    index = tl.where(valid, (flat // n_tokens) * tile.shape[1] + flat % n_tokens, 0)
+    tl.store(out + at + flat, tl.gather(tl.reshape(tile, [flat.shape[0]]), index, 0), mask=valid)
 
 
 @triton.jit
@@ -170,10 +209,13 @@ def _accumulate_kv(k_num, k, v, kv, z, PRECISION: tl.constexpr):
 
 @triton.jit
 def _store_output(q_num, q, kv, z, eps, out, out_at, offs_d, offs_n, mask, out_stride_c, out_stride_n,
-                  PRECISION: tl.constexpr, TOKEN_RUN: tl.constexpr):
+                  PRECISION: tl.constexpr, TOKEN_RUN: tl.constexpr, WHOLE_ROWS: tl.constexpr = 0):
     """Write kvᵀ q_num_n / (z·q_n + eps) for (D_PAD, BLOCK_N) tiles (see :func:`_output_terms`), rounded once to
-    the output dtype, into ``out`` from the head's offset ``out_at``."""
+    the output dtype, into ``out`` from the head's offset ``out_at``; ``WHOLE_ROWS`` as for :func:`_load_role`
+    (:func:`_store_whole`)."""
     num, den = _output_terms(q_num, q, kv, z, eps, PRECISION)
+    if WHOLE_ROWS:
+        return _store_whole(out, out_at, (num / den[None, :]).to(out.dtype.element_ty), out_stride_c, WHOLE_ROWS)
     if TOKEN_RUN > 1:
         ptrs = common.tile_pointers(out, offs_n * out_stride_n, out_at + offs_d * out_stride_c, True, TOKEN_RUN)
     else:  # step by step, as :func:`_load_role`
@@ -193,23 +235,25 @@ def _program_span(heads, per_chunk, n_tokens):
 @triton.jit
 def _sum_kv(k, v, rotated_k, head_at, offs_d, offs_v, start, end, stride_role, stride_c, stride_n, D: tl.constexpr,
             D_PAD: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-            UPCAST: tl.constexpr, ROTATED: tl.constexpr, TOKEN_RUN: tl.constexpr = 1):
+            UPCAST: tl.constexpr, ROTATED: tl.constexpr, TOKEN_RUN: tl.constexpr = 1, WHOLE_ROWS: tl.constexpr = 0):
     """Columns ``offs_v`` (W of them) of kv = Σ k_num vᵀ, (D_PAD, W), and z = Σ k, over tokens [start, end) of one
     head, in fp32: ``k_num`` the ReLU'd k or, in the rotated form, the rotated k; the products in the inputs' dtype
-    (``PRECISION``, ``UPCAST``: :func:`evit_kernels.triton._common.dot_mode`)."""
+    (``PRECISION``, ``UPCAST``: :func:`evit_kernels.triton._common.dot_mode`). ``WHOLE_ROWS``: see
+    :func:`_load_role`."""
     kv = tl.zeros((D_PAD, W), dtype=tl.float32)
     z = tl.zeros((D_PAD,), dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         tokens = offs_n < end
         mask = _token_mask(offs_d < D, tokens, TOKEN_RUN)
-        k_tile = _relu(_load_role(k, head_at, 1, offs_d, offs_n, mask, stride_role, stride_c, stride_n, TOKEN_RUN))
+        k_tile = _relu(_load_role(k, head_at, 1, offs_d, offs_n, mask, stride_role, stride_c, stride_n, TOKEN_RUN,
+                                  WHOLE_ROWS))
         v_tile = _load_role(v, head_at, 2, offs_v, offs_n, _token_mask(offs_v < D, tokens, TOKEN_RUN), stride_role,
-                            stride_c, stride_n, TOKEN_RUN)
+                            stride_c, stride_n, TOKEN_RUN, WHOLE_ROWS)
         k_num = k_tile
         if ROTATED:
             k_num = _load_role(rotated_k, head_at, 1, offs_d, offs_n, mask, stride_role, stride_c, stride_n,
-                               TOKEN_RUN)
+                               TOKEN_RUN, WHOLE_ROWS)
         if UPCAST:
             k_num = k_num.to(tl.float32)
             v_tile = v_tile.to(tl.float32)
@@ -233,18 +277,20 @@ def _rla_fwd_reduce_kernel(k, v, rotated_k, partial, heads, n_tokens, per_chunk,
 @triton.jit
 def _apply_span(q, rotated_q, kv, z, eps, head_at, out, out_at, offs_d, start, end, stride_role, stride_c, stride_n,
                 out_stride_c, out_stride_n, D: tl.constexpr, BLOCK_N: tl.constexpr, ROTATED: tl.constexpr,
-                TOKEN_RUN: tl.constexpr):
-    """Write the output of one head at tokens [start, end) from its summed kv and z (IEEE fp32 products)."""
+                TOKEN_RUN: tl.constexpr, WHOLE_ROWS: tl.constexpr = 0):
+    """Write the output of one head at tokens [start, end) from its summed kv and z (IEEE fp32 products).
+    ``WHOLE_ROWS``: see :func:`_load_role`, for q and the output."""
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = _token_mask(offs_d < D, offs_n < end, TOKEN_RUN)
-        q_tile = _relu(_load_role(q, head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n, TOKEN_RUN))
+        q_tile = _relu(_load_role(q, head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n, TOKEN_RUN,
+                                  WHOLE_ROWS))
         q_num = q_tile
         if ROTATED:
             q_num = _load_role(rotated_q, head_at, 0, offs_d, offs_n, mask, stride_role, stride_c, stride_n,
-                               TOKEN_RUN)
+                               TOKEN_RUN, WHOLE_ROWS)
         _store_output(q_num, q_tile, kv, z, eps, out, out_at, offs_d, offs_n, mask, out_stride_c, out_stride_n, "ieee",
-                      TOKEN_RUN)
+                      TOKEN_RUN, WHOLE_ROWS)
 
 
 @triton.jit
@@ -266,18 +312,20 @@ def _rla_fwd_one_pass_kernel(q, k, v, rotated_q, rotated_k, out, heads, first_he
                              stride_b, stride_h, stride_role, stride_c, stride_n, out_stride_b, out_stride_c,
                              out_stride_n, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                              PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROTATED: tl.constexpr,
-                             TOKEN_RUN: tl.constexpr):
+                             TOKEN_RUN: tl.constexpr, WHOLE_ROWS: tl.constexpr):
     """Both passes in one program per (batch, head), where the tokens are not split (one chunk): kv and z over
-    all tokens, then the output, with no partial sums in memory and one launch instead of two."""
+    all tokens, then the output, with no partial sums in memory and one launch instead of two. ``WHOLE_ROWS``: D
+    where every role's and the output's D channels are one dense run taken in one tile (:meth:`Heads.whole`), else
+    0."""
     b = tl.program_id(0) // heads
     h = tl.program_id(0) % heads
     head_at = b * stride_b + h * stride_h
     offs_d = tl.arange(0, D_PAD)
     kv, z = _sum_kv(k, v, rotated_k, head_at, offs_d, offs_d, 0, n_tokens, stride_role, stride_c, stride_n, D, D_PAD,
-                    D_PAD, BLOCK_N, PRECISION, UPCAST, ROTATED, TOKEN_RUN)
+                    D_PAD, BLOCK_N, PRECISION, UPCAST, ROTATED, TOKEN_RUN, WHOLE_ROWS)
     out_at = b * out_stride_b + (first_head + h) * D * out_stride_c
     _apply_span(q, rotated_q, kv, z, eps, head_at, out, out_at, offs_d, 0, n_tokens, stride_role, stride_c, stride_n,
-                out_stride_c, out_stride_n, D, BLOCK_N, ROTATED, TOKEN_RUN)
+                out_stride_c, out_stride_n, D, BLOCK_N, ROTATED, TOKEN_RUN, WHOLE_ROWS)
 
 
 @triton.jit
@@ -720,6 +768,22 @@ class Heads(NamedTuple):
         return common.run_length(block_n, self.n_tokens, (self.strides[4], *out_strides[2:]),
                                  (*self.strides[:4], *out_strides[:2]), True)
 
+    def whole_rows(self, dim: int, out_strides: tuple[int, int, int]) -> int:
+        """What the one-pass kernel's ``WHOLE_ROWS`` is for this source and an output whose (batch, channel, token)
+        strides are ``out_strides``: ``dim`` where each role's ``dim`` channels of every head, and the head's
+        channels of the output, are one dense run starting at a multiple of 16 elements, and the tokens fit one tile
+        of ``WHOLE_MAX_TOKENS`` but are no multiple of 16 (the JIT proves those runs itself): an NCHW map of 7×7
+        (:func:`_whole_role`). Else 0: other layouts, the rotated form (token-major, never one run), and the
+        dtypes and head dims whose build spills (:func:`_whole_builds`)."""
+        stride_b, stride_h, stride_role, stride_c, stride_n = self.strides
+        out_b, out_c, out_n = out_strides
+        dense = (stride_c, stride_n, out_c, out_n, stride_role) == (self.n_tokens, 1, self.n_tokens, 1,
+                                                                     dim * self.n_tokens)
+        aligned = all(s % 16 == 0 for s in (stride_b, stride_h, stride_role, out_b, dim * out_c))
+        fits = self.n_tokens <= WHOLE_MAX_TOKENS and self.n_tokens % 16 != 0
+        builds = not self.rotated and _whole_builds(dim, self.q.dtype)
+        return dim if dense and aligned and fits and builds else 0
+
     def rotated_or_stand_ins(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotated q and k, or q and k as never-read stand-ins when there are none."""
         return (self.rotated_q, self.rotated_k) if self.rotated else (self.q, self.k)
@@ -781,10 +845,14 @@ def attend(src: Heads, out: torch.Tensor, out_strides: tuple[int, int, int], ind
     rotated_q, rotated_k = src.rotated_or_stand_ins()
     block = _apply_block(dot_size(dim))
     if chunks == 1:
+        whole_rows = src.whole_rows(dim, out_strides)
+        if whole_rows:
+            block = WHOLE_MAX_TOKENS
         _rla_fwd_one_pass_kernel[(src.batch * src.heads,)](
             src.q, src.k, src.v, rotated_q, rotated_k, out, src.heads, index * src.heads, src.n_tokens, eps,
             *src.strides, *out_strides, D=dim, D_PAD=dot_size(dim), BLOCK_N=block, **dot_mode(src.q.dtype, "matmul"),
-            ROTATED=src.rotated, TOKEN_RUN=src.token_run(block, out_strides))
+            ROTATED=src.rotated, TOKEN_RUN=1 if whole_rows else src.token_run(block, out_strides),
+            WHOLE_ROWS=whole_rows)
         return
     partial = _partials(src, dim, per_chunk, chunks)
     _rla_fwd_apply_kernel[(src.batch * src.heads, chunks)](
@@ -995,7 +1063,7 @@ def _wide_compile_configs():
 def _with_token_runs(kernel, constexprs: dict):
     """``constexprs`` with each ``TOKEN_RUN`` its token tile allows and the JIT does not prove itself, for the kernels
     that take one."""
-    if "TOKEN_RUN" not in kernel.arg_names:
+    if "TOKEN_RUN" not in kernel.arg_names or constexprs.get("WHOLE_ROWS"):
         yield constexprs
         return
     runs = (run for run in common.RUNS if constexprs["BLOCK_N"] % run == 0 and common.unproven(run, True) > 1)
@@ -1017,7 +1085,10 @@ def compile_configs():
                 apply = {**plain, "BLOCK_N": _apply_block(plain["D_PAD"]), "ROTATED": rotated}
                 for mode in compiled_dot_modes(dtype):
                     configs += [(_rla_fwd_reduce_kernel, {**plain, **mode, "ROTATED": rotated}),
-                                (_rla_fwd_one_pass_kernel, {**apply, **mode})]
+                                (_rla_fwd_one_pass_kernel, {**apply, **mode, "WHOLE_ROWS": 0})]
+                    if not rotated and _whole_builds(dim, dtype):
+                        configs.append((_rla_fwd_one_pass_kernel, {**plain, **mode, "BLOCK_N": WHOLE_MAX_TOKENS,
+                                                                   "ROTATED": False, "WHOLE_ROWS": dim}))
                 configs += [(_rla_fwd_apply_kernel, apply), (_rla_bwd_reduce_kernel, backward),
                             (_rla_bwd_apply_kernel, backward)]
             aggregated = [(kernel, False) for kernel in (_rla_agg_fwd_reduce_kernel, _rla_agg_fwd_apply_kernel)]
