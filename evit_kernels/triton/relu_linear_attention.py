@@ -104,6 +104,14 @@ def _whole_builds(dim: int, dtype: torch.dtype) -> bool:
     return dtype != torch.float32 or dot_size(dim) <= 16
 
 
+def _whole_warps(dim: int) -> int:
+    """Warps of the one-pass kernel taking heads of ``dim`` channels whole: 8 at 32 channels, whose build on 4 warps
+    takes 166 registers as the JIT specializes a 7×7 map's launch (bf16, sm_90) but spills 400 bytes (fp16, triton
+    3.8) built without that specialization, as CI compiles every configuration (on 8: 190 registers, 1 CTA per SM,
+    16-byte accesses); 4 below, where 8 would halve the accesses' width (4 elements a thread)."""
+    return 8 if dot_size(dim) > 16 else 4
+
+
 def _chunking(n_tokens: int, programs: int) -> tuple[int, int]:
     """(tokens per chunk, chunks) for ``programs`` (batch·heads) independent reductions over ``n_tokens``."""
     blocks = cdiv(n_tokens, BLOCK_N)
@@ -126,7 +134,7 @@ def _load_role(src, head_at, role, offs_d, offs_n, mask, stride_role, stride_c, 
     ``stride_role`` between them in the channel-major layout, three tensors with ``stride_role`` 0 in the token-major
     one). ``TOKEN_RUN``: :meth:`Heads.token_run` (and ``mask`` from :func:`_token_mask`). ``WHOLE_ROWS`` (not 0): the
     role's first ``WHOLE_ROWS`` channels are one dense run of which the tile takes every token
-    (:meth:`Heads.whole`, :func:`_whole_role`)."""
+    (:meth:`Heads.whole_rows`, :func:`_whole_role`)."""
     if WHOLE_ROWS:
         return _whole_role(src, head_at + role * stride_role, offs_d, offs_n, mask, stride_c, WHOLE_ROWS)
     if TOKEN_RUN > 1:
@@ -315,8 +323,8 @@ def _rla_fwd_one_pass_kernel(q, k, v, rotated_q, rotated_k, out, heads, first_he
                              TOKEN_RUN: tl.constexpr, WHOLE_ROWS: tl.constexpr):
     """Both passes in one program per (batch, head), where the tokens are not split (one chunk): kv and z over
     all tokens, then the output, with no partial sums in memory and one launch instead of two. ``WHOLE_ROWS``: D
-    where every role's and the output's D channels are one dense run taken in one tile (:meth:`Heads.whole`), else
-    0."""
+    where every role's and the output's D channels are one dense run taken in one tile (:meth:`Heads.whole_rows`),
+    else 0."""
     b = tl.program_id(0) // heads
     h = tl.program_id(0) % heads
     head_at = b * stride_b + h * stride_h
@@ -852,7 +860,7 @@ def attend(src: Heads, out: torch.Tensor, out_strides: tuple[int, int, int], ind
             src.q, src.k, src.v, rotated_q, rotated_k, out, src.heads, index * src.heads, src.n_tokens, eps,
             *src.strides, *out_strides, D=dim, D_PAD=dot_size(dim), BLOCK_N=block, **dot_mode(src.q.dtype, "matmul"),
             ROTATED=src.rotated, TOKEN_RUN=1 if whole_rows else src.token_run(block, out_strides),
-            WHOLE_ROWS=whole_rows)
+            WHOLE_ROWS=whole_rows, **({"num_warps": _whole_warps(dim)} if whole_rows else {}))
         return
     partial = _partials(src, dim, per_chunk, chunks)
     _rla_fwd_apply_kernel[(src.batch * src.heads, chunks)](
@@ -1087,8 +1095,8 @@ def compile_configs():
                     configs += [(_rla_fwd_reduce_kernel, {**plain, **mode, "ROTATED": rotated}),
                                 (_rla_fwd_one_pass_kernel, {**apply, **mode, "WHOLE_ROWS": 0})]
                     if not rotated and _whole_builds(dim, dtype):
-                        configs.append((_rla_fwd_one_pass_kernel, {**plain, **mode, "BLOCK_N": WHOLE_MAX_TOKENS,
-                                                                   "ROTATED": False, "WHOLE_ROWS": dim}))
+                        whole = {"BLOCK_N": WHOLE_MAX_TOKENS, "ROTATED": False, "TOKEN_RUN": 1, "WHOLE_ROWS": dim}
+                        configs.append((_rla_fwd_one_pass_kernel, {**plain, **mode, **whole}))
                 configs += [(_rla_fwd_apply_kernel, apply), (_rla_bwd_reduce_kernel, backward),
                             (_rla_bwd_apply_kernel, backward)]
             aggregated = [(kernel, False) for kernel in (_rla_agg_fwd_reduce_kernel, _rla_agg_fwd_apply_kernel)]
@@ -1100,5 +1108,6 @@ def compile_configs():
                 # Partial sums are fp32 scratch, eps an fp32 scalar.
                 special = {name: "*fp32" for name in kernel.arg_names if "partial" in name} | {"eps": "fp32"}
                 for constexprs in _with_token_runs(kernel, base):
-                    yield kernel, signature(kernel, ptr, constexprs, pointers, special), constexprs
+                    options = {"num_warps": _whole_warps(dim)} if constexprs.get("WHOLE_ROWS") else {}
+                    yield kernel, signature(kernel, ptr, constexprs, pointers, special), constexprs, options
     yield from _wide_compile_configs()
