@@ -27,8 +27,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
 # (batch, channels, H, W, k, stride, padding, bias, residual, layout): several pixel and channel blocks, prime and
-# non-square maps, a 1×1 map, batch 1, explicit and asymmetric padding, per-axis strides.
+# non-square maps, a 1×1 map, batch 1, explicit and asymmetric padding, per-axis strides; NCHW maps of at most 64
+# pixels, whose channel planes the plane kernel takes whole (two blocks of 32 planes or five of 8, the last short;
+# k = 5 on a map narrower than its taps; 64 pixels, no residual).
 DEPTHWISE = {
+    "k3_planes_7x7": (2, 37, 7, 7, 3, 1, 1, True, True, "nchw"),
+    "k5_planes_4x5": (1, 16, 4, 5, 5, 1, 2, False, True, "nchw"),
+    "k3_planes_8x8": (1, 9, 8, 8, 3, 1, 1, True, False, "nchw"),
     "k3_s1_prime_blocks": (2, 37, 11, 13, 3, 1, 1, True, True, "channels_last"),
     "k5_s2": (1, 6, 7, 9, 5, 2, 2, True, False, "nchw"),
     "k7_s2": (1, 8, 9, 6, 7, 2, 3, False, True, "channels_last"),
@@ -118,11 +123,30 @@ def test_depthwise_within_twice_eager_error(poisoned_empty, grid_tiles, name, ac
 
 @pytest.fixture(params=["regular_tiles", "small_grid_tiles"])
 def grid_tiles(request, monkeypatch):
-    """Both tile sizes of the depthwise and groups-1 kernels: the tests' maps are small enough to take the
-    small-grid tiles, so the regular ones are forced by declaring no grid small."""
+    """Both tile sizes of the depthwise and groups-1 kernels (and both plane counts of the depthwise plane kernel): the
+    tests' maps are small enough to take the small-grid tiles, so the regular ones are forced by declaring no grid
+    small."""
     if request.param == "regular_tiles":
         monkeypatch.setattr(triton_common, "SMS", 0)
     return request.param
+
+
+def test_depthwise_planes_are_taken_on_small_dense_nchw_maps_at_stride_1():
+    """The plane kernel takes a stride-1 depthwise conv that keeps a dense NCHW map of at most 64 pixels (32 planes
+    a program, 8 where that leaves SMs idle); a channels_last map, a channels_last residual, stride 2, a 9×9 map
+    (81 pixels) and padding that shrinks the map keep the tile kernel."""
+    def planes(batch=256, side=7, stride=1, padding=1, fmt=torch.contiguous_format, residual_fmt=None):
+        x = torch.empty(batch, 64, side, side, device="meta").contiguous(memory_format=fmt)
+        out_side = (side + 2 * padding - 3) // stride + 1
+        out = torch.empty(batch, 64, out_side, out_side, device="meta").contiguous(memory_format=fmt)
+        residual = None if residual_fmt is None else torch.empty_like(out, memory_format=residual_fmt)
+        a = ConvBnActArgs(x, torch.empty(64, 1, 3, 3, device="meta"), None, [stride, stride], [padding, padding],
+                          [1, 1], 64, "none", residual)
+        return triton_conv.dw_planes(a, out)
+
+    assert planes() == 32 and planes(batch=1) == 8 and planes(side=8, residual_fmt=torch.contiguous_format) == 32
+    assert planes(fmt=torch.channels_last) is None and planes(residual_fmt=torch.channels_last) is None
+    assert planes(stride=2) is None and planes(side=9) is None and planes(padding=0) is None
 
 
 def test_small_grids_take_quarter_size_tiles():

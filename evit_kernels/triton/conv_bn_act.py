@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 # Depthwise: a tile of output pixels × channels per program, each k×k tap one masked 2D load.
 DW_BLOCKS = {"BLOCK_P": 64, "BLOCK_C": 32, "num_warps": 4}
 DW_SMALL_GRID_BLOCKS = {"BLOCK_P": 16, "BLOCK_C": 32, "num_warps": 8}
+DW_PLANE_PIXELS = 64
+"""The largest channel plane (H·W) the depthwise plane kernel takes whole (see :func:`dw_planes`)."""
+DW_PLANE_CHANNELS = (32, 8)
+"""Channel planes per program of the depthwise plane kernel: 32, or 8 where 32 would make fewer programs than SMs
+(see :func:`dw_planes`)."""
 # Groups 1 (1×1 and k×k): a (pixels × output channels) tile of the GEMM (B·H·W) × C_out × (C_in·k²) per program.
 DENSE_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
 DENSE_SMALL_GRID_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}
@@ -136,6 +141,24 @@ def dw_blocks(n_pixels: int, channels: int) -> dict[str, int]:
     return DW_SMALL_GRID_BLOCKS if regular < common.SMS and small_gains else DW_BLOCKS
 
 
+def dw_planes(a: ConvBnActArgs, out: torch.Tensor) -> int | None:
+    """The channel planes per program of the depthwise plane kernel for this conv, or None where it does not take
+    it. It takes a stride-1 conv that keeps the map's size, with x, the output and the residual dense NCHW, on maps of
+    at most :data:`DW_PLANE_PIXELS` pixels: each program reads its image's planes as one flat run, in wide accesses
+    wherever the run starts aligned (every plane count of a 7×7 map of a multiple of 16 channels), where the
+    tile kernel, on a map whose side is odd, reads each tap and writes each output 2 bytes at a time (no two
+    adjacent pixels of a plane start at an aligned address)."""
+    batch, channels, height, width = out.shape
+    kernel = a.weight.shape[2]
+    same = tuple(a.stride) == (1, 1) and tuple(a.padding) == (kernel // 2, kernel // 2) and \
+        tuple(a.x.shape) == tuple(out.shape)
+    dense = all(t.is_contiguous() for t in (a.x, out) + (() if a.residual is None else (a.residual,)))
+    if not (same and dense and height * width <= DW_PLANE_PIXELS):
+        return None
+    wide, narrow = DW_PLANE_CHANNELS
+    return wide if batch * common.cdiv(channels, wide) >= common.SMS else narrow
+
+
 def dense_splits(tiles: int, in_channels: int, blocks: dict[str, int]) -> int:
     """Into how many slices a 1×1 conv's reduction over ``in_channels`` is split (split-K, :func:`split_sum.slices`):
     where its ``tiles`` output tiles are fewer than the GPU's SMs while each walks a reduction of at least
@@ -197,6 +220,40 @@ def _conv_dw_kernel(x, weight, bias, residual, out, n_pixels, channels, height, 
         common.epilogue(acc, bias, residual, out, offs_b, offs_h, offs_w, offs_c, mask_p, mask_c, has_bias,
                         has_residual, r_sb, r_sc, r_sh, r_sw, o_sb, o_sc, o_sh, o_sw, ACTIVATION=ACTIVATION,
                         PIXEL_RUN=PIXEL_RUN)
+
+
+@triton.jit
+def _conv_dw_planes_kernel(x, weight, bias, residual, out, channels, plane, height, width, ksize, pad, image,
+                           has_bias, has_residual, w_sc, w_skh, w_skw, ACTIVATION: tl.constexpr,
+                           BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    # The depthwise conv of :func:`dw_planes`' maps: program (b, j) takes channel planes [j·BLOCK_C, (j+1)·BLOCK_C) of
+    # image b whole, one dense run of x (``image`` elements an image, ``plane`` = H·W a plane, at most BLOCK_P),
+    # loaded flat; each tap is gathered from it on chip (zero across the map's border), the output is written and the
+    # residual read flat, at the same offsets.
+    first = tl.program_id(1) * BLOCK_C
+    at = tl.program_id(0) * image + first * plane
+    flat = tl.arange(0, BLOCK_C * BLOCK_P)
+    valid = flat < tl.minimum(channels - first, BLOCK_C) * plane
+    run = tl.load(x + at + flat, mask=valid, other=0.0)
+    offs_c = first + flat // plane
+    pixel = flat % plane
+    y = pixel // width
+    x_ = pixel % width
+    acc = tl.zeros((BLOCK_C * BLOCK_P,), dtype=tl.float32)
+    for kh in range(0, ksize):
+        for kw in range(0, ksize):
+            iy = y + kh - pad
+            ix = x_ + kw - pad
+            inside = valid & (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
+            taps = tl.gather(run, tl.where(inside, flat + (kh - pad) * width + (kw - pad), 0), 0)
+            w = tl.load(weight + offs_c * w_sc + kh * w_skh + kw * w_skw, mask=valid, other=0.0)
+            acc += tl.where(inside, taps.to(tl.float32), 0.0) * w.to(tl.float32)
+    if has_bias != 0:
+        acc += tl.load(bias + offs_c, mask=valid, other=0.0).to(tl.float32)
+    acc = common.activate(acc, ACTIVATION=ACTIVATION)
+    if has_residual != 0:
+        acc += tl.load(residual + at + flat, mask=valid, other=0.0).to(tl.float32)
+    tl.store(out + at + flat, acc.to(out.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -300,6 +357,14 @@ def depthwise(a: ConvBnActArgs, out: torch.Tensor, gate: str | None = None) -> t
     n_pixels = batch * out_height * out_width
     bias, has_bias, _ = common.optional(a.bias, a.weight)
     residual, has_residual, r_strides = common.optional(a.residual, out)
+    planes = None if gate is not None else dw_planes(a, out)
+    if planes:
+        kernel = a.weight.shape[2]
+        _conv_dw_planes_kernel[(batch, common.cdiv(channels, planes))](
+            a.x, a.weight, bias, residual, out, channels, height * width, height, width, kernel, kernel // 2,
+            channels * height * width, has_bias, has_residual, a.weight.stride(0), a.weight.stride(2),
+            a.weight.stride(3), ACTIVATION=a.activation, BLOCK_C=planes, BLOCK_P=DW_PLANE_PIXELS)
+        return out
     blocks = dw_blocks(n_pixels, channels)
     grid = (common.cdiv(n_pixels, blocks["BLOCK_P"]), common.cdiv(channels, blocks["BLOCK_C"]))
     _conv_dw_kernel[grid](
@@ -375,6 +440,10 @@ def compile_configs():
                               "BLOCK_C": blocks["BLOCK_C"], "PIXEL_RUN": run}
                 yield (_conv_dw_kernel, common.signature(_conv_dw_kernel, ptr, constexprs, pointers), constexprs,
                        {"num_warps": blocks["num_warps"]})
+            for planes in DW_PLANE_CHANNELS:
+                constexprs = {"ACTIVATION": activation, "BLOCK_C": planes, "BLOCK_P": DW_PLANE_PIXELS}
+                yield (_conv_dw_planes_kernel, common.signature(_conv_dw_planes_kernel, ptr, constexprs, pointers),
+                       constexprs)
             for mode, stride in itertools.product(common.compiled_dot_modes(dtype), (1, 2)):
                 constexprs = {"ACTIVATION": activation, "STRIDE": stride, "BLOCK_P": ROWS_BLOCK_P,
                               "BLOCK_N": ROWS_BLOCK_N, "PAIRS": ROWS_PAIRS, **mode}
