@@ -37,7 +37,7 @@ DEPTHWISE = {
     "k3_s1_prime_blocks": (2, 37, 11, 13, 3, 1, 1, True, True, "channels_last"),
     "k5_s2": (1, 6, 7, 9, 5, 2, 2, True, False, "nchw"),
     "k7_s2": (1, 8, 9, 6, 7, 2, 3, False, True, "channels_last"),
-    "k3_map_1x1": (3, 5, 1, 1, 3, 1, 1, True, True, "channels_last"),
+    "k3_map_1x1": (3, 5, 1, 1, 3, 1, 1, True, True, "strided"),  # a dense 1×1 map would take the plane kernel
     "k5_strided_input": (2, 4, 5, 8, 5, 1, 2, False, True, "strided"),
     "k3_pad0_stride_1x2": (1, 4, 6, 7, 3, (1, 2), (0, 1), True, False, "nchw"),
 }
@@ -147,6 +147,11 @@ def test_depthwise_planes_are_taken_on_small_dense_nchw_maps_at_stride_1():
     assert planes() == 32 and planes(batch=1) == 8 and planes(side=8, residual_fmt=torch.contiguous_format) == 32
     assert planes(fmt=torch.channels_last) is None and planes(residual_fmt=torch.channels_last) is None
     assert planes(stride=2) is None and planes(side=9) is None and planes(padding=0) is None
+    x = torch.empty(256, 64, 7, 7, dtype=torch.bfloat16, device="meta")
+    with predict.recorded_launches() as launches:
+        conv_bn_act(x, torch.empty(64, 1, 3, 3, dtype=torch.bfloat16, device="meta"), None, activation="none",
+                    residual=torch.empty_like(x), backend="triton", padding=1, groups=64)
+    assert [(launch.kernel, launch.grid) for launch in launches] == [("_conv_dw_planes_kernel", (256, 2))]
 
 
 def test_small_grids_take_quarter_size_tiles():

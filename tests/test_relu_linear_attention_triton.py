@@ -27,10 +27,13 @@ def _sources(batch, heads, dim, height, width, scales, dtype, scale=1.0, channel
 
 # (batch, heads, dim, H, W, scales, channels_last): prime N, N < d, 1×1 maps, non-square, every supported d; NCHW
 # maps whose tokens come in runs of 4 (tests/test_pixel_runs.py), one of them in two chunks; NCHW maps whose
-# heads the one-pass kernel reads whole (4×5 at d = 16, 7×7 at d = 32: ``Heads.whole_rows``).
+# heads the one-pass kernel reads whole (4×5 at d = 16 and at d = 8, padded to 16 rows; 7×7 at d = 32; a 1×1 map:
+# ``Heads.whole_rows``).
 SHAPES = [
     (2, 2, 8, 5, 7, 1, False),
     (2, 2, 32, 7, 7, 1, False),
+    (2, 2, 8, 4, 5, 1, False),
+    (2, 1, 16, 1, 1, 0, False),
     (1, 2, 16, 4, 5, 1, False),
     (1, 1, 8, 10, 10, 1, False),
     (1, 3, 16, 3, 3, 0, True),

@@ -94,7 +94,7 @@ def test_released_models_launches_compile_for_sm90_without_spills(compiles):
     assert {f["kernel"] for f in facts} >= {"_conv_project_fwd_kernel", "_conv_dense_kernel", "_ffn_fwd_kernel",
                                             "_rla_fwd_apply_kernel", "_rla_fwd_one_pass_kernel",
                                             "_rla_agg_fwd_one_pass_kernel", "_cga_map_fwd_kernel",
-                                            "_cga_head_fwd_kernel"}
+                                            "_cga_head_fwd_kernel", "_conv_dw_planes_kernel"}
     for f in facts:
         assert f["shared_bytes"] <= H100_SHARED_MEMORY_PER_BLOCK, f
         assert f["spill_bytes"] == 0, f

@@ -11,8 +11,8 @@ GPU: a reduction pass writes per-chunk fp32 partial sums (scratch O(B·heads·ch
 one chunk (a 7×7 map at any batch; 14×14 once batch·heads reaches ``_TARGET_PROGRAMS``), the forward runs both
 passes in one program per (batch, head) instead (the ``_one_pass`` kernels; for aggregated sources fp16/bf16
 only, :func:`_aggregated_one_pass_block`): no partial sums in memory, one launch; on an NCHW map of a few tokens
-(7×7) each head's q, k, v and output move as one flat run each, gathered into tiles on chip
-(:meth:`Heads.whole_rows`). Inputs are
+(7×7) whose heads start at aligned addresses, each head's q, k, v and output move as one flat run each, gathered
+into tiles on chip (:meth:`Heads.whole_rows` has the conditions). Inputs are
 read in place (any batch/channel stride, H·W flattenable: contiguous or channels_last), nothing is concatenated,
 padded or copied to fp32; ReLU, the fp32 accumulation and the fp32 division happen in registers. fp32 dot
 products use IEEE precision (no TF32), so fp32 results match the reference to rounding.
@@ -100,7 +100,8 @@ def _apply_block(d_pad: int) -> int:
 
 def _whole_builds(dim: int, dtype: torch.dtype) -> bool:
     """Whether the one-pass kernel is built for heads of ``dim`` channels taken whole (``WHOLE_ROWS``): not for fp32 at
-    32 channels, whose (32, 64) fp32 tiles beside the flat run spill 892 bytes (sm_90)."""
+    32 channels, whose (32, 64) fp32 tiles beside the flat run spill (sm_90): 892 bytes on 4 warps, 16 on 8 (the TF32
+    build without the JIT's specialization)."""
     return dtype != torch.float32 or dot_size(dim) <= 16
 
 
@@ -1080,8 +1081,8 @@ def _with_token_runs(kernel, constexprs: dict):
 
 
 def compile_configs():
-    """Every (kernel, signature, constexprs) the launchers above can request: CI compiles each one ahead of time
-    for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
+    """Every (kernel, signature, constexprs[, options]) the launchers above can request: CI compiles each one ahead of
+    time for sm_90, so an error only the GPU compiler would raise fails there instead of on a user's GPU."""
     pointers = ("q", "k", "v", "rotated_q", "rotated_k", "src", "out", "grad", "grad_q", "grad_k", "grad_v",
                 "grad_rotated_q", "grad_rotated_k", "dw_w", "dw_b", "pw_w", "pw_b")
     for dtype, ptr in POINTER_TYPES.items():
