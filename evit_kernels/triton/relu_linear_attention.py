@@ -786,8 +786,7 @@ class Heads(NamedTuple):
         dtypes and head dims whose build spills (:func:`_whole_builds`)."""
         stride_b, stride_h, stride_role, stride_c, stride_n = self.strides
         out_b, out_c, out_n = out_strides
-        dense = (stride_c, stride_n, out_c, out_n, stride_role) == (self.n_tokens, 1, self.n_tokens, 1,
-                                                                     dim * self.n_tokens)
+        dense = (stride_c, stride_n, out_c, out_n) == (self.n_tokens, 1, self.n_tokens, 1)
         aligned = all(s % 16 == 0 for s in (stride_b, stride_h, stride_role, out_b, dim * out_c))
         fits = self.n_tokens <= WHOLE_MAX_TOKENS and self.n_tokens % 16 != 0
         builds = not self.rotated and _whole_builds(dim, self.q.dtype)
