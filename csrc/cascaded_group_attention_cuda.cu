@@ -4,24 +4,41 @@
 // The block reads its window straight from the map (tokens past H/W are zeros that still go through the convs
 // and the softmax, as in the reference: the map is zero padded, not masked), runs the heads in order with the
 // cascade in shared memory (head i reads head i-1's output + its own input chunk), and writes the projected,
-// cropped window. Everything on chip is fp32; fp16/bf16 are rounded once, on store.
+// cropped window. Two kernels, one picked per call by tensor_core_products():
 //
-// Shared memory (fp32; SharedLayout below places it, for the launcher and the kernel alike), N = R² tokens,
-// kd/vd = key/value dims, in_w = C/heads, ld = N|1 (odd, so that reading a column of the N×N attention is free
-// of bank conflicts):
+// - cga_window_mma_kernel (fp16/bf16 on sm_80 and later, every product dimension a multiple of 16, as in every
+//   released M0-M5 attention): the qkv conv, the scores, the value sum and the projection run as 16×16×16
+//   tensor-core products (nvcuda::wmma, fp32 accumulation) on operands in the input dtype: the head input, q
+//   (after its depthwise conv and the scale), k, v, the probabilities and the heads' outputs are rounded to it
+//   once each, as eager's convs and matmuls round theirs; the depthwise conv and the softmax run in fp32. The
+//   window's N tokens are padded to NP (a multiple of 16) with zero probabilities past N. Weights go from global
+//   memory (L2) into the products' fragments, each element once per block.
+// - cga_window_kernel (every other case: fp32, or a dimension that is no multiple of 16): fp32 scalar FMA
+//   throughout, fp16/bf16 rounded once, on store.
+//
+// Shared memory of the scalar kernel (fp32; SharedLayout below places it, for the launcher and the kernel alike),
+// N = R² tokens, kd/vd = key/value dims, in_w = C/heads, ld = N|1 (odd, so that reading a column of the N×N
+// attention is free of bank conflicts):
 //   feat  in_w × N          the current head's input
 //   qkv   (2kd + vd) × N    the 1×1 conv's output: q before its depthwise conv, k, v
 //   q     kd × N            q after the depthwise conv, times the scale
 //   attn  N × ld            logits, then probabilities
 //   outs  heads·vd × N      every head's output (the projection reads them all)
-// Weights are read from global memory: they are shared by every block and stay in L2.
+// Weights are read from global memory: they are shared by every block and stay in L2. The tensor-core kernel's
+// layout is MmaLayout's.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
 #include <cmath>
+#include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -96,37 +113,103 @@ __device__ __forceinline__ void gemm_rows4(int O, int K, int N, Init init, Weigh
   }
 }
 
+// What both kernels compute alike, one window (one block) at a time.
+
+// The block's window: its image b and the map position (y0, x0) of its first token.
+struct Window {
+  int b, y0, x0;
+};
+
+template <typename T>
+__device__ __forceinline__ Window block_window(const Params<T>& p) {
+  const int wx = blockIdx.x % p.windows_w, rest = blockIdx.x / p.windows_w;
+  return {rest / p.windows_h, rest % p.windows_h * p.R, wx * p.R};
+}
+
+// Channel c of head `head`'s chunk of x at the window's token n (< R²): zero past the map's edge.
+template <typename T>
+__device__ __forceinline__ float window_input(const Params<T>& p, Window w, int head, int c, int n) {
+  const int y = w.y0 + n / p.R, xx = w.x0 + n % p.R;
+  if (y >= p.H || xx >= p.W) return 0.f;
+  return static_cast<float>(p.x[w.b * p.x_stride[0] + (head * p.in_w + c) * p.x_stride[1] + y * p.x_stride[2] +
+                                xx * p.x_stride[3]]);
+}
+
+// Head `head`'s depthwise k×k conv of q channel c at token n, inside the window (zero padded at its edge), plus
+// its bias: q_in holds q's channels `pitch` floats apart, each as the window's R² tokens.
+template <typename T>
+__device__ __forceinline__ float depthwise_q(const Params<T>& p, int head, const float* q_in, int pitch, int c,
+                                             int n) {
+  const int R = p.R, k = p.dw_k[head], half = k / 2, ty = n / R, tx = n % R;
+  const T* dw_w = p.dw_w[head] + c * k * k;
+  float acc = static_cast<float>(p.dw_b[head][c]);
+  for (int dy = 0; dy < k; ++dy) {
+    const int sy = ty + dy - half;
+    if (sy < 0 || sy >= R) continue;
+    for (int dx = 0; dx < k; ++dx) {
+      const int sx = tx + dx - half;
+      if (sx >= 0 && sx < R) acc = fmaf(static_cast<float>(dw_w[dy * k + dx]), q_in[c * pitch + sy * R + sx], acc);
+    }
+  }
+  return acc;
+}
+
+// Head `head`'s position bias between query n and key m, gathered by |Δy|·R + |Δx|.
+template <typename T>
+__device__ __forceinline__ float position_bias(const Params<T>& p, int head, int n, int m) {
+  const int R = p.R, dy = abs(n / R - m / R), dx = abs(n % R - m % R);
+  return static_cast<float>(p.attention_biases[head * R * R + dy * R + dx]);
+}
+
+// Softmax over keys in fp32 of the N rows of `logits` (pitch ld), one warp per query: the exponentials overwrite
+// the logits, and store(n, m, probability) takes each result.
+template <typename Store>
+__device__ __forceinline__ void softmax_rows(float* logits, int ld, int N, Store store) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  for (int n = warp; n < N; n += warps) {
+    float* row = logits + n * ld;
+    float peak = -INFINITY;
+    for (int m = lane; m < N; m += 32) peak = fmaxf(peak, row[m]);
+    for (int offset = 16; offset > 0; offset /= 2) peak = fmaxf(peak, __shfl_xor_sync(0xffffffffu, peak, offset));
+    float sum = 0.f;
+    for (int m = lane; m < N; m += 32) {
+      const float e = expf(row[m] - peak);  // full-accuracy expf: the build does not use fast math
+      row[m] = e;
+      sum += e;
+    }
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    const float inv = __frcp_rn(sum);
+    for (int m = lane; m < N; m += 32) store(n, m, row[m] * inv);
+  }
+}
+
+// Output channel o at the window's token n, plus the projection's bias, unless n lies past the map's edge.
+template <typename T>
+__device__ __forceinline__ void store_output(const Params<T>& p, Window w, int o, int n, float value) {
+  const int y = w.y0 + n / p.R, xx = w.x0 + n % p.R;
+  if (y >= p.H || xx >= p.W) return;
+  p.out[((int64_t(w.b) * p.c_out + o) * p.H + y) * p.W + xx] = static_cast<T>(value + static_cast<float>(p.proj_b[o]));
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T> p) {
   extern __shared__ float smem[];
-  const int R = p.R, N = R * R, kd = p.key_dim, vd = p.val_dim, in_w = p.in_w;
+  const int N = p.R * p.R, kd = p.key_dim, vd = p.val_dim, in_w = p.in_w;
   const int qkv_rows = 2 * kd + vd;
-  const SharedLayout layout = shared_layout(R, p.heads, in_w, kd, vd);
+  const SharedLayout layout = shared_layout(p.R, p.heads, in_w, kd, vd);
   const int ld = static_cast<int>(layout.ld);
   float* feat = smem + layout.feat;
   float* qkv = smem + layout.qkv;
   float* q = smem + layout.q;
   float* attn = smem + layout.attn;
   float* outs = smem + layout.outs;
-
-  int window = blockIdx.x;
-  const int wx = window % p.windows_w;
-  window /= p.windows_w;
-  const int wy = window % p.windows_h;
-  const int b = window / p.windows_h;
-  const int y0 = wy * R, x0 = wx * R;
-  const T* x = p.x + b * p.x_stride[0];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const Window w = block_window(p);
 
   for (int head = 0; head < p.heads; ++head) {
     // The cascade: this head's input chunk (zeros past the map's edge) plus the previous head's output.
     for (int idx = threadIdx.x; idx < in_w * N; idx += blockDim.x) {
-      const int c = idx / N, n = idx % N, y = y0 + n / R, xx = x0 + n % R;
-      float v = 0.f;
-      if (y < p.H && xx < p.W)
-        v = static_cast<float>(x[(head * in_w + c) * p.x_stride[1] + y * p.x_stride[2] + xx * p.x_stride[3]]);
-      if (head > 0) v += outs[((head - 1) * vd + c) * N + n];
-      feat[idx] = v;
+      const int c = idx / N, n = idx % N;
+      feat[idx] = window_input(p, w, head, c, n) + (head > 0 ? outs[((head - 1) * vd + c) * N + n] : 0.f);
     }
     __syncthreads();
 
@@ -139,54 +222,19 @@ __global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T>
         [&](int o, int n, float v) { qkv[o * N + n] = v; });
     __syncthreads();
 
-    // Depthwise k×k conv of q inside the window, zero padded at the window's edge.
-    const int k = p.dw_k[head], half = k / 2;
-    const T* dw_w = p.dw_w[head];
-    const T* dw_b = p.dw_b[head];
-    for (int idx = threadIdx.x; idx < kd * N; idx += blockDim.x) {
-      const int c = idx / N, ty = idx % N / R, tx = idx % R;
-      float acc = static_cast<float>(dw_b[c]);
-      for (int dy = 0; dy < k; ++dy) {
-        const int sy = ty + dy - half;
-        if (sy < 0 || sy >= R) continue;
-        for (int dx = 0; dx < k; ++dx) {
-          const int sx = tx + dx - half;
-          if (sx >= 0 && sx < R)
-            acc = fmaf(static_cast<float>(dw_w[(c * k + dy) * k + dx]), qkv[c * N + sy * R + sx], acc);
-        }
-      }
-      q[idx] = acc * p.scale;
-    }
+    for (int idx = threadIdx.x; idx < kd * N; idx += blockDim.x)
+      q[idx] = depthwise_q(p, head, qkv, N, idx / N, idx % N) * p.scale;
     __syncthreads();
 
-    // Logits (queries n × keys m) plus the position bias, gathered by |Δy|·R + |Δx|.
+    // Logits (queries n × keys m) plus the position bias.
     const float* keys = qkv + kd * N;
-    const T* bias = p.attention_biases + head * N;
     gemm_rows4(
         N, kd, N, [](int) { return 0.f; }, [&](int n, int c) { return q[c * N + n]; },
         [&](int c, int m) { return keys[c * N + m]; },
-        [&](int n, int m, float v) {
-          const int dy = abs(n / R - m / R), dx = abs(n % R - m % R);
-          attn[n * ld + m] = v + static_cast<float>(bias[dy * R + dx]);
-        });
+        [&](int n, int m, float v) { attn[n * ld + m] = v + position_bias(p, head, n, m); });
     __syncthreads();
 
-    // Softmax over keys in fp32, one warp per query.
-    for (int n = warp; n < N; n += warps) {
-      float* row = attn + n * ld;
-      float peak = -INFINITY;
-      for (int m = lane; m < N; m += 32) peak = fmaxf(peak, row[m]);
-      for (int offset = 16; offset > 0; offset /= 2) peak = fmaxf(peak, __shfl_xor_sync(0xffffffffu, peak, offset));
-      float sum = 0.f;
-      for (int m = lane; m < N; m += 32) {
-        const float e = expf(row[m] - peak);  // full-accuracy expf: the build does not use fast math
-        row[m] = e;
-        sum += e;
-      }
-      for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-      const float inv = __frcp_rn(sum);
-      for (int m = lane; m < N; m += 32) row[m] *= inv;
-    }
+    softmax_rows(attn, ld, N, [&](int n, int m, float prob) { attn[n * ld + m] = prob; });
     __syncthreads();
 
     // out[c, n] = Σ_m v[c, m]·attn[n, m]
@@ -200,23 +248,208 @@ __global__ void __launch_bounds__(kMaxThreads) cga_window_kernel(const Params<T>
 
   // ReLU, the projection and the crop to the map.
   const int K = p.heads * vd;
-  T* y_out = p.out + int64_t(b) * p.c_out * p.H * p.W;
   gemm_rows4(
-      p.c_out, K, N, [&](int o) { return static_cast<float>(p.proj_b[o]); },
-      [&](int o, int c) { return static_cast<float>(p.proj_w[o * K + c]); },
+      p.c_out, K, N, [](int) { return 0.f; }, [&](int o, int c) { return static_cast<float>(p.proj_w[o * K + c]); },
       [&](int c, int n) { return fmaxf(outs[c * N + n], 0.f); },
-      [&](int o, int n, float v) {
-        const int y = y0 + n / R, xx = x0 + n % R;
-        if (y >= p.H || xx >= p.W) return;
-        y_out[(int64_t(o) * p.H + y) * p.W + xx] = static_cast<T>(v);
-      });
+      [&](int o, int n, float v) { store_output(p, w, o, n, v); });
+}
+
+// --- the tensor-core kernel -----------------------------------------------------------------------------------
+
+constexpr int kTile = 16;     // the wmma shape: 16×16 outputs, 16-long steps over the reduction
+constexpr int kMmaWarps = 16;  // 512 threads: one block per SM holds a wide window, so many warps hide latency
+
+// Whether cga_window_cuda runs the tensor-core kernel: fp16/bf16 on sm_80 or later (the bf16 products need it), with
+// every dimension of the four products a multiple of the 16-wide tiles.
+bool tensor_core_products(at::ScalarType dtype, int64_t arch_major, int64_t in_w, int64_t kd, int64_t vd,
+                          int64_t c_out) {
+  const bool half = dtype == at::ScalarType::Half || dtype == at::ScalarType::BFloat16;
+  return half && arch_major >= 8 && in_w % kTile == 0 && kd % kTile == 0 && vd % kTile == 0 && c_out % kTile == 0;
+}
+
+// Byte offsets of the tensor-core kernel's arrays (each 128-byte aligned, as wmma's 32-byte-aligned tiles need)
+// and its bytes in all, for the launcher and the kernel alike. NP = N rounded up to 16 (the products' token
+// width), E = the input's 16-bit type:
+//   feat     in_w × NP     E      the current head's input (zero past N)
+//   q32      kd × NP       fp32   q before its depthwise conv
+//   q, k, v  kd|kd|vd × NP E      the products' operands (q convolved and scaled)
+//   logits   N × ld        fp32   scores plus the position bias (ld = N|1, as the scalar kernel's)
+//   probs    NP × NP       E      probabilities; zero past N in either direction
+//   outs     heads·vd × NP E      every head's output (zero past N), relu'd before the projection
+//   scratch  16 warps × 16×16 fp32: each warp's accumulator tile on its way to the epilogue
+struct MmaLayout {
+  int64_t np, ld, feat, q32, q, k, v, logits, probs, outs, scratch, bytes;
+};
+
+__host__ __device__ inline int64_t aligned_128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
+
+__host__ __device__ inline MmaLayout mma_layout(int64_t window, int64_t heads, int64_t in_w, int64_t kd,
+                                                int64_t vd) {
+  const int64_t N = window * window;
+  MmaLayout s{};
+  s.np = (N + kTile - 1) / kTile * kTile;
+  s.ld = N | 1;
+  s.feat = 0;
+  s.q32 = aligned_128(s.feat + in_w * s.np * 2);
+  s.q = aligned_128(s.q32 + kd * s.np * 4);
+  s.k = aligned_128(s.q + kd * s.np * 2);
+  s.v = aligned_128(s.k + kd * s.np * 2);
+  s.logits = aligned_128(s.v + vd * s.np * 2);
+  s.probs = aligned_128(s.logits + N * s.ld * 4);
+  s.outs = aligned_128(s.probs + s.np * s.np * 2);
+  s.scratch = aligned_128(s.outs + heads * vd * s.np * 2);
+  s.bytes = s.scratch + kMmaWarps * kTile * kTile * 4;
+  return s;
+}
+
+// PyTorch's 16-bit types as the wmma fragments name them (the same bits).
+template <typename T>
+struct WmmaType;
+template <>
+struct WmmaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct WmmaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// One warp's 16×16 output tile: Σ_s A_s·B_s over `steps` 16-long steps of the reduction (A_s = a + s·a_step with
+// leading dimension lda in layout LayoutA, B_s likewise), accumulated in fp32 on the tensor cores, then handed
+// element by element to epilogue(row, column, value) through the warp's fp32 scratch tile.
+template <typename LayoutA, typename LayoutB, typename E, typename Epilogue>
+__device__ __forceinline__ void warp_tile(const E* a, int lda, int a_step, const E* b, int ldb, int b_step,
+                                          int steps, float* scratch, Epilogue epilogue) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> acc;
+  wmma::fill_fragment(acc, 0.f);
+  for (int s = 0; s < steps; ++s) {
+    wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, E, LayoutA> fa;
+    wmma::fragment<wmma::matrix_b, kTile, kTile, kTile, E, LayoutB> fb;
+    wmma::load_matrix_sync(fa, a + s * a_step, lda);
+    wmma::load_matrix_sync(fb, b + s * b_step, ldb);
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+  wmma::store_matrix_sync(scratch, acc, kTile, wmma::mem_row_major);
+  __syncwarp();
+  for (int e = threadIdx.x % 32; e < kTile * kTile; e += 32) epilogue(e / kTile, e % kTile, scratch[e]);
+  __syncwarp();  // the scratch tile is the next call's
+#endif
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kMmaWarps * 32) cga_window_mma_kernel(const Params<T> p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using E = typename WmmaType<T>::type;
+  using RowMajor = nvcuda::wmma::row_major;
+  using ColMajor = nvcuda::wmma::col_major;
+  extern __shared__ __align__(128) unsigned char mma_smem[];
+  const int N = p.R * p.R, kd = p.key_dim, vd = p.val_dim, in_w = p.in_w;
+  const MmaLayout layout = mma_layout(p.R, p.heads, in_w, kd, vd);
+  const int np = static_cast<int>(layout.np), ld = static_cast<int>(layout.ld), tiles_n = np / kTile;
+  T* feat = reinterpret_cast<T*>(mma_smem + layout.feat);
+  float* q32 = reinterpret_cast<float*>(mma_smem + layout.q32);
+  T* q = reinterpret_cast<T*>(mma_smem + layout.q);
+  T* k = reinterpret_cast<T*>(mma_smem + layout.k);
+  T* v = reinterpret_cast<T*>(mma_smem + layout.v);
+  float* logits = reinterpret_cast<float*>(mma_smem + layout.logits);
+  T* probs = reinterpret_cast<T*>(mma_smem + layout.probs);
+  T* outs = reinterpret_cast<T*>(mma_smem + layout.outs);
+  const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  float* scratch = reinterpret_cast<float*>(mma_smem + layout.scratch) + warp * kTile * kTile;
+  auto e = [](const T* t) { return reinterpret_cast<const E*>(t); };
+
+  const Window w = block_window(p);
+
+  // The padded queries' and keys' probabilities stay zero for every head (the softmax writes rows and keys < N).
+  for (int idx = threadIdx.x; idx < np * np; idx += blockDim.x) probs[idx] = static_cast<T>(0.f);
+
+  for (int head = 0; head < p.heads; ++head) {
+    // The cascade: this head's input chunk (zeros past the map's edge) plus the previous head's output.
+    for (int idx = threadIdx.x; idx < in_w * np; idx += blockDim.x) {
+      const int c = idx / np, n = idx % np;
+      float val = 0.f;
+      if (n < N)
+        val = window_input(p, w, head, c, n) +
+              (head > 0 ? static_cast<float>(outs[((head - 1) * vd + c) * np + n]) : 0.f);
+      feat[idx] = static_cast<T>(val);
+    }
+    __syncthreads();
+
+    // qkv = W·feat + bias: q kept in fp32 for its depthwise conv, k and v rounded for their products.
+    const T* qkv_b = p.qkv_b[head];
+    const int row_tiles = (2 * kd + vd) / kTile;
+    for (int t = warp; t < row_tiles * tiles_n; t += warps) {
+      const int rt = t / tiles_n, nt = t % tiles_n;
+      warp_tile<RowMajor, RowMajor>(
+          e(p.qkv_w[head]) + rt * kTile * in_w, in_w, kTile, e(feat) + nt * kTile, np, kTile * np, in_w / kTile,
+          scratch, [&](int r, int col, float acc) {
+            const int o = rt * kTile + r, n = nt * kTile + col;
+            const float val = acc + static_cast<float>(qkv_b[o]);
+            if (o < kd)
+              q32[o * np + n] = val;
+            else if (o < 2 * kd)
+              k[(o - kd) * np + n] = static_cast<T>(val);
+            else
+              v[(o - 2 * kd) * np + n] = static_cast<T>(val);
+          });
+    }
+    __syncthreads();
+
+    // q's depthwise conv (fp32), times the scale, rounded for the scores.
+    for (int idx = threadIdx.x; idx < kd * N; idx += blockDim.x)
+      q[idx / N * np + idx % N] = static_cast<T>(depthwise_q(p, head, q32, np, idx / N, idx % N) * p.scale);
+    __syncthreads();
+
+    // Logits (queries n × keys m) = qᵀk plus the position bias. q (kd × NP, row-major) is qᵀ column-major.
+    for (int t = warp; t < tiles_n * tiles_n; t += warps) {
+      const int qt = t / tiles_n, mt = t % tiles_n;
+      warp_tile<ColMajor, RowMajor>(e(q) + qt * kTile, np, kTile * np, e(k) + mt * kTile, np, kTile * np,
+                                    kd / kTile, scratch, [&](int r, int col, float acc) {
+                                      const int n = qt * kTile + r, m = mt * kTile + col;
+                                      if (n < N && m < N) logits[n * ld + m] = acc + position_bias(p, head, n, m);
+                                    });
+    }
+    __syncthreads();
+
+    // The probabilities, rounded once.
+    softmax_rows(logits, ld, N, [&](int n, int m, float prob) { probs[n * np + m] = static_cast<T>(prob); });
+    __syncthreads();
+
+    // out[c, n] = Σ_m v[c, m]·probs[n, m]: probs (NP × NP, row-major) is probsᵀ column-major.
+    for (int t = warp; t < vd / kTile * tiles_n; t += warps) {
+      const int ct = t / tiles_n, nt = t % tiles_n;
+      warp_tile<RowMajor, ColMajor>(e(v) + ct * kTile * np, np, kTile, e(probs) + nt * kTile * np, np, kTile,
+                                    tiles_n, scratch, [&](int r, int col, float acc) {
+                                      const int c = ct * kTile + r, n = nt * kTile + col;
+                                      outs[(head * vd + c) * np + n] = static_cast<T>(n < N ? acc : 0.f);
+                                    });
+    }
+    __syncthreads();
+  }
+
+  // ReLU, the projection and the crop to the map.
+  const int K = p.heads * vd;
+  for (int idx = threadIdx.x; idx < K * np; idx += blockDim.x)
+    outs[idx] = static_cast<T>(fmaxf(static_cast<float>(outs[idx]), 0.f));
+  __syncthreads();
+  for (int t = warp; t < p.c_out / kTile * tiles_n; t += warps) {
+    const int ot = t / tiles_n, nt = t % tiles_n;
+    warp_tile<RowMajor, RowMajor>(e(p.proj_w) + ot * kTile * K, K, kTile, e(outs) + nt * kTile, np, kTile * np,
+                                  K / kTile, scratch, [&](int r, int col, float acc) {
+                                    const int n = nt * kTile + col;
+                                    if (n < N) store_output(p, w, ot * kTile + r, n, acc);
+                                  });
+  }
+#endif
 }
 
 template <typename T>
 void launch(const at::Tensor& x, const std::vector<at::Tensor>& qkv_w, const std::vector<at::Tensor>& qkv_b,
             const std::vector<at::Tensor>& dw_w, const std::vector<at::Tensor>& dw_b, const at::Tensor& biases,
             const at::Tensor& proj_w, const at::Tensor& proj_b, at::Tensor& out, int64_t key_dim, int64_t window,
-            int64_t smem_bytes, int blocks) {
+            int64_t smem_bytes, int blocks, bool tensor_cores) {
   Params<T> p{};
   p.x = x.const_data_ptr<T>();
   for (int d = 0; d < 4; ++d) p.x_stride[d] = x.stride(d);
@@ -245,26 +478,44 @@ void launch(const at::Tensor& x, const std::vector<at::Tensor>& qkv_w, const std
   p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(key_dim)));  // as key_dim ** -0.5
 
   // Past 48 KB a kernel must opt in; where only one block fits on an SM anyway, more threads hide latency.
+  auto kernel = cga_window_kernel<T>;
+  int threads = smem_bytes > 112 * 1024 ? kMaxThreads : 256;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (tensor_cores) {
+      kernel = cga_window_mma_kernel<T>;
+      threads = kMmaWarps * 32;
+    }
+  }
   if (smem_bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(cga_window_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem_bytes)));
-  const int threads = smem_bytes > 112 * 1024 ? kMaxThreads : 256;
-  cga_window_kernel<T><<<blocks, threads, smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(p);
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
+  kernel<<<blocks, threads, smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::vector<at::Tensor> contiguous(at::TensorList tensors) {
+// Contiguous and 32-byte aligned (a copy where a view starts elsewhere): the tensor-core kernel reads the weights
+// as 16×16 tiles, which must start at 32-byte boundaries.
+at::Tensor dense(const at::Tensor& t) {
+  at::Tensor out = t.contiguous();
+  return reinterpret_cast<std::uintptr_t>(out.const_data_ptr()) % 32 == 0 ? out : out.clone();
+}
+
+std::vector<at::Tensor> dense(at::TensorList tensors) {
   std::vector<at::Tensor> out;
   out.reserve(tensors.size());
-  for (const auto& t : tensors) out.push_back(t.contiguous());
+  for (const auto& t : tensors) out.push_back(dense(t));
   return out;
 }
 
 }  // namespace
 
 // Host only, no GPU needed: registered as evit::cga_window_cuda_shared_memory_bytes for the Python side's checks.
+// The bytes of the kernel cga_window_cuda runs for these sizes, dtype and GPU generation (arch_major: 9 for sm_90).
 int64_t cga_window_cuda_shared_memory_bytes(int64_t window, int64_t heads, int64_t in_width, int64_t key_dim,
-                                            int64_t val_dim) {
+                                            int64_t val_dim, int64_t out_channels, at::ScalarType dtype,
+                                            int64_t arch_major) {
+  if (tensor_core_products(dtype, arch_major, in_width, key_dim, val_dim, out_channels))
+    return mma_layout(window, heads, in_width, key_dim, val_dim).bytes;
   return shared_layout(window, heads, in_width, key_dim, val_dim).floats * int64_t(sizeof(float));
 }
 
@@ -306,23 +557,25 @@ at::Tensor cga_window_cuda(const at::Tensor& x, at::TensorList qkv_w, at::Tensor
   same(proj_b, {c_out}, "proj_b", -1);
 
   c10::cuda::CUDAGuard guard(x.device());
-  int device = 0, max_smem = 0;
+  int device = 0, max_smem = 0, arch_major = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const int64_t smem_bytes = cga_window_cuda_shared_memory_bytes(window, heads, in_w, key_dim, vd);
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&arch_major, cudaDevAttrComputeCapabilityMajor, device));
+  const bool tensor_cores = tensor_core_products(dtype, arch_major, in_w, key_dim, vd, c_out);
+  const int64_t smem_bytes =
+      cga_window_cuda_shared_memory_bytes(window, heads, in_w, key_dim, vd, c_out, dtype, arch_major);
   TORCH_CHECK(smem_bytes <= max_smem, "cga_window_cuda: this configuration needs ", smem_bytes,
               " bytes of shared memory per block, the GPU has ", max_smem);
   const int64_t blocks = B * ((H + window - 1) / window) * ((W + window - 1) / window);
   TORCH_CHECK(blocks < (int64_t(1) << 31), "cga_window_cuda: too many windows");
 
   at::Tensor out = x.new_empty({B, c_out, H, W});
-  const auto qkv_wc = contiguous(qkv_w), qkv_bc = contiguous(qkv_b), dw_wc = contiguous(dw_w),
-             dw_bc = contiguous(dw_b);
-  const auto biases = attention_biases.contiguous(), pw = proj_w.contiguous(), pb = proj_b.contiguous();
+  const auto qkv_wc = dense(qkv_w), qkv_bc = dense(qkv_b), dw_wc = dense(dw_w), dw_bc = dense(dw_b);
+  const auto biases = dense(attention_biases), pw = dense(proj_w), pb = dense(proj_b);
   EVIT_DISPATCH_KERNEL_TYPES(dtype, "cga_window_cuda", [&] {
     if (blocks > 0)
       launch<scalar_t>(x, qkv_wc, qkv_bc, dw_wc, dw_bc, biases, pw, pb, out, key_dim, window, smem_bytes,
-                       static_cast<int>(blocks));
+                       static_cast<int>(blocks), tensor_cores);
   });
   return out;
 }

@@ -17,7 +17,8 @@ at::Tensor cga_window_cuda(const at::Tensor& x, at::TensorList qkv_w, at::Tensor
                            at::TensorList dw_b, const at::Tensor& attention_biases, const at::Tensor& proj_w,
                            const at::Tensor& proj_b, int64_t key_dim, int64_t window);
 int64_t cga_window_cuda_shared_memory_bytes(int64_t window, int64_t heads, int64_t in_width, int64_t key_dim,
-                                            int64_t val_dim);
+                                            int64_t val_dim, int64_t out_channels, at::ScalarType dtype,
+                                            int64_t arch_major);
 
 // Shape only, for fake tensors (torch.compile, export): (B, C_out, H, W) in x's dtype.
 at::Tensor cga_window_meta(const at::Tensor& x, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
@@ -49,9 +50,11 @@ TORCH_LIBRARY_FRAGMENT(evit, m) {
   // Cascaded group attention of a whole map, BatchNorm folded, inference only (no autograd); see the .cu file.
   m.def("cga_window_cuda(Tensor x, Tensor[] qkv_w, Tensor[] qkv_b, Tensor[] dw_w, Tensor[] dw_b, "
         "Tensor attention_biases, Tensor proj_w, Tensor proj_b, int key_dim, int window) -> Tensor");
-  // Bytes of shared memory one block of cga_window_cuda needs (in_width = C/heads); computed on the host, no GPU
-  // needed, by the function the launcher sizes its blocks with, so Python's checks cannot drift from the kernel.
-  m.def("cga_window_cuda_shared_memory_bytes(int window, int heads, int in_width, int key_dim, int val_dim) -> int",
+  // Bytes of shared memory one block of cga_window_cuda needs (in_width = C/heads) in the kernel it runs for that
+  // dtype on a GPU of compute capability arch_major.x; computed on the host, no GPU needed, by the function the
+  // launcher sizes its blocks with, so Python's checks cannot drift from the kernel.
+  m.def("cga_window_cuda_shared_memory_bytes(int window, int heads, int in_width, int key_dim, int val_dim, "
+        "int out_channels, ScalarType dtype, int arch_major) -> int",
         &evit::cga_window_cuda_shared_memory_bytes);
   // evit::conv_bn_act's depthwise k×k conv (k = 3, 5, 7), BatchNorm folded, inference only; see the .cu file.
   m.def("depthwise_conv_cuda(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, str activation, "

@@ -66,6 +66,35 @@ def test_strided_input(layout, dtype):
     assert_within_twice_eager(out, eager, expected, dtype, whole_map_terms(config, 7))
 
 
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in a view that starts one element into its storage: 2 bytes past a 32-byte boundary."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = flat[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.numerics
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config, misaligned", [
+    ((192, 3, (7, 5, 3)), True),  # the tensor-core kernel, its weight tiles read from 32-byte-aligned copies
+    ((72, 3, (5, 3, 3)), False),  # value dim 24, no multiple of 16: the scalar kernel in fp16/bf16
+])
+def test_misaligned_weights_and_the_scalar_kernel_in_half_precision(config, misaligned, dtype):
+    args = list(folded_inputs(config, 9, 11, 7, dtype, "cuda", batch=2))
+    if misaligned:
+        args[1] = [_misaligned(w) for w in args[1]]
+        args[6] = _misaligned(args[6])
+        assert args[6].data_ptr() % 32 != 0
+    expected = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*cast(args, torch.float64)))
+    eager = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*args))
+    out = torch.ops.evit.cga_window_cuda(*args)
+    assert torch.isfinite(out).all()
+    assert_within_twice_eager(out, eager, expected, dtype, whole_map_terms(config, 7))
+
+
 @pytest.mark.gpu
 @needs_extension
 def test_opcheck_on_gpu():
@@ -99,8 +128,9 @@ def test_every_released_configuration_fits_in_shared_memory_and_is_accepted():
     reasons = dispatch.get(OP, "cuda").input_reasons
     for config in CONFIGS:
         channels, heads, _ = config
-        assert cuda_shared_memory_bytes(7, heads, channels // heads, KEY_DIM, channels // heads) \
-            <= H100_SHARED_MEMORY_PER_BLOCK
+        for dtype, arch_major in [(torch.float32, 9), (torch.bfloat16, 9), (torch.float16, 8), (torch.float16, 7)]:
+            assert cuda_shared_memory_bytes(7, heads, channels // heads, KEY_DIM, channels // heads, channels, dtype,
+                                            arch_major) <= H100_SHARED_MEMORY_PER_BLOCK
         with torch.no_grad():
             inputs = CascadedGroupAttentionArgs(*folded_inputs(config, 9, 11, 7, torch.float16, "cpu", batch=1))
             assert reasons(inputs) == ["tensors on cpu (the cuda kernels need CUDA tensors)"]
@@ -108,13 +138,26 @@ def test_every_released_configuration_fits_in_shared_memory_and_is_accepted():
 
 @needs_extension
 def test_shared_memory_is_the_launchers_own_count():
-    """evit_kernels._C owns the count (the kernel's layout sizes the launch); no GPU is needed to ask for it. M0's
-    first stage, 7×7 windows: 49 tokens × (16 input + 2·16 + 16 qkv + 16 q + 4·16 head outputs) + 49×49 attention,
-    in fp32."""
+    """evit_kernels._C owns the count (the kernel's layout sizes the launch) and the choice of kernel; no GPU is
+    needed to ask for them. M0's first stage, 7×7 windows, 4 heads of 16 channels (key_dim 16):
+
+    - the fp32 scalar kernel (fp32, or fp16/bf16 before sm_80): 49 tokens × (16 input + 2·16 + 16 qkv + 16 q + 4·16
+      head outputs) + 49×49 attention, 4 bytes each;
+    - the tensor-core kernel (fp16/bf16 from sm_80), tokens padded to 64, each array at a multiple of 128 bytes:
+      16×64 input (2 bytes), 16×64 q before its conv (4), 16×64 each of q, k, v (2), 49×49 logits (4: 9604 bytes,
+      9728 aligned), 64×64 probabilities (2), 4·16×64 head outputs (2), and 16 warps' 16×16 fp32 scratch tiles."""
     assert str(torch.ops.evit.cga_window_cuda_shared_memory_bytes.default._schema) == (
-        "evit::cga_window_cuda_shared_memory_bytes(int window, int heads, int in_width, int key_dim, int val_dim) "
-        "-> int")
-    assert cuda_shared_memory_bytes(7, 4, 16, KEY_DIM, 16) == 4 * (49 * 144 + 49 * 49)
+        "evit::cga_window_cuda_shared_memory_bytes(int window, int heads, int in_width, int key_dim, int val_dim, "
+        "int out_channels, ScalarType dtype, int arch_major) -> int")
+    scalar = 4 * (49 * 144 + 49 * 49)
+    assert cuda_shared_memory_bytes(7, 4, 16, KEY_DIM, 16, 64, torch.float32, 9) == scalar
+    assert cuda_shared_memory_bytes(7, 4, 16, KEY_DIM, 16, 64, torch.bfloat16, 7) == scalar
+    tensor_cores = 2048 + 4096 + 3 * 2048 + 9728 + 8192 + 8192 + 16 * 1024
+    for dtype in (torch.bfloat16, torch.float16):
+        assert cuda_shared_memory_bytes(7, 4, 16, KEY_DIM, 16, 64, dtype, 9) == tensor_cores
+        assert cuda_shared_memory_bytes(7, 4, 16, KEY_DIM, 16, 64, dtype, 8) == tensor_cores
+    # A dimension that is no multiple of 16 (the output channels here) keeps the scalar kernel.
+    assert cuda_shared_memory_bytes(7, 4, 16, KEY_DIM, 16, 72, torch.bfloat16, 9) == scalar
 
 
 @needs_extension

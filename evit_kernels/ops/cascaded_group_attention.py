@@ -317,32 +317,37 @@ def _cuda_forward(a: CascadedGroupAttentionArgs) -> Tensor:
     return torch.ops.evit.cga_window_cuda(*a.fields())
 
 
-# The envelope the CUDA kernel was written and tested for (the released M0-M5 attentions: key_dim 16, value dims
-# 16-112, 2-4 heads with 3/5/7 depthwise kernels, windows of 7 and 4). The kernel's loops take any size; what
-# bounds it is shared memory, which holds one window's activations in fp32.
+# The envelope the CUDA kernels were written and tested for (the released M0-M5 attentions: key_dim 16, value dims
+# 16-112, 2-4 heads with 3/5/7 depthwise kernels, windows of 7 and 4). The kernels' loops take any size; what
+# bounds them is shared memory, which holds one window's activations (fp32 in the scalar kernel, the products'
+# operands in fp16/bf16 in the tensor-core one).
 CUDA_KEY_DIM = 16
 CUDA_MAX_WINDOW = 8
 CUDA_MAX_VAL_DIM = 128
 CUDA_MAX_HEADS = 8
 CUDA_KERNEL_SIZES = (1, 3, 5, 7)
 H100_SHARED_MEMORY_PER_BLOCK = 227 * 1024
+H100_ARCH_MAJOR = 9
 
 
-def cuda_shared_memory_bytes(window: int, heads: int, in_width: int, key_dim: int, val_dim: int) -> int:
-    """Shared memory of one block of the CUDA kernel (the head input, the qkv output, the convolved q, the N×(N|1)
-    attention and every head's output, all fp32), as its launcher computes it: asked of ``evit_kernels._C``,
-    which owns the layout. Without ``_C`` the cuda backend cannot run, and dispatch never asks for its input
+def cuda_shared_memory_bytes(window: int, heads: int, in_width: int, key_dim: int, val_dim: int, out_channels: int,
+                             dtype: torch.dtype, arch_major: int) -> int:
+    """Shared memory of one block of the CUDA kernel that runs these sizes in ``dtype`` on a GPU of compute
+    capability ``arch_major``.x (the tensor-core kernel or the fp32 scalar one: the head input, q, k, v, the
+    attention and every head's output), as its launcher computes it: asked of ``evit_kernels._C``, which owns the
+    layouts and the choice. Without ``_C`` the cuda backend cannot run, and dispatch never asks for its input
     reasons."""
     if _extension.load_error() is not None:
         raise RuntimeError(f"cuda_shared_memory_bytes needs evit_kernels._C: {_extension.load_error()}")
     # torch.compile traces the backend choice: operator.index makes symbolic sizes ints (guarded) so that the op,
     # whose int result would break the graph, runs while tracing and its result becomes a constant.
-    return _shared_memory_bytes(*map(operator.index, (window, heads, in_width, key_dim, val_dim)))
+    sizes = map(operator.index, (window, heads, in_width, key_dim, val_dim, out_channels))
+    return _shared_memory_bytes(*sizes, dtype, operator.index(arch_major))
 
 
 @torch.compiler.assume_constant_result
-def _shared_memory_bytes(*sizes: int) -> int:
-    return torch.ops.evit.cga_window_cuda_shared_memory_bytes(*sizes)
+def _shared_memory_bytes(*args) -> int:
+    return torch.ops.evit.cga_window_cuda_shared_memory_bytes(*args)
 
 
 def _cuda_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
@@ -367,9 +372,12 @@ def _cuda_reasons(a: CascadedGroupAttentionArgs) -> list[str]:
     if any(k not in CUDA_KERNEL_SIZES for k in sizes):
         reasons.append(f"depthwise kernel sizes {sizes} (the CUDA kernel takes {CUDA_KERNEL_SIZES})")
     if _extension.load_error() is None:  # without _C the machine check refuses the backend already
-        limit = (torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin if x.device.type == "cuda"
-                 else H100_SHARED_MEMORY_PER_BLOCK)
-        needed = cuda_shared_memory_bytes(window, heads, C // heads, key_dim, val_dim)
+        on_gpu = x.device.type == "cuda"
+        limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin if on_gpu \
+            else H100_SHARED_MEMORY_PER_BLOCK
+        arch_major = torch.cuda.get_device_capability(x.device)[0] if on_gpu else H100_ARCH_MAJOR
+        needed = cuda_shared_memory_bytes(window, heads, C // heads, key_dim, val_dim, a.proj_weight.shape[0],
+                                          x.dtype, arch_major)
         if needed > limit:
             reasons.append(f"{needed} bytes of shared memory per window > the GPU's {limit}")
     return reasons
