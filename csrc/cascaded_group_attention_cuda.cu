@@ -12,7 +12,9 @@
 //   (after its depthwise conv and the scale), k, v, the probabilities and the heads' outputs are rounded to it
 //   once each, as eager's convs and matmuls round theirs; the depthwise conv and the softmax run in fp32. The
 //   window's N tokens are padded to NP (a multiple of 16) with zero probabilities past N. Weights go from global
-//   memory (L2) into the products' fragments, each element once per block.
+//   memory (L2) into the products' fragments, each element once per block. On sm_90, where the windows are
+//   fewer than half the GPU's SMs (batch 1), each window takes a cluster of 2 or 4 CTAs that share its products'
+//   tiles through distributed shared memory (WindowCtas).
 // - cga_window_kernel (every other case: fp32, or a dimension that is no multiple of 16): fp32 scalar FMA
 //   throughout, fp16/bf16 rounded once, on store.
 //
@@ -31,6 +33,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -84,6 +87,7 @@ struct Params {
   const T* proj_w;            // (c_out, heads·vd)
   const T* proj_b;
   int H, W, heads, in_w, key_dim, val_dim, c_out, R, windows_h, windows_w;
+  int ctas_per_window;  // 1, or the size of the thread block clusters that split each window (WindowCtas)
   float scale;
 };
 
@@ -122,7 +126,7 @@ struct Window {
 
 template <typename T>
 __device__ __forceinline__ Window block_window(const Params<T>& p) {
-  const int wx = blockIdx.x % p.windows_w, rest = blockIdx.x / p.windows_w;
+  const int window = blockIdx.x / p.ctas_per_window, wx = window % p.windows_w, rest = window / p.windows_w;
   return {rest / p.windows_h, rest % p.windows_h * p.R, wx * p.R};
 }
 
@@ -338,8 +342,51 @@ __device__ __forceinline__ void warp_tile(const E* a, int lda, int a_step, const
 #endif
 }
 
+// The CTAs that share one window: a thread block cluster of `size` CTAs (sm_90), or one CTA (size 1). Each
+// computes its share of the tiles of the qkv conv, the value sum and the projection and stores the qkv and head
+// outputs into every member's shared memory (distributed shared memory), so that each member holds the whole
+// window for the steps they all repeat (the depthwise conv, the scores, the softmax). Launched so where the
+// windows are fewer than the GPU's SMs (batch 1), to put up to four SMs on a window instead of one.
+struct WindowCtas {
+  int rank, size;
+
+  // Tiles t = first(warp), first(warp) + step(warps), ... of a product are this CTA's share.
+  __device__ __forceinline__ int first(int warp, int warps) const { return warp + rank * warps; }
+  __device__ __forceinline__ int step(int warps) const { return warps * size; }
+
+  // local[idx] = value in every member's copy of the shared array `local`.
+  template <typename U>
+  __device__ __forceinline__ void store(U* local, int idx, U value) const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (size > 1) {
+      for (int r = 0; r < size; ++r) cooperative_groups::this_cluster().map_shared_rank(local, r)[idx] = value;
+      return;
+    }
+#endif
+    local[idx] = value;
+  }
+
+  // A barrier across the members, after which every store above is visible to all of them.
+  __device__ __forceinline__ void sync() const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (size > 1) {
+      cooperative_groups::this_cluster().sync();
+      return;
+    }
+#endif
+    __syncthreads();
+  }
+};
+
+__device__ __forceinline__ WindowCtas window_ctas(int size) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (size > 1) return {static_cast<int>(cooperative_groups::this_cluster().block_rank()), size};
+#endif
+  return {0, 1};
+}
+
 template <typename T>
-__global__ void __launch_bounds__(kMmaWarps * 32) cga_window_mma_kernel(const Params<T> p) {
+__global__ void __launch_bounds__(kMmaWarps * 32, 2) cga_window_mma_kernel(const Params<T> p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using E = typename WmmaType<T>::type;
   using RowMajor = nvcuda::wmma::row_major;
@@ -361,9 +408,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32) cga_window_mma_kernel(const Pa
   auto e = [](const T* t) { return reinterpret_cast<const E*>(t); };
 
   const Window w = block_window(p);
+  const WindowCtas ctas = window_ctas(p.ctas_per_window);
 
   // The padded queries' and keys' probabilities stay zero for every head (the softmax writes rows and keys < N).
   for (int idx = threadIdx.x; idx < np * np; idx += blockDim.x) probs[idx] = static_cast<T>(0.f);
+  ctas.sync();  // and every member runs before any stores into its shared memory
 
   for (int head = 0; head < p.heads; ++head) {
     // The cascade: this head's input chunk (zeros past the map's edge) plus the previous head's output.
@@ -380,7 +429,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) cga_window_mma_kernel(const Pa
     // qkv = W·feat + bias: q kept in fp32 for its depthwise conv, k and v rounded for their products.
     const T* qkv_b = p.qkv_b[head];
     const int row_tiles = (2 * kd + vd) / kTile;
-    for (int t = warp; t < row_tiles * tiles_n; t += warps) {
+    for (int t = ctas.first(warp, warps); t < row_tiles * tiles_n; t += ctas.step(warps)) {
       const int rt = t / tiles_n, nt = t % tiles_n;
       warp_tile<RowMajor, RowMajor>(
           e(p.qkv_w[head]) + rt * kTile * in_w, in_w, kTile, e(feat) + nt * kTile, np, kTile * np, in_w / kTile,
@@ -388,14 +437,14 @@ __global__ void __launch_bounds__(kMmaWarps * 32) cga_window_mma_kernel(const Pa
             const int o = rt * kTile + r, n = nt * kTile + col;
             const float val = acc + static_cast<float>(qkv_b[o]);
             if (o < kd)
-              q32[o * np + n] = val;
+              ctas.store(q32, o * np + n, val);
             else if (o < 2 * kd)
-              k[(o - kd) * np + n] = static_cast<T>(val);
+              ctas.store(k, (o - kd) * np + n, static_cast<T>(val));
             else
-              v[(o - 2 * kd) * np + n] = static_cast<T>(val);
+              ctas.store(v, (o - 2 * kd) * np + n, static_cast<T>(val));
           });
     }
-    __syncthreads();
+    ctas.sync();
 
     // q's depthwise conv (fp32), times the scale, rounded for the scores.
     for (int idx = threadIdx.x; idx < kd * N; idx += blockDim.x)
@@ -418,15 +467,15 @@ __global__ void __launch_bounds__(kMmaWarps * 32) cga_window_mma_kernel(const Pa
     __syncthreads();
 
     // out[c, n] = Σ_m v[c, m]·probs[n, m]: probs (NP × NP, row-major) is probsᵀ column-major.
-    for (int t = warp; t < vd / kTile * tiles_n; t += warps) {
+    for (int t = ctas.first(warp, warps); t < vd / kTile * tiles_n; t += ctas.step(warps)) {
       const int ct = t / tiles_n, nt = t % tiles_n;
       warp_tile<RowMajor, ColMajor>(e(v) + ct * kTile * np, np, kTile, e(probs) + nt * kTile * np, np, kTile,
                                     tiles_n, scratch, [&](int r, int col, float acc) {
                                       const int c = ct * kTile + r, n = nt * kTile + col;
-                                      outs[(head * vd + c) * np + n] = static_cast<T>(n < N ? acc : 0.f);
+                                      ctas.store(outs, (head * vd + c) * np + n, static_cast<T>(n < N ? acc : 0.f));
                                     });
     }
-    __syncthreads();
+    ctas.sync();  // also the last access to another member's shared memory, before any member may exit
   }
 
   // ReLU, the projection and the crop to the map.
@@ -434,7 +483,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) cga_window_mma_kernel(const Pa
   for (int idx = threadIdx.x; idx < K * np; idx += blockDim.x)
     outs[idx] = static_cast<T>(fmaxf(static_cast<float>(outs[idx]), 0.f));
   __syncthreads();
-  for (int t = warp; t < p.c_out / kTile * tiles_n; t += warps) {
+  for (int t = ctas.first(warp, warps); t < p.c_out / kTile * tiles_n; t += ctas.step(warps)) {
     const int ot = t / tiles_n, nt = t % tiles_n;
     warp_tile<RowMajor, RowMajor>(e(p.proj_w) + ot * kTile * K, K, kTile, e(outs) + nt * kTile, np, kTile * np,
                                   K / kTile, scratch, [&](int r, int col, float acc) {
@@ -449,7 +498,7 @@ template <typename T>
 void launch(const at::Tensor& x, const std::vector<at::Tensor>& qkv_w, const std::vector<at::Tensor>& qkv_b,
             const std::vector<at::Tensor>& dw_w, const std::vector<at::Tensor>& dw_b, const at::Tensor& biases,
             const at::Tensor& proj_w, const at::Tensor& proj_b, at::Tensor& out, int64_t key_dim, int64_t window,
-            int64_t smem_bytes, int blocks, bool tensor_cores) {
+            int64_t smem_bytes, int windows, bool tensor_cores, int ctas_per_window) {
   Params<T> p{};
   p.x = x.const_data_ptr<T>();
   for (int d = 0; d < 4; ++d) p.x_stride[d] = x.stride(d);
@@ -475,6 +524,7 @@ void launch(const at::Tensor& x, const std::vector<at::Tensor>& qkv_w, const std
   p.R = static_cast<int>(window);
   p.windows_h = static_cast<int>((p.H + window - 1) / window);
   p.windows_w = static_cast<int>((p.W + window - 1) / window);
+  p.ctas_per_window = ctas_per_window;
   p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(key_dim)));  // as key_dim ** -0.5
 
   // Past 48 KB a kernel must opt in; where only one block fits on an SM anyway, more threads hide latency.
@@ -489,8 +539,35 @@ void launch(const at::Tensor& x, const std::vector<at::Tensor>& qkv_w, const std
   if (smem_bytes > 48 * 1024)
     C10_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
-  kernel<<<blocks, threads, smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (ctas_per_window == 1) {
+    kernel<<<windows, threads, smem_bytes, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = static_cast<unsigned>(ctas_per_window);
+  cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(windows * ctas_per_window));
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+  config.stream = stream;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+}
+
+constexpr int kMaxCtasPerWindow = 4;
+
+// CTAs per window (WindowCtas): clusters of 2 or 4 for the tensor-core kernel on sm_90 or later while the windows
+// times that still fit the GPU's SMs (a batch-1 map of 1 to 16 windows), else one.
+int window_cluster_size(bool tensor_cores, int arch_major, int64_t windows, int sms) {
+  int ctas = 1;
+  if (tensor_cores && arch_major >= 9)
+    while (ctas < kMaxCtasPerWindow && windows * ctas * 2 <= sms) ctas *= 2;
+  return ctas;
 }
 
 // Contiguous and 32-byte aligned (a copy where a view starts elsewhere): the tensor-core kernel reads the weights
@@ -557,25 +634,27 @@ at::Tensor cga_window_cuda(const at::Tensor& x, at::TensorList qkv_w, at::Tensor
   same(proj_b, {c_out}, "proj_b", -1);
 
   c10::cuda::CUDAGuard guard(x.device());
-  int device = 0, max_smem = 0, arch_major = 0;
+  int device = 0, max_smem = 0, arch_major = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&arch_major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const bool tensor_cores = tensor_core_products(dtype, arch_major, in_w, key_dim, vd, c_out);
   const int64_t smem_bytes =
       cga_window_cuda_shared_memory_bytes(window, heads, in_w, key_dim, vd, c_out, dtype, arch_major);
   TORCH_CHECK(smem_bytes <= max_smem, "cga_window_cuda: this configuration needs ", smem_bytes,
               " bytes of shared memory per block, the GPU has ", max_smem);
-  const int64_t blocks = B * ((H + window - 1) / window) * ((W + window - 1) / window);
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "cga_window_cuda: too many windows");
+  const int64_t windows = B * ((H + window - 1) / window) * ((W + window - 1) / window);
+  TORCH_CHECK(windows < (int64_t(1) << 31), "cga_window_cuda: too many windows");
 
   at::Tensor out = x.new_empty({B, c_out, H, W});
   const auto qkv_wc = dense(qkv_w), qkv_bc = dense(qkv_b), dw_wc = dense(dw_w), dw_bc = dense(dw_b);
   const auto biases = dense(attention_biases), pw = dense(proj_w), pb = dense(proj_b);
   EVIT_DISPATCH_KERNEL_TYPES(dtype, "cga_window_cuda", [&] {
-    if (blocks > 0)
+    if (windows > 0)
       launch<scalar_t>(x, qkv_wc, qkv_bc, dw_wc, dw_bc, biases, pw, pb, out, key_dim, window, smem_bytes,
-                       static_cast<int>(blocks), tensor_cores);
+                       static_cast<int>(windows), tensor_cores,
+                       window_cluster_size(tensor_cores, arch_major, windows, sms));
   });
   return out;
 }

@@ -95,6 +95,24 @@ def test_misaligned_weights_and_the_scalar_kernel_in_half_precision(config, misa
     assert_within_twice_eager(out, eager, expected, dtype, whole_map_terms(config, 7))
 
 
+@pytest.mark.numerics
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch", [2, 10, 20, 64])
+def test_windows_split_over_clusters_or_not(batch, dtype):
+    """The tensor-core kernel puts 4, 2 or 1 CTAs on each window as the windows fill the GPU (on 132 SMs, 14×14
+    maps of 4 windows: batch 2 and 10 run in clusters of 4 and 2, batch 20 and 64 one CTA a window): each way must
+    give the reference's answer."""
+    config = (256, 4, (7, 5, 3, 3))
+    args = folded_inputs(config, 14, 14, 7, dtype, "cuda", batch=batch)
+    expected = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*cast(args, torch.float64)))
+    eager = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*args))
+    out = torch.ops.evit.cga_window_cuda(*args)
+    assert torch.isfinite(out).all()
+    assert_within_twice_eager(out, eager, expected, dtype, whole_map_terms(config, 7))
+
+
 @pytest.mark.gpu
 @needs_extension
 def test_opcheck_on_gpu():
