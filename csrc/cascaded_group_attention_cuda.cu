@@ -10,9 +10,10 @@
 //   released M0-M5 attention): the qkv conv, the scores, the value sum and the projection run as 16×16×16
 //   tensor-core products (nvcuda::wmma, fp32 accumulation) on operands in the input dtype: the head input, q
 //   (after its depthwise conv and the scale), k, v, the probabilities and the heads' outputs are rounded to it
-//   once each, as eager's convs and matmuls round theirs; the depthwise conv and the softmax run in fp32. The
-//   window's N tokens are padded to NP (a multiple of 16) with zero probabilities past N. Weights go from global
-//   memory (L2) into the products' fragments, each element once per block. On sm_90, where the windows are
+//   once each, as eager rounds the outputs of its convs and matmuls; q before its conv and the logits stay fp32
+//   (where eager rounds them too), and the depthwise conv and the softmax run in fp32. The window's N tokens are
+//   padded to NP (a multiple of 16) with zero probabilities past N. Weight tiles go from global memory (L2)
+//   into the products' fragments, once per 16-token column tile they multiply. On sm_90, where the windows are
 //   fewer than half the GPU's SMs (batch 1), each window takes a cluster of 2 or 4 CTAs that share its products'
 //   tiles through distributed shared memory (WindowCtas).
 // - cga_window_kernel (every other case: fp32, or a dimension that is no multiple of 16): fp32 scalar FMA
@@ -410,8 +411,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 2) cga_window_mma_kernel(const
   const Window w = block_window(p);
   const WindowCtas ctas = window_ctas(p.ctas_per_window);
 
-  // The padded queries' and keys' probabilities stay zero for every head (the softmax writes rows and keys < N).
+  // The padded queries' and keys' probabilities stay zero for every head (the softmax writes rows and keys < N),
+  // and so do the padded queries (the depthwise conv writes tokens < N), whose logits are dropped.
   for (int idx = threadIdx.x; idx < np * np; idx += blockDim.x) probs[idx] = static_cast<T>(0.f);
+  for (int idx = threadIdx.x; idx < kd * np; idx += blockDim.x) q[idx] = static_cast<T>(0.f);
   ctas.sync();  // and every member runs before any stores into its shared memory
 
   for (int head = 0; head < p.heads; ++head) {
@@ -491,6 +494,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 2) cga_window_mma_kernel(const
                                     if (n < N) store_output(p, w, ot * kTile + r, n, acc);
                                   });
   }
+#else
+  __trap();  // built without sm_80 code (a PTX-only build for older GPUs): fail loudly, never leave the output unset
 #endif
 }
 
