@@ -48,6 +48,16 @@ def test_released_attentions_within_twice_eager_error(config, H, W, window, dtyp
     assert_within_twice_eager(out, eager, expected, dtype, whole_map_terms(config, window))
 
 
+def _check_extension_op(args, config, dtype):
+    """evit::cga_window_cuda on ``args`` (7×7 windows): contiguous, finite, and within twice eager's error of the
+    float64 reference."""
+    expected = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*cast(args, torch.float64)))
+    eager = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*args))
+    out = torch.ops.evit.cga_window_cuda(*args)
+    assert out.is_contiguous() and torch.isfinite(out).all()
+    assert_within_twice_eager(out, eager, expected, dtype, whole_map_terms(config, 7))
+
+
 @pytest.mark.numerics
 @pytest.mark.gpu
 @needs_extension
@@ -58,12 +68,7 @@ def test_strided_input(layout, dtype):
     config = (192, 3, (7, 5, 3))
     args = list(folded_inputs(config, 9, 11, 7, dtype, "cuda", batch=3))
     args[0] = in_layout(args[0], layout)
-    exact = cast(args, torch.float64)
-    expected = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*exact))
-    eager = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*args))
-    out = torch.ops.evit.cga_window_cuda(*args)
-    assert out.is_contiguous() and torch.isfinite(out).all()
-    assert_within_twice_eager(out, eager, expected, dtype, whole_map_terms(config, 7))
+    _check_extension_op(args, config, dtype)
 
 
 def _misaligned(t: torch.Tensor) -> torch.Tensor:
@@ -88,11 +93,7 @@ def test_misaligned_weights_and_the_scalar_kernel_in_half_precision(config, misa
         args[1] = [_misaligned(w) for w in args[1]]
         args[6] = _misaligned(args[6])
         assert args[6].data_ptr() % 32 != 0
-    expected = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*cast(args, torch.float64)))
-    eager = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*args))
-    out = torch.ops.evit.cga_window_cuda(*args)
-    assert torch.isfinite(out).all()
-    assert_within_twice_eager(out, eager, expected, dtype, whole_map_terms(config, 7))
+    _check_extension_op(args, config, dtype)
 
 
 @pytest.mark.numerics
@@ -105,12 +106,7 @@ def test_windows_split_over_clusters_or_not(batch, dtype):
     maps of 4 windows: batch 2 and 10 run in clusters of 4 and 2, batch 20 and 64 one CTA a window): each way must
     give the reference's answer."""
     config = (256, 4, (7, 5, 3, 3))
-    args = folded_inputs(config, 14, 14, 7, dtype, "cuda", batch=batch)
-    expected = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*cast(args, torch.float64)))
-    eager = cascaded_group_attention_reference(CascadedGroupAttentionArgs(*args))
-    out = torch.ops.evit.cga_window_cuda(*args)
-    assert torch.isfinite(out).all()
-    assert_within_twice_eager(out, eager, expected, dtype, whole_map_terms(config, 7))
+    _check_extension_op(folded_inputs(config, 14, 14, 7, dtype, "cuda", batch=batch), config, dtype)
 
 
 @pytest.mark.gpu
