@@ -30,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.common import ON_GPU, bench_ms
 from evit_kernels import dispatch, predict
 from evit_kernels.bench import DTYPES, TOLERANCE, git_commit
+from evit_kernels.triton._common import without_on_chip_gathers
 
 PREDICTIONS = Path(__file__).with_name("predictions")
 DRY_RUN = (("efficientvit_b0", 1, 64),)
@@ -76,17 +77,44 @@ def timed(call, expected: torch.Tensor, dtype: torch.dtype) -> dict:
     return result
 
 
-def alternative_calls(real) -> dict[str, functools.partial]:
-    """The paths a backend chooses between by shape that are timed too, so that a GPU settles the choice: conv_block's
-    layer-by-layer path where its Triton backend takes the spatial-conv-and-projection kernel. The formula prefers the
-    kernel there, but it missed the DSConv kernel's measured time by 4.9x and the layer-by-layer path's by 1.4x
-    (benchmarks/NOTES.md)."""
+def alternative_calls(args, real) -> dict[str, functools.partial]:
+    """The paths the Triton backend chooses between by shape that are timed too, so that a GPU settles the choice
+    (``args``: the call on meta tensors, ``real`` made real):
+
+    - conv_block's layer-by-layer path where the backend takes the spatial-conv-and-projection kernel. The formula
+      prefers the kernel there, but it missed the DSConv kernel's measured time by 4.9x and the layer-by-layer path's
+      by 1.4x (benchmarks/NOTES.md).
+    - the tile kernels where the backend gathers on chip (``_common.without_on_chip_gathers``: the depthwise plane
+      kernel, the linear attention's whole heads, the row-staged 3×3 conv on wide maps): the formula prices their
+      wide loads but not the gathers' shared-memory traffic. Offered where the launches made without the gathers
+      differ (recorded on ``args``)."""
     from evit_kernels.ops.conv_block import _per_layer, _whole_block_config
 
-    if (real.op == "conv_block" and not dispatch.get("conv_block", "triton").not_supported_reasons(real)
-            and _whole_block_config(real)[0] is not None):
-        return {"triton layer by layer": functools.partial(_per_layer, real)}
-    return {}
+    if "triton" not in dispatch._REGISTRY[args.op]:
+        return {}
+    triton = dispatch.get(args.op, "triton")
+    if triton.not_supported_reasons(real):
+        return {}
+    alternatives = {}
+    if real.op == "conv_block" and _whole_block_config(real)[0] is not None:
+        alternatives["triton layer by layer"] = functools.partial(_per_layer, real)
+    with without_on_chip_gathers():
+        without = planned_launches(triton, args)
+    if without != planned_launches(triton, args):
+        alternatives["triton without on-chip gathers"] = functools.partial(call_without_gathers, triton, real)
+    return alternatives
+
+
+def planned_launches(backend: dispatch.Backend, args) -> list[tuple[str, dict]]:
+    """(kernel, constexprs) of every launch ``backend`` makes for ``args`` (meta tensors), recorded, not run."""
+    with predict.recorded_launches() as launches:
+        dispatch.call(backend, args)
+    return [(launch.kernel, launch.constexprs) for launch in launches]
+
+
+def call_without_gathers(backend: dispatch.Backend, args):
+    with without_on_chip_gathers():
+        return dispatch.call(backend, args)
 
 
 def measure_call(args, device: str) -> dict[str, dict]:
@@ -104,7 +132,7 @@ def measure_call(args, device: str) -> dict[str, dict]:
             reasons = backend.not_supported_reasons(real)
             measured[name] = ({"reasons": reasons} if reasons
                               else timed(functools.partial(dispatch.call, backend, real), expected, dtype))
-        alternatives = {name: timed(call, expected, dtype) for name, call in alternative_calls(real).items()}
+        alternatives = {name: timed(call, expected, dtype) for name, call in alternative_calls(args, real).items()}
     return {"measured": measured, "alternatives": alternatives}
 
 

@@ -66,12 +66,13 @@ def test_the_committed_table_names_only_known_ops_and_backends():
             assert set(shapes.values()) <= set(dispatch.PREFERENCE), (gpu, op)
 
 
-def test_the_pass_times_conv_blocks_layer_by_layer_path_beside_its_kernel(monkeypatch):
-    """The path a GPU has to settle (benchmarks/released_ops.py, alternative_calls): where conv_block's Triton backend
+def test_the_pass_times_the_paths_the_triton_backend_chooses_between(monkeypatch):
+    """The paths a GPU has to settle (benchmarks/released_ops.py, alternative_calls): where conv_block's Triton backend
     takes the spatial-conv-and-projection kernel, the layer-by-layer path is timed and checked too, outside the
-    backends the table is made from."""
+    backends the table is made from; where it gathers on chip, the tile kernels."""
     from benchmarks import released_ops
     from evit_kernels.ops.conv_block import ConvBlockArgs
+    from evit_kernels.ops.conv_bn_act import ConvBnActArgs
     from evit_kernels.triton import _common as triton_common
     from tests.test_conv_block import CASES, _inputs
 
@@ -81,7 +82,15 @@ def test_the_pass_times_conv_blocks_layer_by_layer_path_beside_its_kernel(monkey
                          kwargs["residual"])
     result = released_ops.measure_call(args, "cpu")
     assert set(result["measured"]) == {"torch", "triton"} and result["measured"]["triton"]["ok"]
-    (alternative,) = result["alternatives"].values()
+    assert set(result["alternatives"]) == {"triton layer by layer"}
+    alternative = result["alternatives"]["triton layer by layer"]
     assert alternative["ok"] and alternative["ms"] > 0
     monkeypatch.setattr(triton_common, "SMS", 10**6)  # a grid the kernel does not take: nothing else to time
     assert released_ops.measure_call(args, "cpu")["alternatives"] == {}
+    # a depthwise conv on a 7×7 NCHW map takes whole channel planes through on-chip gathers: the tile kernel too
+    x = torch.randn(2, 32, 7, 7)
+    depthwise = ConvBnActArgs(x, torch.randn(32, 1, 3, 3), torch.randn(32), [1, 1], [1, 1], [1, 1], 32, "hardswish",
+                              None)
+    alternatives = released_ops.measure_call(depthwise, "cpu")["alternatives"]
+    assert set(alternatives) == {"triton without on-chip gathers"}
+    assert alternatives["triton without on-chip gathers"]["ok"]

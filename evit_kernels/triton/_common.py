@@ -4,8 +4,10 @@ of the ahead-of-time sm_90 compile configurations. Kernel files import these and
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Iterator
 
 import torch
 import triton
@@ -25,6 +27,28 @@ SMS = GPUS["h100"].sms
 """Streaming multiprocessors of the GPU the launch heuristics size their grids for, the performance model's H100
 (the H200 has as many): a grid of fewer programs than this leaves SMs idle, so the kernels then take smaller
 tiles."""
+
+
+_ON_CHIP_GATHERS = contextvars.ContextVar("evit_kernels_on_chip_gathers", default=True)
+
+
+def on_chip_gathers() -> bool:
+    """Whether the launchers may take a small map whole through on-chip gathers (the default): the depthwise plane
+    kernel and the linear attention's whole heads load a map's channels as one flat run in wide accesses and gather
+    each tap or tile from it on chip (``tl.gather``). The performance model prices the flat run's wide loads but not
+    the gathers' shared-memory traffic, so where they pay is for a GPU to settle (:func:`without_on_chip_gathers`)."""
+    return _ON_CHIP_GATHERS.get()
+
+
+@contextlib.contextmanager
+def without_on_chip_gathers() -> Iterator[None]:
+    """Inside the block the launchers take their tile kernels where they would gather on chip
+    (:func:`on_chip_gathers`): the path ``benchmarks/released_ops.py`` times beside the chosen one."""
+    token = _ON_CHIP_GATHERS.set(False)
+    try:
+        yield
+    finally:
+        _ON_CHIP_GATHERS.reset(token)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -147,13 +147,13 @@ def dw_planes(a: ConvBnActArgs, out: torch.Tensor) -> int | None:
     at most :data:`DW_PLANE_PIXELS` pixels: each program reads its image's planes as one flat run, in wide accesses
     wherever the run starts aligned (every plane count of a 7×7 map of a multiple of 16 channels), where the
     tile kernel, on a map whose side is odd, reads each tap and writes each output 2 bytes at a time (no two
-    adjacent pixels of a plane start at an aligned address)."""
+    adjacent pixels of a plane start at an aligned address). None too outside :func:`common.on_chip_gathers`."""
     batch, channels, height, width = out.shape
     kernel = a.weight.shape[2]
     same = tuple(a.stride) == (1, 1) and tuple(a.padding) == (kernel // 2, kernel // 2) and \
         tuple(a.x.shape) == tuple(out.shape)
     dense = all(t.is_contiguous() for t in (a.x, out) + (() if a.residual is None else (a.residual,)))
-    if not (same and dense and height * width <= DW_PLANE_PIXELS):
+    if not (same and dense and height * width <= DW_PLANE_PIXELS and common.on_chip_gathers()):
         return None
     wide, narrow = DW_PLANE_CHANNELS
     return wide if batch * common.cdiv(channels, wide) >= common.SMS else narrow

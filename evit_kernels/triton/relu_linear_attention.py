@@ -782,15 +782,15 @@ class Heads(NamedTuple):
         strides are ``out_strides``: ``dim`` where each role's ``dim`` channels of every head, and the head's
         channels of the output, are one dense run starting at a multiple of 16 elements, and the tokens fit one tile
         of ``WHOLE_MAX_TOKENS`` but are no multiple of 16 (the JIT proves those runs itself): an NCHW map of 7×7
-        (:func:`_whole_role`). Else 0: other layouts, the rotated form (token-major, never one run), and the
-        dtypes and head dims whose build spills (:func:`_whole_builds`)."""
+        (:func:`_whole_role`). Else 0: other layouts, the rotated form (token-major, never one run), the dtypes
+        and head dims whose build spills (:func:`_whole_builds`), and outside :func:`common.on_chip_gathers`."""
         stride_b, stride_h, stride_role, stride_c, stride_n = self.strides
         out_b, out_c, out_n = out_strides
         dense = (stride_c, stride_n, out_c, out_n) == (self.n_tokens, 1, self.n_tokens, 1)
         aligned = all(s % 16 == 0 for s in (stride_b, stride_h, stride_role, out_b, dim * out_c))
         fits = self.n_tokens <= WHOLE_MAX_TOKENS and self.n_tokens % 16 != 0
         builds = not self.rotated and _whole_builds(dim, self.q.dtype)
-        return dim if dense and aligned and fits and builds else 0
+        return dim if dense and aligned and fits and builds and common.on_chip_gathers() else 0
 
     def rotated_or_stand_ins(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotated q and k, or q and k as never-read stand-ins when there are none."""
