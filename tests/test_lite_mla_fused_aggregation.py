@@ -49,7 +49,9 @@ def _double(values):
 
 # (batch, heads, dim, H, W, depthwise kernel sizes (one per scale), biases, channels_last): k 3 and 5, S 0 to 2,
 # every supported d, 1×1 / 2×3 / 5×7 maps, 99 tokens (two chunks), fp32 d = 32 (16-token tiles, so the
-# depthwise taps cross tiles), batch 2; NCHW maps whose tokens come in runs of 4 (12 tokens; 100, two chunks).
+# depthwise taps cross tiles), batch 2; NCHW maps whose tokens come in runs of 4 (12 tokens; 100, two chunks); heads
+# taken whole by the one-pass kernel in fp16/bf16 (``Heads.whole_rows``: 2×6, 2×3, and 7×7 with two scales, 8×8 with
+# 8 channels padded to 16).
 CASES = [
     (1, 1, 8, 5, 7, (3,), "both", False),
     (1, 1, 16, 2, 6, (5,), "both", False),
@@ -60,6 +62,8 @@ CASES = [
     (1, 2, 8, 5, 7, (), "none", False),
     (1, 1, 32, 5, 7, (5,), "both", False),
     (1, 1, 8, 9, 11, (5,), "none", True),
+    (2, 2, 16, 7, 7, (5, 3), "both", False),
+    (1, 1, 8, 8, 8, (5,), "none", False),
 ]
 
 

@@ -33,10 +33,11 @@ _ON_CHIP_GATHERS = contextvars.ContextVar("evit_kernels_on_chip_gathers", defaul
 
 
 def on_chip_gathers() -> bool:
-    """Whether the launchers may take a small map whole through on-chip gathers (the default): the depthwise plane
-    kernel and the linear attention's whole heads load a map's channels as one flat run in wide accesses and gather
-    each tap or tile from it on chip (``tl.gather``). The performance model prices the flat run's wide loads but not
-    the gathers' shared-memory traffic, so where they pay is for a GPU to settle (:func:`without_on_chip_gathers`)."""
+    """Whether the launchers may stage their input on chip and gather from it (the default): the depthwise plane
+    kernel and the linear attention's whole heads (their aggregated scales' taps too) load a small map's channels as
+    one flat run in wide accesses, the row-staged 3×3 conv its input rows, and each gathers its taps or tiles from
+    them (``tl.gather``). The performance model prices the wide loads but not the gathers' shared-memory traffic, so
+    where they pay is for a GPU to settle (:func:`without_on_chip_gathers`)."""
     return _ON_CHIP_GATHERS.get()
 
 

@@ -155,10 +155,24 @@ def _whole_role(src, at, offs_c, offs_n, mask, n_tokens, ROWS: tl.constexpr):
     the tile): the run loaded flat, in wide accesses wherever its start is aligned, then gathered into the tile on
     chip. Read tile by tile, a map whose token count is no multiple of 4 (7×7) has no two adjacent tokens at an
     aligned address: every element is its own 2-byte access."""
-    flat = tl.arange(0, offs_c.shape[0] * offs_n.shape[0])
-    run = tl.load(src + at + flat, mask=flat < ROWS * n_tokens, other=0.0)
-    index = tl.where(mask, offs_c[:, None] * n_tokens + offs_n[None, :], 0)
-    tile = tl.reshape(tl.gather(run, tl.reshape(index, [flat.shape[0]]), 0), [offs_c.shape[0], offs_n.shape[0]])
+    run = _load_run(src + at, ROWS * n_tokens, offs_c.shape[0] * offs_n.shape[0])
+    return _gather_tile(run, offs_c[:, None] * n_tokens + offs_n[None, :], mask)
+
+
+@triton.jit
+def _load_run(start, length, SIZE: tl.constexpr):
+    """The ``length`` elements from ``start`` as one flat (SIZE,) run (zero beyond them): wide accesses wherever
+    ``start`` is aligned."""
+    flat = tl.arange(0, SIZE)
+    return tl.load(start + flat, mask=flat < length, other=0.0)
+
+
+@triton.jit
+def _gather_tile(run, index, mask):
+    """The 2-D tile of the flat on-chip ``run``'s elements (:func:`_load_run`, as many as the tile) at the positions
+    ``index``, zero outside ``mask``, gathered on chip."""
+    tile = tl.gather(run, tl.reshape(tl.where(mask, index, 0), [run.shape[0]]), 0)
+    tile = tl.reshape(tile, [index.shape[0], index.shape[1]])
     return tl.where(mask, tile, tl.zeros_like(tile))
 
 
@@ -434,15 +448,21 @@ def _rla_bwd_apply_kernel(q, k, v, rotated_q, rotated_k, grad, partial, grad_par
 @triton.jit
 def _aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, height, width, stride_c, stride_n,
                     has_dw_bias, has_pw_bias, role: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                    K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                    K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, WHOLE_ROWS: tl.constexpr = 0):
     """Role ``role`` (0 q, 1 k, 2 v) of one head of the aggregated map at the tokens ``offs_n``, as an fp32
     (D_PAD, BLOCK_N) tile that is zero on padded channels and on tokens outside ``valid``: the depthwise K×K
     conv (zero padding K//2) of the role's D channels of ``base`` (the head's first channel), then the
     role's D×D pointwise matrix. The depthwise result stays in fp32 registers (the unfused path rounds it to the
-    input dtype); the pointwise dot rounds its operands only as ``PRECISION`` says."""
+    input dtype); the pointwise dot rounds its operands only as ``PRECISION`` says. ``WHOLE_ROWS`` (D, not 0): the
+    role's channels are one dense run of ``stride_c`` tokens each, all in the tile (:meth:`Heads.whole_rows`), staged
+    on chip once, in wide accesses, and every tap gathered from it; otherwise each tap is loaded (a tap shifted by
+    one token reads at most 2–4 bytes at a time)."""
     mask_d = offs_d < D
     chan = (head * 3 + role) * D + offs_d  # same channel index in qkv, the weights and the aggregated map
     rows = base + (role * D + offs_d)[:, None] * stride_c
+    if WHOLE_ROWS:
+        run = _load_run(base + role * D * stride_c, WHOLE_ROWS * stride_c, D_PAD * BLOCK_N)
+        at = offs_d[:, None] * stride_c + offs_n[None, :]  # each tile element's place in the run
     tok_y = offs_n // width
     tok_x = offs_n % width
     local = tl.zeros((D_PAD, BLOCK_N), dtype=tl.float32)
@@ -452,8 +472,11 @@ def _aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, h
         y = tok_y + dy
         x = tok_x + dx
         inside = valid & (y >= 0) & (y < height) & (x >= 0) & (x < width)  # zero padding: nothing read outside
-        tap = tl.load(rows + (offs_n + dy * width + dx)[None, :] * stride_n, mask=mask_d[:, None] & inside[None, :],
-                      other=0.0)
+        if WHOLE_ROWS:
+            tap = _gather_tile(run, at + (dy * width + dx), mask_d[:, None] & inside[None, :])
+        else:
+            tap = tl.load(rows + (offs_n + dy * width + dx)[None, :] * stride_n,
+                          mask=mask_d[:, None] & inside[None, :], other=0.0)
         weight = tl.load(dw_w + chan * (K * K) + t, mask=mask_d, other=0.0)
         local += tap.to(tl.float32) * weight.to(tl.float32)[:, None]
     if has_dw_bias != 0:
@@ -468,9 +491,9 @@ def _aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, h
 @triton.jit
 def _aggregated_kv(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, start, end, height, width, has_dw_bias, has_pw_bias,
                    stride_c, stride_n, D: tl.constexpr, D_PAD: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, WHOLE_ROWS: tl.constexpr = 0):
     """kv and z of one head of one scale's aggregated map over tokens [start, end), its k and v computed from
-    ``src`` (qkv) tile by tile."""
+    ``src`` (qkv) tile by tile (``WHOLE_ROWS``: :func:`_aggregate_role`)."""
     kv = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
     z = tl.zeros((D_PAD,), dtype=tl.float32)
     # No software pipelining: it would stage every neighbour tile in shared memory (over 228 KB for fp32, K = 5).
@@ -478,9 +501,11 @@ def _aggregated_kv(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, start, end, heigh
         offs_n = n0 + tl.arange(0, BLOCK_N)
         valid = offs_n < end
         k = _relu(_aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, height, width,
-                                  stride_c, stride_n, has_dw_bias, has_pw_bias, 1, D, D_PAD, K, BLOCK_N, PRECISION))
+                                  stride_c, stride_n, has_dw_bias, has_pw_bias, 1, D, D_PAD, K, BLOCK_N, PRECISION,
+                                  WHOLE_ROWS))
         v = _aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, height, width,
-                            stride_c, stride_n, has_dw_bias, has_pw_bias, 2, D, D_PAD, K, BLOCK_N, PRECISION)
+                            stride_c, stride_n, has_dw_bias, has_pw_bias, 2, D, D_PAD, K, BLOCK_N, PRECISION,
+                            WHOLE_ROWS)
         kv, z = _accumulate_kv(k, k, v, kv, z, PRECISION)
     return kv, z
 
@@ -489,17 +514,19 @@ def _aggregated_kv(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, start, end, heigh
 def _aggregated_apply(base, dw_w, dw_b, pw_w, pw_b, kv, z, eps, out, out_at, head, offs_d, start, end, height,
                       width, has_dw_bias, has_pw_bias, stride_c, stride_n, out_stride_c, out_stride_n, D: tl.constexpr,
                       D_PAD: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                      TOKEN_RUN: tl.constexpr):
+                      TOKEN_RUN: tl.constexpr, WHOLE_ROWS: tl.constexpr = 0):
     """Write the output of one head of one scale at tokens [start, end), its q computed from ``src`` (qkv).
-    ``TOKEN_RUN``: :func:`common.run_length` of the output's tokens (``src``'s taps are not runs)."""
+    ``TOKEN_RUN``: :func:`common.run_length` of the output's tokens (``src``'s taps are not runs); ``WHOLE_ROWS``:
+    :func:`_aggregate_role`, the output's head one dense run too (:func:`_store_whole`)."""
     for n0 in tl.range(start, end, BLOCK_N, num_stages=1):  # not pipelined, as in the reduction
         offs_n = n0 + tl.arange(0, BLOCK_N)
         valid = offs_n < end
         q = _relu(_aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, height, width,
-                                  stride_c, stride_n, has_dw_bias, has_pw_bias, 0, D, D_PAD, K, BLOCK_N, PRECISION))
+                                  stride_c, stride_n, has_dw_bias, has_pw_bias, 0, D, D_PAD, K, BLOCK_N, PRECISION,
+                                  WHOLE_ROWS))
         mask = _token_mask(offs_d < D, valid, TOKEN_RUN)
         _store_output(q, q, kv, z, eps, out, out_at, offs_d, offs_n, mask, out_stride_c, out_stride_n, "ieee",
-                      TOKEN_RUN)
+                      TOKEN_RUN, WHOLE_ROWS)
 
 
 @triton.jit
@@ -538,19 +565,20 @@ def _rla_agg_fwd_one_pass_kernel(src, dw_w, dw_b, pw_w, pw_b, out, heads, first_
                                  has_dw_bias, has_pw_bias, stride_b, stride_c, stride_n,
                                  out_stride_b, out_stride_c, out_stride_n,
                                  D: tl.constexpr, D_PAD: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 PRECISION: tl.constexpr, TOKEN_RUN: tl.constexpr):
+                                 PRECISION: tl.constexpr, TOKEN_RUN: tl.constexpr, WHOLE_ROWS: tl.constexpr):
     """Both passes over one scale's aggregated map in one program per (batch, head), where the tokens are not
-    split: k and v then q, each computed from ``src`` (qkv), with no partial sums in memory."""
+    split: k and v then q, each computed from ``src`` (qkv), with no partial sums in memory. ``WHOLE_ROWS``: D where
+    each role's channels, and the output head's, are one dense run taken whole (:func:`_aggregate_role`), else 0."""
     b = tl.program_id(0) // heads
     head = tl.program_id(0) % heads
     base = src + b * stride_b + head * 3 * D * stride_c
     out_at = b * out_stride_b + (first_head + head) * D * out_stride_c
     offs_d = tl.arange(0, D_PAD)
     kv, z = _aggregated_kv(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, 0, height * width, height, width, has_dw_bias,
-                           has_pw_bias, stride_c, stride_n, D, D_PAD, K, BLOCK_N, PRECISION)
+                           has_pw_bias, stride_c, stride_n, D, D_PAD, K, BLOCK_N, PRECISION, WHOLE_ROWS)
     _aggregated_apply(base, dw_w, dw_b, pw_w, pw_b, kv, z, eps, out, out_at, head, offs_d, 0, height * width, height,
                       width, has_dw_bias, has_pw_bias, stride_c, stride_n, out_stride_c, out_stride_n, D, D_PAD, K,
-                      BLOCK_N, PRECISION, TOKEN_RUN)
+                      BLOCK_N, PRECISION, TOKEN_RUN, WHOLE_ROWS)
 
 
 # --- heads wider than COLUMN_BLOCK ------------------------------------------------------------------------------
@@ -777,18 +805,20 @@ class Heads(NamedTuple):
         return common.run_length(block_n, self.n_tokens, (self.strides[4], *out_strides[2:]),
                                  (*self.strides[:4], *out_strides[:2]), True)
 
-    def whole_rows(self, dim: int, out_strides: tuple[int, int, int]) -> int:
-        """What the one-pass kernel's ``WHOLE_ROWS`` is for this source and an output whose (batch, channel, token)
+    def whole_rows(self, dim: int, out_strides: tuple[int, int, int], shifted_taps: bool = False) -> int:
+        """What the one-pass kernels' ``WHOLE_ROWS`` is for this source and an output whose (batch, channel, token)
         strides are ``out_strides``: ``dim`` where each role's ``dim`` channels of every head, and the head's
         channels of the output, are one dense run starting at a multiple of 16 elements, and the tokens fit one tile
         of ``WHOLE_MAX_TOKENS`` but are no multiple of 16 (the JIT proves those runs itself): an NCHW map of 7×7
-        (:func:`_whole_role`). Else 0: other layouts, the rotated form (token-major, never one run), the dtypes
-        and head dims whose build spills (:func:`_whole_builds`), and outside :func:`common.on_chip_gathers`."""
+        (:func:`_whole_role`). With ``shifted_taps`` (the aggregated kernel's depthwise taps, which no map's
+        alignment makes runs) a multiple of 16 too (8×8). Else 0: other layouts, the rotated form (token-major,
+        never one run), the dtypes and head dims whose build spills (:func:`_whole_builds`), and outside
+        :func:`common.on_chip_gathers`."""
         stride_b, stride_h, stride_role, stride_c, stride_n = self.strides
         out_b, out_c, out_n = out_strides
         dense = (stride_c, stride_n, out_c, out_n) == (self.n_tokens, 1, self.n_tokens, 1)
         aligned = all(s % 16 == 0 for s in (stride_b, stride_h, stride_role, out_b, dim * out_c))
-        fits = self.n_tokens <= WHOLE_MAX_TOKENS and self.n_tokens % 16 != 0
+        fits = self.n_tokens <= WHOLE_MAX_TOKENS and (shifted_taps or self.n_tokens % 16 != 0)
         builds = not self.rotated and _whole_builds(dim, self.q.dtype)
         return dim if dense and aligned and fits and builds and common.on_chip_gathers() else 0
 
@@ -936,9 +966,13 @@ def forward_aggregated(qkv: torch.Tensor, scales: list[tuple[torch.Tensor, torch
         weights = (dw_w, dw_w if dw_b is None else dw_b.contiguous(), pw_w, pw_w if pw_b is None else pw_b.contiguous())
         if chunks == 1 and _aggregated_one_pass_block(dim, qkv.dtype):
             constexprs = _aggregated_constexprs(dim, qkv.dtype, dw_w.shape[-1], one_pass=True)
+            whole = 0
+            if constexprs["BLOCK_N"] == WHOLE_MAX_TOKENS:  # heads up to 16 channels (wider ones take 16 tokens)
+                whole = channel_major(qkv, dim).whole_rows(dim, out_strides, shifted_taps=True)
             _rla_agg_fwd_one_pass_kernel[(batch * heads,)](
                 qkv, *weights, out, heads, index * heads, height, width, eps, *flags, *_token_strides(qkv),
-                *out_strides, **constexprs, TOKEN_RUN=out_run(constexprs["BLOCK_N"]))
+                *out_strides, **constexprs, TOKEN_RUN=1 if whole else out_run(constexprs["BLOCK_N"]),
+                WHOLE_ROWS=whole)
             continue
         constexprs = _aggregated_constexprs(dim, qkv.dtype, dw_w.shape[-1])
         partial = _empty_partials(channel_major(qkv, dim), dim, chunks)
@@ -1099,11 +1133,15 @@ def compile_configs():
                         configs.append((_rla_fwd_one_pass_kernel, {**plain, **mode, **whole}))
                 configs += [(_rla_fwd_apply_kernel, apply), (_rla_bwd_reduce_kernel, backward),
                             (_rla_bwd_apply_kernel, backward)]
-            aggregated = [(kernel, False) for kernel in (_rla_agg_fwd_reduce_kernel, _rla_agg_fwd_apply_kernel)]
-            if _aggregated_one_pass_block(dim, dtype):
-                aggregated.append((_rla_agg_fwd_one_pass_kernel, True))
-            configs += [(kernel, _aggregated_constexprs(dim, dtype, k, one_pass))
-                        for kernel, one_pass in aggregated for k in AGGREGATION_KERNEL_SIZES]
+            for k in AGGREGATION_KERNEL_SIZES:
+                configs += [(kernel, _aggregated_constexprs(dim, dtype, k))
+                            for kernel in (_rla_agg_fwd_reduce_kernel, _rla_agg_fwd_apply_kernel)]
+                one_pass = _aggregated_constexprs(dim, dtype, k, one_pass=True) if _aggregated_one_pass_block(
+                    dim, dtype) else None
+                if one_pass:
+                    configs.append((_rla_agg_fwd_one_pass_kernel, {**one_pass, "WHOLE_ROWS": 0}))
+                if one_pass and one_pass["BLOCK_N"] == WHOLE_MAX_TOKENS:
+                    configs.append((_rla_agg_fwd_one_pass_kernel, {**one_pass, "TOKEN_RUN": 1, "WHOLE_ROWS": dim}))
             for kernel, base in configs:
                 # Partial sums are fp32 scratch, eps an fp32 scalar.
                 special = {name: "*fp32" for name in kernel.arg_names if "partial" in name} | {"eps": "fp32"}
