@@ -179,13 +179,13 @@ def test_small_grids_take_quarter_size_tiles():
 
 def test_long_reductions_on_few_tiles_split_over_the_input_channels():
     """docs/performance.md, "Split-K": batch-1 projections on 7×7 and 14×14 maps split, into as many slices as
-    bring the programs to about 6 × 132; as many tiles as SMs or shorter reductions do not, nor does a 3×3 conv."""
+    bring the programs to about 4 × 132; as many tiles as SMs or shorter reductions do not, nor does a 3×3 conv."""
     quarter, regular = triton_conv.DENSE_SMALL_GRID_BLOCKS, triton_conv.DENSE_BLOCKS
     assert triton_conv.dense_splits(32, 3072, quarter) == 12  # L1 stage 4: 49 pixels × 512 outputs from 3072 channels
     assert triton_conv.dense_splits(24, 1536, quarter) == 6  # B2 stage 4: 49 × 384 from 1536
     assert triton_conv.dense_splits(56, 1536, quarter) == 6  # 196 × 256 from 1536
     assert triton_conv.dense_splits(56, 1024, quarter) == 4  # L2 stage 3: 196 × 256 from 1024, 16 steps
-    assert triton_conv.dense_splits(112, 4096, quarter) == 7  # L3 stage 3: 196 × 512 from 4096, up to 6 · 132 programs
+    assert triton_conv.dense_splits(112, 4096, quarter) == 4  # L3 stage 3: 196 × 512 from 4096, up to 4 · 132 programs
     assert triton_conv.dense_splits(200, 1024, quarter) == 1  # 784 × 256 from 1024 (B1 at 16): enough tiles
     assert triton_conv.dense_splits(16, 1024, quarter) == 4  # B1 stage 4: 49 × 256 from 1024
     assert triton_conv.dense_splits(24, 768, quarter) == 3  # B2's stride-2 stage-4 block: 49 × 384 from 768
@@ -193,7 +193,7 @@ def test_long_reductions_on_few_tiles_split_over_the_input_channels():
     assert triton_conv.dense_splits(32, 2100, quarter) == 7  # 33 steps: 8 slices of 5 steps would leave the last empty
     assert triton_conv.dense_splits(16, 8192, quarter) == 16  # at most 16
     # Past the SMs' count, up to twice it, only reductions of at least 4096 channels split:
-    assert triton_conv.dense_splits(160, 6144, quarter) == 4  # L3 stage 4 at 384 px: 144 × 1024 from 6144, 160 tiles
+    assert triton_conv.dense_splits(160, 6144, quarter) == 3  # L3 stage 4 at 384 px: 144 × 1024 from 6144, 160 tiles
     assert triton_conv.dense_splits(192, 1024, quarter) == 1  # L3's qkv conv at 224 px: 49 × 3072 from 1024
     assert triton_conv.dense_splits(270, 6144, quarter) == 1  # more than 2 · 132 tiles
     # regular tiles, 2 to 5 of whose split programs fit an SM: 128 steps of 32, 2 · 200 programs ≤ 4 · 132
@@ -211,7 +211,7 @@ def test_long_reductions_on_few_tiles_split_over_the_input_channels():
     assert launched(3072, 512, 3) == [("_conv_dense_kernel", (32, 1))]
     assert launched(512, 512, 1) == [("_conv_dense_kernel", (32, 1))]
     # 144 pixels × 1024 outputs: 5 × 32 quarter tiles (48 regular ones are fewer than the SMs), 96 steps each
-    assert launched(6144, 1024, 1, side=12) == [("_conv_dense_kernel", (160, 4)), ("_split_sum_kernel", (2304,))]
+    assert launched(6144, 1024, 1, side=12) == [("_conv_dense_kernel", (160, 3)), ("_split_sum_kernel", (2304,))]
 
 
 @pytest.mark.numerics

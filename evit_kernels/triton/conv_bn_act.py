@@ -65,15 +65,19 @@ DENSE_SPLIT_MIN_CHANNELS = 768
 """The shortest reduction (input channels) a 1×1 conv on few tiles is split over (see :func:`dense_splits`)."""
 DENSE_SPLIT_MIN_STEPS = 4
 """The fewest steps of ``BLOCK_K`` input channels in each slice of a split 1×1 conv."""
-DENSE_SPLIT_PER_SM = 6
-"""The programs per SM a split 1×1 conv on the quarter-size tiles aims at: a wave of its most common sm_90 split build
-when those ran on 4 warps (80 registers, 6 per SM). On 8 warps (:func:`dense_warps`) they fit 3 or 4 an SM, so 6 × 132
-programs make up to two waves; most splits stay under that anyway (slices of at least :data:`DENSE_SPLIT_MIN_STEPS`
-steps), and the formula priced the released models' split launches at batch 1 faster on 8 warps (L2: 169 → 146 µs
-in all); the target itself is not re-priced yet. Under a wave the formula prices a launch's time inversely to its
-programs, and a projection's partial sums are small beside the weights its slices stream. A split
-on the regular tiles (2 to 5 of whose split programs fit an SM) and the FFN keep :data:`split_sum.TARGET_PER_SM` (at 6
-per SM M5's split FFNs at batch 64 were priced dearer)."""
+DENSE_SPLIT_PER_SM = 4
+"""The programs per SM a split 1×1 conv on the quarter-size tiles aims at. Its sm_90 builds on 8 warps
+(:func:`dense_warps`) fit 3 to 6 an SM (38–80 registers, by the JIT's specialization, which the launcher does not
+see), and the formula prices a split best where its programs come just under one wave of the build: past it, a
+second wave of a few programs costs as much as the first; under it, the time grows as the programs shrink, less
+steeply. So the target is the low end of that range, not its most common build: at 6 (a wave of the 4-warp builds
+these once were) L3's 64-tile projections at 224 px split 12 ways for a 4-per-SM build, 10.9 µs against 8.5 at 8,
+and SAM-XL0's 256-tile ones at 1024 px 3 ways for a 5-per-SM build. Predicted at batch 1 (H100, bf16), 6 → 4:
+SAM-XL0 1.56× → 1.59× (fused modules slower than eager 5 → 1), SAM-L0 1.56× → 1.59×, L3 1.51× → 1.55× at 224 px and
+1.44× → 1.42× at 384 px (160 tiles of a 6-per-SM build: 3 slices where 4 fill the wave); B1, B3, L1, L2 and SAM-L0
+at 4 unchanged. Sizing the split from the build's own CTAs per SM would win all of these (benchmarks/NOTES.md). A
+split on the regular tiles (2 to 5 of whose split programs fit an SM) and the FFN keep :data:`split_sum.TARGET_PER_SM`
+(at 6 per SM M5's split FFNs at batch 64 were priced dearer)."""
 DENSE_SPLIT_LONG_CHANNELS = 4096
 """The shortest reduction over which a 1×1 conv on up to twice as many tiles as the GPU has SMs is split too (see
 :func:`dense_splits`)."""
