@@ -84,6 +84,27 @@ def test_matches_float64_composition_within_twice_eager_error(poisoned_empty, ba
 
 
 @pytest.mark.numerics
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_heads_of_16_channels_taken_whole_in_the_128_token_tile(poisoned_empty, monkeypatch, dtype):
+    """A 9×9 map (81 tokens) makes one chunk where the programs are many (B1 at 288 px, batch 64: 1024 of them); here
+    two programs are made to take it in one chunk too, so that the one-pass kernels run in their 128-token whole
+    tile, the plain attention's and the aggregated scale's, against the float64 composition."""
+    from evit_kernels import predict
+
+    monkeypatch.setattr(kernels, "_TARGET_PROGRAMS", 1)
+    qkv, *scales = _inputs(1, 2, 16, 9, 9, (5,), "both", dtype)
+    meta = [[None if t is None else t.to("meta") for t in group] for group in scales]
+    with predict.recorded_launches() as launches:
+        kernels.forward_aggregated(qkv.to("meta"), list(zip(*meta)), 16, 1e-5)
+    assert {(launch.kernel, launch.constexprs["WHOLE_ROWS"], launch.constexprs["BLOCK_N"]) for launch in launches} \
+        == {("_rla_fwd_one_pass_kernel", 16, 128), ("_rla_agg_fwd_one_pass_kernel", 16, 128)}
+    expected = relu_linear_attention_aggregated_reference(AggregatedArgs(qkv.double(), *map(_double, scales), 16, 1e-5))
+    out = relu_linear_attention_aggregated(qkv, *scales, 16, 1e-5, backend="triton")
+    eager = relu_linear_attention_aggregated(qkv, *scales, 16, 1e-5, backend="torch")
+    assert_within_twice_eager(out, eager, expected, dtype, 5 ** 2 + 16 + 81 + 16)
+
+
+@pytest.mark.numerics
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch, heads, dim, height, width", [

@@ -200,7 +200,8 @@ def _whole_maps():
     yield "nchw_7x7", torch.empty(2, channels, 7, 7)
     yield "nchw_4x5", torch.empty(3, channels, 4, 5)
     yield "nchw_8x8", torch.empty(2, channels, 8, 8)  # 64 tokens: the JIT proves the runs of 16 itself
-    yield "nchw_9x9", torch.empty(1, channels, 9, 9)  # 81 tokens: more than one tile
+    yield "nchw_9x9", torch.empty(1, channels, 9, 9)  # 81 tokens: the 128-token tile of 16-channel heads
+    yield "nchw_12x12", torch.empty(1, channels, 12, 12)  # 144 tokens: more than the widest tile
     yield "channels_last_7x7", torch.empty(2, channels, 7, 7).contiguous(memory_format=torch.channels_last)
     yield "channel_slice_odd_offset", torch.empty(2, channels + 2, 7, 7)[:, 1:channels + 1]
     yield "image_slice_of_odd_images", torch.empty(2, channels + 1, 7, 7)[:, :channels]
@@ -228,14 +229,14 @@ def _whole_claim_holds(strides: tuple[int, ...], shape: tuple[int, ...], span: i
 @pytest.mark.parametrize("name", WHOLE_MAPS)
 def test_the_whole_heads_claimed_hold_element_by_element(name):
     """Each role of each head of the map, and each head of an NCHW output, is one dense run from a multiple of 16
-    wherever :meth:`Heads.whole_rows` claims it; and it claims it for NCHW maps of at most 64 tokens that are no
-    multiple of 16, not for the other layouts."""
+    wherever :meth:`Heads.whole_rows` claims it; and it claims it for NCHW maps of at most 128 tokens (heads of 16
+    channels) that are no multiple of 16, not for the other layouts."""
     dim, src = 16, WHOLE_MAPS[name]
     heads = relu_linear_attention.channel_major(src, dim)  # fp32: its 16-channel heads build whole
     out = torch.empty(src.shape[0], 2 * src.shape[1] // 3, *src.shape[2:])
     out_strides = relu_linear_attention._token_strides(out)
     rows = heads.whole_rows(dim, out_strides)
-    assert rows == {"nchw_7x7": 16, "nchw_4x5": 16}.get(name, 0)
+    assert rows == {"nchw_7x7": 16, "nchw_4x5": 16, "nchw_9x9": 16}.get(name, 0)
     if rows:
         stride_b, stride_h, stride_role, stride_c, stride_n = heads.strides
         span = src.untyped_storage().nbytes() // src.element_size() - src.storage_offset()
@@ -256,16 +257,20 @@ def test_the_whole_heads_need_a_build_that_does_not_spill():
 
     assert [rows(32, torch.bfloat16), rows(32, torch.float16), rows(32, torch.float32)] == [32, 32, 0]
     assert [rows(16, torch.float32), rows(8, torch.bfloat16)] == [16, 0]
+    # the 128-token tile only at 16 channels: 8-channel heads on a 10×10 map are aligned runs (800 elements) too
+    src = torch.empty(1, 3 * 2 * 8, 10, 10, dtype=torch.bfloat16, device="meta")
+    out_strides = relu_linear_attention._token_strides(torch.empty(1, 2 * 2 * 8, 10, 10, device="meta"))
+    assert relu_linear_attention.channel_major(src, 8).whole_rows(8, out_strides) == 0
     src = torch.empty(1, 3 * 16, 7, 7, device="meta")
     rotated = relu_linear_attention.channel_major(src, 16)._replace(rotated_q=src, rotated_k=src)
     assert rotated.whole_rows(16, relu_linear_attention._token_strides(torch.empty(1, 16, 7, 7))) == 0
 
 
 def test_lite_mla_launches_with_its_heads_whole_on_7x7_maps():
-    """On an NCHW 7×7 map the one-pass kernel reads each head whole (64-token tile, no token runs); the aggregated
-    scale's kernel keeps its token tiles; a channels_last map and a 14×14 one keep the token tiles too."""
-    def launched(side, fmt=torch.contiguous_format):
-        qkv = torch.empty(8, 3 * 4 * 16, side, side, dtype=torch.bfloat16, device="meta").contiguous(
+    """On an NCHW 7×7 map the one-pass kernels read each head whole (64-token tile, no token runs), on a 9×9 one in a
+    128-token tile; a channels_last map and a 14×14 one keep the token tiles."""
+    def launched(side, fmt=torch.contiguous_format, batch=8):
+        qkv = torch.empty(batch, 3 * 4 * 16, side, side, dtype=torch.bfloat16, device="meta").contiguous(
             memory_format=fmt)
         dw = torch.empty(3 * 4 * 16, 1, 5, 5, dtype=torch.bfloat16, device="meta")
         pw = torch.empty(3 * 4 * 16, 16, 1, 1, dtype=torch.bfloat16, device="meta")
@@ -277,6 +282,8 @@ def test_lite_mla_launches_with_its_heads_whole_on_7x7_maps():
     assert launched(7) == {"_rla_fwd_one_pass_kernel": (16, 64), "_rla_agg_fwd_one_pass_kernel": (16, 64)}
     with common.without_on_chip_gathers():  # the token tiles, for a GPU to time beside the whole heads
         assert launched(7)["_rla_fwd_one_pass_kernel"] == (0, 64)
+    # 81 tokens make one chunk where the programs are many (at batch 8, two chunks: the two passes, no whole heads)
+    assert launched(9, batch=128) == {"_rla_fwd_one_pass_kernel": (16, 128), "_rla_agg_fwd_one_pass_kernel": (16, 128)}
     assert launched(7, torch.channels_last)["_rla_fwd_one_pass_kernel"] == (0, 64)
     assert launched(14) == {"_rla_fwd_reduce_kernel": (None, 64), "_rla_fwd_apply_kernel": (None, 64),
                             "_rla_agg_fwd_reduce_kernel": (None, 64), "_rla_agg_fwd_apply_kernel": (None, 64)}

@@ -70,8 +70,11 @@ from evit_kernels.triton import _common as common
 from evit_kernels.triton._common import POINTER_TYPES, cdiv, compiled_dot_modes, dot_mode, dot_size, signature
 
 WHOLE_MAX_TOKENS = 64
-"""The token tile of the one-pass kernel where each role of a head is one dense run taken whole
-(:meth:`Heads.whole_rows`), and so the most tokens it takes that way."""
+"""The token tile of the one-pass kernels where each role of a head is one dense run taken whole
+(:meth:`Heads.whole_rows`), and so the most tokens they take that way, but for heads of 16 channels."""
+WHOLE_NARROW_MAX_TOKENS = 128
+"""The most tokens the one-pass kernels take whole for heads of 16 channels (9×9, 10×10 and 11×11 maps), in a tile
+of this many on 8 warps (:func:`_whole_tiles`)."""
 _TARGET_PROGRAMS = 512  # about four waves of 132 SMs (_common.SMS): split N until (batch·heads·chunks) reaches this
 BLOCK_N = 64
 
@@ -105,12 +108,27 @@ def _whole_builds(dim: int, dtype: torch.dtype) -> bool:
     return dtype != torch.float32 or dot_size(dim) <= 16
 
 
-def _whole_warps(dim: int) -> int:
-    """Warps of the one-pass kernel taking heads of ``dim`` channels whole: 8 at 32 channels, whose build on 4 warps
-    takes 166 registers as the JIT specializes a 7×7 map's launch (bf16, sm_90) but spills 400 bytes (fp16, triton
-    3.8) built without that specialization, as CI compiles every configuration (on 8: 190 registers, 1 CTA per SM,
-    16-byte accesses); 4 below, where 8 would halve the accesses' width (4 elements a thread)."""
-    return 8 if dot_size(dim) > 16 else 4
+def _whole_tiles(dim: int) -> tuple[int, ...]:
+    """The token tiles of the one-pass kernels' builds taking heads of ``dim`` channels whole: the wider one only at
+    16 channels (B0's and B1's heads), where it builds without spills on 8 warps (sm_90, triton 3.6 and 3.8); at 8 the
+    linear attention's generic bf16 build spills 32 bytes, at 32 (64-token tiles already on 8 warps) it would not
+    fit."""
+    return (WHOLE_MAX_TOKENS, WHOLE_NARROW_MAX_TOKENS) if dim == 16 else (WHOLE_MAX_TOKENS,)
+
+
+def _whole_tile(n_tokens: int) -> int:
+    """The token tile of the one-pass kernels taking ``n_tokens`` whole: :data:`WHOLE_MAX_TOKENS` where they fit it,
+    else :data:`WHOLE_NARROW_MAX_TOKENS`."""
+    return WHOLE_MAX_TOKENS if n_tokens <= WHOLE_MAX_TOKENS else WHOLE_NARROW_MAX_TOKENS
+
+
+def _whole_warps(dim: int, tile: int = WHOLE_MAX_TOKENS) -> int:
+    """Warps of the one-pass kernels taking heads of ``dim`` channels whole in tiles of ``tile`` tokens: 8 at 32
+    channels, whose build on 4 warps takes 166 registers as the JIT specializes a 7×7 map's launch (bf16, sm_90) but
+    spills 400 bytes (fp16, triton 3.8) built without that specialization, as CI compiles every configuration (on 8:
+    190 registers, 1 CTA per SM, 16-byte accesses), and 8 for the 128-token tile (a run of 2048 elements, still 8 a
+    thread); 4 below, where 8 would halve the accesses' width (4 elements a thread)."""
+    return 8 if dot_size(dim) > 16 or tile > WHOLE_MAX_TOKENS else 4
 
 
 def _chunking(n_tokens: int, programs: int) -> tuple[int, int]:
@@ -809,16 +827,16 @@ class Heads(NamedTuple):
         """What the one-pass kernels' ``WHOLE_ROWS`` is for this source and an output whose (batch, channel, token)
         strides are ``out_strides``: ``dim`` where each role's ``dim`` channels of every head, and the head's
         channels of the output, are one dense run starting at a multiple of 16 elements, and the tokens fit one tile
-        of ``WHOLE_MAX_TOKENS`` but are no multiple of 16 (the JIT proves those runs itself): an NCHW map of 7×7
-        (:func:`_whole_role`). With ``shifted_taps`` (the aggregated kernel's depthwise taps, which no map's
-        alignment makes runs) a multiple of 16 too (8×8). Else 0: other layouts, the rotated form (token-major,
-        never one run), the dtypes and head dims whose build spills (:func:`_whole_builds`), and outside
-        :func:`common.on_chip_gathers`."""
+        (:func:`_whole_tiles`: 64 tokens, 128 at 16 channels) but are no multiple of 16 (the JIT proves those runs
+        itself): an NCHW map of 7×7, or of 9×9 to 11×11 at 16 channels (:func:`_whole_role`). With ``shifted_taps``
+        (the aggregated kernel's depthwise taps, which no map's alignment makes runs) a multiple of 16 too (8×8).
+        Else 0: other layouts, the rotated form (token-major, never one run), the dtypes and head dims whose build
+        spills (:func:`_whole_builds`), and outside :func:`common.on_chip_gathers`."""
         stride_b, stride_h, stride_role, stride_c, stride_n = self.strides
         out_b, out_c, out_n = out_strides
         dense = (stride_c, stride_n, out_c, out_n) == (self.n_tokens, 1, self.n_tokens, 1)
         aligned = all(s % 16 == 0 for s in (stride_b, stride_h, stride_role, out_b, dim * out_c))
-        fits = self.n_tokens <= WHOLE_MAX_TOKENS and (shifted_taps or self.n_tokens % 16 != 0)
+        fits = self.n_tokens <= max(_whole_tiles(dim)) and (shifted_taps or self.n_tokens % 16 != 0)
         builds = not self.rotated and _whole_builds(dim, self.q.dtype)
         return dim if dense and aligned and fits and builds and common.on_chip_gathers() else 0
 
@@ -885,12 +903,12 @@ def attend(src: Heads, out: torch.Tensor, out_strides: tuple[int, int, int], ind
     if chunks == 1:
         whole_rows = src.whole_rows(dim, out_strides)
         if whole_rows:
-            block = WHOLE_MAX_TOKENS
+            block = _whole_tile(src.n_tokens)
         _rla_fwd_one_pass_kernel[(src.batch * src.heads,)](
             src.q, src.k, src.v, rotated_q, rotated_k, out, src.heads, index * src.heads, src.n_tokens, eps,
             *src.strides, *out_strides, D=dim, D_PAD=dot_size(dim), BLOCK_N=block, **dot_mode(src.q.dtype, "matmul"),
             ROTATED=src.rotated, TOKEN_RUN=1 if whole_rows else src.token_run(block, out_strides),
-            WHOLE_ROWS=whole_rows, **({"num_warps": _whole_warps(dim)} if whole_rows else {}))
+            WHOLE_ROWS=whole_rows, **({"num_warps": _whole_warps(dim, block)} if whole_rows else {}))
         return
     partial = _partials(src, dim, per_chunk, chunks)
     _rla_fwd_apply_kernel[(src.batch * src.heads, chunks)](
@@ -966,13 +984,16 @@ def forward_aggregated(qkv: torch.Tensor, scales: list[tuple[torch.Tensor, torch
         weights = (dw_w, dw_w if dw_b is None else dw_b.contiguous(), pw_w, pw_w if pw_b is None else pw_b.contiguous())
         if chunks == 1 and _aggregated_one_pass_block(dim, qkv.dtype):
             constexprs = _aggregated_constexprs(dim, qkv.dtype, dw_w.shape[-1], one_pass=True)
-            whole = 0
+            whole, options = 0, {}
             if constexprs["BLOCK_N"] == WHOLE_MAX_TOKENS:  # heads up to 16 channels (wider ones take 16 tokens)
                 whole = channel_major(qkv, dim).whole_rows(dim, out_strides, shifted_taps=True)
+            if whole:
+                constexprs["BLOCK_N"] = _whole_tile(height * width)
+                options = {"num_warps": _whole_warps(dim, constexprs["BLOCK_N"])}
             _rla_agg_fwd_one_pass_kernel[(batch * heads,)](
                 qkv, *weights, out, heads, index * heads, height, width, eps, *flags, *_token_strides(qkv),
                 *out_strides, **constexprs, TOKEN_RUN=1 if whole else out_run(constexprs["BLOCK_N"]),
-                WHOLE_ROWS=whole)
+                WHOLE_ROWS=whole, **options)
             continue
         constexprs = _aggregated_constexprs(dim, qkv.dtype, dw_w.shape[-1])
         partial = _empty_partials(channel_major(qkv, dim), dim, chunks)
@@ -1129,8 +1150,9 @@ def compile_configs():
                     configs += [(_rla_fwd_reduce_kernel, {**plain, **mode, "ROTATED": rotated}),
                                 (_rla_fwd_one_pass_kernel, {**apply, **mode, "WHOLE_ROWS": 0})]
                     if not rotated and _whole_builds(dim, dtype):
-                        whole = {"BLOCK_N": WHOLE_MAX_TOKENS, "ROTATED": False, "TOKEN_RUN": 1, "WHOLE_ROWS": dim}
-                        configs.append((_rla_fwd_one_pass_kernel, {**plain, **mode, **whole}))
+                        whole = {"ROTATED": False, "TOKEN_RUN": 1, "WHOLE_ROWS": dim}
+                        configs += [(_rla_fwd_one_pass_kernel, {**plain, **mode, **whole, "BLOCK_N": tile})
+                                    for tile in _whole_tiles(dim)]
                 configs += [(_rla_fwd_apply_kernel, apply), (_rla_bwd_reduce_kernel, backward),
                             (_rla_bwd_apply_kernel, backward)]
             for k in AGGREGATION_KERNEL_SIZES:
@@ -1141,11 +1163,14 @@ def compile_configs():
                 if one_pass:
                     configs.append((_rla_agg_fwd_one_pass_kernel, {**one_pass, "WHOLE_ROWS": 0}))
                 if one_pass and one_pass["BLOCK_N"] == WHOLE_MAX_TOKENS:
-                    configs.append((_rla_agg_fwd_one_pass_kernel, {**one_pass, "TOKEN_RUN": 1, "WHOLE_ROWS": dim}))
+                    configs += [(_rla_agg_fwd_one_pass_kernel,
+                                 {**one_pass, "BLOCK_N": tile, "TOKEN_RUN": 1, "WHOLE_ROWS": dim})
+                                for tile in _whole_tiles(dim)]
             for kernel, base in configs:
                 # Partial sums are fp32 scratch, eps an fp32 scalar.
                 special = {name: "*fp32" for name in kernel.arg_names if "partial" in name} | {"eps": "fp32"}
                 for constexprs in _with_token_runs(kernel, base):
-                    options = {"num_warps": _whole_warps(dim)} if constexprs.get("WHOLE_ROWS") else {}
+                    options = ({"num_warps": _whole_warps(dim, constexprs["BLOCK_N"])} if constexprs.get("WHOLE_ROWS")
+                               else {})
                     yield kernel, signature(kernel, ptr, constexprs, pointers, special), constexprs, options
     yield from _wide_compile_configs()
