@@ -331,21 +331,22 @@ def test_rows_cases_cover_several_programs_channel_blocks_and_pair_steps():
     assert width > triton_conv.ROWS_BLOCK_P and 3 * c_in > 3 * triton_conv.ROWS_PAIRS
 
 
-@pytest.mark.parametrize("c_in, width, stride, layout, kind", [
-    (3, 224, 2, "channels_last", "rows"),  # an image, in any layout
-    (32, 112, 1, "nchw", "rows"),  # the L-series stem block's convs
-    (32, 112, 1, "channels_last", "dense"),  # channels contiguous: the implicit GEMM reads them 16 bytes wide
-    (16, 112, 2, "nchw", "dense"),  # 56 outputs per row: mostly idle programs
+@pytest.mark.parametrize("c_in, width, stride, layout, kind, kind_without_gathers", [
+    (3, 224, 2, "channels_last", "rows", "rows"),  # an image, in any layout: no other kernel takes it
+    (32, 112, 1, "nchw", "rows", "dense"),  # the L-series stem block's convs
+    (8, 112, 1, "nchw", "rows", "rows"),  # too few channels for the implicit GEMM's taps: the row kernel still
+    (32, 112, 1, "channels_last", "dense", "dense"),  # channels contiguous: the implicit GEMM reads them 16 bytes wide
+    (16, 112, 2, "nchw", "dense", "dense"),  # 56 outputs per row: mostly idle programs
 ])
-def test_rows_kernel_takes_images_and_wide_nchw_rows(c_in, width, stride, layout, kind):
-    """Without on-chip gathers (the alternative a GPU times) the wide NCHW rows go to the implicit GEMM; an image has
-    no other kernel."""
+def test_rows_kernel_takes_images_and_wide_nchw_rows(c_in, width, stride, layout, kind, kind_without_gathers):
+    """Without on-chip gathers (the alternative a GPU times) the wide NCHW rows go to the implicit GEMM where it takes
+    the conv; no conv loses its kernel."""
     x = in_layout(torch.empty(1, c_in, 4, width, device="meta"), layout)
     args = ConvBnActArgs(x, torch.empty(8, c_in, 3, 3, device="meta"), None, [stride] * 2, [1, 1], [1, 1], 1, "none",
                          None)
     assert conv_kernel_kind(args) == kind
     with triton_common.without_on_chip_gathers():
-        assert conv_kernel_kind(args) == ("dense" if kind == "rows" and c_in > 3 else kind)
+        assert conv_kernel_kind(args) == kind_without_gathers
 
 
 # exp(-y) overflowing to inf is how silu and tanh-GELU saturate to -0 for very negative y (numpy warns on it).

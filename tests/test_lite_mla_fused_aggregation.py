@@ -49,9 +49,9 @@ def _double(values):
 
 # (batch, heads, dim, H, W, depthwise kernel sizes (one per scale), biases, channels_last): k 3 and 5, S 0 to 2,
 # every supported d, 1×1 / 2×3 / 5×7 maps, 99 tokens (two chunks), fp32 d = 32 (16-token tiles, so the
-# depthwise taps cross tiles), batch 2; NCHW maps whose tokens come in runs of 4 (12 tokens; 100, two chunks); heads
-# taken whole by the one-pass kernel in fp16/bf16 (``Heads.whole_rows``: 2×6, 2×3, and 7×7 with two scales, 8×8 with
-# 8 channels padded to 16).
+# depthwise taps cross tiles), batch 2; NCHW maps whose tokens come in runs of 4 (12 tokens; 100, two chunks); taps
+# staged whole by the aggregated one-pass kernel in fp16/bf16 (``Heads.whole_rows``: 2×6, 2×3, 7×7 with two scales,
+# 8×8 with 8 channels padded to 16; checked by ``test_the_cases_said_to_take_heads_whole_do``).
 CASES = [
     (1, 1, 8, 5, 7, (3,), "both", False),
     (1, 1, 16, 2, 6, (5,), "both", False),
@@ -81,6 +81,29 @@ def test_matches_float64_composition_within_twice_eager_error(poisoned_empty, ba
     terms = max(kernel_sizes, default=0) ** 2 + dim + height * width + dim  # aggregation, then attention
     assert_within_twice_eager(out, eager, expected, dtype, terms)
 
+
+
+def test_the_cases_said_to_take_heads_whole_do():
+    """The cases above that stand for the aggregated one-pass kernel's staged taps (the comment over ``CASES``) take
+    them in fp16 and bf16, the others not: else those cases would test the token tiles only."""
+    from evit_kernels import predict
+
+    def whole(case, dtype):
+        batch, heads, dim, height, width, kernel_sizes, biases, channels_last = case
+        qkv, *scales = _inputs(batch, heads, dim, height, width, kernel_sizes, biases, dtype, channels_last)
+        meta = [[None if t is None else t.to("meta") for t in group] for group in scales]
+        with predict.recorded_launches() as launches:
+            kernels.forward_aggregated(qkv.to("meta"), list(zip(*meta)), dim, 1e-5)
+        return {launch.constexprs["WHOLE_ROWS"] for launch in launches
+                if launch.kernel == "_rla_agg_fwd_one_pass_kernel"}
+
+    staged = {(1, 1, 16, 2, 6), (1, 1, 16, 2, 3), (2, 2, 16, 7, 7), (1, 1, 8, 8, 8)}
+    for case in CASES:
+        for dtype in (torch.float16, torch.bfloat16):
+            if case[:5] in staged:
+                assert whole(case, dtype) == {case[2]}, (case, dtype)
+            else:  # the token tiles, or the two passes (no one-pass launch)
+                assert whole(case, dtype) <= {0}, (case, dtype)
 
 
 @pytest.mark.numerics

@@ -146,9 +146,9 @@ _DEPTHWISE_SIZES = (3, 5, 7)
 def kernel_kind(a: ConvBnActArgs) -> str | None:
     """Which kernel computes this conv: "depthwise" (Triton or CUDA); "rows" (groups 1, 3×3, padding 1, stride 1 or
     2, either at most ``ROWS_PAIRS // 3`` input channels (an image) or an input with contiguous rows (NCHW) and
-    output rows of at least ``ROWS_MIN_OUT_WIDTH`` while :func:`on_chip_gathers` allows (the row-staged kernel gathers
-    its taps on chip); Triton); "dense" (groups 1: a 1×1 with stride 1 and no padding, or a 3×3 with at least
-    :data:`DENSE_MIN_TAP_CHANNELS` input channels; Triton) or None."""
+    output rows of at least ``ROWS_MIN_OUT_WIDTH``; Triton); "dense" (groups 1: a 1×1 with stride 1 and no padding,
+    or a 3×3 with at least :data:`DENSE_MIN_TAP_CHANNELS` input channels; Triton) or None. Where both take the conv,
+    "rows", but "dense" outside :func:`on_chip_gathers` (the row-staged kernel gathers its taps on chip)."""
     from evit_kernels.triton._common import on_chip_gathers
     from evit_kernels.triton.conv_bn_act import (
         DENSE_KERNEL_SIZES,
@@ -158,13 +158,14 @@ def kernel_kind(a: ConvBnActArgs) -> str | None:
     )
 
     out_channels, in_per_group, kernel_h, kernel_w = a.weight.shape
-    if (a.groups == 1 and (kernel_h, kernel_w) == (3, 3) and a.padding == [1, 1] and a.stride in ([1, 1], [2, 2])
+    rows = (a.groups == 1 and (kernel_h, kernel_w) == (3, 3) and a.padding == [1, 1] and a.stride in ([1, 1], [2, 2])
             and (3 * in_per_group <= ROWS_PAIRS
-                 or (on_chip_gathers() and a.x.stride(3) == 1 and a.output_shape()[3] >= ROWS_MIN_OUT_WIDTH))):
+                 or (a.x.stride(3) == 1 and a.output_shape()[3] >= ROWS_MIN_OUT_WIDTH)))
+    dense = a.groups == 1 and kernel_h == kernel_w and kernel_h in DENSE_KERNEL_SIZES and (
+        (kernel_h > 1 and in_per_group >= DENSE_MIN_TAP_CHANNELS) or (a.stride == [1, 1] and a.padding == [0, 0]))
+    if rows and (on_chip_gathers() or not dense):
         return "rows"
-    if a.groups == 1 and kernel_h == kernel_w and kernel_h in DENSE_KERNEL_SIZES and (
-            (kernel_h > 1 and in_per_group >= DENSE_MIN_TAP_CHANNELS)
-            or (a.stride == [1, 1] and a.padding == [0, 0])):
+    if dense:
         return "dense"
     if (a.groups == a.x.shape[1] == out_channels and in_per_group == 1 and kernel_h == kernel_w
             and kernel_h in _DEPTHWISE_SIZES and all(s in (1, 2) for s in a.stride)):

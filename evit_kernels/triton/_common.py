@@ -43,8 +43,9 @@ def on_chip_gathers() -> bool:
 
 @contextlib.contextmanager
 def without_on_chip_gathers() -> Iterator[None]:
-    """Inside the block the launchers take their tile kernels where they would gather on chip
-    (:func:`on_chip_gathers`): the path ``benchmarks/released_ops.py`` times beside the chosen one."""
+    """Inside the block the launchers take their tile kernels where they would gather on chip and a tile kernel takes
+    the call (:func:`on_chip_gathers`; an image's 3×3 conv has only the row-staged kernel): the path
+    ``benchmarks/released_ops.py`` times beside the chosen one."""
     token = _ON_CHIP_GATHERS.set(False)
     try:
         yield

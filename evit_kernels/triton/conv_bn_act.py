@@ -65,19 +65,6 @@ DENSE_SPLIT_MIN_CHANNELS = 768
 """The shortest reduction (input channels) a 1×1 conv on few tiles is split over (see :func:`dense_splits`)."""
 DENSE_SPLIT_MIN_STEPS = 4
 """The fewest steps of ``BLOCK_K`` input channels in each slice of a split 1×1 conv."""
-DENSE_SPLIT_PER_SM = 4
-"""The programs per SM a split 1×1 conv on the quarter-size tiles aims at. Its sm_90 builds on 8 warps
-(:func:`dense_warps`) fit 3 to 6 an SM (38–80 registers, by the JIT's specialization, which the launcher does not
-see), and the formula prices a split best where its programs come just under one wave of the build: past it, a
-second wave of a few programs costs as much as the first; under it, the time grows as the programs shrink, less
-steeply. So the target is the low end of that range, not its most common build: at 6 (a wave of the 4-warp builds
-these once were) L3's 64-tile projections at 224 px split 12 ways for a 4-per-SM build, 10.9 µs against 8.5 at 8,
-and SAM-XL0's 256-tile ones at 1024 px 3 ways for a 5-per-SM build. Predicted at batch 1 (H100, bf16), 6 → 4:
-SAM-XL0 1.56× → 1.59× (fused modules slower than eager 5 → 1), SAM-L0 1.56× → 1.59×, L3 1.51× → 1.55× at 224 px and
-1.44× → 1.42× at 384 px (160 tiles of a 6-per-SM build: 3 slices where 4 fill the wave); B1, B3, L1, L2 and SAM-L0
-at 4 unchanged. Sizing the split from the build's own CTAs per SM would win all of these (benchmarks/NOTES.md). A
-split on the regular tiles (2 to 5 of whose split programs fit an SM) and the FFN keep :data:`split_sum.TARGET_PER_SM`
-(at 6 per SM M5's split FFNs at batch 64 were priced dearer)."""
 DENSE_SPLIT_LONG_CHANNELS = 4096
 """The shortest reduction over which a 1×1 conv on up to twice as many tiles as the GPU has SMs is split too (see
 :func:`dense_splits`)."""
@@ -167,18 +154,17 @@ def dense_splits(tiles: int, in_channels: int, blocks: dict[str, int]) -> int:
     """Into how many slices a 1×1 conv's reduction over ``in_channels`` is split (split-K, :func:`split_sum.slices`):
     where its ``tiles`` output tiles are fewer than the GPU's SMs while each walks a reduction of at least
     :data:`DENSE_SPLIT_MIN_CHANNELS`, in slices of at least :data:`DENSE_SPLIT_MIN_STEPS` steps of ``BLOCK_K`` of
-    its tile sizes ``blocks``, up to :data:`DENSE_SPLIT_PER_SM` programs per SM on the quarter-size tiles.
+    its tile sizes ``blocks``, up to :data:`split_sum.TARGET_PER_SM` programs per SM.
     Batch-1 projections on 7×7 and 14×14 maps are the case (49 pixels × 512 outputs from 3072 channels: 32 tiles of
     32 × 32, each streaming a 3072-long column of the weights while a hundred SMs idle; 196 × 256 from 1024: 56
-    tiles; 196 × 512 from 4096: 112 tiles, split 7 ways). Up to twice as many tiles as SMs where the reduction is
+    tiles; 196 × 512 from 4096: 112 tiles, split 4 ways). Up to twice as many tiles as SMs where the reduction is
     at least :data:`DENSE_SPLIT_LONG_CHANNELS` long: such a launch still fills few of the SMs' slots (2 to 6
     programs of 32 × 32 fit an SM), and each program's walk is long enough for a split to repay the summing launch
     (L3's 6144 → 1024 projections on its 12×12 map at 384 px, batch 1: 160 tiles of 96 steps); over a shorter one it
     does not (L3's 1024-channel qkv conv at 224 px: 192 tiles of 16 steps, priced 1.4 µs slower split)."""
     max_tiles = (2 if in_channels >= DENSE_SPLIT_LONG_CHANNELS else 1) * common.SMS
-    per_sm = DENSE_SPLIT_PER_SM if blocks == DENSE_SMALL_GRID_BLOCKS else split_sum.TARGET_PER_SM
     return split_sum.slices(tiles, in_channels, blocks["BLOCK_K"], DENSE_SPLIT_MIN_CHANNELS, DENSE_SPLIT_MIN_STEPS,
-                            max_tiles, per_sm)
+                            max_tiles)
 
 
 def dense_warps(dtype: torch.dtype, ksize: int, blocks: dict[str, int] = DENSE_BLOCKS) -> int:

@@ -122,7 +122,7 @@ def _whole_tile(n_tokens: int) -> int:
     return WHOLE_MAX_TOKENS if n_tokens <= WHOLE_MAX_TOKENS else WHOLE_NARROW_MAX_TOKENS
 
 
-def _whole_warps(dim: int, tile: int = WHOLE_MAX_TOKENS) -> int:
+def _whole_warps(dim: int, tile: int) -> int:
     """Warps of the one-pass kernels taking heads of ``dim`` channels whole in tiles of ``tile`` tokens: 8 at 32
     channels, whose build on 4 warps takes 166 registers as the JIT specializes a 7×7 map's launch (bf16, sm_90) but
     spills 400 bytes (fp16, triton 3.8) built without that specialization, as CI compiles every configuration (on 8:
@@ -477,10 +477,11 @@ def _aggregate_role(base, dw_w, dw_b, pw_w, pw_b, head, offs_d, offs_n, valid, h
     one token reads at most 2–4 bytes at a time)."""
     mask_d = offs_d < D
     chan = (head * 3 + role) * D + offs_d  # same channel index in qkv, the weights and the aggregated map
-    rows = base + (role * D + offs_d)[:, None] * stride_c
     if WHOLE_ROWS:
         run = _load_run(base + role * D * stride_c, WHOLE_ROWS * stride_c, D_PAD * BLOCK_N)
         at = offs_d[:, None] * stride_c + offs_n[None, :]  # each tile element's place in the run
+    else:
+        rows = base + (role * D + offs_d)[:, None] * stride_c
     tok_y = offs_n // width
     tok_x = offs_n % width
     local = tl.zeros((D_PAD, BLOCK_N), dtype=tl.float32)
@@ -985,7 +986,7 @@ def forward_aggregated(qkv: torch.Tensor, scales: list[tuple[torch.Tensor, torch
         if chunks == 1 and _aggregated_one_pass_block(dim, qkv.dtype):
             constexprs = _aggregated_constexprs(dim, qkv.dtype, dw_w.shape[-1], one_pass=True)
             whole, options = 0, {}
-            if constexprs["BLOCK_N"] == WHOLE_MAX_TOKENS:  # heads up to 16 channels (wider ones take 16 tokens)
+            if dot_size(dim) <= 16:  # wider heads take 16-token tiles (_aggregated_one_pass_block)
                 whole = channel_major(qkv, dim).whole_rows(dim, out_strides, shifted_taps=True)
             if whole:
                 constexprs["BLOCK_N"] = _whole_tile(height * width)
@@ -1162,7 +1163,7 @@ def compile_configs():
                     dim, dtype) else None
                 if one_pass:
                     configs.append((_rla_agg_fwd_one_pass_kernel, {**one_pass, "WHOLE_ROWS": 0}))
-                if one_pass and one_pass["BLOCK_N"] == WHOLE_MAX_TOKENS:
+                if one_pass and dot_size(dim) <= 16:
                     configs += [(_rla_agg_fwd_one_pass_kernel,
                                  {**one_pass, "BLOCK_N": tile, "TOKEN_RUN": 1, "WHOLE_ROWS": dim})
                                 for tile in _whole_tiles(dim)]

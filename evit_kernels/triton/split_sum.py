@@ -26,9 +26,17 @@ link of a chain, in the widest loads. Otherwise, or where such programs would ma
 
 
 TARGET_PER_SM = 4
-"""The programs per SM a split launch aims at by default: about half a wave of 32×32-tile programs on 4 warps (3 to 10
-of them fit an SM, most often 6; the groups-1 kernel's quarter tiles now run on 8 warps, 3 or 4 an SM), so that the
-partial sums' round trip grows no faster than the idle SMs shrink."""
+"""The programs per SM a split launch aims at: the low end of what its builds fit. The groups-1 kernel's quarter
+tiles run on 8 warps, and their split builds fit 3 to 6 an SM (38–80 registers, by the JIT's specialization, which
+the launcher does not see); the regular tiles' 2 to 5; the FFN's about 4. The formula prices a split best where its
+programs come just under one wave of the build: past it, a second wave of a few programs costs as much as the
+first; under it, the time grows as the programs shrink, less steeply. The quarter tiles aimed at 6 until their
+builds moved from 4 warps to 8: L3's 64-tile projections at 224 px then split 12 ways for a 4-per-SM build (10.9 µs,
+against 8.5 at 8), and SAM-XL0's 256-tile ones at 1024 px 3 ways for a 5-per-SM build. Predicted at batch 1 (H100,
+bf16), 6 → 4 for them: SAM-XL0 1.56× → 1.59× (fused modules slower than eager 5 → 1), SAM-L0 1.56× → 1.59×, L3
+1.51× → 1.55× at 224 px and 1.44× → 1.42× at 384 px (160 tiles of a 6-per-SM build: 3 slices where 4 fill the
+wave); B1, B3, L1, L2 and SAM-L0 at 4 unchanged. Sizing each split from its build's own CTAs per SM would win all of
+these (benchmarks/NOTES.md). At 6 the FFN's splits were priced dearer too (M5 at batch 64)."""
 
 
 def slices(programs: int, length: int, step: int, min_length: int, min_steps: int,
